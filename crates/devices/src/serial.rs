@@ -1,0 +1,167 @@
+//! The 8250/16550 UART on COM1 (vm-superio), its interrupt line and where its output goes.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::BusDevice;
+
+/// Raises the UART's interrupt by signalling an eventfd that KVM delivers as an IRQ (irqfd).
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = io::Error;
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Where the guest's serial output is written.
+pub type SerialSink = Box<dyn Write + Send>;
+
+/// A sink for `--serial file:PATH`: the file is created or truncated.
+pub fn file_sink(path: &Path) -> io::Result<SerialSink> {
+    let file: File = OpenOptions::new().create(true).write(true).truncate(true).open(path)?;
+    Ok(Box::new(file))
+}
+
+/// A sink that drops the output.
+pub fn null_sink() -> SerialSink {
+    Box::new(io::sink())
+}
+
+/// A sink on the VMM's standard output.
+pub fn stdout_sink() -> SerialSink {
+    Box::new(io::stdout())
+}
+
+pub struct SerialDevice {
+    uart: Serial<IrqTrigger, vm_superio::serial::NoEvents, SerialSink>,
+}
+
+impl SerialDevice {
+    pub fn new(interrupt: EventFd, out: SerialSink) -> Self {
+        Self { uart: Serial::new(IrqTrigger(interrupt), out) }
+    }
+
+    /// Room left in the receive FIFO.
+    pub fn input_room(&self) -> usize {
+        self.uart.fifo_capacity()
+    }
+
+    /// Queues bytes for the guest to read; returns how many fit.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        let room = self.input_room().min(bytes.len());
+        if room == 0 {
+            return 0;
+        }
+        match self.uart.enqueue_raw_bytes(&bytes[..room]) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!("serial input was dropped: {e:?}");
+                room
+            }
+        }
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let value = u8::try_from(offset).map(|o| self.uart.read(o)).unwrap_or(0xff);
+        data.fill(value);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let (Ok(offset), Some(&value)) = (u8::try_from(offset), data.first()) else { return };
+        if let Err(e) = self.uart.write(offset, value) {
+            // The guest cannot be blocked on a full or closed output: the byte is lost.
+            tracing::debug!("serial output byte lost: {e:?}");
+        }
+    }
+}
+
+/// Feeds `input` (the VMM's stdin) to the UART until it ends, waiting while the FIFO is full.
+pub fn spawn_input_thread(serial: Arc<Mutex<SerialDevice>>, mut input: impl Read + Send + 'static) -> io::Result<()> {
+    thread::Builder::new().name("serial-input".into()).spawn(move || {
+        let mut buf = [0u8; 64];
+        loop {
+            let n = match input.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let mut pending = &buf[..n];
+            while !pending.is_empty() {
+                let taken = serial.lock().map(|mut s| s.enqueue_input(pending)).unwrap_or(pending.len());
+                pending = &pending[taken..];
+                if !pending.is_empty() {
+                    thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+    })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn transmits_to_the_sink_and_receives_input() {
+        let out = Shared::default();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut dev = SerialDevice::new(irq.try_clone().unwrap(), Box::new(out.clone()));
+        dev.write(1, &[0x03]); // IER: received data and THR empty interrupts
+        for b in b"hi\n" {
+            dev.write(0, &[*b]);
+        }
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"hi\n");
+        assert!(irq.read().unwrap() >= 1, "THR empty raised the interrupt");
+
+        assert_eq!(dev.enqueue_input(b"ok"), 2);
+        let mut lsr = [0];
+        dev.read(5, &mut lsr);
+        assert_eq!(lsr[0] & 1, 1, "data ready");
+        let mut byte = [0];
+        dev.read(0, &mut byte);
+        assert_eq!(byte, *b"o");
+    }
+
+    #[test]
+    fn a_flood_of_input_is_bounded_by_the_fifo() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut dev = SerialDevice::new(irq, null_sink());
+        let taken = dev.enqueue_input(&[b'x'; 1000]);
+        assert!(taken < 1000 && taken > 0);
+        assert_eq!(dev.enqueue_input(b"y"), 0);
+    }
+
+    #[test]
+    fn out_of_range_offsets_are_harmless() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut dev = SerialDevice::new(irq, null_sink());
+        dev.write(0x1_0000, &[1]);
+        dev.write(0, &[]);
+        let mut b = [0];
+        dev.read(u64::MAX, &mut b);
+        assert_eq!(b, [0xff]);
+    }
+}
