@@ -1,1 +1,117 @@
-fn main() {}
+//! `ferrovisor`: the command line of the Ferrovisor VMM.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+use vmm::{HostLimits, SerialConfig, VmConfig, config::DEFAULT_CMDLINE};
+
+/// Exit status for bad user input, as clap uses for bad arguments.
+const EXIT_USAGE: u8 = 2;
+const EXIT_FAILURE: u8 = 1;
+
+#[derive(Parser)]
+#[command(name = "ferrovisor", version, about = "A virtual machine monitor on Linux KVM.")]
+struct Cli {
+    /// Log level: error, warn, info, debug or trace (RUST_LOG overrides it).
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a kernel in a new VM and run it until it stops.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Kernel image: an ELF vmlinux (PVH or 64-bit entry) or a bzImage.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// An initramfs to load beside the kernel.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// The kernel command line.
+    #[arg(long, default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 128)]
+    memory: u64,
+    /// Where COM1 goes: stdio, file:PATH or none.
+    #[arg(long, default_value = "stdio", value_parser = parse_serial)]
+    serial: SerialConfig,
+}
+
+fn parse_serial(s: &str) -> Result<SerialConfig, String> {
+    s.parse()
+}
+
+fn main() -> ExitCode {
+    let launched = Instant::now();
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(&cli.log_level));
+    let filter = match filter {
+        Ok(f) => f,
+        Err(_) => {
+            eprintln!("error: --log-level must be error, warn, info, debug or trace, not '{}'.", cli.log_level);
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).with_target(false).init();
+    match cli.command {
+        Command::Run(args) => run(args, launched),
+    }
+}
+
+fn run(args: RunArgs, launched: Instant) -> ExitCode {
+    let config = VmConfig {
+        kernel: args.kernel,
+        initrd: args.initrd,
+        cmdline: args.cmdline,
+        cpus: args.cpus,
+        memory_mib: args.memory,
+        serial: args.serial,
+    };
+    let kvm = match vmm::vm::open_kvm() {
+        Ok(kvm) => kvm,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let limits = HostLimits { kvm_max_vcpus: kvm.get_max_vcpus() as u32, ram_mib: HostLimits::host_ram_mib() };
+    let format = match config.validate(&limits) {
+        Ok(format) => format,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    if let Err(e) = vmm::exit::install_stop_signal_handlers() {
+        eprintln!("error: cannot install the SIGINT/SIGTERM handlers: {e}.");
+        return ExitCode::from(EXIT_FAILURE);
+    }
+    match vmm::run(&kvm, &config, format, launched) {
+        Ok(exit) => {
+            let code = exit.exit_code();
+            if code == 0 {
+                tracing::info!("{exit}");
+            } else {
+                tracing::error!("{exit}");
+            }
+            ExitCode::from(code as u8)
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}

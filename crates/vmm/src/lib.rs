@@ -1,1 +1,12 @@
-pub fn x() {}
+//! The VM lifecycle: guest memory, kernel loading, device wiring, vCPU threads, and the reason
+//! the VM stopped.
+
+pub mod config;
+pub mod exit;
+pub mod fault;
+mod vcpu;
+pub mod vm;
+
+pub use config::{ConfigError, HostLimits, SerialConfig, VmConfig};
+pub use exit::VmExit;
+pub use vm::{Error, run};

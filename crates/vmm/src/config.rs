@@ -1,0 +1,201 @@
+//! What a VM is made of, and the checks that turn bad user input into one clear sentence.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use arch::boot::{KernelFormat, detect_kernel_format};
+use arch::layout::CMDLINE_MAX_SIZE;
+use arch::memory::MIN_MEMORY;
+use arch::mptable;
+
+/// The command line used when none is given.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SerialConfig {
+    Stdio,
+    File(PathBuf),
+    None,
+}
+
+impl FromStr for SerialConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "stdio" => Ok(Self::Stdio),
+            "none" => Ok(Self::None),
+            _ => match s.strip_prefix("file:") {
+                Some(path) if !path.is_empty() => Ok(Self::File(path.into())),
+                _ => Err("use stdio, file:PATH or none".to_string()),
+            },
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub serial: SerialConfig,
+}
+
+/// What this host allows.
+#[derive(Clone, Copy, Debug)]
+pub struct HostLimits {
+    /// KVM_CAP_MAX_VCPUS.
+    pub kvm_max_vcpus: u32,
+    /// Physical RAM, in MiB.
+    pub ram_mib: u64,
+}
+
+impl HostLimits {
+    /// The most vCPUs a VM can have here: KVM's limit and the MP table's 8-bit APIC IDs.
+    pub fn max_cpus(&self) -> u32 {
+        self.kvm_max_vcpus.min(mptable::MAX_CPUS)
+    }
+
+    /// Host RAM from /proc/meminfo.
+    pub fn host_ram_mib() -> u64 {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(u64::MAX, |kib| kib / 1024)
+    }
+}
+
+/// A user mistake in the VM's configuration: the message names the option and the fix.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("--kernel {0} does not exist; pass the path of a vmlinux or bzImage.")]
+    KernelMissing(PathBuf),
+    #[error("--kernel {path} cannot be read ({reason}); check its permissions.")]
+    KernelUnreadable { path: PathBuf, reason: String },
+    #[error("--kernel {0} is neither an ELF vmlinux nor a bzImage; pass a Linux kernel image.")]
+    KernelFormat(PathBuf),
+    #[error("--initrd {0} does not exist or cannot be read; pass the path of an initramfs.")]
+    InitrdMissing(PathBuf),
+    #[error("--memory must be at least {min} MiB, not {given}; give the VM more memory.")]
+    MemoryTooSmall { given: u64, min: u64 },
+    #[error("--memory {given} MiB is more than this host's {host} MiB of RAM; pass a smaller --memory.")]
+    MemoryTooLarge { given: u64, host: u64 },
+    #[error("--cpus must be between 1 and {max} on this host, not {given}.")]
+    Cpus { given: u32, max: u32 },
+    #[error("--cmdline is {len} bytes, but the kernel accepts at most {max}; shorten it.")]
+    CmdlineTooLong { len: usize, max: usize },
+}
+
+impl VmConfig {
+    /// Checks everything that does not need KVM.
+    pub fn validate(&self, limits: &HostLimits) -> Result<KernelFormat, ConfigError> {
+        let format = check_kernel(&self.kernel)?;
+        if let Some(initrd) = &self.initrd {
+            let readable_file = File::open(initrd).and_then(|f| f.metadata()).is_ok_and(|m| m.is_file());
+            if !readable_file {
+                return Err(ConfigError::InitrdMissing(initrd.clone()));
+            }
+        }
+        let min = MIN_MEMORY >> 20;
+        if self.memory_mib < min {
+            return Err(ConfigError::MemoryTooSmall { given: self.memory_mib, min });
+        }
+        if self.memory_mib > limits.ram_mib {
+            return Err(ConfigError::MemoryTooLarge { given: self.memory_mib, host: limits.ram_mib });
+        }
+        if self.cpus == 0 || self.cpus > limits.max_cpus() {
+            return Err(ConfigError::Cpus { given: self.cpus, max: limits.max_cpus() });
+        }
+        // The terminating NUL counts against the kernel's limit.
+        if self.cmdline.len() >= CMDLINE_MAX_SIZE {
+            return Err(ConfigError::CmdlineTooLong { len: self.cmdline.len(), max: CMDLINE_MAX_SIZE - 1 });
+        }
+        Ok(format)
+    }
+
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_mib << 20
+    }
+}
+
+fn check_kernel(path: &Path) -> Result<KernelFormat, ConfigError> {
+    if !path.exists() {
+        return Err(ConfigError::KernelMissing(path.into()));
+    }
+    let mut file = File::open(path)
+        .map_err(|e| ConfigError::KernelUnreadable { path: path.into(), reason: e.to_string() })?;
+    detect_kernel_format(&mut file).ok_or_else(|| ConfigError::KernelFormat(path.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    const LIMITS: HostLimits = HostLimits { kvm_max_vcpus: 1024, ram_mib: 4096 };
+
+    fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("ferrovisor-config-{}-{name}", std::process::id()));
+        File::create(&path).unwrap().write_all(bytes).unwrap();
+        path
+    }
+
+    fn config(kernel: PathBuf) -> VmConfig {
+        VmConfig {
+            kernel,
+            initrd: None,
+            cmdline: DEFAULT_CMDLINE.into(),
+            cpus: 1,
+            memory_mib: 128,
+            serial: SerialConfig::Stdio,
+        }
+    }
+
+    #[test]
+    fn each_mistake_gets_its_own_sentence() {
+        let elf = temp_file("elf", b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+        let text = temp_file("text", b"not a kernel at all");
+        let ok = config(elf.clone());
+        assert_eq!(ok.validate(&LIMITS), Ok(KernelFormat::Elf));
+
+        let missing = config("/nonexistent/vmlinux".into());
+        assert_eq!(missing.validate(&LIMITS), Err(ConfigError::KernelMissing("/nonexistent/vmlinux".into())));
+        assert_eq!(config(text.clone()).validate(&LIMITS), Err(ConfigError::KernelFormat(text.clone())));
+
+        let c = VmConfig { memory_mib: 0, ..ok.clone() };
+        assert_eq!(c.validate(&LIMITS), Err(ConfigError::MemoryTooSmall { given: 0, min: 2 }));
+        let c = VmConfig { memory_mib: 4097, ..ok.clone() };
+        assert_eq!(c.validate(&LIMITS), Err(ConfigError::MemoryTooLarge { given: 4097, host: 4096 }));
+        let c = VmConfig { cpus: 0, ..ok.clone() };
+        assert_eq!(c.validate(&LIMITS), Err(ConfigError::Cpus { given: 0, max: 254 }));
+        let c = VmConfig { cpus: 3, ..ok.clone() };
+        assert!(c.validate(&HostLimits { kvm_max_vcpus: 2, ..LIMITS }).is_err());
+        let c = VmConfig { cmdline: "x".repeat(2048), ..ok.clone() };
+        assert_eq!(c.validate(&LIMITS), Err(ConfigError::CmdlineTooLong { len: 2048, max: 2047 }));
+        let c = VmConfig { initrd: Some("/nonexistent/initrd".into()), ..ok };
+        assert!(matches!(c.validate(&LIMITS), Err(ConfigError::InitrdMissing(_))));
+
+        let message = ConfigError::Cpus { given: 0, max: 254 }.to_string();
+        assert!(message.starts_with("--cpus") && message.ends_with('.'), "{message}");
+        std::fs::remove_file(elf).unwrap();
+        std::fs::remove_file(text).unwrap();
+    }
+
+    #[test]
+    fn serial_option_parses() {
+        assert_eq!("stdio".parse(), Ok(SerialConfig::Stdio));
+        assert_eq!("none".parse(), Ok(SerialConfig::None));
+        assert_eq!("file:/tmp/x".parse(), Ok(SerialConfig::File("/tmp/x".into())));
+        assert!("file:".parse::<SerialConfig>().is_err());
+        assert!("tcp:1234".parse::<SerialConfig>().unwrap_err().contains("file:PATH"));
+    }
+
+    #[test]
+    fn host_ram_is_read() {
+        assert!(HostLimits::host_ram_mib() > 0);
+    }
+}

@@ -1,0 +1,117 @@
+//! Why a VM stopped, and the latch through which the first reason reaches the main thread.
+
+use std::os::fd::AsRawFd;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::fault::GuestFault;
+
+/// The reason a VM stopped.
+#[derive(Debug)]
+pub enum VmExit {
+    /// The guest asked for a reset (i8042 pulse or a KVM reset event).
+    Reset,
+    /// The guest powered off (a KVM shutdown event).
+    PowerOff,
+    /// The VMM received SIGINT or SIGTERM.
+    Signal(i32),
+    /// The guest did something the VM cannot go on from.
+    Fault(GuestFault),
+    /// KVM failed a vCPU.
+    VcpuError { vcpu: u32, message: String },
+}
+
+impl VmExit {
+    /// 0 for a stop the guest or the user asked for, 1 for a failure.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            VmExit::Reset | VmExit::PowerOff | VmExit::Signal(_) => 0,
+            VmExit::Fault(_) | VmExit::VcpuError { .. } => 1,
+        }
+    }
+}
+
+impl std::fmt::Display for VmExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmExit::Reset => write!(f, "the guest requested a reset; the VM stopped"),
+            VmExit::PowerOff => write!(f, "the guest powered off; the VM stopped"),
+            VmExit::Signal(sig) => write!(f, "stopped the VM on signal {sig} ({})", signal_name(*sig)),
+            VmExit::Fault(fault) => write!(f, "{fault}"),
+            VmExit::VcpuError { vcpu, message } => write!(f, "vCPU {vcpu} failed: {message}"),
+        }
+    }
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGINT => "SIGINT",
+        libc::SIGTERM => "SIGTERM",
+        _ => "signal",
+    }
+}
+
+/// Holds the first exit reason; later ones are logged and dropped.
+pub struct ExitLatch {
+    reason: Mutex<Option<VmExit>>,
+    event: EventFd,
+}
+
+impl ExitLatch {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self { reason: Mutex::new(None), event: EventFd::new(0)? })
+    }
+
+    pub fn set(&self, exit: VmExit) {
+        let mut slot = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(exit);
+            let _ = self.event.write(1);
+        } else {
+            tracing::debug!("a later stop reason was ignored: {exit}");
+        }
+    }
+
+    /// Blocks until a reason is set or a stop signal arrives.
+    pub fn wait(&self) -> VmExit {
+        STOP_EVENT_FD.store(self.event.as_raw_fd(), Ordering::SeqCst);
+        loop {
+            if let Some(exit) = self.reason.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                return exit;
+            }
+            let sig = STOP_SIGNAL.load(Ordering::SeqCst);
+            if sig != 0 {
+                return VmExit::Signal(sig);
+            }
+            // EINTR when a signal lands: the loop then sees it.
+            let _ = self.event.read();
+        }
+    }
+}
+
+/// Set by the SIGINT/SIGTERM handler; read by [`ExitLatch::wait`].
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+/// The latch's eventfd, so that the handler can wake the main thread.
+static STOP_EVENT_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_stop_signal(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    STOP_SIGNAL.store(num, Ordering::SeqCst);
+    let fd = STOP_EVENT_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) is async-signal-safe; the buffer is a live u64 on this stack and the
+        // fd is the latch's eventfd, which outlives every wait.
+        unsafe { libc::write(fd, (&raw const one).cast(), 8) };
+    }
+}
+
+/// Makes SIGINT and SIGTERM stop the VM cleanly.
+pub fn install_stop_signal_handlers() -> std::io::Result<()> {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        vmm_sys_util::signal::register_signal_handler(sig, on_stop_signal)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,214 @@
+//! vCPU threads: run KVM_RUN in a loop, route port I/O and MMIO exits to the buses, and turn
+//! every other exit into a stop reason.
+
+use std::cell::Cell;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_bindings::{
+    KVM_EXIT_IO_IN, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN, kvm_run,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
+
+use arch::GuestMemory;
+use devices::Bus;
+
+use crate::exit::{ExitLatch, VmExit};
+use crate::fault;
+
+/// What the vCPU threads share.
+pub struct VcpuShared {
+    pub pio: Bus,
+    pub mmio: Bus,
+    pub mem: GuestMemory,
+    pub latch: Arc<ExitLatch>,
+    pub stop: AtomicBool,
+    /// Size of each vCPU's kvm_run mapping (KVM_GET_VCPU_MMAP_SIZE).
+    pub run_mmap_size: usize,
+}
+
+thread_local! {
+    /// This thread's kvm_run, so that the kick signal can set `immediate_exit` on it.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    KVM_RUN.with(|run| {
+        let run = run.get();
+        if !run.is_null() {
+            // SAFETY: the pointer is this thread's live kvm_run mapping (set after the vCPU is
+            // created, cleared before it is dropped). A volatile byte store is async-signal-safe.
+            // If the thread is about to enter KVM_RUN it returns at once with EINTR.
+            unsafe { std::ptr::write_volatile(&raw mut (*run).immediate_exit, 1) };
+        }
+    });
+}
+
+/// The signal that kicks a vCPU thread out of KVM_RUN.
+fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+pub fn install_kick_handler() -> std::io::Result<()> {
+    register_signal_handler(kick_signal(), on_kick).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
+/// Starts a thread for `vcpu`.
+pub fn spawn(index: u32, vcpu: VcpuFd, shared: Arc<VcpuShared>) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new().name(format!("vcpu{index}")).spawn(move || {
+        let mut vcpu = vcpu;
+        KVM_RUN.with(|run| run.set(vcpu.get_kvm_run()));
+        if let Some(exit) = run_loop(index, &mut vcpu, &shared) {
+            shared.latch.set(exit);
+        }
+        KVM_RUN.with(|run| run.set(std::ptr::null_mut()));
+    })
+}
+
+/// Stops every vCPU thread: sets the stop flag and kicks each thread until it has exited.
+pub fn stop_all(shared: &VcpuShared, threads: Vec<JoinHandle<()>>) {
+    shared.stop.store(true, Ordering::SeqCst);
+    for thread in threads {
+        while !thread.is_finished() {
+            let _ = thread.kill(kick_signal());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let _ = thread.join();
+    }
+}
+
+/// A port access copied out of kvm_run, so that the vCPU can be borrowed again to answer it.
+struct PioExit {
+    port: u16,
+    is_in: bool,
+}
+
+fn run_loop(index: u32, vcpu: &mut VcpuFd, shared: &VcpuShared) -> Option<VmExit> {
+    loop {
+        if shared.stop.load(Ordering::SeqCst) {
+            return None;
+        }
+        let mut pio = None;
+        let reason = match vcpu.run() {
+            Ok(VcpuExit::IoOut(port, _)) => {
+                pio = Some(PioExit { port, is_in: false });
+                None
+            }
+            Ok(VcpuExit::IoIn(port, _)) => {
+                pio = Some(PioExit { port, is_in: true });
+                None
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !shared.mmio.read(addr, data) {
+                    tracing::debug!("vCPU {index}: read of {} bytes from unmapped MMIO {addr:#x}", data.len());
+                    data.fill(0xff);
+                }
+                None
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                if !shared.mmio.write(addr, data) {
+                    tracing::debug!("vCPU {index}: write of {} bytes to unmapped MMIO {addr:#x}", data.len());
+                }
+                None
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                KVM_SYSTEM_EVENT_RESET => Some(Stop::Clean(VmExit::Reset)),
+                KVM_SYSTEM_EVENT_SHUTDOWN => Some(Stop::Clean(VmExit::PowerOff)),
+                KVM_SYSTEM_EVENT_CRASH => Some(Stop::Fault("a guest crash event (KVM_SYSTEM_EVENT_CRASH)".into())),
+                other => Some(Stop::Fault(format!("an unknown system event {other} (KVM_EXIT_SYSTEM_EVENT)"))),
+            },
+            Ok(VcpuExit::Shutdown) => Some(Stop::Fault("a triple fault (KVM_EXIT_SHUTDOWN)".into())),
+            Ok(VcpuExit::InternalError) => Some(Stop::InternalError),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Some(Stop::Fault(format!(
+                "a failed VM entry (KVM_EXIT_FAIL_ENTRY, hardware reason {reason:#x}, host CPU {cpu})"
+            ))),
+            Ok(VcpuExit::Hlt) => Some(Stop::Fault("HLT with interrupts off (KVM_EXIT_HLT)".into())),
+            Ok(VcpuExit::Intr) => None,
+            Ok(other) => Some(Stop::Fault(format!("an exit the VMM does not handle ({other:?})"))),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                vcpu.set_kvm_immediate_exit(0);
+                None
+            }
+            Err(e) => Some(Stop::Error(format!("KVM_RUN failed: {e}"))),
+        };
+        if let Some(pio) = pio {
+            handle_pio(vcpu, &pio, shared, index);
+            continue;
+        }
+        match reason {
+            None => {}
+            Some(Stop::Clean(exit)) => return Some(exit),
+            Some(Stop::Error(message)) => return Some(VmExit::VcpuError { vcpu: index, message }),
+            Some(Stop::Fault(why)) => return Some(VmExit::Fault(fault::describe(vcpu, index, &shared.mem, why))),
+            Some(Stop::InternalError) => {
+                let why = internal_error_reason(vcpu.get_kvm_run());
+                return Some(VmExit::Fault(fault::describe(vcpu, index, &shared.mem, why)));
+            }
+        }
+    }
+}
+
+enum Stop {
+    Clean(VmExit),
+    Fault(String),
+    InternalError,
+    Error(String),
+}
+
+/// Names KVM's internal error, e.g. an instruction its emulator cannot run.
+fn internal_error_reason(run: &kvm_run) -> String {
+    // SAFETY: called right after a KVM_EXIT_INTERNAL_ERROR exit, so `internal` is the union
+    // member KVM filled in.
+    let internal = unsafe { run.__bindgen_anon_1.internal };
+    let what = match internal.suberror {
+        1 => "instruction emulation failed",
+        2 => "a simultaneous exception",
+        3 => "a delivery event during an exit",
+        4 => "an unexpected exit reason",
+        _ => "an unknown suberror",
+    };
+    let n = (internal.ndata as usize).min(internal.data.len()).min(4);
+    let data: Vec<String> = internal.data[..n].iter().map(|d| format!("{d:#x}")).collect();
+    format!(
+        "a KVM internal error (KVM_EXIT_INTERNAL_ERROR, suberror {}: {what}; data [{}])",
+        internal.suberror,
+        data.join(", ")
+    )
+}
+
+/// Answers a port access: each of `count` items of `size` bytes goes to the bus in turn, as
+/// `rep ins`/`rep outs` would do on hardware. Unclaimed ports read as all ones.
+fn handle_pio(vcpu: &mut VcpuFd, pio: &PioExit, shared: &VcpuShared, index: u32) {
+    let run_mmap_size = shared.run_mmap_size;
+    let run = vcpu.get_kvm_run();
+    // SAFETY: called right after a KVM_EXIT_IO exit, so `io` is the union member KVM filled in.
+    let io = unsafe { run.__bindgen_anon_1.io };
+    let size = usize::from(io.size);
+    let total = size * io.count as usize;
+    let offset = io.data_offset as usize;
+    if size == 0 || offset.checked_add(total).is_none_or(|end| end > run_mmap_size) {
+        tracing::warn!("vCPU {index}: KVM reported a port access outside kvm_run; ignored");
+        return;
+    }
+    // SAFETY: [offset, offset + total) lies inside the kvm_run mapping (checked above), which
+    // stays mapped while `vcpu` lives; nothing else references those bytes while the vCPU is
+    // out of KVM_RUN.
+    let data = unsafe { std::slice::from_raw_parts_mut((run as *mut kvm_run).cast::<u8>().add(offset), total) };
+    debug_assert_eq!(pio.is_in, u32::from(io.direction) == KVM_EXIT_IO_IN);
+    for item in data.chunks_mut(size) {
+        let claimed = if pio.is_in {
+            shared.pio.read(u64::from(pio.port), item)
+        } else {
+            shared.pio.write(u64::from(pio.port), item)
+        };
+        if !claimed {
+            if pio.is_in {
+                item.fill(0xff);
+            }
+            tracing::trace!("vCPU {index}: {} unclaimed port {:#x}", if pio.is_in { "in" } else { "out" }, pio.port);
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! Helpers shared by the integration tests: running the `ferrovisor` binary with a deadline,
+//! packaging hand-made guest code as an ELF kernel, and finding the built Linux guest.
+
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// The command line the project's Linux guest needs on hosts that emulate its ring 0
+/// (nested kvm_pvm): harmless on VT-x/AMD-V hardware.
+pub const LINUX_HOST_CMDLINE: &str = "noxsave clearcpuid=popcnt,cx16,rdrand,rdseed,serialize,smap \
+    mitigations=off tsc=reliable 8250.nr_uarts=1";
+
+pub fn ferrovisor() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ferrovisor"))
+}
+
+/// A fresh directory for one test's files.
+pub fn scratch_dir(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ferrovisor-test-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `code` as an ELF64 executable with one segment loaded and entered at 1 MiB, the shape of a
+/// vmlinux without a PVH note: Ferrovisor enters it in 64-bit mode.
+pub fn elf_kernel(code: &[u8]) -> Vec<u8> {
+    const LOAD_ADDR: u64 = 0x10_0000;
+    const CODE_OFFSET: usize = 0x1000;
+    let mut image = vec![0u8; CODE_OFFSET];
+    let header: &mut [u8] = &mut image;
+    header[..16].copy_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+    header[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    header[18..20].copy_from_slice(&0x3eu16.to_le_bytes()); // EM_X86_64
+    header[20..24].copy_from_slice(&1u32.to_le_bytes());
+    header[24..32].copy_from_slice(&LOAD_ADDR.to_le_bytes()); // e_entry
+    header[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+    header[52..54].copy_from_slice(&64u16.to_le_bytes()); // e_ehsize
+    header[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
+    header[56..58].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
+    let ph = &mut header[64..120];
+    ph[0..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    ph[4..8].copy_from_slice(&7u32.to_le_bytes()); // RWX
+    ph[8..16].copy_from_slice(&(CODE_OFFSET as u64).to_le_bytes());
+    ph[16..24].copy_from_slice(&LOAD_ADDR.to_le_bytes()); // p_vaddr
+    ph[24..32].copy_from_slice(&LOAD_ADDR.to_le_bytes()); // p_paddr
+    ph[32..40].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    ph[40..48].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    ph[48..56].copy_from_slice(&0x1000u64.to_le_bytes());
+    image.extend_from_slice(code);
+    image
+}
+
+pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+/// What a finished VMM process left behind.
+pub struct Outcome {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl Outcome {
+    pub fn describe(&self) -> String {
+        format!("status {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}", self.status, self.stdout, self.stderr)
+    }
+}
+
+/// A running VMM whose output is collected as it arrives.
+pub struct Running {
+    pub child: Child,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+    readers: Vec<thread::JoinHandle<()>>,
+    started: Instant,
+}
+
+fn collect(mut from: impl Read + Send + 'static, into: Arc<Mutex<String>>) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            into.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    })
+}
+
+impl Running {
+    pub fn start(mut cmd: Command) -> Running {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the ferrovisor binary starts");
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let readers = vec![
+            collect(child.stdout.take().unwrap(), stdout.clone()),
+            collect(child.stderr.take().unwrap(), stderr.clone()),
+        ];
+        Running { child, stdout, stderr, readers, started: Instant::now() }
+    }
+
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    /// Waits until stdout contains `needle`; false if the deadline passes or the VMM exits first.
+    pub fn wait_for_output(&mut self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.stdout().contains(needle) {
+                return true;
+            }
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                thread::sleep(Duration::from_millis(50));
+                return self.stdout().contains(needle);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// Waits for the VMM to exit; kills it and panics with its output if `timeout` passes.
+    pub fn finish(mut self, timeout: Duration) -> Outcome {
+        let deadline = self.started + timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                for r in self.readers.drain(..) {
+                    let _ = r.join();
+                }
+                panic!(
+                    "ferrovisor did not exit within {timeout:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                    self.stdout(),
+                    self.stderr.lock().unwrap()
+                );
+            }
+            thread::sleep(Duration::from_millis(10));
+        };
+        let elapsed = self.started.elapsed();
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        let stdout = self.stdout();
+        let stderr = self.stderr.lock().unwrap().clone();
+        Outcome { status, stdout, stderr, elapsed }
+    }
+}
+
+/// Runs `ferrovisor` with `args` to completion.
+pub fn run(args: &[&str], timeout: Duration) -> Outcome {
+    let mut cmd = ferrovisor();
+    cmd.args(args);
+    Running::start(cmd).finish(timeout)
+}
+
+/// Boots `code` as a tiny ELF guest with `cpus` vCPUs and 16 MiB.
+pub fn run_tiny_guest(test: &str, code: &[u8], cpus: u32) -> Outcome {
+    let dir = scratch_dir(test);
+    let kernel = write_file(&dir, "tiny.elf", &elf_kernel(code));
+    let cpus = cpus.to_string();
+    let outcome = run(
+        &["run", "--kernel", kernel.to_str().unwrap(), "--memory", "16", "--cpus", &cpus, "--cmdline", ""],
+        Duration::from_secs(60),
+    );
+    let _ = std::fs::remove_dir_all(dir);
+    outcome
+}
+
+/// This host's KVM runs guest ring 0 in an instruction emulator (nested kvm_pvm).
+pub fn host_emulates_ring0() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// The Linux guest built by guest/build.sh.
+pub fn linux_guest() -> PathBuf {
+    let dir = std::env::var_os("FERROVISOR_GUEST_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        let home = std::env::var_os("HOME").expect("HOME is set");
+        PathBuf::from(home).join(".cache/ferrovisor/guest/current")
+    });
+    assert!(
+        dir.join("vmlinux").exists(),
+        "no Linux guest in {}: run guest/build.sh (or set FERROVISOR_GUEST_DIR)",
+        dir.display()
+    );
+    dir
+}
