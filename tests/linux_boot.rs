@@ -37,9 +37,12 @@ fn linux_bzimage_boots_and_sigterm_stops_the_vm_cleanly() {
     let guest = linux_guest();
     let cmdline = format!("console=ttyS0 reboot=k panic=-1 {LINUX_HOST_CMDLINE}");
     let mut cmd = ferrovisor();
-    cmd.arg("run")
-        .args(["--kernel", guest.join("bzImage").to_str().unwrap()])
-        .args(["--memory", "128", "--cmdline", &cmdline]);
+    cmd.arg("run").args(["--kernel", guest.join("bzImage").to_str().unwrap()]).args([
+        "--memory",
+        "128",
+        "--cmdline",
+        &cmdline,
+    ]);
     let mut vm = Running::start(cmd);
     // 128 MiB requested: the last line of the e820 map, printed a little after the banner.
     let e820_ram = "BIOS-e820: [mem 0x0000000000100000-0x0000000007ffffff] usable";

@@ -134,9 +134,10 @@ impl Running {
         false
     }
 
-    /// Waits for the VMM to exit; kills it and panics with its output if `timeout` passes.
+    /// Waits up to `timeout` from now for the VMM to exit; kills it and panics with its output
+    /// if it does not.
     pub fn finish(mut self, timeout: Duration) -> Outcome {
-        let deadline = self.started + timeout;
+        let deadline = Instant::now() + timeout;
         let status = loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 break status;

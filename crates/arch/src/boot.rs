@@ -239,7 +239,8 @@ pub fn pvh_start_info(map_len: usize, initrd: Option<Initrd>) -> hvm_start_info 
 fn write_pvh_info(mem: &GuestMemory, map: &[E820Entry], _cmdline_len: usize, initrd: Option<Initrd>) -> Result<()> {
     let map = &map[..map.len().min(PVH_MEMMAP_MAX_ENTRIES)];
     for (i, e) in map.iter().enumerate() {
-        let entry = MemmapEntry(hvm_memmap_table_entry { addr: e.addr, size: e.size, type_: e.kind as u32, reserved: 0 });
+        let entry =
+            MemmapEntry(hvm_memmap_table_entry { addr: e.addr, size: e.size, type_: e.kind as u32, reserved: 0 });
         let at = PVH_MEMMAP_START + (i * std::mem::size_of::<MemmapEntry>()) as u64;
         mem.write_obj(entry, GuestAddress(at)).map_err(|_| Error::GuestWrite { what: "PVH memory map", addr: at })?;
     }

@@ -25,12 +25,7 @@ pub const TSS_INDEX: u16 = 3;
 /// The boot GDT: null, code (64-bit for long mode, 32-bit for PVH), flat data, and a TSS.
 pub fn boot_gdt(long_mode: bool) -> [u64; 4] {
     let code_flags = if long_mode { CODE64_FLAGS } else { CODE32_FLAGS };
-    [
-        0,
-        gdt_entry(code_flags, 0, 0xfffff),
-        gdt_entry(DATA_FLAGS, 0, 0xfffff),
-        gdt_entry(TSS_FLAGS, 0, 0xfffff),
-    ]
+    [0, gdt_entry(code_flags, 0, 0xfffff), gdt_entry(DATA_FLAGS, 0, 0xfffff), gdt_entry(TSS_FLAGS, 0, 0xfffff)]
 }
 
 /// The segment register KVM needs for the descriptor `entry` at GDT slot `index`.

@@ -34,11 +34,7 @@ pub enum Error {
     #[error("KVM refused boot MSR {msr:#x} on vCPU {index}.")]
     MsrRefused { index: u32, msr: u32 },
     #[error("Setting up vCPU {index} failed: {what}: {source}.")]
-    Vcpu {
-        index: u32,
-        what: &'static str,
-        source: kvm_ioctls::Error,
-    },
+    Vcpu { index: u32, what: &'static str, source: kvm_ioctls::Error },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

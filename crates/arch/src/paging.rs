@@ -19,8 +19,7 @@ pub fn identity_tables() -> Vec<(u64, Vec<u64>)> {
     let pdpt = (0..IDENTITY_MAPPED_GIB).map(|gib| (PD_START + gib * 0x1000) | PRESENT | WRITABLE);
     tables.push((PDPT_START, pdpt.collect()));
     for gib in 0..IDENTITY_MAPPED_GIB {
-        let pd = (0..ENTRIES_PER_TABLE)
-            .map(|i| ((gib * ENTRIES_PER_TABLE + i) << 21) | PRESENT | WRITABLE | HUGE_PAGE);
+        let pd = (0..ENTRIES_PER_TABLE).map(|i| ((gib * ENTRIES_PER_TABLE + i) << 21) | PRESENT | WRITABLE | HUGE_PAGE);
         tables.push((PD_START + gib * 0x1000, pd.collect()));
     }
     tables
@@ -31,8 +30,7 @@ pub fn write_identity_tables(mem: &GuestMemory) -> Result<u64> {
     for (addr, entries) in identity_tables() {
         for (i, entry) in entries.iter().enumerate() {
             let at = addr + i as u64 * 8;
-            mem.write_obj(*entry, GuestAddress(at))
-                .map_err(|_| Error::GuestWrite { what: "page tables", addr: at })?;
+            mem.write_obj(*entry, GuestAddress(at)).map_err(|_| Error::GuestWrite { what: "page tables", addr: at })?;
         }
     }
     Ok(PML4_START)

@@ -76,8 +76,7 @@ pub fn set_lint_modes(lapic: &mut kvm_lapic_state) {
 /// Sets the state every vCPU needs, boot vCPU or not.
 pub fn configure_vcpu(vcpu: &VcpuFd, index: u32, count: u32, supported_cpuid: &CpuId) -> Result<()> {
     let fail = |what| move |source| Error::Vcpu { index, what, source };
-    vcpu.set_cpuid2(&cpuid::vcpu_cpuid(supported_cpuid, index, count))
-        .map_err(fail("setting CPUID"))?;
+    vcpu.set_cpuid2(&cpuid::vcpu_cpuid(supported_cpuid, index, count)).map_err(fail("setting CPUID"))?;
     let entries = boot_msrs();
     let msrs = Msrs::from_entries(&entries).expect("the boot MSR list fits a kvm_msrs");
     let written = vcpu.set_msrs(&msrs).map_err(fail("setting MSRs"))?;

@@ -9,6 +9,9 @@ pub trait BusDevice: Send {
     fn write(&mut self, offset: u64, data: &[u8]);
 }
 
+/// A device as the buses and the VMM share it.
+pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BusError {
     #[error("The range {base:#x}+{len:#x} overlaps a device already on the bus.")]
@@ -19,7 +22,7 @@ pub enum BusError {
 
 struct Slot {
     len: u64,
-    device: Arc<Mutex<dyn BusDevice>>,
+    device: SharedDevice,
 }
 
 /// Devices keyed by base address; ranges never overlap.
@@ -33,7 +36,7 @@ impl Bus {
         Self::default()
     }
 
-    pub fn insert(&mut self, base: u64, len: u64, device: Arc<Mutex<dyn BusDevice>>) -> Result<(), BusError> {
+    pub fn insert(&mut self, base: u64, len: u64, device: SharedDevice) -> Result<(), BusError> {
         let end = base.checked_add(len).filter(|_| len > 0).ok_or(BusError::BadRange { base, len })?;
         let before = self.slots.range(..end).next_back();
         if before.is_some_and(|(b, s)| b + s.len > base) {

@@ -87,10 +87,7 @@ impl Cmos {
     /// An RTC on the host's clock.
     pub fn with_host_clock() -> Self {
         Self::new(Box::new(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs() as i64)
-                .unwrap_or(0)
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
         }))
     }
 

@@ -6,4 +6,4 @@ pub mod cmos;
 pub mod i8042;
 pub mod serial;
 
-pub use bus::{Bus, BusDevice};
+pub use bus::{Bus, BusDevice, SharedDevice};

@@ -126,8 +126,8 @@ fn check_kernel(path: &Path) -> Result<KernelFormat, ConfigError> {
     if !path.exists() {
         return Err(ConfigError::KernelMissing(path.into()));
     }
-    let mut file = File::open(path)
-        .map_err(|e| ConfigError::KernelUnreadable { path: path.into(), reason: e.to_string() })?;
+    let mut file =
+        File::open(path).map_err(|e| ConfigError::KernelUnreadable { path: path.into(), reason: e.to_string() })?;
     detect_kernel_format(&mut file).ok_or_else(|| ConfigError::KernelFormat(path.into()))
 }
 

@@ -17,7 +17,7 @@ use devices::boot_timer::BootTimer;
 use devices::cmos::Cmos;
 use devices::i8042::I8042;
 use devices::serial::{self, SerialDevice};
-use devices::{Bus, BusDevice};
+use devices::{Bus, SharedDevice};
 
 use crate::config::{SerialConfig, VmConfig};
 use crate::exit::{ExitLatch, VmExit};
@@ -89,7 +89,8 @@ pub fn run(kvm: &Kvm, config: &VmConfig, format: KernelFormat, launched: Instant
 
     vcpu::install_kick_handler().map_err(host_err("vCPU kick signal"))?;
     let run_mmap_size = kvm.get_vcpu_mmap_size().map_err(kvm_err("report the kvm_run size"))?;
-    let shared = Arc::new(VcpuShared { pio, mmio, mem, latch: latch.clone(), stop: AtomicBool::new(false), run_mmap_size });
+    let shared =
+        Arc::new(VcpuShared { pio, mmio, mem, latch: latch.clone(), stop: AtomicBool::new(false), run_mmap_size });
     let mut threads = Vec::new();
     for (index, vcpu) in vcpus.into_iter().enumerate() {
         match vcpu::spawn(index as u32, vcpu, shared.clone()) {
@@ -112,8 +113,8 @@ fn open(path: &std::path::Path, what: &'static str) -> Result<File, Error> {
 fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemory, Error> {
     let ranges: Vec<(GuestAddress, usize)> =
         memory::ram_regions(size).into_iter().map(|(start, len)| (GuestAddress(start), len as usize)).collect();
-    let mem = GuestMemory::from_ranges(&ranges)
-        .map_err(|e| Error::Memory { mib: size >> 20, reason: e.to_string() })?;
+    let mem =
+        GuestMemory::from_ranges(&ranges).map_err(|e| Error::Memory { mib: size >> 20, reason: e.to_string() })?;
     for (slot, region) in mem.iter().enumerate() {
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
@@ -161,8 +162,11 @@ fn create_devices(
 
     let sink = match &config.serial {
         SerialConfig::Stdio => serial::stdout_sink(),
-        SerialConfig::File(path) => serial::file_sink(path)
-            .map_err(|source| Error::Open { what: "serial output file", path: path.display().to_string(), source })?,
+        SerialConfig::File(path) => serial::file_sink(path).map_err(|source| Error::Open {
+            what: "serial output file",
+            path: path.display().to_string(),
+            source,
+        })?,
         SerialConfig::None => serial::null_sink(),
     };
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("serial interrupt"))?;
@@ -174,7 +178,7 @@ fn create_devices(
     let reset_latch = latch.clone();
     let i8042 = I8042::new(Box::new(move || reset_latch.set(VmExit::Reset)));
 
-    let port_devices: [(u16, u64, Arc<Mutex<dyn BusDevice>>); 3] = [
+    let port_devices: [(u16, u64, SharedDevice); 3] = [
         (COM1_PORT, 8, serial),
         (I8042_PORT, 5, Arc::new(Mutex::new(i8042))),
         (CMOS_PORT, 2, Arc::new(Mutex::new(Cmos::with_host_clock()))),
