@@ -3,7 +3,9 @@
 
 mod common;
 
-use common::{host_emulates_ring0, run_tiny_guest};
+use std::time::Duration;
+
+use common::{Running, host_emulates_ring0, run_tiny_guest, scratch_dir, tiny_guest_command};
 
 /// 64-bit code: prints a greeting and the CMOS year on COM1, pokes the boot timer, then resets
 /// through the i8042.
@@ -63,6 +65,20 @@ const SMP: &[u8] = &[
 /// triple fault. Either way the VM cannot go on.
 const INT3: &[u8] = &[0xcc, 0xf4];
 
+/// Prints the zero page's e820 entry count as a digit and resets.
+///
+/// ```text
+///   mov dx, 0x3f8 ; mov al, [0x7000 + 0x1e8] ; add al, '0' ; out dx, al
+///   mov al, 0x0a ; out dx, al ; mov al, 0xfe ; out 0x64, al ; hlt
+/// ```
+const E820_COUNT: &[u8] = &[
+    0x66, 0xba, 0xf8, 0x03, 0x8a, 0x04, 0x25, 0xe8, 0x71, 0x00, 0x00, 0x04, 0x30, 0xee, 0xb0, 0x0a, 0xee, 0xb0, 0xfe,
+    0xe6, 0x64, 0xf4,
+];
+
+/// `jmp $`: spins until the VMM stops it.
+const SPIN: &[u8] = &[0xeb, 0xfe];
+
 /// `ud2` with no IDT: #UD, then #GP and #DF with no handler, a triple fault on any host.
 const UD2: &[u8] = &[0x90, 0x0f, 0x0b];
 
@@ -75,7 +91,7 @@ fn current_year() -> u64 {
 
 #[test]
 fn tiny_guest_writes_serial_reads_the_rtc_and_resets_cleanly() {
-    let out = run_tiny_guest("hello", HELLO, 1);
+    let out = run_tiny_guest("hello", HELLO, 1, 16);
     assert!(out.status.success(), "{}", out.describe());
     assert_eq!(out.stdout, format!("hello from a tiny guest\nyear {}\n", current_year()), "{}", out.describe());
     assert!(out.stderr.contains("guest requested a reset"), "{}", out.describe());
@@ -84,7 +100,7 @@ fn tiny_guest_writes_serial_reads_the_rtc_and_resets_cleanly() {
 
 #[test]
 fn two_vcpus_start_and_report_distinct_apic_ids() {
-    let out = run_tiny_guest("smp", SMP, 2);
+    let out = run_tiny_guest("smp", SMP, 2, 16);
     assert!(out.status.success(), "{}", out.describe());
     let mut ids: Vec<&str> = out.stdout.lines().filter(|l| l.starts_with("APIC ")).collect();
     ids.sort();
@@ -93,7 +109,7 @@ fn two_vcpus_start_and_report_distinct_apic_ids() {
 
 #[test]
 fn guest_that_cannot_go_on_gets_a_readable_report_and_a_failure_status() {
-    let out = run_tiny_guest("int3", INT3, 1);
+    let out = run_tiny_guest("int3", INT3, 1, 16);
     assert_eq!(out.status.code(), Some(1), "{}", out.describe());
     let report =
         out.stderr.lines().find(|l| l.contains("vCPU 0 stopped on")).unwrap_or_else(|| panic!("{}", out.describe()));
@@ -108,10 +124,37 @@ fn guest_that_cannot_go_on_gets_a_readable_report_and_a_failure_status() {
 
 #[test]
 fn triple_fault_is_reported_with_the_faulting_instruction() {
-    let out = run_tiny_guest("ud2", UD2, 1);
+    let out = run_tiny_guest("ud2", UD2, 1, 16);
     assert_eq!(out.status.code(), Some(1), "{}", out.describe());
     let report =
         out.stderr.lines().find(|l| l.contains("vCPU 0 stopped on")).unwrap_or_else(|| panic!("{}", out.describe()));
     assert!(report.contains("a triple fault (KVM_EXIT_SHUTDOWN) at RIP 0x100001"), "{report}");
     assert!(report.contains("instruction bytes at RIP: 0f 0b"), "{report}");
+}
+
+#[test]
+fn ram_above_the_mmio_hole_gets_its_own_e820_entry() {
+    let small = run_tiny_guest("e820-small", E820_COUNT, 1, 16);
+    assert!(small.status.success(), "{}", small.describe());
+    assert_eq!(small.stdout, "3\n", "RAM, reserved BIOS area, RAM from 1 MiB: {}", small.describe());
+    // 4.5 GiB: 3 GiB below the hole and 1.5 GiB from 4 GiB. Guest RAM is mapped lazily, so this
+    // costs the host nothing it does not touch.
+    let large = run_tiny_guest("e820-large", E820_COUNT, 1, 4608);
+    assert!(large.status.success(), "{}", large.describe());
+    assert_eq!(large.stdout, "4\n", "{}", large.describe());
+}
+
+#[test]
+fn sigint_stops_spinning_and_sleeping_vcpus_with_status_0() {
+    let dir = scratch_dir("sigint");
+    // The boot vCPU spins; the second waits for a SIPI that never comes, blocked in KVM.
+    let mut vm = Running::start(tiny_guest_command(&dir, SPIN, 2, 16));
+    assert!(!vm.wait_for_output("never printed", Duration::from_millis(500)), "the guest prints nothing");
+    assert!(vm.child.try_wait().unwrap().is_none(), "still running before the signal");
+    // SAFETY: signalling a child process this test started and has not yet reaped.
+    unsafe { libc::kill(vm.child.id() as i32, libc::SIGINT) };
+    let out = vm.finish(Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(0), "{}", out.describe());
+    assert!(out.stderr.contains("stopped the VM on signal 2 (SIGINT)"), "{}", out.describe());
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -173,15 +173,23 @@ pub fn run(args: &[&str], timeout: Duration) -> Outcome {
     Running::start(cmd).finish(timeout)
 }
 
-/// Boots `code` as a tiny ELF guest with `cpus` vCPUs and 16 MiB.
-pub fn run_tiny_guest(test: &str, code: &[u8], cpus: u32) -> Outcome {
+/// A command that boots `code` as a tiny ELF guest written into `dir`.
+pub fn tiny_guest_command(dir: &Path, code: &[u8], cpus: u32, memory_mib: u64) -> Command {
+    let kernel = write_file(dir, "tiny.elf", &elf_kernel(code));
+    let mut cmd = ferrovisor();
+    cmd.args(["run", "--kernel", kernel.to_str().unwrap(), "--cmdline", ""]).args([
+        "--cpus",
+        &cpus.to_string(),
+        "--memory",
+        &memory_mib.to_string(),
+    ]);
+    cmd
+}
+
+/// Boots `code` as a tiny ELF guest to completion.
+pub fn run_tiny_guest(test: &str, code: &[u8], cpus: u32, memory_mib: u64) -> Outcome {
     let dir = scratch_dir(test);
-    let kernel = write_file(&dir, "tiny.elf", &elf_kernel(code));
-    let cpus = cpus.to_string();
-    let outcome = run(
-        &["run", "--kernel", kernel.to_str().unwrap(), "--memory", "16", "--cpus", &cpus, "--cmdline", ""],
-        Duration::from_secs(60),
-    );
+    let outcome = Running::start(tiny_guest_command(&dir, code, cpus, memory_mib)).finish(Duration::from_secs(60));
     let _ = std::fs::remove_dir_all(dir);
     outcome
 }
