@@ -5,8 +5,9 @@
 //!
 //! For each VMM it prints the medians of: launch -> first byte on the serial console, launch ->
 //! "Run /init as init process", and the VMM's own memory at that point (peak RSS minus the
-//! resident part of the guest RAM mapping). Ratios are QEMU / Ferrovisor: above 1 means
-//! Ferrovisor is faster or smaller.
+//! resident part of the guest RAM mapping). Then the same for the probe guest (target/<profile>/
+//! probe.elf, `probe.test=smp` on 2 vCPUs) up to `PROBE done`. Ratios are QEMU / Ferrovisor:
+//! above 1 means Ferrovisor is faster or smaller.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -14,21 +15,29 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-const MEMORY_MIB: u64 = 256;
 const TIMEOUT: Duration = Duration::from_secs(300);
-const INIT_LINE: &str = "Run /init as init process";
+const PROBE_CMDLINE: &str = "probe.test=smp probe.smp.cpus=2";
 const HOST_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 noxsave \
     clearcpuid=popcnt,cx16,rdrand,rdseed,serialize,smap mitigations=off tsc=reliable 8250.nr_uarts=1";
 
 struct Sample {
     first_output: Duration,
-    init: Duration,
+    /// Launch to the line the run waits for.
+    reached: Duration,
     overhead_kib: u64,
 }
 
 enum Event {
     FirstByte(Instant),
-    Init(Instant),
+    Reached(Instant),
+}
+
+/// One kind of boot: which guest, how long its RAM is, and the line that ends the measurement.
+struct Workload {
+    name: &'static str,
+    until: &'static str,
+    memory_mib: u64,
+    runs: usize,
 }
 
 fn guest_dir() -> PathBuf {
@@ -43,9 +52,9 @@ fn kib_field(text: &str, key: &str) -> Option<u64> {
 
 /// Resident KiB of the guest RAM mapping: the anonymous mapping sized like guest RAM (QEMU
 /// may round it up a little).
-fn guest_ram_rss_kib(pid: u32) -> u64 {
+fn guest_ram_rss_kib(pid: u32, memory_mib: u64) -> u64 {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
-    let want = MEMORY_MIB * 1024;
+    let want = memory_mib * 1024;
     let mut best = 0;
     let mut size = 0;
     for line in smaps.lines() {
@@ -61,7 +70,8 @@ fn guest_ram_rss_kib(pid: u32) -> u64 {
     best
 }
 
-fn measure(mut cmd: Command) -> Result<Sample, String> {
+fn measure(mut cmd: Command, work: &Workload) -> Result<Sample, String> {
+    let until = work.until;
     let launched = Instant::now();
     let mut child =
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().map_err(|e| e.to_string())?;
@@ -80,8 +90,8 @@ fn measure(mut cmd: Command) -> Result<Sample, String> {
                 let _ = tx.send(Event::FirstByte(Instant::now()));
             }
             seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-            if seen.contains(INIT_LINE) {
-                let _ = tx.send(Event::Init(Instant::now()));
+            if seen.contains(until) {
+                let _ = tx.send(Event::Reached(Instant::now()));
                 return;
             }
             // Keep only a tail long enough to hold a split line.
@@ -95,17 +105,14 @@ fn measure(mut cmd: Command) -> Result<Sample, String> {
     let result = loop {
         match rx.recv_timeout(TIMEOUT.saturating_sub(launched.elapsed())) {
             Ok(Event::FirstByte(at)) => first_output = Some(at - launched),
-            Ok(Event::Init(at)) => {
+            Ok(Event::Reached(at)) => {
                 let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
                 let peak = kib_field(&status, "VmHWM:").unwrap_or(0);
-                let overhead_kib = peak.saturating_sub(guest_ram_rss_kib(pid));
-                break Ok(Sample {
-                    first_output: first_output.unwrap_or(at - launched),
-                    init: at - launched,
-                    overhead_kib,
-                });
+                let overhead_kib = peak.saturating_sub(guest_ram_rss_kib(pid, work.memory_mib));
+                let reached = at - launched;
+                break Ok(Sample { first_output: first_output.unwrap_or(reached), reached, overhead_kib });
             }
-            Err(_) => break Err("no 'Run /init' before the timeout or the VMM exited".to_string()),
+            Err(_) => break Err(format!("no '{until}' before the timeout or the VMM exited")),
         }
     };
     let _ = child.kill();
@@ -113,25 +120,38 @@ fn measure(mut cmd: Command) -> Result<Sample, String> {
     result
 }
 
-fn ferrovisor_cmd(guest: &Path) -> Command {
+/// How a VMM is told to boot a guest.
+struct Boot<'a> {
+    kernel: &'a Path,
+    initrd: Option<&'a Path>,
+    cmdline: &'a str,
+    cpus: u32,
+    memory_mib: u64,
+}
+
+fn ferrovisor_cmd(boot: &Boot) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferrovisor"));
-    cmd.arg("run")
-        .args(["--kernel".as_ref(), guest.join("vmlinux").as_os_str()])
-        .args(["--initrd".as_ref(), guest.join("initramfs.cpio").as_os_str()])
-        .args(["--memory", &MEMORY_MIB.to_string(), "--cmdline", HOST_CMDLINE]);
+    cmd.arg("run").args(["--kernel".as_ref(), boot.kernel.as_os_str()]);
+    if let Some(initrd) = boot.initrd {
+        cmd.args(["--initrd".as_ref(), initrd.as_os_str()]);
+    }
+    cmd.args(["--memory", &boot.memory_mib.to_string(), "--cpus", &boot.cpus.to_string()])
+        .args(["--cmdline", boot.cmdline]);
     cmd
 }
 
-fn qemu_cmd(guest: &Path) -> Command {
+fn qemu_cmd(boot: &Boot) -> Command {
     let mut cmd = Command::new("qemu-system-x86_64");
     // QEMU 7.2 writes IA32_ARCH_CAPABILITIES for `-cpu host`, which nested kvm_pvm refuses (QEMU
     // then aborts); the guest boots the same without it.
-    cmd.args(["-M", "microvm", "-enable-kvm", "-cpu", "host,-arch-capabilities", "-smp", "1"])
-        .args(["-m", &MEMORY_MIB.to_string()])
+    cmd.args(["-M", "microvm", "-enable-kvm", "-cpu", "host,-arch-capabilities"])
+        .args(["-smp", &boot.cpus.to_string(), "-m", &boot.memory_mib.to_string()])
         .args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot"])
-        .args(["-kernel".as_ref(), guest.join("vmlinux").as_os_str()])
-        .args(["-initrd".as_ref(), guest.join("initramfs.cpio").as_os_str()])
-        .args(["-append", HOST_CMDLINE]);
+        .args(["-kernel".as_ref(), boot.kernel.as_os_str()]);
+    if let Some(initrd) = boot.initrd {
+        cmd.args(["-initrd".as_ref(), initrd.as_os_str()]);
+    }
+    cmd.args(["-append", boot.cmdline]);
     cmd
 }
 
@@ -140,8 +160,64 @@ fn median<T: Copy + Ord>(mut v: Vec<T>) -> T {
     v[v.len() / 2]
 }
 
+fn bench(work: &Workload, boot: &Boot, have_qemu: bool) {
+    let mut results: Vec<(&str, Vec<Sample>)> = vec![("ferrovisor", Vec::new()), ("qemu-microvm", Vec::new())];
+    for run in 0..work.runs {
+        for (vmm, samples) in results.iter_mut() {
+            let cmd = match *vmm {
+                "ferrovisor" => ferrovisor_cmd(boot),
+                _ if have_qemu => qemu_cmd(boot),
+                _ => continue,
+            };
+            match measure(cmd, work) {
+                Ok(s) => {
+                    eprintln!(
+                        "{} run {} {vmm}: first output {:.3} s, '{}' {:.3} s, VMM memory {} KiB",
+                        work.name,
+                        run + 1,
+                        s.first_output.as_secs_f64(),
+                        work.until,
+                        s.reached.as_secs_f64(),
+                        s.overhead_kib
+                    );
+                    samples.push(s);
+                }
+                Err(e) => eprintln!("{} run {} {vmm}: failed: {e}", work.name, run + 1),
+            }
+        }
+    }
+    println!(
+        "\n{}: {} ({} MiB, {} vCPU), medians of {} runs",
+        work.name,
+        boot.kernel.display(),
+        boot.memory_mib,
+        boot.cpus,
+        work.runs
+    );
+    println!("{:<14} {:>16} {:>16} {:>18}", "vmm", "first output s", "until line s", "VMM memory KiB");
+    let mut medians = Vec::new();
+    for (vmm, samples) in &results {
+        if samples.is_empty() {
+            continue;
+        }
+        let first = median(samples.iter().map(|s| s.first_output).collect());
+        let reached = median(samples.iter().map(|s| s.reached).collect());
+        let mem = median(samples.iter().map(|s| s.overhead_kib).collect());
+        println!("{vmm:<14} {:>16.3} {:>16.3} {:>18}", first.as_secs_f64(), reached.as_secs_f64(), mem);
+        medians.push((first, reached, mem));
+    }
+    if let [f, q] = medians[..] {
+        println!(
+            "{:<14} {:>16.2} {:>16.2} {:>18.2}",
+            "qemu/ferro",
+            q.0.as_secs_f64() / f.0.as_secs_f64(),
+            q.1.as_secs_f64() / f.1.as_secs_f64(),
+            q.2 as f64 / f.2.max(1) as f64
+        );
+    }
+}
+
 fn main() {
-    // `cargo bench` passes --bench; `cargo test --benches` passes nothing we need.
     if std::env::args().any(|a| a == "--list") {
         return;
     }
@@ -155,49 +231,12 @@ fn main() {
     if !have_qemu {
         eprintln!("qemu-system-x86_64 is missing (apt-get install qemu-system-x86): measuring Ferrovisor alone");
     }
-    let mut results: Vec<(&str, Vec<Sample>)> = vec![("ferrovisor", Vec::new()), ("qemu-microvm", Vec::new())];
-    for run in 0..runs {
-        for (name, samples) in results.iter_mut() {
-            let cmd = match *name {
-                "ferrovisor" => ferrovisor_cmd(&guest),
-                _ if have_qemu => qemu_cmd(&guest),
-                _ => continue,
-            };
-            match measure(cmd) {
-                Ok(s) => {
-                    eprintln!(
-                        "run {} {name}: first output {:.3} s, Run /init {:.2} s, VMM memory {} KiB",
-                        run + 1,
-                        s.first_output.as_secs_f64(),
-                        s.init.as_secs_f64(),
-                        s.overhead_kib
-                    );
-                    samples.push(s);
-                }
-                Err(e) => eprintln!("run {} {name}: failed: {e}", run + 1),
-            }
-        }
-    }
-    println!("\nboot of {} ({} MiB, 1 vCPU), medians of {runs} runs", guest.join("vmlinux").display(), MEMORY_MIB);
-    println!("{:<14} {:>16} {:>14} {:>18}", "vmm", "first output s", "Run /init s", "VMM memory KiB");
-    let mut medians = Vec::new();
-    for (name, samples) in &results {
-        if samples.is_empty() {
-            continue;
-        }
-        let first = median(samples.iter().map(|s| s.first_output).collect());
-        let init = median(samples.iter().map(|s| s.init).collect());
-        let mem = median(samples.iter().map(|s| s.overhead_kib).collect());
-        println!("{name:<14} {:>16.3} {:>14.2} {:>18}", first.as_secs_f64(), init.as_secs_f64(), mem);
-        medians.push((first, init, mem));
-    }
-    if let [f, q] = medians[..] {
-        println!(
-            "{:<14} {:>16.2} {:>14.2} {:>18.2}",
-            "qemu/ferro",
-            q.0.as_secs_f64() / f.0.as_secs_f64(),
-            q.1.as_secs_f64() / f.1.as_secs_f64(),
-            q.2 as f64 / f.2.max(1) as f64
-        );
-    }
+    let probe = PathBuf::from(env!("FERROVISOR_PROBE_ELF"));
+    let probe_work = Workload { name: "probe", until: "PROBE done", memory_mib: 128, runs: runs * 5 };
+    let probe_boot = Boot { kernel: &probe, initrd: None, cmdline: PROBE_CMDLINE, cpus: 2, memory_mib: 128 };
+    bench(&probe_work, &probe_boot, have_qemu);
+    let (vmlinux, initrd) = (guest.join("vmlinux"), guest.join("initramfs.cpio"));
+    let linux_work = Workload { name: "linux", until: "Run /init as init process", memory_mib: 256, runs };
+    let linux_boot = Boot { kernel: &vmlinux, initrd: Some(&initrd), cmdline: HOST_CMDLINE, cpus: 1, memory_mib: 256 };
+    bench(&linux_work, &linux_boot, have_qemu);
 }

@@ -99,12 +99,14 @@ fn collect(mut from: impl Read + Send + 'static, into: Arc<Mutex<String>>) -> th
 
 impl Running {
     pub fn start(mut cmd: Command) -> Running {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the ferrovisor binary starts");
+        cmd.stdin(Stdio::null());
+        Self::start_with_stdin(cmd)
+    }
+
+    /// Starts `cmd` with the standard input it was given.
+    pub fn start_with_stdin(mut cmd: Command) -> Running {
+        let mut child =
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("the ferrovisor binary starts");
         let stdout = Arc::new(Mutex::new(String::new()));
         let stderr = Arc::new(Mutex::new(String::new()));
         let readers = vec![
@@ -211,4 +213,31 @@ pub fn linux_guest() -> PathBuf {
         dir.display()
     );
     dir
+}
+
+/// The probe guest built by build.rs.
+pub fn probe_elf() -> &'static str {
+    env!("FERROVISOR_PROBE_ELF")
+}
+
+/// A command that boots the probe under Ferrovisor.
+pub fn probe_command(cpus: u32, cmdline: &str) -> Command {
+    let mut cmd = ferrovisor();
+    cmd.args(["run", "--kernel", probe_elf(), "--memory", "128", "--cmdline", cmdline])
+        .args(["--cpus", &cpus.to_string()]);
+    cmd
+}
+
+/// The probe's protocol lines (`PROBE ...`) in `output`.
+pub fn probe_lines(output: &str) -> Vec<&str> {
+    output.lines().map(|l| l.trim_end_matches('\r')).filter(|l| l.starts_with("PROBE ")).collect()
+}
+
+/// The line reporting `test`, e.g. `PROBE smp ok cpus=2 ...`.
+pub fn probe_result<'a>(output: &'a str, test: &str) -> Option<&'a str> {
+    let prefix = format!("PROBE {test} ");
+    probe_lines(output).into_iter().find(|l| {
+        l.strip_prefix(&prefix)
+            .is_some_and(|rest| rest.starts_with("ok") || rest.starts_with("FAIL") || rest.starts_with("skip"))
+    })
 }

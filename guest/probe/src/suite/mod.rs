@@ -1,0 +1,25 @@
+//! The tests the probe offers, by name.
+
+mod fault;
+mod memfill;
+mod serial;
+pub mod smp;
+mod virtio;
+
+use crate::cmdline::Cmdline;
+use crate::pvh::StartInfo;
+use crate::report;
+
+/// Runs one named test.
+pub fn run(name: &str, cmdline: Cmdline, info: &StartInfo) {
+    match name {
+        "smp" => smp::run(cmdline),
+        "serial" => serial::run(cmdline),
+        "memfill" => memfill::run(cmdline, info),
+        "fault" => fault::run(),
+        _ => match virtio::device_id(name) {
+            Some(id) => virtio::run(name, id, cmdline),
+            None => report::fail(name, format_args!("unknown test")),
+        },
+    }
+}
