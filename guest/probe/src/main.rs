@@ -8,9 +8,11 @@
 mod cmdline;
 mod console;
 mod hw;
+mod pattern;
 mod pvh;
 mod report;
 mod suite;
+mod virtio;
 
 use core::arch::{asm, global_asm};
 

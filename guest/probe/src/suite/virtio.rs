@@ -1,13 +1,12 @@
-//! virtio tests. For now they find the device among the `virtio_mmio.device=` entries and
-//! report skip while the device's test is still to come.
+//! virtio tests: find the device among the `virtio_mmio.device=` entries, drive it, report.
+
+mod blk;
+mod net;
+mod rng;
 
 use crate::cmdline::Cmdline;
-use crate::{hw, report};
-
-const MAGIC: u32 = 0x7472_6976; // "virt"
-const REG_MAGIC: u64 = 0x000;
-const REG_VERSION: u64 = 0x004;
-const REG_DEVICE_ID: u64 = 0x008;
+use crate::report;
+use crate::virtio::mmio;
 
 /// The virtio device ID each test drives.
 pub fn device_id(test: &str) -> Option<u32> {
@@ -22,20 +21,23 @@ pub fn device_id(test: &str) -> Option<u32> {
     })
 }
 
+/// How long one request may take, in TSC cycles (a few seconds on today's hosts).
+pub fn request_deadline(cmdline: Cmdline) -> u64 {
+    crate::hw::rdtsc() + cmdline.number("virtio", "timeout", 10_000_000_000)
+}
+
 pub fn run(test: &str, id: u32, cmdline: Cmdline) {
-    let found = cmdline.virtio_mmio_devices().find(|slot| {
-        hw::mmio_read32(slot.base + REG_MAGIC) == MAGIC && hw::mmio_read32(slot.base + REG_DEVICE_ID) == id
-    });
-    match found {
-        None => report::skip(test, format_args!("no {test} device among the virtio_mmio.device= entries")),
-        Some(slot) => report::skip(
+    let Some(slot) = mmio::find(cmdline, id) else {
+        return report::skip(test, format_args!("no {test} device among the virtio_mmio.device= entries"));
+    };
+    crate::virtio::reset_arena();
+    match test {
+        "virtio-rng" => rng::run(&slot, cmdline),
+        "virtio-blk" => blk::run(&slot, cmdline),
+        "virtio-net" => net::run(&slot, cmdline),
+        _ => report::skip(
             test,
-            format_args!(
-                "found at {:#x} (virtio-mmio version {}, irq {}), but the probe does not drive it yet",
-                slot.base,
-                hw::mmio_read32(slot.base + REG_VERSION),
-                slot.irq
-            ),
+            format_args!("found at {:#x} (irq {}), but the probe does not drive it yet", slot.base, slot.irq),
         ),
     }
 }

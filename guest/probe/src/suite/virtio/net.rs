@@ -1,0 +1,101 @@
+//! `virtio-net`: send frames of given sizes and receive frames, reporting counts and checksums
+//! so that the host can check both directions byte for byte.
+//!
+//! Parameters: probe.virtio-net.tx (4 frames), .size (60 bytes; frames alternate between this
+//! and 1514), .rx (frames to wait for, 0), .seed (1). After the receive ring is filled the probe
+//! prints `PROBE virtio-net ready mac=...`: the host sends its frames after that line.
+
+use crate::cmdline::{Cmdline, VirtioMmioSlot};
+use crate::pattern::{FNV_OFFSET, fill_frame, fnv1a};
+use crate::report;
+use crate::virtio::mmio::Device;
+use crate::virtio::queue::Buffer;
+use crate::virtio::{alloc, bytes};
+
+const TEST: &str = "virtio-net";
+const F_MAC: u64 = 1 << 5;
+/// virtio_net_hdr with num_buffers: its size whenever VERSION_1 is negotiated.
+const HEADER: usize = 12;
+const MAX_FRAME: usize = 1514;
+const RX_BUFFERS: usize = 16;
+const RX_QUEUE: u16 = 0;
+const TX_QUEUE: u16 = 1;
+
+struct Mac([u8; 6]);
+
+impl core::fmt::Display for Mac {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let m = self.0;
+        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+    }
+}
+
+pub fn run(slot: &VirtioMmioSlot, cmdline: Cmdline) {
+    if let Err(reason) = test(slot, cmdline) {
+        report::fail(TEST, format_args!("{reason}"));
+    }
+}
+
+fn test(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str> {
+    let dev = Device::begin(slot, 0, F_MAC).map_err(|_| "the device could not be set up")?;
+    let mut rxq = dev.queue(RX_QUEUE, RX_BUFFERS as u16).map_err(|_| "the receive queue could not be set up")?;
+    let mut txq = dev.queue(TX_QUEUE, 16).map_err(|_| "the transmit queue could not be set up")?;
+    let mut mac = [0x02, 0, 0, 0, 0, 1];
+    if dev.features & F_MAC != 0 {
+        for (i, byte) in mac.iter_mut().enumerate() {
+            *byte = (dev.config_read32(i as u64 & !3) >> ((i % 4) * 8)) as u8;
+        }
+    }
+    let rx_area = alloc(RX_BUFFERS * (HEADER + MAX_FRAME), 64).ok_or("out of probe memory")?;
+    let buffer = |i: usize| rx_area + (i * (HEADER + MAX_FRAME)) as u64;
+    let mut heads = [0u16; RX_BUFFERS];
+    for (i, head) in heads.iter_mut().enumerate().take(usize::from(rxq.size).min(RX_BUFFERS)) {
+        *head = rxq.push(&[Buffer::writable(buffer(i), (HEADER + MAX_FRAME) as u32)]).ok_or("receive ring full")?;
+    }
+    dev.driver_ok();
+    dev.notify(RX_QUEUE);
+    crate::println!("PROBE virtio-net ready mac={}", Mac(mac));
+
+    let tx_count = cmdline.number(TEST, "tx", 4);
+    let size = (cmdline.number(TEST, "size", 60) as usize).clamp(60, MAX_FRAME);
+    let seed = cmdline.number(TEST, "seed", 1);
+    let tx_buf = alloc(HEADER + MAX_FRAME, 64).ok_or("out of probe memory")?;
+    let (mut tx_bytes, mut tx_checksum) = (0usize, FNV_OFFSET);
+    for index in 0..tx_count {
+        let len = if index % 2 == 0 { size } else { MAX_FRAME };
+        bytes(tx_buf, HEADER).fill(0);
+        let frame = bytes(tx_buf + HEADER as u64, len);
+        fill_frame(seed, index, mac, frame);
+        tx_checksum = fnv1a(tx_checksum, frame);
+        tx_bytes += len;
+        txq.push(&[Buffer::readable(tx_buf, (HEADER + len) as u32)]).ok_or("transmit ring full")?;
+        dev.notify(TX_QUEUE);
+        dev.wait_used(&mut txq, super::request_deadline(cmdline)).ok_or("a transmission did not complete")?;
+    }
+
+    let rx_want = cmdline.number(TEST, "rx", 0);
+    let (mut rx, mut rx_bytes, mut rx_checksum) = (0u64, 0usize, FNV_OFFSET);
+    while rx < rx_want {
+        let (head, len) = dev.wait_used(&mut rxq, super::request_deadline(cmdline)).ok_or("frames did not arrive")?;
+        let slot = heads.iter().position(|&h| h == head).ok_or("the device returned an unknown buffer")?;
+        let len = len as usize;
+        if !(HEADER..=HEADER + MAX_FRAME).contains(&len) {
+            return Err("the device reported an impossible frame length");
+        }
+        let frame = bytes(buffer(slot) + HEADER as u64, len - HEADER);
+        rx_checksum = fnv1a(rx_checksum, frame);
+        rx_bytes += frame.len();
+        rx += 1;
+        heads[slot] = rxq.push(&[Buffer::writable(buffer(slot), (HEADER + MAX_FRAME) as u32)]).ok_or("receive ring full")?;
+        dev.notify(RX_QUEUE);
+    }
+    dev.reset();
+    report::ok(
+        TEST,
+        format_args!(
+            "mac={} tx={tx_count} tx_bytes={tx_bytes} tx_checksum={tx_checksum:#x} rx={rx} rx_bytes={rx_bytes} rx_checksum={rx_checksum:#x}",
+            Mac(mac)
+        ),
+    );
+    Ok(())
+}

@@ -1,0 +1,119 @@
+//! The probe's virtio drivers against QEMU microvm's virtio-mmio devices, checked from the
+//! host byte for byte: what the probe wrote to a disk image, the frames it sent through a
+//! UDP socket back-end, and the frames it received.
+
+mod common;
+
+#[path = "../guest/probe/src/pattern.rs"]
+#[allow(dead_code)]
+mod pattern;
+
+use std::net::UdpSocket;
+use std::time::Duration;
+
+use common::{Running, probe_result, qemu_probe_command, scratch_dir};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+#[test]
+fn blk_pattern_reaches_the_image_and_rng_gives_bytes() {
+    let dir = scratch_dir("probe-blk");
+    let image = dir.join("disk.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let drive = format!("if=none,id=d0,file={},format=raw", image.display());
+    let tests = "probe.test=virtio-rng,virtio-blk probe.virtio-blk.start=8 probe.virtio-blk.sectors=100 probe.virtio-blk.seed=7";
+    let qemu = qemu_probe_command(
+        1,
+        tests,
+        &["-device", "virtio-rng-device", "-drive", &drive, "-device", "virtio-blk-device,drive=d0,serial=probe-disk"],
+    );
+    let out = Running::start(qemu).finish(TIMEOUT);
+    assert_eq!(probe_result(&out.stdout, "virtio-rng"), Some("PROBE virtio-rng ok bytes=128"), "{}", out.describe());
+    let blk = probe_result(&out.stdout, "virtio-blk").unwrap_or_else(|| panic!("{}", out.describe()));
+    assert!(
+        blk.starts_with(
+            "PROBE virtio-blk ok sectors=100 capacity=2048 readonly=no flush=yes write=ok beyond_end=ioerr id=probe-disk "
+        ),
+        "{blk}"
+    );
+    let disk = std::fs::read(&image).unwrap();
+    let mut expected = vec![0u8; 512];
+    let mut checksum = pattern::FNV_OFFSET;
+    for sector in 0..2048u64 {
+        let actual = &disk[sector as usize * 512..][..512];
+        if (8..108).contains(&sector) {
+            pattern::fill_sector(7, sector, &mut expected);
+            assert_eq!(actual, &expected[..], "sector {sector} holds the probe's pattern");
+            checksum = pattern::fnv1a(checksum, actual);
+        } else {
+            assert!(actual.iter().all(|&b| b == 0), "sector {sector} is untouched");
+        }
+    }
+    assert!(blk.ends_with(&format!("checksum={checksum:#x}")), "{blk} vs {checksum:#x}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn blk_read_only_disk_refuses_writes() {
+    let dir = scratch_dir("probe-blk-ro");
+    let image = dir.join("disk.img");
+    let content: Vec<u8> = (0..(256 * 1024u32)).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&image, &content).unwrap();
+    let drive = format!("if=none,id=d0,file={},format=raw,readonly=on", image.display());
+    let qemu = qemu_probe_command(
+        1,
+        "probe.test=virtio-blk probe.virtio-blk.sectors=16",
+        &["-drive", &drive, "-device", "virtio-blk-device,drive=d0"],
+    );
+    let out = Running::start(qemu).finish(TIMEOUT);
+    let blk = probe_result(&out.stdout, "virtio-blk").unwrap_or_else(|| panic!("{}", out.describe()));
+    let checksum = pattern::fnv1a(pattern::FNV_OFFSET, &content[..16 * 512]);
+    assert!(blk.starts_with("PROBE virtio-blk ok sectors=16 capacity=512 readonly=yes"), "{blk}");
+    assert!(blk.contains(" write=refused "), "{blk}");
+    assert!(blk.ends_with(&format!("checksum={checksum:#x}")), "{blk}");
+    assert_eq!(std::fs::read(&image).unwrap(), content, "the image is unchanged");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn net_frames_are_exact_in_both_directions() {
+    let host = UdpSocket::bind("127.0.0.1:0").unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // QEMU's end of the socket back-end: a free port, found by binding and letting go.
+    let qemu_port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let netdev =
+        format!("socket,id=n0,udp=127.0.0.1:{},localaddr=127.0.0.1:{qemu_port}", host.local_addr().unwrap().port());
+    let mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+    let qemu = qemu_probe_command(
+        1,
+        "probe.test=virtio-net probe.virtio-net.tx=4 probe.virtio-net.size=100 probe.virtio-net.rx=3 probe.virtio-net.seed=5",
+        &["-netdev", &netdev, "-device", "virtio-net-device,netdev=n0,mac=52:54:00:12:34:56"],
+    );
+    let mut vm = Running::start(qemu);
+    assert!(vm.wait_for_output("PROBE virtio-net ready mac=52:54:00:12:34:56", TIMEOUT), "{}", vm.stdout());
+    let mut sent_checksum = pattern::FNV_OFFSET;
+    let mut sent_bytes = 0;
+    for (i, len) in [60usize, 1514, 342].into_iter().enumerate() {
+        let mut frame = vec![0u8; len];
+        pattern::fill_frame(99, i as u64, [2, 0, 0, 0, 0, 9], &mut frame);
+        host.send_to(&frame, ("127.0.0.1", qemu_port)).unwrap();
+        sent_checksum = pattern::fnv1a(sent_checksum, &frame);
+        sent_bytes += len;
+    }
+    let mut received = Vec::new();
+    let mut buf = [0u8; 2048];
+    for _ in 0..4 {
+        let (n, _) = host.recv_from(&mut buf).expect("a frame from the probe");
+        received.push(buf[..n].to_vec());
+    }
+    let out = vm.finish(TIMEOUT);
+    for (i, frame) in received.iter().enumerate() {
+        let len = if i % 2 == 0 { 100 } else { 1514 };
+        let mut expected = vec![0u8; len];
+        pattern::fill_frame(5, i as u64, mac, &mut expected);
+        assert_eq!(frame, &expected, "frame {i} arrives exactly as the probe built it");
+    }
+    let line = probe_result(&out.stdout, "virtio-net").unwrap_or_else(|| panic!("{}", out.describe()));
+    assert!(line.starts_with("PROBE virtio-net ok mac=52:54:00:12:34:56 tx=4 tx_bytes=3228 "), "{line}");
+    assert!(line.ends_with(&format!("rx=3 rx_bytes={sent_bytes} rx_checksum={sent_checksum:#x}")), "{line}");
+}
