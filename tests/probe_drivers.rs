@@ -8,7 +8,9 @@ mod common;
 #[allow(dead_code)]
 mod pattern;
 
+use std::io::{BufRead, BufReader, Write};
 use std::net::UdpSocket;
+use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use common::{Running, probe_result, qemu_probe_command, scratch_dir};
@@ -116,4 +118,76 @@ fn net_frames_are_exact_in_both_directions() {
     let line = probe_result(&out.stdout, "virtio-net").unwrap_or_else(|| panic!("{}", out.describe()));
     assert!(line.starts_with("PROBE virtio-net ok mac=52:54:00:12:34:56 tx=4 tx_bytes=3228 "), "{line}");
     assert!(line.ends_with(&format!("rx=3 rx_bytes={sent_bytes} rx_checksum={sent_checksum:#x}")), "{line}");
+}
+
+#[test]
+fn console_line_goes_out_and_host_input_comes_in() {
+    let dir = scratch_dir("probe-console");
+    let socket = dir.join("console.sock");
+    let chardev = format!("socket,id=c0,path={},server=on,wait=off", socket.display());
+    let qemu = qemu_probe_command(
+        1,
+        "probe.test=virtio-console probe.virtio-console.seed=42 probe.virtio-console.rx=11",
+        &["-device", "virtio-serial-device", "-chardev", &chardev, "-device", "virtconsole,chardev=c0"],
+    );
+    let mut vm = Running::start(qemu);
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let mut stream = loop {
+        match UnixStream::connect(&socket) {
+            Ok(s) => break s,
+            Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => panic!("cannot connect to QEMU's console socket: {e}"),
+        }
+    };
+    assert!(vm.wait_for_output("PROBE virtio-console ready", TIMEOUT), "{}", vm.stdout());
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut line = String::new();
+    BufReader::new(stream.try_clone().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line, "probe console says 42\n");
+    stream.write_all(b"from host!\n").unwrap();
+    let out = vm.finish(TIMEOUT);
+    let checksum = pattern::fnv1a(pattern::FNV_OFFSET, b"from host!\n");
+    assert_eq!(
+        probe_result(&out.stdout, "virtio-console"),
+        Some(format!("PROBE virtio-console ok tx_bytes=22 rx_bytes=11 rx_checksum={checksum:#x}").as_str()),
+        "{}",
+        out.describe()
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Sends one QMP command and returns its answer line.
+fn qmp(reader: &mut BufReader<UnixStream>, command: &str) -> String {
+    reader.get_mut().write_all(command.as_bytes()).unwrap();
+    reader.get_mut().write_all(b"\n").unwrap();
+    let mut answer = String::new();
+    reader.read_line(&mut answer).unwrap();
+    answer
+}
+
+#[test]
+fn balloon_inflates_as_far_as_the_host_asks() {
+    let dir = scratch_dir("probe-balloon");
+    let socket = dir.join("qmp.sock");
+    let qmp_arg = format!("unix:{},server=on,wait=off", socket.display());
+    let qemu =
+        qemu_probe_command(1, "probe.test=virtio-balloon", &["-device", "virtio-balloon-device", "-qmp", &qmp_arg]);
+    let mut vm = Running::start(qemu);
+    assert!(vm.wait_for_output("PROBE virtio-balloon ready", TIMEOUT), "{}", vm.stdout());
+    let mut reader = BufReader::new(UnixStream::connect(&socket).unwrap());
+    let mut greeting = String::new();
+    reader.read_line(&mut greeting).unwrap();
+    assert!(greeting.contains("QMP"), "{greeting}");
+    assert_eq!(qmp(&mut reader, r#"{"execute":"qmp_capabilities"}"#).trim(), r#"{"return": {}}"#);
+    // 128 MiB of RAM down to 96: a 32 MiB balloon.
+    let answer = qmp(&mut reader, &format!(r#"{{"execute":"balloon","arguments":{{"value":{}}}}}"#, 96 << 20));
+    assert_eq!(answer.trim(), r#"{"return": {}}"#);
+    let out = vm.finish(TIMEOUT);
+    assert_eq!(
+        probe_result(&out.stdout, "virtio-balloon"),
+        Some("PROBE virtio-balloon ok inflated_pages=8192 mib=32"),
+        "{}",
+        out.describe()
+    );
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -18,7 +18,7 @@ pub fn run(name: &str, cmdline: Cmdline, info: &StartInfo) {
         "memfill" => memfill::run(cmdline, info),
         "fault" => fault::run(),
         _ => match virtio::device_id(name) {
-            Some(id) => virtio::run(name, id, cmdline),
+            Some(id) => virtio::run(name, id, cmdline, info),
             None => report::fail(name, format_args!("unknown test")),
         },
     }

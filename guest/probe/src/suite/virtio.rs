@@ -1,10 +1,13 @@
 //! virtio tests: find the device among the `virtio_mmio.device=` entries, drive it, report.
 
+mod balloon;
 mod blk;
+mod console;
 mod net;
 mod rng;
 
 use crate::cmdline::Cmdline;
+use crate::pvh::StartInfo;
 use crate::report;
 use crate::virtio::mmio;
 
@@ -26,7 +29,7 @@ pub fn request_deadline(cmdline: Cmdline) -> u64 {
     crate::hw::rdtsc() + cmdline.number("virtio", "timeout", 10_000_000_000)
 }
 
-pub fn run(test: &str, id: u32, cmdline: Cmdline) {
+pub fn run(test: &str, id: u32, cmdline: Cmdline, info: &StartInfo) {
     let Some(slot) = mmio::find(cmdline, id) else {
         return report::skip(test, format_args!("no {test} device among the virtio_mmio.device= entries"));
     };
@@ -35,6 +38,8 @@ pub fn run(test: &str, id: u32, cmdline: Cmdline) {
         "virtio-rng" => rng::run(&slot, cmdline),
         "virtio-blk" => blk::run(&slot, cmdline),
         "virtio-net" => net::run(&slot, cmdline),
+        "virtio-console" => console::run(&slot, cmdline),
+        "virtio-balloon" => balloon::run(&slot, cmdline, info.low_ram_end),
         _ => report::skip(
             test,
             format_args!("found at {:#x} (irq {}), but the probe does not drive it yet", slot.base, slot.irq),

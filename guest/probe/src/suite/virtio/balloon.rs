@@ -1,0 +1,61 @@
+//! `virtio-balloon`: honour the host's inflate request. The probe prints
+//! `PROBE virtio-balloon ready`, waits for a non-zero target (`num_pages`), gives that many
+//! pages from 16 MiB up to the device, and sets `actual`.
+
+use crate::cmdline::{Cmdline, VirtioMmioSlot};
+use crate::virtio::mmio::Device;
+use crate::virtio::queue::Buffer;
+use crate::virtio::{alloc, bytes};
+use crate::{hw, report};
+
+const TEST: &str = "virtio-balloon";
+const INFLATE_QUEUE: u16 = 0;
+const CONFIG_NUM_PAGES: u64 = 0;
+const CONFIG_ACTUAL: u64 = 4;
+/// Page frame numbers per inflate request.
+const BATCH: usize = 256;
+/// The balloon takes pages from here up: above the probe's image and arena.
+const FIRST_PAGE: u64 = (16 << 20) >> 12;
+
+pub fn run(slot: &VirtioMmioSlot, cmdline: Cmdline, low_ram_end: u64) {
+    if let Err(reason) = test(slot, cmdline, low_ram_end) {
+        report::fail(TEST, format_args!("{reason}"));
+    }
+}
+
+fn test(slot: &VirtioMmioSlot, cmdline: Cmdline, low_ram_end: u64) -> Result<(), &'static str> {
+    let dev = Device::begin(slot, 0, 0).map_err(|_| "the device could not be set up")?;
+    let mut q = dev.queue(INFLATE_QUEUE, 8).map_err(|_| "the inflate queue could not be set up")?;
+    dev.queue(1, 8).map_err(|_| "the deflate queue could not be set up")?;
+    dev.driver_ok();
+    crate::println!("PROBE virtio-balloon ready");
+    let deadline = hw::rdtsc() + cmdline.number(TEST, "timeout", 20_000_000_000);
+    let target = loop {
+        let pages = dev.config_read32(CONFIG_NUM_PAGES);
+        if pages != 0 {
+            break u64::from(pages);
+        }
+        if hw::rdtsc() > deadline {
+            return Err("the host never asked for pages");
+        }
+        hw::spin_cycles(1_000_000);
+    };
+    if FIRST_PAGE + target > low_ram_end >> 12 {
+        return Err("the host asks for more pages than the probe can spare");
+    }
+    let pfns = alloc(BATCH * 4, 64).ok_or("out of probe memory")?;
+    let mut given = 0u64;
+    while given < target {
+        let n = (target - given).min(BATCH as u64) as usize;
+        for (i, slot) in bytes(pfns, n * 4).chunks_exact_mut(4).enumerate() {
+            slot.copy_from_slice(&((FIRST_PAGE + given + i as u64) as u32).to_le_bytes());
+        }
+        q.push(&[Buffer::readable(pfns, (n * 4) as u32)]).ok_or("inflate ring full")?;
+        dev.notify(INFLATE_QUEUE);
+        dev.wait_used(&mut q, super::request_deadline(cmdline)).ok_or("an inflate request was not taken")?;
+        given += n as u64;
+        dev.write(crate::virtio::mmio::REG_CONFIG + CONFIG_ACTUAL, given as u32);
+    }
+    report::ok(TEST, format_args!("inflated_pages={given} mib={}", given >> 8));
+    Ok(())
+}
