@@ -191,3 +191,45 @@ fn balloon_inflates_as_far_as_the_host_asks() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn hostile_driver_scenarios_leave_qemus_virtio_blk_serving() {
+    let dir = scratch_dir("probe-hostile");
+    let image = dir.join("disk.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let drive = format!("if=none,id=d0,file={},format=raw", image.display());
+    let qemu =
+        qemu_probe_command(1, "probe.test=hostile", &["-drive", &drive, "-device", "virtio-blk-device,drive=d0"]);
+    let out = Running::start(qemu).finish(TIMEOUT);
+    let scenarios = [
+        "descriptor-loop",
+        "outside-ram",
+        "address-wraps",
+        "zero-length",
+        "huge-length",
+        "chain-longer-than-queue",
+        "write-only-header",
+        "read-only-status",
+        "head-out-of-range",
+        "next-out-of-range",
+        "avail-index-jump",
+        "unaligned-rings",
+        "queue-size-not-power-of-two",
+        "queue-size-too-big",
+        "notify-before-driver-ok",
+        "config-write-out-of-range",
+    ];
+    for name in scenarios {
+        let line =
+            probe_result(&out.stdout, &format!("hostile-{name}")).unwrap_or_else(|| panic!("{}", out.describe()));
+        assert!(line.ends_with(" recovered=yes"), "{line}");
+    }
+    assert!(
+        out.stdout.contains(&format!("PROBE done passed={} failed=0 skipped=0", scenarios.len())),
+        "{}",
+        out.describe()
+    );
+    // QEMU names the faults it saw, as a VMM should.
+    assert!(out.stderr.contains("zero sized buffers are not allowed"), "{}", out.describe());
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -1,6 +1,7 @@
 //! The tests the probe offers, by name.
 
 mod fault;
+mod hostile;
 mod memfill;
 mod serial;
 pub mod smp;
@@ -17,6 +18,7 @@ pub fn run(name: &str, cmdline: Cmdline, info: &StartInfo) {
         "serial" => serial::run(cmdline),
         "memfill" => memfill::run(cmdline, info),
         "fault" => fault::run(),
+        "hostile" => hostile::run(cmdline),
         _ => match virtio::device_id(name) {
             Some(id) => virtio::run(name, id, cmdline, info),
             None => report::fail(name, format_args!("unknown test")),
