@@ -233,3 +233,44 @@ fn hostile_driver_scenarios_leave_qemus_virtio_blk_serving() {
     assert!(out.stderr.contains("zero sized buffers are not allowed"), "{}", out.describe());
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn throughput_modes_report_rates_from_the_tsc() {
+    let dir = scratch_dir("probe-throughput");
+    let image = dir.join("disk.img");
+    std::fs::write(&image, vec![0u8; 4 << 20]).unwrap();
+    let drive = format!("if=none,id=d0,file={},format=raw", image.display());
+    let host = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let netdev = format!("socket,id=n0,udp=127.0.0.1:{},localaddr=127.0.0.1:0", host.local_addr().unwrap().port());
+    let tests = "probe.test=tsc,virtio-blk,virtio-net probe.virtio-blk.mode=throughput probe.virtio-blk.mib=2 \
+                 probe.virtio-blk.ops=256 probe.virtio-blk.depth=4 probe.virtio-net.mode=throughput probe.virtio-net.frames=500";
+    let qemu = qemu_probe_command(
+        1,
+        tests,
+        &[
+            "-drive",
+            &drive,
+            "-device",
+            "virtio-blk-device,drive=d0",
+            "-netdev",
+            &netdev,
+            "-device",
+            "virtio-net-device,netdev=n0",
+        ],
+    );
+    let out = Running::start(qemu).finish(TIMEOUT);
+    let field = |line: &str, key: &str| -> u64 {
+        let word = line.split(' ').find_map(|w| w.strip_prefix(key)).unwrap_or_else(|| panic!("{key} in {line}"));
+        word.parse().unwrap()
+    };
+    let tsc = probe_result(&out.stdout, "tsc").unwrap_or_else(|| panic!("{}", out.describe()));
+    assert!(field(tsc, "khz=") > 100_000, "a TSC of at least 100 MHz: {tsc}");
+    let blk = probe_result(&out.stdout, "virtio-blk").unwrap_or_else(|| panic!("{}", out.describe()));
+    assert!(blk.starts_with("PROBE virtio-blk ok mode=throughput depth=4 "), "{blk}");
+    assert_eq!(field(blk, "seq_bytes="), 2 << 20);
+    assert!(field(blk, "seq_mb_per_s=") > 0 && field(blk, "rand_4k_iops=") > 0, "{blk}");
+    let net = probe_result(&out.stdout, "virtio-net").unwrap_or_else(|| panic!("{}", out.describe()));
+    assert!(net.starts_with("PROBE virtio-net ok mode=throughput size=60 "), "{net}");
+    assert!(field(net, "tx_pps=") > 0 && field(net, "frames=") == 500, "{net}");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -255,7 +255,7 @@ pub fn qemu_probe_command(cpus: u32, tests: &str, extra: &[&str]) -> Command {
         (0..24u64).map(|n| format!("virtio_mmio.device=512@{:#x}:{}", 0xfeb0_0000 + n * 0x200, 12 + n)).collect();
     let mut cmd = Command::new("qemu-system-x86_64");
     // -arch-capabilities: QEMU 7.2 aborts when nested kvm_pvm refuses that MSR; harmless elsewhere.
-    cmd.args(["-M", "microvm", "-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "128"])
+    cmd.args(["-M", "microvm,rtc=on", "-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "128"])
         .args(["-smp", &cpus.to_string()])
         .args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot"])
         .args(["-global", "virtio-mmio.force-legacy=false"])

@@ -12,6 +12,7 @@ mod pattern;
 mod pvh;
 mod report;
 mod suite;
+mod tsc;
 mod virtio;
 
 use core::arch::{asm, global_asm};

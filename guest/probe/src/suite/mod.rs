@@ -19,6 +19,10 @@ pub fn run(name: &str, cmdline: Cmdline, info: &StartInfo) {
         "memfill" => memfill::run(cmdline, info),
         "fault" => fault::run(),
         "hostile" => hostile::run(cmdline),
+        "tsc" => match crate::tsc::khz(cmdline) {
+            Some(khz) => report::ok("tsc", format_args!("khz={khz}")),
+            None => report::fail("tsc", format_args!("the CMOS clock never ticked")),
+        },
         _ => match virtio::device_id(name) {
             Some(id) => virtio::run(name, id, cmdline, info),
             None => report::fail(name, format_args!("unknown test")),

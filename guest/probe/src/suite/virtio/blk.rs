@@ -3,6 +3,10 @@
 //! writes are refused and report the checksum of what is there.
 //!
 //! Parameters: probe.virtio-blk.sectors (64), .start (0), .seed (1).
+//!
+//! With `probe.virtio-blk.mode=throughput` it measures instead: sequential 128 KiB reads over
+//! `.mib` (16) MiB, then `.ops` (4096) random 4 KiB reads, `.depth` (8) requests in flight,
+//! polled; it reports MB/s and IOPS from the TSC (see tsc.rs).
 
 use crate::cmdline::{Cmdline, VirtioMmioSlot};
 use crate::pattern::{FNV_OFFSET, fill_sector, fnv1a};
@@ -57,10 +61,112 @@ impl Disk<'_> {
 }
 
 pub fn run(slot: &VirtioMmioSlot, cmdline: Cmdline) {
-    match test(slot, cmdline) {
-        Ok(()) => {}
-        Err(reason) => report::fail(TEST, format_args!("{reason}")),
+    let result = match cmdline.param(TEST, "mode") {
+        Some("throughput") => throughput(slot, cmdline),
+        _ => test(slot, cmdline),
+    };
+    if let Err(reason) = result {
+        report::fail(TEST, format_args!("{reason}"));
     }
+}
+
+const MAX_DEPTH: usize = 32;
+const SEQ_REQUEST: usize = 128 << 10;
+const RAND_REQUEST: usize = 4 << 10;
+
+/// Keeps `depth` reads in flight until `total` have completed; returns the TSC cycles taken.
+fn read_stream(
+    dev: &Device,
+    q: &mut Virtqueue,
+    slots: &[(u64, u64, u64)],
+    total: u64,
+    len: usize,
+    mut next_sector: impl FnMut(u64) -> u64,
+    cmdline: Cmdline,
+) -> Result<u64, &'static str> {
+    let start = crate::hw::rdtsc();
+    let (mut issued, mut done) = (0u64, 0u64);
+    let mut heads = [u16::MAX; MAX_DEPTH];
+    let submit = |q: &mut Virtqueue, slot: usize, sector: u64| -> Option<u16> {
+        let (header, data, status) = slots[slot];
+        let h = bytes(header, 16);
+        h[0..4].copy_from_slice(&T_IN.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        q.push(&[Buffer::readable(header, 16), Buffer::writable(data, len as u32), Buffer::writable(status, 1)])
+    };
+    for (slot, head) in heads.iter_mut().enumerate().take(slots.len()) {
+        if issued < total {
+            *head = submit(q, slot, next_sector(issued)).ok_or("no free descriptors")?;
+            issued += 1;
+        }
+    }
+    dev.notify(0);
+    while done < total {
+        let (head, _) = dev.wait_used(q, super::request_deadline(cmdline)).ok_or("no answer before the deadline")?;
+        let slot = heads.iter().position(|&h| h == head).ok_or("the device completed an unknown request")?;
+        if bytes(slots[slot].2, 1)[0] != S_OK {
+            return Err("a read failed");
+        }
+        done += 1;
+        if issued < total {
+            heads[slot] = submit(q, slot, next_sector(issued)).ok_or("no free descriptors")?;
+            issued += 1;
+            dev.notify(0);
+        }
+    }
+    Ok(crate::hw::rdtsc() - start)
+}
+
+fn throughput(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str> {
+    let dev = Device::begin(slot, 0, 0).map_err(|_| "the device could not be set up")?;
+    let depth = (cmdline.number(TEST, "depth", 8) as usize).clamp(1, MAX_DEPTH);
+    let mut q = dev.queue(0, (depth * 3).next_power_of_two() as u16).map_err(|_| "queue 0 could not be set up")?;
+    if usize::from(q.size) < depth * 3 {
+        return Err("the device's queue is too small for that depth");
+    }
+    dev.driver_ok();
+    let capacity = dev.config_read64(0);
+    let mut slots = [(0u64, 0u64, 0u64); MAX_DEPTH];
+    for s in slots.iter_mut().take(depth) {
+        *s = (
+            alloc(16, 16).ok_or("out of probe memory")?,
+            alloc(SEQ_REQUEST, 4096).ok_or("out of probe memory")?,
+            alloc(1, 1).ok_or("out of probe memory")?,
+        );
+    }
+    let slots = &slots[..depth];
+    let mib = cmdline.number(TEST, "mib", 16);
+    let seq_sectors = (SEQ_REQUEST / SECTOR) as u64;
+    let seq_requests = (mib << 20) / SEQ_REQUEST as u64;
+    if seq_requests * seq_sectors > capacity {
+        return Err("the disk is smaller than the sequential read");
+    }
+    let seq_cycles = read_stream(&dev, &mut q, slots, seq_requests, SEQ_REQUEST, |i| i * seq_sectors, cmdline)?;
+    let ops = cmdline.number(TEST, "ops", 4096);
+    let rand_sectors = (RAND_REQUEST / SECTOR) as u64;
+    let blocks = (capacity / rand_sectors).max(1);
+    let rand_cycles = read_stream(
+        &dev,
+        &mut q,
+        slots,
+        ops,
+        RAND_REQUEST,
+        |i| crate::pattern::mix(i) % blocks * rand_sectors,
+        cmdline,
+    )?;
+    dev.reset();
+    let khz = crate::tsc::khz(cmdline).unwrap_or(0).max(1);
+    let seq_bytes = seq_requests * SEQ_REQUEST as u64;
+    // bytes / (cycles / (khz * 1000)) / 2^20
+    let mb_per_s = seq_bytes * khz * 1000 / seq_cycles.max(1) / (1 << 20);
+    let iops = ops * khz * 1000 / rand_cycles.max(1);
+    report::ok(
+        TEST,
+        format_args!(
+            "mode=throughput depth={depth} seq_mb_per_s={mb_per_s} rand_4k_iops={iops} seq_bytes={seq_bytes} seq_cycles={seq_cycles} rand_ops={ops} rand_cycles={rand_cycles} tsc_khz={khz}"
+        ),
+    );
+    Ok(())
 }
 
 fn test(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str> {

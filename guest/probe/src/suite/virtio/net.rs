@@ -4,6 +4,9 @@
 //! Parameters: probe.virtio-net.tx (4 frames), .size (60 bytes; frames alternate between this
 //! and 1514), .rx (frames to wait for, 0), .seed (1). After the receive ring is filled the probe
 //! prints `PROBE virtio-net ready mac=...`: the host sends its frames after that line.
+//!
+//! With `probe.virtio-net.mode=throughput` it transmits `.frames` (100000) frames of `.size`
+//! bytes with the ring kept full, and reports packets per second from the TSC (see tsc.rs).
 
 use crate::cmdline::{Cmdline, VirtioMmioSlot};
 use crate::pattern::{FNV_OFFSET, fill_frame, fnv1a};
@@ -31,9 +34,56 @@ impl core::fmt::Display for Mac {
 }
 
 pub fn run(slot: &VirtioMmioSlot, cmdline: Cmdline) {
-    if let Err(reason) = test(slot, cmdline) {
+    let result = match cmdline.param(TEST, "mode") {
+        Some("throughput") => throughput(slot, cmdline),
+        _ => test(slot, cmdline),
+    };
+    if let Err(reason) = result {
         report::fail(TEST, format_args!("{reason}"));
     }
+}
+
+const TX_IN_FLIGHT: usize = 16;
+
+fn throughput(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str> {
+    let dev = Device::begin(slot, 0, F_MAC).map_err(|_| "the device could not be set up")?;
+    dev.queue(RX_QUEUE, 8).map_err(|_| "the receive queue could not be set up")?;
+    let mut txq = dev.queue(TX_QUEUE, TX_IN_FLIGHT as u16).map_err(|_| "the transmit queue could not be set up")?;
+    dev.driver_ok();
+    let frames = cmdline.number(TEST, "frames", 100_000);
+    let size = (cmdline.number(TEST, "size", 60) as usize).clamp(60, MAX_FRAME);
+    let in_flight = usize::from(txq.size).min(TX_IN_FLIGHT);
+    let area = alloc(in_flight * (HEADER + MAX_FRAME), 64).ok_or("out of probe memory")?;
+    let buffer = |i: usize| area + (i * (HEADER + MAX_FRAME)) as u64;
+    for i in 0..in_flight {
+        fill_frame(1, i as u64, [2, 0, 0, 0, 0, 1], bytes(buffer(i) + HEADER as u64, size));
+    }
+    let mut heads = [u16::MAX; TX_IN_FLIGHT];
+    let start = crate::hw::rdtsc();
+    let (mut sent, mut done) = (0u64, 0u64);
+    for head in heads.iter_mut().take(in_flight) {
+        if sent < frames {
+            *head = txq.push(&[Buffer::readable(buffer(sent as usize), (HEADER + size) as u32)]).ok_or("ring full")?;
+            sent += 1;
+        }
+    }
+    dev.notify(TX_QUEUE);
+    while done < frames {
+        let (head, _) = dev.wait_used(&mut txq, super::request_deadline(cmdline)).ok_or("transmissions stalled")?;
+        done += 1;
+        if sent < frames {
+            let slot = heads.iter().position(|&h| h == head).ok_or("unknown buffer")?;
+            heads[slot] = txq.push(&[Buffer::readable(buffer(slot), (HEADER + size) as u32)]).ok_or("ring full")?;
+            sent += 1;
+            dev.notify(TX_QUEUE);
+        }
+    }
+    let cycles = crate::hw::rdtsc() - start;
+    dev.reset();
+    let khz = crate::tsc::khz(cmdline).unwrap_or(0).max(1);
+    let pps = frames * khz * 1000 / cycles.max(1);
+    report::ok(TEST, format_args!("mode=throughput size={size} tx_pps={pps} frames={frames} cycles={cycles} tsc_khz={khz}"));
+    Ok(())
 }
 
 fn test(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str> {
