@@ -119,6 +119,17 @@ fn on_queue(ctx: &Ctx, hostile: impl FnOnce(&Device, &mut Virtqueue, &Request)) 
     answer
 }
 
+/// The well-formed chain with descriptor `index` replaced by what `bad` returns
+/// (address, length, flags, next).
+fn one_bad_descriptor(ctx: &Ctx, index: u16, bad: fn(&Request) -> (u64, u32, u16, u16)) -> Answer {
+    on_queue(ctx, |_, q, r| {
+        r.write_chain(q.desc);
+        let (addr, len, flags, next) = bad(r);
+        write_desc(q.desc, index, addr, len, flags, next);
+        q.publish(0);
+    })
+}
+
 /// Sets up queue 0 by hand with `size` entries and ring addresses shifted by `skew`.
 fn raw_queue(ctx: &Ctx, size: u32, skew: u64) -> Answer {
     let Ok(dev) = Device::begin(ctx.slot, 0, 0) else { return Answer::Word("setup-failed") };
@@ -157,41 +168,11 @@ fn raw_queue(ctx: &Ctx, size: u32, skew: u64) -> Answer {
 type Scenario = (&'static str, fn(&Ctx) -> Answer);
 
 const SCENARIOS: &[Scenario] = &[
-    ("descriptor-loop", |ctx| {
-        on_queue(ctx, |_, q, r| {
-            r.write_chain(q.desc);
-            write_desc(q.desc, 2, r.status, 1, DESC_F_WRITE | DESC_F_NEXT, 0);
-            q.publish(0);
-        })
-    }),
-    ("outside-ram", |ctx| {
-        on_queue(ctx, |_, q, r| {
-            r.write_chain(q.desc);
-            write_desc(q.desc, 1, OUTSIDE_RAM, 512, DESC_F_WRITE | DESC_F_NEXT, 2);
-            q.publish(0);
-        })
-    }),
-    ("address-wraps", |ctx| {
-        on_queue(ctx, |_, q, r| {
-            r.write_chain(q.desc);
-            write_desc(q.desc, 1, u64::MAX - 255, 512, DESC_F_WRITE | DESC_F_NEXT, 2);
-            q.publish(0);
-        })
-    }),
-    ("zero-length", |ctx| {
-        on_queue(ctx, |_, q, r| {
-            r.write_chain(q.desc);
-            write_desc(q.desc, 0, r.header, 0, DESC_F_NEXT, 1);
-            q.publish(0);
-        })
-    }),
-    ("huge-length", |ctx| {
-        on_queue(ctx, |_, q, r| {
-            r.write_chain(q.desc);
-            write_desc(q.desc, 1, r.data, u32::MAX, DESC_F_WRITE | DESC_F_NEXT, 2);
-            q.publish(0);
-        })
-    }),
+    ("descriptor-loop", |ctx| one_bad_descriptor(ctx, 2, |r| (r.status, 1, DESC_F_WRITE | DESC_F_NEXT, 0))),
+    ("outside-ram", |ctx| one_bad_descriptor(ctx, 1, |_| (OUTSIDE_RAM, 512, DESC_F_WRITE | DESC_F_NEXT, 2))),
+    ("address-wraps", |ctx| one_bad_descriptor(ctx, 1, |_| (u64::MAX - 255, 512, DESC_F_WRITE | DESC_F_NEXT, 2))),
+    ("zero-length", |ctx| one_bad_descriptor(ctx, 0, |r| (r.header, 0, DESC_F_NEXT, 1))),
+    ("huge-length", |ctx| one_bad_descriptor(ctx, 1, |r| (r.data, u32::MAX, DESC_F_WRITE | DESC_F_NEXT, 2))),
     ("chain-longer-than-queue", |ctx| {
         if !ctx.indirect {
             return Answer::Word("no-indirect-descriptors");
@@ -208,33 +189,15 @@ const SCENARIOS: &[Scenario] = &[
             q.publish(0);
         })
     }),
-    ("write-only-header", |ctx| {
-        on_queue(ctx, |_, q, r| {
-            r.write_chain(q.desc);
-            write_desc(q.desc, 0, r.header, 16, DESC_F_WRITE | DESC_F_NEXT, 1);
-            q.publish(0);
-        })
-    }),
-    ("read-only-status", |ctx| {
-        on_queue(ctx, |_, q, r| {
-            r.write_chain(q.desc);
-            write_desc(q.desc, 2, r.status, 1, 0, 0);
-            q.publish(0);
-        })
-    }),
+    ("write-only-header", |ctx| one_bad_descriptor(ctx, 0, |r| (r.header, 16, DESC_F_WRITE | DESC_F_NEXT, 1))),
+    ("read-only-status", |ctx| one_bad_descriptor(ctx, 2, |r| (r.status, 1, 0, 0))),
     ("head-out-of-range", |ctx| {
         on_queue(ctx, |_, q, r| {
             r.write_chain(q.desc);
             q.publish(QUEUE_SIZE + 100);
         })
     }),
-    ("next-out-of-range", |ctx| {
-        on_queue(ctx, |_, q, r| {
-            r.write_chain(q.desc);
-            write_desc(q.desc, 1, r.data, 512, DESC_F_WRITE | DESC_F_NEXT, QUEUE_SIZE + 3);
-            q.publish(0);
-        })
-    }),
+    ("next-out-of-range", |ctx| one_bad_descriptor(ctx, 1, |r| (r.data, 512, DESC_F_WRITE | DESC_F_NEXT, QUEUE_SIZE + 3))),
     ("avail-index-jump", |ctx| {
         on_queue(ctx, |_, q, r| {
             r.write_chain(q.desc);

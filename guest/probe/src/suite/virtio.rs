@@ -6,7 +6,7 @@ mod console;
 mod net;
 mod rng;
 
-use crate::cmdline::Cmdline;
+use crate::cmdline::{Cmdline, VirtioMmioSlot};
 use crate::pvh::StartInfo;
 use crate::report;
 use crate::virtio::mmio;
@@ -29,17 +29,38 @@ pub fn request_deadline(cmdline: Cmdline) -> u64 {
     crate::hw::rdtsc() + cmdline.number("virtio", "timeout", 10_000_000_000)
 }
 
+/// A device test: Ok, or the reason for its FAIL line.
+type DeviceTest = fn(&VirtioMmioSlot, Cmdline) -> Result<(), &'static str>;
+
+/// Runs `check`, or `throughput` when `probe.<test>.mode=throughput`; an error is reported.
+fn run_device(test: &str, slot: &VirtioMmioSlot, cmdline: Cmdline, check: DeviceTest, throughput: Option<DeviceTest>) {
+    let chosen = match (cmdline.param(test, "mode"), throughput) {
+        (Some("throughput"), Some(throughput)) => throughput,
+        (Some("throughput"), None) => {
+            return report::fail(test, format_args!("{test} has no throughput mode"));
+        }
+        _ => check,
+    };
+    if let Err(reason) = chosen(slot, cmdline) {
+        report::fail(test, format_args!("{reason}"));
+    }
+}
+
 pub fn run(test: &str, id: u32, cmdline: Cmdline, info: &StartInfo) {
     let Some(slot) = mmio::find(cmdline, id) else {
         return report::skip(test, format_args!("no {test} device among the virtio_mmio.device= entries"));
     };
     crate::virtio::reset_arena();
     match test {
-        "virtio-rng" => rng::run(&slot, cmdline),
-        "virtio-blk" => blk::run(&slot, cmdline),
-        "virtio-net" => net::run(&slot, cmdline),
-        "virtio-console" => console::run(&slot, cmdline),
-        "virtio-balloon" => balloon::run(&slot, cmdline, info.low_ram_end),
+        "virtio-rng" => run_device(test, &slot, cmdline, rng::test, None),
+        "virtio-blk" => run_device(test, &slot, cmdline, blk::test, Some(blk::throughput)),
+        "virtio-net" => run_device(test, &slot, cmdline, net::test, Some(net::throughput)),
+        "virtio-console" => run_device(test, &slot, cmdline, console::test, None),
+        "virtio-balloon" => {
+            if let Err(reason) = balloon::test(&slot, cmdline, info.low_ram_end) {
+                report::fail(test, format_args!("{reason}"));
+            }
+        }
         _ => report::skip(
             test,
             format_args!("found at {:#x} (irq {}), but the probe does not drive it yet", slot.base, slot.irq),

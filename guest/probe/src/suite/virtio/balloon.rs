@@ -17,13 +17,7 @@ const BATCH: usize = 256;
 /// The balloon takes pages from here up: above the probe's image and arena.
 const FIRST_PAGE: u64 = (16 << 20) >> 12;
 
-pub fn run(slot: &VirtioMmioSlot, cmdline: Cmdline, low_ram_end: u64) {
-    if let Err(reason) = test(slot, cmdline, low_ram_end) {
-        report::fail(TEST, format_args!("{reason}"));
-    }
-}
-
-fn test(slot: &VirtioMmioSlot, cmdline: Cmdline, low_ram_end: u64) -> Result<(), &'static str> {
+pub fn test(slot: &VirtioMmioSlot, cmdline: Cmdline, low_ram_end: u64) -> Result<(), &'static str> {
     let dev = Device::begin(slot, 0, 0).map_err(|_| "the device could not be set up")?;
     let mut q = dev.queue(INFLATE_QUEUE, 8).map_err(|_| "the inflate queue could not be set up")?;
     dev.queue(1, 8).map_err(|_| "the deflate queue could not be set up")?;

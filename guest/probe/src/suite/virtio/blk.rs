@@ -60,16 +60,6 @@ impl Disk<'_> {
     }
 }
 
-pub fn run(slot: &VirtioMmioSlot, cmdline: Cmdline) {
-    let result = match cmdline.param(TEST, "mode") {
-        Some("throughput") => throughput(slot, cmdline),
-        _ => test(slot, cmdline),
-    };
-    if let Err(reason) = result {
-        report::fail(TEST, format_args!("{reason}"));
-    }
-}
-
 const MAX_DEPTH: usize = 32;
 const SEQ_REQUEST: usize = 128 << 10;
 const RAND_REQUEST: usize = 4 << 10;
@@ -117,7 +107,7 @@ fn read_stream(
     Ok(crate::hw::rdtsc() - start)
 }
 
-fn throughput(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str> {
+pub fn throughput(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str> {
     let dev = Device::begin(slot, 0, 0).map_err(|_| "the device could not be set up")?;
     let depth = (cmdline.number(TEST, "depth", 8) as usize).clamp(1, MAX_DEPTH);
     let mut q = dev.queue(0, (depth * 3).next_power_of_two() as u16).map_err(|_| "queue 0 could not be set up")?;
@@ -169,7 +159,7 @@ fn throughput(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static st
     Ok(())
 }
 
-fn test(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str> {
+pub fn test(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str> {
     let dev = Device::begin(slot, 0, F_FLUSH | F_RO).map_err(|_| "the device could not be set up")?;
     let q = dev.queue(0, 16).map_err(|_| "queue 0 could not be set up")?;
     dev.driver_ok();

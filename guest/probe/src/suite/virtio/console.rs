@@ -15,12 +15,6 @@ const RX_QUEUE: u16 = 0;
 const TX_QUEUE: u16 = 1;
 const RX_BUFFER: usize = 256;
 
-pub fn run(slot: &VirtioMmioSlot, cmdline: Cmdline) {
-    if let Err(reason) = test(slot, cmdline) {
-        report::fail(TEST, format_args!("{reason}"));
-    }
-}
-
 struct LineBuf {
     bytes: [u8; 64],
     len: usize,
@@ -36,7 +30,7 @@ impl core::fmt::Write for LineBuf {
     }
 }
 
-fn test(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str> {
+pub fn test(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str> {
     let dev = Device::begin(slot, 0, 0).map_err(|_| "the device could not be set up")?;
     let mut rxq = dev.queue(RX_QUEUE, 8).map_err(|_| "the receive queue could not be set up")?;
     let mut txq = dev.queue(TX_QUEUE, 8).map_err(|_| "the transmit queue could not be set up")?;

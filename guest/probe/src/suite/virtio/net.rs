@@ -33,19 +33,9 @@ impl core::fmt::Display for Mac {
     }
 }
 
-pub fn run(slot: &VirtioMmioSlot, cmdline: Cmdline) {
-    let result = match cmdline.param(TEST, "mode") {
-        Some("throughput") => throughput(slot, cmdline),
-        _ => test(slot, cmdline),
-    };
-    if let Err(reason) = result {
-        report::fail(TEST, format_args!("{reason}"));
-    }
-}
-
 const TX_IN_FLIGHT: usize = 16;
 
-fn throughput(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str> {
+pub fn throughput(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str> {
     let dev = Device::begin(slot, 0, F_MAC).map_err(|_| "the device could not be set up")?;
     dev.queue(RX_QUEUE, 8).map_err(|_| "the receive queue could not be set up")?;
     let mut txq = dev.queue(TX_QUEUE, TX_IN_FLIGHT as u16).map_err(|_| "the transmit queue could not be set up")?;
@@ -86,7 +76,7 @@ fn throughput(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static st
     Ok(())
 }
 
-fn test(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str> {
+pub fn test(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str> {
     let dev = Device::begin(slot, 0, F_MAC).map_err(|_| "the device could not be set up")?;
     let mut rxq = dev.queue(RX_QUEUE, RX_BUFFERS as u16).map_err(|_| "the receive queue could not be set up")?;
     let mut txq = dev.queue(TX_QUEUE, 16).map_err(|_| "the transmit queue could not be set up")?;
