@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
-use vmm::{HostLimits, SerialConfig, VmConfig, config::DEFAULT_CMDLINE};
+use vmm::{DiskConfig, HostLimits, SerialConfig, VmConfig, config::DEFAULT_CMDLINE};
 
 /// Exit status for bad user input, as clap uses for bad arguments.
 const EXIT_USAGE: u8 = 2;
@@ -48,6 +48,16 @@ struct RunArgs {
     /// Where COM1 goes: stdio, file:PATH or none.
     #[arg(long, default_value = "stdio", value_parser = parse_serial)]
     serial: SerialConfig,
+    /// A virtio-blk disk: path=IMAGE[,readonly=on][,id=NAME]; repeat for more disks.
+    #[arg(long = "disk", value_parser = parse_disk)]
+    disks: Vec<DiskConfig>,
+    /// A virtio-rng device fed by the host's getrandom.
+    #[arg(long)]
+    rng: bool,
+}
+
+fn parse_disk(s: &str) -> Result<DiskConfig, String> {
+    s.parse()
 }
 
 fn parse_serial(s: &str) -> Result<SerialConfig, String> {
@@ -79,6 +89,8 @@ fn run(args: RunArgs, launched: Instant) -> ExitCode {
         cpus: args.cpus,
         memory_mib: args.memory,
         serial: args.serial,
+        disks: args.disks,
+        rng: args.rng,
     };
     let kvm = match vmm::vm::open_kvm() {
         Ok(kvm) => kvm,

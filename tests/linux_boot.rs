@@ -57,3 +57,30 @@ fn linux_bzimage_boots_and_sigterm_stops_the_vm_cleanly() {
     assert_eq!(out.status.code(), Some(0), "{log}");
     assert!(out.stderr.contains("stopped the VM on signal 15 (SIGTERM)"), "{log}");
 }
+
+#[test]
+fn linux_mounts_its_root_from_virtio_blk_and_seeds_crng_from_virtio_rng() {
+    let guest = linux_guest();
+    let dir = common::scratch_dir("linux-virtio");
+    // A panicked read-write mount leaves a journal to recover: each boot gets a fresh copy.
+    let root = dir.join("rootfs.ext4");
+    std::fs::copy(guest.join("rootfs.ext4"), &root).unwrap();
+    let before = std::fs::read(&root).unwrap();
+    let cmdline = format!("console=ttyS0 reboot=k panic=-1 {LINUX_HOST_CMDLINE} root=/dev/vda rw");
+    let mut cmd = ferrovisor();
+    cmd.arg("run")
+        .args(["--kernel", guest.join("vmlinux").to_str().unwrap()])
+        .args(["--memory", "256", "--rng", "--cmdline", &cmdline])
+        .args(["--disk", &format!("path={}", root.display())]);
+    let out = Running::start(cmd).finish(BOOT_TIMEOUT);
+    let log = out.describe();
+    assert!(out.stdout.contains("virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"), "{log}");
+    assert!(out.stdout.contains("virtio_blk virtio0: [vda] 32768 512-byte logical blocks"), "{log}");
+    assert!(out.stdout.contains("EXT4-fs (vda): mounted filesystem"), "{log}");
+    assert!(out.stdout.contains("random: crng init done"), "{log}");
+    assert!(out.stdout.contains("Run /sbin/init as init process"), "{log}");
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    // The read-write mount wrote to the disk (superblock mount state and times).
+    assert_ne!(std::fs::read(&root).unwrap(), before, "the guest's writes reached the image");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{Running, probe_command, probe_lines, probe_result, qemu_probe_command};
+use common::{Running, probe_command, probe_lines, probe_result, qemu_probe_command, scratch_dir};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -95,10 +95,22 @@ fn comparable(output: &str) -> Vec<String> {
 
 #[test]
 fn probe_reports_the_same_under_qemu_microvm() {
-    // The tests both VMMs can serve today; the virtio drivers meet QEMU in probe_drivers.rs.
-    let tests = "probe.test=smp,memfill probe.smp.cpus=2 probe.memfill.mib=16 probe.memfill.pattern=unique";
-    let ours = run_probe(2, tests);
-    let qemu = qemu_probe_command(2, tests, &[]);
+    // The devices both VMMs offer today, on identical disk images.
+    let dir = scratch_dir("probe-same");
+    let (ours_disk, qemu_disk) = (dir.join("ours.img"), dir.join("qemu.img"));
+    std::fs::write(&ours_disk, vec![0u8; 1 << 20]).unwrap();
+    std::fs::write(&qemu_disk, vec![0u8; 1 << 20]).unwrap();
+    let tests = "probe.test=smp,memfill,virtio-rng,virtio-blk probe.smp.cpus=2 probe.memfill.mib=16 \
+                 probe.memfill.pattern=unique probe.virtio-blk.sectors=300";
+    let mut cmd = probe_command(2, tests);
+    cmd.args(["--rng", "--disk", &format!("path={},id=probe-disk", ours_disk.display())]);
+    let ours = Running::start(cmd).finish(TIMEOUT);
+    let drive = format!("if=none,id=d0,file={},format=raw", qemu_disk.display());
+    let qemu = qemu_probe_command(
+        2,
+        tests,
+        &["-device", "virtio-rng-device", "-drive", &drive, "-device", "virtio-blk-device,drive=d0,serial=probe-disk"],
+    );
     let theirs = Running::start(qemu).finish(TIMEOUT);
     assert!(theirs.stdout.contains("PROBE done"), "{}", theirs.describe());
     assert_eq!(
@@ -108,4 +120,11 @@ fn probe_reports_the_same_under_qemu_microvm() {
         ours.stdout,
         theirs.stdout
     );
+    assert!(ours.stdout.contains("PROBE done passed=4 failed=0 skipped=0"), "{}", ours.describe());
+    assert_eq!(
+        std::fs::read(&ours_disk).unwrap(),
+        std::fs::read(&qemu_disk).unwrap(),
+        "both disks hold the same bytes"
+    );
+    let _ = std::fs::remove_dir_all(dir);
 }

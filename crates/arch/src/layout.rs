@@ -42,6 +42,12 @@ pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
 pub const BOOT_TIMER_START: u64 = MMIO_HOLE_START;
 pub const BOOT_TIMER_SIZE: u64 = 0x1000;
 pub const BOOT_TIMER_MAGIC: u8 = 123;
+/// virtio-mmio windows, one page each, announced on the kernel command line.
+pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
+pub const VIRTIO_MMIO_WINDOW: u64 = 0x1000;
+/// virtio-mmio devices take IOAPIC pins from here up (COM1 has 4).
+pub const VIRTIO_FIRST_IRQ: u32 = 5;
+pub const VIRTIO_MAX_DEVICES: u32 = IOAPIC_PINS as u32 - VIRTIO_FIRST_IRQ;
 /// KVM's real-mode TSS (three pages) and identity-map page, at the top of the hole.
 pub const KVM_TSS_START: u64 = 0xfffb_d000;
 pub const KVM_IDENTITY_MAP_START: u64 = 0xfffb_c000;

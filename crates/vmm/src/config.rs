@@ -33,6 +33,53 @@ impl FromStr for SerialConfig {
     }
 }
 
+/// A virtio-blk disk: `--disk path=PATH[,readonly=on][,id=NAME]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub readonly: bool,
+    /// What the device's GET_ID answers (at most 20 bytes).
+    pub id: String,
+}
+
+/// Splits `key=value,key=value` option lists; an error names the option.
+fn key_values<'a>(option: &str, text: &'a str) -> Result<Vec<(&'a str, &'a str)>, String> {
+    text.split(',')
+        .map(|kv| {
+            kv.split_once('=').ok_or_else(|| format!("{option} takes key=value pairs separated by commas, not '{kv}'"))
+        })
+        .collect()
+}
+
+fn on_off(option: &str, key: &str, value: &str) -> Result<bool, String> {
+    match value {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("{option} {key}= takes on or off, not '{value}'")),
+    }
+}
+
+impl FromStr for DiskConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (mut path, mut readonly, mut id) = (None, false, None);
+        for (key, value) in key_values("--disk", s)? {
+            match key {
+                "path" if !value.is_empty() => path = Some(PathBuf::from(value)),
+                "readonly" => readonly = on_off("--disk", key, value)?,
+                "id" if value.len() <= 20 => id = Some(value.to_string()),
+                "id" => return Err(format!("--disk id= is at most 20 bytes, not {}", value.len())),
+                _ => return Err(format!("--disk has no option '{key}'; use path=, readonly= and id=")),
+            }
+        }
+        let path = path.ok_or("--disk needs path=IMAGE")?;
+        let id = id.unwrap_or_else(|| {
+            path.file_name().map(|n| n.to_string_lossy().chars().take(20).collect()).unwrap_or_default()
+        });
+        Ok(DiskConfig { path, readonly, id })
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct VmConfig {
     pub kernel: PathBuf,
@@ -41,6 +88,8 @@ pub struct VmConfig {
     pub cpus: u32,
     pub memory_mib: u64,
     pub serial: SerialConfig,
+    pub disks: Vec<DiskConfig>,
+    pub rng: bool,
 }
 
 /// What this host allows.
@@ -88,6 +137,12 @@ pub enum ConfigError {
     Cpus { given: u32, max: u32 },
     #[error("--cmdline is {len} bytes, but the kernel accepts at most {max}; shorten it.")]
     CmdlineTooLong { len: usize, max: usize },
+    #[error("--disk {path} cannot be opened{mode} ({reason}); check the path and its permissions.")]
+    DiskUnusable { path: PathBuf, mode: &'static str, reason: String },
+    #[error("--disk {path} is {size} bytes, not a whole number of 512-byte sectors; resize the image.")]
+    DiskSize { path: PathBuf, size: u64 },
+    #[error("{count} virtio devices are more than the {max} this machine has interrupt lines for; use fewer.")]
+    TooManyDevices { count: usize, max: u32 },
 }
 
 impl VmConfig {
@@ -110,6 +165,13 @@ impl VmConfig {
         if self.cpus == 0 || self.cpus > limits.max_cpus() {
             return Err(ConfigError::Cpus { given: self.cpus, max: limits.max_cpus() });
         }
+        for disk in &self.disks {
+            check_disk(disk)?;
+        }
+        let devices = self.disks.len() + usize::from(self.rng);
+        if devices > arch::layout::VIRTIO_MAX_DEVICES as usize {
+            return Err(ConfigError::TooManyDevices { count: devices, max: arch::layout::VIRTIO_MAX_DEVICES });
+        }
         // The terminating NUL counts against the kernel's limit.
         if self.cmdline.len() >= CMDLINE_MAX_SIZE {
             return Err(ConfigError::CmdlineTooLong { len: self.cmdline.len(), max: CMDLINE_MAX_SIZE - 1 });
@@ -120,6 +182,20 @@ impl VmConfig {
     pub fn memory_bytes(&self) -> u64 {
         self.memory_mib << 20
     }
+}
+
+fn check_disk(disk: &DiskConfig) -> Result<(), ConfigError> {
+    let open = std::fs::OpenOptions::new().read(true).write(!disk.readonly).open(&disk.path);
+    let file = open.map_err(|e| ConfigError::DiskUnusable {
+        path: disk.path.clone(),
+        mode: if disk.readonly { "" } else { " for writing (or pass readonly=on)" },
+        reason: e.to_string(),
+    })?;
+    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    if size % 512 != 0 {
+        return Err(ConfigError::DiskSize { path: disk.path.clone(), size });
+    }
+    Ok(())
 }
 
 fn check_kernel(path: &Path) -> Result<KernelFormat, ConfigError> {
@@ -152,6 +228,8 @@ mod tests {
             cpus: 1,
             memory_mib: 128,
             serial: SerialConfig::Stdio,
+            disks: Vec::new(),
+            rng: false,
         }
     }
 
@@ -183,6 +261,34 @@ mod tests {
         assert!(message.starts_with("--cpus") && message.ends_with('.'), "{message}");
         std::fs::remove_file(elf).unwrap();
         std::fs::remove_file(text).unwrap();
+    }
+
+    #[test]
+    fn disk_option_parses_and_names_its_mistakes() {
+        let d: DiskConfig = "path=/tmp/a.img,readonly=on,id=root".parse().unwrap();
+        assert_eq!(d, DiskConfig { path: "/tmp/a.img".into(), readonly: true, id: "root".into() });
+        let d: DiskConfig = "path=/images/rootfs.ext4".parse().unwrap();
+        assert_eq!((d.readonly, d.id.as_str()), (false, "rootfs.ext4"));
+        assert_eq!("readonly=on".parse::<DiskConfig>().unwrap_err(), "--disk needs path=IMAGE");
+        assert!("path=/x,readonly=yes".parse::<DiskConfig>().unwrap_err().contains("readonly= takes on or off"));
+        assert!("path=/x,cache=none".parse::<DiskConfig>().unwrap_err().contains("no option 'cache'"));
+        assert!("/x".parse::<DiskConfig>().unwrap_err().contains("key=value"));
+        assert!("path=/x,id=123456789012345678901".parse::<DiskConfig>().unwrap_err().contains("at most 20"));
+    }
+
+    #[test]
+    fn disks_are_checked_before_boot() {
+        let elf = temp_file("elf-disk", b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+        let odd = temp_file("odd.img", &[0u8; 1000]);
+        let disk = |path: PathBuf, readonly| DiskConfig { path, readonly, id: String::new() };
+        let c = VmConfig { disks: vec![disk(odd.clone(), false)], ..config(elf.clone()) };
+        assert_eq!(c.validate(&LIMITS), Err(ConfigError::DiskSize { path: odd.clone(), size: 1000 }));
+        let c = VmConfig { disks: vec![disk("/nonexistent/disk.img".into(), true)], ..config(elf.clone()) };
+        assert!(matches!(c.validate(&LIMITS), Err(ConfigError::DiskUnusable { .. })));
+        let c = VmConfig { disks: vec![disk(elf.clone(), false); 20], ..config(elf.clone()) };
+        assert_eq!(c.validate(&LIMITS), Err(ConfigError::TooManyDevices { count: 20, max: 19 }));
+        std::fs::remove_file(elf).unwrap();
+        std::fs::remove_file(odd).unwrap();
     }
 
     #[test]

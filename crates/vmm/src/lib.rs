@@ -5,8 +5,9 @@ pub mod config;
 pub mod exit;
 pub mod fault;
 mod vcpu;
+mod virtio_devices;
 pub mod vm;
 
-pub use config::{ConfigError, HostLimits, SerialConfig, VmConfig};
+pub use config::{ConfigError, DiskConfig, HostLimits, SerialConfig, VmConfig};
 pub use exit::VmExit;
 pub use vm::{Error, run};

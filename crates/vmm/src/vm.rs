@@ -38,6 +38,10 @@ pub enum Error {
     Boot(#[from] arch::Error),
     #[error("Cannot set up the {what}: {source}.")]
     Host { what: &'static str, source: std::io::Error },
+    #[error("Cannot set up a virtio device: {0}.")]
+    Device(String),
+    #[error("The kernel command line has no room for the virtio devices ({0}); shorten --cmdline.")]
+    Cmdline(#[from] linux_loader::cmdline::Error),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
@@ -65,10 +69,11 @@ pub fn run(kvm: &Kvm, config: &VmConfig, format: KernelFormat, launched: Instant
 
     let mem_size = config.memory_bytes();
     let mem = create_memory(&vm, mem_size)?;
-    let kernel = load_guest(&mem, config, format, mem_size)?;
-
     let latch = Arc::new(ExitLatch::new().map_err(host_err("exit event"))?);
-    let (pio, mmio) = create_devices(&vm, config, launched, &latch)?;
+    let (pio, mut mmio) = create_devices(&vm, config, launched, &latch)?;
+    let mut cmdline = boot::cmdline(&config.cmdline)?;
+    crate::virtio_devices::attach_all(&vm, &mem, config, &mut mmio, &mut cmdline)?;
+    let kernel = load_guest(&mem, config, format, mem_size, &cmdline)?;
 
     let supported_cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("report its CPUID"))?;
     let mut vcpus = Vec::new();
@@ -139,14 +144,14 @@ fn load_guest(
     config: &VmConfig,
     format: KernelFormat,
     mem_size: u64,
+    cmdline: &linux_loader::cmdline::Cmdline,
 ) -> Result<boot::LoadedKernel, Error> {
     let kernel = boot::load_kernel(mem, &mut open(&config.kernel, "kernel")?, format)?;
     let initrd = match &config.initrd {
         Some(path) => Some(boot::load_initrd(mem, &mut open(path, "initrd")?, kernel.end, mem_size)?),
         None => None,
     };
-    let cmdline = boot::cmdline(&config.cmdline)?;
-    boot::write_boot_info(mem, &kernel, &cmdline, initrd, mem_size)?;
+    boot::write_boot_info(mem, &kernel, cmdline, initrd, mem_size)?;
     mptable::write_mptable(mem, config.cpus)?;
     Ok(kernel)
 }

@@ -1,0 +1,129 @@
+//! What a virtio device offers its transport, and the interrupt it raises.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::GuestMemory;
+
+/// InterruptStatus bits (virtio-mmio).
+pub const INT_USED_RING: u32 = 1;
+pub const INT_CONFIG_CHANGE: u32 = 2;
+
+/// A device's interrupt: a status word the driver reads and acknowledges, and the irqfd that
+/// KVM delivers as the device's IRQ.
+pub struct Interrupt {
+    status: AtomicU32,
+    irqfd: EventFd,
+}
+
+impl Interrupt {
+    pub fn new(irqfd: EventFd) -> Self {
+        Self { status: AtomicU32::new(0), irqfd }
+    }
+
+    pub fn signal_used_queue(&self) {
+        self.raise(INT_USED_RING);
+    }
+
+    pub fn signal_config_change(&self) {
+        self.raise(INT_CONFIG_CHANGE);
+    }
+
+    fn raise(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+        if let Err(e) = self.irqfd.write(1) {
+            tracing::warn!("a virtio interrupt was lost: {e}");
+        }
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    pub fn acknowledge(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    pub fn clear(&self) {
+        self.status.store(0, Ordering::SeqCst);
+    }
+}
+
+/// Everything a device needs to start serving its queues.
+pub struct Activation {
+    pub mem: GuestMemory,
+    pub queues: Vec<Queue>,
+    pub queue_events: Vec<EventFd>,
+    pub interrupt: Arc<Interrupt>,
+    pub acked_features: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("the driver set up {got} queues where the device needs {want}")]
+    QueueCount { want: usize, got: usize },
+    #[error("the device's worker thread could not start: {0}")]
+    Worker(std::io::Error),
+    #[error("{0}")]
+    Backend(String),
+}
+
+/// A virtio device, whatever its transport.
+pub trait VirtioDevice: Send {
+    fn device_type(&self) -> u32;
+    /// Feature bits offered, VERSION_1 included.
+    fn features(&self) -> u64;
+    /// The largest size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Reads device config space; bytes past its end read as 0.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes device config space; the default ignores writes (read-only config).
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        tracing::debug!("ignored a {}-byte config write at {offset:#x} to a read-only config", data.len());
+    }
+    /// Starts serving the queues.
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
+    /// Stops serving and drops the queues; the device can be activated again.
+    fn reset(&mut self);
+}
+
+/// Copies `config[offset..]` into `data`, zero past the end: config reads of any width.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(offset) = usize::try_from(offset) else { return };
+    if let Some(src) = config.get(offset..) {
+        let n = src.len().min(data.len());
+        data[..n].copy_from_slice(&src[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_reads_are_bounded() {
+        let config = [1u8, 2, 3, 4, 5];
+        let mut out = [9u8; 4];
+        read_config_bytes(&config, 3, &mut out);
+        assert_eq!(out, [4, 5, 0, 0]);
+        read_config_bytes(&config, 100, &mut out);
+        assert_eq!(out, [0; 4]);
+        read_config_bytes(&config, u64::MAX, &mut out);
+        assert_eq!(out, [0; 4]);
+    }
+
+    #[test]
+    fn interrupt_status_is_raised_and_acknowledged() {
+        let irq = Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        irq.signal_used_queue();
+        irq.signal_config_change();
+        assert_eq!(irq.status(), 3);
+        irq.acknowledge(INT_USED_RING);
+        assert_eq!(irq.status(), INT_CONFIG_CHANGE);
+        assert_eq!(irq.irqfd.read().unwrap(), 2);
+    }
+}

@@ -1,0 +1,31 @@
+//! virtio devices for Ferrovisor: the MMIO transport, the device interface it drives, the
+//! worker thread each active device runs on, and the devices themselves.
+//!
+//! Data flows one way: a guest notification (ioeventfd) wakes the device's worker, which pops
+//! descriptor chains from its split virtqueues (virtio-queue), parses them into requests,
+//! serves them, returns them on the used ring and raises the interrupt (irqfd).
+
+pub mod blk;
+pub mod device;
+pub mod mmio;
+pub mod rng;
+pub mod worker;
+
+pub use device::{ActivateError, Interrupt, VirtioDevice};
+pub use mmio::MmioTransport;
+
+/// Guest RAM, as the rest of Ferrovisor sees it.
+pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;
+
+/// Device IDs (virtio 1.2 section 5).
+pub const TYPE_NET: u32 = 1;
+pub const TYPE_BLOCK: u32 = 2;
+pub const TYPE_CONSOLE: u32 = 3;
+pub const TYPE_RNG: u32 = 4;
+pub const TYPE_BALLOON: u32 = 5;
+pub const TYPE_VSOCK: u32 = 19;
+
+/// Feature bits every device shares.
+pub const F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+pub const F_RING_INDIRECT_DESC: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+pub const F_RING_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;

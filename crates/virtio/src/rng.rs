@@ -1,0 +1,87 @@
+//! virtio-rng (entropy device): fills the driver's buffers from the host's getrandom(2).
+
+use virtio_queue::Queue;
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::device::{ActivateError, Activation, VirtioDevice};
+use crate::worker::{Backend, Worker, serve_queue};
+use crate::{F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, GuestMemory, TYPE_RNG};
+
+/// Bytes served per chain at most: a guest cannot make the VMM spin on one huge buffer.
+const MAX_CHAIN_BYTES: usize = 64 << 10;
+const QUEUE_SIZES: [u16; 1] = [256];
+
+#[derive(Default)]
+pub struct Rng {
+    worker: Option<Worker>,
+}
+
+impl Rng {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u32 {
+        TYPE_RNG
+    }
+    fn features(&self) -> u64 {
+        F_VERSION_1 | F_RING_INDIRECT_DESC | F_RING_EVENT_IDX
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        self.worker = Some(Worker::spawn("virtio-rng", RngBackend, activation).map_err(ActivateError::Worker)?);
+        Ok(())
+    }
+    fn reset(&mut self) {
+        self.worker = None;
+    }
+}
+
+struct RngBackend;
+
+/// Fills `len` bytes at `addr` with entropy; returns how many were written.
+fn fill_random(mem: &GuestMemory, addr: GuestAddress, len: usize) -> usize {
+    let mut chunk = [0u8; 4096];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(chunk.len());
+        // SAFETY: getrandom writes at most `n` bytes into `chunk`, which holds 4096.
+        let got = unsafe { libc::getrandom(chunk.as_mut_ptr().cast(), n, 0) };
+        if got <= 0 {
+            break;
+        }
+        let got = got as usize;
+        let Some(at) = addr.0.checked_add(done as u64) else { break };
+        if mem.write_slice(&chunk[..got], GuestAddress(at)).is_err() {
+            break;
+        }
+        done += got;
+    }
+    done
+}
+
+impl Backend for RngBackend {
+    fn process_queue(&mut self, _index: usize, queues: &mut [Queue], mem: &GuestMemory) -> bool {
+        serve_queue("virtio-rng", &mut queues[0], mem, |chain| {
+            let mut budget = MAX_CHAIN_BYTES;
+            let mut written = 0usize;
+            for desc in chain.writable() {
+                let len = (desc.len() as usize).min(budget);
+                let n = fill_random(mem, desc.addr(), len);
+                written += n;
+                budget -= n;
+                if n < len || budget == 0 {
+                    break;
+                }
+            }
+            written as u32
+        })
+    }
+}

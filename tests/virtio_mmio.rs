@@ -1,0 +1,144 @@
+//! Ferrovisor's virtio-mmio devices, driven by the probe guest and checked from the host: the
+//! bytes on the disk image, data that survives a SIGKILL after a flush, and a VMM that keeps
+//! serving (and logs) when the driver turns hostile.
+
+mod common;
+
+#[path = "../guest/probe/src/pattern.rs"]
+#[allow(dead_code)]
+mod pattern;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{Running, probe_command, probe_result, scratch_dir};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+fn image(dir: &Path, name: &str, bytes: Vec<u8>) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path.display().to_string()
+}
+
+/// Checks that sectors [first, first + count) of `disk` hold the probe's pattern for `seed` and
+/// the rest are zero; returns the probe's checksum of the pattern.
+fn check_pattern(disk: &[u8], seed: u64, first: u64, count: u64) -> u64 {
+    let mut expected = vec![0u8; 512];
+    let mut checksum = pattern::FNV_OFFSET;
+    for (sector, actual) in disk.chunks_exact(512).enumerate() {
+        let sector = sector as u64;
+        if (first..first + count).contains(&sector) {
+            pattern::fill_sector(seed, sector, &mut expected);
+            assert_eq!(actual, &expected[..], "sector {sector} holds the probe's pattern");
+            checksum = pattern::fnv1a(checksum, actual);
+        } else {
+            assert!(actual.iter().all(|&b| b == 0), "sector {sector} is untouched");
+        }
+    }
+    checksum
+}
+
+#[test]
+fn blk_writes_reach_the_image_and_rng_gives_bytes() {
+    let dir = scratch_dir("vmmio-blk");
+    let disk = image(&dir, "disk.img", vec![0; 1 << 20]);
+    let mut cmd = probe_command(
+        1,
+        "probe.test=virtio-rng,virtio-blk probe.virtio-blk.start=8 probe.virtio-blk.sectors=100 probe.virtio-blk.seed=7",
+    );
+    cmd.args(["--rng", "--disk", &format!("path={disk},id=probe-disk")]);
+    let out = Running::start(cmd).finish(TIMEOUT);
+    assert_eq!(probe_result(&out.stdout, "virtio-rng"), Some("PROBE virtio-rng ok bytes=128"), "{}", out.describe());
+    let blk = probe_result(&out.stdout, "virtio-blk").unwrap_or_else(|| panic!("{}", out.describe()));
+    assert!(
+        blk.starts_with(
+            "PROBE virtio-blk ok sectors=100 capacity=2048 readonly=no flush=yes write=ok beyond_end=ioerr id=probe-disk "
+        ),
+        "{blk}"
+    );
+    let checksum = check_pattern(&std::fs::read(&disk).unwrap(), 7, 8, 100);
+    assert!(blk.ends_with(&format!("checksum={checksum:#x}")), "{blk}");
+    assert!(out.status.success(), "{}", out.describe());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn read_only_disk_refuses_writes() {
+    let dir = scratch_dir("vmmio-blk-ro");
+    let content: Vec<u8> = (0..(256 * 1024u32)).map(|i| (i % 251) as u8).collect();
+    let disk = image(&dir, "disk.img", content.clone());
+    let mut cmd = probe_command(1, "probe.test=virtio-blk probe.virtio-blk.sectors=16");
+    cmd.args(["--disk", &format!("path={disk},readonly=on")]);
+    let out = Running::start(cmd).finish(TIMEOUT);
+    let blk = probe_result(&out.stdout, "virtio-blk").unwrap_or_else(|| panic!("{}", out.describe()));
+    let checksum = pattern::fnv1a(pattern::FNV_OFFSET, &content[..16 * 512]);
+    assert!(blk.starts_with("PROBE virtio-blk ok sectors=16 capacity=512 readonly=yes"), "{blk}");
+    assert!(blk.contains(" write=refused "), "{blk}");
+    assert!(blk.ends_with(&format!("checksum={checksum:#x}")), "{blk}");
+    assert_eq!(std::fs::read(&disk).unwrap(), content, "the image is unchanged");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn flushed_data_survives_a_sigkill_of_the_vmm() {
+    let dir = scratch_dir("vmmio-blk-kill");
+    let disk = image(&dir, "disk.img", vec![0; 1 << 20]);
+    let mut cmd =
+        probe_command(1, "probe.test=virtio-blk probe.virtio-blk.sectors=64 probe.virtio-blk.seed=3 probe.idle=on");
+    cmd.args(["--disk", &format!("path={disk}")]);
+    let mut vm = Running::start(cmd);
+    assert!(vm.wait_for_output("PROBE done passed=1", TIMEOUT), "{}", vm.stdout());
+    vm.child.kill().unwrap();
+    let out = vm.finish(TIMEOUT);
+    assert!(!out.status.success(), "SIGKILL ended the VMM: {}", out.describe());
+    check_pattern(&std::fs::read(&disk).unwrap(), 3, 0, 64);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn hostile_driver_is_answered_logged_and_the_other_devices_keep_working() {
+    let dir = scratch_dir("vmmio-hostile");
+    let disk = image(&dir, "disk.img", vec![0; 1 << 20]);
+    let mut cmd = probe_command(1, "probe.test=hostile,virtio-rng,virtio-blk");
+    cmd.args(["--rng", "--disk", &format!("path={disk}")]);
+    let out = Running::start(cmd).finish(TIMEOUT);
+    let hostile: Vec<&str> = out.stdout.lines().filter(|l| l.starts_with("PROBE hostile-")).collect();
+    assert_eq!(hostile.len(), 16, "{}", out.describe());
+    for line in &hostile {
+        assert!(line.ends_with(" recovered=yes"), "{line}");
+    }
+    // Each kind of bad input is named in the log.
+    for fault in [
+        "the chain does not end in a writable status byte",
+        "the chain is empty or its header is not 16 readable bytes",
+        "the driver corrupted a queue",
+        "queue 0 has misaligned rings; the device needs a reset",
+        "queue 0 was given a size that is not a power of two",
+    ] {
+        assert!(out.stderr.contains(fault), "'{fault}' logged: {}", out.describe());
+    }
+    assert_eq!(probe_result(&out.stdout, "virtio-rng"), Some("PROBE virtio-rng ok bytes=128"), "{}", out.describe());
+    assert!(probe_result(&out.stdout, "virtio-blk").is_some_and(|l| l.starts_with("PROBE virtio-blk ok")));
+    assert!(out.stdout.contains("PROBE done passed=18 failed=0 skipped=0"), "{}", out.describe());
+    assert!(out.status.success(), "{}", out.describe());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn bad_disk_options_are_refused_with_a_sentence() {
+    let dir = scratch_dir("vmmio-cli");
+    let odd = image(&dir, "odd.img", vec![0; 1000]);
+    for (disk, expected) in [
+        (format!("path={odd}"), format!("error: --disk {odd} is 1000 bytes, not a whole number of 512-byte sectors")),
+        ("path=/nonexistent/disk.img".to_string(), "error: --disk /nonexistent/disk.img cannot be opened".to_string()),
+        ("readonly=on".to_string(), "--disk needs path=IMAGE".to_string()),
+    ] {
+        let mut cmd = probe_command(1, "");
+        cmd.args(["--disk", &disk]);
+        let out = Running::start(cmd).finish(TIMEOUT);
+        assert_eq!(out.status.code(), Some(2), "{}", out.describe());
+        assert!(out.stderr.contains(&expected), "{expected}: {}", out.describe());
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
