@@ -192,7 +192,7 @@ fn check_disk(disk: &DiskConfig) -> Result<(), ConfigError> {
         reason: e.to_string(),
     })?;
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-    if size % 512 != 0 {
+    if !size.is_multiple_of(512) {
         return Err(ConfigError::DiskSize { path: disk.path.clone(), size });
     }
     Ok(())
@@ -285,8 +285,10 @@ mod tests {
         assert_eq!(c.validate(&LIMITS), Err(ConfigError::DiskSize { path: odd.clone(), size: 1000 }));
         let c = VmConfig { disks: vec![disk("/nonexistent/disk.img".into(), true)], ..config(elf.clone()) };
         assert!(matches!(c.validate(&LIMITS), Err(ConfigError::DiskUnusable { .. })));
-        let c = VmConfig { disks: vec![disk(elf.clone(), false); 20], ..config(elf.clone()) };
+        let sector = temp_file("sector.img", &[0u8; 512]);
+        let c = VmConfig { disks: vec![disk(sector.clone(), false); 20], ..config(elf.clone()) };
         assert_eq!(c.validate(&LIMITS), Err(ConfigError::TooManyDevices { count: 20, max: 19 }));
+        std::fs::remove_file(sector).unwrap();
         std::fs::remove_file(elf).unwrap();
         std::fs::remove_file(odd).unwrap();
     }
