@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
-use vmm::{DiskConfig, HostLimits, SerialConfig, VmConfig, config::DEFAULT_CMDLINE};
+use vmm::{ConsoleConfig, DiskConfig, HostLimits, SerialConfig, VmConfig, config::DEFAULT_CMDLINE};
 
 /// Exit status for bad user input, as clap uses for bad arguments.
 const EXIT_USAGE: u8 = 2;
@@ -54,6 +54,13 @@ struct RunArgs {
     /// A virtio-rng device fed by the host's getrandom.
     #[arg(long)]
     rng: bool,
+    /// A virtio console (hvc0): stdio, file:PATH or pty.
+    #[arg(long, value_parser = parse_console)]
+    console: Option<ConsoleConfig>,
+}
+
+fn parse_console(s: &str) -> Result<ConsoleConfig, String> {
+    s.parse()
 }
 
 fn parse_disk(s: &str) -> Result<DiskConfig, String> {
@@ -91,6 +98,7 @@ fn run(args: RunArgs, launched: Instant) -> ExitCode {
         serial: args.serial,
         disks: args.disks,
         rng: args.rng,
+        console: args.console,
     };
     let kvm = match vmm::vm::open_kvm() {
         Ok(kvm) => kvm,

@@ -142,3 +142,46 @@ fn bad_disk_options_are_refused_with_a_sentence() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn console_on_a_pty_carries_a_line_each_way() {
+    let mut cmd = probe_command(1, "probe.test=virtio-console probe.virtio-console.rx=11 probe.virtio-console.seed=42");
+    cmd.args(["--console", "pty"]);
+    let mut vm = Running::start(cmd);
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let pty = loop {
+        let err = vm.stderr();
+        if let Some(at) = err.find("virtio-console on /dev/pts/") {
+            let path: String =
+                err[at + "virtio-console on ".len()..].chars().take_while(|c| !c.is_whitespace()).collect();
+            break path;
+        }
+        assert!(std::time::Instant::now() < deadline, "no pty announced: {err}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut tty = std::fs::OpenOptions::new().read(true).write(true).open(&pty).unwrap();
+    let mut line = [0u8; 22];
+    std::io::Read::read_exact(&mut tty, &mut line).unwrap();
+    assert_eq!(&line, b"probe console says 42\n");
+    std::io::Write::write_all(&mut tty, b"from host!\n").unwrap();
+    let out = vm.finish(TIMEOUT);
+    let checksum = pattern::fnv1a(pattern::FNV_OFFSET, b"from host!\n");
+    assert_eq!(
+        probe_result(&out.stdout, "virtio-console"),
+        Some(format!("PROBE virtio-console ok tx_bytes=22 rx_bytes=11 rx_checksum={checksum:#x}").as_str()),
+        "{}",
+        out.describe()
+    );
+}
+
+#[test]
+fn console_output_can_go_to_a_file() {
+    let dir = scratch_dir("vmmio-console-file");
+    let log = dir.join("console.log");
+    let mut cmd = probe_command(1, "probe.test=virtio-console probe.virtio-console.seed=9");
+    cmd.args(["--console", &format!("file:{}", log.display())]);
+    let out = Running::start(cmd).finish(TIMEOUT);
+    assert!(probe_result(&out.stdout, "virtio-console").is_some_and(|l| l.starts_with("PROBE virtio-console ok")));
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "probe console says 9\n");
+    let _ = std::fs::remove_dir_all(dir);
+}

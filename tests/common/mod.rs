@@ -120,6 +120,10 @@ impl Running {
         self.stdout.lock().unwrap().clone()
     }
 
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
     /// Waits until stdout contains `needle`; false if the deadline passes or the VMM exits first.
     pub fn wait_for_output(&mut self, needle: &str, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;

@@ -6,6 +6,7 @@
 //! serves them, returns them on the used ring and raises the interrupt (irqfd).
 
 pub mod blk;
+pub mod console;
 pub mod device;
 pub mod mmio;
 pub mod rng;

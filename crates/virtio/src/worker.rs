@@ -24,6 +24,11 @@ pub trait Backend: Send + 'static {
     fn process_fd(&mut self, _index: usize, _queues: &mut [Queue], _mem: &GuestMemory) -> bool {
         false
     }
+    /// Whether to wait on `extra_fds()[index]` now: a back-end with nowhere to put input (no
+    /// guest buffers, or an input that ended) says no, so that the worker does not spin.
+    fn fd_wanted(&self, _index: usize) -> bool {
+        true
+    }
 }
 
 /// A running worker; dropping it does not stop it, `stop` does.
@@ -44,20 +49,20 @@ impl Worker {
         for (i, evt) in queue_events.iter().enumerate() {
             epoll.ctl(ControlOperation::Add, evt.as_raw_fd(), EpollEvent::new(EventSet::IN, i as u64))?;
         }
-        for (i, fd) in backend.extra_fds().into_iter().enumerate() {
-            epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, FD_TOKEN_BASE + i as u64))?;
-        }
+        let extra = ExtraFds { fds: backend.extra_fds(), registered: Vec::new() };
         epoll.ctl(ControlOperation::Add, kill.as_raw_fd(), EpollEvent::new(EventSet::IN, KILL_TOKEN))?;
+        let mut event_loop = EventLoop { epoll, queue_events, kill: kill_in_thread, interrupt, mem, extra };
         let thread = std::thread::Builder::new().name(name.into()).spawn(move || {
             // The driver may have notified before DRIVER_OK: serve what is already there.
             let mut used = false;
             for i in 0..queues.len() {
-                used |= backend.process_queue(i, &mut queues, &mem);
+                used |= backend.process_queue(i, &mut queues, &event_loop.mem);
             }
             if used {
-                interrupt.signal_used_queue();
+                event_loop.interrupt.signal_used_queue();
             }
-            run(&epoll, &mut backend, &mut queues, &queue_events, &kill_in_thread, &interrupt, &mem);
+            event_loop.extra.sync(&event_loop.epoll, &backend);
+            event_loop.run(&mut backend, &mut queues);
         })?;
         Ok(Worker { kill, thread: Some(thread) })
     }
@@ -77,44 +82,77 @@ impl Drop for Worker {
     }
 }
 
-fn run(
-    epoll: &Epoll,
-    backend: &mut impl Backend,
-    queues: &mut [Queue],
-    queue_events: &[EventFd],
-    kill: &EventFd,
-    interrupt: &Arc<Interrupt>,
-    mem: &GuestMemory,
-) {
-    let mut events = vec![EpollEvent::default(); queue_events.len() + 8];
-    loop {
-        let n = match epoll.wait(-1, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                tracing::error!("a virtio worker stopped: epoll failed: {e}");
-                return;
+/// The back-end's own fds and which of them epoll waits on.
+struct ExtraFds {
+    fds: Vec<RawFd>,
+    registered: Vec<bool>,
+}
+
+impl ExtraFds {
+    /// Adds or removes each fd as the back-end now wants it.
+    fn sync(&mut self, epoll: &Epoll, backend: &impl Backend) {
+        self.registered.resize(self.fds.len(), false);
+        for (i, &fd) in self.fds.iter().enumerate() {
+            let wanted = backend.fd_wanted(i);
+            if wanted == self.registered[i] {
+                continue;
             }
-        };
-        let mut used = false;
-        for event in &events[..n] {
-            match event.data() {
-                KILL_TOKEN => {
-                    let _ = kill.read();
-                    return;
-                }
-                token if token >= FD_TOKEN_BASE => {
-                    used |= backend.process_fd((token - FD_TOKEN_BASE) as usize, queues, mem);
-                }
-                token => {
-                    let index = token as usize;
-                    let _ = queue_events[index].read();
-                    used |= backend.process_queue(index, queues, mem);
+            let event = EpollEvent::new(EventSet::IN, FD_TOKEN_BASE + i as u64);
+            let op = if wanted { ControlOperation::Add } else { ControlOperation::Delete };
+            match epoll.ctl(op, fd, event) {
+                Ok(()) => self.registered[i] = wanted,
+                Err(e) => {
+                    tracing::warn!("a virtio back-end fd cannot be watched ({e}); it is dropped");
+                    self.registered[i] = false;
                 }
             }
         }
-        if used {
-            interrupt.signal_used_queue();
+    }
+}
+
+/// What the worker thread owns besides the back-end and the queues.
+struct EventLoop {
+    epoll: Epoll,
+    queue_events: Vec<EventFd>,
+    kill: EventFd,
+    interrupt: Arc<Interrupt>,
+    mem: GuestMemory,
+    extra: ExtraFds,
+}
+
+impl EventLoop {
+    fn run(&mut self, backend: &mut impl Backend, queues: &mut [Queue]) {
+        let mut events = vec![EpollEvent::default(); self.queue_events.len() + self.extra.fds.len() + 1];
+        loop {
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!("a virtio worker stopped: epoll failed: {e}");
+                    return;
+                }
+            };
+            let mut used = false;
+            for event in &events[..n] {
+                match event.data() {
+                    KILL_TOKEN => {
+                        let _ = self.kill.read();
+                        return;
+                    }
+                    token if token >= FD_TOKEN_BASE => {
+                        used |= backend.process_fd((token - FD_TOKEN_BASE) as usize, queues, &self.mem);
+                    }
+                    token => {
+                        let index = token as usize;
+                        let _ = self.queue_events[index].read();
+                        used |= backend.process_queue(index, queues, &self.mem);
+                    }
+                }
+            }
+            if used {
+                self.interrupt.signal_used_queue();
+            }
+            self.extra.sync(&self.epoll, backend);
         }
     }
 }
@@ -122,9 +160,19 @@ fn run(
 /// Serves every chain the driver made available on `queue`, `serve` answering each with the
 /// number of bytes it wrote into the chain. Returns whether the driver should be interrupted.
 /// A ring the driver corrupted (an available index too far ahead) stops the queue until reset.
-pub fn serve_queue<F>(name: &str, queue: &mut Queue, mem: &GuestMemory, mut serve: F) -> bool
+pub fn serve_queue<F>(name: &str, queue: &mut Queue, mem: &GuestMemory, serve: F) -> bool
 where
     F: FnMut(virtio_queue::DescriptorChain<&GuestMemory>) -> u32,
+{
+    serve_queue_while(name, queue, mem, || true, serve)
+}
+
+/// As serve_queue, but takes a chain only while `more()` says there is something to put in it
+/// (input waiting for receive buffers).
+pub fn serve_queue_while<F, M>(name: &str, queue: &mut Queue, mem: &GuestMemory, mut more: M, mut serve: F) -> bool
+where
+    F: FnMut(virtio_queue::DescriptorChain<&GuestMemory>) -> u32,
+    M: FnMut() -> bool,
 {
     use virtio_queue::{QueueOwnedT, QueueT};
     if !queue.ready() {
@@ -133,7 +181,7 @@ where
     let mut used = false;
     loop {
         let _ = queue.disable_notification(mem);
-        loop {
+        while more() {
             let chain = match queue.iter(mem) {
                 Ok(mut iter) => iter.next(),
                 Err(e) => {
@@ -150,8 +198,10 @@ where
             }
             used = true;
         }
+        // More chains arrived while notifications were off: serve them too, if there is
+        // anything to put in them.
         match queue.enable_notification(mem) {
-            Ok(true) => continue,
+            Ok(true) if more() => continue,
             _ => break,
         }
     }

@@ -80,6 +80,28 @@ impl FromStr for DiskConfig {
     }
 }
 
+/// Where the virtio console goes: `--console stdio|file:PATH|pty`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConsoleConfig {
+    Stdio,
+    File(PathBuf),
+    Pty,
+}
+
+impl FromStr for ConsoleConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "stdio" => Ok(Self::Stdio),
+            "pty" => Ok(Self::Pty),
+            _ => match s.strip_prefix("file:") {
+                Some(path) if !path.is_empty() => Ok(Self::File(path.into())),
+                _ => Err("use stdio, file:PATH or pty".to_string()),
+            },
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct VmConfig {
     pub kernel: PathBuf,
@@ -90,6 +112,7 @@ pub struct VmConfig {
     pub serial: SerialConfig,
     pub disks: Vec<DiskConfig>,
     pub rng: bool,
+    pub console: Option<ConsoleConfig>,
 }
 
 /// What this host allows.
@@ -168,7 +191,7 @@ impl VmConfig {
         for disk in &self.disks {
             check_disk(disk)?;
         }
-        let devices = self.disks.len() + usize::from(self.rng);
+        let devices = self.disks.len() + usize::from(self.rng) + usize::from(self.console.is_some());
         if devices > arch::layout::VIRTIO_MAX_DEVICES as usize {
             return Err(ConfigError::TooManyDevices { count: devices, max: arch::layout::VIRTIO_MAX_DEVICES });
         }
@@ -230,6 +253,7 @@ mod tests {
             serial: SerialConfig::Stdio,
             disks: Vec::new(),
             rng: false,
+            console: None,
         }
     }
 
@@ -291,6 +315,14 @@ mod tests {
         std::fs::remove_file(sector).unwrap();
         std::fs::remove_file(elf).unwrap();
         std::fs::remove_file(odd).unwrap();
+    }
+
+    #[test]
+    fn console_option_parses() {
+        assert_eq!("pty".parse(), Ok(ConsoleConfig::Pty));
+        assert_eq!("stdio".parse(), Ok(ConsoleConfig::Stdio));
+        assert_eq!("file:/tmp/c".parse(), Ok(ConsoleConfig::File("/tmp/c".into())));
+        assert!("tty".parse::<ConsoleConfig>().unwrap_err().contains("pty"));
     }
 
     #[test]

@@ -13,10 +13,11 @@ use arch::layout::{VIRTIO_FIRST_IRQ, VIRTIO_MMIO_START, VIRTIO_MMIO_WINDOW};
 use devices::Bus;
 use virtio::VirtioDevice;
 use virtio::blk::Block;
+use virtio::console::{Console, ConsoleIo};
 use virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
 use virtio::rng::Rng;
 
-use crate::config::VmConfig;
+use crate::config::{ConsoleConfig, VmConfig};
 use crate::vm::Error;
 
 /// Creates every virtio device of `config`, maps it and announces it on `cmdline`.
@@ -34,6 +35,16 @@ pub fn attach_all(
     }
     if config.rng {
         devices.push(("virtio-rng".into(), Box::new(Rng::new())));
+    }
+    if let Some(console) = &config.console {
+        let io = match console {
+            ConsoleConfig::Stdio => ConsoleIo::stdio(),
+            ConsoleConfig::File(path) => ConsoleIo::file(path),
+            ConsoleConfig::Pty => ConsoleIo::pty(),
+        }
+        .map_err(|e| Error::Device(format!("virtio-console: {e}")))?;
+        tracing::info!("virtio-console on {}", io.description);
+        devices.push(("virtio-console".into(), Box::new(Console::new(io))));
     }
     for (slot, (name, device)) in devices.into_iter().enumerate() {
         let base = VIRTIO_MMIO_START + slot as u64 * VIRTIO_MMIO_WINDOW;

@@ -177,7 +177,8 @@ fn create_devices(
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("serial interrupt"))?;
     vm.register_irqfd(&serial_irq, COM1_IRQ).map_err(kvm_err("route the serial interrupt"))?;
     let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, sink)));
-    if config.serial == SerialConfig::Stdio {
+    // The virtio console takes stdin when it is on stdio.
+    if config.serial == SerialConfig::Stdio && config.console != Some(crate::config::ConsoleConfig::Stdio) {
         serial::spawn_input_thread(serial.clone(), std::io::stdin()).map_err(host_err("serial input thread"))?;
     }
     let reset_latch = latch.clone();
