@@ -147,7 +147,7 @@ fn bad_disk_options_are_refused_with_a_sentence() {
 fn console_on_a_pty_carries_a_line_each_way() {
     let mut cmd = probe_command(1, "probe.test=virtio-console probe.virtio-console.rx=11 probe.virtio-console.seed=42");
     cmd.args(["--console", "pty"]);
-    let mut vm = Running::start(cmd);
+    let vm = Running::start(cmd);
     let deadline = std::time::Instant::now() + TIMEOUT;
     let pty = loop {
         let err = vm.stderr();
