@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
-use vmm::{ConsoleConfig, DiskConfig, HostLimits, SerialConfig, VmConfig, config::DEFAULT_CMDLINE};
+use vmm::{ConsoleConfig, DiskConfig, HostLimits, NetConfig, SerialConfig, VmConfig, config::DEFAULT_CMDLINE};
 
 /// Exit status for bad user input, as clap uses for bad arguments.
 const EXIT_USAGE: u8 = 2;
@@ -57,6 +57,13 @@ struct RunArgs {
     /// A virtio console (hvc0): stdio, file:PATH or pty.
     #[arg(long, value_parser = parse_console)]
     console: Option<ConsoleConfig>,
+    /// A virtio-net interface: tap=NAME[,mac=02:..]; the TAP is created if absent.
+    #[arg(long = "net", value_parser = parse_net)]
+    nets: Vec<NetConfig>,
+}
+
+fn parse_net(s: &str) -> Result<NetConfig, String> {
+    s.parse()
 }
 
 fn parse_console(s: &str) -> Result<ConsoleConfig, String> {
@@ -99,6 +106,7 @@ fn run(args: RunArgs, launched: Instant) -> ExitCode {
         disks: args.disks,
         rng: args.rng,
         console: args.console,
+        nets: args.nets,
     };
     let kvm = match vmm::vm::open_kvm() {
         Ok(kvm) => kvm,

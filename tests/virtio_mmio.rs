@@ -185,3 +185,47 @@ fn console_output_can_go_to_a_file() {
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "probe console says 9\n");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn net_frames_through_a_tap_are_exact_both_ways() {
+    let tap = common::TestTap::new("fvn");
+    let far_side = common::PacketSocket::bind(&tap.name);
+    let mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+    let mut cmd = probe_command(
+        1,
+        "probe.test=virtio-net probe.virtio-net.tx=4 probe.virtio-net.size=100 probe.virtio-net.rx=3 probe.virtio-net.seed=5",
+    );
+    cmd.args(["--net", &format!("tap={},mac=52:54:00:12:34:56", tap.name)]);
+    let mut vm = Running::start(cmd);
+    assert!(vm.wait_for_output("PROBE virtio-net ready mac=52:54:00:12:34:56", TIMEOUT), "{}", vm.stdout());
+    let (mut sent_checksum, mut sent_bytes) = (pattern::FNV_OFFSET, 0);
+    for (i, len) in [60usize, 1514, 342].into_iter().enumerate() {
+        let mut frame = vec![0u8; len];
+        pattern::fill_frame(99, i as u64, [2, 0, 0, 0, 0, 9], &mut frame);
+        far_side.send(&frame);
+        sent_checksum = pattern::fnv1a(sent_checksum, &frame);
+        sent_bytes += len;
+    }
+    let received: Vec<Vec<u8>> =
+        (0..4).map(|_| far_side.recv_ethertype(pattern::ETHERTYPE_PROBE).expect("a frame from the guest")).collect();
+    let out = vm.finish(TIMEOUT);
+    for (i, frame) in received.iter().enumerate() {
+        let len = if i % 2 == 0 { 100 } else { 1514 };
+        let mut expected = vec![0u8; len];
+        pattern::fill_frame(5, i as u64, mac, &mut expected);
+        assert_eq!(frame, &expected, "frame {i} arrives exactly as the guest built it");
+    }
+    let line = probe_result(&out.stdout, "virtio-net").unwrap_or_else(|| panic!("{}", out.describe()));
+    assert!(line.starts_with("PROBE virtio-net ok mac=52:54:00:12:34:56 tx=4 tx_bytes=3228 "), "{line}");
+    assert!(line.ends_with(&format!("rx=3 rx_bytes={sent_bytes} rx_checksum={sent_checksum:#x}")), "{line}");
+    assert!(out.status.success(), "{}", out.describe());
+}
+
+#[test]
+fn net_refuses_bad_options_and_names_the_tap_problem() {
+    let mut cmd = probe_command(1, "");
+    cmd.args(["--net", "tap=fvbad,mac=01:02:03:04:05:06"]);
+    let out = Running::start(cmd).finish(TIMEOUT);
+    assert_eq!(out.status.code(), Some(2), "{}", out.describe());
+    assert!(out.stderr.contains("multicast address"), "{}", out.describe());
+}

@@ -267,3 +267,97 @@ pub fn qemu_probe_command(cpus: u32, tests: &str, extra: &[&str]) -> Command {
         .args(["-kernel", probe_elf(), "-append", &format!("{tests} {}", slots.join(" "))]);
     cmd
 }
+
+/// Runs a command that must succeed (test set-up such as `ip`), panicking with its output.
+pub fn sh(program: &str, args: &[&str]) {
+    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program} runs: {e}"));
+    assert!(out.status.success(), "{program} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A TAP device created for one test (IPv6 off so that the host stays quiet on it, link up),
+/// removed when dropped.
+pub struct TestTap {
+    pub name: String,
+}
+
+impl TestTap {
+    pub fn new(prefix: &str) -> TestTap {
+        let name = format!("{prefix}{}", std::process::id() % 100_000);
+        let _ = Command::new("ip").args(["link", "del", &name]).output();
+        sh("ip", &["tuntap", "add", &name, "mode", "tap"]);
+        sh("sysctl", &["-qw", &format!("net.ipv6.conf.{name}.disable_ipv6=1")]);
+        sh("ip", &["link", "set", &name, "up"]);
+        TestTap { name }
+    }
+}
+
+impl Drop for TestTap {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.name]).output();
+    }
+}
+
+/// A raw packet socket on one interface: the far side of a TAP.
+pub struct PacketSocket {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl PacketSocket {
+    pub fn bind(interface: &str) -> PacketSocket {
+        use std::os::fd::FromRawFd;
+        let proto = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: socket(2) returns a new fd or -1.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, i32::from(proto)) };
+        assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+        // SAFETY: fd is new and owned from here on.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let name = std::ffi::CString::new(interface).unwrap();
+        // SAFETY: a NUL-terminated interface name.
+        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert!(index != 0, "interface {interface} exists");
+        // SAFETY: zeroed sockaddr_ll, then the fields bind needs.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = proto;
+        addr.sll_ifindex = index as i32;
+        let len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+        // SAFETY: binding our socket to a valid sockaddr_ll of `len` bytes.
+        let rc = unsafe { libc::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), (&raw const addr).cast(), len) };
+        assert_eq!(rc, 0, "bind to {interface}: {}", std::io::Error::last_os_error());
+        let timeout = libc::timeval { tv_sec: 10, tv_usec: 0 };
+        // SAFETY: SO_RCVTIMEO takes a timeval.
+        unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&raw const timeout).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        };
+        PacketSocket { fd }
+    }
+
+    pub fn send(&self, frame: &[u8]) {
+        // SAFETY: sending from a live slice on our bound socket.
+        let n = unsafe { libc::send(std::os::fd::AsRawFd::as_raw_fd(&self.fd), frame.as_ptr().cast(), frame.len(), 0) };
+        assert_eq!(n, frame.len() as isize, "send: {}", std::io::Error::last_os_error());
+    }
+
+    /// The next frame with `ethertype`, skipping others; None after the receive timeout.
+    pub fn recv_ethertype(&self, ethertype: u16) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; 65536];
+        loop {
+            // SAFETY: receiving into a live buffer of its length.
+            let n =
+                unsafe { libc::recv(std::os::fd::AsRawFd::as_raw_fd(&self.fd), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                return None;
+            }
+            let frame = &buf[..n as usize];
+            if frame.len() >= 14 && frame[12..14] == ethertype.to_be_bytes() {
+                return Some(frame.to_vec());
+            }
+        }
+    }
+}

@@ -80,6 +80,48 @@ impl FromStr for DiskConfig {
     }
 }
 
+/// A virtio-net interface on a TAP: `--net tap=NAME[,mac=XX:XX:XX:XX:XX:XX]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    pub tap: String,
+    pub mac: Option<[u8; 6]>,
+}
+
+fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+impl FromStr for NetConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (mut tap, mut mac) = (None, None);
+        for (key, value) in key_values("--net", s)? {
+            match key {
+                "tap" if !value.is_empty() && value.len() < 16 => tap = Some(value.to_string()),
+                "tap" => return Err(format!("--net tap= takes an interface name of 1 to 15 bytes, not '{value}'")),
+                "mac" => match parse_mac(value) {
+                    Some(m) if m[0] & 1 == 0 => mac = Some(m),
+                    Some(_) => return Err(format!("--net mac={value} is a multicast address; use a unicast one")),
+                    None => {
+                        return Err(format!("--net mac= takes six hex bytes like 02:00:00:00:00:01, not '{value}'"));
+                    }
+                },
+                _ => return Err(format!("--net has no option '{key}'; use tap= and mac=")),
+            }
+        }
+        Ok(NetConfig { tap: tap.ok_or("--net needs tap=NAME")?, mac })
+    }
+}
+
 /// Where the virtio console goes: `--console stdio|file:PATH|pty`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ConsoleConfig {
@@ -113,6 +155,7 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     pub rng: bool,
     pub console: Option<ConsoleConfig>,
+    pub nets: Vec<NetConfig>,
 }
 
 /// What this host allows.
@@ -191,7 +234,7 @@ impl VmConfig {
         for disk in &self.disks {
             check_disk(disk)?;
         }
-        let devices = self.disks.len() + usize::from(self.rng) + usize::from(self.console.is_some());
+        let devices = self.disks.len() + self.nets.len() + usize::from(self.rng) + usize::from(self.console.is_some());
         if devices > arch::layout::VIRTIO_MAX_DEVICES as usize {
             return Err(ConfigError::TooManyDevices { count: devices, max: arch::layout::VIRTIO_MAX_DEVICES });
         }
@@ -254,6 +297,7 @@ mod tests {
             disks: Vec::new(),
             rng: false,
             console: None,
+            nets: Vec::new(),
         }
     }
 
@@ -315,6 +359,19 @@ mod tests {
         std::fs::remove_file(sector).unwrap();
         std::fs::remove_file(elf).unwrap();
         std::fs::remove_file(odd).unwrap();
+    }
+
+    #[test]
+    fn net_option_parses_and_names_its_mistakes() {
+        let n: NetConfig = "tap=fv0,mac=02:00:00:aa:bb:cc".parse().unwrap();
+        assert_eq!(n, NetConfig { tap: "fv0".into(), mac: Some([2, 0, 0, 0xaa, 0xbb, 0xcc]) });
+        assert_eq!("tap=fv0".parse::<NetConfig>().unwrap().mac, None);
+        assert_eq!("mac=02:00:00:00:00:01".parse::<NetConfig>().unwrap_err(), "--net needs tap=NAME");
+        assert!("tap=fv0,mac=01:00:00:00:00:01".parse::<NetConfig>().unwrap_err().contains("multicast"));
+        assert!("tap=fv0,mac=02:00:00:00:00".parse::<NetConfig>().unwrap_err().contains("six hex bytes"));
+        assert!("tap=fv0,mac=02:00:00:00:00:01:02".parse::<NetConfig>().unwrap_err().contains("six hex bytes"));
+        assert!("tap=a-very-long-tap-name".parse::<NetConfig>().unwrap_err().contains("1 to 15 bytes"));
+        assert!("tap=fv0,vhost=on".parse::<NetConfig>().unwrap_err().contains("no option 'vhost'"));
     }
 
     #[test]

@@ -33,6 +33,13 @@ pub fn attach_all(
         let block = Block::open(&disk.path, disk.readonly, &disk.id).map_err(|e| Error::Device(e.to_string()))?;
         devices.push((format!("virtio-blk{i}"), Box::new(block)));
     }
+    for (i, nic) in config.nets.iter().enumerate() {
+        let tap =
+            net::Tap::open(&nic.tap, virtio::net::VNET_HDR_LEN as i32).map_err(|e| Error::Device(e.to_string()))?;
+        // Locally administered, unicast, and different for each interface.
+        let mac = nic.mac.unwrap_or([0x02, 0xfe, 0x00, 0x00, 0x00, i as u8 + 1]);
+        devices.push((format!("virtio-net{i}"), Box::new(virtio::net::Net::new(tap, mac))));
+    }
     if config.rng {
         devices.push(("virtio-rng".into(), Box::new(Rng::new())));
     }

@@ -2,14 +2,14 @@
 //! so that the host can check both directions byte for byte.
 //!
 //! Parameters: probe.virtio-net.tx (4 frames), .size (60 bytes; frames alternate between this
-//! and 1514), .rx (frames to wait for, 0), .seed (1). After the receive ring is filled the probe
+//! and 1514), .rx (probe frames, EtherType 0x88b5, to wait for: 0), .seed (1). After the receive ring is filled the probe
 //! prints `PROBE virtio-net ready mac=...`: the host sends its frames after that line.
 //!
 //! With `probe.virtio-net.mode=throughput` it transmits `.frames` (100000) frames of `.size`
 //! bytes with the ring kept full, and reports packets per second from the TSC (see tsc.rs).
 
 use crate::cmdline::{Cmdline, VirtioMmioSlot};
-use crate::pattern::{FNV_OFFSET, fill_frame, fnv1a};
+use crate::pattern::{ETHERTYPE_PROBE, FNV_OFFSET, fill_frame, fnv1a};
 use crate::report;
 use crate::virtio::mmio::Device;
 use crate::virtio::queue::Buffer;
@@ -123,9 +123,12 @@ pub fn test(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str>
             return Err("the device reported an impossible frame length");
         }
         let frame = bytes(buffer(slot) + HEADER as u64, len - HEADER);
-        rx_checksum = fnv1a(rx_checksum, frame);
-        rx_bytes += frame.len();
-        rx += 1;
+        // Only probe frames count: a host stack may send its own (IPv6 discovery, say).
+        if frame.len() >= 14 && frame[12..14] == ETHERTYPE_PROBE.to_be_bytes() {
+            rx_checksum = fnv1a(rx_checksum, frame);
+            rx_bytes += frame.len();
+            rx += 1;
+        }
         heads[slot] = rxq.push(&[Buffer::writable(buffer(slot), (HEADER + MAX_FRAME) as u32)]).ok_or("receive ring full")?;
         dev.notify(RX_QUEUE);
     }

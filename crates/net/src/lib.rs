@@ -1,0 +1,5 @@
+//! Host networking for VMs.
+
+pub mod tap;
+
+pub use tap::{Tap, TapError};

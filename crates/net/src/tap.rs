@@ -1,0 +1,164 @@
+//! TAP devices: the host end of a VM's virtio-net, exchanging frames with virtio-net headers.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+// _IOW('T', n, int)
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+/// The kernel may hand over packets whose checksum the receiver completes.
+pub const TUN_F_CSUM: u32 = 0x01;
+
+/// struct ifreq, as far as the TUN and interface-flag ioctls use it.
+#[repr(C)]
+struct IfReq {
+    name: [u8; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TapError {
+    #[error("TAP name '{0}' is empty or longer than 15 bytes")]
+    Name(String),
+    #[error("cannot open /dev/net/tun: {0}")]
+    OpenTun(io::Error),
+    #[error(
+        "cannot create or attach TAP device {name}: permission denied; run as root, give ferrovisor CAP_NET_ADMIN, or create it for your user first (ip tuntap add {name} mode tap user $USER)"
+    )]
+    Permission { name: String },
+    #[error("cannot create or attach TAP device {name}: {source}")]
+    Attach { name: String, source: io::Error },
+    #[error("TAP device {name} refused virtio-net headers: {source}")]
+    VnetHeader { name: String, source: io::Error },
+}
+
+/// An open TAP device, non-blocking, that reads and writes frames prefixed by a virtio-net
+/// header of `vnet_hdr_len` bytes.
+pub struct Tap {
+    file: File,
+    name: String,
+}
+
+fn name_bytes(name: &str) -> Result<[u8; libc::IFNAMSIZ], TapError> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('\0') {
+        return Err(TapError::Name(name.into()));
+    }
+    let mut bytes = [0u8; libc::IFNAMSIZ];
+    bytes[..name.len()].copy_from_slice(name.as_bytes());
+    Ok(bytes)
+}
+
+impl Tap {
+    /// Attaches to TAP `name`, creating it if absent (a TAP the VMM creates disappears with
+    /// it), with virtio-net headers of `vnet_hdr_len` bytes, and brings its link up.
+    pub fn open(name: &str, vnet_hdr_len: i32) -> Result<Tap, TapError> {
+        let ifname = name_bytes(name)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open("/dev/net/tun")
+            .map_err(TapError::OpenTun)?;
+        let mut req = IfReq { name: ifname, flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, _pad: [0; 22] };
+        // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is laid out as.
+        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
+            let source = io::Error::last_os_error();
+            return Err(match source.raw_os_error() {
+                Some(libc::EPERM) | Some(libc::EACCES) => TapError::Permission { name: name.into() },
+                _ => TapError::Attach { name: name.into(), source },
+            });
+        }
+        // SAFETY: TUNSETVNETHDRSZ reads an int from the pointer.
+        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ, &vnet_hdr_len) } < 0 {
+            return Err(TapError::VnetHeader { name: name.into(), source: io::Error::last_os_error() });
+        }
+        let tap = Tap { file, name: name.into() };
+        if let Err(e) = tap.set_link_up() {
+            tracing::warn!("TAP device {name} stays down ({e}); bring it up with: ip link set {name} up");
+        }
+        Ok(tap)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Tells the kernel which offloads the reader handles (TUN_F_* bits).
+    pub fn set_offload(&self, flags: u32) -> io::Result<()> {
+        // SAFETY: TUNSETOFFLOAD takes the flags by value.
+        if unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETOFFLOAD, flags as libc::c_ulong) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn set_link_up(&self) -> io::Result<()> {
+        // SAFETY: a plain datagram socket, used only for interface-flag ioctls, closed below.
+        let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if sock < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut req = IfReq { name: name_bytes(&self.name).expect("checked at open"), flags: 0, _pad: [0; 22] };
+        // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write an ifreq.
+        let result = unsafe {
+            if libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req) < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                req.flags |= libc::IFF_UP as libc::c_short;
+                if libc::ioctl(sock, libc::SIOCSIFFLAGS, &req) < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+            }
+        };
+        // SAFETY: closing the socket opened above.
+        unsafe { libc::close(sock) };
+        result
+    }
+
+    pub fn try_clone(&self) -> io::Result<Tap> {
+        Ok(Tap { file: self.file.try_clone()?, name: self.name.clone() })
+    }
+}
+
+impl Read for Tap {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.file.read(buf)
+    }
+}
+
+impl Write for Tap {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.file.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl AsRawFd for Tap {
+    fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        assert!(matches!(name_bytes(""), Err(TapError::Name(_))));
+        assert!(matches!(name_bytes("a-name-that-is-too-long"), Err(TapError::Name(_))));
+        assert_eq!(&name_bytes("tap0").unwrap()[..5], b"tap0\0");
+    }
+
+    #[test]
+    fn ifreq_has_the_kernels_size() {
+        assert_eq!(std::mem::size_of::<IfReq>(), 40);
+    }
+}
