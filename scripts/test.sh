@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
 # Runs every test: unit tests, CLI tests, hand-made guests, the probe guest (also under QEMU
 # microvm) and Linux boots. Builds the Linux guest first (cached after the first run, about 6
-# minutes on 2 cores) and installs QEMU and cargo-nextest when they are missing.
+# minutes on 2 cores) and installs what the tests need (QEMU, dnsmasq, ping, cargo-nextest)
+# when it is missing.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-if ! command -v qemu-system-x86_64 >/dev/null; then
-	echo "installing qemu-system-x86 (the probe is also checked under QEMU microvm)" >&2
+# QEMU checks the probe; dnsmasq and ping are the far side of the Linux guest's network.
+missing=()
+command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
+command -v dnsmasq >/dev/null || missing+=(dnsmasq-base)
+command -v ping >/dev/null || missing+=(iputils-ping)
+command -v ip >/dev/null || missing+=(iproute2)
+if [ ${#missing[@]} -gt 0 ]; then
+	echo "installing ${missing[*]}" >&2
 	apt-get update -qq >/dev/null
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends qemu-system-x86 >/dev/null
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 FERROVISOR_GUEST_DIR=$(guest/build.sh | tail -n 1)
 export FERROVISOR_GUEST_DIR

@@ -58,29 +58,68 @@ fn linux_bzimage_boots_and_sigterm_stops_the_vm_cleanly() {
     assert!(out.stderr.contains("stopped the VM on signal 15 (SIGTERM)"), "{log}");
 }
 
+/// Linux on every virtio-mmio device Ferrovisor has: its root on virtio-blk, an address from a
+/// DHCP server on the TAP's far side (in a network namespace the test makes), pings from the
+/// host answered by the guest kernel, entropy from virtio-rng, its console on hvc0.
 #[test]
-fn linux_mounts_its_root_from_virtio_blk_and_seeds_crng_from_virtio_rng() {
+fn linux_on_virtio_mmio_devices_mounts_root_gets_dhcp_answers_pings_and_logs_to_hvc0() {
     let guest = linux_guest();
-    let dir = common::scratch_dir("linux-virtio");
+    let dir = common::scratch_dir("linux-devices");
     // A panicked read-write mount leaves a journal to recover: each boot gets a fresh copy.
     let root = dir.join("rootfs.ext4");
     std::fs::copy(guest.join("rootfs.ext4"), &root).unwrap();
-    let before = std::fs::read(&root).unwrap();
-    let cmdline = format!("console=ttyS0 reboot=k panic=-1 {LINUX_HOST_CMDLINE} root=/dev/vda rw");
-    let mut cmd = ferrovisor();
+    let pristine = std::fs::read(&root).unwrap();
+    let hvc0 = dir.join("hvc0.log");
+
+    let ns = common::NetNs::new("fvl");
+    let tap = "fvtap0";
+    common::sh("ip", &["-n", &ns.name, "tuntap", "add", tap, "mode", "tap"]);
+    common::sh("ip", &["-n", &ns.name, "addr", "add", "10.0.2.2/24", "dev", tap]);
+    common::sh("ip", &["-n", &ns.name, "link", "set", tap, "up"]);
+    let mut dnsmasq = ns.command("dnsmasq");
+    dnsmasq
+        .args(["--keep-in-foreground", "--no-resolv", "--no-hosts", "--port=0", "--bind-interfaces"])
+        .args([format!("--interface={tap}"), "--dhcp-range=10.0.2.15,10.0.2.15,1h".into()])
+        .arg(format!("--dhcp-leasefile={}", dir.join("leases").display()))
+        .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let _dhcp = common::KillOnDrop(dnsmasq.spawn().expect("dnsmasq starts (apt-get install dnsmasq-base)"));
+
+    // rootdelay holds the kernel after DHCP, with interrupts on, while the host pings it.
+    let cmdline = format!(
+        "console=ttyS0 console=hvc0 reboot=k panic=-1 {LINUX_HOST_CMDLINE} root=/dev/vda rw ip=dhcp rootdelay=15"
+    );
+    let mut cmd = ns.command(env!("CARGO_BIN_EXE_ferrovisor"));
     cmd.arg("run")
         .args(["--kernel", guest.join("vmlinux").to_str().unwrap()])
         .args(["--memory", "256", "--rng", "--cmdline", &cmdline])
-        .args(["--disk", &format!("path={}", root.display())]);
-    let out = Running::start(cmd).finish(BOOT_TIMEOUT);
+        .args(["--disk", &format!("path={}", root.display())])
+        .args(["--net", &format!("tap={tap}")])
+        .args(["--console", &format!("file:{}", hvc0.display())]);
+    let mut vm = Running::start(cmd);
+    let leased = vm.wait_for_output("IP-Config: Got DHCP answer from 10.0.2.2, my address is 10.0.2.15", BOOT_TIMEOUT);
+    let ping = ns.command("ping").args(["-c", "4", "-i", "0.5", "-W", "5", "10.0.2.15"]).output().unwrap();
+    let out = vm.finish(BOOT_TIMEOUT);
     let log = out.describe();
-    assert!(out.stdout.contains("virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"), "{log}");
-    assert!(out.stdout.contains("virtio_blk virtio0: [vda] 32768 512-byte logical blocks"), "{log}");
-    assert!(out.stdout.contains("EXT4-fs (vda): mounted filesystem"), "{log}");
-    assert!(out.stdout.contains("random: crng init done"), "{log}");
-    assert!(out.stdout.contains("Run /sbin/init as init process"), "{log}");
+    assert!(leased, "{log}");
+    // The first echo may go while ARP is still resolving; the rest must come back.
+    let ping_out = String::from_utf8_lossy(&ping.stdout);
+    let received: u32 =
+        ping_out.split(", ").find_map(|part| part.strip_suffix(" received")).and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!(received >= 3, "the guest answers pings: {ping_out}\n{log}");
+    for line in [
+        "virtio_blk virtio0: [vda] 32768 512-byte logical blocks",
+        "EXT4-fs (vda): mounted filesystem",
+        "random: crng init done",
+        "Run /sbin/init as init process",
+    ] {
+        assert!(out.stdout.contains(line), "'{line}': {log}");
+    }
+    let console = std::fs::read_to_string(&hvc0).unwrap_or_default();
+    assert!(console.contains("EXT4-fs (vda): mounted filesystem"), "kernel output on hvc0: {console}");
+    // The read-write mount wrote to the disk (superblock state and times).
+    assert_ne!(std::fs::read(&root).unwrap(), pristine, "the guest's writes reached the image");
     assert_eq!(out.status.code(), Some(0), "{log}");
-    // The read-write mount wrote to the disk (superblock mount state and times).
-    assert_ne!(std::fs::read(&root).unwrap(), before, "the guest's writes reached the image");
     let _ = std::fs::remove_dir_all(dir);
 }
