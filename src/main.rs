@@ -60,6 +60,9 @@ struct RunArgs {
     /// A virtio-net interface: tap=NAME[,mac=02:..]; the TAP is created if absent.
     #[arg(long = "net", value_parser = parse_net)]
     nets: Vec<NetConfig>,
+    /// A virtio-balloon: size=MiB (the target)[,deflate_on_oom=on][,stats=on][,free_page_reporting=on].
+    #[arg(long, value_parser = vmm::config::parse_balloon)]
+    balloon: Option<virtio::balloon::BalloonOptions>,
 }
 
 fn parse_net(s: &str) -> Result<NetConfig, String> {
@@ -107,6 +110,7 @@ fn run(args: RunArgs, launched: Instant) -> ExitCode {
         rng: args.rng,
         console: args.console,
         nets: args.nets,
+        balloon: args.balloon,
     };
     let kvm = match vmm::vm::open_kvm() {
         Ok(kvm) => kvm,

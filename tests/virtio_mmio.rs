@@ -229,3 +229,33 @@ fn net_refuses_bad_options_and_names_the_tap_problem() {
     assert_eq!(out.status.code(), Some(2), "{}", out.describe());
     assert!(out.stderr.contains("multicast address"), "{}", out.describe());
 }
+
+/// The VMM's resident memory once the probe has reported `PROBE done` and idles.
+fn idle_rss_kib(extra: &[&str]) -> (u64, common::Outcome) {
+    let mut cmd = probe_command(1, "probe.test=memfill,virtio-balloon probe.memfill.mib=96 probe.idle=on");
+    cmd.args(extra);
+    let mut vm = Running::start(cmd);
+    assert!(vm.wait_for_output("PROBE done", TIMEOUT), "{}", vm.stdout());
+    let status = std::fs::read_to_string(format!("/proc/{}/status", vm.child.id())).unwrap();
+    let rss = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap();
+    let rss: u64 = rss.trim().trim_end_matches("kB").trim().parse().unwrap();
+    vm.child.kill().unwrap();
+    (rss, vm.finish(TIMEOUT))
+}
+
+#[test]
+fn balloon_inflation_returns_guest_memory_to_the_host() {
+    // The probe fills 96 MiB from 16 MiB up, then gives the balloon the pages it asks for,
+    // starting at 16 MiB: those pages were touched, so returning them must show in the RSS.
+    let (full, without) = idle_rss_kib(&[]);
+    let (ballooned, with) = idle_rss_kib(&["--balloon", "size=64"]);
+    assert!(without.stdout.contains("PROBE virtio-balloon skip"), "{}", without.describe());
+    assert_eq!(
+        probe_result(&with.stdout, "virtio-balloon"),
+        Some("PROBE virtio-balloon ok inflated_pages=16384 mib=64")
+    );
+    assert!(with.stderr.contains("virtio-balloon: the guest holds 64 MiB in the balloon"), "{}", with.describe());
+    let returned = full.saturating_sub(ballooned);
+    eprintln!("VMM RSS {full} KiB without the balloon, {ballooned} KiB with 64 MiB in it: {returned} KiB returned");
+    assert!(returned >= 64 * 1024 * 8 / 10, "at least 80% of 64 MiB returned, got {returned} KiB");
+}

@@ -5,6 +5,7 @@
 //! descriptor chains from its split virtqueues (virtio-queue), parses them into requests,
 //! serves them, returns them on the used ring and raises the interrupt (irqfd).
 
+pub mod balloon;
 pub mod blk;
 pub mod console;
 pub mod device;

@@ -122,6 +122,33 @@ impl FromStr for NetConfig {
     }
 }
 
+/// `--balloon size=MiB[,deflate_on_oom=on][,stats=on][,free_page_reporting=on]`.
+pub fn parse_balloon(s: &str) -> Result<virtio::balloon::BalloonOptions, String> {
+    let mut options = virtio::balloon::BalloonOptions::default();
+    let mut size = None;
+    for (key, value) in key_values("--balloon", s)? {
+        match key {
+            "size" => {
+                size = Some(
+                    value
+                        .parse::<u32>()
+                        .map_err(|_| format!("--balloon size= takes MiB as a number, not '{value}'"))?,
+                )
+            }
+            "deflate_on_oom" => options.deflate_on_oom = on_off("--balloon", key, value)?,
+            "stats" => options.stats = on_off("--balloon", key, value)?,
+            "free_page_reporting" => options.free_page_reporting = on_off("--balloon", key, value)?,
+            _ => {
+                return Err(format!(
+                    "--balloon has no option '{key}'; use size=, deflate_on_oom=, stats= and free_page_reporting="
+                ));
+            }
+        }
+    }
+    options.target_mib = size.ok_or("--balloon needs size=MiB (0 for an empty balloon)")?;
+    Ok(options)
+}
+
 /// Where the virtio console goes: `--console stdio|file:PATH|pty`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ConsoleConfig {
@@ -156,6 +183,7 @@ pub struct VmConfig {
     pub rng: bool,
     pub console: Option<ConsoleConfig>,
     pub nets: Vec<NetConfig>,
+    pub balloon: Option<virtio::balloon::BalloonOptions>,
 }
 
 /// What this host allows.
@@ -207,6 +235,8 @@ pub enum ConfigError {
     DiskUnusable { path: PathBuf, mode: &'static str, reason: String },
     #[error("--disk {path} is {size} bytes, not a whole number of 512-byte sectors; resize the image.")]
     DiskSize { path: PathBuf, size: u64 },
+    #[error("--balloon size={target} MiB is more than the VM's {memory} MiB; pass a smaller size.")]
+    BalloonTooLarge { target: u32, memory: u64 },
     #[error("{count} virtio devices are more than the {max} this machine has interrupt lines for; use fewer.")]
     TooManyDevices { count: usize, max: u32 },
 }
@@ -234,7 +264,14 @@ impl VmConfig {
         for disk in &self.disks {
             check_disk(disk)?;
         }
-        let devices = self.disks.len() + self.nets.len() + usize::from(self.rng) + usize::from(self.console.is_some());
+        if let Some(balloon) = self.balloon.filter(|b| u64::from(b.target_mib) > self.memory_mib) {
+            return Err(ConfigError::BalloonTooLarge { target: balloon.target_mib, memory: self.memory_mib });
+        }
+        let devices = self.disks.len()
+            + self.nets.len()
+            + usize::from(self.rng)
+            + usize::from(self.console.is_some())
+            + usize::from(self.balloon.is_some());
         if devices > arch::layout::VIRTIO_MAX_DEVICES as usize {
             return Err(ConfigError::TooManyDevices { count: devices, max: arch::layout::VIRTIO_MAX_DEVICES });
         }
@@ -298,6 +335,7 @@ mod tests {
             rng: false,
             console: None,
             nets: Vec::new(),
+            balloon: None,
         }
     }
 
@@ -372,6 +410,19 @@ mod tests {
         assert!("tap=fv0,mac=02:00:00:00:00:01:02".parse::<NetConfig>().unwrap_err().contains("six hex bytes"));
         assert!("tap=a-very-long-tap-name".parse::<NetConfig>().unwrap_err().contains("1 to 15 bytes"));
         assert!("tap=fv0,vhost=on".parse::<NetConfig>().unwrap_err().contains("no option 'vhost'"));
+    }
+
+    #[test]
+    fn balloon_option_parses_and_is_checked_against_memory() {
+        let b = parse_balloon("size=64,stats=on,free_page_reporting=on").unwrap();
+        assert_eq!((b.target_mib, b.stats, b.free_page_reporting, b.deflate_on_oom), (64, true, true, false));
+        assert!(parse_balloon("stats=on").unwrap_err().contains("needs size="));
+        assert!(parse_balloon("size=lots").unwrap_err().contains("number"));
+        assert!(parse_balloon("size=1,hints=on").unwrap_err().contains("no option 'hints'"));
+        let elf = temp_file("elf-balloon", b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+        let c = VmConfig { balloon: Some(parse_balloon("size=129").unwrap()), ..config(elf.clone()) };
+        assert_eq!(c.validate(&LIMITS), Err(ConfigError::BalloonTooLarge { target: 129, memory: 128 }));
+        std::fs::remove_file(elf).unwrap();
     }
 
     #[test]

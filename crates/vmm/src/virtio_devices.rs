@@ -40,6 +40,9 @@ pub fn attach_all(
         let mac = nic.mac.unwrap_or([0x02, 0xfe, 0x00, 0x00, 0x00, i as u8 + 1]);
         devices.push((format!("virtio-net{i}"), Box::new(virtio::net::Net::new(tap, mac))));
     }
+    if let Some(options) = config.balloon {
+        devices.push(("virtio-balloon".into(), Box::new(virtio::balloon::Balloon::new(options))));
+    }
     if config.rng {
         devices.push(("virtio-rng".into(), Box::new(Rng::new())));
     }

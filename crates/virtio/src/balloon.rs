@@ -1,0 +1,307 @@
+//! virtio-balloon: the host sets a target, the guest gives pages back, and the VMM returns
+//! them to the host with madvise(MADV_DONTNEED). Optional statistics, free page reporting and
+//! deflate-on-OOM.
+
+use std::sync::{Arc, Mutex};
+
+use virtio_queue::Queue;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use crate::device::{ActivateError, Activation, VirtioDevice, read_config_bytes};
+use crate::worker::{Backend, Worker, serve_queue};
+use crate::{F_RING_INDIRECT_DESC, F_VERSION_1, GuestMemory, TYPE_BALLOON};
+
+// Feature bits and sizes from the virtio specification (5.5); the binding crate has none.
+pub const F_STATS_VQ: u64 = 1 << 1;
+pub const F_DEFLATE_ON_OOM: u64 = 1 << 2;
+pub const F_FREE_PAGE_REPORTING: u64 = 1 << 5;
+/// Balloon page frame numbers always count 4 KiB pages.
+pub const PAGE_SIZE: u64 = 4096;
+const PFN_SHIFT: u64 = 12;
+/// Page frame numbers taken from one chain at most.
+const MAX_PFNS_PER_CHAIN: usize = 1 << 16;
+const STAT_BYTES: usize = 10;
+const MAX_STATS: usize = 32;
+const QUEUE_SIZE: u16 = 256;
+
+/// What the user asked for: `--balloon size=MiB[,deflate_on_oom=on][,stats=on][,free_page_reporting=on]`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BalloonOptions {
+    pub target_mib: u32,
+    pub deflate_on_oom: bool,
+    pub stats: bool,
+    pub free_page_reporting: bool,
+}
+
+/// What the host sees of the guest's balloon.
+#[derive(Clone, Debug, Default)]
+pub struct BalloonState {
+    /// Pages the guest says it gave (the `actual` config field).
+    pub actual_pages: u32,
+    /// Pages the VMM returned to the host, by inflation or free page reporting.
+    pub released_pages: u64,
+    /// The latest statistics, as (tag, value).
+    pub stats: Vec<(u16, u64)>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Role {
+    Inflate,
+    Deflate,
+    Stats,
+    Reporting,
+}
+
+pub struct Balloon {
+    options: BalloonOptions,
+    target_pages: u32,
+    state: Arc<Mutex<BalloonState>>,
+    queue_sizes: Vec<u16>,
+    worker: Option<Worker>,
+}
+
+impl Balloon {
+    pub fn new(options: BalloonOptions) -> Balloon {
+        let queues = 2 + usize::from(options.stats) + usize::from(options.free_page_reporting);
+        Balloon {
+            options,
+            target_pages: options.target_mib.saturating_mul((1 << 20) / PAGE_SIZE as u32),
+            state: Arc::new(Mutex::new(BalloonState::default())),
+            queue_sizes: vec![QUEUE_SIZE; queues],
+            worker: None,
+        }
+    }
+
+    pub fn state(&self) -> Arc<Mutex<BalloonState>> {
+        self.state.clone()
+    }
+}
+
+/// The role of each queue the driver set up: statsq and reporting_vq exist only when their
+/// features were negotiated, and later queues take the indices of missing ones.
+fn roles(acked: u64) -> Vec<Role> {
+    let mut roles = vec![Role::Inflate, Role::Deflate];
+    if acked & F_STATS_VQ != 0 {
+        roles.push(Role::Stats);
+    }
+    if acked & F_FREE_PAGE_REPORTING != 0 {
+        roles.push(Role::Reporting);
+    }
+    roles
+}
+
+impl VirtioDevice for Balloon {
+    fn device_type(&self) -> u32 {
+        TYPE_BALLOON
+    }
+    fn features(&self) -> u64 {
+        let mut f = F_VERSION_1 | F_RING_INDIRECT_DESC;
+        if self.options.deflate_on_oom {
+            f |= F_DEFLATE_ON_OOM;
+        }
+        if self.options.stats {
+            f |= F_STATS_VQ;
+        }
+        if self.options.free_page_reporting {
+            f |= F_FREE_PAGE_REPORTING;
+        }
+        f
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let actual = self.state.lock().map(|s| s.actual_pages).unwrap_or(0);
+        let mut config = [0u8; 8];
+        config[0..4].copy_from_slice(&self.target_pages.to_le_bytes());
+        config[4..8].copy_from_slice(&actual.to_le_bytes());
+        read_config_bytes(&config, offset, data);
+    }
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // Only `actual` (bytes 4..8) is the driver's to write.
+        if offset != 4 || data.len() != 4 {
+            tracing::warn!("virtio-balloon: ignored a {}-byte config write at {offset:#x}", data.len());
+            return;
+        }
+        let pages = u32::from_le_bytes(data.try_into().expect("four bytes"));
+        if let Ok(mut state) = self.state.lock() {
+            if state.actual_pages != pages {
+                tracing::info!(
+                    "virtio-balloon: the guest holds {} MiB in the balloon",
+                    u64::from(pages) * PAGE_SIZE >> 20
+                );
+            }
+            state.actual_pages = pages;
+        }
+    }
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        let roles = roles(activation.acked_features);
+        if activation.queues.len() < roles.len() {
+            return Err(ActivateError::QueueCount { want: roles.len(), got: activation.queues.len() });
+        }
+        let backend = BalloonBackend { roles, state: self.state.clone() };
+        self.worker = Some(Worker::spawn("virtio-balloon", backend, activation).map_err(ActivateError::Worker)?);
+        Ok(())
+    }
+    fn reset(&mut self) {
+        self.worker = None;
+    }
+}
+
+struct BalloonBackend {
+    roles: Vec<Role>,
+    state: Arc<Mutex<BalloonState>>,
+}
+
+/// Returns guest pages [gpa, gpa + len) to the host; false when the range is not guest RAM.
+pub fn release(mem: &GuestMemory, gpa: u64, len: u64) -> bool {
+    if len == 0 || gpa % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+        return false;
+    }
+    let Ok(len_usize) = usize::try_from(len) else { return false };
+    // The whole range must sit in one region: a range crossing into the MMIO hole is refused.
+    if !mem.check_range(GuestAddress(gpa), len_usize) {
+        return false;
+    }
+    let Ok(host) = mem.get_host_address(GuestAddress(gpa)) else { return false };
+    // SAFETY: [host, host + len) is guest RAM mapped by this process (checked above), private
+    // anonymous memory: MADV_DONTNEED drops it and the guest reads zeroes if it touches the
+    // page again, which is what a deflated balloon page is allowed to hold.
+    unsafe { libc::madvise(host.cast(), len_usize, libc::MADV_DONTNEED) == 0 }
+}
+
+impl BalloonBackend {
+    /// Inflation: the chain carries little-endian u32 page frame numbers.
+    fn inflate(&self, queue: &mut Queue, mem: &GuestMemory) -> bool {
+        let state = self.state.clone();
+        serve_queue("virtio-balloon", queue, mem, |chain| {
+            let mut released = 0u64;
+            let mut taken = 0usize;
+            'chain: for desc in chain.readable() {
+                let count = desc.len() as usize / 4;
+                for i in 0..count {
+                    if taken == MAX_PFNS_PER_CHAIN {
+                        tracing::warn!(
+                            "virtio-balloon: an inflate request of more than {MAX_PFNS_PER_CHAIN} pages was cut"
+                        );
+                        break 'chain;
+                    }
+                    taken += 1;
+                    let Ok(pfn) = mem.read_obj::<u32>(GuestAddress(desc.addr().0 + 4 * i as u64)) else {
+                        tracing::warn!("virtio-balloon: an inflate buffer lies outside guest RAM");
+                        break 'chain;
+                    };
+                    if release(mem, u64::from(pfn) << PFN_SHIFT, PAGE_SIZE) {
+                        released += 1;
+                    } else {
+                        tracing::debug!("virtio-balloon: page frame {pfn:#x} is not guest RAM");
+                    }
+                }
+            }
+            if let Ok(mut s) = state.lock() {
+                s.released_pages += released;
+            }
+            0
+        })
+    }
+
+    /// Free page reporting: each buffer is a free range the guest lends back.
+    fn report(&self, queue: &mut Queue, mem: &GuestMemory) -> bool {
+        let state = self.state.clone();
+        serve_queue("virtio-balloon", queue, mem, |chain| {
+            let mut released = 0u64;
+            for desc in chain {
+                let (gpa, len) = (desc.addr().0, u64::from(desc.len()));
+                if release(mem, gpa, len) {
+                    released += len / PAGE_SIZE;
+                } else {
+                    tracing::warn!(
+                        "virtio-balloon: a reported range {gpa:#x}+{len:#x} is not whole pages of guest RAM"
+                    );
+                }
+            }
+            if let Ok(mut s) = state.lock() {
+                s.released_pages += released;
+            }
+            0
+        })
+    }
+
+    /// Statistics: the guest's buffer of (tag, value) pairs. It is kept until the VMM asks
+    /// for fresh numbers, as the specification describes; here it is read and returned.
+    fn stats(&self, queue: &mut Queue, mem: &GuestMemory) -> bool {
+        let state = self.state.clone();
+        serve_queue("virtio-balloon", queue, mem, |chain| {
+            let mut stats = Vec::new();
+            for desc in chain.readable() {
+                for i in 0..(desc.len() as usize / STAT_BYTES).min(MAX_STATS) {
+                    let mut raw = [0u8; STAT_BYTES];
+                    if mem.read_slice(&mut raw, GuestAddress(desc.addr().0 + (i * STAT_BYTES) as u64)).is_err() {
+                        break;
+                    }
+                    let tag = u16::from_le_bytes([raw[0], raw[1]]);
+                    let value = u64::from_le_bytes(raw[2..10].try_into().expect("eight bytes"));
+                    stats.push((tag, value));
+                }
+            }
+            if let Ok(mut s) = state.lock() {
+                s.stats = stats;
+            }
+            0
+        })
+    }
+}
+
+impl Backend for BalloonBackend {
+    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemory) -> bool {
+        match self.roles.get(index) {
+            Some(Role::Inflate) => self.inflate(&mut queues[index], mem),
+            // Deflated pages need nothing: they fault back in when the guest touches them.
+            Some(Role::Deflate) => serve_queue("virtio-balloon", &mut queues[index], mem, |_| 0),
+            Some(Role::Stats) => self.stats(&mut queues[index], mem),
+            Some(Role::Reporting) => self.report(&mut queues[index], mem),
+            None => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_roles_follow_the_negotiated_features() {
+        assert_eq!(roles(0), [Role::Inflate, Role::Deflate]);
+        assert_eq!(roles(F_FREE_PAGE_REPORTING), [Role::Inflate, Role::Deflate, Role::Reporting]);
+        assert_eq!(
+            roles(F_STATS_VQ | F_FREE_PAGE_REPORTING),
+            [Role::Inflate, Role::Deflate, Role::Stats, Role::Reporting]
+        );
+    }
+
+    #[test]
+    fn release_takes_only_whole_pages_of_guest_ram() {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 16 * PAGE_SIZE as usize)]).unwrap();
+        mem.write_slice(&[7u8; 4096], GuestAddress(PAGE_SIZE)).unwrap();
+        assert!(release(&mem, PAGE_SIZE, PAGE_SIZE));
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(PAGE_SIZE)).unwrap(), 0, "a released page reads as zero");
+        assert!(!release(&mem, 100, PAGE_SIZE), "unaligned");
+        assert!(!release(&mem, 0, 100), "partial page");
+        assert!(!release(&mem, 15 * PAGE_SIZE, 2 * PAGE_SIZE), "past the end of RAM");
+        assert!(!release(&mem, u64::MAX & !0xfff, PAGE_SIZE), "far outside");
+    }
+
+    #[test]
+    fn config_shows_the_target_and_takes_only_actual() {
+        let mut b = Balloon::new(BalloonOptions { target_mib: 64, ..Default::default() });
+        let mut word = [0u8; 4];
+        b.read_config(0, &mut word);
+        assert_eq!(u32::from_le_bytes(word), 64 * 256);
+        b.write_config(0, &[0xff; 4]);
+        b.write_config(4, &1000u32.to_le_bytes());
+        b.read_config(0, &mut word);
+        assert_eq!(u32::from_le_bytes(word), 64 * 256, "the target is the host's");
+        b.read_config(4, &mut word);
+        assert_eq!(u32::from_le_bytes(word), 1000);
+    }
+}
