@@ -128,7 +128,7 @@ impl VirtioDevice for Balloon {
             if state.actual_pages != pages {
                 tracing::info!(
                     "virtio-balloon: the guest holds {} MiB in the balloon",
-                    u64::from(pages) * PAGE_SIZE >> 20
+                    (u64::from(pages) * PAGE_SIZE) >> 20
                 );
             }
             state.actual_pages = pages;
@@ -155,7 +155,7 @@ struct BalloonBackend {
 
 /// Returns guest pages [gpa, gpa + len) to the host; false when the range is not guest RAM.
 pub fn release(mem: &GuestMemory, gpa: u64, len: u64) -> bool {
-    if len == 0 || gpa % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+    if len == 0 || !gpa.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
         return false;
     }
     let Ok(len_usize) = usize::try_from(len) else { return false };
