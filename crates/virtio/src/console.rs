@@ -218,10 +218,14 @@ impl Backend for ConsoleBackend {
     }
 
     fn extra_fds(&self) -> Vec<RawFd> {
+        // Full: input waits in the kernel until the guest takes what is held.
+        if self.pending.len() >= PENDING_MAX {
+            return Vec::new();
+        }
         self.input.iter().map(|f| f.as_raw_fd()).collect()
     }
 
-    fn process_fd(&mut self, _index: usize, queues: &mut [Queue], mem: &GuestMemory) -> bool {
+    fn process_fd(&mut self, _fd: RawFd, queues: &mut [Queue], mem: &GuestMemory) -> bool {
         let Some(input) = self.input.as_mut() else { return false };
         let mut chunk = [0u8; CHUNK];
         let room = PENDING_MAX - self.pending.len();
@@ -237,9 +241,5 @@ impl Backend for ConsoleBackend {
             }
         }
         self.receive(queues, mem)
-    }
-
-    fn fd_wanted(&self, _index: usize) -> bool {
-        self.input.is_some() && self.pending.len() < PENDING_MAX
     }
 }

@@ -244,14 +244,11 @@ impl Backend for NetBackend {
     }
 
     fn extra_fds(&self) -> Vec<RawFd> {
-        vec![self.tap.as_raw_fd()]
+        // With no receive buffers the TAP is left unread: frames wait in its queue.
+        if self.rx_waiting { Vec::new() } else { vec![self.tap.as_raw_fd()] }
     }
 
-    fn process_fd(&mut self, _index: usize, queues: &mut [Queue], mem: &GuestMemory) -> bool {
+    fn process_fd(&mut self, _fd: RawFd, queues: &mut [Queue], mem: &GuestMemory) -> bool {
         self.receive(queues, mem)
-    }
-
-    fn fd_wanted(&self, _index: usize) -> bool {
-        !self.rx_waiting
     }
 }

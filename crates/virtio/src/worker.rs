@@ -16,18 +16,15 @@ use crate::device::{Activation, Interrupt};
 pub trait Backend: Send + 'static {
     /// Serves what the driver made available on queue `index`; true when buffers were used.
     fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemory) -> bool;
-    /// Extra fds to wait on (a TAP, a socket); default none.
+    /// The fds to wait on now besides the queues (a TAP, sockets). Asked again after every
+    /// wake-up: a back-end with nowhere to put input (no guest buffers, an input that ended)
+    /// leaves its fd out, so that the worker does not spin on it.
     fn extra_fds(&self) -> Vec<RawFd> {
         Vec::new()
     }
-    /// `extra_fds()[index]` is readable; true when buffers were used.
-    fn process_fd(&mut self, _index: usize, _queues: &mut [Queue], _mem: &GuestMemory) -> bool {
+    /// `fd` (one of extra_fds) is ready; true when buffers were used.
+    fn process_fd(&mut self, _fd: RawFd, _queues: &mut [Queue], _mem: &GuestMemory) -> bool {
         false
-    }
-    /// Whether to wait on `extra_fds()[index]` now: a back-end with nowhere to put input (no
-    /// guest buffers, or an input that ended) says no, so that the worker does not spin.
-    fn fd_wanted(&self, _index: usize) -> bool {
-        true
     }
 }
 
@@ -49,7 +46,7 @@ impl Worker {
         for (i, evt) in queue_events.iter().enumerate() {
             epoll.ctl(ControlOperation::Add, evt.as_raw_fd(), EpollEvent::new(EventSet::IN, i as u64))?;
         }
-        let extra = ExtraFds { fds: backend.extra_fds(), registered: Vec::new() };
+        let extra = ExtraFds { registered: Vec::new() };
         epoll.ctl(ControlOperation::Add, kill.as_raw_fd(), EpollEvent::new(EventSet::IN, KILL_TOKEN))?;
         let mut event_loop = EventLoop { epoll, queue_events, kill: kill_in_thread, interrupt, mem, extra };
         let thread = std::thread::Builder::new().name(name.into()).spawn(move || {
@@ -82,29 +79,37 @@ impl Drop for Worker {
     }
 }
 
-/// The back-end's own fds and which of them epoll waits on.
+/// The back-end's fds that epoll waits on now.
 struct ExtraFds {
-    fds: Vec<RawFd>,
-    registered: Vec<bool>,
+    registered: Vec<RawFd>,
 }
 
 impl ExtraFds {
-    /// Adds or removes each fd as the back-end now wants it.
+    /// Adds and removes fds so that epoll waits on exactly what the back-end wants now.
     fn sync(&mut self, epoll: &Epoll, backend: &impl Backend) {
-        self.registered.resize(self.fds.len(), false);
-        for (i, &fd) in self.fds.iter().enumerate() {
-            let wanted = backend.fd_wanted(i);
-            if wanted == self.registered[i] {
+        let wanted = backend.extra_fds();
+        self.registered.retain(|&fd| {
+            if wanted.contains(&fd) {
+                return true;
+            }
+            // An fd the back-end closed is already gone from epoll: ignore the error.
+            let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+            false
+        });
+        for fd in wanted {
+            let event = EpollEvent::new(EventSet::IN | EventSet::READ_HANG_UP, FD_TOKEN_BASE + fd as u64);
+            // Modify first: an fd number the back-end closed and reused is no longer in epoll,
+            // and then only Add works.
+            if self.registered.contains(&fd) && epoll.ctl(ControlOperation::Modify, fd, event).is_ok() {
                 continue;
             }
-            let event = EpollEvent::new(EventSet::IN, FD_TOKEN_BASE + i as u64);
-            let op = if wanted { ControlOperation::Add } else { ControlOperation::Delete };
-            match epoll.ctl(op, fd, event) {
-                Ok(()) => self.registered[i] = wanted,
-                Err(e) => {
-                    tracing::warn!("a virtio back-end fd cannot be watched ({e}); it is dropped");
-                    self.registered[i] = false;
+            match epoll.ctl(ControlOperation::Add, fd, event) {
+                Ok(()) => {
+                    if !self.registered.contains(&fd) {
+                        self.registered.push(fd);
+                    }
                 }
+                Err(e) => tracing::warn!("a virtio back-end fd cannot be watched ({e})"),
             }
         }
     }
@@ -122,7 +127,7 @@ struct EventLoop {
 
 impl EventLoop {
     fn run(&mut self, backend: &mut impl Backend, queues: &mut [Queue]) {
-        let mut events = vec![EpollEvent::default(); self.queue_events.len() + self.extra.fds.len() + 1];
+        let mut events = vec![EpollEvent::default(); 64];
         loop {
             let n = match self.epoll.wait(-1, &mut events) {
                 Ok(n) => n,
@@ -140,7 +145,7 @@ impl EventLoop {
                         return;
                     }
                     token if token >= FD_TOKEN_BASE => {
-                        used |= backend.process_fd((token - FD_TOKEN_BASE) as usize, queues, &self.mem);
+                        used |= backend.process_fd((token - FD_TOKEN_BASE) as RawFd, queues, &self.mem);
                     }
                     token => {
                         let index = token as usize;
