@@ -6,7 +6,9 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
-use vmm::{ConsoleConfig, DiskConfig, HostLimits, NetConfig, SerialConfig, VmConfig, config::DEFAULT_CMDLINE};
+use vmm::{
+    ConsoleConfig, DiskConfig, HostLimits, NetConfig, SerialConfig, VmConfig, VsockConfig, config::DEFAULT_CMDLINE,
+};
 
 /// Exit status for bad user input, as clap uses for bad arguments.
 const EXIT_USAGE: u8 = 2;
@@ -63,6 +65,13 @@ struct RunArgs {
     /// A virtio-balloon: size=MiB (the target)[,deflate_on_oom=on][,stats=on][,free_page_reporting=on].
     #[arg(long, value_parser = vmm::config::parse_balloon)]
     balloon: Option<virtio::balloon::BalloonOptions>,
+    /// A virtio-vsock device: cid=N,uds=PATH (host connections through the Unix socket PATH).
+    #[arg(long, value_parser = parse_vsock)]
+    vsock: Option<VsockConfig>,
+}
+
+fn parse_vsock(s: &str) -> Result<VsockConfig, String> {
+    s.parse()
 }
 
 fn parse_net(s: &str) -> Result<NetConfig, String> {
@@ -111,6 +120,7 @@ fn run(args: RunArgs, launched: Instant) -> ExitCode {
         console: args.console,
         nets: args.nets,
         balloon: args.balloon,
+        vsock: args.vsock,
     };
     let kvm = match vmm::vm::open_kvm() {
         Ok(kvm) => kvm,

@@ -60,8 +60,8 @@ fn linux_bzimage_boots_and_sigterm_stops_the_vm_cleanly() {
 
 /// Linux on every virtio-mmio device Ferrovisor has: its root on virtio-blk, an address from a
 /// DHCP server on the TAP's far side (in a network namespace the test makes), pings from the
-/// host answered by the guest kernel, entropy from virtio-rng, its console on hvc0, and a
-/// balloon inflated to the host's target.
+/// host answered by the guest kernel, entropy from virtio-rng, its console on hvc0, a
+/// balloon inflated to the host's target, and the vsock driver bound.
 #[test]
 fn linux_on_virtio_mmio_devices_mounts_root_gets_dhcp_answers_pings_and_logs_to_hvc0() {
     let guest = linux_guest();
@@ -98,7 +98,8 @@ fn linux_on_virtio_mmio_devices_mounts_root_gets_dhcp_answers_pings_and_logs_to_
         .args(["--disk", &format!("path={}", root.display())])
         .args(["--net", &format!("tap={tap}")])
         .args(["--console", &format!("file:{}", hvc0.display())])
-        .args(["--balloon", "size=8"]);
+        .args(["--balloon", "size=8"])
+        .args(["--vsock", &format!("cid=3,uds={}", dir.join("vsock.sock").display())]);
     let mut vm = Running::start(cmd);
     let leased = vm.wait_for_output("IP-Config: Got DHCP answer from 10.0.2.2, my address is 10.0.2.15", BOOT_TIMEOUT);
     let ping = ns.command("ping").args(["-c", "4", "-i", "0.5", "-W", "5", "10.0.2.15"]).output().unwrap();
@@ -118,8 +119,9 @@ fn linux_on_virtio_mmio_devices_mounts_root_gets_dhcp_answers_pings_and_logs_to_
     ] {
         assert!(out.stdout.contains(line), "'{line}': {log}");
     }
-    // The balloon driver probed and gave the 8 MiB the host asked for.
+    // The balloon driver probed and gave the 8 MiB the host asked for; the vsock driver probed.
     assert!(out.stderr.contains("virtio-balloon: the guest holds 8 MiB in the balloon"), "{log}");
+    assert!(out.stderr.contains("virtio-vsock: the driver started the device"), "{log}");
     let console = std::fs::read_to_string(&hvc0).unwrap_or_default();
     assert!(console.contains("EXT4-fs (vda): mounted filesystem"), "kernel output on hvc0: {console}");
     // The read-write mount wrote to the disk (superblock state and times).

@@ -259,3 +259,51 @@ fn balloon_inflation_returns_guest_memory_to_the_host() {
     eprintln!("VMM RSS {full} KiB without the balloon, {ballooned} KiB with 64 MiB in it: {returned} KiB returned");
     assert!(returned >= 64 * 1024 * 8 / 10, "at least 80% of 64 MiB returned, got {returned} KiB");
 }
+
+#[test]
+fn vsock_connects_both_ways_through_the_host_socket() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let dir = scratch_dir("vmmio-vsock");
+    let uds = dir.join("vsock.sock");
+    // The guest connects to host port 5000: Ferrovisor reaches the listener at <uds>_5000.
+    let echo = UnixListener::bind(format!("{}_5000", uds.display())).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = echo.accept().unwrap();
+        let mut total = 0;
+        let mut buf = [0u8; 65536];
+        loop {
+            let n = conn.read(&mut buf).unwrap();
+            if n == 0 {
+                return total;
+            }
+            conn.write_all(&buf[..n]).unwrap();
+            total += n;
+        }
+    });
+    let mut cmd =
+        probe_command(1, "probe.test=virtio-vsock probe.virtio-vsock.bytes=20000 probe.virtio-vsock.listen=6000");
+    cmd.args(["--vsock", &format!("cid=7,uds={}", uds.display())]);
+    let mut vm = Running::start(cmd);
+    assert!(vm.wait_for_output("PROBE virtio-vsock listening port=6000", TIMEOUT), "{}", vm.stdout());
+    // The host connects to guest port 6000 as Firecracker's users do.
+    let mut host = UnixStream::connect(&uds).unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    host.write_all(b"CONNECT 6000\n").unwrap();
+    let mut reader = BufReader::new(host.try_clone().unwrap());
+    let mut ok = String::new();
+    reader.read_line(&mut ok).unwrap();
+    assert!(ok.starts_with("OK ") && ok.ends_with('\n'), "{ok:?}");
+    host.write_all(b"hello vsock\n").unwrap();
+    let mut echoed = String::new();
+    reader.read_line(&mut echoed).unwrap();
+    assert_eq!(echoed, "hello vsock\n");
+    drop(reader);
+    drop(host);
+    let out = vm.finish(TIMEOUT);
+    let line = probe_result(&out.stdout, "virtio-vsock").unwrap_or_else(|| panic!("{}", out.describe()));
+    assert!(line.starts_with("PROBE virtio-vsock ok cid=7 port=5000 bytes=20000 checksum=0x"), "{line}");
+    assert!(line.ends_with(" accepted_bytes=12"), "{line}");
+    assert_eq!(server.join().unwrap(), 20000, "the host echoed every byte the guest sent");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -12,6 +12,7 @@ pub mod device;
 pub mod mmio;
 pub mod net;
 pub mod rng;
+pub mod vsock;
 pub mod worker;
 
 pub use device::{ActivateError, Interrupt, VirtioDevice};

@@ -224,7 +224,7 @@ impl MmioTransport {
         match self.device.activate(activation) {
             Ok(()) => {
                 self.active = true;
-                tracing::debug!("{}: activated with features {:#x}", self.name, self.acked_features);
+                tracing::info!("{}: the driver started the device (features {:#x})", self.name, self.acked_features);
             }
             Err(e) => self.needs_reset(&format!("activation failed: {e}")),
         }

@@ -149,6 +149,31 @@ pub fn parse_balloon(s: &str) -> Result<virtio::balloon::BalloonOptions, String>
     Ok(options)
 }
 
+/// `--vsock cid=N,uds=PATH`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockConfig {
+    pub cid: u64,
+    pub uds: PathBuf,
+}
+
+impl FromStr for VsockConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (mut cid, mut uds) = (None, None);
+        for (key, value) in key_values("--vsock", s)? {
+            match key {
+                "cid" => match value.parse::<u64>() {
+                    Ok(n) if (3..=u64::from(u32::MAX)).contains(&n) => cid = Some(n),
+                    _ => return Err(format!("--vsock cid= takes a number from 3 to 4294967295, not '{value}'")),
+                },
+                "uds" if !value.is_empty() => uds = Some(PathBuf::from(value)),
+                _ => return Err(format!("--vsock has no option '{key}'; use cid= and uds=")),
+            }
+        }
+        Ok(VsockConfig { cid: cid.ok_or("--vsock needs cid=N")?, uds: uds.ok_or("--vsock needs uds=PATH")? })
+    }
+}
+
 /// Where the virtio console goes: `--console stdio|file:PATH|pty`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ConsoleConfig {
@@ -184,6 +209,7 @@ pub struct VmConfig {
     pub console: Option<ConsoleConfig>,
     pub nets: Vec<NetConfig>,
     pub balloon: Option<virtio::balloon::BalloonOptions>,
+    pub vsock: Option<VsockConfig>,
 }
 
 /// What this host allows.
@@ -271,7 +297,8 @@ impl VmConfig {
             + self.nets.len()
             + usize::from(self.rng)
             + usize::from(self.console.is_some())
-            + usize::from(self.balloon.is_some());
+            + usize::from(self.balloon.is_some())
+            + usize::from(self.vsock.is_some());
         if devices > arch::layout::VIRTIO_MAX_DEVICES as usize {
             return Err(ConfigError::TooManyDevices { count: devices, max: arch::layout::VIRTIO_MAX_DEVICES });
         }
@@ -336,6 +363,7 @@ mod tests {
             console: None,
             nets: Vec::new(),
             balloon: None,
+            vsock: None,
         }
     }
 
@@ -423,6 +451,14 @@ mod tests {
         let c = VmConfig { balloon: Some(parse_balloon("size=129").unwrap()), ..config(elf.clone()) };
         assert_eq!(c.validate(&LIMITS), Err(ConfigError::BalloonTooLarge { target: 129, memory: 128 }));
         std::fs::remove_file(elf).unwrap();
+    }
+
+    #[test]
+    fn vsock_option_parses() {
+        assert_eq!("cid=3,uds=/tmp/v.sock".parse(), Ok(VsockConfig { cid: 3, uds: "/tmp/v.sock".into() }));
+        assert!("cid=2,uds=/x".parse::<VsockConfig>().unwrap_err().contains("from 3"));
+        assert!("uds=/x".parse::<VsockConfig>().unwrap_err().contains("needs cid="));
+        assert!("cid=9".parse::<VsockConfig>().unwrap_err().contains("needs uds="));
     }
 
     #[test]

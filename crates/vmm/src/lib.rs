@@ -8,6 +8,6 @@ mod vcpu;
 mod virtio_devices;
 pub mod vm;
 
-pub use config::{ConfigError, ConsoleConfig, DiskConfig, HostLimits, NetConfig, SerialConfig, VmConfig};
+pub use config::{ConfigError, ConsoleConfig, DiskConfig, HostLimits, NetConfig, SerialConfig, VmConfig, VsockConfig};
 pub use exit::VmExit;
 pub use vm::{Error, run};

@@ -40,6 +40,12 @@ pub fn attach_all(
         let mac = nic.mac.unwrap_or([0x02, 0xfe, 0x00, 0x00, 0x00, i as u8 + 1]);
         devices.push((format!("virtio-net{i}"), Box::new(virtio::net::Net::new(tap, mac))));
     }
+    if let Some(vsock) = &config.vsock {
+        let device = virtio::vsock::Vsock::new(vsock.cid, &vsock.uds)
+            .map_err(|e| Error::Device(format!("virtio-vsock: {e}")))?;
+        tracing::info!("virtio-vsock: guest CID {}, host connections through {}", vsock.cid, vsock.uds.display());
+        devices.push(("virtio-vsock".into(), Box::new(device)));
+    }
     if let Some(options) = config.balloon {
         devices.push(("virtio-balloon".into(), Box::new(virtio::balloon::Balloon::new(options))));
     }

@@ -5,6 +5,7 @@ mod blk;
 mod console;
 mod net;
 mod rng;
+mod vsock;
 
 use crate::cmdline::{Cmdline, VirtioMmioSlot};
 use crate::pvh::StartInfo;
@@ -56,6 +57,7 @@ pub fn run(test: &str, id: u32, cmdline: Cmdline, info: &StartInfo) {
         "virtio-blk" => run_device(test, &slot, cmdline, blk::test, Some(blk::throughput)),
         "virtio-net" => run_device(test, &slot, cmdline, net::test, Some(net::throughput)),
         "virtio-console" => run_device(test, &slot, cmdline, console::test, None),
+        "virtio-vsock" => run_device(test, &slot, cmdline, vsock::test, None),
         "virtio-balloon" => {
             if let Err(reason) = balloon::test(&slot, cmdline, info.low_ram_end) {
                 report::fail(test, format_args!("{reason}"));

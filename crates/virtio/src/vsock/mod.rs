@@ -1,0 +1,463 @@
+//! virtio-vsock with a host-side Unix socket muxer, as Firecracker's users know it:
+//! - the host connects to the socket PATH and writes `CONNECT <port>\n`; once the guest accepts,
+//!   it reads `OK <host port>\n` and the stream carries the connection;
+//! - a guest connecting to the host (CID 2) on port P reaches a listener at `PATH_P`.
+
+pub mod packet;
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use virtio_queue::Queue;
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::device::{ActivateError, Activation, VirtioDevice, read_config_bytes};
+use crate::worker::{Backend, Worker, serve_queue, serve_queue_while};
+use crate::{F_RING_INDIRECT_DESC, F_VERSION_1, GuestMemory, TYPE_VSOCK};
+use packet::*;
+
+const RX_QUEUE: usize = 0;
+const TX_QUEUE: usize = 1;
+const QUEUE_SIZES: [u16; 3] = [256, 256, 256];
+/// Receive space the VMM offers each connection (its buf_alloc).
+const BUF_ALLOC: u32 = 256 << 10;
+/// Payload per packet to the guest: its receive buffers hold 4 KiB.
+const MAX_RX_PAYLOAD: usize = 4096;
+/// Payload per packet from the guest the VMM accepts.
+const MAX_TX_PAYLOAD: usize = 64 << 10;
+/// Packets waiting for guest receive buffers before streams stop being read.
+const RX_PENDING_MAX: usize = 256;
+const MAX_CONNECTIONS: usize = 1024;
+/// Host ports handed to host-initiated connections start here.
+const FIRST_LOCAL_PORT: u32 = 1 << 30;
+
+pub struct Vsock {
+    guest_cid: u64,
+    uds: PathBuf,
+    listener: Option<UnixListener>,
+    worker: Option<Worker>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    #[error("guest CID {0} is reserved; use 3 or more")]
+    Cid(u64),
+    #[error("cannot listen on {path}: {source}")]
+    Listen { path: String, source: std::io::Error },
+}
+
+impl Vsock {
+    /// Listens on `uds` (replacing a stale socket file) for host-initiated connections.
+    pub fn new(guest_cid: u64, uds: &Path) -> Result<Vsock, VsockError> {
+        if guest_cid < 3 || guest_cid > u64::from(u32::MAX) {
+            return Err(VsockError::Cid(guest_cid));
+        }
+        let _ = std::fs::remove_file(uds);
+        let listener = UnixListener::bind(uds)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(|source| VsockError::Listen { path: uds.display().to_string(), source })?;
+        Ok(Vsock { guest_cid, uds: uds.into(), listener: Some(listener), worker: None })
+    }
+}
+
+impl Drop for Vsock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.uds);
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        TYPE_VSOCK
+    }
+    fn features(&self) -> u64 {
+        F_VERSION_1 | F_RING_INDIRECT_DESC
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
+    }
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        // A reset drops every connection; the listener moves into the new worker each time.
+        let listener = match self.listener.take() {
+            Some(l) => l,
+            None => UnixListener::bind(&self.uds)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .map_err(|e| ActivateError::Backend(format!("vsock listener: {e}")))?,
+        };
+        let backend = Muxer {
+            guest_cid: self.guest_cid,
+            uds: self.uds.clone(),
+            listener,
+            handshakes: HashMap::new(),
+            conns: HashMap::new(),
+            rx_pending: VecDeque::new(),
+            next_local_port: FIRST_LOCAL_PORT,
+        };
+        self.worker = Some(Worker::spawn("virtio-vsock", backend, activation).map_err(ActivateError::Worker)?);
+        Ok(())
+    }
+    fn reset(&mut self) {
+        self.worker = None;
+        let _ = std::fs::remove_file(&self.uds);
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum State {
+    /// The host asked to connect; the guest has not answered yet.
+    AwaitingGuest,
+    Established,
+}
+
+struct Connection {
+    stream: UnixStream,
+    state: State,
+    peer_buf_alloc: u32,
+    peer_fwd_cnt: u32,
+    /// Payload bytes sent to the guest.
+    tx_cnt: u32,
+    /// Payload bytes from the guest written to the host stream.
+    fwd_cnt: u32,
+    fwd_cnt_told: u32,
+    /// Guest data the host stream has not taken yet.
+    to_host: Vec<u8>,
+    /// The host end closed: nothing more to read.
+    host_done: bool,
+}
+
+impl Connection {
+    fn credit(&self) -> u32 {
+        self.peer_buf_alloc.saturating_sub(self.tx_cnt.wrapping_sub(self.peer_fwd_cnt))
+    }
+}
+
+/// A host connection that has not said `CONNECT <port>` yet.
+struct Handshake {
+    stream: UnixStream,
+    line: Vec<u8>,
+}
+
+/// Connections by (host port, guest port).
+type Key = (u32, u32);
+
+struct Muxer {
+    guest_cid: u64,
+    uds: PathBuf,
+    listener: UnixListener,
+    handshakes: HashMap<RawFd, Handshake>,
+    conns: HashMap<Key, Connection>,
+    rx_pending: VecDeque<(Header, Vec<u8>)>,
+    next_local_port: u32,
+}
+
+impl Muxer {
+    fn header(&self, key: Key, op: u16, len: u32, flags: u32) -> Header {
+        let fwd_cnt = self.conns.get(&key).map_or(0, |c| c.fwd_cnt);
+        Header {
+            src_cid: HOST_CID,
+            dst_cid: self.guest_cid,
+            src_port: key.0,
+            dst_port: key.1,
+            len,
+            kind: TYPE_STREAM,
+            op,
+            flags,
+            buf_alloc: BUF_ALLOC,
+            fwd_cnt,
+        }
+    }
+
+    fn send_control(&mut self, key: Key, op: u16, flags: u32) {
+        let h = self.header(key, op, 0, flags);
+        self.rx_pending.push_back((h, Vec::new()));
+    }
+
+    fn close(&mut self, key: Key, tell_guest: bool) {
+        if self.conns.remove(&key).is_some() && tell_guest {
+            self.send_control(key, OP_RST, 0);
+        }
+    }
+
+    /// A packet the guest sent.
+    fn handle_guest_packet(&mut self, h: Header, payload: &[u8]) {
+        if h.kind != TYPE_STREAM || h.src_cid != self.guest_cid || h.dst_cid != HOST_CID {
+            tracing::warn!(
+                "virtio-vsock: dropped a packet of type {} from CID {} to CID {}",
+                h.kind,
+                h.src_cid,
+                h.dst_cid
+            );
+            return;
+        }
+        let key = (h.dst_port, h.src_port);
+        if let Some(conn) = self.conns.get_mut(&key) {
+            conn.peer_buf_alloc = h.buf_alloc;
+            conn.peer_fwd_cnt = h.fwd_cnt;
+        }
+        match h.op {
+            OP_REQUEST => self.guest_connects(key),
+            OP_RESPONSE => match self.conns.get_mut(&key) {
+                Some(conn) if conn.state == State::AwaitingGuest => {
+                    conn.state = State::Established;
+                    let reply = format!("OK {}\n", key.0);
+                    if conn.stream.write_all(reply.as_bytes()).is_err() {
+                        self.close(key, true);
+                    }
+                }
+                _ => self.send_control(key, OP_RST, 0),
+            },
+            OP_RW => {
+                let Some(conn) = self.conns.get_mut(&key).filter(|c| c.state == State::Established) else {
+                    return self.send_control(key, OP_RST, 0);
+                };
+                if conn.to_host.len() + payload.len() > BUF_ALLOC as usize {
+                    tracing::warn!(
+                        "virtio-vsock: the guest overran the credit of port {}; the connection is reset",
+                        key.0
+                    );
+                    return self.close(key, true);
+                }
+                conn.to_host.extend_from_slice(payload);
+                self.flush_to_host(key);
+            }
+            OP_CREDIT_REQUEST => {
+                if self.conns.contains_key(&key) {
+                    self.send_control(key, OP_CREDIT_UPDATE, 0);
+                }
+            }
+            OP_CREDIT_UPDATE => {}
+            OP_SHUTDOWN => {
+                self.flush_to_host(key);
+                if h.flags & (SHUTDOWN_RECEIVE | SHUTDOWN_SEND) == SHUTDOWN_RECEIVE | SHUTDOWN_SEND {
+                    self.close(key, true);
+                } else if h.flags & SHUTDOWN_SEND != 0
+                    && let Some(conn) = self.conns.get(&key)
+                {
+                    let _ = conn.stream.shutdown(std::net::Shutdown::Write);
+                }
+            }
+            OP_RST => self.close(key, false),
+            op => {
+                tracing::warn!("virtio-vsock: unknown operation {op}; the connection is reset");
+                self.close(key, true);
+            }
+        }
+    }
+
+    /// The guest connects to host port key.0: reach the listener at `PATH_<port>`.
+    fn guest_connects(&mut self, key: Key) {
+        if self.conns.contains_key(&key) || self.conns.len() >= MAX_CONNECTIONS {
+            return self.send_control(key, OP_RST, 0);
+        }
+        let path = format!("{}_{}", self.uds.display(), key.0);
+        match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|()| s)) {
+            Ok(stream) => {
+                self.conns.insert(key, new_connection(stream, State::Established));
+                self.send_control(key, OP_RESPONSE, 0);
+            }
+            Err(e) => {
+                tracing::debug!(
+                    "virtio-vsock: the guest's connection to port {} found no listener at {path} ({e})",
+                    key.0
+                );
+                self.send_control(key, OP_RST, 0);
+            }
+        }
+    }
+
+    fn flush_to_host(&mut self, key: Key) {
+        let Some(conn) = self.conns.get_mut(&key) else { return };
+        let mut written = 0;
+        while written < conn.to_host.len() {
+            match conn.stream.write(&conn.to_host[written..]) {
+                Ok(0) => break,
+                Ok(n) => written += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => return self.close(key, true),
+            }
+        }
+        conn.to_host.drain(..written);
+        conn.fwd_cnt = conn.fwd_cnt.wrapping_add(written as u32);
+        if conn.fwd_cnt.wrapping_sub(conn.fwd_cnt_told) >= BUF_ALLOC / 4 {
+            conn.fwd_cnt_told = conn.fwd_cnt;
+            self.send_control(key, OP_CREDIT_UPDATE, 0);
+        }
+    }
+
+    /// A host connection spoke: finish its handshake, or move its data toward the guest.
+    fn host_readable(&mut self, fd: RawFd) {
+        if fd == self.listener.as_raw_fd() {
+            while let Ok((stream, _)) = self.listener.accept() {
+                if stream.set_nonblocking(true).is_ok() && self.handshakes.len() < MAX_CONNECTIONS {
+                    self.handshakes.insert(stream.as_raw_fd(), Handshake { stream, line: Vec::new() });
+                }
+            }
+            return;
+        }
+        if let Some(mut hs) = self.handshakes.remove(&fd) {
+            let mut buf = [0u8; 64];
+            match hs.stream.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => hs.line.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+            let Some(end) = hs.line.iter().position(|&b| b == b'\n') else {
+                if hs.line.len() < 64 {
+                    self.handshakes.insert(fd, hs);
+                }
+                return;
+            };
+            let port = std::str::from_utf8(&hs.line[..end])
+                .ok()
+                .and_then(|l| l.trim().strip_prefix("CONNECT "))
+                .and_then(|p| p.trim().parse::<u32>().ok());
+            let Some(port) = port else {
+                tracing::warn!("virtio-vsock: a host connection did not start with CONNECT <port>");
+                return;
+            };
+            let key = (self.next_local_port, port);
+            self.next_local_port = self.next_local_port.wrapping_add(1).max(FIRST_LOCAL_PORT);
+            // Anything the host sent after the CONNECT line, before OK, is not kept.
+            self.conns.insert(key, new_connection(hs.stream, State::AwaitingGuest));
+            self.send_control(key, OP_REQUEST, 0);
+            return;
+        }
+        let Some((&key, _)) = self.conns.iter().find(|(_, c)| c.stream.as_raw_fd() == fd) else { return };
+        let conn = self.conns.get_mut(&key).expect("just found");
+        let room = (conn.credit() as usize).min(MAX_RX_PAYLOAD);
+        if conn.state != State::Established || room == 0 {
+            return;
+        }
+        let mut buf = vec![0u8; room];
+        match conn.stream.read(&mut buf) {
+            Ok(0) => {
+                conn.host_done = true;
+                self.send_control(key, OP_SHUTDOWN, SHUTDOWN_RECEIVE | SHUTDOWN_SEND);
+            }
+            Ok(n) => {
+                buf.truncate(n);
+                conn.tx_cnt = conn.tx_cnt.wrapping_add(n as u32);
+                let h = self.header(key, OP_RW, n as u32, 0);
+                self.rx_pending.push_back((h, buf));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => self.close(key, true),
+        }
+    }
+
+    /// Moves waiting packets into guest receive buffers.
+    fn deliver(&mut self, queues: &mut [Queue], mem: &GuestMemory) -> bool {
+        let pending = std::cell::RefCell::new(&mut self.rx_pending);
+        serve_queue_while(
+            "virtio-vsock",
+            &mut queues[RX_QUEUE],
+            mem,
+            || !pending.borrow().is_empty(),
+            |chain| {
+                let Some((header, payload)) = pending.borrow_mut().pop_front() else { return 0 };
+                let mut bytes = header.bytes().to_vec();
+                bytes.extend_from_slice(&payload);
+                let mut done = 0;
+                for desc in chain.writable() {
+                    let n = (desc.len() as usize).min(bytes.len() - done);
+                    if mem.write_slice(&bytes[done..done + n], desc.addr()).is_err() {
+                        break;
+                    }
+                    done += n;
+                    if done == bytes.len() {
+                        break;
+                    }
+                }
+                if done < bytes.len() {
+                    tracing::warn!("virtio-vsock: a guest receive buffer was too small for a packet; it was dropped");
+                }
+                done as u32
+            },
+        )
+    }
+
+    fn transmit(&mut self, queues: &mut [Queue], mem: &GuestMemory) -> bool {
+        let mut packets = Vec::new();
+        let used = serve_queue("virtio-vsock", &mut queues[TX_QUEUE], mem, |chain| {
+            let mut bytes = Vec::new();
+            for desc in chain.readable() {
+                let n = (desc.len() as usize).min(HEADER_LEN + MAX_TX_PAYLOAD - bytes.len());
+                let start = bytes.len();
+                bytes.resize(start + n, 0);
+                if mem.read_slice(&mut bytes[start..], GuestAddress(desc.addr().0)).is_err() {
+                    tracing::warn!("virtio-vsock: a transmit buffer lies outside guest RAM");
+                    return 0;
+                }
+            }
+            if bytes.len() < HEADER_LEN {
+                tracing::warn!("virtio-vsock: dropped a packet shorter than its header");
+                return 0;
+            }
+            let header = Header::parse(bytes[..HEADER_LEN].try_into().expect("header length"));
+            let len = (header.len as usize).min(bytes.len() - HEADER_LEN);
+            packets.push((header, bytes[HEADER_LEN..HEADER_LEN + len].to_vec()));
+            0
+        });
+        for (header, payload) in packets {
+            self.handle_guest_packet(header, &payload);
+        }
+        used
+    }
+}
+
+fn new_connection(stream: UnixStream, state: State) -> Connection {
+    Connection {
+        stream,
+        state,
+        peer_buf_alloc: 0,
+        peer_fwd_cnt: 0,
+        tx_cnt: 0,
+        fwd_cnt: 0,
+        fwd_cnt_told: 0,
+        to_host: Vec::new(),
+        host_done: false,
+    }
+}
+
+impl Backend for Muxer {
+    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemory) -> bool {
+        let used = match index {
+            TX_QUEUE => self.transmit(queues, mem),
+            // The event queue carries nothing from this device: the guest's buffers wait there.
+            RX_QUEUE => false,
+            _ => return false,
+        };
+        // Retry data the host streams did not take, then hand over what is waiting.
+        let keys: Vec<Key> = self.conns.iter().filter(|(_, c)| !c.to_host.is_empty()).map(|(k, _)| *k).collect();
+        for key in keys {
+            self.flush_to_host(key);
+        }
+        self.deliver(queues, mem) || used
+    }
+
+    fn extra_fds(&self) -> Vec<RawFd> {
+        let mut fds = vec![self.listener.as_raw_fd()];
+        fds.extend(self.handshakes.keys());
+        if self.rx_pending.len() < RX_PENDING_MAX {
+            fds.extend(
+                self.conns
+                    .values()
+                    .filter(|c| c.state == State::Established && !c.host_done && c.credit() > 0)
+                    .map(|c| c.stream.as_raw_fd()),
+            );
+        }
+        fds
+    }
+
+    fn process_fd(&mut self, fd: RawFd, queues: &mut [Queue], mem: &GuestMemory) -> bool {
+        self.host_readable(fd);
+        self.deliver(queues, mem)
+    }
+}
