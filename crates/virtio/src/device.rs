@@ -12,8 +12,15 @@ use crate::GuestMemory;
 pub const INT_USED_RING: u32 = 1;
 pub const INT_CONFIG_CHANGE: u32 = 2;
 
-/// A device's interrupt: a status word the driver reads and acknowledges, and the irqfd that
-/// KVM delivers as the device's IRQ.
+/// How a device tells the driver that it used buffers or changed its config; each transport
+/// has its own way (an IRQ line and a status word, or MSI-X vectors).
+pub trait VirtioInterrupt: Send + Sync {
+    fn signal_used_queue(&self);
+    fn signal_config_change(&self);
+}
+
+/// The virtio-mmio interrupt: a status word the driver reads and acknowledges, and the irqfd
+/// that KVM delivers as the device's IRQ.
 pub struct Interrupt {
     status: AtomicU32,
     irqfd: EventFd,
@@ -22,14 +29,6 @@ pub struct Interrupt {
 impl Interrupt {
     pub fn new(irqfd: EventFd) -> Self {
         Self { status: AtomicU32::new(0), irqfd }
-    }
-
-    pub fn signal_used_queue(&self) {
-        self.raise(INT_USED_RING);
-    }
-
-    pub fn signal_config_change(&self) {
-        self.raise(INT_CONFIG_CHANGE);
     }
 
     fn raise(&self, bits: u32) {
@@ -52,12 +51,22 @@ impl Interrupt {
     }
 }
 
+impl VirtioInterrupt for Interrupt {
+    fn signal_used_queue(&self) {
+        self.raise(INT_USED_RING);
+    }
+
+    fn signal_config_change(&self) {
+        self.raise(INT_CONFIG_CHANGE);
+    }
+}
+
 /// Everything a device needs to start serving its queues.
 pub struct Activation {
     pub mem: GuestMemory,
     pub queues: Vec<Queue>,
     pub queue_events: Vec<EventFd>,
-    pub interrupt: Arc<Interrupt>,
+    pub interrupt: Arc<dyn VirtioInterrupt>,
     pub acked_features: u64,
 }
 

@@ -12,10 +12,11 @@ pub mod device;
 pub mod mmio;
 pub mod net;
 pub mod rng;
+pub mod transport;
 pub mod vsock;
 pub mod worker;
 
-pub use device::{ActivateError, Interrupt, VirtioDevice};
+pub use device::{ActivateError, Interrupt, VirtioDevice, VirtioInterrupt};
 pub use mmio::MmioTransport;
 
 /// Guest RAM, as the rest of Ferrovisor sees it.

@@ -1,16 +1,14 @@
 //! The virtio-mmio transport, version 2 (virtio 1.2 section 4.2): the register window the
-//! driver programs, feature negotiation, queue set-up and the device status machine. Anything
-//! malformed the driver writes is logged and ignored, or ends in DEVICE_NEEDS_RESET.
+//! driver programs, mapped onto the shared transport state (transport.rs).
 
 use std::sync::Arc;
 
 use devices::BusDevice;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::device::{Activation, Interrupt, VirtioDevice};
-use crate::{F_VERSION_1, GuestMemory};
+use crate::GuestMemory;
+use crate::device::{Interrupt, VirtioDevice};
+use crate::transport::{QueueField, VirtioState};
 
 /// The size of each device's MMIO window.
 pub const WINDOW_SIZE: u64 = 0x1000;
@@ -45,287 +43,82 @@ pub const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
 pub const REG_CONFIG_GENERATION: u64 = 0x0fc;
 pub const REG_CONFIG: u64 = 0x100;
 
-pub const STATUS_ACKNOWLEDGE: u32 = 1;
-pub const STATUS_DRIVER: u32 = 2;
-pub const STATUS_DRIVER_OK: u32 = 4;
-pub const STATUS_FEATURES_OK: u32 = 8;
-pub const STATUS_NEEDS_RESET: u32 = 64;
-pub const STATUS_FAILED: u32 = 128;
 
-/// What the driver wrote about one queue, kept apart from the queue so that bad values are
-/// remembered (virtio-queue keeps only good ones).
-#[derive(Clone, Copy, Default)]
-struct QueueSetup {
-    desc: u64,
-    avail: u64,
-    used: u64,
-    bad_size: bool,
-}
+pub use crate::transport::{
+    STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK, STATUS_NEEDS_RESET,
+};
 
 pub struct MmioTransport {
-    name: String,
-    device: Box<dyn VirtioDevice>,
-    mem: GuestMemory,
+    state: VirtioState,
     interrupt: Arc<Interrupt>,
-    queues: Vec<Queue>,
-    setups: Vec<QueueSetup>,
-    queue_events: Vec<EventFd>,
-    status: u32,
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    acked_features: u64,
-    queue_sel: u32,
-    active: bool,
 }
 
 impl MmioTransport {
     pub fn new(name: &str, device: Box<dyn VirtioDevice>, mem: GuestMemory, irqfd: EventFd) -> std::io::Result<Self> {
-        let sizes = device.queue_max_sizes().to_vec();
-        let queues = sizes.iter().map(|&max| Queue::new(max).expect("device queue sizes are powers of two")).collect();
-        let queue_events = sizes.iter().map(|_| EventFd::new(libc::EFD_NONBLOCK)).collect::<Result<_, _>>()?;
-        Ok(MmioTransport {
-            name: name.into(),
-            device,
-            mem,
-            interrupt: Arc::new(Interrupt::new(irqfd)),
-            setups: vec![QueueSetup::default(); sizes.len()],
-            queues,
-            queue_events,
-            status: 0,
-            device_features_sel: 0,
-            driver_features_sel: 0,
-            acked_features: 0,
-            queue_sel: 0,
-            active: false,
-        })
+        let interrupt = Arc::new(Interrupt::new(irqfd));
+        Ok(MmioTransport { state: VirtioState::new(name, device, mem, interrupt.clone())?, interrupt })
     }
 
     /// One eventfd per queue, for KVM to signal on a notify write (ioeventfd, datamatch on the
     /// queue index at REG_QUEUE_NOTIFY).
     pub fn queue_events(&self) -> &[EventFd] {
-        &self.queue_events
+        self.state.queue_events()
     }
 
     pub fn device_type(&self) -> u32 {
-        self.device.device_type()
-    }
-
-    fn selected(&mut self) -> Option<(&mut Queue, &mut QueueSetup)> {
-        let i = self.queue_sel as usize;
-        Some((self.queues.get_mut(i)?, self.setups.get_mut(i)?))
-    }
-
-    fn reset(&mut self) {
-        if self.active {
-            self.device.reset();
-            self.active = false;
-        }
-        for (queue, setup) in self.queues.iter_mut().zip(&mut self.setups) {
-            queue.reset();
-            *setup = QueueSetup::default();
-        }
-        for evt in &self.queue_events {
-            let _ = evt.read();
-        }
-        self.status = 0;
-        self.acked_features = 0;
-        self.device_features_sel = 0;
-        self.driver_features_sel = 0;
-        self.queue_sel = 0;
-        self.interrupt.clear();
-    }
-
-    fn needs_reset(&mut self, why: &str) {
-        tracing::warn!("{}: {why}; the device needs a reset", self.name);
-        self.status |= STATUS_NEEDS_RESET;
-        if self.status & STATUS_DRIVER_OK != 0 {
-            self.interrupt.signal_config_change();
-        }
-    }
-
-    fn write_status(&mut self, value: u32) {
-        if value == 0 {
-            self.reset();
-            return;
-        }
-        let added = value & !self.status;
-        if value & self.status != self.status {
-            tracing::warn!(
-                "{}: the driver cleared status bits ({:#x} -> {value:#x}) without a reset",
-                self.name,
-                self.status
-            );
-            return;
-        }
-        if added & STATUS_FAILED != 0 {
-            tracing::info!("{}: the driver gave up on the device (FAILED)", self.name);
-        }
-        if added & STATUS_FEATURES_OK != 0 {
-            let offered = self.device.features();
-            if self.acked_features & !offered != 0 || self.acked_features & F_VERSION_1 == 0 {
-                tracing::warn!(
-                    "{}: refused features {:#x} (offered {offered:#x}; VERSION_1 is required)",
-                    self.name,
-                    self.acked_features
-                );
-                self.status = value & !STATUS_FEATURES_OK;
-                return;
-            }
-        }
-        self.status = value;
-        if added & STATUS_DRIVER_OK != 0 {
-            self.activate();
-        }
-    }
-
-    fn activate(&mut self) {
-        if self.status & STATUS_FEATURES_OK == 0 {
-            return self.needs_reset("DRIVER_OK came before FEATURES_OK");
-        }
-        for (i, (queue, setup)) in self.queues.iter().zip(&self.setups).enumerate() {
-            if !queue.ready() {
-                continue;
-            }
-            if setup.bad_size {
-                return self
-                    .needs_reset(&format!("queue {i} was given a size that is not a power of two up to its maximum"));
-            }
-            if queue.desc_table() != setup.desc || queue.avail_ring() != setup.avail || queue.used_ring() != setup.used
-            {
-                return self.needs_reset(&format!("queue {i} has misaligned rings"));
-            }
-            if !queue.is_valid(&self.mem) {
-                return self.needs_reset(&format!("queue {i} has rings outside guest RAM"));
-            }
-        }
-        let queue_events = match self.queue_events.iter().map(EventFd::try_clone).collect::<Result<Vec<_>, _>>() {
-            Ok(events) => events,
-            Err(e) => return self.needs_reset(&format!("cannot share the queue eventfds ({e})")),
-        };
-        let event_idx = self.acked_features & crate::F_RING_EVENT_IDX != 0;
-        // The device gets its own copies; the transport keeps the driver's configuration.
-        let mut queues = Vec::with_capacity(self.queues.len());
-        for q in &self.queues {
-            match Queue::try_from(q.state()) {
-                Ok(mut copy) => {
-                    copy.set_event_idx(event_idx);
-                    queues.push(copy);
-                }
-                Err(e) => return self.needs_reset(&format!("a queue cannot be handed over ({e})")),
-            }
-        }
-        let activation = Activation {
-            mem: self.mem.clone(),
-            queues,
-            queue_events,
-            interrupt: self.interrupt.clone(),
-            acked_features: self.acked_features,
-        };
-        match self.device.activate(activation) {
-            Ok(()) => {
-                self.active = true;
-                tracing::info!("{}: the driver started the device (features {:#x})", self.name, self.acked_features);
-            }
-            Err(e) => self.needs_reset(&format!("activation failed: {e}")),
-        }
-    }
-
-    fn write_queue_register(&mut self, offset: u64, value: u32) {
-        let name = self.name.clone();
-        if self.status & STATUS_DRIVER_OK != 0 {
-            tracing::warn!("{name}: ignored a queue register write at {offset:#x} after DRIVER_OK");
-            return;
-        }
-        let Some((queue, setup)) = self.selected() else {
-            tracing::warn!("{name}: ignored a write to queue register {offset:#x} of a queue that does not exist");
-            return;
-        };
-        if queue.ready() && offset != REG_QUEUE_READY {
-            tracing::warn!("{name}: ignored a write to queue register {offset:#x} of a ready queue");
-            return;
-        }
-        let low = |old: u64| (old & !0xffff_ffff) | u64::from(value);
-        let high = |old: u64| (old & 0xffff_ffff) | (u64::from(value) << 32);
-        match offset {
-            REG_QUEUE_NUM => {
-                setup.bad_size = value > u32::from(u16::MAX) || queue.try_set_size(value as u16).is_err();
-            }
-            REG_QUEUE_READY => queue.set_ready(value == 1),
-            REG_QUEUE_DESC_LOW | REG_QUEUE_DESC_HIGH => {
-                setup.desc = if offset == REG_QUEUE_DESC_LOW { low(setup.desc) } else { high(setup.desc) };
-                let _ = queue.try_set_desc_table_address(GuestAddress(setup.desc));
-            }
-            REG_QUEUE_DRIVER_LOW | REG_QUEUE_DRIVER_HIGH => {
-                setup.avail = if offset == REG_QUEUE_DRIVER_LOW { low(setup.avail) } else { high(setup.avail) };
-                let _ = queue.try_set_avail_ring_address(GuestAddress(setup.avail));
-            }
-            REG_QUEUE_DEVICE_LOW | REG_QUEUE_DEVICE_HIGH => {
-                setup.used = if offset == REG_QUEUE_DEVICE_LOW { low(setup.used) } else { high(setup.used) };
-                let _ = queue.try_set_used_ring_address(GuestAddress(setup.used));
-            }
-            _ => unreachable!("only queue registers come here"),
-        }
+        self.state.device().device_type()
     }
 
     fn read_register(&self, offset: u64) -> u32 {
-        let selected = self.queues.get(self.queue_sel as usize);
+        let s = &self.state;
         match offset {
             REG_MAGIC => MAGIC,
             REG_VERSION => VERSION,
-            REG_DEVICE_ID => self.device.device_type(),
+            REG_DEVICE_ID => s.device().device_type(),
             REG_VENDOR_ID => VENDOR_ID,
-            REG_DEVICE_FEATURES => match self.device_features_sel {
-                0 => self.device.features() as u32,
-                1 => (self.device.features() >> 32) as u32,
-                _ => 0,
-            },
-            REG_QUEUE_NUM_MAX => selected.map_or(0, |q| u32::from(q.max_size())),
-            REG_QUEUE_READY => selected.map_or(0, |q| u32::from(q.ready())),
+            REG_DEVICE_FEATURES => s.device_features(),
+            REG_QUEUE_NUM_MAX => u32::from(s.queue_max_size()),
+            REG_QUEUE_READY => u32::from(s.queue_ready()),
             REG_INTERRUPT_STATUS => self.interrupt.status(),
-            REG_STATUS => self.status,
+            REG_STATUS => s.status(),
             REG_CONFIG_GENERATION => 0,
             _ => {
-                tracing::debug!("{}: read of write-only or unknown register {offset:#x}", self.name);
+                tracing::debug!("{}: read of write-only or unknown register {offset:#x}", s.name);
                 0
             }
         }
     }
 
     fn write_register(&mut self, offset: u64, value: u32) {
+        let queue_field = match offset {
+            REG_QUEUE_NUM => Some(QueueField::Size),
+            REG_QUEUE_READY => Some(QueueField::Ready),
+            REG_QUEUE_DESC_LOW => Some(QueueField::DescLow),
+            REG_QUEUE_DESC_HIGH => Some(QueueField::DescHigh),
+            REG_QUEUE_DRIVER_LOW => Some(QueueField::DriverLow),
+            REG_QUEUE_DRIVER_HIGH => Some(QueueField::DriverHigh),
+            REG_QUEUE_DEVICE_LOW => Some(QueueField::DeviceLow),
+            REG_QUEUE_DEVICE_HIGH => Some(QueueField::DeviceHigh),
+            _ => None,
+        };
+        if let Some(field) = queue_field {
+            return self.state.write_queue(field, value);
+        }
         match offset {
-            REG_DEVICE_FEATURES_SEL => self.device_features_sel = value,
-            REG_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
-            REG_DRIVER_FEATURES => {
-                if self.status & STATUS_DRIVER == 0 || self.status & STATUS_FEATURES_OK != 0 {
-                    tracing::warn!("{}: ignored a feature write outside feature negotiation", self.name);
-                    return;
-                }
-                match self.driver_features_sel {
-                    0 => self.acked_features = (self.acked_features & !0xffff_ffff) | u64::from(value),
-                    1 => self.acked_features = (self.acked_features & 0xffff_ffff) | (u64::from(value) << 32),
-                    sel => tracing::warn!("{}: ignored features for selector {sel}", self.name),
+            REG_DEVICE_FEATURES_SEL => self.state.device_features_sel = value,
+            REG_DRIVER_FEATURES_SEL => self.state.driver_features_sel = value,
+            REG_DRIVER_FEATURES => self.state.write_driver_features(value),
+            REG_QUEUE_SEL => self.state.queue_sel = value,
+            // KVM answers notifications through ioeventfds; this path serves VMMs and tests
+            // that route the write here.
+            REG_QUEUE_NOTIFY => self.state.notify(value),
+            REG_INTERRUPT_ACK => self.interrupt.acknowledge(value),
+            REG_STATUS => {
+                if self.state.write_status(value) {
+                    self.interrupt.clear();
                 }
             }
-            REG_QUEUE_SEL => self.queue_sel = value,
-            REG_QUEUE_NUM
-            | REG_QUEUE_READY
-            | REG_QUEUE_DESC_LOW
-            | REG_QUEUE_DESC_HIGH
-            | REG_QUEUE_DRIVER_LOW
-            | REG_QUEUE_DRIVER_HIGH
-            | REG_QUEUE_DEVICE_LOW
-            | REG_QUEUE_DEVICE_HIGH => self.write_queue_register(offset, value),
-            REG_QUEUE_NOTIFY => match self.queue_events.get(value as usize) {
-                // KVM answers notifications through ioeventfds; this path serves VMMs and
-                // tests that route the write here.
-                Some(evt) => {
-                    let _ = evt.write(1);
-                }
-                None => tracing::warn!("{}: notify for queue {value}, which does not exist", self.name),
-            },
-            REG_INTERRUPT_ACK => self.interrupt.acknowledge(value),
-            REG_STATUS => self.write_status(value),
-            _ => tracing::warn!("{}: ignored a write to read-only or unknown register {offset:#x}", self.name),
+            _ => tracing::warn!("{}: ignored a write to read-only or unknown register {offset:#x}", self.state.name),
         }
     }
 }
@@ -333,10 +126,10 @@ impl MmioTransport {
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= REG_CONFIG {
-            return self.device.read_config(offset - REG_CONFIG, data);
+            return self.state.device().read_config(offset - REG_CONFIG, data);
         }
         if data.len() != 4 || !offset.is_multiple_of(4) {
-            tracing::warn!("{}: {}-byte register read at {offset:#x}; registers are 32-bit", self.name, data.len());
+            tracing::warn!("{}: {}-byte register read at {offset:#x}; registers are 32-bit", self.state.name, data.len());
             data.fill(0);
             return;
         }
@@ -345,14 +138,14 @@ impl BusDevice for MmioTransport {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= REG_CONFIG {
-            return self.device.write_config(offset - REG_CONFIG, data);
+            return self.state.device_mut().write_config(offset - REG_CONFIG, data);
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            tracing::warn!("{}: {}-byte register write at {offset:#x}; registers are 32-bit", self.name, data.len());
+            tracing::warn!("{}: {}-byte register write at {offset:#x}; registers are 32-bit", self.state.name, data.len());
             return;
         };
         if !offset.is_multiple_of(4) {
-            tracing::warn!("{}: unaligned register write at {offset:#x}", self.name);
+            tracing::warn!("{}: unaligned register write at {offset:#x}", self.state.name);
             return;
         }
         self.write_register(offset, u32::from_le_bytes(bytes));
@@ -362,8 +155,10 @@ impl BusDevice for MmioTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::ActivateError;
+    use crate::F_VERSION_1;
+    use crate::device::{ActivateError, Activation};
     use std::sync::Mutex;
+    use vm_memory::GuestAddress;
 
     #[derive(Default)]
     struct Record {

@@ -10,7 +10,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::GuestMemory;
-use crate::device::{Activation, Interrupt};
+use crate::device::{Activation, VirtioInterrupt};
 
 /// A device's request handling, run on its worker thread.
 pub trait Backend: Send + 'static {
@@ -120,7 +120,7 @@ struct EventLoop {
     epoll: Epoll,
     queue_events: Vec<EventFd>,
     kill: EventFd,
-    interrupt: Arc<Interrupt>,
+    interrupt: Arc<dyn VirtioInterrupt>,
     mem: GuestMemory,
     extra: ExtraFds,
 }
