@@ -7,7 +7,8 @@ use std::time::Instant;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use vmm::{
-    ConsoleConfig, DiskConfig, HostLimits, NetConfig, SerialConfig, VmConfig, VsockConfig, config::DEFAULT_CMDLINE,
+    ConsoleConfig, DiskConfig, HostLimits, NetConfig, SerialConfig, VirtioTransport, VmConfig, VsockConfig,
+    config::DEFAULT_CMDLINE,
 };
 
 /// Exit status for bad user input, as clap uses for bad arguments.
@@ -68,6 +69,13 @@ struct RunArgs {
     /// A virtio-vsock device: cid=N,uds=PATH (host connections through the Unix socket PATH).
     #[arg(long, value_parser = parse_vsock)]
     vsock: Option<VsockConfig>,
+    /// How virtio devices attach: mmio (announced on the command line) or pci (MSI-X).
+    #[arg(long, default_value = "mmio", value_parser = parse_transport)]
+    virtio_transport: VirtioTransport,
+}
+
+fn parse_transport(s: &str) -> Result<VirtioTransport, String> {
+    s.parse()
 }
 
 fn parse_vsock(s: &str) -> Result<VsockConfig, String> {
@@ -121,6 +129,7 @@ fn run(args: RunArgs, launched: Instant) -> ExitCode {
         nets: args.nets,
         balloon: args.balloon,
         vsock: args.vsock,
+        transport: args.virtio_transport,
     };
     let kvm = match vmm::vm::open_kvm() {
         Ok(kvm) => kvm,

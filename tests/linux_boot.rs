@@ -129,3 +129,35 @@ fn linux_on_virtio_mmio_devices_mounts_root_gets_dhcp_answers_pings_and_logs_to_
     assert_eq!(out.status.code(), Some(0), "{log}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn linux_finds_its_devices_on_virtio_pci_with_msix_and_mounts_root() {
+    let guest = linux_guest();
+    let dir = common::scratch_dir("linux-pci");
+    let root = dir.join("rootfs.ext4");
+    std::fs::copy(guest.join("rootfs.ext4"), &root).unwrap();
+    let cmdline = format!("console=ttyS0 reboot=k panic=-1 {LINUX_HOST_CMDLINE} root=/dev/vda rw");
+    let mut cmd = ferrovisor();
+    cmd.arg("run")
+        .args(["--kernel", guest.join("vmlinux").to_str().unwrap()])
+        .args(["--memory", "256", "--virtio-transport", "pci", "--rng", "--cmdline", &cmdline])
+        .args(["--disk", &format!("path={}", root.display())]);
+    let out = Running::start(cmd).finish(BOOT_TIMEOUT);
+    let log = out.describe();
+    assert!(!out.stdout.contains("virtio_mmio.device="), "no command-line devices on PCI: {log}");
+    for line in [
+        "pci 0000:00:00.0: [1b36:0008] type 00 class 0x060000",
+        "pci 0000:00:01.0: [1af4:1042] type 00 class 0x010000",
+        "pci 0000:00:02.0: [1af4:1044] type 00 class 0xff0000",
+        "virtio-pci 0000:00:01.0: enabling device",
+        "virtio_blk virtio0: [vda] 32768 512-byte logical blocks",
+        // The functions have no INTx pin: the drivers work only through MSI-X.
+        "random: crng init done",
+        "EXT4-fs (vda): mounted filesystem",
+        "Run /sbin/init as init process",
+    ] {
+        assert!(out.stdout.contains(line), "'{line}': {log}");
+    }
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -48,6 +48,9 @@ pub const VIRTIO_MMIO_WINDOW: u64 = 0x1000;
 /// virtio-mmio devices take IOAPIC pins from here up (COM1 has 4).
 pub const VIRTIO_FIRST_IRQ: u32 = 5;
 pub const VIRTIO_MAX_DEVICES: u32 = IOAPIC_PINS as u32 - VIRTIO_FIRST_IRQ;
+/// BAR 0 of each virtio-pci function, 64 KiB apart (assigned here, as firmware would).
+pub const PCI_BAR_START: u64 = 0xe000_0000;
+pub const PCI_BAR_STRIDE: u64 = 0x1_0000;
 /// KVM's real-mode TSS (three pages) and identity-map page, at the top of the hole.
 pub const KVM_TSS_START: u64 = 0xfffb_d000;
 pub const KVM_IDENTITY_MAP_START: u64 = 0xfffb_c000;

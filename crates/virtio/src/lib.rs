@@ -11,6 +11,7 @@ pub mod console;
 pub mod device;
 pub mod mmio;
 pub mod net;
+pub mod pci;
 pub mod rng;
 pub mod transport;
 pub mod vsock;

@@ -43,7 +43,6 @@ pub const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
 pub const REG_CONFIG_GENERATION: u64 = 0x0fc;
 pub const REG_CONFIG: u64 = 0x100;
 
-
 pub use crate::transport::{
     STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK, STATUS_NEEDS_RESET,
 };
@@ -129,7 +128,11 @@ impl BusDevice for MmioTransport {
             return self.state.device().read_config(offset - REG_CONFIG, data);
         }
         if data.len() != 4 || !offset.is_multiple_of(4) {
-            tracing::warn!("{}: {}-byte register read at {offset:#x}; registers are 32-bit", self.state.name, data.len());
+            tracing::warn!(
+                "{}: {}-byte register read at {offset:#x}; registers are 32-bit",
+                self.state.name,
+                data.len()
+            );
             data.fill(0);
             return;
         }
@@ -141,7 +144,11 @@ impl BusDevice for MmioTransport {
             return self.state.device_mut().write_config(offset - REG_CONFIG, data);
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            tracing::warn!("{}: {}-byte register write at {offset:#x}; registers are 32-bit", self.state.name, data.len());
+            tracing::warn!(
+                "{}: {}-byte register write at {offset:#x}; registers are 32-bit",
+                self.state.name,
+                data.len()
+            );
             return;
         };
         if !offset.is_multiple_of(4) {

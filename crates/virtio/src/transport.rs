@@ -202,7 +202,11 @@ impl VirtioState {
         }
         let added = value & !self.status;
         if value & self.status != self.status {
-            tracing::warn!("{}: the driver cleared status bits ({:#x} -> {value:#x}) without a reset", self.name, self.status);
+            tracing::warn!(
+                "{}: the driver cleared status bits ({:#x} -> {value:#x}) without a reset",
+                self.name,
+                self.status
+            );
             return false;
         }
         if added & STATUS_FAILED != 0 {
@@ -236,9 +240,11 @@ impl VirtioState {
                 continue;
             }
             if setup.bad_size {
-                return self.needs_reset(&format!("queue {i} was given a size that is not a power of two up to its maximum"));
+                return self
+                    .needs_reset(&format!("queue {i} was given a size that is not a power of two up to its maximum"));
             }
-            if queue.desc_table() != setup.desc || queue.avail_ring() != setup.avail || queue.used_ring() != setup.used {
+            if queue.desc_table() != setup.desc || queue.avail_ring() != setup.avail || queue.used_ring() != setup.used
+            {
                 return self.needs_reset(&format!("queue {i} has misaligned rings"));
             }
             if !queue.is_valid(&self.mem) {

@@ -174,6 +174,27 @@ impl FromStr for VsockConfig {
     }
 }
 
+/// How virtio devices reach the guest: `--virtio-transport mmio|pci`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum VirtioTransport {
+    /// virtio-mmio windows announced on the kernel command line.
+    #[default]
+    Mmio,
+    /// virtio-pci functions on a PCI root, with MSI-X.
+    Pci,
+}
+
+impl FromStr for VirtioTransport {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "mmio" => Ok(Self::Mmio),
+            "pci" => Ok(Self::Pci),
+            _ => Err("use mmio or pci".to_string()),
+        }
+    }
+}
+
 /// Where the virtio console goes: `--console stdio|file:PATH|pty`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ConsoleConfig {
@@ -210,6 +231,7 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     pub balloon: Option<virtio::balloon::BalloonOptions>,
     pub vsock: Option<VsockConfig>,
+    pub transport: VirtioTransport,
 }
 
 /// What this host allows.
@@ -364,6 +386,7 @@ mod tests {
             nets: Vec::new(),
             balloon: None,
             vsock: None,
+            transport: VirtioTransport::Mmio,
         }
     }
 

@@ -4,10 +4,13 @@
 pub mod config;
 pub mod exit;
 pub mod fault;
+mod gsi;
 mod vcpu;
 mod virtio_devices;
 pub mod vm;
 
-pub use config::{ConfigError, ConsoleConfig, DiskConfig, HostLimits, NetConfig, SerialConfig, VmConfig, VsockConfig};
+pub use config::{
+    ConfigError, ConsoleConfig, DiskConfig, HostLimits, NetConfig, SerialConfig, VirtioTransport, VmConfig, VsockConfig,
+};
 pub use exit::VmExit;
 pub use vm::{Error, run};

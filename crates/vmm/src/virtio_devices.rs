@@ -3,28 +3,32 @@
 
 use std::sync::{Arc, Mutex};
 
-use kvm_ioctls::{IoEventAddress, VmFd};
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use linux_loader::cmdline::Cmdline;
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use arch::GuestMemory;
-use arch::layout::{VIRTIO_FIRST_IRQ, VIRTIO_MMIO_START, VIRTIO_MMIO_WINDOW};
+use arch::layout::{PCI_BAR_START, PCI_BAR_STRIDE, VIRTIO_FIRST_IRQ, VIRTIO_MMIO_START, VIRTIO_MMIO_WINDOW};
 use devices::Bus;
+use devices::pci::PciRoot;
 use virtio::VirtioDevice;
 use virtio::blk::Block;
 use virtio::console::{Console, ConsoleIo};
 use virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
+use virtio::pci::PciTransport;
 use virtio::rng::Rng;
 
-use crate::config::{ConsoleConfig, VmConfig};
+use crate::config::{ConsoleConfig, VirtioTransport, VmConfig};
+use crate::gsi::{FIRST_MSI_GSI, GsiRouter};
 use crate::vm::Error;
 
-/// Creates every virtio device of `config`, maps it and announces it on `cmdline`.
+/// Creates every virtio device of `config` and attaches it with the configured transport.
 pub fn attach_all(
-    vm: &VmFd,
+    vm: &Arc<VmFd>,
     mem: &GuestMemory,
     config: &VmConfig,
+    pio: &mut Bus,
     mmio: &mut Bus,
     cmdline: &mut Cmdline,
 ) -> Result<(), Error> {
@@ -62,6 +66,24 @@ pub fn attach_all(
         tracing::info!("virtio-console on {}", io.description);
         devices.push(("virtio-console".into(), Box::new(Console::new(io))));
     }
+    match config.transport {
+        VirtioTransport::Mmio => attach_mmio(vm, mem, devices, mmio, cmdline),
+        VirtioTransport::Pci => attach_pci(vm, mem, devices, pio, mmio),
+    }
+}
+
+fn device_err(name: &str) -> impl Fn(String) -> Error + '_ {
+    move |e| Error::Device(format!("{name}: {e}"))
+}
+
+/// virtio-mmio: a window and an IOAPIC pin each, announced with `virtio_mmio.device=`.
+fn attach_mmio(
+    vm: &VmFd,
+    mem: &GuestMemory,
+    devices: Vec<(String, Box<dyn VirtioDevice>)>,
+    mmio: &mut Bus,
+    cmdline: &mut Cmdline,
+) -> Result<(), Error> {
     for (slot, (name, device)) in devices.into_iter().enumerate() {
         let base = VIRTIO_MMIO_START + slot as u64 * VIRTIO_MMIO_WINDOW;
         let irq = VIRTIO_FIRST_IRQ + slot as u32;
@@ -78,5 +100,43 @@ pub fn attach_all(
         cmdline.add_virtio_mmio_device(VIRTIO_MMIO_WINDOW, GuestAddress(base), irq, None)?;
         tracing::info!("{name} at {base:#x}, IRQ {irq}");
     }
+    Ok(())
+}
+
+/// virtio-pci: a function on the PCI root each, BAR 0 assigned here, MSI-X through KVM routes.
+fn attach_pci(
+    vm: &Arc<VmFd>,
+    mem: &GuestMemory,
+    devices: Vec<(String, Box<dyn VirtioDevice>)>,
+    pio: &mut Bus,
+    mmio: &mut Bus,
+) -> Result<(), Error> {
+    let router = Arc::new(GsiRouter::new(vm.clone()));
+    let mut root = PciRoot::new();
+    for (i, (name, device)) in devices.into_iter().enumerate() {
+        let err = device_err(&name);
+        let bar = PCI_BAR_START + i as u64 * PCI_BAR_STRIDE;
+        let mut gsis = Vec::new();
+        let mut irqfds = Vec::new();
+        for v in 0..virtio::pci::VECTORS {
+            let gsi = FIRST_MSI_GSI + (i * virtio::pci::VECTORS + v) as u32;
+            let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| err(e.to_string()))?;
+            vm.register_irqfd(&irqfd, gsi).map_err(|e| err(format!("MSI-X vector {v}: {e}")))?;
+            gsis.push(gsi);
+            irqfds.push(irqfd);
+        }
+        let transport = PciTransport::new(&name, device, mem.clone(), bar, gsis, irqfds, router.clone())
+            .map_err(|e| err(e.to_string()))?;
+        for (queue, evt) in transport.queue_events().iter().enumerate() {
+            let at = IoEventAddress::Mmio(bar + virtio::pci::notify_offset(queue));
+            vm.register_ioevent(evt, &at, NoDatamatch).map_err(|e| err(format!("queue {queue} notification: {e}")))?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        mmio.insert(bar, virtio::pci::BAR_SIZE, transport.clone()).map_err(|e| err(e.to_string()))?;
+        let slot = root.add(transport).ok_or_else(|| err("the PCI bus is full".into()))?;
+        tracing::info!("{name} at PCI 00:{slot:02x}.0, BAR 0 at {bar:#x}");
+    }
+    pio.insert(u64::from(devices::pci::CONFIG_PORT), devices::pci::CONFIG_PORT_LEN, Arc::new(Mutex::new(root)))
+        .map_err(|e| Error::Device(format!("PCI root: {e}")))?;
     Ok(())
 }

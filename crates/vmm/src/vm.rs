@@ -60,7 +60,7 @@ pub fn open_kvm() -> Result<Kvm, Error> {
 /// Boots `config` and blocks until the VM stops. `launched` is when the VMM started, for the
 /// boot timer.
 pub fn run(kvm: &Kvm, config: &VmConfig, format: KernelFormat, launched: Instant) -> Result<VmExit, Error> {
-    let vm = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+    let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create a VM"))?);
     vm.set_tss_address(KVM_TSS_START as usize).map_err(kvm_err("set the TSS address"))?;
     vm.set_identity_map_address(KVM_IDENTITY_MAP_START).map_err(kvm_err("set the identity map address"))?;
     vm.create_irq_chip().map_err(kvm_err("create the in-kernel irqchip"))?;
@@ -70,9 +70,9 @@ pub fn run(kvm: &Kvm, config: &VmConfig, format: KernelFormat, launched: Instant
     let mem_size = config.memory_bytes();
     let mem = create_memory(&vm, mem_size)?;
     let latch = Arc::new(ExitLatch::new().map_err(host_err("exit event"))?);
-    let (pio, mut mmio) = create_devices(&vm, config, launched, &latch)?;
+    let (mut pio, mut mmio) = create_devices(&vm, config, launched, &latch)?;
     let mut cmdline = boot::cmdline(&config.cmdline)?;
-    crate::virtio_devices::attach_all(&vm, &mem, config, &mut mmio, &mut cmdline)?;
+    crate::virtio_devices::attach_all(&vm, &mem, config, &mut pio, &mut mmio, &mut cmdline)?;
     let kernel = load_guest(&mem, config, format, mem_size, &cmdline)?;
 
     let supported_cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("report its CPUID"))?;
