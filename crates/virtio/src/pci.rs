@@ -423,8 +423,11 @@ mod tests {
     use crate::{F_VERSION_1, TYPE_BLOCK};
     use vm_memory::GuestAddress;
 
+    /// A route update: the GSI and its MSI (address, data), None when removed.
+    type RouteUpdate = (u32, Option<(u64, u32)>);
+
     #[derive(Default)]
-    struct Routes(Mutex<Vec<(u32, Option<(u64, u32)>)>>);
+    struct Routes(Mutex<Vec<RouteUpdate>>);
     impl MsiRouter for Routes {
         fn set_route(&self, gsi: u32, msi: Option<(u64, u32)>) {
             self.0.lock().unwrap().push((gsi, msi));
