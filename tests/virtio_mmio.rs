@@ -307,3 +307,51 @@ fn vsock_connects_both_ways_through_the_host_socket() {
     assert_eq!(server.join().unwrap(), 20000, "the host echoed every byte the guest sent");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn net_under_load_loses_and_duplicates_no_frame_either_way() {
+    let tap = common::TestTap::new("fvq");
+    let far_side = common::PacketSocket::bind(&tap.name);
+    const OUT: u64 = 5000;
+    const IN: u64 = 2000;
+    let tests = format!(
+        "probe.test=virtio-net probe.virtio-net.mode=throughput probe.virtio-net.frames={OUT} probe.tsc.khz=1000000"
+    );
+    // First the guest blasts OUT frames; every sequence number must arrive exactly once.
+    let mut cmd = probe_command(1, &tests);
+    cmd.args(["--net", &format!("tap={}", tap.name)]);
+    let out = Running::start(cmd).finish(TIMEOUT);
+    assert!(out.stdout.contains(&format!("frames={OUT}")), "{}", out.describe());
+    far_side.set_timeout(Duration::from_secs(1));
+    let mut seen = vec![0u32; OUT as usize];
+    while let Some(frame) = far_side.recv_ethertype(pattern::ETHERTYPE_PROBE) {
+        let seq = u64::from_le_bytes(frame[14..22].try_into().unwrap());
+        assert!(seq < OUT, "sequence number {seq} was never sent");
+        seen[seq as usize] += 1;
+    }
+    let lost = seen.iter().filter(|&&n| n == 0).count();
+    let doubled = seen.iter().filter(|&&n| n > 1).count();
+    assert_eq!((lost, doubled), (0, 0), "frames lost or duplicated on the way out");
+
+    // Then the host sends IN frames in bursts; the guest must count every one, bytes intact.
+    let mut cmd = probe_command(1, &format!("probe.test=virtio-net probe.virtio-net.tx=0 probe.virtio-net.rx={IN}"));
+    cmd.args(["--net", &format!("tap={}", tap.name)]);
+    let mut vm = Running::start(cmd);
+    assert!(vm.wait_for_output("PROBE virtio-net ready", TIMEOUT), "{}", vm.stdout());
+    let mut checksum = pattern::FNV_OFFSET;
+    let mut bytes = 0;
+    for i in 0..IN {
+        let mut frame = vec![0u8; 60 + (i as usize % 1000)];
+        pattern::fill_frame(11, i, [2, 0, 0, 0, 0, 9], &mut frame);
+        far_side.send(&frame);
+        checksum = pattern::fnv1a(checksum, &frame);
+        bytes += frame.len();
+        // The TAP's own queue holds 1000 frames: bursts of 100 stay well inside it.
+        if i % 100 == 99 {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    let out = vm.finish(TIMEOUT);
+    let line = probe_result(&out.stdout, "virtio-net").unwrap_or_else(|| panic!("{}", out.describe()));
+    assert!(line.ends_with(&format!("rx={IN} rx_bytes={bytes} rx_checksum={checksum:#x}")), "{line}");
+}

@@ -324,6 +324,18 @@ impl PacketSocket {
         // SAFETY: binding our socket to a valid sockaddr_ll of `len` bytes.
         let rc = unsafe { libc::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), (&raw const addr).cast(), len) };
         assert_eq!(rc, 0, "bind to {interface}: {}", std::io::Error::last_os_error());
+        // Room for thousands of frames: the test reads them after the burst.
+        let rcvbuf: libc::c_int = 64 << 20;
+        // SAFETY: SO_RCVBUFFORCE takes an int; it needs CAP_NET_ADMIN, which the TAP tests have.
+        unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&raw const rcvbuf).cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
+            )
+        };
         let timeout = libc::timeval { tv_sec: 10, tv_usec: 0 };
         // SAFETY: SO_RCVTIMEO takes a timeval.
         unsafe {
@@ -342,6 +354,21 @@ impl PacketSocket {
         // SAFETY: sending from a live slice on our bound socket.
         let n = unsafe { libc::send(std::os::fd::AsRawFd::as_raw_fd(&self.fd), frame.as_ptr().cast(), frame.len(), 0) };
         assert_eq!(n, frame.len() as isize, "send: {}", std::io::Error::last_os_error());
+    }
+
+    /// Sets how long a receive waits.
+    pub fn set_timeout(&self, timeout: Duration) {
+        let tv = libc::timeval { tv_sec: timeout.as_secs() as i64, tv_usec: i64::from(timeout.subsec_micros()) };
+        // SAFETY: SO_RCVTIMEO takes a timeval.
+        unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&self.fd),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&raw const tv).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        };
     }
 
     /// The next frame with `ethertype`, skipping others; None after the receive timeout.

@@ -7,6 +7,8 @@
 //!
 //! With `probe.virtio-net.mode=throughput` it transmits `.frames` (100000) frames of `.size`
 //! bytes with the ring kept full, and reports packets per second from the TSC (see tsc.rs).
+//! Each frame carries its sequence number (little-endian u64 right after the EtherType), so
+//! that the host can check that none was lost or duplicated.
 
 use crate::cmdline::{Cmdline, VirtioMmioSlot};
 use crate::pattern::{ETHERTYPE_PROBE, FNV_OFFSET, fill_frame, fnv1a};
@@ -51,8 +53,10 @@ pub fn throughput(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'stati
     let mut heads = [u16::MAX; TX_IN_FLIGHT];
     let start = crate::hw::rdtsc();
     let (mut sent, mut done) = (0u64, 0u64);
+    let stamp = |slot: usize, seq: u64| bytes(buffer(slot) + (HEADER + 14) as u64, 8).copy_from_slice(&seq.to_le_bytes());
     for head in heads.iter_mut().take(in_flight) {
         if sent < frames {
+            stamp(sent as usize, sent);
             *head = txq.push(&[Buffer::readable(buffer(sent as usize), (HEADER + size) as u32)]).ok_or("ring full")?;
             sent += 1;
         }
@@ -63,6 +67,7 @@ pub fn throughput(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'stati
         done += 1;
         if sent < frames {
             let slot = heads.iter().position(|&h| h == head).ok_or("unknown buffer")?;
+            stamp(slot, sent);
             heads[slot] = txq.push(&[Buffer::readable(buffer(slot), (HEADER + size) as u32)]).ok_or("ring full")?;
             sent += 1;
             dev.notify(TX_QUEUE);
