@@ -9,8 +9,27 @@ use common::{LINUX_HOST_CMDLINE, Running, ferrovisor, linux_guest};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// Checks how a guest that ran its init ended. On hardware /init runs and reboots; on hosts
+/// that emulate ring 0, init dies on its first system call and the kernel panics and reboots.
+/// Both end in an i8042 reset and status 0. Those hosts' emulator also lacks `fwait`, which the
+/// kernel runs when init exits (fpu__drop) whenever the host did not keep the FPU loaded: then
+/// the VMM must stop with its readable report of that instruction (byte 9b) and status 1.
+fn assert_ended_after_init(out: &common::Outcome) {
+    let log = out.describe();
+    if out.status.code() == Some(0) {
+        assert!(out.stderr.contains("the guest requested a reset"), "{log}");
+        return;
+    }
+    let fwait_gap = common::host_emulates_ring0()
+        && out.stderr.contains("suberror 1: instruction emulation failed")
+        && out.stderr.contains("instruction bytes at RIP: 9b");
+    assert!(fwait_gap, "the VM must end in a reset: {log}");
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    eprintln!("this host's instruction emulator could not run fwait after init; the VMM reported it");
+}
+
 #[test]
-fn linux_vmlinux_boots_to_init_and_a_panic_reboot_exits_0() {
+fn linux_vmlinux_boots_to_init() {
     let guest = linux_guest();
     let cmdline = format!("console=ttyS0 reboot=k panic=-1 {LINUX_HOST_CMDLINE}");
     let mut cmd = ferrovisor();
@@ -25,11 +44,29 @@ fn linux_vmlinux_boots_to_init_and_a_panic_reboot_exits_0() {
     assert!(out.stdout.contains("BIOS-e820: [mem 0x0000000000100000-0x000000000fffffff] usable"), "{log}");
     assert!(out.stdout.contains("MPTABLE: OEM ID: FERROVSR"), "{log}");
     assert!(out.stdout.contains("Run /init as init process"), "{log}");
-    // User space cannot make system calls on emulating hosts: init dies, the kernel panics and
-    // panic=-1 reboots at once. On hardware /init runs and reboots. Both end in an i8042 reset.
+    assert_ended_after_init(&out);
+    eprintln!("vmlinux: launch to exit {:.1} s", out.elapsed.as_secs_f64());
+}
+
+/// A kernel panic with panic=-1 reboot=k ends the VMM with status 0, through the i8042. No
+/// root and no init: the panic comes before any user space, on every host.
+#[test]
+fn linux_panic_reboots_through_the_i8042_and_the_vmm_exits_0() {
+    let guest = linux_guest();
+    let cmdline = format!("console=ttyS0 reboot=k panic=-1 {LINUX_HOST_CMDLINE} root=/dev/vdz");
+    let mut cmd = ferrovisor();
+    cmd.arg("run").args(["--kernel", guest.join("vmlinux").to_str().unwrap()]).args([
+        "--memory",
+        "128",
+        "--cmdline",
+        &cmdline,
+    ]);
+    let out = Running::start(cmd).finish(BOOT_TIMEOUT);
+    let log = out.describe();
+    assert!(out.stdout.contains("Kernel panic - not syncing: VFS: Unable to mount root fs"), "{log}");
+    assert!(!out.stdout.contains("as init process"), "{log}");
     assert_eq!(out.status.code(), Some(0), "{log}");
     assert!(out.stderr.contains("the guest requested a reset"), "{log}");
-    eprintln!("vmlinux: launch to exit {:.1} s", out.elapsed.as_secs_f64());
 }
 
 #[test]
@@ -58,7 +95,8 @@ fn linux_bzimage_boots_and_sigterm_stops_the_vm_cleanly() {
     assert!(out.stderr.contains("stopped the VM on signal 15 (SIGTERM)"), "{log}");
 }
 
-/// Linux on every virtio-mmio device Ferrovisor has: its root on virtio-blk, an address from a
+/// Linux on every virtio-mmio device Ferrovisor has: its root on virtio-blk (and a second,
+/// read-only disk), an address from a
 /// DHCP server on the TAP's far side (in a network namespace the test makes), pings from the
 /// host answered by the guest kernel, entropy from virtio-rng, its console on hvc0, a
 /// balloon inflated to the host's target, and the vsock driver bound.
@@ -70,6 +108,8 @@ fn linux_on_virtio_mmio_devices_mounts_root_gets_dhcp_answers_pings_and_logs_to_
     let root = dir.join("rootfs.ext4");
     std::fs::copy(guest.join("rootfs.ext4"), &root).unwrap();
     let pristine = std::fs::read(&root).unwrap();
+    let data_disk = dir.join("data.img");
+    std::fs::write(&data_disk, vec![0u8; 1 << 20]).unwrap();
     let hvc0 = dir.join("hvc0.log");
 
     let ns = common::NetNs::new("fvl");
@@ -96,6 +136,7 @@ fn linux_on_virtio_mmio_devices_mounts_root_gets_dhcp_answers_pings_and_logs_to_
         .args(["--kernel", guest.join("vmlinux").to_str().unwrap()])
         .args(["--memory", "256", "--rng", "--cmdline", &cmdline])
         .args(["--disk", &format!("path={}", root.display())])
+        .args(["--disk", &format!("path={},readonly=on", data_disk.display())])
         .args(["--net", &format!("tap={tap}")])
         .args(["--console", &format!("file:{}", hvc0.display())])
         .args(["--balloon", "size=8"])
@@ -113,6 +154,7 @@ fn linux_on_virtio_mmio_devices_mounts_root_gets_dhcp_answers_pings_and_logs_to_
     assert!(received >= 3, "the guest answers pings: {ping_out}\n{log}");
     for line in [
         "virtio_blk virtio0: [vda] 32768 512-byte logical blocks",
+        "virtio_blk virtio1: [vdb] 2048 512-byte logical blocks",
         "EXT4-fs (vda): mounted filesystem",
         "random: crng init done",
         "Run /sbin/init as init process",
@@ -126,7 +168,7 @@ fn linux_on_virtio_mmio_devices_mounts_root_gets_dhcp_answers_pings_and_logs_to_
     assert!(console.contains("EXT4-fs (vda): mounted filesystem"), "kernel output on hvc0: {console}");
     // The read-write mount wrote to the disk (superblock state and times).
     assert_ne!(std::fs::read(&root).unwrap(), pristine, "the guest's writes reached the image");
-    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert_ended_after_init(&out);
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -158,6 +200,6 @@ fn linux_finds_its_devices_on_virtio_pci_with_msix_and_mounts_root() {
     ] {
         assert!(out.stdout.contains(line), "'{line}': {log}");
     }
-    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert_ended_after_init(&out);
     let _ = std::fs::remove_dir_all(dir);
 }
