@@ -49,53 +49,29 @@ struct RunArgs {
     #[arg(long, default_value_t = 128)]
     memory: u64,
     /// Where COM1 goes: stdio, file:PATH or none.
-    #[arg(long, default_value = "stdio", value_parser = parse_serial)]
+    #[arg(long, default_value = "stdio")]
     serial: SerialConfig,
     /// A virtio-blk disk: path=IMAGE[,readonly=on][,id=NAME]; repeat for more disks.
-    #[arg(long = "disk", value_parser = parse_disk)]
+    #[arg(long = "disk")]
     disks: Vec<DiskConfig>,
     /// A virtio-rng device fed by the host's getrandom.
     #[arg(long)]
     rng: bool,
     /// A virtio console (hvc0): stdio, file:PATH or pty.
-    #[arg(long, value_parser = parse_console)]
+    #[arg(long)]
     console: Option<ConsoleConfig>,
     /// A virtio-net interface: tap=NAME[,mac=02:..]; the TAP is created if absent.
-    #[arg(long = "net", value_parser = parse_net)]
+    #[arg(long = "net")]
     nets: Vec<NetConfig>,
     /// A virtio-balloon: size=MiB (the target)[,deflate_on_oom=on][,stats=on][,free_page_reporting=on].
     #[arg(long, value_parser = vmm::config::parse_balloon)]
     balloon: Option<virtio::balloon::BalloonOptions>,
     /// A virtio-vsock device: cid=N,uds=PATH (host connections through the Unix socket PATH).
-    #[arg(long, value_parser = parse_vsock)]
+    #[arg(long)]
     vsock: Option<VsockConfig>,
     /// How virtio devices attach: mmio (announced on the command line) or pci (MSI-X).
-    #[arg(long, default_value = "mmio", value_parser = parse_transport)]
+    #[arg(long, default_value = "mmio")]
     virtio_transport: VirtioTransport,
-}
-
-fn parse_transport(s: &str) -> Result<VirtioTransport, String> {
-    s.parse()
-}
-
-fn parse_vsock(s: &str) -> Result<VsockConfig, String> {
-    s.parse()
-}
-
-fn parse_net(s: &str) -> Result<NetConfig, String> {
-    s.parse()
-}
-
-fn parse_console(s: &str) -> Result<ConsoleConfig, String> {
-    s.parse()
-}
-
-fn parse_disk(s: &str) -> Result<DiskConfig, String> {
-    s.parse()
-}
-
-fn parse_serial(s: &str) -> Result<SerialConfig, String> {
-    s.parse()
 }
 
 fn main() -> ExitCode {

@@ -4,16 +4,12 @@
 
 mod common;
 
-#[path = "../guest/probe/src/pattern.rs"]
-#[allow(dead_code)]
-mod pattern;
-
 use std::io::{BufRead, BufReader, Write};
 use std::net::UdpSocket;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use common::{Running, probe_result, qemu_probe_command, scratch_dir};
+use common::{Running, check_blk_pattern, pattern, probe_result, qemu_probe_command, scratch_dir};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -38,19 +34,7 @@ fn blk_pattern_reaches_the_image_and_rng_gives_bytes() {
         ),
         "{blk}"
     );
-    let disk = std::fs::read(&image).unwrap();
-    let mut expected = vec![0u8; 512];
-    let mut checksum = pattern::FNV_OFFSET;
-    for sector in 0..2048u64 {
-        let actual = &disk[sector as usize * 512..][..512];
-        if (8..108).contains(&sector) {
-            pattern::fill_sector(7, sector, &mut expected);
-            assert_eq!(actual, &expected[..], "sector {sector} holds the probe's pattern");
-            checksum = pattern::fnv1a(checksum, actual);
-        } else {
-            assert!(actual.iter().all(|&b| b == 0), "sector {sector} is untouched");
-        }
-    }
+    let checksum = check_blk_pattern(&std::fs::read(&image).unwrap(), 7, 8, 100);
     assert!(blk.ends_with(&format!("checksum={checksum:#x}")), "{blk} vs {checksum:#x}");
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -68,11 +52,7 @@ fn blk_read_only_disk_refuses_writes() {
         &["-drive", &drive, "-device", "virtio-blk-device,drive=d0"],
     );
     let out = Running::start(qemu).finish(TIMEOUT);
-    let blk = probe_result(&out.stdout, "virtio-blk").unwrap_or_else(|| panic!("{}", out.describe()));
-    let checksum = pattern::fnv1a(pattern::FNV_OFFSET, &content[..16 * 512]);
-    assert!(blk.starts_with("PROBE virtio-blk ok sectors=16 capacity=512 readonly=yes"), "{blk}");
-    assert!(blk.contains(" write=refused "), "{blk}");
-    assert!(blk.ends_with(&format!("checksum={checksum:#x}")), "{blk}");
+    common::assert_read_only_blk_result(&out, &content);
     assert_eq!(std::fs::read(&image).unwrap(), content, "the image is unchanged");
     let _ = std::fs::remove_dir_all(dir);
 }

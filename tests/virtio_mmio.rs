@@ -4,14 +4,10 @@
 
 mod common;
 
-#[path = "../guest/probe/src/pattern.rs"]
-#[allow(dead_code)]
-mod pattern;
-
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Running, probe_command, probe_result, scratch_dir};
+use common::{Running, check_blk_pattern, pattern, probe_command, probe_result, scratch_dir};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -19,24 +15,6 @@ fn image(dir: &Path, name: &str, bytes: Vec<u8>) -> String {
     let path = dir.join(name);
     std::fs::write(&path, bytes).unwrap();
     path.display().to_string()
-}
-
-/// Checks that sectors [first, first + count) of `disk` hold the probe's pattern for `seed` and
-/// the rest are zero; returns the probe's checksum of the pattern.
-fn check_pattern(disk: &[u8], seed: u64, first: u64, count: u64) -> u64 {
-    let mut expected = vec![0u8; 512];
-    let mut checksum = pattern::FNV_OFFSET;
-    for (sector, actual) in disk.chunks_exact(512).enumerate() {
-        let sector = sector as u64;
-        if (first..first + count).contains(&sector) {
-            pattern::fill_sector(seed, sector, &mut expected);
-            assert_eq!(actual, &expected[..], "sector {sector} holds the probe's pattern");
-            checksum = pattern::fnv1a(checksum, actual);
-        } else {
-            assert!(actual.iter().all(|&b| b == 0), "sector {sector} is untouched");
-        }
-    }
-    checksum
 }
 
 #[test]
@@ -57,7 +35,7 @@ fn blk_writes_reach_the_image_and_rng_gives_bytes() {
         ),
         "{blk}"
     );
-    let checksum = check_pattern(&std::fs::read(&disk).unwrap(), 7, 8, 100);
+    let checksum = check_blk_pattern(&std::fs::read(&disk).unwrap(), 7, 8, 100);
     assert!(blk.ends_with(&format!("checksum={checksum:#x}")), "{blk}");
     assert!(out.status.success(), "{}", out.describe());
     let _ = std::fs::remove_dir_all(dir);
@@ -71,11 +49,7 @@ fn read_only_disk_refuses_writes() {
     let mut cmd = probe_command(1, "probe.test=virtio-blk probe.virtio-blk.sectors=16");
     cmd.args(["--disk", &format!("path={disk},readonly=on")]);
     let out = Running::start(cmd).finish(TIMEOUT);
-    let blk = probe_result(&out.stdout, "virtio-blk").unwrap_or_else(|| panic!("{}", out.describe()));
-    let checksum = pattern::fnv1a(pattern::FNV_OFFSET, &content[..16 * 512]);
-    assert!(blk.starts_with("PROBE virtio-blk ok sectors=16 capacity=512 readonly=yes"), "{blk}");
-    assert!(blk.contains(" write=refused "), "{blk}");
-    assert!(blk.ends_with(&format!("checksum={checksum:#x}")), "{blk}");
+    common::assert_read_only_blk_result(&out, &content);
     assert_eq!(std::fs::read(&disk).unwrap(), content, "the image is unchanged");
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -92,7 +66,7 @@ fn flushed_data_survives_a_sigkill_of_the_vmm() {
     vm.child.kill().unwrap();
     let out = vm.finish(TIMEOUT);
     assert!(!out.status.success(), "SIGKILL ended the VMM: {}", out.describe());
-    check_pattern(&std::fs::read(&disk).unwrap(), 3, 0, 64);
+    check_blk_pattern(&std::fs::read(&disk).unwrap(), 3, 0, 64);
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -3,6 +3,10 @@
 
 #![allow(dead_code)]
 
+/// The probe's data patterns, shared with the host side of the tests.
+#[path = "../../guest/probe/src/pattern.rs"]
+pub mod pattern;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -425,4 +429,31 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Checks that sectors [first, first + count) of `disk` hold the probe's pattern for `seed` and
+/// the rest are zero; returns the checksum the probe reports for the pattern.
+pub fn check_blk_pattern(disk: &[u8], seed: u64, first: u64, count: u64) -> u64 {
+    let mut expected = vec![0u8; 512];
+    let mut checksum = pattern::FNV_OFFSET;
+    for (sector, actual) in disk.chunks_exact(512).enumerate() {
+        let sector = sector as u64;
+        if (first..first + count).contains(&sector) {
+            pattern::fill_sector(seed, sector, &mut expected);
+            assert_eq!(actual, &expected[..], "sector {sector} holds the probe's pattern");
+            checksum = pattern::fnv1a(checksum, actual);
+        } else {
+            assert!(actual.iter().all(|&b| b == 0), "sector {sector} is untouched");
+        }
+    }
+    checksum
+}
+
+/// The probe's virtio-blk line for a 256 KiB read-only disk holding `content`, 16 sectors read.
+pub fn assert_read_only_blk_result(out: &Outcome, content: &[u8]) {
+    let blk = probe_result(&out.stdout, "virtio-blk").unwrap_or_else(|| panic!("{}", out.describe()));
+    let checksum = pattern::fnv1a(pattern::FNV_OFFSET, &content[..16 * 512]);
+    assert!(blk.starts_with("PROBE virtio-blk ok sectors=16 capacity=512 readonly=yes"), "{blk}");
+    assert!(blk.contains(" write=refused "), "{blk}");
+    assert!(blk.ends_with(&format!("checksum={checksum:#x}")), "{blk}");
 }
