@@ -7,7 +7,7 @@ use std::time::Instant;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use vmm::{
-    ConsoleConfig, DiskConfig, HostLimits, NetConfig, SerialConfig, VirtioTransport, VmConfig, VsockConfig,
+    ConsoleConfig, DiskConfig, HostLimits, MemorySpec, NetConfig, SerialConfig, VirtioTransport, VmConfig, VsockConfig,
     config::DEFAULT_CMDLINE,
 };
 
@@ -29,6 +29,11 @@ struct Cli {
 enum Command {
     /// Boot a kernel in a new VM and run it until it stops.
     Run(RunArgs),
+    /// Turn the host's KSM daemon on or off, or show what it shares (root for on and off).
+    Ksm {
+        #[arg(value_parser = ["on", "off", "status"])]
+        action: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -45,9 +50,13 @@ struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     cpus: u32,
-    /// Guest RAM in MiB.
-    #[arg(long, default_value_t = 128)]
-    memory: u64,
+    /// Guest RAM: MiB, or size=MiB[,hugepages=off|on|thp][,mergeable=on][,shared=on][,prefault=on].
+    #[arg(long, default_value = "128")]
+    memory: MemorySpec,
+    /// Print the memory statistics (RSS, guest share, huge pages, KSM) when the VM stops;
+    /// SIGUSR1 prints them at any time.
+    #[arg(long)]
+    stats_on_exit: bool,
     /// Where COM1 goes: stdio, file:PATH or none.
     #[arg(long, default_value = "stdio")]
     serial: SerialConfig,
@@ -88,6 +97,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).with_target(false).init();
     match cli.command {
         Command::Run(args) => run(args, launched),
+        Command::Ksm { action } => ksm(&action),
     }
 }
 
@@ -97,7 +107,7 @@ fn run(args: RunArgs, launched: Instant) -> ExitCode {
         initrd: args.initrd,
         cmdline: args.cmdline,
         cpus: args.cpus,
-        memory_mib: args.memory,
+        memory_mib: args.memory.size_mib,
         serial: args.serial,
         disks: args.disks,
         rng: args.rng,
@@ -106,6 +116,8 @@ fn run(args: RunArgs, launched: Instant) -> ExitCode {
         balloon: args.balloon,
         vsock: args.vsock,
         transport: args.virtio_transport,
+        memory: args.memory.options,
+        stats_on_exit: args.stats_on_exit,
     };
     let kvm = match vmm::vm::open_kvm() {
         Ok(kvm) => kvm,
@@ -114,7 +126,11 @@ fn run(args: RunArgs, launched: Instant) -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    let limits = HostLimits { kvm_max_vcpus: kvm.get_max_vcpus() as u32, ram_mib: HostLimits::host_ram_mib() };
+    let limits = HostLimits {
+        kvm_max_vcpus: kvm.get_max_vcpus() as u32,
+        ram_mib: HostLimits::host_ram_mib(),
+        free_huge_pages: HostLimits::free_huge_pages(),
+    };
     let format = match config.validate(&limits) {
         Ok(format) => format,
         Err(e) => {
@@ -141,4 +157,37 @@ fn run(args: RunArgs, launched: Instant) -> ExitCode {
             ExitCode::from(EXIT_FAILURE)
         }
     }
+}
+
+const KSM: &str = "/sys/kernel/mm/ksm";
+
+fn ksm_value(name: &str) -> Option<i64> {
+    std::fs::read_to_string(format!("{KSM}/{name}")).ok()?.trim().parse().ok()
+}
+
+/// `ferrovisor ksm on|off|status`.
+fn ksm(action: &str) -> ExitCode {
+    if !std::path::Path::new(KSM).exists() {
+        eprintln!("error: this host's kernel has no KSM ({KSM} is missing); build it with CONFIG_KSM.");
+        return ExitCode::from(EXIT_FAILURE);
+    }
+    if action != "status" {
+        let value = if action == "on" { "1" } else { "0" };
+        if let Err(e) = std::fs::write(format!("{KSM}/run"), value) {
+            eprintln!("error: cannot turn KSM {action} ({e}); run as root.");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    }
+    let page_kib = 4;
+    let sharing = ksm_value("pages_sharing").unwrap_or(0);
+    println!(
+        "ksm: run={} pages_shared={} pages_sharing={} saved_mib={} full_scans={} general_profit_mib={}",
+        ksm_value("run").unwrap_or(0),
+        ksm_value("pages_shared").unwrap_or(0),
+        sharing,
+        sharing * page_kib / 1024,
+        ksm_value("full_scans").unwrap_or(0),
+        ksm_value("general_profit").unwrap_or(0) >> 20,
+    );
+    ExitCode::SUCCESS
 }

@@ -228,10 +228,15 @@ pub fn probe_elf() -> &'static str {
     env!("FERROVISOR_PROBE_ELF")
 }
 
-/// A command that boots the probe under Ferrovisor.
+/// A command that boots the probe under Ferrovisor with 128 MiB.
 pub fn probe_command(cpus: u32, cmdline: &str) -> Command {
+    probe_command_with_memory(cpus, cmdline, "128")
+}
+
+/// A command that boots the probe under Ferrovisor with `--memory memory`.
+pub fn probe_command_with_memory(cpus: u32, cmdline: &str, memory: &str) -> Command {
     let mut cmd = ferrovisor();
-    cmd.args(["run", "--kernel", probe_elf(), "--memory", "128", "--cmdline", cmdline])
+    cmd.args(["run", "--kernel", probe_elf(), "--memory", memory, "--cmdline", cmdline])
         .args(["--cpus", &cpus.to_string()]);
     cmd
 }

@@ -174,6 +174,77 @@ impl FromStr for VsockConfig {
     }
 }
 
+/// How guest RAM is backed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HugePages {
+    /// 4 KiB pages.
+    #[default]
+    Off,
+    /// 2 MiB hugetlbfs pages, reserved in /proc/sys/vm/nr_hugepages.
+    On,
+    /// Transparent huge pages: MADV_HUGEPAGE on 2 MiB-aligned memory.
+    Thp,
+}
+
+/// `--memory MiB` or `--memory size=MiB[,hugepages=off|on|thp][,mergeable=on][,shared=on][,prefault=on]`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryOptions {
+    pub hugepages: HugePages,
+    /// MADV_MERGEABLE: KSM may merge identical pages.
+    pub mergeable: bool,
+    /// Backed by a memfd mapped shared, rather than private anonymous memory.
+    pub shared: bool,
+    /// Touched at start, so that the guest never waits for a page fault.
+    pub prefault: bool,
+}
+
+/// What `--memory` says: the size and the backing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemorySpec {
+    pub size_mib: u64,
+    pub options: MemoryOptions,
+}
+
+impl FromStr for MemorySpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(size_mib) = s.parse::<u64>() {
+            return Ok(MemorySpec { size_mib, options: MemoryOptions::default() });
+        }
+        let mut size = None;
+        let mut options = MemoryOptions::default();
+        for (key, value) in key_values("--memory", s)? {
+            match key {
+                "size" => {
+                    size = Some(
+                        value.parse().map_err(|_| format!("--memory size= takes MiB as a number, not '{value}'"))?,
+                    )
+                }
+                "hugepages" => {
+                    options.hugepages = match value {
+                        "off" => HugePages::Off,
+                        "on" => HugePages::On,
+                        "thp" => HugePages::Thp,
+                        _ => return Err(format!("--memory hugepages= takes off, on or thp, not '{value}'")),
+                    }
+                }
+                "mergeable" => options.mergeable = on_off("--memory", key, value)?,
+                "shared" => options.shared = on_off("--memory", key, value)?,
+                "prefault" => options.prefault = on_off("--memory", key, value)?,
+                _ => {
+                    return Err(format!(
+                        "--memory has no option '{key}'; use size=, hugepages=, mergeable=, shared= and prefault="
+                    ));
+                }
+            }
+        }
+        Ok(MemorySpec {
+            size_mib: size.ok_or("--memory needs a size: --memory 256 or --memory size=256,...")?,
+            options,
+        })
+    }
+}
+
 /// How virtio devices reach the guest: `--virtio-transport mmio|pci`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum VirtioTransport {
@@ -232,6 +303,9 @@ pub struct VmConfig {
     pub balloon: Option<virtio::balloon::BalloonOptions>,
     pub vsock: Option<VsockConfig>,
     pub transport: VirtioTransport,
+    pub memory: MemoryOptions,
+    /// Print the memory statistics when the VM stops.
+    pub stats_on_exit: bool,
 }
 
 /// What this host allows.
@@ -241,6 +315,8 @@ pub struct HostLimits {
     pub kvm_max_vcpus: u32,
     /// Physical RAM, in MiB.
     pub ram_mib: u64,
+    /// Free 2 MiB hugetlbfs pages.
+    pub free_huge_pages: u64,
 }
 
 impl HostLimits {
@@ -249,14 +325,22 @@ impl HostLimits {
         self.kvm_max_vcpus.min(mptable::MAX_CPUS)
     }
 
-    /// Host RAM from /proc/meminfo.
-    pub fn host_ram_mib() -> u64 {
+    fn meminfo(key: &str) -> Option<u64> {
         let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
         meminfo
             .lines()
-            .find_map(|l| l.strip_prefix("MemTotal:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map_or(u64::MAX, |kib| kib / 1024)
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+
+    /// Host RAM from /proc/meminfo.
+    pub fn host_ram_mib() -> u64 {
+        Self::meminfo("MemTotal:").map_or(u64::MAX, |kib| kib / 1024)
+    }
+
+    /// Free hugetlbfs pages from /proc/meminfo (of the default 2 MiB size).
+    pub fn free_huge_pages() -> u64 {
+        Self::meminfo("HugePages_Free:").unwrap_or(0)
     }
 }
 
@@ -275,6 +359,12 @@ pub enum ConfigError {
     MemoryTooSmall { given: u64, min: u64 },
     #[error("--memory {given} MiB is more than this host's {host} MiB of RAM; pass a smaller --memory.")]
     MemoryTooLarge { given: u64, host: u64 },
+    #[error("--memory {given} MiB is not a whole number of 2 MiB huge pages; use an even size.")]
+    HugePageSize { given: u64 },
+    #[error(
+        "--memory hugepages=on needs {needed} free 2 MiB huge pages but the host has {free}; reserve them first: echo {needed} > /proc/sys/vm/nr_hugepages"
+    )]
+    HugePagesShort { needed: u64, free: u64 },
     #[error("--cpus must be between 1 and {max} on this host, not {given}.")]
     Cpus { given: u32, max: u32 },
     #[error("--cmdline is {len} bytes, but the kernel accepts at most {max}; shorten it.")]
@@ -305,6 +395,15 @@ impl VmConfig {
         }
         if self.memory_mib > limits.ram_mib {
             return Err(ConfigError::MemoryTooLarge { given: self.memory_mib, host: limits.ram_mib });
+        }
+        if self.memory.hugepages == HugePages::On {
+            let needed = self.memory_mib.div_ceil(2);
+            if !self.memory_mib.is_multiple_of(2) {
+                return Err(ConfigError::HugePageSize { given: self.memory_mib });
+            }
+            if needed > limits.free_huge_pages {
+                return Err(ConfigError::HugePagesShort { needed, free: limits.free_huge_pages });
+            }
         }
         if self.cpus == 0 || self.cpus > limits.max_cpus() {
             return Err(ConfigError::Cpus { given: self.cpus, max: limits.max_cpus() });
@@ -364,7 +463,7 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    const LIMITS: HostLimits = HostLimits { kvm_max_vcpus: 1024, ram_mib: 4096 };
+    const LIMITS: HostLimits = HostLimits { kvm_max_vcpus: 1024, ram_mib: 4096, free_huge_pages: 64 };
 
     fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
         let path = std::env::temp_dir().join(format!("ferrovisor-config-{}-{name}", std::process::id()));
@@ -387,6 +486,8 @@ mod tests {
             balloon: None,
             vsock: None,
             transport: VirtioTransport::Mmio,
+            memory: MemoryOptions::default(),
+            stats_on_exit: false,
         }
     }
 
@@ -482,6 +583,34 @@ mod tests {
         assert!("cid=2,uds=/x".parse::<VsockConfig>().unwrap_err().contains("from 3"));
         assert!("uds=/x".parse::<VsockConfig>().unwrap_err().contains("needs cid="));
         assert!("cid=9".parse::<VsockConfig>().unwrap_err().contains("needs uds="));
+    }
+
+    #[test]
+    fn memory_option_takes_a_size_or_a_list() {
+        assert_eq!("256".parse(), Ok(MemorySpec { size_mib: 256, options: MemoryOptions::default() }));
+        let m: MemorySpec = "size=128,hugepages=thp,mergeable=on,shared=on,prefault=on".parse().unwrap();
+        assert_eq!(m.size_mib, 128);
+        assert_eq!(
+            m.options,
+            MemoryOptions { hugepages: HugePages::Thp, mergeable: true, shared: true, prefault: true }
+        );
+        assert!("size=1,hugepages=1g".parse::<MemorySpec>().unwrap_err().contains("off, on or thp"));
+        assert!("mergeable=on".parse::<MemorySpec>().unwrap_err().contains("needs a size"));
+        assert!("size=1,balloon=on".parse::<MemorySpec>().unwrap_err().contains("no option 'balloon'"));
+    }
+
+    #[test]
+    fn huge_pages_must_be_reserved_and_whole() {
+        let elf = temp_file("elf-huge", b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+        let huge = MemoryOptions { hugepages: HugePages::On, ..Default::default() };
+        let c = VmConfig { memory: huge, memory_mib: 256, ..config(elf.clone()) };
+        assert_eq!(c.validate(&LIMITS), Err(ConfigError::HugePagesShort { needed: 128, free: 64 }));
+        assert!(c.validate(&LIMITS).unwrap_err().to_string().contains("/proc/sys/vm/nr_hugepages"));
+        let c = VmConfig { memory: huge, memory_mib: 127, ..config(elf.clone()) };
+        assert_eq!(c.validate(&LIMITS), Err(ConfigError::HugePageSize { given: 127 }));
+        let c = VmConfig { memory: huge, memory_mib: 128, ..config(elf.clone()) };
+        assert!(c.validate(&LIMITS).is_ok());
+        std::fs::remove_file(elf).unwrap();
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -74,16 +74,19 @@ impl ExitLatch {
         }
     }
 
-    /// Blocks until a reason is set or a stop signal arrives.
-    pub fn wait(&self) -> VmExit {
+    /// Blocks until a reason is set, a stop signal arrives, or SIGUSR1 asks for statistics.
+    pub fn wait(&self) -> Wake {
         STOP_EVENT_FD.store(self.event.as_raw_fd(), Ordering::SeqCst);
         loop {
             if let Some(exit) = self.reason.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                return exit;
+                return Wake::Exit(exit);
             }
             let sig = STOP_SIGNAL.load(Ordering::SeqCst);
             if sig != 0 {
-                return VmExit::Signal(sig);
+                return Wake::Exit(VmExit::Signal(sig));
+            }
+            if STATS_REQUESTED.swap(false, Ordering::SeqCst) {
+                return Wake::Stats;
             }
             // EINTR when a signal lands: the loop then sees it.
             let _ = self.event.read();
@@ -91,13 +94,27 @@ impl ExitLatch {
     }
 }
 
+/// Why the main thread woke up.
+pub enum Wake {
+    Exit(VmExit),
+    /// SIGUSR1: print the memory statistics and go on.
+    Stats,
+}
+
+/// Set by the SIGUSR1 handler; read by [`ExitLatch::wait`].
+static STATS_REQUESTED: AtomicBool = AtomicBool::new(false);
+
 /// Set by the SIGINT/SIGTERM handler; read by [`ExitLatch::wait`].
 static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
 /// The latch's eventfd, so that the handler can wake the main thread.
 static STOP_EVENT_FD: AtomicI32 = AtomicI32::new(-1);
 
 extern "C" fn on_stop_signal(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    STOP_SIGNAL.store(num, Ordering::SeqCst);
+    if num == libc::SIGUSR1 {
+        STATS_REQUESTED.store(true, Ordering::SeqCst);
+    } else {
+        STOP_SIGNAL.store(num, Ordering::SeqCst);
+    }
     let fd = STOP_EVENT_FD.load(Ordering::SeqCst);
     if fd >= 0 {
         let one: u64 = 1;
@@ -107,9 +124,9 @@ extern "C" fn on_stop_signal(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut 
     }
 }
 
-/// Makes SIGINT and SIGTERM stop the VM cleanly.
+/// Makes SIGINT and SIGTERM stop the VM cleanly, and SIGUSR1 print memory statistics.
 pub fn install_stop_signal_handlers() -> std::io::Result<()> {
-    for sig in [libc::SIGINT, libc::SIGTERM] {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGUSR1] {
         vmm_sys_util::signal::register_signal_handler(sig, on_stop_signal)
             .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
     }

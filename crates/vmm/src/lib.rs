@@ -5,12 +5,14 @@ pub mod config;
 pub mod exit;
 pub mod fault;
 mod gsi;
+pub mod memory;
 mod vcpu;
 mod virtio_devices;
 pub mod vm;
 
 pub use config::{
-    ConfigError, ConsoleConfig, DiskConfig, HostLimits, NetConfig, SerialConfig, VirtioTransport, VmConfig, VsockConfig,
+    ConfigError, ConsoleConfig, DiskConfig, HostLimits, HugePages, MemoryOptions, MemorySpec, NetConfig, SerialConfig,
+    VirtioTransport, VmConfig, VsockConfig,
 };
 pub use exit::VmExit;
 pub use vm::{Error, run};

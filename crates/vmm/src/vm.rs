@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use arch::boot::{self, KernelFormat};
@@ -20,7 +20,7 @@ use devices::serial::{self, SerialDevice};
 use devices::{Bus, SharedDevice};
 
 use crate::config::{SerialConfig, VmConfig};
-use crate::exit::{ExitLatch, VmExit};
+use crate::exit::{ExitLatch, VmExit, Wake};
 use crate::vcpu::{self, VcpuShared};
 
 /// Failures while building or starting a VM; each message says what to check.
@@ -68,7 +68,7 @@ pub fn run(kvm: &Kvm, config: &VmConfig, format: KernelFormat, launched: Instant
     vm.create_pit2(pit).map_err(kvm_err("create the in-kernel PIT"))?;
 
     let mem_size = config.memory_bytes();
-    let mem = create_memory(&vm, mem_size)?;
+    let mem = create_memory(&vm, mem_size, &config.memory)?;
     let latch = Arc::new(ExitLatch::new().map_err(host_err("exit event"))?);
     let (mut pio, mut mmio) = create_devices(&vm, config, launched, &latch)?;
     let mut cmdline = boot::cmdline(&config.cmdline)?;
@@ -106,7 +106,15 @@ pub fn run(kvm: &Kvm, config: &VmConfig, format: KernelFormat, launched: Instant
             }
         }
     }
-    let exit = latch.wait();
+    let exit = loop {
+        match latch.wait() {
+            Wake::Exit(exit) => break exit,
+            Wake::Stats => eprintln!("{}", crate::memory::stats(&shared.mem)),
+        }
+    };
+    if config.stats_on_exit {
+        eprintln!("{}", crate::memory::stats(&shared.mem));
+    }
     vcpu::stop_all(&shared, threads);
     Ok(exit)
 }
@@ -115,11 +123,9 @@ fn open(path: &std::path::Path, what: &'static str) -> Result<File, Error> {
     File::open(path).map_err(|source| Error::Open { what, path: path.display().to_string(), source })
 }
 
-fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemory, Error> {
-    let ranges: Vec<(GuestAddress, usize)> =
-        memory::ram_regions(size).into_iter().map(|(start, len)| (GuestAddress(start), len as usize)).collect();
-    let mem =
-        GuestMemory::from_ranges(&ranges).map_err(|e| Error::Memory { mib: size >> 20, reason: e.to_string() })?;
+fn create_memory(vm: &VmFd, size: u64, options: &crate::config::MemoryOptions) -> Result<GuestMemory, Error> {
+    let mem = crate::memory::create(&memory::ram_regions(size), options)
+        .map_err(|e| Error::Memory { mib: size >> 20, reason: e.to_string() })?;
     for (slot, region) in mem.iter().enumerate() {
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
