@@ -28,7 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot a kernel in a new VM and run it until it stops.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Turn the host's KSM daemon on or off, or show what it shares (root for on and off).
     Ksm {
         #[arg(value_parser = ["on", "off", "status"])]
@@ -96,7 +96,7 @@ fn main() -> ExitCode {
     };
     tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).with_target(false).init();
     match cli.command {
-        Command::Run(args) => run(args, launched),
+        Command::Run(args) => run(*args, launched),
         Command::Ksm { action } => ksm(&action),
     }
 }
