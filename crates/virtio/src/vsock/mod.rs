@@ -174,6 +174,12 @@ impl Muxer {
     }
 
     fn send_control(&mut self, key: Key, op: u16, flags: u32) {
+        // A guest that sends requests but never posts receive buffers must not grow this
+        // queue without end: past the bound, control packets are dropped.
+        if self.rx_pending.len() >= RX_PENDING_MAX * 2 {
+            tracing::warn!("virtio-vsock: the guest takes no packets; a control packet for port {} was dropped", key.0);
+            return;
+        }
         let h = self.header(key, op, 0, flags);
         self.rx_pending.push_back((h, Vec::new()));
     }
@@ -459,5 +465,62 @@ impl Backend for Muxer {
     fn process_fd(&mut self, fd: RawFd, queues: &mut [Queue], mem: &GuestMemory) -> bool {
         self.host_readable(fd);
         self.deliver(queues, mem)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn muxer(dir: &Path) -> Muxer {
+        let uds = dir.join("v.sock");
+        Muxer {
+            guest_cid: 3,
+            listener: UnixListener::bind(&uds).unwrap(),
+            uds,
+            handshakes: HashMap::new(),
+            conns: HashMap::new(),
+            rx_pending: VecDeque::new(),
+            next_local_port: FIRST_LOCAL_PORT,
+        }
+    }
+
+    fn request(src_port: u32, dst_port: u32) -> Header {
+        Header {
+            src_cid: 3,
+            dst_cid: HOST_CID,
+            src_port,
+            dst_port,
+            kind: TYPE_STREAM,
+            op: OP_REQUEST,
+            buf_alloc: 4096,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_guest_that_never_takes_packets_cannot_grow_the_queue() {
+        let dir = std::env::temp_dir().join(format!("ferrovisor-vsock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut m = muxer(&dir);
+        // Connections to ports with no listener are refused with RST, each queued for the guest.
+        for port in 0..5000 {
+            m.handle_guest_packet(request(port, 7), &[]);
+        }
+        assert_eq!(m.rx_pending.len(), RX_PENDING_MAX * 2);
+        assert!(m.rx_pending.iter().all(|(h, _)| h.op == OP_RST));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn packets_from_the_wrong_cid_or_type_are_dropped() {
+        let dir = std::env::temp_dir().join(format!("ferrovisor-vsock-cid-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut m = muxer(&dir);
+        m.handle_guest_packet(Header { src_cid: 9, ..request(1, 2) }, &[]);
+        m.handle_guest_packet(Header { kind: 2, ..request(1, 2) }, &[]);
+        m.handle_guest_packet(Header { dst_cid: 5, ..request(1, 2) }, &[]);
+        assert!(m.rx_pending.is_empty());
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
