@@ -40,7 +40,7 @@ fn idle_probe(memory: &str, mib: u64) -> Running {
     let cmd =
         probe_command_with_memory(1, &format!("probe.test=memfill probe.memfill.mib={mib} probe.idle=on"), memory);
     let mut vm = Running::start(cmd);
-    assert!(vm.wait_for_output("PROBE done passed=1", TIMEOUT), "{}", vm.stdout());
+    assert!(vm.wait_for_output("PROBE done passed=1", TIMEOUT), "{}\n{}", vm.stdout(), vm.stderr());
     vm
 }
 
@@ -50,7 +50,9 @@ fn stats(vm: &Running) -> Vec<(String, u64)> {
     // SAFETY: signalling our own child.
     unsafe { libc::kill(vm.child.id() as i32, libc::SIGUSR1) };
     let deadline = Instant::now() + Duration::from_secs(5);
-    while vm.stderr().matches("memory: ").count() == before {
+    // Wait for the whole line: the reader thread may have seen only its start.
+    let complete = |err: &str| err.matches("memory: ").count() > before && err.ends_with('\n');
+    while !complete(&vm.stderr()) {
         assert!(Instant::now() < deadline, "no statistics after SIGUSR1: {}", vm.stderr());
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -94,17 +96,25 @@ fn ksm_merges_identical_guest_pages_and_the_vmm_reports_it() {
     let status = String::from_utf8_lossy(&status.stdout);
     let saved: u64 = status.split(' ').find_map(|kv| kv.strip_prefix("saved_mib=")).unwrap().parse().unwrap();
     assert!(saved >= 3 * 64 * 3 / 4, "the host shares at least three VMs' fill: {status}");
-    drop(merged);
 
-    // The same memory without mergeable=on: ksmd passes over it.
+    // The same memory without mergeable=on: ksmd passes over it. The merged VMs stay up, so
+    // that ksmd keeps scanning (it sleeps when nothing is mergeable).
     let plain: Vec<Running> = (0..2).map(|_| idle_probe("size=96", 64)).collect();
     let scans = ksm_file("full_scans");
+    let deadline = Instant::now() + TIMEOUT;
     while ksm_file("full_scans") < scans + 3 {
+        assert!(Instant::now() < deadline, "ksmd stopped scanning");
         std::thread::sleep(Duration::from_millis(100));
     }
     for vm in &plain {
         assert_eq!(stat(&stats(vm), "ksm_merging_pages"), 0);
     }
+    drop(merged);
+}
+
+fn free_huge_pages() -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    meminfo.lines().find_map(|l| l.strip_prefix("HugePages_Free:")).unwrap().trim().parse().unwrap()
 }
 
 /// Sums `key` over the VMM's mappings in /proc/PID/smaps, in KiB.
@@ -128,6 +138,15 @@ fn hugepages_on_backs_guest_ram_with_hugetlbfs_and_too_few_is_a_clear_error() {
         assert!(out.stderr.contains("/proc/sys/vm/nr_hugepages"), "{}", out.describe());
     }
     let _pages = HostSettings::set(&[("/proc/sys/vm/nr_hugepages", "40")]);
+    // The kernel may find fewer free 2 MiB blocks than asked for: compact memory and ask again.
+    for _ in 0..3 {
+        if free_huge_pages() >= 32 {
+            break;
+        }
+        let _ = std::fs::write("/proc/sys/vm/compact_memory", "1");
+        let _ = std::fs::write("/proc/sys/vm/nr_hugepages", "40");
+    }
+    assert!(free_huge_pages() >= 32, "the host could not reserve 32 huge pages for the test");
     let vm = idle_probe("size=64,hugepages=on", 32);
     let hugetlb = smaps_kib(&vm, "Private_Hugetlb");
     assert!(hugetlb >= 32 * 1024, "the probe's 32 MiB fill sits on hugetlbfs pages: {hugetlb} KiB");

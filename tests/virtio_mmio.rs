@@ -329,3 +329,23 @@ fn net_under_load_loses_and_duplicates_no_frame_either_way() {
     let line = probe_result(&out.stdout, "virtio-net").unwrap_or_else(|| panic!("{}", out.describe()));
     assert!(line.ends_with(&format!("rx={IN} rx_bytes={bytes} rx_checksum={checksum:#x}")), "{line}");
 }
+
+#[test]
+fn net_refuses_frames_over_the_mtu_and_says_so() {
+    let tap = common::TestTap::new("fvm");
+    let far_side = common::PacketSocket::bind(&tap.name);
+    let mut cmd = probe_command(
+        1,
+        "probe.test=virtio-net probe.virtio-net.tx=1 probe.virtio-net.size=100 probe.virtio-net.oversize=4000",
+    );
+    cmd.args(["--net", &format!("tap={}", tap.name)]);
+    let out = Running::start(cmd).finish(TIMEOUT);
+    assert!(probe_result(&out.stdout, "virtio-net").is_some_and(|l| l.contains(" ok ")), "{}", out.describe());
+    assert!(out.stderr.contains("virtio-net: dropped a frame longer than the MTU allows"), "{}", out.describe());
+    far_side.set_timeout(Duration::from_millis(500));
+    let mut sizes = Vec::new();
+    while let Some(frame) = far_side.recv_ethertype(pattern::ETHERTYPE_PROBE) {
+        sizes.push(frame.len());
+    }
+    assert_eq!(sizes, [100], "only the frame within the MTU crossed");
+}

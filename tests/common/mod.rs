@@ -176,6 +176,17 @@ impl Running {
     }
 }
 
+/// A test that ends without finishing its VMM (a failed assertion, an idle guest it no longer
+/// needs) must not leave the VMM behind.
+impl Drop for Running {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// Runs `ferrovisor` with `args` to completion.
 pub fn run(args: &[&str], timeout: Duration) -> Outcome {
     let mut cmd = ferrovisor();

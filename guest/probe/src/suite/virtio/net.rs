@@ -23,6 +23,8 @@ const F_MAC: u64 = 1 << 5;
 const HEADER: usize = 12;
 const MAX_FRAME: usize = 1514;
 const RX_BUFFERS: usize = 16;
+/// The largest oversized frame the probe will build.
+const OVERSIZE_MAX: usize = 16 << 10;
 const RX_QUEUE: u16 = 0;
 const TX_QUEUE: u16 = 1;
 
@@ -116,6 +118,19 @@ pub fn test(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str>
         txq.push(&[Buffer::readable(tx_buf, (HEADER + len) as u32)]).ok_or("transmit ring full")?;
         dev.notify(TX_QUEUE);
         dev.wait_used(&mut txq, super::request_deadline(cmdline)).ok_or("a transmission did not complete")?;
+    }
+
+    // probe.virtio-net.oversize=N: one more frame of N bytes, past the MTU, which the device
+    // must refuse (the host checks that it never reaches the far side).
+    let oversize = cmdline.number(TEST, "oversize", 0) as usize;
+    if oversize > 0 {
+        let len = oversize.min(OVERSIZE_MAX);
+        let big = alloc(HEADER + len, 64).ok_or("out of probe memory")?;
+        bytes(big, HEADER).fill(0);
+        fill_frame(seed, tx_count, mac, bytes(big + HEADER as u64, len));
+        txq.push(&[Buffer::readable(big, (HEADER + len) as u32)]).ok_or("transmit ring full")?;
+        dev.notify(TX_QUEUE);
+        dev.wait_used(&mut txq, super::request_deadline(cmdline)).ok_or("the oversized frame was not returned")?;
     }
 
     let rx_want = cmdline.number(TEST, "rx", 0);
