@@ -120,7 +120,7 @@ impl VirtioDevice for Balloon {
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // Only `actual` (bytes 4..8) is the driver's to write.
         if offset != 4 || data.len() != 4 {
-            tracing::warn!("virtio-balloon: ignored a {}-byte config write at {offset:#x}", data.len());
+            crate::guest_fault!("virtio-balloon: ignored a {}-byte config write at {offset:#x}", data.len());
             return;
         }
         let pages = u32::from_le_bytes(data.try_into().expect("four bytes"));
@@ -181,14 +181,14 @@ impl BalloonBackend {
                 let count = desc.len() as usize / 4;
                 for i in 0..count {
                     if taken == MAX_PFNS_PER_CHAIN {
-                        tracing::warn!(
+                        crate::guest_fault!(
                             "virtio-balloon: an inflate request of more than {MAX_PFNS_PER_CHAIN} pages was cut"
                         );
                         break 'chain;
                     }
                     taken += 1;
                     let Ok(pfn) = mem.read_obj::<u32>(GuestAddress(desc.addr().0 + 4 * i as u64)) else {
-                        tracing::warn!("virtio-balloon: an inflate buffer lies outside guest RAM");
+                        crate::guest_fault!("virtio-balloon: an inflate buffer lies outside guest RAM");
                         break 'chain;
                     };
                     if release(mem, u64::from(pfn) << PFN_SHIFT, PAGE_SIZE) {
@@ -215,7 +215,7 @@ impl BalloonBackend {
                 if release(mem, gpa, len) {
                     released += len / PAGE_SIZE;
                 } else {
-                    tracing::warn!(
+                    crate::guest_fault!(
                         "virtio-balloon: a reported range {gpa:#x}+{len:#x} is not whole pages of guest RAM"
                     );
                 }

@@ -317,7 +317,7 @@ impl Backend for BlockBackend {
             let (code, written) = match parsed {
                 Ok(req) => self.execute(mem, &req),
                 Err(e) => {
-                    tracing::warn!("virtio-blk: bad request from the driver: {e}");
+                    crate::guest_fault!("virtio-blk: bad request from the driver: {e}");
                     (VIRTIO_BLK_S_IOERR as u8, 0)
                 }
             };

@@ -164,11 +164,11 @@ impl ConsoleBackend {
                     let n = (desc.len() as usize - done).min(CHUNK);
                     let Some(addr) = desc.addr().0.checked_add(done as u64) else { break };
                     if mem.read_slice(&mut chunk[..n], GuestAddress(addr)).is_err() {
-                        tracing::warn!("virtio-console: a transmit buffer lies outside guest RAM");
+                        crate::guest_fault!("virtio-console: a transmit buffer lies outside guest RAM");
                         return 0;
                     }
                     if output.write_all(&chunk[..n]).is_err() && !*dropped {
-                        tracing::warn!("virtio-console: output is not being read; it is dropped");
+                        crate::guest_fault!("virtio-console: output is not being read; it is dropped");
                         *dropped = true;
                     }
                     done += n;
@@ -194,7 +194,7 @@ impl ConsoleBackend {
                     let (a, b) = pending.as_slices();
                     let bytes: Vec<u8> = a.iter().chain(b).take(n).copied().collect();
                     if mem.write_slice(&bytes, desc.addr()).is_err() {
-                        tracing::warn!("virtio-console: a receive buffer lies outside guest RAM");
+                        crate::guest_fault!("virtio-console: a receive buffer lies outside guest RAM");
                         break;
                     }
                     pending.drain(..n);
@@ -236,7 +236,7 @@ impl Backend for ConsoleBackend {
             // A pseudo-terminal whose slave side is closed reports EIO until it is reopened.
             Err(e) if e.raw_os_error() == Some(libc::EIO) => {}
             Err(e) => {
-                tracing::warn!("virtio-console: input failed ({e}); it is closed");
+                crate::guest_fault!("virtio-console: input failed ({e}); it is closed");
                 self.input = None;
             }
         }

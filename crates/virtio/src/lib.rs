@@ -9,6 +9,7 @@ pub mod balloon;
 pub mod blk;
 pub mod console;
 pub mod device;
+pub mod fault_log;
 pub mod mmio;
 pub mod net;
 pub mod pci;

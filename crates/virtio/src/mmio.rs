@@ -117,7 +117,9 @@ impl MmioTransport {
                     self.interrupt.clear();
                 }
             }
-            _ => tracing::warn!("{}: ignored a write to read-only or unknown register {offset:#x}", self.state.name),
+            _ => {
+                crate::guest_fault!("{}: ignored a write to read-only or unknown register {offset:#x}", self.state.name)
+            }
         }
     }
 }
@@ -128,7 +130,7 @@ impl BusDevice for MmioTransport {
             return self.state.device().read_config(offset - REG_CONFIG, data);
         }
         if data.len() != 4 || !offset.is_multiple_of(4) {
-            tracing::warn!(
+            crate::guest_fault!(
                 "{}: {}-byte register read at {offset:#x}; registers are 32-bit",
                 self.state.name,
                 data.len()
@@ -144,7 +146,7 @@ impl BusDevice for MmioTransport {
             return self.state.device_mut().write_config(offset - REG_CONFIG, data);
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            tracing::warn!(
+            crate::guest_fault!(
                 "{}: {}-byte register write at {offset:#x}; registers are 32-bit",
                 self.state.name,
                 data.len()
@@ -152,7 +154,7 @@ impl BusDevice for MmioTransport {
             return;
         };
         if !offset.is_multiple_of(4) {
-            tracing::warn!("{}: unaligned register write at {offset:#x}", self.state.name);
+            crate::guest_fault!("{}: unaligned register write at {offset:#x}", self.state.name);
             return;
         }
         self.write_register(offset, u32::from_le_bytes(bytes));

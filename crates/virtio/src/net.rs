@@ -112,7 +112,7 @@ fn write_chain(mem: &GuestMemory, chain: DescriptorChain<&GuestMemory>, data: &[
         }
         let n = (desc.len() as usize).min(data.len() - done);
         if mem.write_slice(&data[done..done + n], desc.addr()).is_err() {
-            tracing::warn!("virtio-net: a receive buffer lies outside guest RAM");
+            crate::guest_fault!("virtio-net: a receive buffer lies outside guest RAM");
             break;
         }
         done += n;
@@ -128,21 +128,21 @@ impl NetBackend {
             for desc in chain.readable() {
                 let n = desc.len() as usize;
                 if len + n > VNET_HDR_LEN + MAX_FRAME {
-                    tracing::warn!("virtio-net: dropped a frame longer than the MTU allows");
+                    crate::guest_fault!("virtio-net: dropped a frame longer than the MTU allows");
                     return 0;
                 }
                 if mem.read_slice(&mut frame[len..len + n], desc.addr()).is_err() {
-                    tracing::warn!("virtio-net: dropped a frame whose buffer lies outside guest RAM");
+                    crate::guest_fault!("virtio-net: dropped a frame whose buffer lies outside guest RAM");
                     return 0;
                 }
                 len += n;
             }
             if len < VNET_HDR_LEN + 14 {
-                tracing::warn!("virtio-net: dropped a frame of {len} bytes, too short for a header and Ethernet");
+                crate::guest_fault!("virtio-net: dropped a frame of {len} bytes, too short for a header and Ethernet");
                 return 0;
             }
             if let Err(e) = tap.write(&frame[..len]) {
-                tracing::warn!("virtio-net: the TAP refused a frame ({e})");
+                crate::guest_fault!("virtio-net: the TAP refused a frame ({e})");
             }
             0
         })
@@ -158,7 +158,7 @@ impl NetBackend {
             let chain = match rx.iter(mem) {
                 Ok(mut iter) => iter.next(),
                 Err(e) => {
-                    tracing::warn!(
+                    crate::guest_fault!(
                         "virtio-net: the driver corrupted the receive queue ({e}); it is ignored until a reset"
                     );
                     rx.set_ready(false);
@@ -192,7 +192,7 @@ impl NetBackend {
         }
         for (head, written) in heads {
             if let Err(e) = rx.add_used(mem, head, written) {
-                tracing::warn!("virtio-net: cannot return receive descriptor {head} ({e})");
+                crate::guest_fault!("virtio-net: cannot return receive descriptor {head} ({e})");
             }
         }
         true
@@ -211,7 +211,7 @@ impl NetBackend {
                     Ok(len) => len,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(e) => {
-                        tracing::warn!("virtio-net: reading the TAP failed ({e})");
+                        crate::guest_fault!("virtio-net: reading the TAP failed ({e})");
                         break;
                     }
                 },

@@ -303,7 +303,7 @@ impl PciTransport {
                     }
                 }
             }
-            _ => tracing::warn!("{}: ignored a write to common configuration offset {offset:#x}", self.state.name),
+            _ => crate::guest_fault!("{}: ignored a write to common configuration offset {offset:#x}", self.state.name),
         }
     }
 
@@ -366,7 +366,7 @@ impl PciDevice for PciTransport {
                 self.bar_written[i] = value;
                 let current = if i == 0 { self.bar_addr as u32 | 0x4 } else { (self.bar_addr >> 32) as u32 };
                 if value != u32::MAX && value & !0xf != current & !0xf {
-                    tracing::warn!(
+                    crate::guest_fault!(
                         "{}: the guest moved BAR 0 ({value:#x}); moving BARs is not supported",
                         self.state.name
                     );

@@ -117,13 +117,13 @@ impl VirtioState {
 
     pub fn write_driver_features(&mut self, value: u32) {
         if self.status & STATUS_DRIVER == 0 || self.status & STATUS_FEATURES_OK != 0 {
-            tracing::warn!("{}: ignored a feature write outside feature negotiation", self.name);
+            crate::guest_fault!("{}: ignored a feature write outside feature negotiation", self.name);
             return;
         }
         match self.driver_features_sel {
             0 => self.acked_features = (self.acked_features & !0xffff_ffff) | u64::from(value),
             1 => self.acked_features = (self.acked_features & 0xffff_ffff) | (u64::from(value) << 32),
-            sel => tracing::warn!("{}: ignored features for selector {sel}", self.name),
+            sel => crate::guest_fault!("{}: ignored features for selector {sel}", self.name),
         }
     }
 
@@ -163,7 +163,7 @@ impl VirtioState {
             Some(evt) => {
                 let _ = evt.write(1);
             }
-            None => tracing::warn!("{}: notify for queue {index}, which does not exist", self.name),
+            None => crate::guest_fault!("{}: notify for queue {index}, which does not exist", self.name),
         }
     }
 
@@ -187,7 +187,7 @@ impl VirtioState {
     }
 
     fn needs_reset(&mut self, why: &str) {
-        tracing::warn!("{}: {why}; the device needs a reset", self.name);
+        crate::guest_fault!("{}: {why}; the device needs a reset", self.name);
         self.status |= STATUS_NEEDS_RESET;
         if self.status & STATUS_DRIVER_OK != 0 {
             self.interrupt.signal_config_change();
@@ -202,7 +202,7 @@ impl VirtioState {
         }
         let added = value & !self.status;
         if value & self.status != self.status {
-            tracing::warn!(
+            crate::guest_fault!(
                 "{}: the driver cleared status bits ({:#x} -> {value:#x}) without a reset",
                 self.name,
                 self.status
@@ -215,7 +215,7 @@ impl VirtioState {
         if added & STATUS_FEATURES_OK != 0 {
             let offered = self.device.features();
             if self.acked_features & !offered != 0 || self.acked_features & F_VERSION_1 == 0 {
-                tracing::warn!(
+                crate::guest_fault!(
                     "{}: refused features {:#x} (offered {offered:#x}; VERSION_1 is required)",
                     self.name,
                     self.acked_features
@@ -286,16 +286,16 @@ impl VirtioState {
     /// A write to one of the selected queue's fields.
     pub fn write_queue(&mut self, field: QueueField, value: u32) {
         if self.status & STATUS_DRIVER_OK != 0 {
-            tracing::warn!("{}: ignored a queue write ({field:?}) after DRIVER_OK", self.name);
+            crate::guest_fault!("{}: ignored a queue write ({field:?}) after DRIVER_OK", self.name);
             return;
         }
         let i = self.queue_sel as usize;
         let (Some(queue), Some(setup)) = (self.queues.get_mut(i), self.setups.get_mut(i)) else {
-            tracing::warn!("{}: ignored a write ({field:?}) to queue {i}, which does not exist", self.name);
+            crate::guest_fault!("{}: ignored a write ({field:?}) to queue {i}, which does not exist", self.name);
             return;
         };
         if queue.ready() && field != QueueField::Ready {
-            tracing::warn!("{}: ignored a write ({field:?}) to a ready queue", self.name);
+            crate::guest_fault!("{}: ignored a write ({field:?}) to a ready queue", self.name);
             return;
         }
         let low = |old: u64| (old & !0xffff_ffff) | u64::from(value);

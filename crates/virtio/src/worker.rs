@@ -190,7 +190,7 @@ where
             let chain = match queue.iter(mem) {
                 Ok(mut iter) => iter.next(),
                 Err(e) => {
-                    tracing::warn!("{name}: the driver corrupted a queue ({e}); it is ignored until a reset");
+                    crate::guest_fault!("{name}: the driver corrupted a queue ({e}); it is ignored until a reset");
                     queue.set_ready(false);
                     return used;
                 }
@@ -199,7 +199,7 @@ where
             let head = chain.head_index();
             let written = serve(chain);
             if let Err(e) = queue.add_used(mem, head, written) {
-                tracing::warn!("{name}: cannot return descriptor {head} ({e})");
+                crate::guest_fault!("{name}: cannot return descriptor {head} ({e})");
             }
             used = true;
         }

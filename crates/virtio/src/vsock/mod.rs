@@ -177,7 +177,10 @@ impl Muxer {
         // A guest that sends requests but never posts receive buffers must not grow this
         // queue without end: past the bound, control packets are dropped.
         if self.rx_pending.len() >= RX_PENDING_MAX * 2 {
-            tracing::warn!("virtio-vsock: the guest takes no packets; a control packet for port {} was dropped", key.0);
+            crate::guest_fault!(
+                "virtio-vsock: the guest takes no packets; a control packet for port {} was dropped",
+                key.0
+            );
             return;
         }
         let h = self.header(key, op, 0, flags);
@@ -193,7 +196,7 @@ impl Muxer {
     /// A packet the guest sent.
     fn handle_guest_packet(&mut self, h: Header, payload: &[u8]) {
         if h.kind != TYPE_STREAM || h.src_cid != self.guest_cid || h.dst_cid != HOST_CID {
-            tracing::warn!(
+            crate::guest_fault!(
                 "virtio-vsock: dropped a packet of type {} from CID {} to CID {}",
                 h.kind,
                 h.src_cid,
@@ -223,7 +226,7 @@ impl Muxer {
                     return self.send_control(key, OP_RST, 0);
                 };
                 if conn.to_host.len() + payload.len() > BUF_ALLOC as usize {
-                    tracing::warn!(
+                    crate::guest_fault!(
                         "virtio-vsock: the guest overran the credit of port {}; the connection is reset",
                         key.0
                     );
@@ -250,7 +253,7 @@ impl Muxer {
             }
             OP_RST => self.close(key, false),
             op => {
-                tracing::warn!("virtio-vsock: unknown operation {op}; the connection is reset");
+                crate::guest_fault!("virtio-vsock: unknown operation {op}; the connection is reset");
                 self.close(key, true);
             }
         }
@@ -325,7 +328,7 @@ impl Muxer {
                 .and_then(|l| l.trim().strip_prefix("CONNECT "))
                 .and_then(|p| p.trim().parse::<u32>().ok());
             let Some(port) = port else {
-                tracing::warn!("virtio-vsock: a host connection did not start with CONNECT <port>");
+                crate::guest_fault!("virtio-vsock: a host connection did not start with CONNECT <port>");
                 return;
             };
             let key = (self.next_local_port, port);
@@ -382,7 +385,9 @@ impl Muxer {
                     }
                 }
                 if done < bytes.len() {
-                    tracing::warn!("virtio-vsock: a guest receive buffer was too small for a packet; it was dropped");
+                    crate::guest_fault!(
+                        "virtio-vsock: a guest receive buffer was too small for a packet; it was dropped"
+                    );
                 }
                 done as u32
             },
@@ -398,12 +403,12 @@ impl Muxer {
                 let start = bytes.len();
                 bytes.resize(start + n, 0);
                 if mem.read_slice(&mut bytes[start..], GuestAddress(desc.addr().0)).is_err() {
-                    tracing::warn!("virtio-vsock: a transmit buffer lies outside guest RAM");
+                    crate::guest_fault!("virtio-vsock: a transmit buffer lies outside guest RAM");
                     return 0;
                 }
             }
             if bytes.len() < HEADER_LEN {
-                tracing::warn!("virtio-vsock: dropped a packet shorter than its header");
+                crate::guest_fault!("virtio-vsock: dropped a packet shorter than its header");
                 return 0;
             }
             let header = Header::parse(bytes[..HEADER_LEN].try_into().expect("header length"));
