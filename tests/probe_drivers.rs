@@ -9,7 +9,7 @@ use std::net::UdpSocket;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use common::{Running, check_blk_pattern, pattern, probe_result, qemu_probe_command, scratch_dir};
+use common::{Running, pattern, probe_result, qemu_probe_command, scratch_dir};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -19,23 +19,13 @@ fn blk_pattern_reaches_the_image_and_rng_gives_bytes() {
     let image = dir.join("disk.img");
     std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
     let drive = format!("if=none,id=d0,file={},format=raw", image.display());
-    let tests = "probe.test=virtio-rng,virtio-blk probe.virtio-blk.start=8 probe.virtio-blk.sectors=100 probe.virtio-blk.seed=7";
     let qemu = qemu_probe_command(
         1,
-        tests,
+        common::RNG_AND_BLK_TESTS,
         &["-device", "virtio-rng-device", "-drive", &drive, "-device", "virtio-blk-device,drive=d0,serial=probe-disk"],
     );
     let out = Running::start(qemu).finish(TIMEOUT);
-    assert_eq!(probe_result(&out.stdout, "virtio-rng"), Some("PROBE virtio-rng ok bytes=128"), "{}", out.describe());
-    let blk = probe_result(&out.stdout, "virtio-blk").unwrap_or_else(|| panic!("{}", out.describe()));
-    assert!(
-        blk.starts_with(
-            "PROBE virtio-blk ok sectors=100 capacity=2048 readonly=no flush=yes write=ok beyond_end=ioerr id=probe-disk "
-        ),
-        "{blk}"
-    );
-    let checksum = check_blk_pattern(&std::fs::read(&image).unwrap(), 7, 8, 100);
-    assert!(blk.ends_with(&format!("checksum={checksum:#x}")), "{blk} vs {checksum:#x}");
+    common::assert_rng_and_blk_results(&out, &image);
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -65,22 +55,15 @@ fn net_frames_are_exact_in_both_directions() {
     let qemu_port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let netdev =
         format!("socket,id=n0,udp=127.0.0.1:{},localaddr=127.0.0.1:{qemu_port}", host.local_addr().unwrap().port());
-    let mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
     let qemu = qemu_probe_command(
         1,
-        "probe.test=virtio-net probe.virtio-net.tx=4 probe.virtio-net.size=100 probe.virtio-net.rx=3 probe.virtio-net.seed=5",
+        common::NET_EXCHANGE_TESTS,
         &["-netdev", &netdev, "-device", "virtio-net-device,netdev=n0,mac=52:54:00:12:34:56"],
     );
     let mut vm = Running::start(qemu);
-    assert!(vm.wait_for_output("PROBE virtio-net ready mac=52:54:00:12:34:56", TIMEOUT), "{}", vm.stdout());
-    let mut sent_checksum = pattern::FNV_OFFSET;
-    let mut sent_bytes = 0;
-    for (i, len) in [60usize, 1514, 342].into_iter().enumerate() {
-        let mut frame = vec![0u8; len];
-        pattern::fill_frame(99, i as u64, [2, 0, 0, 0, 0, 9], &mut frame);
+    assert!(vm.wait_for_output(common::NET_EXCHANGE_READY, TIMEOUT), "{}", vm.stdout());
+    for frame in common::host_frames() {
         host.send_to(&frame, ("127.0.0.1", qemu_port)).unwrap();
-        sent_checksum = pattern::fnv1a(sent_checksum, &frame);
-        sent_bytes += len;
     }
     let mut received = Vec::new();
     let mut buf = [0u8; 2048];
@@ -89,15 +72,7 @@ fn net_frames_are_exact_in_both_directions() {
         received.push(buf[..n].to_vec());
     }
     let out = vm.finish(TIMEOUT);
-    for (i, frame) in received.iter().enumerate() {
-        let len = if i % 2 == 0 { 100 } else { 1514 };
-        let mut expected = vec![0u8; len];
-        pattern::fill_frame(5, i as u64, mac, &mut expected);
-        assert_eq!(frame, &expected, "frame {i} arrives exactly as the probe built it");
-    }
-    let line = probe_result(&out.stdout, "virtio-net").unwrap_or_else(|| panic!("{}", out.describe()));
-    assert!(line.starts_with("PROBE virtio-net ok mac=52:54:00:12:34:56 tx=4 tx_bytes=3228 "), "{line}");
-    assert!(line.ends_with(&format!("rx=3 rx_bytes={sent_bytes} rx_checksum={sent_checksum:#x}")), "{line}");
+    common::assert_net_exchange(&out, &received);
 }
 
 #[test]

@@ -21,22 +21,10 @@ fn image(dir: &Path, name: &str, bytes: Vec<u8>) -> String {
 fn blk_writes_reach_the_image_and_rng_gives_bytes() {
     let dir = scratch_dir("vmmio-blk");
     let disk = image(&dir, "disk.img", vec![0; 1 << 20]);
-    let mut cmd = probe_command(
-        1,
-        "probe.test=virtio-rng,virtio-blk probe.virtio-blk.start=8 probe.virtio-blk.sectors=100 probe.virtio-blk.seed=7",
-    );
+    let mut cmd = probe_command(1, common::RNG_AND_BLK_TESTS);
     cmd.args(["--rng", "--disk", &format!("path={disk},id=probe-disk")]);
     let out = Running::start(cmd).finish(TIMEOUT);
-    assert_eq!(probe_result(&out.stdout, "virtio-rng"), Some("PROBE virtio-rng ok bytes=128"), "{}", out.describe());
-    let blk = probe_result(&out.stdout, "virtio-blk").unwrap_or_else(|| panic!("{}", out.describe()));
-    assert!(
-        blk.starts_with(
-            "PROBE virtio-blk ok sectors=100 capacity=2048 readonly=no flush=yes write=ok beyond_end=ioerr id=probe-disk "
-        ),
-        "{blk}"
-    );
-    let checksum = check_blk_pattern(&std::fs::read(&disk).unwrap(), 7, 8, 100);
-    assert!(blk.ends_with(&format!("checksum={checksum:#x}")), "{blk}");
+    common::assert_rng_and_blk_results(&out, Path::new(&disk));
     assert!(out.status.success(), "{}", out.describe());
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -164,34 +152,17 @@ fn console_output_can_go_to_a_file() {
 fn net_frames_through_a_tap_are_exact_both_ways() {
     let tap = common::TestTap::new("fvn");
     let far_side = common::PacketSocket::bind(&tap.name);
-    let mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
-    let mut cmd = probe_command(
-        1,
-        "probe.test=virtio-net probe.virtio-net.tx=4 probe.virtio-net.size=100 probe.virtio-net.rx=3 probe.virtio-net.seed=5",
-    );
+    let mut cmd = probe_command(1, common::NET_EXCHANGE_TESTS);
     cmd.args(["--net", &format!("tap={},mac=52:54:00:12:34:56", tap.name)]);
     let mut vm = Running::start(cmd);
-    assert!(vm.wait_for_output("PROBE virtio-net ready mac=52:54:00:12:34:56", TIMEOUT), "{}", vm.stdout());
-    let (mut sent_checksum, mut sent_bytes) = (pattern::FNV_OFFSET, 0);
-    for (i, len) in [60usize, 1514, 342].into_iter().enumerate() {
-        let mut frame = vec![0u8; len];
-        pattern::fill_frame(99, i as u64, [2, 0, 0, 0, 0, 9], &mut frame);
+    assert!(vm.wait_for_output(common::NET_EXCHANGE_READY, TIMEOUT), "{}", vm.stdout());
+    for frame in common::host_frames() {
         far_side.send(&frame);
-        sent_checksum = pattern::fnv1a(sent_checksum, &frame);
-        sent_bytes += len;
     }
     let received: Vec<Vec<u8>> =
         (0..4).map(|_| far_side.recv_ethertype(pattern::ETHERTYPE_PROBE).expect("a frame from the guest")).collect();
     let out = vm.finish(TIMEOUT);
-    for (i, frame) in received.iter().enumerate() {
-        let len = if i % 2 == 0 { 100 } else { 1514 };
-        let mut expected = vec![0u8; len];
-        pattern::fill_frame(5, i as u64, mac, &mut expected);
-        assert_eq!(frame, &expected, "frame {i} arrives exactly as the guest built it");
-    }
-    let line = probe_result(&out.stdout, "virtio-net").unwrap_or_else(|| panic!("{}", out.describe()));
-    assert!(line.starts_with("PROBE virtio-net ok mac=52:54:00:12:34:56 tx=4 tx_bytes=3228 "), "{line}");
-    assert!(line.ends_with(&format!("rx=3 rx_bytes={sent_bytes} rx_checksum={sent_checksum:#x}")), "{line}");
+    common::assert_net_exchange(&out, &received);
     assert!(out.status.success(), "{}", out.describe());
 }
 

@@ -473,3 +473,55 @@ pub fn assert_read_only_blk_result(out: &Outcome, content: &[u8]) {
     assert!(blk.contains(" write=refused "), "{blk}");
     assert!(blk.ends_with(&format!("checksum={checksum:#x}")), "{blk}");
 }
+
+/// The probe's virtio-rng and virtio-blk tests as both VMMs run them: the pattern for seed 7
+/// on sectors 8..108 of a 1 MiB disk whose serial is probe-disk.
+pub const RNG_AND_BLK_TESTS: &str =
+    "probe.test=virtio-rng,virtio-blk probe.virtio-blk.start=8 probe.virtio-blk.sectors=100 probe.virtio-blk.seed=7";
+
+/// Checks the results of RNG_AND_BLK_TESTS against the disk image the VMM served.
+pub fn assert_rng_and_blk_results(out: &Outcome, image: &Path) {
+    assert_eq!(probe_result(&out.stdout, "virtio-rng"), Some("PROBE virtio-rng ok bytes=128"), "{}", out.describe());
+    let blk = probe_result(&out.stdout, "virtio-blk").unwrap_or_else(|| panic!("{}", out.describe()));
+    let expected =
+        "PROBE virtio-blk ok sectors=100 capacity=2048 readonly=no flush=yes write=ok beyond_end=ioerr id=probe-disk ";
+    assert!(blk.starts_with(expected), "{blk}");
+    let checksum = check_blk_pattern(&std::fs::read(image).unwrap(), 7, 8, 100);
+    assert!(blk.ends_with(&format!("checksum={checksum:#x}")), "{blk} vs {checksum:#x}");
+}
+
+/// The probe's virtio-net exchange as both VMMs run it: the guest (MAC 52:54:00:12:34:56)
+/// sends 4 frames of 100 and 1514 bytes and waits for 3; it says `ready` first.
+pub const NET_EXCHANGE_TESTS: &str = "probe.test=virtio-net probe.virtio-net.tx=4 probe.virtio-net.size=100 probe.virtio-net.rx=3 probe.virtio-net.seed=5";
+pub const NET_EXCHANGE_READY: &str = "PROBE virtio-net ready mac=52:54:00:12:34:56";
+const NET_EXCHANGE_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+
+/// The three frames the host sends the guest.
+pub fn host_frames() -> Vec<Vec<u8>> {
+    [60usize, 1514, 342]
+        .into_iter()
+        .enumerate()
+        .map(|(i, len)| {
+            let mut frame = vec![0u8; len];
+            pattern::fill_frame(99, i as u64, [2, 0, 0, 0, 0, 9], &mut frame);
+            frame
+        })
+        .collect()
+}
+
+/// Checks both directions of the exchange: `received` (what left the guest) byte for byte,
+/// and the guest's report of what it got from `host_frames()`.
+pub fn assert_net_exchange(out: &Outcome, received: &[Vec<u8>]) {
+    for (i, frame) in received.iter().enumerate() {
+        let len = if i % 2 == 0 { 100 } else { 1514 };
+        let mut expected = vec![0u8; len];
+        pattern::fill_frame(5, i as u64, NET_EXCHANGE_MAC, &mut expected);
+        assert_eq!(frame, &expected, "frame {i} arrives exactly as the guest built it");
+    }
+    let sent = host_frames();
+    let checksum = sent.iter().fold(pattern::FNV_OFFSET, |c, f| pattern::fnv1a(c, f));
+    let bytes: usize = sent.iter().map(Vec::len).sum();
+    let line = probe_result(&out.stdout, "virtio-net").unwrap_or_else(|| panic!("{}", out.describe()));
+    assert!(line.starts_with("PROBE virtio-net ok mac=52:54:00:12:34:56 tx=4 tx_bytes=3228 "), "{line}");
+    assert!(line.ends_with(&format!("rx=3 rx_bytes={bytes} rx_checksum={checksum:#x}")), "{line}");
+}
