@@ -29,6 +29,9 @@ struct Cli {
 enum Command {
     /// Boot a kernel in a new VM and run it until it stops.
     Run(Box<RunArgs>),
+    /// Run a user-space L2 switch on the Unix socket PATH (no root needed); VMs plug in with
+    /// --net switch=PATH[,vlan=N]. Runs until SIGINT or SIGTERM.
+    Switch { path: PathBuf },
     /// Turn the host's KSM daemon on or off, or show what it shares (root for on and off).
     Ksm {
         #[arg(value_parser = ["on", "off", "status"])]
@@ -98,6 +101,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => run(*args, launched),
         Command::Ksm { action } => ksm(&action),
+        Command::Switch { path } => switch(&path),
     }
 }
 
@@ -190,4 +194,29 @@ fn ksm(action: &str) -> ExitCode {
         ksm_value("general_profit").unwrap_or(0) >> 20,
     );
     ExitCode::SUCCESS
+}
+
+/// `ferrovisor switch PATH`.
+fn switch(path: &std::path::Path) -> ExitCode {
+    let mut switch = match net::switch::Switch::bind(path) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: cannot listen on {} ({e}); check the directory and its permissions.", path.display());
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    if let Err(e) = vmm::exit::install_stop_signal_handlers() {
+        eprintln!("error: cannot install the SIGINT/SIGTERM handlers: {e}.");
+        return ExitCode::from(EXIT_FAILURE);
+    }
+    tracing::info!("switch listening on {}", path.display());
+    let result = switch.run(&vmm::exit::stop_requested);
+    let _ = std::fs::remove_file(path);
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: the switch stopped: {e}.");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
 }

@@ -1,10 +1,12 @@
-//! virtio-net on a TAP device. Frames cross with their virtio-net header, which the TAP speaks
-//! too (IFF_VNET_HDR), so checksum offload needs no work here. Receive waits, rather than
+//! virtio-net on a TAP device or a port of Ferrovisor's switch. Frames cross a TAP with their
+//! virtio-net header, which the TAP speaks too (IFF_VNET_HDR), so checksum offload needs no work
+//! here; the switch takes bare frames, and no offload is offered with it. Receive waits, rather than
 //! drops, when the guest has no buffers: the TAP is not read until buffers arrive.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 
+use net::switch::SwitchPort;
 use net::tap::{TUN_F_CSUM, Tap};
 use virtio_bindings::virtio_net::*;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
@@ -31,15 +33,57 @@ fn bit(b: u32) -> u64 {
     1 << b
 }
 
+/// Where frames go on the host: a TAP (frames with virtio-net headers) or a port on
+/// Ferrovisor's user-space switch (bare frames).
+pub enum NetHost {
+    Tap(Tap),
+    Switch(SwitchPort),
+}
+
+impl NetHost {
+    fn try_clone(&self) -> std::io::Result<NetHost> {
+        Ok(match self {
+            NetHost::Tap(t) => NetHost::Tap(t.try_clone()?),
+            NetHost::Switch(s) => NetHost::Switch(s.try_clone()?),
+        })
+    }
+
+    fn raw_fd(&self) -> RawFd {
+        match self {
+            NetHost::Tap(t) => t.as_raw_fd(),
+            NetHost::Switch(s) => s.as_raw_fd(),
+        }
+    }
+
+    /// Sends `frame`, which starts with a virtio-net header.
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<usize> {
+        match self {
+            NetHost::Tap(t) => t.write(frame),
+            NetHost::Switch(s) => s.send_frame(&frame[VNET_HDR_LEN..]),
+        }
+    }
+
+    /// Receives a frame into `buf` behind a virtio-net header; returns the length with it.
+    fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            NetHost::Tap(t) => t.read(buf),
+            NetHost::Switch(s) => {
+                buf[..VNET_HDR_LEN].fill(0);
+                s.recv_frame(&mut buf[VNET_HDR_LEN..]).map(|n| n + VNET_HDR_LEN)
+            }
+        }
+    }
+}
+
 pub struct Net {
-    tap: Tap,
+    host: NetHost,
     mac: [u8; 6],
     worker: Option<Worker>,
 }
 
 impl Net {
-    pub fn new(tap: Tap, mac: [u8; 6]) -> Net {
-        Net { tap, mac, worker: None }
+    pub fn new(host: NetHost, mac: [u8; 6]) -> Net {
+        Net { host, mac, worker: None }
     }
 }
 
@@ -48,13 +92,13 @@ impl VirtioDevice for Net {
         TYPE_NET
     }
     fn features(&self) -> u64 {
-        F_VERSION_1
-            | F_RING_INDIRECT_DESC
-            | F_RING_EVENT_IDX
-            | bit(VIRTIO_NET_F_MAC)
-            | bit(VIRTIO_NET_F_CSUM)
-            | bit(VIRTIO_NET_F_GUEST_CSUM)
-            | bit(VIRTIO_NET_F_MRG_RXBUF)
+        let base =
+            F_VERSION_1 | F_RING_INDIRECT_DESC | F_RING_EVENT_IDX | bit(VIRTIO_NET_F_MAC) | bit(VIRTIO_NET_F_MRG_RXBUF);
+        match self.host {
+            // The TAP completes partial checksums both ways; the switch moves bare frames.
+            NetHost::Tap(_) => base | bit(VIRTIO_NET_F_CSUM) | bit(VIRTIO_NET_F_GUEST_CSUM),
+            NetHost::Switch(_) => base,
+        }
     }
     fn queue_max_sizes(&self) -> &[u16] {
         &QUEUE_SIZES
@@ -68,11 +112,13 @@ impl VirtioDevice for Net {
     }
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
         let acked = activation.acked_features;
-        // The guest completes partial checksums only if it said so.
-        let offload = if acked & bit(VIRTIO_NET_F_GUEST_CSUM) != 0 { TUN_F_CSUM } else { 0 };
-        self.tap.set_offload(offload).map_err(|e| ActivateError::Backend(format!("TAP offload: {e}")))?;
+        if let NetHost::Tap(tap) = &self.host {
+            // The guest completes partial checksums only if it said so.
+            let offload = if acked & bit(VIRTIO_NET_F_GUEST_CSUM) != 0 { TUN_F_CSUM } else { 0 };
+            tap.set_offload(offload).map_err(|e| ActivateError::Backend(format!("TAP offload: {e}")))?;
+        }
         let backend = NetBackend {
-            tap: self.tap.try_clone().map_err(ActivateError::Worker)?,
+            host: self.host.try_clone().map_err(ActivateError::Worker)?,
             mergeable: acked & bit(VIRTIO_NET_F_MRG_RXBUF) != 0,
             frame: vec![0; MAX_TAP_READ],
             deferred: None,
@@ -87,7 +133,7 @@ impl VirtioDevice for Net {
 }
 
 struct NetBackend {
-    tap: Tap,
+    host: NetHost,
     mergeable: bool,
     /// The frame being moved, header included.
     frame: Vec<u8>,
@@ -122,7 +168,7 @@ fn write_chain(mem: &GuestMemory, chain: DescriptorChain<&GuestMemory>, data: &[
 
 impl NetBackend {
     fn transmit(&mut self, queues: &mut [Queue], mem: &GuestMemory) -> bool {
-        let (tap, frame) = (&mut self.tap, &mut self.frame);
+        let (host, frame) = (&mut self.host, &mut self.frame);
         serve_queue("virtio-net", &mut queues[TX_QUEUE], mem, |chain| {
             let mut len = 0usize;
             for desc in chain.readable() {
@@ -141,8 +187,8 @@ impl NetBackend {
                 crate::guest_fault!("virtio-net: dropped a frame of {len} bytes, too short for a header and Ethernet");
                 return 0;
             }
-            if let Err(e) = tap.write(&frame[..len]) {
-                crate::guest_fault!("virtio-net: the TAP refused a frame ({e})");
+            if let Err(e) = host.send(&frame[..len]) {
+                crate::guest_fault!("virtio-net: the host side refused a frame ({e})");
             }
             0
         })
@@ -207,11 +253,11 @@ impl NetBackend {
         for _ in 0..BUDGET {
             let len = match self.deferred.take() {
                 Some(len) => len,
-                None => match self.tap.read(&mut self.frame) {
+                None => match self.host.recv(&mut self.frame) {
                     Ok(len) => len,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(e) => {
-                        crate::guest_fault!("virtio-net: reading the TAP failed ({e})");
+                        crate::guest_fault!("virtio-net: reading the host side failed ({e})");
                         break;
                     }
                 },
@@ -245,7 +291,7 @@ impl Backend for NetBackend {
 
     fn extra_fds(&self) -> Vec<RawFd> {
         // With no receive buffers the TAP is left unread: frames wait in its queue.
-        if self.rx_waiting { Vec::new() } else { vec![self.tap.as_raw_fd()] }
+        if self.rx_waiting { Vec::new() } else { vec![self.host.raw_fd()] }
     }
 
     fn process_fd(&mut self, _fd: RawFd, queues: &mut [Queue], mem: &GuestMemory) -> bool {

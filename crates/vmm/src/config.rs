@@ -80,10 +80,19 @@ impl FromStr for DiskConfig {
     }
 }
 
-/// A virtio-net interface on a TAP: `--net tap=NAME[,mac=XX:XX:XX:XX:XX:XX]`.
+/// Where a virtio-net interface is plugged on the host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetAttachment {
+    /// A TAP device, created if absent.
+    Tap(String),
+    /// A port on `ferrovisor switch PATH`, in a VLAN.
+    Switch { path: PathBuf, vlan: u16 },
+}
+
+/// A virtio-net interface: `--net tap=NAME[,mac=..]` or `--net switch=PATH[,vlan=N][,mac=..]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetConfig {
-    pub tap: String,
+    pub attachment: NetAttachment,
     pub mac: Option<[u8; 6]>,
 }
 
@@ -103,11 +112,16 @@ fn parse_mac(text: &str) -> Option<[u8; 6]> {
 impl FromStr for NetConfig {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (mut tap, mut mac) = (None, None);
+        let (mut tap, mut switch, mut vlan, mut mac) = (None, None, None, None);
         for (key, value) in key_values("--net", s)? {
             match key {
                 "tap" if !value.is_empty() && value.len() < 16 => tap = Some(value.to_string()),
                 "tap" => return Err(format!("--net tap= takes an interface name of 1 to 15 bytes, not '{value}'")),
+                "switch" if !value.is_empty() => switch = Some(PathBuf::from(value)),
+                "vlan" => match value.parse::<u16>() {
+                    Ok(v) if v < 4095 => vlan = Some(v),
+                    _ => return Err(format!("--net vlan= takes a VLAN number from 0 to 4094, not '{value}'")),
+                },
                 "mac" => match parse_mac(value) {
                     Some(m) if m[0] & 1 == 0 => mac = Some(m),
                     Some(_) => return Err(format!("--net mac={value} is a multicast address; use a unicast one")),
@@ -115,10 +129,17 @@ impl FromStr for NetConfig {
                         return Err(format!("--net mac= takes six hex bytes like 02:00:00:00:00:01, not '{value}'"));
                     }
                 },
-                _ => return Err(format!("--net has no option '{key}'; use tap= and mac=")),
+                _ => return Err(format!("--net has no option '{key}'; use tap=, switch=, vlan= and mac=")),
             }
         }
-        Ok(NetConfig { tap: tap.ok_or("--net needs tap=NAME")?, mac })
+        let attachment = match (tap, switch) {
+            (Some(tap), None) if vlan.is_none() => NetAttachment::Tap(tap),
+            (Some(_), None) => return Err("--net vlan= goes with switch=, not tap=".into()),
+            (None, Some(path)) => NetAttachment::Switch { path, vlan: vlan.unwrap_or(0) },
+            (Some(_), Some(_)) => return Err("--net takes tap= or switch=, not both".into()),
+            (None, None) => return Err("--net needs tap=NAME or switch=PATH".into()),
+        };
+        Ok(NetConfig { attachment, mac })
     }
 }
 
@@ -554,9 +575,17 @@ mod tests {
     #[test]
     fn net_option_parses_and_names_its_mistakes() {
         let n: NetConfig = "tap=fv0,mac=02:00:00:aa:bb:cc".parse().unwrap();
-        assert_eq!(n, NetConfig { tap: "fv0".into(), mac: Some([2, 0, 0, 0xaa, 0xbb, 0xcc]) });
+        assert_eq!(
+            n,
+            NetConfig { attachment: NetAttachment::Tap("fv0".into()), mac: Some([2, 0, 0, 0xaa, 0xbb, 0xcc]) }
+        );
         assert_eq!("tap=fv0".parse::<NetConfig>().unwrap().mac, None);
-        assert_eq!("mac=02:00:00:00:00:01".parse::<NetConfig>().unwrap_err(), "--net needs tap=NAME");
+        assert_eq!("mac=02:00:00:00:00:01".parse::<NetConfig>().unwrap_err(), "--net needs tap=NAME or switch=PATH");
+        let sw: NetConfig = "switch=/tmp/sw.sock,vlan=7".parse().unwrap();
+        assert_eq!(sw.attachment, NetAttachment::Switch { path: "/tmp/sw.sock".into(), vlan: 7 });
+        assert!("tap=a,switch=/x".parse::<NetConfig>().unwrap_err().contains("not both"));
+        assert!("tap=a,vlan=3".parse::<NetConfig>().unwrap_err().contains("goes with switch="));
+        assert!("switch=/x,vlan=5000".parse::<NetConfig>().unwrap_err().contains("0 to 4094"));
         assert!("tap=fv0,mac=01:00:00:00:00:01".parse::<NetConfig>().unwrap_err().contains("multicast"));
         assert!("tap=fv0,mac=02:00:00:00:00".parse::<NetConfig>().unwrap_err().contains("six hex bytes"));
         assert!("tap=fv0,mac=02:00:00:00:00:01:02".parse::<NetConfig>().unwrap_err().contains("six hex bytes"));

@@ -124,6 +124,11 @@ extern "C" fn on_stop_signal(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut 
     }
 }
 
+/// Whether SIGINT or SIGTERM arrived (for loops other than the VM's, like the switch).
+pub fn stop_requested() -> bool {
+    STOP_SIGNAL.load(Ordering::SeqCst) != 0
+}
+
 /// Makes SIGINT and SIGTERM stop the VM cleanly, and SIGUSR1 print memory statistics.
 pub fn install_stop_signal_handlers() -> std::io::Result<()> {
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGUSR1] {

@@ -19,7 +19,7 @@ use virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
 use virtio::pci::PciTransport;
 use virtio::rng::Rng;
 
-use crate::config::{ConsoleConfig, VirtioTransport, VmConfig};
+use crate::config::{ConsoleConfig, NetAttachment, VirtioTransport, VmConfig};
 use crate::gsi::{FIRST_MSI_GSI, GsiRouter};
 use crate::vm::Error;
 
@@ -38,11 +38,24 @@ pub fn attach_all(
         devices.push((format!("virtio-blk{i}"), Box::new(block)));
     }
     for (i, nic) in config.nets.iter().enumerate() {
-        let tap =
-            net::Tap::open(&nic.tap, virtio::net::VNET_HDR_LEN as i32).map_err(|e| Error::Device(e.to_string()))?;
+        let host = match &nic.attachment {
+            NetAttachment::Tap(name) => virtio::net::NetHost::Tap(
+                net::Tap::open(name, virtio::net::VNET_HDR_LEN as i32).map_err(|e| Error::Device(e.to_string()))?,
+            ),
+            NetAttachment::Switch { path, vlan } => {
+                let port = net::switch::SwitchPort::connect(path, *vlan).map_err(|e| {
+                    Error::Device(format!(
+                        "cannot plug into the switch at {} ({e}); is `ferrovisor switch {}` running?",
+                        path.display(),
+                        path.display()
+                    ))
+                })?;
+                virtio::net::NetHost::Switch(port)
+            }
+        };
         // Locally administered, unicast, and different for each interface.
         let mac = nic.mac.unwrap_or([0x02, 0xfe, 0x00, 0x00, 0x00, i as u8 + 1]);
-        devices.push((format!("virtio-net{i}"), Box::new(virtio::net::Net::new(tap, mac))));
+        devices.push((format!("virtio-net{i}"), Box::new(virtio::net::Net::new(host, mac))));
     }
     if let Some(vsock) = &config.vsock {
         let device = virtio::vsock::Vsock::new(vsock.cid, &vsock.uds)
