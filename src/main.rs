@@ -1,13 +1,20 @@
 //! `ferrovisor`: the command line of the Ferrovisor VMM.
 
-use std::path::PathBuf;
+mod logging;
+
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, channel};
 use std::time::Instant;
 
+use api::models::VmConfigFile;
+use api::{ApiCall, Server};
 use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
+use vmm::controller::Controller;
+use vmm::exit::ExitLatch;
 use vmm::{
-    ConsoleConfig, DiskConfig, HostLimits, MemorySpec, NetConfig, SerialConfig, VirtioTransport, VmConfig, VsockConfig,
+    ConsoleConfig, DiskConfig, MemorySpec, NetConfig, SerialConfig, VirtioTransport, VmConfig, VmExit, VsockConfig,
     config::DEFAULT_CMDLINE,
 };
 
@@ -16,13 +23,28 @@ const EXIT_USAGE: u8 = 2;
 const EXIT_FAILURE: u8 = 1;
 
 #[derive(Parser)]
-#[command(name = "ferrovisor", version, about = "A virtual machine monitor on Linux KVM.")]
+#[command(
+    name = "ferrovisor",
+    version,
+    about = "A virtual machine monitor on Linux KVM.",
+    after_help = "Without a subcommand, Ferrovisor serves Firecracker's API on --api-sock and starts the VM when \
+                  told to (InstanceStart), or at once from --config-file."
+)]
 struct Cli {
     /// Log level: error, warn, info, debug or trace (RUST_LOG overrides it).
     #[arg(long, global = true, default_value = "info")]
     log_level: String,
+    /// Serve the REST API (Firecracker's) on this Unix socket.
+    #[arg(long)]
+    api_sock: Option<PathBuf>,
+    /// Start the VM from this Firecracker-format JSON configuration.
+    #[arg(long)]
+    config_file: Option<PathBuf>,
+    /// Serve no API (needs --config-file).
+    #[arg(long)]
+    no_api: bool,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
@@ -37,6 +59,41 @@ enum Command {
         #[arg(value_parser = ["on", "off", "status"])]
         action: String,
     },
+    /// Control a running VMM through its API socket.
+    Ctl {
+        /// The VMM's --api-sock.
+        socket: PathBuf,
+        #[command(subcommand)]
+        action: CtlAction,
+    },
+    /// Show a running VM's memory statistics (RSS split, huge pages, KSM, balloon).
+    Stats {
+        /// The VMM's --api-sock.
+        socket: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CtlAction {
+    /// The VM's state and version.
+    Info,
+    /// Stop the vCPUs.
+    Pause,
+    /// Run the vCPUs again.
+    Resume,
+    /// Stop the VM and its VMM (exit status 0).
+    Stop,
+    /// Pause, write a full snapshot to PATH and the memory to PATH.mem, resume.
+    Snapshot { path: PathBuf },
+    /// Set the balloon's target size in MiB.
+    Balloon { mib: u32 },
+    /// The metrics as JSON, or Prometheus text with --prometheus.
+    Metrics {
+        #[arg(long)]
+        prometheus: bool,
+    },
+    /// The memory statistics.
+    Stats,
 }
 
 #[derive(clap::Args)]
@@ -84,28 +141,122 @@ struct RunArgs {
     /// How virtio devices attach: mmio (announced on the command line) or pci (MSI-X).
     #[arg(long, default_value = "mmio")]
     virtio_transport: VirtioTransport,
+    /// Also serve the REST API on this Unix socket (pause, balloon, stats, metrics).
+    #[arg(long)]
+    api_sock: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
     let launched = Instant::now();
     let cli = Cli::parse();
-    let filter = EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(&cli.log_level));
-    let filter = match filter {
-        Ok(f) => f,
-        Err(_) => {
-            eprintln!("error: --log-level must be error, warn, info, debug or trace, not '{}'.", cli.log_level);
+    let logger = match logging::init(&cli.log_level) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).with_target(false).init();
     match cli.command {
-        Command::Run(args) => run(*args, launched),
-        Command::Ksm { action } => ksm(&action),
-        Command::Switch { path } => switch(&path),
+        Some(Command::Run(args)) => run(*args, launched, logger),
+        Some(Command::Ksm { action }) => ksm(&action),
+        Some(Command::Switch { path }) => switch(&path),
+        Some(Command::Ctl { socket, action }) => ctl(&socket, action),
+        Some(Command::Stats { socket }) => ctl(&socket, CtlAction::Stats),
+        None => serve(cli.api_sock, cli.config_file, cli.no_api, launched, logger),
     }
 }
 
-fn run(args: RunArgs, launched: Instant) -> ExitCode {
+fn usage(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(EXIT_USAGE)
+}
+
+fn failure(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(EXIT_FAILURE)
+}
+
+/// A controller with KVM open and the stop signals handled.
+fn controller(launched: Instant, logger: logging::Logger) -> Result<(Controller, Arc<ExitLatch>), ExitCode> {
+    let kvm = vmm::vm::open_kvm().map_err(failure)?;
+    vmm::exit::install_stop_signal_handlers()
+        .map_err(|e| failure(format!("cannot install the SIGINT/SIGTERM handlers: {e}.")))?;
+    let latch = Arc::new(ExitLatch::new().map_err(|e| failure(format!("cannot create an eventfd: {e}.")))?);
+    let mut controller = Controller::new(kvm, launched, latch.clone());
+    controller.set_logger_hook(Box::new(move |l| logger.apply(l)));
+    Ok((controller, latch))
+}
+
+/// Serves the API on `path`; requests reach `controller.run` through the returned receiver.
+fn api_server(path: &Path, latch: &Arc<ExitLatch>) -> Result<(Server, Receiver<ApiCall>), ExitCode> {
+    let (calls, received) = channel();
+    let poke_latch = latch.clone();
+    let server = Server::spawn(path, calls, Box::new(move || poke_latch.poke())).map_err(|e| {
+        failure(format!(
+            "cannot serve the API on {} ({e}); remove a stale socket or pick another path.",
+            path.display()
+        ))
+    })?;
+    tracing::info!("API listening on {}", path.display());
+    Ok((server, received))
+}
+
+fn finish(exit: VmExit) -> ExitCode {
+    let code = exit.exit_code();
+    if code == 0 {
+        tracing::info!("{exit}");
+    } else {
+        tracing::error!("{exit}");
+    }
+    ExitCode::from(code as u8)
+}
+
+/// `ferrovisor --api-sock PATH [--config-file FILE] [--no-api]`.
+fn serve(
+    api_sock: Option<PathBuf>,
+    config_file: Option<PathBuf>,
+    no_api: bool,
+    launched: Instant,
+    logger: logging::Logger,
+) -> ExitCode {
+    let api_sock = match (api_sock, no_api, &config_file) {
+        (_, true, None) => return usage("--no-api needs --config-file, or the VM could never start."),
+        (Some(_), true, _) => return usage("--api-sock and --no-api contradict each other; drop one."),
+        (None, false, _) => {
+            return usage("give --api-sock PATH to serve the API, or a subcommand (see --help).");
+        }
+        (sock, _, _) => sock,
+    };
+    let file = match config_file.as_deref().map(read_config_file).transpose() {
+        Ok(file) => file,
+        Err(e) => return usage(e),
+    };
+    let (mut controller, latch) = match controller(launched, logger) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let server = match api_sock.as_deref().map(|p| api_server(p, &latch)).transpose() {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    if let Some(file) = file
+        && let Err(e) = controller.apply_config_file(file)
+    {
+        return usage(format!("--config-file: {e}"));
+    }
+    let (server, calls) = server.unzip();
+    let exit = controller.run(calls);
+    drop(server);
+    finish(exit)
+}
+
+fn read_config_file(path: &Path) -> Result<VmConfigFile, String> {
+    let text = std::fs::read(path)
+        .map_err(|e| format!("--config-file {} cannot be read ({e}); give an existing JSON file.", path.display()))?;
+    api::routes::body_of("--config-file", &text).map_err(|r| r.fault_message().unwrap_or(r.body))
+}
+
+fn run(args: RunArgs, launched: Instant, logger: logging::Logger) -> ExitCode {
     let config = VmConfig {
         kernel: args.kernel,
         initrd: args.initrd,
@@ -123,44 +274,78 @@ fn run(args: RunArgs, launched: Instant) -> ExitCode {
         memory: args.memory.options,
         stats_on_exit: args.stats_on_exit,
     };
-    let kvm = match vmm::vm::open_kvm() {
-        Ok(kvm) => kvm,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
+    let (mut controller, latch) = match controller(launched, logger) {
+        Ok(c) => c,
+        Err(code) => return code,
     };
-    let limits = HostLimits {
-        kvm_max_vcpus: kvm.get_max_vcpus() as u32,
-        ram_mib: HostLimits::host_ram_mib(),
-        free_huge_pages: HostLimits::free_huge_pages(),
+    if let Err(e) = config.validate(&controller.host_limits()) {
+        return usage(e);
+    }
+    let server = match args.api_sock.as_deref().map(|p| api_server(p, &latch)).transpose() {
+        Ok(s) => s,
+        Err(code) => return code,
     };
-    let format = match config.validate(&limits) {
-        Ok(format) => format,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(EXIT_USAGE);
-        }
-    };
-    if let Err(e) = vmm::exit::install_stop_signal_handlers() {
-        eprintln!("error: cannot install the SIGINT/SIGTERM handlers: {e}.");
+    if let Err(e) = controller.start(config) {
+        tracing::error!("{e}");
         return ExitCode::from(EXIT_FAILURE);
     }
-    match vmm::run(&kvm, &config, format, launched) {
-        Ok(exit) => {
-            let code = exit.exit_code();
-            if code == 0 {
-                tracing::info!("{exit}");
-            } else {
-                tracing::error!("{exit}");
-            }
-            ExitCode::from(code as u8)
+    let (server, calls) = server.unzip();
+    let exit = controller.run(calls);
+    drop(server);
+    finish(exit)
+}
+
+/// `ferrovisor ctl SOCKET ACTION`: one or a few API requests, the answer printed.
+fn ctl(socket: &Path, action: CtlAction) -> ExitCode {
+    let state = |s: &str| format!(r#"{{"state": "{s}"}}"#);
+    let steps: Vec<(&str, String, Option<String>)> = match &action {
+        CtlAction::Info => vec![("GET", "/".into(), None)],
+        CtlAction::Pause => vec![("PATCH", "/vm".into(), Some(state("Paused")))],
+        CtlAction::Resume => vec![("PATCH", "/vm".into(), Some(state("Resumed")))],
+        CtlAction::Stop => vec![("PUT", "/ferrovisor/stop".into(), None)],
+        CtlAction::Snapshot { path } => {
+            let body = serde_json::json!({
+                "snapshot_type": "Full",
+                "snapshot_path": path,
+                "mem_file_path": format!("{}.mem", path.display()),
+            });
+            vec![
+                ("PATCH", "/vm".into(), Some(state("Paused"))),
+                ("PUT", "/snapshot/create".into(), Some(body.to_string())),
+                ("PATCH", "/vm".into(), Some(state("Resumed"))),
+            ]
         }
-        Err(e) => {
-            tracing::error!("{e}");
-            ExitCode::from(EXIT_FAILURE)
+        CtlAction::Balloon { mib } => vec![("PATCH", "/balloon".into(), Some(format!(r#"{{"amount_mib": {mib}}}"#)))],
+        CtlAction::Metrics { prometheus } => {
+            let format = if *prometheus { "prometheus" } else { "json" };
+            vec![("GET", format!("/ferrovisor/metrics?format={format}"), None)]
+        }
+        CtlAction::Stats => vec![("GET", "/ferrovisor/stats".into(), None)],
+    };
+    for (method, path, body) in steps {
+        match api::client::request(socket, method, &path, body.as_deref()) {
+            Ok((status, body)) if status < 300 => {
+                if !body.is_empty() {
+                    println!("{}", body.trim_end());
+                }
+            }
+            Ok((status, body)) => {
+                let message = serde_json::from_str::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v.get("fault_message").and_then(|m| m.as_str()).map(str::to_string))
+                    .unwrap_or(body);
+                return failure(format!("{method} {path} answered {status}: {message}"));
+            }
+            Err(e) => {
+                return failure(format!(
+                    "cannot reach the VMM at {} ({e}); is `ferrovisor --api-sock {}` running?",
+                    socket.display(),
+                    socket.display()
+                ));
+            }
         }
     }
+    ExitCode::SUCCESS
 }
 
 const KSM: &str = "/sys/kernel/mm/ksm";

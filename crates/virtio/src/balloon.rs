@@ -2,12 +2,16 @@
 //! them to the host with madvise(MADV_DONTNEED). Optional statistics, free page reporting and
 //! deflate-on-OOM.
 
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vmm_sys_util::timerfd::TimerFd;
 
-use crate::device::{ActivateError, Activation, VirtioDevice, read_config_bytes};
+use crate::device::{ActivateError, Activation, VirtioDevice, VirtioInterrupt, read_config_bytes};
 use crate::worker::{Backend, Worker, serve_queue};
 use crate::{F_RING_INDIRECT_DESC, F_VERSION_1, GuestMemory, TYPE_BALLOON};
 
@@ -24,12 +28,13 @@ const STAT_BYTES: usize = 10;
 const MAX_STATS: usize = 32;
 const QUEUE_SIZE: u16 = 256;
 
-/// What the user asked for: `--balloon size=MiB[,deflate_on_oom=on][,stats=on][,free_page_reporting=on]`.
+/// What the user asked for: `--balloon size=MiB[,deflate_on_oom=on][,stats=on|SECONDS][,free_page_reporting=on]`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BalloonOptions {
     pub target_mib: u32,
     pub deflate_on_oom: bool,
-    pub stats: bool,
+    /// How often the guest is asked for fresh statistics, in seconds; 0: no statistics queue.
+    pub stats_interval_s: u32,
     pub free_page_reporting: bool,
 }
 
@@ -52,28 +57,94 @@ enum Role {
     Reporting,
 }
 
+/// The balloon's handle for the VMM: change the target and the statistics interval of a
+/// running guest, and read what it reported.
+pub struct BalloonControl {
+    target_pages: AtomicU32,
+    state: Mutex<BalloonState>,
+    /// Set once the driver is up, so that a new target can be announced.
+    interrupt: Mutex<Option<Arc<dyn VirtioInterrupt>>>,
+    stats_interval_s: AtomicU32,
+    /// Fires every interval: the held statistics buffer then goes back to the guest.
+    stats_timer: Mutex<TimerFd>,
+}
+
+impl BalloonControl {
+    pub fn target_mib(&self) -> u32 {
+        pages_to_mib(self.target_pages.load(Ordering::SeqCst))
+    }
+
+    /// Sets the target and tells the driver (a config change interrupt).
+    pub fn set_target_mib(&self, mib: u32) {
+        self.target_pages.store(mib.saturating_mul(PAGES_PER_MIB), Ordering::SeqCst);
+        tracing::info!("virtio-balloon: target set to {mib} MiB");
+        if let Some(interrupt) = self.interrupt.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            interrupt.signal_config_change();
+        }
+    }
+
+    pub fn state(&self) -> BalloonState {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn stats_interval_s(&self) -> u32 {
+        self.stats_interval_s.load(Ordering::SeqCst)
+    }
+
+    /// Changes how often statistics are refreshed; only between non-zero values, since the
+    /// statistics queue exists only if it was configured at boot.
+    pub fn set_stats_interval_s(&self, seconds: u32) {
+        self.stats_interval_s.store(seconds, Ordering::SeqCst);
+        self.arm_stats_timer();
+    }
+
+    fn arm_stats_timer(&self) {
+        let seconds = self.stats_interval_s();
+        let mut timer = self.stats_timer.lock().unwrap_or_else(|p| p.into_inner());
+        let result = if seconds == 0 {
+            timer.clear()
+        } else {
+            let every = Duration::from_secs(u64::from(seconds));
+            timer.reset(every, Some(every))
+        };
+        if let Err(e) = result {
+            tracing::warn!("virtio-balloon: the statistics timer cannot be set ({e})");
+        }
+    }
+
+    fn with_state(&self, f: impl FnOnce(&mut BalloonState)) {
+        f(&mut self.state.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+}
+
+const PAGES_PER_MIB: u32 = (1 << 20) / PAGE_SIZE as u32;
+
+fn pages_to_mib(pages: u32) -> u32 {
+    pages / PAGES_PER_MIB
+}
+
 pub struct Balloon {
     options: BalloonOptions,
-    target_pages: u32,
-    state: Arc<Mutex<BalloonState>>,
+    control: Arc<BalloonControl>,
     queue_sizes: Vec<u16>,
     worker: Option<Worker>,
 }
 
 impl Balloon {
-    pub fn new(options: BalloonOptions) -> Balloon {
-        let queues = 2 + usize::from(options.stats) + usize::from(options.free_page_reporting);
-        Balloon {
-            options,
-            target_pages: options.target_mib.saturating_mul((1 << 20) / PAGE_SIZE as u32),
-            state: Arc::new(Mutex::new(BalloonState::default())),
-            queue_sizes: vec![QUEUE_SIZE; queues],
-            worker: None,
-        }
+    pub fn new(options: BalloonOptions) -> std::io::Result<Balloon> {
+        let queues = 2 + usize::from(options.stats_interval_s > 0) + usize::from(options.free_page_reporting);
+        let control = Arc::new(BalloonControl {
+            target_pages: AtomicU32::new(options.target_mib.saturating_mul(PAGES_PER_MIB)),
+            state: Mutex::new(BalloonState::default()),
+            interrupt: Mutex::new(None),
+            stats_interval_s: AtomicU32::new(options.stats_interval_s),
+            stats_timer: Mutex::new(TimerFd::new()?),
+        });
+        Ok(Balloon { options, control, queue_sizes: vec![QUEUE_SIZE; queues], worker: None })
     }
 
-    pub fn state(&self) -> Arc<Mutex<BalloonState>> {
-        self.state.clone()
+    pub fn control(&self) -> Arc<BalloonControl> {
+        self.control.clone()
     }
 }
 
@@ -99,7 +170,7 @@ impl VirtioDevice for Balloon {
         if self.options.deflate_on_oom {
             f |= F_DEFLATE_ON_OOM;
         }
-        if self.options.stats {
+        if self.options.stats_interval_s > 0 {
             f |= F_STATS_VQ;
         }
         if self.options.free_page_reporting {
@@ -111,9 +182,9 @@ impl VirtioDevice for Balloon {
         &self.queue_sizes
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let actual = self.state.lock().map(|s| s.actual_pages).unwrap_or(0);
+        let actual = self.control.state().actual_pages;
         let mut config = [0u8; 8];
-        config[0..4].copy_from_slice(&self.target_pages.to_le_bytes());
+        config[0..4].copy_from_slice(&self.control.target_pages.load(Ordering::SeqCst).to_le_bytes());
         config[4..8].copy_from_slice(&actual.to_le_bytes());
         read_config_bytes(&config, offset, data);
     }
@@ -124,7 +195,7 @@ impl VirtioDevice for Balloon {
             return;
         }
         let pages = u32::from_le_bytes(data.try_into().expect("four bytes"));
-        if let Ok(mut state) = self.state.lock() {
+        self.control.with_state(|state| {
             if state.actual_pages != pages {
                 tracing::info!(
                     "virtio-balloon: the guest holds {} MiB in the balloon",
@@ -132,25 +203,43 @@ impl VirtioDevice for Balloon {
                 );
             }
             state.actual_pages = pages;
-        }
+        });
     }
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
         let roles = roles(activation.acked_features);
         if activation.queues.len() < roles.len() {
             return Err(ActivateError::QueueCount { want: roles.len(), got: activation.queues.len() });
         }
-        let backend = BalloonBackend { roles, state: self.state.clone() };
+        *self.control.interrupt.lock().unwrap_or_else(|p| p.into_inner()) = Some(activation.interrupt.clone());
+        let stats_timer = match roles.contains(&Role::Stats) {
+            true => {
+                let timer = self.control.stats_timer.lock().unwrap_or_else(|p| p.into_inner());
+                Some(timer.as_raw_fd())
+            }
+            false => None,
+        };
+        if stats_timer.is_some() {
+            self.control.arm_stats_timer();
+        }
+        let backend = BalloonBackend { roles, control: self.control.clone(), stats_timer, held_stats: None };
         self.worker = Some(Worker::spawn("virtio-balloon", backend, activation).map_err(ActivateError::Worker)?);
         Ok(())
     }
     fn reset(&mut self) {
         self.worker = None;
+        *self.control.interrupt.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let mut timer = self.control.stats_timer.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = timer.clear();
     }
 }
 
 struct BalloonBackend {
     roles: Vec<Role>,
-    state: Arc<Mutex<BalloonState>>,
+    control: Arc<BalloonControl>,
+    /// The statistics timer's fd, when the driver set up the statistics queue.
+    stats_timer: Option<RawFd>,
+    /// The statistics buffer the guest gave, held until the timer asks for fresh numbers.
+    held_stats: Option<u16>,
 }
 
 /// Returns guest pages [gpa, gpa + len) to the host; false when the range is not guest RAM.
@@ -173,7 +262,7 @@ pub fn release(mem: &GuestMemory, gpa: u64, len: u64) -> bool {
 impl BalloonBackend {
     /// Inflation: the chain carries little-endian u32 page frame numbers.
     fn inflate(&self, queue: &mut Queue, mem: &GuestMemory) -> bool {
-        let state = self.state.clone();
+        let control = &self.control;
         serve_queue("virtio-balloon", queue, mem, |chain| {
             let mut released = 0u64;
             let mut taken = 0usize;
@@ -198,16 +287,14 @@ impl BalloonBackend {
                     }
                 }
             }
-            if let Ok(mut s) = state.lock() {
-                s.released_pages += released;
-            }
+            control.with_state(|s| s.released_pages += released);
             0
         })
     }
 
     /// Free page reporting: each buffer is a free range the guest lends back.
     fn report(&self, queue: &mut Queue, mem: &GuestMemory) -> bool {
-        let state = self.state.clone();
+        let control = &self.control;
         serve_queue("virtio-balloon", queue, mem, |chain| {
             let mut released = 0u64;
             for desc in chain {
@@ -220,23 +307,27 @@ impl BalloonBackend {
                     );
                 }
             }
-            if let Ok(mut s) = state.lock() {
-                s.released_pages += released;
-            }
+            control.with_state(|s| s.released_pages += released);
             0
         })
     }
 
-    /// Statistics: the guest's buffer of (tag, value) pairs. It is kept until the VMM asks
-    /// for fresh numbers, as the specification describes; here it is read and returned.
-    fn stats(&self, queue: &mut Queue, mem: &GuestMemory) -> bool {
-        let state = self.state.clone();
-        serve_queue("virtio-balloon", queue, mem, |chain| {
+    /// Statistics: the guest's buffer of (tag, value) pairs. It is read and held until the
+    /// timer asks for fresh numbers (returning it is the request), as the specification says.
+    fn stats(&mut self, queue: &mut Queue, mem: &GuestMemory) -> bool {
+        let mut used = false;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            // A driver that sends a second buffer gets the first one back.
+            if let Some(old) = self.held_stats.take() {
+                used |= self.give_back(queue, mem, old);
+            }
+            let head = chain.head_index();
             let mut stats = Vec::new();
             for desc in chain.readable() {
                 for i in 0..(desc.len() as usize / STAT_BYTES).min(MAX_STATS) {
                     let mut raw = [0u8; STAT_BYTES];
                     if mem.read_slice(&mut raw, GuestAddress(desc.addr().0 + (i * STAT_BYTES) as u64)).is_err() {
+                        crate::guest_fault!("virtio-balloon: a statistics buffer lies outside guest RAM");
                         break;
                     }
                     let tag = u16::from_le_bytes([raw[0], raw[1]]);
@@ -244,11 +335,22 @@ impl BalloonBackend {
                     stats.push((tag, value));
                 }
             }
-            if let Ok(mut s) = state.lock() {
-                s.stats = stats;
-            }
-            0
-        })
+            self.control.with_state(|s| s.stats = stats);
+            self.held_stats = Some(head);
+        }
+        used
+    }
+
+    fn give_back(&self, queue: &mut Queue, mem: &GuestMemory, head: u16) -> bool {
+        if let Err(e) = queue.add_used(mem, head, 0) {
+            crate::guest_fault!("virtio-balloon: cannot return the statistics buffer ({e})");
+            return false;
+        }
+        queue.needs_notification(mem).unwrap_or(true)
+    }
+
+    fn stats_index(&self) -> Option<usize> {
+        self.roles.iter().position(|r| *r == Role::Stats)
     }
 }
 
@@ -261,6 +363,22 @@ impl Backend for BalloonBackend {
             Some(Role::Stats) => self.stats(&mut queues[index], mem),
             Some(Role::Reporting) => self.report(&mut queues[index], mem),
             None => false,
+        }
+    }
+
+    fn extra_fds(&self) -> Vec<RawFd> {
+        self.stats_timer.into_iter().collect()
+    }
+
+    /// The statistics timer fired: hand the held buffer back, which asks for fresh numbers.
+    fn process_fd(&mut self, fd: RawFd, queues: &mut [Queue], mem: &GuestMemory) -> bool {
+        let mut expirations = [0u8; 8];
+        // SAFETY: reads at most 8 bytes into a live 8-byte buffer from the timerfd we were
+        // woken for; a failed read (nothing pending) is harmless.
+        unsafe { libc::read(fd, expirations.as_mut_ptr().cast(), 8) };
+        match (self.held_stats.take(), self.stats_index()) {
+            (Some(head), Some(index)) => self.give_back(&mut queues[index], mem, head),
+            _ => false,
         }
     }
 }
@@ -293,7 +411,7 @@ mod tests {
 
     #[test]
     fn config_shows_the_target_and_takes_only_actual() {
-        let mut b = Balloon::new(BalloonOptions { target_mib: 64, ..Default::default() });
+        let mut b = Balloon::new(BalloonOptions { target_mib: 64, ..Default::default() }).unwrap();
         let mut word = [0u8; 4];
         b.read_config(0, &mut word);
         assert_eq!(u32::from_le_bytes(word), 64 * 256);

@@ -6,12 +6,14 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::device::{ActivateError, Activation, VirtioDevice, read_config_bytes};
+use crate::metrics::DeviceMetrics;
 use crate::worker::{Backend, Worker, serve_queue};
 use crate::{F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, GuestMemory, TYPE_BLOCK};
 
@@ -43,6 +45,7 @@ pub struct Block {
     readonly: bool,
     id: [u8; ID_BYTES],
     config: Vec<u8>,
+    metrics: Arc<DeviceMetrics>,
     worker: Option<Worker>,
 }
 
@@ -63,7 +66,15 @@ impl Block {
         let mut id_bytes = [0u8; ID_BYTES];
         let n = id.len().min(ID_BYTES);
         id_bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
-        Ok(Block { file, capacity, readonly, id: id_bytes, config: config_space(capacity), worker: None })
+        Ok(Block {
+            file,
+            capacity,
+            readonly,
+            id: id_bytes,
+            config: config_space(capacity),
+            metrics: Arc::default(),
+            worker: None,
+        })
     }
 
     pub fn capacity_sectors(&self) -> u64 {
@@ -115,13 +126,22 @@ impl VirtioDevice for Block {
     }
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
         let file = self.file.try_clone().map_err(ActivateError::Worker)?;
-        let backend =
-            BlockBackend { file, capacity: self.capacity, readonly: self.readonly, id: self.id, bounce: Vec::new() };
+        let backend = BlockBackend {
+            file,
+            capacity: self.capacity,
+            readonly: self.readonly,
+            id: self.id,
+            bounce: Vec::new(),
+            metrics: self.metrics.clone(),
+        };
         self.worker = Some(Worker::spawn("virtio-blk", backend, activation).map_err(ActivateError::Worker)?);
         Ok(())
     }
     fn reset(&mut self) {
         self.worker = None;
+    }
+    fn metrics(&self) -> Option<Arc<DeviceMetrics>> {
+        Some(self.metrics.clone())
     }
 }
 
@@ -192,6 +212,7 @@ struct BlockBackend {
     readonly: bool,
     id: [u8; ID_BYTES],
     bounce: Vec<u8>,
+    metrics: Arc<DeviceMetrics>,
 }
 
 impl BlockBackend {
@@ -315,9 +336,19 @@ impl Backend for BlockBackend {
         serve_queue("virtio-blk", &mut queues[0], mem, |chain| {
             let (parsed, status) = parse_request(mem, chain);
             let (code, written) = match parsed {
-                Ok(req) => self.execute(mem, &req),
+                Ok(req) => {
+                    let (code, written) = self.execute(mem, &req);
+                    let from_guest = if req.kind == VIRTIO_BLK_T_OUT { u64::from(req.data_len) } else { 0 };
+                    if u32::from(code) == VIRTIO_BLK_S_OK {
+                        self.metrics.request(u64::from(written), from_guest);
+                    } else {
+                        self.metrics.error();
+                    }
+                    (code, written)
+                }
                 Err(e) => {
                     crate::guest_fault!("virtio-blk: bad request from the driver: {e}");
+                    self.metrics.error();
                     (VIRTIO_BLK_S_IOERR as u8, 0)
                 }
             };
@@ -406,7 +437,17 @@ mod tests {
         let path = std::env::temp_dir().join(format!("ferrovisor-blk-{}-{}-{readonly}", std::process::id(), sectors));
         std::fs::write(&path, vec![0xabu8; (sectors * SECTOR_SIZE) as usize]).unwrap();
         let file = OpenOptions::new().read(true).write(true).open(&path).unwrap();
-        (BlockBackend { file, capacity: sectors, readonly, id: *b"disk-id-for-tests\0\0\0", bounce: Vec::new() }, path)
+        (
+            BlockBackend {
+                file,
+                capacity: sectors,
+                readonly,
+                id: *b"disk-id-for-tests\0\0\0",
+                bounce: Vec::new(),
+                metrics: Arc::default(),
+            },
+            path,
+        )
     }
 
     fn request(kind: u32, sector: u64, data: Vec<(u64, u32)>) -> Request {

@@ -97,6 +97,10 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
     /// Stops serving and drops the queues; the device can be activated again.
     fn reset(&mut self);
+    /// The device's counters, for the metrics endpoints.
+    fn metrics(&self) -> Option<Arc<crate::metrics::DeviceMetrics>> {
+        None
+    }
 }
 
 /// Copies `config[offset..]` into `data`, zero past the end: config reads of any width.

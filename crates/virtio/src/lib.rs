@@ -10,6 +10,7 @@ pub mod blk;
 pub mod console;
 pub mod device;
 pub mod fault_log;
+pub mod metrics;
 pub mod mmio;
 pub mod net;
 pub mod pci;

@@ -5,6 +5,7 @@
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
 
 use net::switch::SwitchPort;
 use net::tap::{TUN_F_CSUM, Tap};
@@ -13,6 +14,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::device::{ActivateError, Activation, VirtioDevice, read_config_bytes};
+use crate::metrics::DeviceMetrics;
 use crate::worker::{Backend, Worker, serve_queue};
 use crate::{F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, GuestMemory, TYPE_NET};
 
@@ -78,12 +80,13 @@ impl NetHost {
 pub struct Net {
     host: NetHost,
     mac: [u8; 6],
+    metrics: Arc<DeviceMetrics>,
     worker: Option<Worker>,
 }
 
 impl Net {
     pub fn new(host: NetHost, mac: [u8; 6]) -> Net {
-        Net { host, mac, worker: None }
+        Net { host, mac, metrics: Arc::default(), worker: None }
     }
 }
 
@@ -123,12 +126,16 @@ impl VirtioDevice for Net {
             frame: vec![0; MAX_TAP_READ],
             deferred: None,
             rx_waiting: false,
+            metrics: self.metrics.clone(),
         };
         self.worker = Some(Worker::spawn("virtio-net", backend, activation).map_err(ActivateError::Worker)?);
         Ok(())
     }
     fn reset(&mut self) {
         self.worker = None;
+    }
+    fn metrics(&self) -> Option<Arc<DeviceMetrics>> {
+        Some(self.metrics.clone())
     }
 }
 
@@ -141,6 +148,7 @@ struct NetBackend {
     deferred: Option<usize>,
     /// No receive buffers: the TAP is left unread until the guest adds some.
     rx_waiting: bool,
+    metrics: Arc<DeviceMetrics>,
 }
 
 /// Copies `data` into the writable buffers of `chain`; returns the bytes written and the
@@ -168,27 +176,34 @@ fn write_chain(mem: &GuestMemory, chain: DescriptorChain<&GuestMemory>, data: &[
 
 impl NetBackend {
     fn transmit(&mut self, queues: &mut [Queue], mem: &GuestMemory) -> bool {
-        let (host, frame) = (&mut self.host, &mut self.frame);
+        let (host, frame, metrics) = (&mut self.host, &mut self.frame, &self.metrics);
         serve_queue("virtio-net", &mut queues[TX_QUEUE], mem, |chain| {
             let mut len = 0usize;
             for desc in chain.readable() {
                 let n = desc.len() as usize;
                 if len + n > VNET_HDR_LEN + MAX_FRAME {
                     crate::guest_fault!("virtio-net: dropped a frame longer than the MTU allows");
+                    metrics.error();
                     return 0;
                 }
                 if mem.read_slice(&mut frame[len..len + n], desc.addr()).is_err() {
                     crate::guest_fault!("virtio-net: dropped a frame whose buffer lies outside guest RAM");
+                    metrics.error();
                     return 0;
                 }
                 len += n;
             }
             if len < VNET_HDR_LEN + 14 {
                 crate::guest_fault!("virtio-net: dropped a frame of {len} bytes, too short for a header and Ethernet");
+                metrics.error();
                 return 0;
             }
-            if let Err(e) = host.send(&frame[..len]) {
-                crate::guest_fault!("virtio-net: the host side refused a frame ({e})");
+            match host.send(&frame[..len]) {
+                Ok(_) => metrics.request(0, (len - VNET_HDR_LEN) as u64),
+                Err(e) => {
+                    crate::guest_fault!("virtio-net: the host side refused a frame ({e})");
+                    metrics.error();
+                }
             }
             0
         })
@@ -271,6 +286,7 @@ impl NetBackend {
                 break;
             }
             self.rx_waiting = false;
+            self.metrics.request((len - VNET_HDR_LEN) as u64, 0);
             used = true;
         }
         used && rx.needs_notification(mem).unwrap_or(true)

@@ -1,9 +1,12 @@
 //! virtio-rng (entropy device): fills the driver's buffers from the host's getrandom(2).
 
+use std::sync::Arc;
+
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::device::{ActivateError, Activation, VirtioDevice};
+use crate::metrics::DeviceMetrics;
 use crate::worker::{Backend, Worker, serve_queue};
 use crate::{F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, GuestMemory, TYPE_RNG};
 
@@ -13,6 +16,7 @@ const QUEUE_SIZES: [u16; 1] = [256];
 
 #[derive(Default)]
 pub struct Rng {
+    metrics: Arc<DeviceMetrics>,
     worker: Option<Worker>,
 }
 
@@ -36,15 +40,23 @@ impl VirtioDevice for Rng {
         data.fill(0);
     }
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        self.worker = Some(Worker::spawn("virtio-rng", RngBackend, activation).map_err(ActivateError::Worker)?);
+        self.worker = Some(
+            Worker::spawn("virtio-rng", RngBackend { metrics: self.metrics.clone() }, activation)
+                .map_err(ActivateError::Worker)?,
+        );
         Ok(())
     }
     fn reset(&mut self) {
         self.worker = None;
     }
+    fn metrics(&self) -> Option<Arc<DeviceMetrics>> {
+        Some(self.metrics.clone())
+    }
 }
 
-struct RngBackend;
+struct RngBackend {
+    metrics: Arc<DeviceMetrics>,
+}
 
 /// Fills `len` bytes at `addr` with entropy; returns how many were written.
 fn fill_random(mem: &GuestMemory, addr: GuestAddress, len: usize) -> usize {
@@ -69,6 +81,7 @@ fn fill_random(mem: &GuestMemory, addr: GuestAddress, len: usize) -> usize {
 
 impl Backend for RngBackend {
     fn process_queue(&mut self, _index: usize, queues: &mut [Queue], mem: &GuestMemory) -> bool {
+        let metrics = &self.metrics;
         serve_queue("virtio-rng", &mut queues[0], mem, |chain| {
             let mut budget = MAX_CHAIN_BYTES;
             let mut written = 0usize;
@@ -81,6 +94,7 @@ impl Backend for RngBackend {
                     break;
                 }
             }
+            metrics.request(written as u64, 0);
             written as u32
         })
     }

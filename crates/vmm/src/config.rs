@@ -109,6 +109,15 @@ fn parse_mac(text: &str) -> Option<[u8; 6]> {
     parts.next().is_none().then_some(mac)
 }
 
+/// A unicast MAC address like 02:00:00:00:00:01; the error completes "mac= ...".
+pub fn parse_unicast_mac(text: &str) -> Result<[u8; 6], String> {
+    match parse_mac(text) {
+        Some(m) if m[0] & 1 == 0 => Ok(m),
+        Some(_) => Err(format!("{text} is a multicast address; use a unicast one")),
+        None => Err(format!("takes six hex bytes like 02:00:00:00:00:01, not '{text}'")),
+    }
+}
+
 impl FromStr for NetConfig {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -122,13 +131,7 @@ impl FromStr for NetConfig {
                     Ok(v) if v < 4095 => vlan = Some(v),
                     _ => return Err(format!("--net vlan= takes a VLAN number from 0 to 4094, not '{value}'")),
                 },
-                "mac" => match parse_mac(value) {
-                    Some(m) if m[0] & 1 == 0 => mac = Some(m),
-                    Some(_) => return Err(format!("--net mac={value} is a multicast address; use a unicast one")),
-                    None => {
-                        return Err(format!("--net mac= takes six hex bytes like 02:00:00:00:00:01, not '{value}'"));
-                    }
-                },
+                "mac" => mac = Some(parse_unicast_mac(value).map_err(|e| format!("--net mac= {e}"))?),
                 _ => return Err(format!("--net has no option '{key}'; use tap=, switch=, vlan= and mac=")),
             }
         }
@@ -143,7 +146,7 @@ impl FromStr for NetConfig {
     }
 }
 
-/// `--balloon size=MiB[,deflate_on_oom=on][,stats=on][,free_page_reporting=on]`.
+/// `--balloon size=MiB[,deflate_on_oom=on][,stats=on|off|SECONDS][,free_page_reporting=on]`.
 pub fn parse_balloon(s: &str) -> Result<virtio::balloon::BalloonOptions, String> {
     let mut options = virtio::balloon::BalloonOptions::default();
     let mut size = None;
@@ -157,7 +160,15 @@ pub fn parse_balloon(s: &str) -> Result<virtio::balloon::BalloonOptions, String>
                 )
             }
             "deflate_on_oom" => options.deflate_on_oom = on_off("--balloon", key, value)?,
-            "stats" => options.stats = on_off("--balloon", key, value)?,
+            "stats" => {
+                options.stats_interval_s = match value {
+                    "on" => 1,
+                    "off" => 0,
+                    _ => value.parse().map_err(|_| {
+                        format!("--balloon stats= takes on, off or a polling interval in seconds, not '{value}'")
+                    })?,
+                }
+            }
             "free_page_reporting" => options.free_page_reporting = on_off("--balloon", key, value)?,
             _ => {
                 return Err(format!(
@@ -596,7 +607,7 @@ mod tests {
     #[test]
     fn balloon_option_parses_and_is_checked_against_memory() {
         let b = parse_balloon("size=64,stats=on,free_page_reporting=on").unwrap();
-        assert_eq!((b.target_mib, b.stats, b.free_page_reporting, b.deflate_on_oom), (64, true, true, false));
+        assert_eq!((b.target_mib, b.stats_interval_s, b.free_page_reporting, b.deflate_on_oom), (64, 1, true, false));
         assert!(parse_balloon("stats=on").unwrap_err().contains("needs size="));
         assert!(parse_balloon("size=lots").unwrap_err().contains("number"));
         assert!(parse_balloon("size=1,hints=on").unwrap_err().contains("no option 'hints'"));

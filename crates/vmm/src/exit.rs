@@ -17,6 +17,8 @@ pub enum VmExit {
     PowerOff,
     /// The VMM received SIGINT or SIGTERM.
     Signal(i32),
+    /// A stop was asked for through the API.
+    Requested,
     /// The guest did something the VM cannot go on from.
     Fault(GuestFault),
     /// KVM failed a vCPU.
@@ -27,7 +29,7 @@ impl VmExit {
     /// 0 for a stop the guest or the user asked for, 1 for a failure.
     pub fn exit_code(&self) -> i32 {
         match self {
-            VmExit::Reset | VmExit::PowerOff | VmExit::Signal(_) => 0,
+            VmExit::Reset | VmExit::PowerOff | VmExit::Signal(_) | VmExit::Requested => 0,
             VmExit::Fault(_) | VmExit::VcpuError { .. } => 1,
         }
     }
@@ -39,6 +41,7 @@ impl std::fmt::Display for VmExit {
             VmExit::Reset => write!(f, "the guest requested a reset; the VM stopped"),
             VmExit::PowerOff => write!(f, "the guest powered off; the VM stopped"),
             VmExit::Signal(sig) => write!(f, "stopped the VM on signal {sig} ({})", signal_name(*sig)),
+            VmExit::Requested => write!(f, "stopped the VM as the API asked"),
             VmExit::Fault(fault) => write!(f, "{fault}"),
             VmExit::VcpuError { vcpu, message } => write!(f, "vCPU {vcpu} failed: {message}"),
         }
@@ -88,9 +91,17 @@ impl ExitLatch {
             if STATS_REQUESTED.swap(false, Ordering::SeqCst) {
                 return Wake::Stats;
             }
-            // EINTR when a signal lands: the loop then sees it.
-            let _ = self.event.read();
+            // EINTR when a signal lands: the loop then sees it. Any other wake-up is a poke.
+            if self.event.read().is_ok() && self.reason.lock().unwrap_or_else(|p| p.into_inner()).is_none() {
+                return Wake::Poke;
+            }
         }
+    }
+
+    /// Wakes [`ExitLatch::wait`] with [`Wake::Poke`]: something else (an API request) needs the
+    /// main thread.
+    pub fn poke(&self) {
+        let _ = self.event.write(1);
     }
 }
 
@@ -99,6 +110,8 @@ pub enum Wake {
     Exit(VmExit),
     /// SIGUSR1: print the memory statistics and go on.
     Stats,
+    /// [`ExitLatch::poke`] was called.
+    Poke,
 }
 
 /// Set by the SIGUSR1 handler; read by [`ExitLatch::wait`].

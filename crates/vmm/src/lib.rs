@@ -2,10 +2,12 @@
 //! the VM stopped.
 
 pub mod config;
+pub mod controller;
 pub mod exit;
 pub mod fault;
 mod gsi;
 pub mod memory;
+pub mod metrics;
 mod vcpu;
 mod virtio_devices;
 pub mod vm;
@@ -15,4 +17,4 @@ pub use config::{
     VirtioTransport, VmConfig, VsockConfig,
 };
 pub use exit::VmExit;
-pub use vm::{Error, run};
+pub use vm::{Error, RunningVm, run, start};

@@ -2,8 +2,8 @@
 //! every other exit into a stop reason.
 
 use std::cell::Cell;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -28,6 +28,68 @@ pub struct VcpuShared {
     pub stop: AtomicBool,
     /// Size of each vCPU's kvm_run mapping (KVM_GET_VCPU_MMAP_SIZE).
     pub run_mmap_size: usize,
+    pub pause: PauseGate,
+}
+
+/// Where vCPU threads park while the VM is paused.
+#[derive(Default)]
+pub struct PauseGate {
+    /// (pause requested, threads parked)
+    state: Mutex<(bool, usize)>,
+    changed: Condvar,
+}
+
+impl PauseGate {
+    /// Parks the calling vCPU thread while a pause is requested; returns at once otherwise.
+    fn park_if_requested(&self, stop: &AtomicBool) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if !state.0 {
+            return;
+        }
+        state.1 += 1;
+        self.changed.notify_all();
+        while state.0 && !stop.load(Ordering::SeqCst) {
+            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        state.1 -= 1;
+        self.changed.notify_all();
+    }
+
+    fn request(&self, paused: bool) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).0 = paused;
+        self.changed.notify_all();
+    }
+
+    /// Waits until `count` threads are parked; false after `timeout`.
+    fn wait_parked(&self, count: usize, timeout: Duration) -> bool {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (state, _) =
+            self.changed.wait_timeout_while(state, timeout, |s| s.1 < count).unwrap_or_else(|p| p.into_inner());
+        state.1 >= count
+    }
+}
+
+/// Pauses every vCPU: each leaves KVM_RUN and parks. Its registers are then stable.
+pub fn pause_all(shared: &VcpuShared, threads: &[JoinHandle<()>]) -> Result<(), String> {
+    shared.pause.request(true);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        for thread in threads.iter().filter(|t| !t.is_finished()) {
+            let _ = thread.kill(kick_signal());
+        }
+        let running = threads.iter().filter(|t| !t.is_finished()).count();
+        if shared.pause.wait_parked(running, Duration::from_millis(10)) {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            shared.pause.request(false);
+            return Err("the vCPUs did not stop within 5 seconds".into());
+        }
+    }
+}
+
+pub fn resume_all(shared: &VcpuShared) {
+    shared.pause.request(false);
 }
 
 thread_local! {
@@ -71,6 +133,7 @@ pub fn spawn(index: u32, vcpu: VcpuFd, shared: Arc<VcpuShared>) -> std::io::Resu
 /// Stops every vCPU thread: sets the stop flag and kicks each thread until it has exited.
 pub fn stop_all(shared: &VcpuShared, threads: Vec<JoinHandle<()>>) {
     shared.stop.store(true, Ordering::SeqCst);
+    shared.pause.request(false);
     for thread in threads {
         while !thread.is_finished() {
             let _ = thread.kill(kick_signal());
@@ -86,13 +149,42 @@ struct PioExit {
     is_in: bool,
 }
 
+/// vCPU exits by reason, all vCPUs together (one VM per process).
+pub static EXITS: [AtomicU64; EXIT_REASONS.len()] = [const { AtomicU64::new(0) }; EXIT_REASONS.len()];
+
+/// The names of the [`EXITS`] counters.
+pub const EXIT_REASONS: [&str; 9] =
+    ["io_in", "io_out", "mmio_read", "mmio_write", "signal", "system_event", "hlt", "failure", "other"];
+
+fn count_exit(result: &Result<VcpuExit, kvm_ioctls::Error>) {
+    let reason = match result {
+        Ok(VcpuExit::IoIn(..)) => 0,
+        Ok(VcpuExit::IoOut(..)) => 1,
+        Ok(VcpuExit::MmioRead(..)) => 2,
+        Ok(VcpuExit::MmioWrite(..)) => 3,
+        Ok(VcpuExit::Intr) => 4,
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => 4,
+        Ok(VcpuExit::SystemEvent(..)) => 5,
+        Ok(VcpuExit::Hlt) => 6,
+        Ok(VcpuExit::Shutdown | VcpuExit::InternalError | VcpuExit::FailEntry(..)) | Err(_) => 7,
+        Ok(_) => 8,
+    };
+    EXITS[reason].fetch_add(1, Ordering::Relaxed);
+}
+
 fn run_loop(index: u32, vcpu: &mut VcpuFd, shared: &VcpuShared) -> Option<VmExit> {
     loop {
         if shared.stop.load(Ordering::SeqCst) {
             return None;
         }
+        shared.pause.park_if_requested(&shared.stop);
+        if shared.stop.load(Ordering::SeqCst) {
+            return None;
+        }
         let mut pio = None;
-        let reason = match vcpu.run() {
+        let result = vcpu.run();
+        count_exit(&result);
+        let reason = match result {
             Ok(VcpuExit::IoOut(port, _)) => {
                 pio = Some(PioExit { port, is_in: false });
                 None

@@ -23,6 +23,12 @@ use crate::config::{ConsoleConfig, NetAttachment, VirtioTransport, VmConfig};
 use crate::gsi::{FIRST_MSI_GSI, GsiRouter};
 use crate::vm::Error;
 
+/// What the VMM keeps of the devices it attached, to control them later.
+#[derive(Default)]
+pub struct AttachedDevices {
+    pub balloon: Option<Arc<virtio::balloon::BalloonControl>>,
+}
+
 /// Creates every virtio device of `config` and attaches it with the configured transport.
 pub fn attach_all(
     vm: &Arc<VmFd>,
@@ -31,7 +37,8 @@ pub fn attach_all(
     pio: &mut Bus,
     mmio: &mut Bus,
     cmdline: &mut Cmdline,
-) -> Result<(), Error> {
+) -> Result<AttachedDevices, Error> {
+    let mut attached = AttachedDevices::default();
     let mut devices: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
     for (i, disk) in config.disks.iter().enumerate() {
         let block = Block::open(&disk.path, disk.readonly, &disk.id).map_err(|e| Error::Device(e.to_string()))?;
@@ -64,7 +71,10 @@ pub fn attach_all(
         devices.push(("virtio-vsock".into(), Box::new(device)));
     }
     if let Some(options) = config.balloon {
-        devices.push(("virtio-balloon".into(), Box::new(virtio::balloon::Balloon::new(options))));
+        let balloon =
+            virtio::balloon::Balloon::new(options).map_err(|e| Error::Device(format!("virtio-balloon: {e}")))?;
+        attached.balloon = Some(balloon.control());
+        devices.push(("virtio-balloon".into(), Box::new(balloon)));
     }
     if config.rng {
         devices.push(("virtio-rng".into(), Box::new(Rng::new())));
@@ -79,9 +89,28 @@ pub fn attach_all(
         tracing::info!("virtio-console on {}", io.description);
         devices.push(("virtio-console".into(), Box::new(Console::new(io))));
     }
+    for (name, device) in &devices {
+        if let Some(metrics) = device.metrics() {
+            virtio::metrics::register(name, device_kind(device.device_type()), metrics);
+        }
+    }
     match config.transport {
-        VirtioTransport::Mmio => attach_mmio(vm, mem, devices, mmio, cmdline),
-        VirtioTransport::Pci => attach_pci(vm, mem, devices, pio, mmio),
+        VirtioTransport::Mmio => attach_mmio(vm, mem, devices, mmio, cmdline)?,
+        VirtioTransport::Pci => attach_pci(vm, mem, devices, pio, mmio)?,
+    }
+    Ok(attached)
+}
+
+/// The name metrics use for a device type, as Firecracker's metrics do.
+fn device_kind(device_type: u32) -> &'static str {
+    match device_type {
+        virtio::TYPE_BLOCK => "block",
+        virtio::TYPE_NET => "net",
+        virtio::TYPE_RNG => "entropy",
+        virtio::TYPE_BALLOON => "balloon",
+        virtio::TYPE_VSOCK => "vsock",
+        virtio::TYPE_CONSOLE => "console",
+        _ => "other",
     }
 }
 

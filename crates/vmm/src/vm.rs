@@ -3,6 +3,7 @@
 use std::fs::File;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::Instant;
 
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
@@ -22,6 +23,7 @@ use devices::{Bus, SharedDevice};
 use crate::config::{SerialConfig, VmConfig};
 use crate::exit::{ExitLatch, VmExit, Wake};
 use crate::vcpu::{self, VcpuShared};
+use crate::virtio_devices::AttachedDevices;
 
 /// Failures while building or starting a VM; each message says what to check.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +42,8 @@ pub enum Error {
     Host { what: &'static str, source: std::io::Error },
     #[error("Cannot set up a virtio device: {0}.")]
     Device(String),
+    #[error("Cannot pause the VM: {0}.")]
+    Pause(String),
     #[error("The kernel command line has no room for the virtio devices ({0}); shorten --cmdline.")]
     Cmdline(#[from] linux_loader::cmdline::Error),
 }
@@ -57,9 +61,78 @@ pub fn open_kvm() -> Result<Kvm, Error> {
     Kvm::new().map_err(Error::OpenKvm)
 }
 
+/// A VM whose vCPUs run; its devices serve on their own threads.
+pub struct RunningVm {
+    shared: Arc<VcpuShared>,
+    threads: Vec<JoinHandle<()>>,
+    devices: AttachedDevices,
+    paused: bool,
+}
+
+impl RunningVm {
+    pub fn balloon(&self) -> Option<&Arc<virtio::balloon::BalloonControl>> {
+        self.devices.balloon.as_ref()
+    }
+
+    pub fn memory(&self) -> &GuestMemory {
+        &self.shared.mem
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Stops every vCPU in place; devices keep serving what the guest already queued.
+    pub fn pause(&mut self) -> Result<(), Error> {
+        if !self.paused {
+            vcpu::pause_all(&self.shared, &self.threads).map_err(Error::Pause)?;
+            self.paused = true;
+            tracing::info!("the VM is paused");
+        }
+        Ok(())
+    }
+
+    pub fn resume(&mut self) {
+        if self.paused {
+            vcpu::resume_all(&self.shared);
+            self.paused = false;
+            tracing::info!("the VM resumed");
+        }
+    }
+
+    /// Stops the vCPU threads and drops the devices.
+    pub fn stop(self) {
+        vcpu::stop_all(&self.shared, self.threads);
+    }
+}
+
 /// Boots `config` and blocks until the VM stops. `launched` is when the VMM started, for the
 /// boot timer.
 pub fn run(kvm: &Kvm, config: &VmConfig, format: KernelFormat, launched: Instant) -> Result<VmExit, Error> {
+    let latch = Arc::new(ExitLatch::new().map_err(host_err("exit event"))?);
+    let vm = start(kvm, config, format, launched, &latch)?;
+    let exit = loop {
+        match latch.wait() {
+            Wake::Exit(exit) => break exit,
+            Wake::Stats => eprintln!("{}", crate::memory::stats(vm.memory())),
+            Wake::Poke => {}
+        }
+    };
+    if config.stats_on_exit {
+        eprintln!("{}", crate::memory::stats(vm.memory()));
+    }
+    vm.stop();
+    Ok(exit)
+}
+
+/// Builds the VM of `config` and starts its vCPUs; stop reasons arrive through `latch`.
+pub fn start(
+    kvm: &Kvm,
+    config: &VmConfig,
+    format: KernelFormat,
+    launched: Instant,
+    latch: &Arc<ExitLatch>,
+) -> Result<RunningVm, Error> {
     let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create a VM"))?);
     vm.set_tss_address(KVM_TSS_START as usize).map_err(kvm_err("set the TSS address"))?;
     vm.set_identity_map_address(KVM_IDENTITY_MAP_START).map_err(kvm_err("set the identity map address"))?;
@@ -69,10 +142,9 @@ pub fn run(kvm: &Kvm, config: &VmConfig, format: KernelFormat, launched: Instant
 
     let mem_size = config.memory_bytes();
     let mem = create_memory(&vm, mem_size, &config.memory)?;
-    let latch = Arc::new(ExitLatch::new().map_err(host_err("exit event"))?);
-    let (mut pio, mut mmio) = create_devices(&vm, config, launched, &latch)?;
+    let (mut pio, mut mmio) = create_devices(&vm, config, launched, latch)?;
     let mut cmdline = boot::cmdline(&config.cmdline)?;
-    crate::virtio_devices::attach_all(&vm, &mem, config, &mut pio, &mut mmio, &mut cmdline)?;
+    let devices = crate::virtio_devices::attach_all(&vm, &mem, config, &mut pio, &mut mmio, &mut cmdline)?;
     let kernel = load_guest(&mem, config, format, mem_size, &cmdline)?;
 
     let supported_cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("report its CPUID"))?;
@@ -94,8 +166,15 @@ pub fn run(kvm: &Kvm, config: &VmConfig, format: KernelFormat, launched: Instant
 
     vcpu::install_kick_handler().map_err(host_err("vCPU kick signal"))?;
     let run_mmap_size = kvm.get_vcpu_mmap_size().map_err(kvm_err("report the kvm_run size"))?;
-    let shared =
-        Arc::new(VcpuShared { pio, mmio, mem, latch: latch.clone(), stop: AtomicBool::new(false), run_mmap_size });
+    let shared = Arc::new(VcpuShared {
+        pio,
+        mmio,
+        mem,
+        latch: latch.clone(),
+        stop: AtomicBool::new(false),
+        run_mmap_size,
+        pause: Default::default(),
+    });
     let mut threads = Vec::new();
     for (index, vcpu) in vcpus.into_iter().enumerate() {
         match vcpu::spawn(index as u32, vcpu, shared.clone()) {
@@ -106,17 +185,7 @@ pub fn run(kvm: &Kvm, config: &VmConfig, format: KernelFormat, launched: Instant
             }
         }
     }
-    let exit = loop {
-        match latch.wait() {
-            Wake::Exit(exit) => break exit,
-            Wake::Stats => eprintln!("{}", crate::memory::stats(&shared.mem)),
-        }
-    };
-    if config.stats_on_exit {
-        eprintln!("{}", crate::memory::stats(&shared.mem));
-    }
-    vcpu::stop_all(&shared, threads);
-    Ok(exit)
+    Ok(RunningVm { shared, threads, devices, paused: false })
 }
 
 fn open(path: &std::path::Path, what: &'static str) -> Result<File, Error> {

@@ -1,0 +1,368 @@
+//! Request and response bodies, with Firecracker's field names (its swagger definition is the
+//! interface). Unknown fields are refused: a typo must not be silently ignored.
+
+use serde::{Deserialize, Serialize};
+
+/// `PUT /boot-source`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootSource {
+    pub kernel_image_path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_args: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd_path: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HugePages {
+    #[default]
+    None,
+    #[serde(rename = "2M")]
+    TwoMiB,
+}
+
+/// `PUT|GET /machine-config`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfig {
+    pub vcpu_count: u8,
+    pub mem_size_mib: u32,
+    #[serde(default)]
+    pub smt: bool,
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    #[serde(default)]
+    pub huge_pages: HugePages,
+    /// Accepted only as null or absent: Ferrovisor has no CPU templates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_template: Option<serde_json::Value>,
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        Self {
+            vcpu_count: 1,
+            mem_size_mib: 128,
+            smt: false,
+            track_dirty_pages: false,
+            huge_pages: HugePages::None,
+            cpu_template: None,
+        }
+    }
+}
+
+/// `PATCH /machine-config`: any subset.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfigUpdate {
+    pub vcpu_count: Option<u8>,
+    pub mem_size_mib: Option<u32>,
+    pub smt: Option<bool>,
+    pub track_dirty_pages: Option<bool>,
+    pub huge_pages: Option<HugePages>,
+    pub cpu_template: Option<serde_json::Value>,
+}
+
+/// `PUT /drives/{drive_id}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Drive {
+    pub drive_id: String,
+    pub is_root_device: bool,
+    pub path_on_host: Option<String>,
+    #[serde(default)]
+    pub is_read_only: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partuuid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_engine: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<String>,
+}
+
+/// `PATCH /drives/{drive_id}`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialDrive {
+    pub drive_id: String,
+    pub path_on_host: Option<String>,
+    pub rate_limiter: Option<serde_json::Value>,
+}
+
+/// `PUT /network-interfaces/{iface_id}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkInterface {
+    pub iface_id: String,
+    pub host_dev_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<serde_json::Value>,
+}
+
+/// `PUT /vsock`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vsock {
+    pub guest_cid: u32,
+    pub uds_path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_id: Option<String>,
+}
+
+/// `PUT|GET /balloon`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Balloon {
+    pub amount_mib: u32,
+    pub deflate_on_oom: bool,
+    #[serde(default)]
+    pub stats_polling_interval_s: u32,
+    #[serde(default)]
+    pub free_page_reporting: bool,
+}
+
+/// `PATCH /balloon`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonUpdate {
+    pub amount_mib: u32,
+}
+
+/// `PATCH /balloon/statistics`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonStatsUpdate {
+    pub stats_polling_interval_s: u32,
+}
+
+/// `GET /balloon/statistics`: the guest's latest numbers (absent until it sent them).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalloonStats {
+    pub target_pages: u32,
+    pub actual_pages: u32,
+    pub target_mib: u32,
+    pub actual_mib: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub swap_in: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub swap_out: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub major_faults: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub minor_faults: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub free_memory: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub total_memory: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub available_memory: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk_caches: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hugetlb_allocations: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hugetlb_failures: Option<u64>,
+}
+
+impl BalloonStats {
+    /// Files one (tag, value) pair of the virtio-balloon statistics (virtio 1.2, 5.5.6.3).
+    pub fn set_tag(&mut self, tag: u16, value: u64) {
+        let slot = match tag {
+            0 => &mut self.swap_in,
+            1 => &mut self.swap_out,
+            2 => &mut self.major_faults,
+            3 => &mut self.minor_faults,
+            4 => &mut self.free_memory,
+            5 => &mut self.total_memory,
+            6 => &mut self.available_memory,
+            7 => &mut self.disk_caches,
+            8 => &mut self.hugetlb_allocations,
+            9 => &mut self.hugetlb_failures,
+            _ => return,
+        };
+        *slot = Some(value);
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ActionType {
+    InstanceStart,
+    SendCtrlAltDel,
+    FlushMetrics,
+}
+
+/// `PUT /actions`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceAction {
+    pub action_type: ActionType,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmStateChange {
+    Paused,
+    Resumed,
+}
+
+/// `PATCH /vm`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmState {
+    pub state: VmStateChange,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotType {
+    #[default]
+    Full,
+    Diff,
+}
+
+/// `PUT /snapshot/create`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreate {
+    pub snapshot_path: String,
+    pub mem_file_path: String,
+    #[serde(default)]
+    pub snapshot_type: SnapshotType,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum MemBackendType {
+    File,
+    Uffd,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemBackend {
+    pub backend_type: MemBackendType,
+    pub backend_path: String,
+}
+
+/// `PUT /snapshot/load`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotLoad {
+    pub snapshot_path: String,
+    pub mem_file_path: Option<String>,
+    pub mem_backend: Option<MemBackend>,
+    #[serde(default)]
+    pub enable_diff_snapshots: bool,
+    #[serde(default)]
+    pub resume_vm: bool,
+}
+
+/// `PUT /logger`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Logger {
+    pub log_path: Option<String>,
+    pub level: Option<LogLevel>,
+    pub show_level: Option<bool>,
+    pub show_log_origin: Option<bool>,
+    pub module: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum LogLevel {
+    Off,
+    Error,
+    Warning,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    /// The level's name in `tracing`'s filter syntax.
+    pub fn filter(self) -> &'static str {
+        match self {
+            LogLevel::Off => "off",
+            LogLevel::Error => "error",
+            LogLevel::Warning => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
+}
+
+/// `PUT /metrics`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    pub metrics_path: String,
+}
+
+/// `PUT /entropy`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Entropy {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<serde_json::Value>,
+}
+
+/// `PUT /ferrovisor/memory`: Ferrovisor's memory options beyond `machine-config`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryOptions {
+    /// "off", "on" (hugetlbfs) or "thp".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hugepages: Option<String>,
+    #[serde(default)]
+    pub mergeable: bool,
+    #[serde(default)]
+    pub shared: bool,
+    #[serde(default)]
+    pub prefault: bool,
+}
+
+/// `GET /`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceInfo {
+    pub id: String,
+    /// "Not started", "Running" or "Paused".
+    pub state: String,
+    pub vmm_version: String,
+    pub app_name: String,
+}
+
+/// A Firecracker configuration file (`--config-file`), also what `GET /vm/config` returns.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfigFile {
+    #[serde(rename = "boot-source", default, skip_serializing_if = "Option::is_none")]
+    pub boot_source: Option<BootSource>,
+    #[serde(rename = "machine-config", default, skip_serializing_if = "Option::is_none")]
+    pub machine_config: Option<MachineConfig>,
+    #[serde(default)]
+    pub drives: Vec<Drive>,
+    #[serde(rename = "network-interfaces", default)]
+    pub network_interfaces: Vec<NetworkInterface>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<Vsock>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<Balloon>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<Entropy>,
+    #[serde(default, skip_serializing)]
+    pub logger: Option<Logger>,
+    #[serde(default, skip_serializing)]
+    pub metrics: Option<Metrics>,
+    #[serde(rename = "mmds-config", default, skip_serializing)]
+    pub mmds_config: Option<serde_json::Value>,
+    /// Ferrovisor's extra: memory options.
+    #[serde(rename = "ferrovisor-memory", default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryOptions>,
+}

@@ -1,0 +1,697 @@
+//! The VMM's main thread: it owns the VM, serves API requests one at a time, and waits for the
+//! reason the VM stops. Before `InstanceStart` it gathers the configuration, as Firecracker does.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::Receiver;
+use std::time::Instant;
+
+use api::models::{self, ActionType, VmConfigFile, VmStateChange};
+use api::{ApiCall, Request, Response};
+use kvm_ioctls::Kvm;
+
+use crate::config::{DiskConfig, HugePages, MemoryOptions, NetAttachment, NetConfig, SerialConfig, VmConfig};
+use crate::exit::{ExitLatch, VmExit, Wake};
+use crate::metrics::MetricsSink;
+use crate::vm::RunningVm;
+use crate::{HostLimits, VirtioTransport, VsockConfig};
+
+/// Applies a `PUT /logger` body: level, file; provided by the binary, which owns the logger.
+pub type LoggerHook = Box<dyn Fn(&models::Logger) -> Result<(), String>>;
+
+/// What Firecracker answers for a pre-boot-only request after the start.
+fn after_start(what: &str) -> Response {
+    Response::error(400, format!("{what} is only possible before InstanceStart; the VM is already running."))
+}
+
+fn before_start(what: &str) -> Response {
+    Response::error(400, format!("{what} needs a running VM; send InstanceStart first."))
+}
+
+/// The configuration gathered through the API, in its own terms.
+#[derive(Default)]
+struct Resources {
+    boot: Option<models::BootSource>,
+    machine: models::MachineConfig,
+    drives: Vec<models::Drive>,
+    nets: Vec<models::NetworkInterface>,
+    vsock: Option<models::Vsock>,
+    balloon: Option<models::Balloon>,
+    entropy: Option<models::Entropy>,
+    memory: models::MemoryOptions,
+}
+
+pub struct Controller {
+    kvm: Kvm,
+    launched: Instant,
+    latch: Arc<ExitLatch>,
+    resources: Resources,
+    /// The running VM and the configuration it was built from.
+    vm: Option<(RunningVm, VmConfig)>,
+    metrics: Option<MetricsSink>,
+    logger: Option<LoggerHook>,
+}
+
+impl Controller {
+    pub fn new(kvm: Kvm, launched: Instant, latch: Arc<ExitLatch>) -> Controller {
+        Controller { kvm, launched, latch, resources: Resources::default(), vm: None, metrics: None, logger: None }
+    }
+
+    pub fn set_logger_hook(&mut self, hook: LoggerHook) {
+        self.logger = Some(hook);
+    }
+
+    pub fn host_limits(&self) -> HostLimits {
+        HostLimits {
+            kvm_max_vcpus: self.kvm.get_max_vcpus() as u32,
+            ram_mib: HostLimits::host_ram_mib(),
+            free_huge_pages: HostLimits::free_huge_pages(),
+        }
+    }
+
+    /// Validates and boots `config`. Errors are sentences for the user.
+    pub fn start(&mut self, config: VmConfig) -> Result<(), String> {
+        let format = config.validate(&self.host_limits()).map_err(|e| e.to_string())?;
+        let vm = crate::vm::start(&self.kvm, &config, format, self.launched, &self.latch).map_err(|e| e.to_string())?;
+        self.vm = Some((vm, config));
+        Ok(())
+    }
+
+    /// Serves API calls and waits until the VM stops (or, before a start, a stop signal).
+    pub fn run(mut self, calls: Option<Receiver<ApiCall>>) -> VmExit {
+        let exit = loop {
+            match self.latch.wait() {
+                Wake::Exit(exit) => break exit,
+                Wake::Stats => match &self.vm {
+                    Some((vm, _)) => eprintln!("{}", crate::memory::stats(vm.memory())),
+                    None => eprintln!("memory: no VM is running yet"),
+                },
+                Wake::Poke => {
+                    while let Some(call) = calls.as_ref().and_then(|c| c.try_recv().ok()) {
+                        let response = self.handle(call.request);
+                        let _ = call.reply.send(response);
+                    }
+                }
+            }
+        };
+        if let Some((vm, config)) = self.vm.take() {
+            if config.stats_on_exit {
+                eprintln!("{}", crate::memory::stats(vm.memory()));
+            }
+            vm.stop();
+        }
+        if let Some(sink) = &self.metrics {
+            let _ = sink.flush();
+        }
+        exit
+    }
+
+    fn running(&self) -> bool {
+        self.vm.is_some()
+    }
+
+    fn state_name(&self) -> &'static str {
+        match &self.vm {
+            None => "Not started",
+            Some((vm, _)) if vm.is_paused() => "Paused",
+            Some(_) => "Running",
+        }
+    }
+
+    /// Serves one request.
+    pub fn handle(&mut self, request: Request) -> Response {
+        match request {
+            Request::GetInfo => Response::json(&models::InstanceInfo {
+                id: "anonymous-instance".into(),
+                state: self.state_name().into(),
+                vmm_version: env!("CARGO_PKG_VERSION").into(),
+                app_name: "Ferrovisor".into(),
+            }),
+            Request::GetVersion => Response::json(&serde_json::json!({
+                "firecracker_version": env!("CARGO_PKG_VERSION"),
+                "ferrovisor_version": env!("CARGO_PKG_VERSION"),
+            })),
+            Request::GetVmConfig => Response::json(&self.config_file()),
+            Request::GetMachineConfig => Response::json(&self.resources.machine),
+            Request::PutMachineConfig(m) => self.pre_boot("PUT /machine-config", |c| c.set_machine(m)),
+            Request::PatchMachineConfig(u) => self.pre_boot("PATCH /machine-config", |c| {
+                let mut m = c.resources.machine.clone();
+                m.vcpu_count = u.vcpu_count.unwrap_or(m.vcpu_count);
+                m.mem_size_mib = u.mem_size_mib.unwrap_or(m.mem_size_mib);
+                m.smt = u.smt.unwrap_or(m.smt);
+                m.track_dirty_pages = u.track_dirty_pages.unwrap_or(m.track_dirty_pages);
+                m.huge_pages = u.huge_pages.unwrap_or(m.huge_pages);
+                if u.cpu_template.is_some() {
+                    m.cpu_template = u.cpu_template;
+                }
+                c.set_machine(m)
+            }),
+            Request::PutBootSource(b) => self.pre_boot("PUT /boot-source", |c| {
+                must_exist("boot-source", "kernel_image_path", &b.kernel_image_path)?;
+                if let Some(initrd) = &b.initrd_path {
+                    must_exist("boot-source", "initrd_path", initrd)?;
+                }
+                c.resources.boot = Some(b);
+                Ok(())
+            }),
+            Request::PutDrive(d) => self.pre_boot("PUT /drives", |c| c.set_drive(d)),
+            Request::PatchDrive(d) => self.patch_drive(d),
+            Request::PutNetworkInterface(n) => self.pre_boot("PUT /network-interfaces", |c| c.set_net(n)),
+            Request::PutVsock(v) => self.pre_boot("PUT /vsock", |c| {
+                if v.guest_cid < 3 {
+                    return Err(format!("vsock guest_cid {} is reserved; use 3 or more.", v.guest_cid));
+                }
+                c.resources.vsock = Some(v);
+                Ok(())
+            }),
+            Request::PutEntropy(e) => self.pre_boot("PUT /entropy", |c| {
+                no_rate_limiter("entropy", &e.rate_limiter)?;
+                c.resources.entropy = Some(e);
+                Ok(())
+            }),
+            Request::PutMemory(m) => self.pre_boot("PUT /ferrovisor/memory", |c| {
+                memory_options(&m)?;
+                c.resources.memory = m;
+                Ok(())
+            }),
+            Request::PutBalloon(b) => self.pre_boot("PUT /balloon", |c| {
+                c.resources.balloon = Some(b);
+                Ok(())
+            }),
+            Request::GetBalloon => self.get_balloon(),
+            Request::PatchBalloon(u) => self.patch_balloon(u.amount_mib),
+            Request::GetBalloonStats => self.balloon_stats(),
+            Request::PatchBalloonStats(u) => self.patch_balloon_stats(u.stats_polling_interval_s),
+            Request::Action(ActionType::InstanceStart) => self.instance_start(),
+            Request::Action(ActionType::FlushMetrics) => match &self.metrics {
+                Some(sink) => match sink.flush() {
+                    Ok(()) => Response::no_content(),
+                    Err(e) => {
+                        Response::error(400, format!("The metrics could not be written ({e}); check metrics_path."))
+                    }
+                },
+                None => {
+                    Response::error(400, "FlushMetrics needs a metrics file; PUT /metrics with metrics_path first.")
+                }
+            },
+            Request::Action(ActionType::SendCtrlAltDel) => Response::error(
+                400,
+                "SendCtrlAltDel needs an i8042 keyboard, which Ferrovisor does not emulate; \
+                 use PUT /ferrovisor/stop or stop the guest from inside.",
+            ),
+            Request::PatchVm(state) => self.patch_vm(state),
+            Request::CreateSnapshot(_) | Request::LoadSnapshot(_) => {
+                Response::error(400, "Snapshots are not implemented in this Ferrovisor version.")
+            }
+            Request::PutLogger(l) => match &self.logger {
+                Some(hook) => match hook(&l) {
+                    Ok(()) => Response::no_content(),
+                    Err(e) => Response::error(400, e),
+                },
+                None => Response::error(400, "This VMM has no configurable logger."),
+            },
+            Request::PutMetrics(m) => {
+                if self.metrics.is_some() {
+                    return Response::error(400, "The metrics file is already set; it can be set once.");
+                }
+                match MetricsSink::open(Path::new(&m.metrics_path)) {
+                    Ok(sink) => {
+                        self.metrics = Some(sink);
+                        Response::no_content()
+                    }
+                    Err(e) => Response::error(
+                        400,
+                        format!(
+                            "metrics_path {} cannot be opened ({e}); give a writable file or FIFO.",
+                            m.metrics_path
+                        ),
+                    ),
+                }
+            }
+            Request::GetStats => match &self.vm {
+                Some((vm, _)) => Response::json(&stats_json(vm)),
+                None => before_start("GET /ferrovisor/stats"),
+            },
+            Request::GetMetrics { prometheus: false } => Response::json(&crate::metrics::json()),
+            Request::GetMetrics { prometheus: true } => Response::text(crate::metrics::prometheus()),
+            Request::Stop => {
+                self.latch.set(VmExit::Requested);
+                Response::no_content()
+            }
+        }
+    }
+
+    /// Runs `change` if the VM has not started; answers 204 or 400 with its message.
+    fn pre_boot(&mut self, what: &str, change: impl FnOnce(&mut Self) -> Result<(), String>) -> Response {
+        if self.running() {
+            return after_start(what);
+        }
+        match change(self) {
+            Ok(()) => Response::no_content(),
+            Err(e) => Response::error(400, e),
+        }
+    }
+
+    fn set_machine(&mut self, m: models::MachineConfig) -> Result<(), String> {
+        let max = self.host_limits().max_cpus();
+        if m.vcpu_count == 0 || u32::from(m.vcpu_count) > max {
+            return Err(format!("machine-config vcpu_count {} is out of range; use 1 to {max}.", m.vcpu_count));
+        }
+        let min_mib = arch::memory::MIN_MEMORY >> 20;
+        if u64::from(m.mem_size_mib) < min_mib {
+            return Err(format!(
+                "machine-config mem_size_mib {} is too small; use at least {min_mib}.",
+                m.mem_size_mib
+            ));
+        }
+        if m.smt {
+            return Err("machine-config smt is not supported; set it to false.".into());
+        }
+        if m.cpu_template.as_ref().is_some_and(|t| !t.is_null() && t != "None") {
+            return Err("machine-config cpu_template is not supported; leave it out.".into());
+        }
+        self.resources.machine = m;
+        Ok(())
+    }
+
+    fn set_drive(&mut self, d: models::Drive) -> Result<(), String> {
+        let Some(path) = &d.path_on_host else {
+            return Err(format!("drive {}: path_on_host is missing; give the disk image's path.", d.drive_id));
+        };
+        must_exist(&format!("drive {}", d.drive_id), "path_on_host", path)?;
+        if d.drive_id.is_empty() || d.drive_id.len() > 20 {
+            return Err("drive_id must be 1 to 20 bytes (it is the disk's serial); shorten it.".into());
+        }
+        if d.socket.is_some() {
+            return Err(format!("drive {}: vhost-user (socket) is not supported; give path_on_host.", d.drive_id));
+        }
+        if d.io_engine.as_deref().is_some_and(|e| e != "Sync") {
+            return Err(format!("drive {}: io_engine must be Sync; Ferrovisor has no Async engine.", d.drive_id));
+        }
+        if d.cache_type.as_deref().is_some_and(|c| c != "Unsafe" && c != "Writeback") {
+            return Err(format!("drive {}: cache_type is Unsafe or Writeback.", d.drive_id));
+        }
+        no_rate_limiter(&format!("drive {}", d.drive_id), &d.rate_limiter)?;
+        if d.is_root_device && self.resources.drives.iter().any(|o| o.is_root_device && o.drive_id != d.drive_id) {
+            return Err(format!("drive {}: another drive is already the root device; only one can be.", d.drive_id));
+        }
+        match self.resources.drives.iter_mut().find(|o| o.drive_id == d.drive_id) {
+            Some(old) => *old = d,
+            None => self.resources.drives.push(d),
+        }
+        Ok(())
+    }
+
+    fn set_net(&mut self, n: models::NetworkInterface) -> Result<(), String> {
+        if n.host_dev_name.is_empty() || n.host_dev_name.len() > 15 {
+            return Err(format!("network interface {}: host_dev_name must be 1 to 15 bytes.", n.iface_id));
+        }
+        if let Some(mac) = &n.guest_mac {
+            crate::config::parse_unicast_mac(mac)
+                .map_err(|e| format!("network interface {}: guest_mac {e}.", n.iface_id))?;
+        }
+        no_rate_limiter(&format!("network interface {}", n.iface_id), &n.rx_rate_limiter)?;
+        no_rate_limiter(&format!("network interface {}", n.iface_id), &n.tx_rate_limiter)?;
+        match self.resources.nets.iter_mut().find(|o| o.iface_id == n.iface_id) {
+            Some(old) => *old = n,
+            None => self.resources.nets.push(n),
+        }
+        Ok(())
+    }
+
+    fn patch_drive(&mut self, d: models::PartialDrive) -> Response {
+        let Some((_, config)) = &self.vm else { return before_start("PATCH /drives") };
+        let Some(index) = self
+            .resources
+            .drives
+            .iter()
+            .position(|o| o.drive_id == d.drive_id)
+            .or_else(|| config.disks.iter().position(|o| o.id == d.drive_id))
+        else {
+            return Response::error(400, format!("There is no drive {}; PATCH an existing drive_id.", d.drive_id));
+        };
+        if let Err(e) = no_rate_limiter(&format!("drive {}", d.drive_id), &d.rate_limiter) {
+            return Response::error(400, e);
+        }
+        match d.path_on_host {
+            Some(path) if Path::new(&path) != config.disks[index].path => Response::error(
+                400,
+                format!(
+                    "drive {}: changing the backing file of a running VM is not supported; keep its path_on_host.",
+                    d.drive_id
+                ),
+            ),
+            _ => Response::no_content(),
+        }
+    }
+
+    fn instance_start(&mut self) -> Response {
+        if self.running() {
+            return Response::error(400, "InstanceStart was already done; the VM is running.");
+        }
+        let config = match self.vm_config() {
+            Ok(c) => c,
+            Err(e) => return Response::error(400, e),
+        };
+        match self.start(config) {
+            Ok(()) => Response::no_content(),
+            Err(e) => Response::error(400, format!("The VM could not start: {e}")),
+        }
+    }
+
+    /// The VM configuration the API resources describe.
+    fn vm_config(&self) -> Result<VmConfig, String> {
+        let r = &self.resources;
+        let Some(boot) = &r.boot else {
+            return Err("InstanceStart needs a kernel; PUT /boot-source with kernel_image_path first.".into());
+        };
+        let mut cmdline = boot.boot_args.clone().unwrap_or_else(|| crate::config::DEFAULT_CMDLINE.to_string());
+        // The root drive is the first disk (vda); Firecracker names it on the command line.
+        let mut drives: Vec<&models::Drive> = r.drives.iter().filter(|d| d.is_root_device).collect();
+        drives.extend(r.drives.iter().filter(|d| !d.is_root_device));
+        if let Some(root) = drives.first().filter(|d| d.is_root_device) {
+            let device = match &root.partuuid {
+                Some(uuid) => format!("PARTUUID={uuid}"),
+                None => "/dev/vda".into(),
+            };
+            cmdline.push_str(&format!(" root={device} {}", if root.is_read_only { "ro" } else { "rw" }));
+        }
+        let mut memory = memory_options(&r.memory)?;
+        if r.machine.huge_pages == models::HugePages::TwoMiB {
+            memory.hugepages = HugePages::On;
+        }
+        let nets = r
+            .nets
+            .iter()
+            .map(|n| {
+                let mac = n.guest_mac.as_deref().map(crate::config::parse_unicast_mac).transpose()?;
+                Ok(NetConfig { attachment: NetAttachment::Tap(n.host_dev_name.clone()), mac })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(VmConfig {
+            kernel: PathBuf::from(&boot.kernel_image_path),
+            initrd: boot.initrd_path.as_ref().map(PathBuf::from),
+            cmdline,
+            cpus: u32::from(r.machine.vcpu_count),
+            memory_mib: u64::from(r.machine.mem_size_mib),
+            serial: SerialConfig::Stdio,
+            disks: drives
+                .iter()
+                .map(|d| DiskConfig {
+                    path: PathBuf::from(d.path_on_host.as_deref().unwrap_or_default()),
+                    readonly: d.is_read_only,
+                    id: d.drive_id.clone(),
+                })
+                .collect(),
+            rng: r.entropy.is_some(),
+            console: None,
+            nets,
+            balloon: r.balloon.as_ref().map(|b| virtio::balloon::BalloonOptions {
+                target_mib: b.amount_mib,
+                deflate_on_oom: b.deflate_on_oom,
+                stats_interval_s: b.stats_polling_interval_s,
+                free_page_reporting: b.free_page_reporting,
+            }),
+            vsock: r
+                .vsock
+                .as_ref()
+                .map(|v| VsockConfig { cid: u64::from(v.guest_cid), uds: PathBuf::from(&v.uds_path) }),
+            transport: VirtioTransport::Mmio,
+            memory,
+            stats_on_exit: false,
+        })
+    }
+
+    /// `GET /vm/config`: the API resources, or what a command-line VM was started with.
+    fn config_file(&self) -> VmConfigFile {
+        let r = &self.resources;
+        if let Some((_, c)) = &self.vm
+            && r.boot.is_none()
+        {
+            return config_file_of(c);
+        }
+        VmConfigFile {
+            boot_source: r.boot.clone(),
+            machine_config: Some(r.machine.clone()),
+            drives: r.drives.clone(),
+            network_interfaces: r.nets.clone(),
+            vsock: r.vsock.clone(),
+            balloon: r.balloon.clone(),
+            entropy: r.entropy.clone(),
+            memory: Some(r.memory.clone()),
+            ..Default::default()
+        }
+    }
+
+    fn balloon_control(&self) -> Result<&Arc<virtio::balloon::BalloonControl>, Response> {
+        match &self.vm {
+            None => Err(before_start("This balloon request")),
+            Some((vm, _)) => vm
+                .balloon()
+                .ok_or_else(|| Response::error(400, "The VM has no balloon; PUT /balloon before InstanceStart.")),
+        }
+    }
+
+    fn get_balloon(&self) -> Response {
+        if !self.running() {
+            return match &self.resources.balloon {
+                Some(b) => Response::json(b),
+                None => Response::error(400, "No balloon is configured; PUT /balloon first."),
+            };
+        }
+        let control = match self.balloon_control() {
+            Ok(c) => c,
+            Err(r) => return r,
+        };
+        let options = self.vm.as_ref().and_then(|(_, c)| c.balloon).unwrap_or_default();
+        Response::json(&models::Balloon {
+            amount_mib: control.target_mib(),
+            deflate_on_oom: options.deflate_on_oom,
+            stats_polling_interval_s: control.stats_interval_s(),
+            free_page_reporting: options.free_page_reporting,
+        })
+    }
+
+    fn patch_balloon(&mut self, amount_mib: u32) -> Response {
+        let memory_mib = self.vm.as_ref().map_or(0, |(_, c)| c.memory_mib);
+        match self.balloon_control() {
+            Ok(_) if u64::from(amount_mib) > memory_mib => Response::error(
+                400,
+                format!("balloon amount_mib {amount_mib} exceeds the guest's {memory_mib} MiB; give a smaller target."),
+            ),
+            Ok(control) => {
+                control.set_target_mib(amount_mib);
+                Response::no_content()
+            }
+            Err(r) => r,
+        }
+    }
+
+    fn balloon_stats(&self) -> Response {
+        let control = match self.balloon_control() {
+            Ok(c) => c,
+            Err(r) => return r,
+        };
+        if control.stats_interval_s() == 0 {
+            return Response::error(
+                400,
+                "Balloon statistics are off; PUT /balloon with stats_polling_interval_s above 0 before InstanceStart.",
+            );
+        }
+        let state = control.state();
+        let target_mib = control.target_mib();
+        let mut stats = models::BalloonStats {
+            target_pages: target_mib * 256,
+            actual_pages: state.actual_pages,
+            target_mib,
+            actual_mib: state.actual_pages / 256,
+            ..Default::default()
+        };
+        for (tag, value) in state.stats {
+            stats.set_tag(tag, value);
+        }
+        Response::json(&stats)
+    }
+
+    fn patch_balloon_stats(&mut self, seconds: u32) -> Response {
+        match self.balloon_control() {
+            Ok(c) if c.stats_interval_s() == 0 || seconds == 0 => Response::error(
+                400,
+                "Balloon statistics can only be turned on or off before InstanceStart; give an interval above 0.",
+            ),
+            Ok(c) => {
+                c.set_stats_interval_s(seconds);
+                Response::no_content()
+            }
+            Err(r) => r,
+        }
+    }
+
+    fn patch_vm(&mut self, state: VmStateChange) -> Response {
+        let Some((vm, _)) = &mut self.vm else { return before_start("PATCH /vm") };
+        match state {
+            VmStateChange::Paused => match vm.pause() {
+                Ok(()) => Response::no_content(),
+                Err(e) => Response::error(400, e.to_string()),
+            },
+            VmStateChange::Resumed => {
+                vm.resume();
+                Response::no_content()
+            }
+        }
+    }
+
+    /// Applies a Firecracker configuration file (`--config-file`) and starts the VM.
+    pub fn apply_config_file(&mut self, file: VmConfigFile) -> Result<(), String> {
+        let mut requests = Vec::new();
+        if let Some(l) = file.logger {
+            requests.push(Request::PutLogger(l));
+        }
+        if let Some(m) = file.metrics {
+            requests.push(Request::PutMetrics(m));
+        }
+        if file.mmds_config.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err("mmds-config is not supported; remove it from the file.".into());
+        }
+        if let Some(m) = file.machine_config {
+            requests.push(Request::PutMachineConfig(m));
+        }
+        if let Some(m) = file.memory {
+            requests.push(Request::PutMemory(m));
+        }
+        match file.boot_source {
+            Some(b) => requests.push(Request::PutBootSource(b)),
+            None => return Err("The config file has no boot-source; add one with kernel_image_path.".into()),
+        }
+        requests.extend(file.drives.into_iter().map(Request::PutDrive));
+        requests.extend(file.network_interfaces.into_iter().map(Request::PutNetworkInterface));
+        requests.extend(file.vsock.map(Request::PutVsock));
+        requests.extend(file.balloon.map(Request::PutBalloon));
+        requests.extend(file.entropy.map(Request::PutEntropy));
+        requests.push(Request::Action(ActionType::InstanceStart));
+        for request in requests {
+            let response = self.handle(request);
+            if response.status >= 300 {
+                return Err(response.fault_message().unwrap_or(response.body));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn must_exist(what: &str, field: &str, path: &str) -> Result<(), String> {
+    match std::fs::metadata(path) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!("{what} {field} {path} cannot be read ({e}); give an existing file.")),
+    }
+}
+
+fn no_rate_limiter(what: &str, limiter: &Option<serde_json::Value>) -> Result<(), String> {
+    match limiter {
+        Some(v) if !v.is_null() => Err(format!("{what}: rate limiters are not supported; leave rate_limiter out.")),
+        _ => Ok(()),
+    }
+}
+
+fn memory_options(m: &models::MemoryOptions) -> Result<MemoryOptions, String> {
+    let hugepages = match m.hugepages.as_deref() {
+        None | Some("off") => HugePages::Off,
+        Some("on") => HugePages::On,
+        Some("thp") => HugePages::Thp,
+        Some(other) => return Err(format!("ferrovisor/memory hugepages is off, on or thp, not '{other}'.")),
+    };
+    Ok(MemoryOptions { hugepages, mergeable: m.mergeable, shared: m.shared, prefault: m.prefault })
+}
+
+/// A command-line VM's configuration in the configuration file's terms.
+fn config_file_of(c: &VmConfig) -> VmConfigFile {
+    let hugepages = match c.memory.hugepages {
+        HugePages::Off => "off",
+        HugePages::On => "on",
+        HugePages::Thp => "thp",
+    };
+    VmConfigFile {
+        boot_source: Some(models::BootSource {
+            kernel_image_path: c.kernel.display().to_string(),
+            boot_args: Some(c.cmdline.clone()),
+            initrd_path: c.initrd.as_ref().map(|p| p.display().to_string()),
+        }),
+        machine_config: Some(models::MachineConfig {
+            vcpu_count: c.cpus.min(255) as u8,
+            mem_size_mib: c.memory_mib as u32,
+            ..Default::default()
+        }),
+        drives: c
+            .disks
+            .iter()
+            .map(|d| models::Drive {
+                drive_id: d.id.clone(),
+                is_root_device: false,
+                path_on_host: Some(d.path.display().to_string()),
+                is_read_only: d.readonly,
+                partuuid: None,
+                cache_type: None,
+                io_engine: None,
+                rate_limiter: None,
+                socket: None,
+            })
+            .collect(),
+        network_interfaces: c
+            .nets
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| match &n.attachment {
+                NetAttachment::Tap(tap) => Some(models::NetworkInterface {
+                    iface_id: format!("net{i}"),
+                    host_dev_name: tap.clone(),
+                    guest_mac: n.mac.map(|m| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")),
+                    rx_rate_limiter: None,
+                    tx_rate_limiter: None,
+                }),
+                NetAttachment::Switch { .. } => None,
+            })
+            .collect(),
+        vsock: c.vsock.as_ref().map(|v| models::Vsock {
+            guest_cid: v.cid as u32,
+            uds_path: v.uds.display().to_string(),
+            vsock_id: None,
+        }),
+        balloon: c.balloon.map(|b| models::Balloon {
+            amount_mib: b.target_mib,
+            deflate_on_oom: b.deflate_on_oom,
+            stats_polling_interval_s: b.stats_interval_s,
+            free_page_reporting: b.free_page_reporting,
+        }),
+        entropy: c.rng.then(models::Entropy::default),
+        memory: Some(models::MemoryOptions {
+            hugepages: Some(hugepages.into()),
+            mergeable: c.memory.mergeable,
+            shared: c.memory.shared,
+            prefault: c.memory.prefault,
+        }),
+        ..Default::default()
+    }
+}
+
+fn stats_json(vm: &RunningVm) -> serde_json::Value {
+    let s = crate::memory::stats(vm.memory());
+    let mut value = serde_json::json!({
+        "guest_ram_kib": s.guest_ram_kib,
+        "rss_kib": s.rss_kib,
+        "guest_rss_kib": s.guest_rss_kib,
+        "vmm_overhead_kib": s.vmm_overhead_kib(),
+        "huge_kib": s.huge_kib,
+        "ksm_merging_pages": s.ksm_merging_pages,
+        "ksm_saved_bytes": s.ksm_merging_pages * 4096,
+        "ksm_profit_bytes": s.ksm_profit_bytes,
+    });
+    if let Some(b) = vm.balloon() {
+        let state = b.state();
+        value["balloon"] = serde_json::json!({
+            "target_mib": b.target_mib(),
+            "actual_mib": state.actual_pages / 256,
+            "released_pages": state.released_pages,
+        });
+    }
+    value
+}

@@ -1,0 +1,72 @@
+//! The logger: `tracing` to stderr, or to the file `PUT /logger` names; its level can change
+//! while the VMM runs.
+
+use std::io::{IsTerminal, Write};
+use std::sync::{Arc, Mutex};
+
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Registry, reload};
+
+/// Where log lines go now.
+#[derive(Clone)]
+struct Sink(Arc<Mutex<Box<dyn Write + Send>>>);
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).flush()
+    }
+}
+
+/// The handles that change the logger after start.
+pub struct Logger {
+    filter: reload::Handle<EnvFilter, Registry>,
+    sink: Sink,
+}
+
+/// Logs to stderr at `level` (RUST_LOG overrides it).
+pub fn init(level: &str) -> Result<Logger, String> {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .map_err(|_| format!("--log-level must be error, warn, info, debug or trace, not '{level}'."))?;
+    let (filter, handle) = reload::Layer::new(filter);
+    let sink = Sink(Arc::new(Mutex::new(Box::new(std::io::stderr()))));
+    let writer = sink.clone();
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(move || writer.clone())
+                .with_target(false)
+                .with_ansi(std::io::stderr().is_terminal()),
+        )
+        .init();
+    Ok(Logger { filter: handle, sink })
+}
+
+impl Logger {
+    /// Applies `PUT /logger`: the file (appended to), the level and an optional module filter.
+    pub fn apply(&self, config: &api::models::Logger) -> Result<(), String> {
+        if let Some(path) = &config.log_path {
+            let file =
+                std::fs::OpenOptions::new().append(true).create(true).open(path).map_err(|e| {
+                    format!("logger log_path {path} cannot be opened ({e}); give a writable file or FIFO.")
+                })?;
+            *self.sink.0.lock().unwrap_or_else(|p| p.into_inner()) = Box::new(file);
+        }
+        if config.level.is_some() || config.module.is_some() {
+            let level = config.level.map_or("info", |l| l.filter());
+            let directive = match &config.module {
+                Some(module) => format!("warn,{module}={level}"),
+                None => level.to_string(),
+            };
+            let filter = EnvFilter::try_new(&directive)
+                .map_err(|e| format!("logger module '{directive}' is not a valid filter ({e}); give a crate name."))?;
+            self.filter.reload(filter).map_err(|e| format!("The log level cannot change now ({e})."))?;
+        }
+        Ok(())
+    }
+}
