@@ -525,3 +525,63 @@ pub fn assert_net_exchange(out: &Outcome, received: &[Vec<u8>]) {
     assert!(line.starts_with("PROBE virtio-net ok mac=52:54:00:12:34:56 tx=4 tx_bytes=3228 "), "{line}");
     assert!(line.ends_with(&format!("rx=3 rx_bytes={bytes} rx_checksum={checksum:#x}")), "{line}");
 }
+
+/// One HTTP/1.1 request on a Unix socket, written by hand as any plain client would: returns
+/// the status and the body.
+pub fn http(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::Write;
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap_or_else(|e| panic!("{socket:?}: {e}"));
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    parse_http_response(&response)
+}
+
+/// Status and body of a raw HTTP response.
+pub fn parse_http_response(response: &str) -> (u16, String) {
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or_else(|| panic!("not HTTP: {response:?}"));
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("a status code");
+    (status, body.to_string())
+}
+
+/// Waits until the VMM listens on `socket`.
+pub fn wait_for_socket(socket: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        assert!(Instant::now() < deadline, "the VMM never listened on {socket:?}");
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The counter values of the probe's `PROBE tick n=N` lines, in order.
+pub fn probe_ticks(output: &str) -> Vec<u64> {
+    probe_lines(output).iter().filter_map(|l| l.strip_prefix("PROBE tick n=")?.parse().ok()).collect()
+}
+
+/// Checks the probe counter's disk: sector n % 64 holds the pattern of the last tick n written
+/// to it, for every tick up to `last` (tick last + 1 may have written before it printed).
+pub fn check_counter_disk(disk: &[u8], last: u64) {
+    let mut newest = [0u64; 64];
+    for n in 1..=last {
+        newest[(n % 64) as usize] = n;
+    }
+    let mut expected = vec![0u8; 512];
+    let mut holds = |n: u64, sector: usize, actual: &[u8]| {
+        if n == 0 {
+            return actual.iter().all(|&b| b == 0);
+        }
+        pattern::fill_sector(n, sector as u64, &mut expected);
+        actual == &expected[..]
+    };
+    for (sector, &n) in newest.iter().enumerate() {
+        let actual = &disk[sector * 512..][..512];
+        let next = last + 1;
+        let ok = holds(n, sector, actual) || (next % 64 == sector as u64 && holds(next, sector, actual));
+        assert!(ok, "sector {sector} should hold the pattern of tick {n} (last tick {last})");
+    }
+}

@@ -102,12 +102,28 @@ fn serve_connection(mut stream: UnixStream, shared: &Shared) {
             Err(response) => {
                 count("invalid", "request");
                 let _ = write_response(&mut stream, &response, false);
+                drain(&mut stream);
                 return;
             }
         };
         let response = handle(&raw, shared);
         if write_response(&mut stream, &response, raw.keep_alive).is_err() || !raw.keep_alive {
             return;
+        }
+    }
+}
+
+/// Closing with unread input makes the kernel reset the connection, and the client may lose
+/// the answer: read (a bounded amount of) what the client still sends before closing.
+fn drain(stream: &mut UnixStream) {
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut sink = [0u8; 4096];
+    let mut left = 4 * MAX_BODY;
+    while left > 0 {
+        match stream.read(&mut sink) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => left = left.saturating_sub(n),
         }
     }
 }

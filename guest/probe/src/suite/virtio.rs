@@ -54,6 +54,11 @@ pub fn run(test: &str, id: u32, cmdline: Cmdline, info: &StartInfo) {
     crate::virtio::reset_arena();
     match test {
         "virtio-rng" => run_device(test, &slot, cmdline, rng::test, None),
+        "virtio-blk" if cmdline.param(test, "mode") == Some("counter") => {
+            if let Err(reason) = blk::counter(&slot, cmdline) {
+                report::fail(test, format_args!("{reason}"));
+            }
+        }
         "virtio-blk" => run_device(test, &slot, cmdline, blk::test, Some(blk::throughput)),
         "virtio-net" => run_device(test, &slot, cmdline, net::test, Some(net::throughput)),
         "virtio-console" => run_device(test, &slot, cmdline, console::test, None),

@@ -7,6 +7,10 @@
 //! With `probe.virtio-blk.mode=throughput` it measures instead: sequential 128 KiB reads over
 //! `.mib` (16) MiB, then `.ops` (4096) random 4 KiB reads, `.depth` (8) requests in flight,
 //! polled; it reports MB/s and IOPS from the TSC (see tsc.rs).
+//!
+//! With `probe.virtio-blk.mode=counter` it counts: tick n (from 1) writes sector n % 64 with
+//! the pattern of seed n, flushes, prints `PROBE tick n=N`, then waits `.every` TSC cycles
+//! (100M). It stops after `.ticks` ticks (0: never), for pause and snapshot tests.
 
 use crate::cmdline::{Cmdline, VirtioMmioSlot};
 use crate::pattern::{FNV_OFFSET, fill_sector, fnv1a};
@@ -156,6 +160,40 @@ pub fn throughput(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'stati
             "mode=throughput depth={depth} seq_mb_per_s={mb_per_s} rand_4k_iops={iops} seq_bytes={seq_bytes} seq_cycles={seq_cycles} rand_ops={ops} rand_cycles={rand_cycles} tsc_khz={khz}"
         ),
     );
+    Ok(())
+}
+
+/// Sectors the counter cycles through.
+pub const COUNTER_SECTORS: u64 = 64;
+
+pub fn counter(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str> {
+    let dev = Device::begin(slot, 0, F_FLUSH).map_err(|_| "the device could not be set up")?;
+    let q = dev.queue(0, 16).map_err(|_| "queue 0 could not be set up")?;
+    dev.driver_ok();
+    if dev.features & F_FLUSH == 0 {
+        return Err("the counter needs a disk with flush");
+    }
+    let data = alloc(SECTOR, 4096).ok_or("out of probe memory")?;
+    let header = alloc(16, 16).ok_or("out of probe memory")?;
+    let status = alloc(1, 1).ok_or("out of probe memory")?;
+    let mut disk = Disk { dev, q, header, status, cmdline };
+    let every = cmdline.number(TEST, "every", 100_000_000);
+    let ticks = cmdline.number(TEST, "ticks", 0);
+    let mut n = 1u64;
+    while ticks == 0 || n <= ticks {
+        let sector = n % COUNTER_SECTORS;
+        fill_sector(n, sector, bytes(data, SECTOR));
+        if disk.request(T_OUT, sector, Some((data, SECTOR as u32, false)))? != S_OK {
+            return Err("a counter write failed");
+        }
+        if disk.request(T_FLUSH, 0, None)? != S_OK {
+            return Err("a counter flush failed");
+        }
+        crate::println!("PROBE tick n={n}");
+        crate::hw::spin_cycles(every);
+        n += 1;
+    }
+    report::ok(TEST, format_args!("mode=counter ticks={ticks}"));
     Ok(())
 }
 

@@ -1,0 +1,294 @@
+//! The REST API on its Unix socket, driven by a plain HTTP client: bad input answered with the
+//! right 4xx and a fault_message, a probe guest's lifecycle (start, pause, resume, metrics,
+//! stop), the config file, and `ferrovisor ctl`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{Running, ferrovisor, http, probe_elf, probe_ticks, scratch_dir, wait_for_socket};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `ferrovisor --api-sock DIR/api.sock`, listening.
+fn api_vmm(dir: &Path) -> (Running, PathBuf) {
+    let socket = dir.join("api.sock");
+    let mut cmd = ferrovisor();
+    cmd.arg("--api-sock").arg(&socket);
+    let vm = Running::start(cmd);
+    wait_for_socket(&socket);
+    (vm, socket)
+}
+
+fn expect(socket: &Path, method: &str, path: &str, body: &str, status: u16) -> String {
+    let (got, answer) = http(socket, method, path, body);
+    assert_eq!(got, status, "{method} {path} {body}: {answer}");
+    answer
+}
+
+/// The fault_message of an error answer; it must be one sentence that names a fix.
+fn fault(socket: &Path, method: &str, path: &str, body: &str, status: u16) -> String {
+    let answer = expect(socket, method, path, body, status);
+    let value: serde_json::Value = serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{answer}: {e}"));
+    let message = value["fault_message"].as_str().unwrap_or_else(|| panic!("no fault_message in {answer}"));
+    assert!(message.ends_with('.'), "a sentence: {message}");
+    message.to_string()
+}
+
+fn disk_image(dir: &Path, bytes: usize) -> PathBuf {
+    let path = dir.join("disk.img");
+    std::fs::write(&path, vec![0u8; bytes]).unwrap();
+    path
+}
+
+/// Configures the probe counting on a disk, through the API.
+fn configure_counter_probe(socket: &Path, disk: &Path, extra_cmdline: &str) {
+    let boot = serde_json::json!({
+        "kernel_image_path": probe_elf(),
+        "boot_args": format!("console=ttyS0 probe.test=virtio-blk probe.virtio-blk.mode=counter {extra_cmdline}"),
+    });
+    expect(socket, "PUT", "/boot-source", &boot.to_string(), 204);
+    expect(socket, "PUT", "/machine-config", r#"{"vcpu_count": 1, "mem_size_mib": 64}"#, 204);
+    let drive = serde_json::json!({"drive_id": "counter", "path_on_host": disk, "is_root_device": false});
+    expect(socket, "PUT", "/drives/counter", &drive.to_string(), 204);
+}
+
+fn wait_for_ticks(vm: &mut Running, at_least: usize) -> Vec<u64> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let ticks = probe_ticks(&vm.stdout());
+        if ticks.len() >= at_least {
+            return ticks;
+        }
+        assert!(Instant::now() < deadline, "fewer than {at_least} ticks: {}\n{}", vm.stdout(), vm.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn bad_input_gets_the_right_4xx_and_the_vmm_keeps_running() {
+    let dir = scratch_dir("api-bad-input");
+    let (mut vm, socket) = api_vmm(&dir);
+    let s = socket.as_path();
+    let m = fault(s, "PUT", "/machine-config", r#"{"vcpu_count": 2, "mem_size_mib": 64"#, 400);
+    assert!(m.contains("not valid JSON"), "{m}");
+    let m = fault(s, "PUT", "/machine-config", r#"{"vcpu_count": 2, "mem_size_mib": 64, "cpus": 1}"#, 400);
+    assert!(m.contains("unknown field `cpus`") && m.contains("remove it"), "{m}");
+    let m = fault(s, "PUT", "/machine-config", r#"{"vcpu_count": "two", "mem_size_mib": 64}"#, 400);
+    assert!(m.contains("vcpu_count") && m.contains("expected u8"), "{m}");
+    let m = fault(s, "PUT", "/boot-source", r#"{"boot_args": "console=ttyS0"}"#, 400);
+    assert!(m.contains("missing field `kernel_image_path`"), "{m}");
+    let m = fault(s, "PUT", "/boot-source", r#"{"kernel_image_path": "/nonexistent/vmlinux"}"#, 400);
+    assert!(m.contains("kernel_image_path /nonexistent/vmlinux cannot be read"), "{m}");
+    let m = fault(s, "PUT", "/machine-config", r#"{"vcpu_count": 0, "mem_size_mib": 64}"#, 400);
+    assert!(m.contains("vcpu_count 0 is out of range"), "{m}");
+    let m = fault(s, "GET", "/no/such/path", "", 404);
+    assert!(m.contains("/no/such/path"), "{m}");
+    let m = fault(s, "DELETE", "/drives/root", "", 405);
+    assert!(m.contains("does not take DELETE"), "{m}");
+    let m = fault(s, "PUT", "/actions", r#"{"action_type": "Reboot"}"#, 400);
+    assert!(m.contains("action_type") && m.contains("InstanceStart"), "{m}");
+    // Actions out of order.
+    let m = fault(s, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#, 400);
+    assert!(m.contains("PUT /boot-source"), "{m}");
+    let m = fault(s, "PATCH", "/vm", r#"{"state": "Paused"}"#, 400);
+    assert!(m.contains("needs a running VM"), "{m}");
+    let m = fault(s, "PATCH", "/balloon", r#"{"amount_mib": 1}"#, 400);
+    assert!(m.contains("needs a running VM"), "{m}");
+    // A body over 64 KiB.
+    let big = format!(r#"{{"boot_args": "{}"}}"#, "x".repeat(70 << 10));
+    let m = fault(s, "PUT", "/boot-source", &big, 413);
+    assert!(m.contains("at most 65536"), "{m}");
+    // Not HTTP at all.
+    {
+        use std::io::{Read, Write};
+        let mut raw = std::os::unix::net::UnixStream::connect(s).unwrap();
+        raw.write_all(b"\x01\x02 garbage\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        raw.read_to_string(&mut answer).unwrap();
+        assert_eq!(common::parse_http_response(&answer).0, 400, "{answer}");
+    }
+    // 100 concurrent requests, half good and half bad: each gets its own right answer.
+    let answers: Vec<(u16, u16, String)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..100)
+            .map(|i| {
+                scope.spawn(move || {
+                    if i % 2 == 0 {
+                        let (code, body) = http(s, "GET", "/", "");
+                        (200, code, body)
+                    } else {
+                        let (code, body) = http(s, "PUT", "/machine-config", r#"{"vcpu_count": -1}"#);
+                        (400, code, body)
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (want, got, body) in &answers {
+        assert_eq!(want, got, "{body}");
+        if *want == 200 {
+            assert!(body.contains(r#""state":"Not started""#), "{body}");
+        } else {
+            assert!(body.contains("vcpu_count"), "{body}");
+        }
+    }
+    // Post-boot rules, with a probe running.
+    let disk = disk_image(&dir, 64 << 10);
+    configure_counter_probe(s, &disk, "");
+    expect(s, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#, 204);
+    wait_for_ticks(&mut vm, 1);
+    let m = fault(
+        s,
+        "PUT",
+        "/drives/late",
+        &format!(r#"{{"drive_id":"late","path_on_host":"{}","is_root_device":false}}"#, disk.display()),
+        400,
+    );
+    assert!(m.contains("only possible before InstanceStart"), "{m}");
+    let m = fault(s, "PUT", "/machine-config", r#"{"vcpu_count": 2, "mem_size_mib": 64}"#, 400);
+    assert!(m.contains("only possible before InstanceStart"), "{m}");
+    let m = fault(s, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#, 400);
+    assert!(m.contains("already"), "{m}");
+    let m = fault(s, "GET", "/balloon/statistics", "", 400);
+    assert!(m.contains("no balloon"), "{m}");
+    assert!(expect(s, "GET", "/", "", 200).contains(r#""state":"Running""#));
+    // Every error was also logged.
+    assert!(vm.stderr().contains("API error 413"), "{}", vm.stderr());
+    assert!(matches!(vm.child.try_wait(), Ok(None)), "the VMM is still running");
+    expect(s, "PUT", "/ferrovisor/stop", "", 204);
+    let out = vm.finish(TIMEOUT);
+    assert_eq!(out.status.code(), Some(0), "{}", out.describe());
+    assert!(!socket.exists(), "the socket is removed at exit");
+}
+
+#[test]
+fn probe_lifecycle_through_the_socket_pause_resume_metrics() {
+    let dir = scratch_dir("api-lifecycle");
+    let (mut vm, socket) = api_vmm(&dir);
+    let s = socket.as_path();
+    let disk = disk_image(&dir, 64 << 10);
+    configure_counter_probe(s, &disk, "probe.virtio-blk.every=20000000");
+    let metrics = dir.join("metrics.json");
+    expect(s, "PUT", "/metrics", &format!(r#"{{"metrics_path": "{}"}}"#, metrics.display()), 204);
+    expect(s, "PUT", "/logger", r#"{"level": "Debug"}"#, 204);
+    assert!(expect(s, "GET", "/", "", 200).contains(r#""state":"Not started""#));
+    expect(s, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#, 204);
+    wait_for_ticks(&mut vm, 5);
+
+    expect(s, "PATCH", "/vm", r#"{"state": "Paused"}"#, 204);
+    assert!(expect(s, "GET", "/", "", 200).contains(r#""state":"Paused""#));
+    let at_pause = probe_ticks(&vm.stdout()).len();
+    std::thread::sleep(Duration::from_millis(1000));
+    let after_pause = probe_ticks(&vm.stdout()).len();
+    // A tick already on its way out may land; nothing more in a second (ticks are ~10 ms).
+    assert!(after_pause <= at_pause + 1, "the guest ran while paused: {at_pause} -> {after_pause} ticks");
+    expect(s, "PATCH", "/vm", r#"{"state": "Resumed"}"#, 204);
+    let ticks = wait_for_ticks(&mut vm, after_pause + 5);
+    assert!(ticks.windows(2).all(|w| w[1] == w[0] + 1), "the count goes on without a gap: {ticks:?}");
+
+    expect(s, "PUT", "/actions", r#"{"action_type": "FlushMetrics"}"#, 204);
+    let line = std::fs::read_to_string(&metrics).unwrap();
+    let flushed: serde_json::Value = serde_json::from_str(line.lines().last().unwrap()).unwrap();
+    let blk = &flushed["devices"]["virtio-blk0"];
+    assert_eq!(blk["kind"], "block", "{flushed}");
+    // One 512-byte write per tick that finished, and a flush.
+    let written = blk["write_bytes"].as_u64().unwrap();
+    assert!(written >= 512 * ticks.len() as u64, "{written} bytes for {} ticks: {flushed}", ticks.len());
+    assert!(flushed["block"]["requests"].as_u64().unwrap() >= 2 * ticks.len() as u64, "{flushed}");
+    assert!(flushed["vcpu"]["exits"]["mmio_write"].as_u64().unwrap() > 0, "{flushed}");
+    assert!(flushed["api_server"]["requests"]["PATCH /vm"].as_u64() == Some(2), "{flushed}");
+    let prometheus = expect(s, "GET", "/ferrovisor/metrics?format=prometheus", "", 200);
+    assert!(
+        prometheus.contains(r#"ferrovisor_device_write_bytes_total{device="virtio-blk0",kind="block"}"#),
+        "{prometheus}"
+    );
+    let config: serde_json::Value = serde_json::from_str(&expect(s, "GET", "/vm/config", "", 200)).unwrap();
+    assert_eq!(config["drives"][0]["drive_id"], "counter", "{config}");
+    let stats: serde_json::Value = serde_json::from_str(&expect(s, "GET", "/ferrovisor/stats", "", 200)).unwrap();
+    assert_eq!(stats["guest_ram_kib"], 64 << 10, "{stats}");
+
+    expect(s, "PUT", "/ferrovisor/stop", "", 204);
+    let out = vm.finish(TIMEOUT);
+    assert_eq!(out.status.code(), Some(0), "{}", out.describe());
+    assert!(out.stderr.contains("DEBUG"), "PUT /logger raised the level: {}", out.stderr);
+    let last = *probe_ticks(&out.stdout).last().unwrap();
+    common::check_counter_disk(&std::fs::read(&disk).unwrap(), last);
+}
+
+#[test]
+fn config_file_starts_a_vm_without_the_api() {
+    let dir = scratch_dir("api-config-file");
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let config = serde_json::json!({
+        "boot-source": {
+            "kernel_image_path": probe_elf(),
+            "boot_args": format!("console=ttyS0 {}", common::RNG_AND_BLK_TESTS),
+        },
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 64, "smt": false},
+        "drives": [{"drive_id": "probe-disk", "path_on_host": disk, "is_root_device": false, "is_read_only": false}],
+        "entropy": {},
+        "network-interfaces": [],
+        "logger": {"level": "Info"},
+    });
+    let file = dir.join("vm.json");
+    std::fs::write(&file, config.to_string()).unwrap();
+    let mut cmd = ferrovisor();
+    cmd.arg("--no-api").arg("--config-file").arg(&file);
+    let out = Running::start(cmd).finish(TIMEOUT);
+    assert_eq!(out.status.code(), Some(0), "{}", out.describe());
+    common::assert_rng_and_blk_results(&out, &disk);
+
+    // A mistake in the file: one sentence naming the field, status 2, no VM.
+    let mut broken = config.clone();
+    broken["machine-config"]["vcpu_count"] = serde_json::json!("one");
+    std::fs::write(&file, broken.to_string()).unwrap();
+    let out = common::run(&["--no-api", "--config-file", file.to_str().unwrap()], TIMEOUT);
+    assert_eq!(out.status.code(), Some(2), "{}", out.describe());
+    assert!(out.stderr.contains("machine-config.vcpu_count"), "{}", out.stderr);
+    let out = common::run(&["--no-api"], TIMEOUT);
+    assert_eq!(out.status.code(), Some(2), "{}", out.describe());
+    assert!(out.stderr.contains("--no-api needs --config-file"), "{}", out.stderr);
+}
+
+#[test]
+fn ctl_controls_a_command_line_vm_over_its_socket() {
+    let dir = scratch_dir("api-ctl");
+    let socket = dir.join("api.sock");
+    let disk = disk_image(&dir, 64 << 10);
+    let mut cmd = common::probe_command(1, "console=ttyS0 probe.test=virtio-blk probe.virtio-blk.mode=counter");
+    cmd.arg("--disk").arg(format!("path={}", disk.display())).arg("--api-sock").arg(&socket);
+    cmd.args(["--balloon", "size=0,stats=on"]);
+    let mut vm = Running::start(cmd);
+    wait_for_socket(&socket);
+    wait_for_ticks(&mut vm, 2);
+    let ctl = |args: &[&str]| {
+        let mut all = vec!["ctl", socket.to_str().unwrap()];
+        all.extend_from_slice(args);
+        common::run(&all, TIMEOUT)
+    };
+    let info = ctl(&["info"]);
+    assert!(info.status.success() && info.stdout.contains(r#""state":"Running""#), "{}", info.describe());
+    assert!(ctl(&["pause"]).status.success());
+    assert!(ctl(&["info"]).stdout.contains(r#""state":"Paused""#));
+    assert!(ctl(&["resume"]).status.success());
+    let metrics = ctl(&["metrics", "--prometheus"]);
+    assert!(metrics.stdout.contains("ferrovisor_vcpu_exits_total"), "{}", metrics.describe());
+    let stats = common::run(&["stats", socket.to_str().unwrap()], TIMEOUT);
+    assert!(stats.stdout.contains(r#""guest_ram_kib":131072"#), "{}", stats.describe());
+    // The probe's balloon driver is not running: the target is set and reported all the same.
+    assert!(ctl(&["balloon", "8"]).status.success());
+    let (_, balloon) = http(&socket, "GET", "/balloon", "");
+    assert!(balloon.contains(r#""amount_mib":8"#), "{balloon}");
+    let too_big = ctl(&["balloon", "4096"]);
+    assert_eq!(too_big.status.code(), Some(1));
+    assert!(too_big.stderr.contains("exceeds the guest's 128 MiB"), "{}", too_big.describe());
+    assert!(ctl(&["stop"]).status.success());
+    let out = vm.finish(TIMEOUT);
+    assert_eq!(out.status.code(), Some(0), "{}", out.describe());
+    let gone = ctl(&["info"]);
+    assert_eq!(gone.status.code(), Some(1));
+    assert!(gone.stderr.contains("cannot reach the VMM"), "{}", gone.describe());
+}
