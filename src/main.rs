@@ -273,6 +273,7 @@ fn run(args: RunArgs, launched: Instant, logger: logging::Logger) -> ExitCode {
         transport: args.virtio_transport,
         memory: args.memory.options,
         stats_on_exit: args.stats_on_exit,
+        track_dirty_pages: false,
     };
     let (mut controller, latch) = match controller(launched, logger) {
         Ok(c) => c,

@@ -16,7 +16,7 @@ pub mod vcpu;
 use vm_memory::GuestMemoryMmap;
 
 /// Guest RAM as the rest of Ferrovisor sees it.
-pub type GuestMemory = GuestMemoryMmap<()>;
+pub type GuestMemory = GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
 
 /// Failures while laying out the boot state in guest memory.
 #[derive(Debug, thiserror::Error)]

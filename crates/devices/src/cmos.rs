@@ -84,6 +84,17 @@ impl Cmos {
         Self { index: 0, nvram: [0; 128], now }
     }
 
+    /// The index register and NVRAM, for snapshots (the clock is the host's).
+    pub fn save(&self) -> (u8, Vec<u8>) {
+        (self.index, self.nvram.to_vec())
+    }
+
+    pub fn restore(&mut self, index: u8, nvram: &[u8]) {
+        self.index = index;
+        let n = nvram.len().min(self.nvram.len());
+        self.nvram[..n].copy_from_slice(&nvram[..n]);
+    }
+
     /// An RTC on the host's clock.
     pub fn with_host_clock() -> Self {
         Self::new(Box::new(|| {

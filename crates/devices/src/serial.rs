@@ -45,9 +45,54 @@ pub struct SerialDevice {
     uart: Serial<IrqTrigger, vm_superio::serial::NoEvents, SerialSink>,
 }
 
+/// The UART's registers and receive FIFO, for snapshots.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedSerial {
+    pub registers: [u8; 9],
+    pub in_buffer: Vec<u8>,
+}
+
 impl SerialDevice {
     pub fn new(interrupt: EventFd, out: SerialSink) -> Self {
         Self { uart: Serial::new(IrqTrigger(interrupt), out) }
+    }
+
+    /// A UART in a saved state.
+    pub fn restored(interrupt: EventFd, out: SerialSink, saved: &SavedSerial) -> io::Result<Self> {
+        let r = saved.registers;
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: r[0],
+            baud_divisor_high: r[1],
+            interrupt_enable: r[2],
+            interrupt_identification: r[3],
+            line_control: r[4],
+            line_status: r[5],
+            modem_control: r[6],
+            modem_status: r[7],
+            scratch: r[8],
+            in_buffer: saved.in_buffer.clone(),
+        };
+        let uart = Serial::from_state(&state, IrqTrigger(interrupt), vm_superio::serial::NoEvents, out)
+            .map_err(|e| io::Error::other(format!("{e:?}")))?;
+        Ok(Self { uart })
+    }
+
+    pub fn save(&self) -> SavedSerial {
+        let s = self.uart.state();
+        SavedSerial {
+            registers: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            in_buffer: s.in_buffer,
+        }
     }
 
     /// Room left in the receive FIFO.

@@ -29,7 +29,7 @@ const MAX_STATS: usize = 32;
 const QUEUE_SIZE: u16 = 256;
 
 /// What the user asked for: `--balloon size=MiB[,deflate_on_oom=on][,stats=on|SECONDS][,free_page_reporting=on]`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BalloonOptions {
     pub target_mib: u32,
     pub deflate_on_oom: bool,
@@ -67,6 +67,8 @@ pub struct BalloonControl {
     stats_interval_s: AtomicU32,
     /// Fires every interval: the held statistics buffer then goes back to the guest.
     stats_timer: Mutex<TimerFd>,
+    /// The statistics buffer the guest gave, held until the timer asks for fresh numbers.
+    held_stats: Mutex<Option<u16>>,
 }
 
 impl BalloonControl {
@@ -112,6 +114,10 @@ impl BalloonControl {
         }
     }
 
+    fn take_held_stats(&self) -> Option<u16> {
+        self.held_stats.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
     fn with_state(&self, f: impl FnOnce(&mut BalloonState)) {
         f(&mut self.state.lock().unwrap_or_else(|p| p.into_inner()));
     }
@@ -139,6 +145,7 @@ impl Balloon {
             interrupt: Mutex::new(None),
             stats_interval_s: AtomicU32::new(options.stats_interval_s),
             stats_timer: Mutex::new(TimerFd::new()?),
+            held_stats: Mutex::new(None),
         });
         Ok(Balloon { options, control, queue_sizes: vec![QUEUE_SIZE; queues], worker: None })
     }
@@ -221,13 +228,38 @@ impl VirtioDevice for Balloon {
         if stats_timer.is_some() {
             self.control.arm_stats_timer();
         }
-        let backend = BalloonBackend { roles, control: self.control.clone(), stats_timer, held_stats: None };
+        let backend = BalloonBackend { roles, control: self.control.clone(), stats_timer };
         self.worker = Some(Worker::spawn("virtio-balloon", backend, activation).map_err(ActivateError::Worker)?);
         Ok(())
+    }
+    fn save_state(&self) -> serde_json::Value {
+        let c = &self.control;
+        serde_json::json!({
+            "target_pages": c.target_pages.load(Ordering::SeqCst),
+            "actual_pages": c.state().actual_pages,
+            "stats_interval_s": c.stats_interval_s(),
+            "held_stats": *c.held_stats.lock().unwrap_or_else(|p| p.into_inner()),
+        })
+    }
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        let number = |key: &str| {
+            state[key].as_u64().and_then(|n| u32::try_from(n).ok()).ok_or(format!("virtio-balloon: {key} is missing"))
+        };
+        let c = &self.control;
+        c.target_pages.store(number("target_pages")?, Ordering::SeqCst);
+        c.with_state(|s| s.actual_pages = number("actual_pages").unwrap_or(0));
+        c.stats_interval_s.store(number("stats_interval_s")?, Ordering::SeqCst);
+        *c.held_stats.lock().unwrap_or_else(|p| p.into_inner()) =
+            state["held_stats"].as_u64().and_then(|h| u16::try_from(h).ok());
+        Ok(())
+    }
+    fn quiesce(&mut self) -> Option<Vec<Queue>> {
+        self.worker.take().and_then(|mut w| w.stop())
     }
     fn reset(&mut self) {
         self.worker = None;
         *self.control.interrupt.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.control.take_held_stats();
         let mut timer = self.control.stats_timer.lock().unwrap_or_else(|p| p.into_inner());
         let _ = timer.clear();
     }
@@ -238,8 +270,6 @@ struct BalloonBackend {
     control: Arc<BalloonControl>,
     /// The statistics timer's fd, when the driver set up the statistics queue.
     stats_timer: Option<RawFd>,
-    /// The statistics buffer the guest gave, held until the timer asks for fresh numbers.
-    held_stats: Option<u16>,
 }
 
 /// Returns guest pages [gpa, gpa + len) to the host; false when the range is not guest RAM.
@@ -318,7 +348,7 @@ impl BalloonBackend {
         let mut used = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             // A driver that sends a second buffer gets the first one back.
-            if let Some(old) = self.held_stats.take() {
+            if let Some(old) = self.control.take_held_stats() {
                 used |= self.give_back(queue, mem, old);
             }
             let head = chain.head_index();
@@ -336,7 +366,7 @@ impl BalloonBackend {
                 }
             }
             self.control.with_state(|s| s.stats = stats);
-            self.held_stats = Some(head);
+            *self.control.held_stats.lock().unwrap_or_else(|p| p.into_inner()) = Some(head);
         }
         used
     }
@@ -376,7 +406,7 @@ impl Backend for BalloonBackend {
         // SAFETY: reads at most 8 bytes into a live 8-byte buffer from the timerfd we were
         // woken for; a failed read (nothing pending) is harmless.
         unsafe { libc::read(fd, expirations.as_mut_ptr().cast(), 8) };
-        match (self.held_stats.take(), self.stats_index()) {
+        match (self.control.take_held_stats(), self.stats_index()) {
             (Some(head), Some(index)) => self.give_back(&mut queues[index], mem, head),
             _ => false,
         }

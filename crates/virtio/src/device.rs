@@ -49,6 +49,12 @@ impl Interrupt {
     pub fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
     }
+
+    /// Sets status bits without an interrupt (a restored device: the irqchip's state already
+    /// holds what was pending).
+    pub fn raise_bits(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+    }
 }
 
 impl VirtioInterrupt for Interrupt {
@@ -97,6 +103,23 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
     /// Stops serving and drops the queues; the device can be activated again.
     fn reset(&mut self);
+    /// Stops serving without forgetting: returns the queues (ring positions included) so that
+    /// the device can be saved and then activated again with them. None when not active.
+    fn quiesce(&mut self) -> Option<Vec<Queue>> {
+        None
+    }
+    /// Whether the device's state can be snapshotted (held connections cannot, say).
+    fn snapshot_support(&self) -> Result<(), String> {
+        Ok(())
+    }
+    /// Device-specific state for a snapshot, beyond what the transport keeps.
+    fn save_state(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    /// Puts back what `save_state` returned, before the device is activated again.
+    fn restore_state(&mut self, _state: &serde_json::Value) -> Result<(), String> {
+        Ok(())
+    }
     /// The device's counters, for the metrics endpoints.
     fn metrics(&self) -> Option<Arc<crate::metrics::DeviceMetrics>> {
         None

@@ -23,7 +23,7 @@ pub use device::{ActivateError, Interrupt, VirtioDevice, VirtioInterrupt};
 pub use mmio::MmioTransport;
 
 /// Guest RAM, as the rest of Ferrovisor sees it.
-pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;
+pub type GuestMemory = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
 
 /// Device IDs (virtio 1.2 section 5).
 pub const TYPE_NET: u32 = 1;

@@ -68,6 +68,23 @@ impl MmioTransport {
         self.state.device().device_type()
     }
 
+    /// Quiesces the device and returns the transport's state (see [`VirtioState::save`]).
+    pub fn save(&mut self) -> Result<crate::transport::SavedTransport, String> {
+        let mut saved = self.state.save()?;
+        saved.interrupt_status = self.interrupt.status();
+        Ok(saved)
+    }
+
+    pub fn resume(&mut self) {
+        self.state.resume();
+    }
+
+    pub fn restore(&mut self, saved: &crate::transport::SavedTransport) -> Result<(), String> {
+        self.interrupt.clear();
+        self.interrupt.raise_bits(saved.interrupt_status);
+        self.state.restore(saved)
+    }
+
     fn read_register(&self, offset: u64) -> u32 {
         let s = &self.state;
         match offset {

@@ -131,6 +131,9 @@ impl VirtioDevice for Net {
         self.worker = Some(Worker::spawn("virtio-net", backend, activation).map_err(ActivateError::Worker)?);
         Ok(())
     }
+    fn quiesce(&mut self) -> Option<Vec<Queue>> {
+        self.worker.take().and_then(|mut w| w.stop())
+    }
     fn reset(&mut self) {
         self.worker = None;
     }

@@ -46,6 +46,9 @@ impl VirtioDevice for Rng {
         );
         Ok(())
     }
+    fn quiesce(&mut self) -> Option<Vec<Queue>> {
+        self.worker.take().and_then(|mut w| w.stop())
+    }
     fn reset(&mut self) {
         self.worker = None;
     }

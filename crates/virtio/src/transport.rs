@@ -42,6 +42,34 @@ struct QueueSetup {
     bad_size: bool,
 }
 
+/// One queue in a snapshot: what the driver programmed and where the rings stand.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedQueue {
+    pub size: u16,
+    pub ready: bool,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+    pub bad_size: bool,
+    pub next_avail: u16,
+    pub next_used: u16,
+}
+
+/// A transport's state in a snapshot, device-specific state included.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SavedTransport {
+    pub device_type: u32,
+    pub status: u32,
+    pub acked_features: u64,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub queue_sel: u32,
+    pub queues: Vec<SavedQueue>,
+    /// The MMIO InterruptStatus word.
+    pub interrupt_status: u32,
+    pub device: serde_json::Value,
+}
+
 pub struct VirtioState {
     pub name: String,
     device: Box<dyn VirtioDevice>,
@@ -56,6 +84,8 @@ pub struct VirtioState {
     acked_features: u64,
     pub queue_sel: u32,
     active: bool,
+    /// Queues taken back from a quiesced device, to activate it again where it stood.
+    quiesced: Option<Vec<Queue>>,
 }
 
 impl VirtioState {
@@ -82,6 +112,7 @@ impl VirtioState {
             acked_features: 0,
             queue_sel: 0,
             active: false,
+            quiesced: None,
         })
     }
 
@@ -167,7 +198,99 @@ impl VirtioState {
         }
     }
 
+    /// Stops the device's worker and returns the transport's state, ring positions included;
+    /// the device serves again after [`VirtioState::resume`].
+    pub fn save(&mut self) -> Result<SavedTransport, String> {
+        self.device.snapshot_support()?;
+        if self.active && self.quiesced.is_none() {
+            self.quiesced = Some(
+                self.device
+                    .quiesce()
+                    .ok_or_else(|| format!("{}: the device's worker could not be stopped", self.name))?,
+            );
+        }
+        let positions: Vec<(u16, u16)> = match &self.quiesced {
+            Some(queues) => queues.iter().map(|q| (q.next_avail(), q.next_used())).collect(),
+            None => vec![(0, 0); self.queues.len()],
+        };
+        let queues = self
+            .queues
+            .iter()
+            .zip(&self.setups)
+            .zip(positions)
+            .map(|((q, setup), (next_avail, next_used))| SavedQueue {
+                size: q.size(),
+                ready: q.ready(),
+                desc: setup.desc,
+                avail: setup.avail,
+                used: setup.used,
+                bad_size: setup.bad_size,
+                next_avail,
+                next_used,
+            })
+            .collect();
+        Ok(SavedTransport {
+            device_type: self.device.device_type(),
+            status: self.status,
+            acked_features: self.acked_features,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            queues,
+            interrupt_status: 0,
+            device: self.device.save_state(),
+        })
+    }
+
+    /// Lets a device stopped by [`VirtioState::save`] serve again, from where it stood.
+    pub fn resume(&mut self) {
+        if let Some(queues) = self.quiesced.take() {
+            self.start_device(queues);
+        }
+    }
+
+    /// Puts back a saved state on a fresh transport of the same device; an active device
+    /// starts serving from the saved ring positions.
+    pub fn restore(&mut self, saved: &SavedTransport) -> Result<(), String> {
+        if saved.device_type != self.device.device_type() || saved.queues.len() != self.queues.len() {
+            return Err(format!(
+                "{}: the snapshot holds a different device here (type {}, {} queues)",
+                self.name,
+                saved.device_type,
+                saved.queues.len()
+            ));
+        }
+        self.device.restore_state(&saved.device)?;
+        for ((queue, setup), s) in self.queues.iter_mut().zip(&mut self.setups).zip(&saved.queues) {
+            *setup = QueueSetup { desc: s.desc, avail: s.avail, used: s.used, bad_size: s.bad_size };
+            if !s.bad_size {
+                let _ = queue.try_set_size(s.size);
+            }
+            let _ = queue.try_set_desc_table_address(GuestAddress(s.desc));
+            let _ = queue.try_set_avail_ring_address(GuestAddress(s.avail));
+            let _ = queue.try_set_used_ring_address(GuestAddress(s.used));
+            queue.set_ready(s.ready);
+        }
+        self.status = saved.status;
+        self.acked_features = saved.acked_features;
+        self.device_features_sel = saved.device_features_sel;
+        self.driver_features_sel = saved.driver_features_sel;
+        self.queue_sel = saved.queue_sel;
+        if self.status & STATUS_DRIVER_OK != 0 && self.status & STATUS_NEEDS_RESET == 0 {
+            let mut queues = Vec::new();
+            for (q, s) in self.queues.iter().zip(&saved.queues) {
+                let mut copy = Queue::try_from(q.state()).map_err(|e| format!("{}: {e}", self.name))?;
+                copy.set_next_avail(s.next_avail);
+                copy.set_next_used(s.next_used);
+                queues.push(copy);
+            }
+            self.start_device(queues);
+        }
+        Ok(())
+    }
+
     pub fn reset(&mut self) {
+        self.quiesced = None;
         if self.active {
             self.device.reset();
             self.active = false;
@@ -251,21 +374,26 @@ impl VirtioState {
                 return self.needs_reset(&format!("queue {i} has rings outside guest RAM"));
             }
         }
+        // The device gets its own copies; the transport keeps the driver's configuration.
+        let mut queues = Vec::with_capacity(self.queues.len());
+        for q in &self.queues {
+            match Queue::try_from(q.state()) {
+                Ok(copy) => queues.push(copy),
+                Err(e) => return self.needs_reset(&format!("a queue cannot be handed over ({e})")),
+            }
+        }
+        self.start_device(queues);
+    }
+
+    /// Activates the device with `queues`.
+    fn start_device(&mut self, mut queues: Vec<Queue>) {
         let queue_events = match self.queue_events.iter().map(EventFd::try_clone).collect::<Result<Vec<_>, _>>() {
             Ok(events) => events,
             Err(e) => return self.needs_reset(&format!("cannot share the queue eventfds ({e})")),
         };
         let event_idx = self.acked_features & crate::F_RING_EVENT_IDX != 0;
-        // The device gets its own copies; the transport keeps the driver's configuration.
-        let mut queues = Vec::with_capacity(self.queues.len());
-        for q in &self.queues {
-            match Queue::try_from(q.state()) {
-                Ok(mut copy) => {
-                    copy.set_event_idx(event_idx);
-                    queues.push(copy);
-                }
-                Err(e) => return self.needs_reset(&format!("a queue cannot be handed over ({e})")),
-            }
+        for q in &mut queues {
+            q.set_event_idx(event_idx);
         }
         let activation = Activation {
             mem: self.mem.clone(),

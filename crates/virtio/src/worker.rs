@@ -31,7 +31,7 @@ pub trait Backend: Send + 'static {
 /// A running worker; dropping it does not stop it, `stop` does.
 pub struct Worker {
     kill: EventFd,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Vec<Queue>>>,
 }
 
 const KILL_TOKEN: u64 = u64::MAX;
@@ -60,16 +60,16 @@ impl Worker {
             }
             event_loop.extra.sync(&event_loop.epoll, &backend);
             event_loop.run(&mut backend, &mut queues);
+            queues
         })?;
         Ok(Worker { kill, thread: Some(thread) })
     }
 
-    /// Stops the thread and waits for it.
-    pub fn stop(&mut self) {
+    /// Stops the thread and waits for it; returns the queues with their ring positions (None
+    /// when the thread was already stopped or died).
+    pub fn stop(&mut self) -> Option<Vec<Queue>> {
         let _ = self.kill.write(1);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        self.thread.take().and_then(|thread| thread.join().ok())
     }
 }
 

@@ -12,7 +12,7 @@ use arch::mptable;
 /// The command line used when none is given.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum SerialConfig {
     Stdio,
     File(PathBuf),
@@ -34,7 +34,7 @@ impl FromStr for SerialConfig {
 }
 
 /// A virtio-blk disk: `--disk path=PATH[,readonly=on][,id=NAME]`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskConfig {
     pub path: PathBuf,
     pub readonly: bool,
@@ -81,7 +81,7 @@ impl FromStr for DiskConfig {
 }
 
 /// Where a virtio-net interface is plugged on the host.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum NetAttachment {
     /// A TAP device, created if absent.
     Tap(String),
@@ -90,7 +90,7 @@ pub enum NetAttachment {
 }
 
 /// A virtio-net interface: `--net tap=NAME[,mac=..]` or `--net switch=PATH[,vlan=N][,mac=..]`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetConfig {
     pub attachment: NetAttachment,
     pub mac: Option<[u8; 6]>,
@@ -182,7 +182,7 @@ pub fn parse_balloon(s: &str) -> Result<virtio::balloon::BalloonOptions, String>
 }
 
 /// `--vsock cid=N,uds=PATH`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VsockConfig {
     pub cid: u64,
     pub uds: PathBuf,
@@ -207,7 +207,7 @@ impl FromStr for VsockConfig {
 }
 
 /// How guest RAM is backed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum HugePages {
     /// 4 KiB pages.
     #[default]
@@ -219,7 +219,7 @@ pub enum HugePages {
 }
 
 /// `--memory MiB` or `--memory size=MiB[,hugepages=off|on|thp][,mergeable=on][,shared=on][,prefault=on]`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MemoryOptions {
     pub hugepages: HugePages,
     /// MADV_MERGEABLE: KSM may merge identical pages.
@@ -278,7 +278,7 @@ impl FromStr for MemorySpec {
 }
 
 /// How virtio devices reach the guest: `--virtio-transport mmio|pci`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum VirtioTransport {
     /// virtio-mmio windows announced on the kernel command line.
     #[default]
@@ -299,7 +299,7 @@ impl FromStr for VirtioTransport {
 }
 
 /// Where the virtio console goes: `--console stdio|file:PATH|pty`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ConsoleConfig {
     Stdio,
     File(PathBuf),
@@ -320,7 +320,7 @@ impl FromStr for ConsoleConfig {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct VmConfig {
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
@@ -338,6 +338,9 @@ pub struct VmConfig {
     pub memory: MemoryOptions,
     /// Print the memory statistics when the VM stops.
     pub stats_on_exit: bool,
+    /// Log dirty pages, for diff snapshots.
+    #[serde(default)]
+    pub track_dirty_pages: bool,
 }
 
 /// What this host allows.
@@ -520,6 +523,7 @@ mod tests {
             transport: VirtioTransport::Mmio,
             memory: MemoryOptions::default(),
             stats_on_exit: false,
+            track_dirty_pages: false,
         }
     }
 

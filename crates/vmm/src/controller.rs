@@ -200,9 +200,8 @@ impl Controller {
                  use PUT /ferrovisor/stop or stop the guest from inside.",
             ),
             Request::PatchVm(state) => self.patch_vm(state),
-            Request::CreateSnapshot(_) | Request::LoadSnapshot(_) => {
-                Response::error(400, "Snapshots are not implemented in this Ferrovisor version.")
-            }
+            Request::CreateSnapshot(params) => self.create_snapshot(params),
+            Request::LoadSnapshot(params) => self.load_snapshot(params),
             Request::PutLogger(l) => match &self.logger {
                 Some(hook) => match hook(&l) {
                     Ok(()) => Response::no_content(),
@@ -419,6 +418,7 @@ impl Controller {
             transport: VirtioTransport::Mmio,
             memory,
             stats_on_exit: false,
+            track_dirty_pages: r.machine.track_dirty_pages,
         })
     }
 
@@ -538,6 +538,75 @@ impl Controller {
                 vm.resume();
                 Response::no_content()
             }
+        }
+    }
+
+    fn create_snapshot(&mut self, params: models::SnapshotCreate) -> Response {
+        let Some((vm, config)) = &mut self.vm else { return before_start("PUT /snapshot/create") };
+        let diff = params.snapshot_type == models::SnapshotType::Diff;
+        let started = Instant::now();
+        let result =
+            vm.snapshot(&self.kvm, config, Path::new(&params.snapshot_path), Path::new(&params.mem_file_path), diff);
+        match result {
+            Ok(written) => {
+                tracing::info!(
+                    "{} snapshot written to {} and {} in {:.1} ms ({} pages, {} MiB of memory)",
+                    if diff { "diff" } else { "full" },
+                    params.snapshot_path,
+                    params.mem_file_path,
+                    started.elapsed().as_secs_f64() * 1000.0,
+                    written.memory_pages,
+                    written.memory_bytes >> 20
+                );
+                Response::no_content()
+            }
+            Err(e) => Response::error(400, format!("The snapshot was not taken: {e}.")),
+        }
+    }
+
+    fn load_snapshot(&mut self, params: models::SnapshotLoad) -> Response {
+        if self.running() {
+            return after_start("PUT /snapshot/load");
+        }
+        if self.resources.boot.is_some() || !self.resources.drives.is_empty() || !self.resources.nets.is_empty() {
+            return Response::error(
+                400,
+                "PUT /snapshot/load takes the VM's configuration from the snapshot; load it before configuring anything.",
+            );
+        }
+        let mem_path = match (&params.mem_backend, &params.mem_file_path) {
+            (Some(models::MemBackend { backend_type: models::MemBackendType::File, backend_path }), None) => {
+                backend_path.clone()
+            }
+            (Some(models::MemBackend { backend_type: models::MemBackendType::Uffd, .. }), None) => {
+                return Response::error(400, "mem_backend Uffd is not supported; use backend_type File.");
+            }
+            (None, Some(path)) => path.clone(),
+            (Some(_), Some(_)) => {
+                return Response::error(400, "Give mem_backend or mem_file_path, not both; mem_backend is preferred.");
+            }
+            (None, None) => return Response::error(400, "PUT /snapshot/load needs mem_backend (or mem_file_path)."),
+        };
+        let started = Instant::now();
+        let mut saved = match crate::snapshot::Snapshot::read(Path::new(&params.snapshot_path)) {
+            Ok(s) => s,
+            Err(e) => return Response::error(400, format!("The snapshot cannot be loaded: {e}.")),
+        };
+        // The new process's serial output goes to its own stdout.
+        saved.config.serial = SerialConfig::Stdio;
+        saved.config.track_dirty_pages |= params.enable_diff_snapshots;
+        match crate::vm::restore(&self.kvm, saved, Path::new(&mem_path), self.launched, &self.latch, params.resume_vm) {
+            Ok((vm, config)) => {
+                tracing::info!(
+                    "snapshot {} loaded in {:.1} ms ({})",
+                    params.snapshot_path,
+                    started.elapsed().as_secs_f64() * 1000.0,
+                    if params.resume_vm { "running" } else { "paused" }
+                );
+                self.vm = Some((vm, config));
+                Response::no_content()
+            }
+            Err(e) => Response::error(400, format!("The snapshot cannot be loaded: {e}")),
         }
     }
 

@@ -8,6 +8,7 @@ pub mod fault;
 mod gsi;
 pub mod memory;
 pub mod metrics;
+pub mod snapshot;
 mod vcpu;
 mod virtio_devices;
 pub mod vm;

@@ -86,7 +86,7 @@ pub fn create(regions: &[(u64, u64)], options: &MemoryOptions) -> Result<GuestMe
         if options.prefault {
             flags |= libc::MAP_POPULATE;
         }
-        let region: MmapRegion<()> = if let Some(file) = &memfd {
+        let region: MmapRegion<vm_memory::bitmap::AtomicBitmap> = if let Some(file) = &memfd {
             let file = file.try_clone().map_err(MemoryError::Memfd)?;
             MmapRegionBuilder::new(size)
                 .with_file_offset(FileOffset::new(file, file_offset))
@@ -126,7 +126,31 @@ pub fn create(regions: &[(u64, u64)], options: &MemoryOptions) -> Result<GuestMe
     GuestMemory::from_regions(mapped).map_err(|e| MemoryError::Regions(e.to_string()))
 }
 
-fn advise(region: &MmapRegion<()>, options: &MemoryOptions) {
+/// Guest RAM mapped from a snapshot's memory file: private, so the guest's writes stay in
+/// this process, and loaded lazily, page by page, as the guest touches it.
+pub fn restore(regions: &[(u64, u64)], file: &File, options: &MemoryOptions) -> Result<GuestMemory, MemoryError> {
+    let mut mapped = Vec::new();
+    let mut file_offset = 0u64;
+    for &(start, len) in regions {
+        let size = len as usize;
+        let file = file.try_clone().map_err(MemoryError::Memfd)?;
+        let region: MmapRegion<vm_memory::bitmap::AtomicBitmap> = MmapRegionBuilder::new(size)
+            .with_file_offset(FileOffset::new(file, file_offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE)
+            .build()
+            .map_err(|e| map_error(size, options, std::io::Error::other(e.to_string())))?;
+        advise(&region, options);
+        file_offset += len;
+        mapped.push(
+            GuestRegionMmap::new(region, GuestAddress(start))
+                .ok_or(MemoryError::Regions(format!("region at {start:#x} wraps the address space")))?,
+        );
+    }
+    GuestMemory::from_regions(mapped).map_err(|e| MemoryError::Regions(e.to_string()))
+}
+
+fn advise(region: &MmapRegion<vm_memory::bitmap::AtomicBitmap>, options: &MemoryOptions) {
     let (addr, len) = (region.as_ptr().cast::<libc::c_void>(), region.size());
     let mut advice = Vec::new();
     if options.hugepages == HugePages::Thp {

@@ -55,7 +55,11 @@ impl PauseGate {
         self.changed.notify_all();
     }
 
-    fn request(&self, paused: bool) {
+    fn requested(&self) -> bool {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).0
+    }
+
+    pub fn request(&self, paused: bool) {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).0 = paused;
         self.changed.notify_all();
     }
@@ -118,15 +122,28 @@ pub fn install_kick_handler() -> std::io::Result<()> {
     register_signal_handler(kick_signal(), on_kick).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
 }
 
-/// Starts a thread for `vcpu`.
-pub fn spawn(index: u32, vcpu: VcpuFd, shared: Arc<VcpuShared>) -> std::io::Result<JoinHandle<()>> {
+/// A vCPU's fd: its thread holds the lock while the vCPU runs and lets go while it is parked,
+/// so that a paused VM's vCPU state can be read and written (snapshots).
+pub type SharedVcpu = Arc<Mutex<VcpuFd>>;
+
+/// Starts a thread for `vcpu`; it parks at once if a pause is requested.
+pub fn spawn(index: u32, vcpu: SharedVcpu, shared: Arc<VcpuShared>) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new().name(format!("vcpu{index}")).spawn(move || {
-        let mut vcpu = vcpu;
-        KVM_RUN.with(|run| run.set(vcpu.get_kvm_run()));
-        if let Some(exit) = run_loop(index, &mut vcpu, &shared) {
-            shared.latch.set(exit);
+        let run = vcpu.lock().unwrap_or_else(|p| p.into_inner()).get_kvm_run() as *mut kvm_run;
+        // The kvm_run mapping lives as long as the VcpuFd, which outlives this thread.
+        KVM_RUN.with(|r| r.set(run));
+        loop {
+            shared.pause.park_if_requested(&shared.stop);
+            if shared.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            let exit = run_loop(index, &mut vcpu.lock().unwrap_or_else(|p| p.into_inner()), &shared);
+            if let Some(exit) = exit {
+                shared.latch.set(exit);
+                break;
+            }
         }
-        KVM_RUN.with(|run| run.set(std::ptr::null_mut()));
+        KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
     })
 }
 
@@ -177,8 +194,12 @@ fn run_loop(index: u32, vcpu: &mut VcpuFd, shared: &VcpuShared) -> Option<VmExit
         if shared.stop.load(Ordering::SeqCst) {
             return None;
         }
-        shared.pause.park_if_requested(&shared.stop);
-        if shared.stop.load(Ordering::SeqCst) {
+        if shared.pause.requested() {
+            // KVM finishes an emulated access on the next KVM_RUN; with immediate_exit it does
+            // only that, so that the saved state holds no half-done instruction.
+            vcpu.set_kvm_immediate_exit(1);
+            let _ = vcpu.run();
+            vcpu.set_kvm_immediate_exit(0);
             return None;
         }
         let mut pio = None;

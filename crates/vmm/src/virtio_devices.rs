@@ -27,6 +27,8 @@ use crate::vm::Error;
 #[derive(Default)]
 pub struct AttachedDevices {
     pub balloon: Option<Arc<virtio::balloon::BalloonControl>>,
+    /// The virtio-mmio transports in slot order, for snapshots.
+    pub mmio: Vec<Arc<Mutex<MmioTransport>>>,
 }
 
 /// Creates every virtio device of `config` and attaches it with the configured transport.
@@ -95,7 +97,7 @@ pub fn attach_all(
         }
     }
     match config.transport {
-        VirtioTransport::Mmio => attach_mmio(vm, mem, devices, mmio, cmdline)?,
+        VirtioTransport::Mmio => attached.mmio = attach_mmio(vm, mem, devices, mmio, cmdline)?,
         VirtioTransport::Pci => attach_pci(vm, mem, devices, pio, mmio)?,
     }
     Ok(attached)
@@ -125,7 +127,8 @@ fn attach_mmio(
     devices: Vec<(String, Box<dyn VirtioDevice>)>,
     mmio: &mut Bus,
     cmdline: &mut Cmdline,
-) -> Result<(), Error> {
+) -> Result<Vec<Arc<Mutex<MmioTransport>>>, Error> {
+    let mut transports = Vec::new();
     for (slot, (name, device)) in devices.into_iter().enumerate() {
         let base = VIRTIO_MMIO_START + slot as u64 * VIRTIO_MMIO_WINDOW;
         let irq = VIRTIO_FIRST_IRQ + slot as u32;
@@ -137,12 +140,13 @@ fn attach_mmio(
             vm.register_ioevent(evt, &IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY), queue as u32)
                 .map_err(|e| Error::Device(format!("{name}: queue {queue} notification: {e}")))?;
         }
-        mmio.insert(base, VIRTIO_MMIO_WINDOW, Arc::new(Mutex::new(transport)))
-            .map_err(|e| Error::Device(format!("{name}: {e}")))?;
+        let transport = Arc::new(Mutex::new(transport));
+        mmio.insert(base, VIRTIO_MMIO_WINDOW, transport.clone()).map_err(|e| Error::Device(format!("{name}: {e}")))?;
+        transports.push(transport);
         cmdline.add_virtio_mmio_device(VIRTIO_MMIO_WINDOW, GuestAddress(base), irq, None)?;
         tracing::info!("{name} at {base:#x}, IRQ {irq}");
     }
-    Ok(())
+    Ok(transports)
 }
 
 /// virtio-pci: a function on the PCI root each, BAR 0 assigned here, MSI-X through KVM routes.

@@ -1,13 +1,16 @@
 //! Builds a VM from a [`VmConfig`], runs it until it stops, and tears it down.
 
 use std::fs::File;
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_bindings::{
+    KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region,
+};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -22,7 +25,8 @@ use devices::{Bus, SharedDevice};
 
 use crate::config::{SerialConfig, VmConfig};
 use crate::exit::{ExitLatch, VmExit, Wake};
-use crate::vcpu::{self, VcpuShared};
+use crate::snapshot;
+use crate::vcpu::{self, SharedVcpu, VcpuShared};
 use crate::virtio_devices::AttachedDevices;
 
 /// Failures while building or starting a VM; each message says what to check.
@@ -63,10 +67,25 @@ pub fn open_kvm() -> Result<Kvm, Error> {
 
 /// A VM whose vCPUs run; its devices serve on their own threads.
 pub struct RunningVm {
+    vm: Arc<VmFd>,
     shared: Arc<VcpuShared>,
+    vcpus: Vec<SharedVcpu>,
     threads: Vec<JoinHandle<()>>,
     devices: AttachedDevices,
+    legacy: LegacyDevices,
     paused: bool,
+}
+
+/// The legacy devices whose state a snapshot keeps.
+struct LegacyDevices {
+    serial: Arc<Mutex<SerialDevice>>,
+    cmos: Arc<Mutex<Cmos>>,
+}
+
+/// What a snapshot wrote.
+pub struct SnapshotWritten {
+    pub memory_pages: u64,
+    pub memory_bytes: u64,
 }
 
 impl RunningVm {
@@ -104,6 +123,96 @@ impl RunningVm {
     pub fn stop(self) {
         vcpu::stop_all(&self.shared, self.threads);
     }
+
+    /// Writes the state of this paused VM to `state_path` and its memory to `mem_path`: all of
+    /// it, or with `diff` only the pages written since the last snapshot (or the start).
+    pub fn snapshot(
+        &mut self,
+        kvm: &Kvm,
+        config: &VmConfig,
+        state_path: &Path,
+        mem_path: &Path,
+        diff: bool,
+    ) -> Result<SnapshotWritten, String> {
+        if !self.paused {
+            return Err("the VM is running; pause it first (PATCH /vm with state Paused)".into());
+        }
+        if config.transport != crate::VirtioTransport::Mmio {
+            return Err("snapshots support virtio-mmio devices only; start the VM with the default transport".into());
+        }
+        if diff && !config.track_dirty_pages {
+            return Err("a diff snapshot needs dirty page tracking; set track_dirty_pages in machine-config".into());
+        }
+        let mut virtio = Vec::new();
+        let mut failure = None;
+        for transport in &self.devices.mmio {
+            match transport.lock().unwrap_or_else(|p| p.into_inner()).save() {
+                Ok(saved) => virtio.push(saved),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        let result = match failure {
+            Some(e) => Err(e),
+            None => self.write_snapshot(kvm, config, state_path, mem_path, diff, virtio),
+        };
+        // The devices serve again whatever happened: the VM goes on.
+        for transport in &self.devices.mmio {
+            transport.lock().unwrap_or_else(|p| p.into_inner()).resume();
+        }
+        result
+    }
+
+    fn write_snapshot(
+        &self,
+        kvm: &Kvm,
+        config: &VmConfig,
+        state_path: &Path,
+        mem_path: &Path,
+        diff: bool,
+        virtio: Vec<virtio::transport::SavedTransport>,
+    ) -> Result<SnapshotWritten, String> {
+        let msrs = snapshot::msr_list(kvm)?;
+        let mut vcpus = Vec::new();
+        for vcpu in &self.vcpus {
+            vcpus.push(snapshot::save_vcpu(&vcpu.lock().unwrap_or_else(|p| p.into_inner()), kvm, &msrs)?);
+        }
+        let (cmos_index, cmos_nvram) = self.legacy.cmos.lock().unwrap_or_else(|p| p.into_inner()).save();
+        let devices = snapshot::DeviceStates {
+            serial: self.legacy.serial.lock().unwrap_or_else(|p| p.into_inner()).save(),
+            cmos_index,
+            cmos_nvram,
+            virtio,
+        };
+        let mem = &self.shared.mem;
+        // Reading KVM's dirty log also clears it: every snapshot starts the next diff.
+        let logs = if config.track_dirty_pages {
+            let mut logs = Vec::new();
+            for (slot, region) in mem.iter().enumerate() {
+                logs.push(
+                    self.vm
+                        .get_dirty_log(slot as u32, region.len() as usize)
+                        .map_err(|e| format!("KVM refused to report dirty pages: {e}"))?,
+                );
+            }
+            logs
+        } else {
+            Vec::new()
+        };
+        let pages = if diff { snapshot::Pages::Dirty(&logs) } else { snapshot::Pages::All };
+        let written = snapshot::write_memory(mem, mem_path, pages)?;
+        let state = snapshot::Snapshot {
+            config: config.clone(),
+            regions: mem.iter().map(|r| (r.start_addr().raw_value(), r.len())).collect(),
+            vm: snapshot::save_vm(&self.vm)?,
+            vcpus,
+            devices,
+        };
+        state.write(state_path)?;
+        Ok(SnapshotWritten { memory_pages: written.pages, memory_bytes: written.bytes })
+    }
 }
 
 /// Boots `config` and blocks until the VM stops. `launched` is when the VMM started, for the
@@ -125,6 +234,17 @@ pub fn run(kvm: &Kvm, config: &VmConfig, format: KernelFormat, launched: Instant
     Ok(exit)
 }
 
+/// A VM with its irqchip and PIT, no memory yet.
+fn create_vm(kvm: &Kvm) -> Result<Arc<VmFd>, Error> {
+    let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create a VM"))?);
+    vm.set_tss_address(KVM_TSS_START as usize).map_err(kvm_err("set the TSS address"))?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_START).map_err(kvm_err("set the identity map address"))?;
+    vm.create_irq_chip().map_err(kvm_err("create the in-kernel irqchip"))?;
+    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    vm.create_pit2(pit).map_err(kvm_err("create the in-kernel PIT"))?;
+    Ok(vm)
+}
+
 /// Builds the VM of `config` and starts its vCPUs; stop reasons arrive through `latch`.
 pub fn start(
     kvm: &Kvm,
@@ -133,27 +253,17 @@ pub fn start(
     launched: Instant,
     latch: &Arc<ExitLatch>,
 ) -> Result<RunningVm, Error> {
-    let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create a VM"))?);
-    vm.set_tss_address(KVM_TSS_START as usize).map_err(kvm_err("set the TSS address"))?;
-    vm.set_identity_map_address(KVM_IDENTITY_MAP_START).map_err(kvm_err("set the identity map address"))?;
-    vm.create_irq_chip().map_err(kvm_err("create the in-kernel irqchip"))?;
-    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
-    vm.create_pit2(pit).map_err(kvm_err("create the in-kernel PIT"))?;
-
+    let vm = create_vm(kvm)?;
     let mem_size = config.memory_bytes();
-    let mem = create_memory(&vm, mem_size, &config.memory)?;
-    let (mut pio, mut mmio) = create_devices(&vm, config, launched, latch)?;
+    let mem = crate::memory::create(&memory::ram_regions(mem_size), &config.memory)
+        .map_err(|e| Error::Memory { mib: mem_size >> 20, reason: e.to_string() })?;
+    register_memory(&vm, &mem, config.track_dirty_pages)?;
+    let (mut pio, mut mmio, legacy) = create_devices(&vm, config, launched, latch, None)?;
     let mut cmdline = boot::cmdline(&config.cmdline)?;
     let devices = crate::virtio_devices::attach_all(&vm, &mem, config, &mut pio, &mut mmio, &mut cmdline)?;
     let kernel = load_guest(&mem, config, format, mem_size, &cmdline)?;
 
-    let supported_cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("report its CPUID"))?;
-    let mut vcpus = Vec::new();
-    for index in 0..config.cpus {
-        let vcpu = vm.create_vcpu(u64::from(index)).map_err(kvm_err("create a vCPU"))?;
-        arch_vcpu::configure_vcpu(&vcpu, index, config.cpus, &supported_cpuid)?;
-        vcpus.push(vcpu);
-    }
+    let vcpus = create_vcpus(kvm, &vm, config)?;
     arch_vcpu::configure_boot_vcpu(&vcpus[0], &mem, kernel.mode, kernel.entry)?;
     tracing::info!(
         "booting {} with {} vCPU(s) and {} MiB ({:?} entry at {:#x})",
@@ -163,9 +273,95 @@ pub fn start(
         kernel.mode,
         kernel.entry
     );
+    launch(kvm, vm, vcpus, VcpuParts { pio, mmio, mem, devices, legacy }, latch, false)
+}
 
+/// Rebuilds a snapshotted VM around the memory file `mem_file` (mapped, not copied) and starts
+/// its vCPUs, paused unless `resume`.
+pub fn restore(
+    kvm: &Kvm,
+    saved: snapshot::Snapshot,
+    mem_file: &Path,
+    launched: Instant,
+    latch: &Arc<ExitLatch>,
+    resume: bool,
+) -> Result<(RunningVm, VmConfig), Error> {
+    let config = saved.config;
+    let restore_err = |e: String| Error::Device(format!("the snapshot cannot be restored: {e}"));
+    if config.transport != crate::VirtioTransport::Mmio {
+        return Err(restore_err("it uses virtio-pci, which snapshots do not support".into()));
+    }
+    let vm = create_vm(kvm)?;
+    let file = open(mem_file, "memory file")?;
+    let total: u64 = saved.regions.iter().map(|r| r.1).sum();
+    let file_len = file.metadata().map_err(host_err("memory file"))?.len();
+    if file_len < total {
+        return Err(restore_err(format!(
+            "the memory file holds {file_len} bytes where the guest has {total}; give the snapshot's own memory file"
+        )));
+    }
+    let mem = crate::memory::restore(&saved.regions, &file, &config.memory)
+        .map_err(|e| Error::Memory { mib: total >> 20, reason: e.to_string() })?;
+    register_memory(&vm, &mem, config.track_dirty_pages)?;
+    snapshot::restore_vm(&vm, &saved.vm).map_err(restore_err)?;
+    let (mut pio, mut mmio, legacy) = create_devices(&vm, &config, launched, latch, Some(&saved.devices))?;
+    let mut cmdline = boot::cmdline(&config.cmdline)?;
+    let devices = crate::virtio_devices::attach_all(&vm, &mem, &config, &mut pio, &mut mmio, &mut cmdline)?;
+    if devices.mmio.len() != saved.devices.virtio.len() {
+        return Err(restore_err("its virtio devices differ from its configuration".into()));
+    }
+    for (transport, state) in devices.mmio.iter().zip(&saved.devices.virtio) {
+        transport.lock().unwrap_or_else(|p| p.into_inner()).restore(state).map_err(restore_err)?;
+    }
+    if saved.vcpus.len() != config.cpus as usize {
+        return Err(restore_err("its vCPU count differs from its configuration".into()));
+    }
+    let vcpus = create_vcpus(kvm, &vm, &config)?;
+    for (vcpu, state) in vcpus.iter().zip(&saved.vcpus) {
+        snapshot::restore_vcpu(vcpu, state).map_err(restore_err)?;
+    }
+    tracing::info!(
+        "restored a VM with {} vCPU(s) and {} MiB from {}",
+        config.cpus,
+        config.memory_mib,
+        mem_file.display()
+    );
+    let vm = launch(kvm, vm, vcpus, VcpuParts { pio, mmio, mem, devices, legacy }, latch, !resume)?;
+    Ok((vm, config))
+}
+
+/// What the vCPU threads and the VM handle are made of.
+struct VcpuParts {
+    pio: Bus,
+    mmio: Bus,
+    mem: GuestMemory,
+    devices: AttachedDevices,
+    legacy: LegacyDevices,
+}
+
+fn create_vcpus(kvm: &Kvm, vm: &VmFd, config: &VmConfig) -> Result<Vec<VcpuFd>, Error> {
+    let supported_cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("report its CPUID"))?;
+    let mut vcpus = Vec::new();
+    for index in 0..config.cpus {
+        let vcpu = vm.create_vcpu(u64::from(index)).map_err(kvm_err("create a vCPU"))?;
+        arch_vcpu::configure_vcpu(&vcpu, index, config.cpus, &supported_cpuid)?;
+        vcpus.push(vcpu);
+    }
+    Ok(vcpus)
+}
+
+/// Starts a thread per vCPU, parked at once when `paused`.
+fn launch(
+    kvm: &Kvm,
+    vm: Arc<VmFd>,
+    vcpus: Vec<VcpuFd>,
+    parts: VcpuParts,
+    latch: &Arc<ExitLatch>,
+    paused: bool,
+) -> Result<RunningVm, Error> {
     vcpu::install_kick_handler().map_err(host_err("vCPU kick signal"))?;
     let run_mmap_size = kvm.get_vcpu_mmap_size().map_err(kvm_err("report the kvm_run size"))?;
+    let VcpuParts { pio, mmio, mem, devices, legacy } = parts;
     let shared = Arc::new(VcpuShared {
         pio,
         mmio,
@@ -175,33 +371,42 @@ pub fn start(
         run_mmap_size,
         pause: Default::default(),
     });
+    if paused {
+        shared.pause.request(true);
+    }
+    let vcpus: Vec<SharedVcpu> = vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect();
+    let threads = spawn_vcpus(&vcpus, &shared)?;
+    Ok(RunningVm { vm, shared, vcpus, threads, devices, legacy, paused })
+}
+
+fn spawn_vcpus(vcpus: &[SharedVcpu], shared: &Arc<VcpuShared>) -> Result<Vec<JoinHandle<()>>, Error> {
     let mut threads = Vec::new();
-    for (index, vcpu) in vcpus.into_iter().enumerate() {
-        match vcpu::spawn(index as u32, vcpu, shared.clone()) {
+    for (index, vcpu) in vcpus.iter().enumerate() {
+        match vcpu::spawn(index as u32, vcpu.clone(), shared.clone()) {
             Ok(t) => threads.push(t),
             Err(e) => {
-                vcpu::stop_all(&shared, threads);
+                vcpu::stop_all(shared, threads);
                 return Err(Error::Host { what: "vCPU thread", source: e });
             }
         }
     }
-    Ok(RunningVm { shared, threads, devices, paused: false })
+    Ok(threads)
 }
 
 fn open(path: &std::path::Path, what: &'static str) -> Result<File, Error> {
     File::open(path).map_err(|source| Error::Open { what, path: path.display().to_string(), source })
 }
 
-fn create_memory(vm: &VmFd, size: u64, options: &crate::config::MemoryOptions) -> Result<GuestMemory, Error> {
-    let mem = crate::memory::create(&memory::ram_regions(size), options)
-        .map_err(|e| Error::Memory { mib: size >> 20, reason: e.to_string() })?;
+/// Hands guest RAM to KVM, one slot per region, logging dirty pages when asked.
+fn register_memory(vm: &VmFd, mem: &GuestMemory, track_dirty_pages: bool) -> Result<(), Error> {
+    let flags = if track_dirty_pages { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
     for (slot, region) in mem.iter().enumerate() {
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
-            .map_err(|e| Error::Memory { mib: size >> 20, reason: e.to_string() })?;
+            .map_err(|e| Error::Memory { mib: region.len() >> 20, reason: e.to_string() })?;
         let region_desc = kvm_userspace_memory_region {
             slot: slot as u32,
-            flags: 0,
+            flags,
             guest_phys_addr: region.start_addr().raw_value(),
             memory_size: region.len(),
             userspace_addr: host as u64,
@@ -210,7 +415,7 @@ fn create_memory(vm: &VmFd, size: u64, options: &crate::config::MemoryOptions) -
         // until they have all stopped, so KVM never sees it unmapped while the guest runs.
         unsafe { vm.set_user_memory_region(region_desc) }.map_err(kvm_err("map guest memory"))?;
     }
-    Ok(mem)
+    Ok(())
 }
 
 /// Writes everything the kernel finds at entry except the vCPU state.
@@ -236,7 +441,8 @@ fn create_devices(
     config: &VmConfig,
     launched: Instant,
     latch: &Arc<ExitLatch>,
-) -> Result<(Bus, Bus), Error> {
+    saved: Option<&snapshot::DeviceStates>,
+) -> Result<(Bus, Bus, LegacyDevices), Error> {
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
 
@@ -251,7 +457,11 @@ fn create_devices(
     };
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("serial interrupt"))?;
     vm.register_irqfd(&serial_irq, COM1_IRQ).map_err(kvm_err("route the serial interrupt"))?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, sink)));
+    let serial = match saved {
+        Some(saved) => SerialDevice::restored(serial_irq, sink, &saved.serial).map_err(host_err("serial port"))?,
+        None => SerialDevice::new(serial_irq, sink),
+    };
+    let serial = Arc::new(Mutex::new(serial));
     // The virtio console takes stdin when it is on stdio.
     if config.serial == SerialConfig::Stdio && config.console != Some(crate::config::ConsoleConfig::Stdio) {
         serial::spawn_input_thread(serial.clone(), std::io::stdin()).map_err(host_err("serial input thread"))?;
@@ -259,15 +469,17 @@ fn create_devices(
     let reset_latch = latch.clone();
     let i8042 = I8042::new(Box::new(move || reset_latch.set(VmExit::Reset)));
 
-    let port_devices: [(u16, u64, SharedDevice); 3] = [
-        (COM1_PORT, 8, serial),
-        (I8042_PORT, 5, Arc::new(Mutex::new(i8042))),
-        (CMOS_PORT, 2, Arc::new(Mutex::new(Cmos::with_host_clock()))),
-    ];
+    let mut cmos = Cmos::with_host_clock();
+    if let Some(saved) = saved {
+        cmos.restore(saved.cmos_index, &saved.cmos_nvram);
+    }
+    let cmos = Arc::new(Mutex::new(cmos));
+    let port_devices: [(u16, u64, SharedDevice); 3] =
+        [(COM1_PORT, 8, serial.clone()), (I8042_PORT, 5, Arc::new(Mutex::new(i8042))), (CMOS_PORT, 2, cmos.clone())];
     for (port, len, device) in port_devices {
         pio.insert(u64::from(port), len, device).expect("legacy port ranges are disjoint");
     }
     let timer = Arc::new(Mutex::new(BootTimer::new(launched, BOOT_TIMER_MAGIC)));
     mmio.insert(BOOT_TIMER_START, BOOT_TIMER_SIZE, timer).expect("the MMIO bus starts empty");
-    Ok((pio, mmio))
+    Ok((pio, mmio, LegacyDevices { serial, cmos }))
 }

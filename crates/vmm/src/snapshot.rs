@@ -1,0 +1,303 @@
+//! Snapshots: the state of a paused VM (vCPUs, irqchip, PIT, clock, devices, virtqueue
+//! positions) in a versioned file, and its memory in another. The memory file is sparse (zero
+//! pages are holes) and is mapped MAP_PRIVATE on restore, so pages load lazily. A diff snapshot
+//! writes only the pages dirtied since the last snapshot: KVM's dirty log for vCPU writes, the
+//! guest memory bitmap for device writes.
+
+use std::fs::File;
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use kvm_bindings::{
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, Msrs, kvm_clock_data, kvm_debugregs,
+    kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events,
+    kvm_xcrs, kvm_xsave,
+};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+
+use arch::GuestMemory;
+
+use crate::config::VmConfig;
+
+/// Bumped whenever the layout of [`Snapshot`] changes; other versions are refused.
+pub const FORMAT_VERSION: u32 = 1;
+const MAGIC: &str = "ferrovisor-snapshot";
+pub const PAGE: usize = 4096;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VcpuState {
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub xsave: kvm_xsave,
+    pub xcrs: Option<kvm_xcrs>,
+    pub debugregs: kvm_debugregs,
+    pub lapic: kvm_lapic_state,
+    pub mp_state: kvm_mp_state,
+    pub events: kvm_vcpu_events,
+    pub msrs: Vec<kvm_msr_entry>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmState {
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DeviceStates {
+    pub serial: devices::serial::SavedSerial,
+    pub cmos_index: u8,
+    pub cmos_nvram: Vec<u8>,
+    /// The virtio-mmio transports, in slot order.
+    pub virtio: Vec<virtio::transport::SavedTransport>,
+}
+
+/// Everything but the memory.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub config: VmConfig,
+    /// Guest RAM regions as (guest address, length); the memory file holds them in order.
+    pub regions: Vec<(u64, u64)>,
+    pub vm: VmState,
+    pub vcpus: Vec<VcpuState>,
+    pub devices: DeviceStates,
+}
+
+/// The first line of a snapshot file; the state follows as JSON.
+#[derive(Serialize, Deserialize)]
+struct Header {
+    magic: String,
+    format_version: u32,
+    vmm_version: String,
+    /// FNV-1a of the state's bytes: a damaged file is refused rather than half-restored.
+    checksum: String,
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+impl Snapshot {
+    pub fn write(&self, path: &Path) -> Result<(), String> {
+        let body = serde_json::to_vec(self).map_err(|e| format!("the snapshot cannot be encoded: {e}"))?;
+        let header = Header {
+            magic: MAGIC.into(),
+            format_version: FORMAT_VERSION,
+            vmm_version: env!("CARGO_PKG_VERSION").into(),
+            checksum: format!("{:016x}", fnv1a(&body)),
+        };
+        let mut out = serde_json::to_vec(&header).map_err(|e| e.to_string())?;
+        out.push(b'\n');
+        out.extend_from_slice(&body);
+        std::fs::write(path, out).map_err(|e| format!("snapshot_path {} cannot be written ({e})", path.display()))
+    }
+
+    pub fn read(path: &Path) -> Result<Snapshot, String> {
+        let what = format!("snapshot_path {}", path.display());
+        let data = std::fs::read(path).map_err(|e| format!("{what} cannot be read ({e}); give an existing file"))?;
+        let split = data.iter().position(|&b| b == b'\n').ok_or(format!("{what} is not a Ferrovisor snapshot"))?;
+        let header: Header = serde_json::from_slice(&data[..split])
+            .map_err(|_| format!("{what} is not a Ferrovisor snapshot (no header)"))?;
+        if header.magic != MAGIC {
+            return Err(format!("{what} is not a Ferrovisor snapshot"));
+        }
+        if header.format_version != FORMAT_VERSION {
+            return Err(format!(
+                "{what} has snapshot format {} from Ferrovisor {}; this Ferrovisor {} reads format {FORMAT_VERSION} only",
+                header.format_version,
+                header.vmm_version,
+                env!("CARGO_PKG_VERSION")
+            ));
+        }
+        let body = &data[split + 1..];
+        if format!("{:016x}", fnv1a(body)) != header.checksum {
+            return Err(format!("{what} is corrupt (its checksum does not match); take the snapshot again"));
+        }
+        serde_json::from_slice(body).map_err(|e| format!("{what} is corrupt ({e}); take the snapshot again"))
+    }
+}
+
+fn kvm_fail(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> String {
+    move |e| format!("KVM refused to {what}: {e}")
+}
+
+/// The MSRs KVM can save for this host's vCPUs.
+pub fn msr_list(kvm: &Kvm) -> Result<Vec<u32>, String> {
+    Ok(kvm.get_msr_index_list().map_err(kvm_fail("list its MSRs"))?.as_slice().to_vec())
+}
+
+pub fn save_vcpu(vcpu: &VcpuFd, kvm: &Kvm, msr_indices: &[u32]) -> Result<VcpuState, String> {
+    // MSRs one by one: KVM stops a batch at the first it cannot read, and some on the list
+    // are not readable on every host.
+    let mut msrs = Vec::new();
+    for &index in msr_indices {
+        let mut one =
+            Msrs::from_entries(&[kvm_msr_entry { index, ..Default::default() }]).map_err(|e| e.to_string())?;
+        if vcpu.get_msrs(&mut one) == Ok(1) {
+            msrs.push(one.as_slice()[0]);
+        }
+    }
+    let xcrs = if kvm.check_extension(kvm_ioctls::Cap::Xcrs) {
+        Some(vcpu.get_xcrs().map_err(kvm_fail("read XCRs"))?)
+    } else {
+        None
+    };
+    Ok(VcpuState {
+        regs: vcpu.get_regs().map_err(kvm_fail("read registers"))?,
+        sregs: vcpu.get_sregs().map_err(kvm_fail("read special registers"))?,
+        xsave: vcpu.get_xsave().map_err(kvm_fail("read the FPU state"))?,
+        xcrs,
+        debugregs: vcpu.get_debug_regs().map_err(kvm_fail("read debug registers"))?,
+        lapic: vcpu.get_lapic().map_err(kvm_fail("read the local APIC"))?,
+        mp_state: vcpu.get_mp_state().map_err(kvm_fail("read the MP state"))?,
+        events: vcpu.get_vcpu_events().map_err(kvm_fail("read pending events"))?,
+        msrs,
+    })
+}
+
+/// Restores a vCPU in the order KVM needs: the APIC base (an MSR, in sregs) before the APIC.
+pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState) -> Result<(), String> {
+    vcpu.set_mp_state(state.mp_state).map_err(kvm_fail("set the MP state"))?;
+    vcpu.set_regs(&state.regs).map_err(kvm_fail("set registers"))?;
+    vcpu.set_sregs(&state.sregs).map_err(kvm_fail("set special registers"))?;
+    // SAFETY: the buffer is a kvm_xsave that KVM itself returned for a vCPU of this host.
+    unsafe { vcpu.set_xsave(&state.xsave) }.map_err(kvm_fail("set the FPU state"))?;
+    if let Some(xcrs) = &state.xcrs {
+        vcpu.set_xcrs(xcrs).map_err(kvm_fail("set XCRs"))?;
+    }
+    vcpu.set_debug_regs(&state.debugregs).map_err(kvm_fail("set debug registers"))?;
+    vcpu.set_lapic(&state.lapic).map_err(kvm_fail("set the local APIC"))?;
+    let msrs = Msrs::from_entries(&state.msrs).map_err(|e| e.to_string())?;
+    let written = vcpu.set_msrs(&msrs).map_err(kvm_fail("set MSRs"))?;
+    if written != state.msrs.len() {
+        let failed = state.msrs.get(written).map_or(0, |m| m.index);
+        return Err(format!("KVM refused MSR {failed:#x}; the snapshot was taken on a different host"));
+    }
+    vcpu.set_vcpu_events(&state.events).map_err(kvm_fail("set pending events"))?;
+    Ok(())
+}
+
+fn irqchip(vm: &VmFd, id: u32) -> Result<kvm_irqchip, String> {
+    let mut chip = kvm_irqchip { chip_id: id, ..Default::default() };
+    vm.get_irqchip(&mut chip).map_err(kvm_fail("read the irqchip"))?;
+    Ok(chip)
+}
+
+pub fn save_vm(vm: &VmFd) -> Result<VmState, String> {
+    Ok(VmState {
+        pic_master: irqchip(vm, KVM_IRQCHIP_PIC_MASTER)?,
+        pic_slave: irqchip(vm, KVM_IRQCHIP_PIC_SLAVE)?,
+        ioapic: irqchip(vm, KVM_IRQCHIP_IOAPIC)?,
+        pit: vm.get_pit2().map_err(kvm_fail("read the PIT"))?,
+        clock: vm.get_clock().map_err(kvm_fail("read the clock"))?,
+    })
+}
+
+pub fn restore_vm(vm: &VmFd, state: &VmState) -> Result<(), String> {
+    for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
+        vm.set_irqchip(chip).map_err(kvm_fail("set the irqchip"))?;
+    }
+    vm.set_pit2(&state.pit).map_err(kvm_fail("set the PIT"))?;
+    // Only the time: the flags KVM reported (TSC_STABLE and such) are not the caller's to set.
+    let clock = kvm_clock_data { clock: state.clock.clock, ..Default::default() };
+    vm.set_clock(&clock).map_err(kvm_fail("set the clock"))?;
+    Ok(())
+}
+
+/// Which pages to write: every non-zero page, or those dirtied since the last snapshot.
+pub enum Pages<'a> {
+    All,
+    /// Per region: KVM's dirty log (one bit per page, in u64 words).
+    Dirty(&'a [Vec<u64>]),
+}
+
+/// What writing the memory file did.
+pub struct Written {
+    pub pages: u64,
+    pub bytes: u64,
+}
+
+/// Writes guest RAM to `path` (regions in order, holes for pages not written) and clears the
+/// device-write bitmap so that the next diff starts here.
+pub fn write_memory(mem: &GuestMemory, path: &Path, pages: Pages) -> Result<Written, String> {
+    let what = || format!("mem_file_path {}", path.display());
+    let mut file = File::create(path).map_err(|e| format!("{} cannot be created ({e})", what()))?;
+    let total: u64 = mem.iter().map(|r| r.len()).sum();
+    let mut written = Written { pages: 0, bytes: 0 };
+    let mut offset = 0u64;
+    for (slot, region) in mem.iter().enumerate() {
+        let len = region.len() as usize;
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|e| format!("guest memory at {:#x} cannot be read: {e}", region.start_addr().raw_value()))?;
+        // SAFETY: [host, host + len) is this region's live mapping; the vCPUs are paused and the
+        // devices quiesced, so nothing writes it while it is read.
+        let bytes = unsafe { std::slice::from_raw_parts(host as *const u8, len) };
+        // The whole region's bitmap: devices' writes through vm-memory mark it.
+        let bitmap: &AtomicBitmap = std::ops::Deref::deref(region).bitmap();
+        for (page, data) in bytes.chunks(PAGE).enumerate() {
+            let take = match &pages {
+                Pages::All => data.iter().any(|&b| b != 0),
+                Pages::Dirty(logs) => {
+                    let in_kvm_log =
+                        logs.get(slot).and_then(|l| l.get(page / 64)).is_some_and(|w| w >> (page % 64) & 1 != 0);
+                    in_kvm_log || bitmap.is_addr_set(page * PAGE)
+                }
+            };
+            if take {
+                file.write_all_at(data, offset + (page * PAGE) as u64)
+                    .map_err(|e| format!("{} cannot be written ({e})", what()))?;
+                written.pages += 1;
+                written.bytes += data.len() as u64;
+            }
+        }
+        bitmap.reset();
+        offset += len as u64;
+    }
+    // The file spans all of RAM, holes included, so that it can be mapped as a whole.
+    file.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
+    file.set_len(total).map_err(|e| format!("{} cannot be sized ({e})", what()))?;
+    file.flush().map_err(|e| e.to_string())?;
+    Ok(written)
+}
+
+/// Copies the pages a diff memory file holds (its data, not its holes) onto a base memory file.
+pub fn merge_memory(base: &Path, diff: &Path) -> Result<u64, String> {
+    let diff_file = File::open(diff).map_err(|e| format!("{} cannot be read ({e})", diff.display()))?;
+    let base_file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(base)
+        .map_err(|e| format!("{} cannot be written ({e})", base.display()))?;
+    let len = diff_file.metadata().map_err(|e| e.to_string())?.len();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&diff_file);
+    let mut merged = 0u64;
+    let mut at = 0i64;
+    let mut page = vec![0u8; PAGE];
+    while (at as u64) < len {
+        // SAFETY: lseek on our own open file; it only moves the file offset.
+        let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+        if data < 0 {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        let end = if hole < 0 { len as i64 } else { hole };
+        let mut pos = data as u64;
+        while pos < end as u64 {
+            let n = (end as u64 - pos).min(PAGE as u64) as usize;
+            diff_file.read_exact_at(&mut page[..n], pos).map_err(|e| e.to_string())?;
+            base_file.write_all_at(&page[..n], pos).map_err(|e| e.to_string())?;
+            merged += n as u64;
+            pos += n as u64;
+        }
+        at = end;
+    }
+    Ok(merged)
+}
