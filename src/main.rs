@@ -66,6 +66,16 @@ enum Command {
         #[command(subcommand)]
         action: CtlAction,
     },
+    /// Apply a diff snapshot's memory file onto a base memory file (in place), so that the
+    /// diff's state file loads with it.
+    SnapshotMerge {
+        /// The full snapshot's memory file; it is overwritten with the diff's pages.
+        #[arg(long)]
+        base: PathBuf,
+        /// The diff snapshot's memory file.
+        #[arg(long)]
+        diff: PathBuf,
+    },
     /// Show a running VM's memory statistics (RSS split, huge pages, KSM, balloon).
     Stats {
         /// The VMM's --api-sock.
@@ -162,6 +172,13 @@ fn main() -> ExitCode {
         Some(Command::Switch { path }) => switch(&path),
         Some(Command::Ctl { socket, action }) => ctl(&socket, action),
         Some(Command::Stats { socket }) => ctl(&socket, CtlAction::Stats),
+        Some(Command::SnapshotMerge { base, diff }) => match vmm::snapshot::merge_memory(&base, &diff) {
+            Ok(bytes) => {
+                println!("merged {} pages of {} into {}", bytes / 4096, diff.display(), base.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => failure(format!("{e}.")),
+        },
         None => serve(cli.api_sock, cli.config_file, cli.no_api, launched, logger),
     }
 }

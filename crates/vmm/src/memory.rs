@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::os::fd::FromRawFd;
 
+use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, MmapRegion};
 
@@ -86,9 +87,9 @@ pub fn create(regions: &[(u64, u64)], options: &MemoryOptions) -> Result<GuestMe
         if options.prefault {
             flags |= libc::MAP_POPULATE;
         }
-        let region: MmapRegion<vm_memory::bitmap::AtomicBitmap> = if let Some(file) = &memfd {
+        let region: MmapRegion<AtomicBitmap> = if let Some(file) = &memfd {
             let file = file.try_clone().map_err(MemoryError::Memfd)?;
-            MmapRegionBuilder::new(size)
+            MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
                 .with_file_offset(FileOffset::new(file, file_offset))
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
                 .with_mmap_flags(flags | libc::MAP_SHARED)
@@ -109,7 +110,7 @@ pub fn create(regions: &[(u64, u64)], options: &MemoryOptions) -> Result<GuestMe
             .map_err(|e| map_error(size, options, std::io::Error::other(e.to_string())))?
         } else {
             let huge = if options.hugepages == HugePages::On { libc::MAP_HUGETLB } else { 0 };
-            MmapRegionBuilder::new(size)
+            MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
                 .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | flags | huge)
                 .with_hugetlbfs(options.hugepages == HugePages::On)
@@ -134,7 +135,7 @@ pub fn restore(regions: &[(u64, u64)], file: &File, options: &MemoryOptions) -> 
     for &(start, len) in regions {
         let size = len as usize;
         let file = file.try_clone().map_err(MemoryError::Memfd)?;
-        let region: MmapRegion<vm_memory::bitmap::AtomicBitmap> = MmapRegionBuilder::new(size)
+        let region: MmapRegion<AtomicBitmap> = MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
             .with_file_offset(FileOffset::new(file, file_offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE)
@@ -150,7 +151,7 @@ pub fn restore(regions: &[(u64, u64)], file: &File, options: &MemoryOptions) -> 
     GuestMemory::from_regions(mapped).map_err(|e| MemoryError::Regions(e.to_string()))
 }
 
-fn advise(region: &MmapRegion<vm_memory::bitmap::AtomicBitmap>, options: &MemoryOptions) {
+fn advise(region: &MmapRegion<AtomicBitmap>, options: &MemoryOptions) {
     let (addr, len) = (region.as_ptr().cast::<libc::c_void>(), region.size());
     let mut advice = Vec::new();
     if options.hugepages == HugePages::Thp {
@@ -256,4 +257,23 @@ pub fn stats(mem: &GuestMemory) -> MemoryStats {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0);
     s
+}
+
+#[cfg(test)]
+mod dirty_tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn device_writes_mark_the_bitmap_that_diff_snapshots_read() {
+        let mem = create(&[(0, 1 << 20)], &MemoryOptions::default()).unwrap();
+        mem.store(1u16, GuestAddress(0x5002), Ordering::Release).unwrap();
+        mem.write_obj(7u32, GuestAddress(0x9000)).unwrap();
+        let region = mem.iter().next().unwrap();
+        let bitmap: &AtomicBitmap = std::ops::Deref::deref(region).bitmap();
+        assert!(bitmap.is_addr_set(0x9000), "write_obj");
+        assert!(bitmap.is_addr_set(0x5000), "store");
+        assert!(!bitmap.is_addr_set(0x7000), "untouched");
+    }
 }

@@ -1,0 +1,200 @@
+//! Snapshots with the probe: a guest counting on its disk is snapshotted, stopped and loaded
+//! in a new process, and goes on counting from where it was with its disk intact; a diff
+//! snapshot holds only the pages written since the last one; damaged or foreign files are
+//! refused with a clear message.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{Running, ferrovisor, http, probe_elf, probe_ticks, scratch_dir, wait_for_socket};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn api_vmm(dir: &Path, name: &str) -> (Running, PathBuf) {
+    let socket = dir.join(name);
+    let mut cmd = ferrovisor();
+    cmd.arg("--api-sock").arg(&socket);
+    let vm = Running::start(cmd);
+    wait_for_socket(&socket);
+    (vm, socket)
+}
+
+fn expect(socket: &Path, method: &str, path: &str, body: &str, status: u16) -> String {
+    let (got, answer) = http(socket, method, path, body);
+    assert_eq!(got, status, "{method} {path} {body}: {answer}");
+    answer
+}
+
+fn wait_for_ticks(vm: &mut Running, at_least: usize) -> Vec<u64> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let ticks = probe_ticks(&vm.stdout());
+        if ticks.len() >= at_least {
+            return ticks;
+        }
+        assert!(Instant::now() < deadline, "fewer than {at_least} ticks: {}\n{}", vm.stdout(), vm.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A probe counting on `disk` every ~4 ms, with dirty page tracking, started through the API.
+fn counting_probe(dir: &Path, disk: &Path) -> (Running, PathBuf) {
+    let (mut vm, socket) = api_vmm(dir, "first.sock");
+    let boot = serde_json::json!({
+        "kernel_image_path": probe_elf(),
+        "boot_args": "console=ttyS0 probe.test=virtio-blk probe.virtio-blk.mode=counter probe.virtio-blk.every=10000000",
+    });
+    expect(&socket, "PUT", "/boot-source", &boot.to_string(), 204);
+    expect(
+        &socket,
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 1, "mem_size_mib": 64, "track_dirty_pages": true}"#,
+        204,
+    );
+    let drive = serde_json::json!({"drive_id": "counter", "path_on_host": disk, "is_root_device": false});
+    expect(&socket, "PUT", "/drives/counter", &drive.to_string(), 204);
+    expect(&socket, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#, 204);
+    wait_for_ticks(&mut vm, 20);
+    (vm, socket)
+}
+
+fn snapshot_body(state: &Path, mem: &Path, kind: &str) -> String {
+    serde_json::json!({"snapshot_path": state, "mem_file_path": mem, "snapshot_type": kind}).to_string()
+}
+
+fn load_body(state: &Path, mem: &Path, resume: bool) -> String {
+    serde_json::json!({
+        "snapshot_path": state,
+        "mem_backend": {"backend_type": "File", "backend_path": mem},
+        "resume_vm": resume,
+    })
+    .to_string()
+}
+
+#[test]
+fn a_counting_probe_resumes_in_a_new_process_where_it_was_with_its_disk_intact() {
+    let dir = scratch_dir("snapshot-counter");
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 64 << 10]).unwrap();
+    let (first, socket) = counting_probe(&dir, &disk);
+    let (state, mem) = (dir.join("vm.snap"), dir.join("vm.mem"));
+    let m = expect(&socket, "PUT", "/snapshot/create", &snapshot_body(&state, &mem, "Full"), 400);
+    assert!(m.contains("pause it first"), "{m}");
+    expect(&socket, "PATCH", "/vm", r#"{"state": "Paused"}"#, 204);
+    expect(&socket, "PUT", "/snapshot/create", &snapshot_body(&state, &mem, "Full"), 204);
+    // The first VMM goes away for good: what comes next is the snapshot's doing.
+    expect(&socket, "PUT", "/ferrovisor/stop", "", 204);
+    let first = first.finish(TIMEOUT);
+    let at_snapshot = *probe_ticks(&first.stdout).last().expect("ticks before the snapshot");
+    common::check_counter_disk(&std::fs::read(&disk).unwrap(), at_snapshot);
+
+    let (mut second, socket) = api_vmm(&dir, "second.sock");
+    expect(&socket, "PUT", "/snapshot/load", &load_body(&state, &mem, false), 204);
+    assert!(expect(&socket, "GET", "/", "", 200).contains(r#""state":"Paused""#));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(probe_ticks(&second.stdout()).is_empty(), "a paused restore runs nothing: {}", second.stdout());
+    expect(&socket, "PATCH", "/vm", r#"{"state": "Resumed"}"#, 204);
+    let ticks = wait_for_ticks(&mut second, 30);
+    assert_eq!(ticks[0], at_snapshot + 1, "the count goes on from the snapshot: {ticks:?}");
+    assert!(ticks.windows(2).all(|w| w[1] == w[0] + 1), "{ticks:?}");
+    expect(&socket, "PUT", "/ferrovisor/stop", "", 204);
+    let second = second.finish(TIMEOUT);
+    assert_eq!(second.status.code(), Some(0), "{}", second.describe());
+    let last = *probe_ticks(&second.stdout).last().unwrap();
+    common::check_counter_disk(&std::fs::read(&disk).unwrap(), last);
+    // The memory file is sparse: a 64 MiB guest that touched little takes little room.
+    let allocated = std::fs::metadata(&mem).unwrap().blocks() * 512;
+    assert_eq!(std::fs::metadata(&mem).unwrap().len(), 64 << 20);
+    assert!(allocated < 8 << 20, "{allocated} bytes allocated for the memory file");
+}
+
+#[test]
+fn a_diff_snapshot_holds_only_dirtied_pages_and_merges_onto_its_base() {
+    let dir = scratch_dir("snapshot-diff");
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 64 << 10]).unwrap();
+    let (first, socket) = counting_probe(&dir, &disk);
+    let (base_state, base_mem) = (dir.join("base.snap"), dir.join("base.mem"));
+    let (diff_state, diff_mem) = (dir.join("diff.snap"), dir.join("diff.mem"));
+    expect(&socket, "PATCH", "/vm", r#"{"state": "Paused"}"#, 204);
+    expect(&socket, "PUT", "/snapshot/create", &snapshot_body(&base_state, &base_mem, "Full"), 204);
+    expect(&socket, "PATCH", "/vm", r#"{"state": "Resumed"}"#, 204);
+    std::thread::sleep(Duration::from_millis(200));
+    expect(&socket, "PATCH", "/vm", r#"{"state": "Paused"}"#, 204);
+    expect(&socket, "PUT", "/snapshot/create", &snapshot_body(&diff_state, &diff_mem, "Diff"), 204);
+    expect(&socket, "PUT", "/ferrovisor/stop", "", 204);
+    let first = first.finish(TIMEOUT);
+    let at_diff = *probe_ticks(&first.stdout).last().unwrap();
+
+    // The counter touches a few pages (its stack, its buffers, the rings, the serial output
+    // path); a diff of a 64 MiB guest is a handful of them, far fewer than the full one.
+    let data_bytes = |p: &Path| std::fs::metadata(p).unwrap().blocks() * 512;
+    let (full, diff) = (data_bytes(&base_mem), data_bytes(&diff_mem));
+    assert!(diff > 0 && diff <= 64 * 4096, "the diff holds {diff} bytes");
+    assert!(diff * 4 < full, "the diff ({diff} bytes) is much smaller than the full snapshot ({full} bytes)");
+
+    // The diff on top of the base is the VM at the diff's time.
+    let merged = dir.join("merged.mem");
+    std::fs::copy(&base_mem, &merged).unwrap();
+    let out = common::run(
+        &["snapshot-merge", "--base", merged.to_str().unwrap(), "--diff", diff_mem.to_str().unwrap()],
+        TIMEOUT,
+    );
+    assert!(out.status.success(), "{}", out.describe());
+    let (mut second, socket) = api_vmm(&dir, "second.sock");
+    expect(&socket, "PUT", "/snapshot/load", &load_body(&diff_state, &merged, true), 204);
+    let ticks = wait_for_ticks(&mut second, 10);
+    assert_eq!(ticks[0], at_diff + 1, "{ticks:?}");
+    expect(&socket, "PUT", "/ferrovisor/stop", "", 204);
+    assert_eq!(second.finish(TIMEOUT).status.code(), Some(0));
+}
+
+#[test]
+fn damaged_and_foreign_snapshots_are_refused() {
+    let dir = scratch_dir("snapshot-refused");
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 64 << 10]).unwrap();
+    let (first, socket) = counting_probe(&dir, &disk);
+    let (state, mem) = (dir.join("vm.snap"), dir.join("vm.mem"));
+    expect(&socket, "PATCH", "/vm", r#"{"state": "Paused"}"#, 204);
+    let m = expect(&socket, "PUT", "/snapshot/create", &snapshot_body(&state, &mem, "Full"), 204);
+    assert!(m.is_empty());
+    expect(&socket, "PUT", "/ferrovisor/stop", "", 204);
+    first.finish(TIMEOUT);
+
+    let (vm, socket) = api_vmm(&dir, "second.sock");
+    let good = std::fs::read(&state).unwrap();
+    let fault = |body: &str| {
+        let answer = expect(&socket, "PUT", "/snapshot/load", body, 400);
+        serde_json::from_str::<serde_json::Value>(&answer).unwrap()["fault_message"].as_str().unwrap().to_string()
+    };
+    // One byte changed in the state.
+    let mut damaged = good.clone();
+    let at = damaged.len() - 10;
+    damaged[at] ^= 1;
+    std::fs::write(&state, &damaged).unwrap();
+    assert!(fault(&load_body(&state, &mem, true)).contains("is corrupt"));
+    // Another format version.
+    let text = String::from_utf8(good.clone()).unwrap();
+    std::fs::write(&state, text.replacen(r#""format_version":1"#, r#""format_version":99"#, 1)).unwrap();
+    let m = fault(&load_body(&state, &mem, true));
+    assert!(m.contains("format 99") && m.contains("reads format 1 only"), "{m}");
+    // Not a snapshot at all; a memory file too small; Uffd.
+    std::fs::write(&state, b"hello\n").unwrap();
+    assert!(fault(&load_body(&state, &mem, true)).contains("not a Ferrovisor snapshot"));
+    std::fs::write(&state, &good).unwrap();
+    let small = dir.join("small.mem");
+    std::fs::write(&small, vec![0u8; 4096]).unwrap();
+    assert!(fault(&load_body(&state, &small, true)).contains("the memory file holds 4096 bytes"));
+    let uffd =
+        serde_json::json!({"snapshot_path": state, "mem_backend": {"backend_type": "Uffd", "backend_path": "/x"}});
+    assert!(fault(&uffd.to_string()).contains("Uffd is not supported"));
+    // Nothing was left half-built: the good snapshot still loads.
+    expect(&socket, "PUT", "/snapshot/load", &load_body(&state, &mem, true), 204);
+    expect(&socket, "PUT", "/ferrovisor/stop", "", 204);
+    assert_eq!(vm.finish(TIMEOUT).status.code(), Some(0));
+}
