@@ -206,3 +206,143 @@ fn linux_finds_its_devices_on_virtio_pci_with_msix_and_mounts_root() {
     assert_ended_after_init(&out);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `ferrovisor --api-sock DIR/NAME`, listening.
+fn api_vmm(dir: &std::path::Path, name: &str, extra: &[&str]) -> (Running, std::path::PathBuf) {
+    let socket = dir.join(name);
+    let mut cmd = ferrovisor();
+    cmd.arg("--api-sock").arg(&socket).args(extra);
+    let vm = Running::start(cmd);
+    common::wait_for_socket(&socket);
+    (vm, socket)
+}
+
+fn api(socket: &std::path::Path, method: &str, path: &str, body: &str, status: u16) -> serde_json::Value {
+    let (got, answer) = common::http(socket, method, path, body);
+    assert_eq!(got, status, "{method} {path} {body}: {answer}");
+    serde_json::from_str(&answer).unwrap_or(serde_json::Value::Null)
+}
+
+/// The whole lifecycle through the socket only: configure, start, pause and resume, inflate
+/// the balloon on the running guest (its kernel driver answers; the VMM's RSS falls), read the
+/// metrics, snapshot during boot and load the snapshot in a new process, which boots on to
+/// user space. `rootdelay` holds the kernel, interrupts on, between its drivers and its root.
+#[test]
+fn linux_lifecycle_through_the_api_socket_with_balloon_metrics_and_snapshot() {
+    let guest = linux_guest();
+    let dir = common::scratch_dir("linux-api");
+    let root = dir.join("rootfs.ext4");
+    std::fs::copy(guest.join("rootfs.ext4"), &root).unwrap();
+    let tap = common::TestTap::new("fvapi");
+    let (mut first, socket) = api_vmm(&dir, "first.sock", &[]);
+    let s = socket.as_path();
+    let boot_args = format!("console=ttyS0 reboot=k panic=-1 {LINUX_HOST_CMDLINE} rootdelay=30");
+    let boot = serde_json::json!({"kernel_image_path": guest.join("vmlinux"), "boot_args": boot_args});
+    api(s, "PUT", "/boot-source", &boot.to_string(), 204);
+    api(s, "PUT", "/machine-config", r#"{"vcpu_count": 1, "mem_size_mib": 128}"#, 204);
+    // Every guest page resident from the start: the balloon's effect shows in the RSS.
+    api(s, "PUT", "/ferrovisor/memory", r#"{"prefault": true}"#, 204);
+    let drive = serde_json::json!({"drive_id": "rootfs", "path_on_host": root, "is_root_device": true});
+    api(s, "PUT", "/drives/rootfs", &drive.to_string(), 204);
+    let nic = serde_json::json!({"iface_id": "eth0", "host_dev_name": tap.name, "guest_mac": "02:fc:00:00:00:05"});
+    api(s, "PUT", "/network-interfaces/eth0", &nic.to_string(), 204);
+    api(s, "PUT", "/balloon", r#"{"amount_mib": 0, "deflate_on_oom": false, "stats_polling_interval_s": 1}"#, 204);
+    let metrics = dir.join("metrics.json");
+    api(s, "PUT", "/metrics", &serde_json::json!({"metrics_path": metrics}).to_string(), 204);
+    api(s, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#, 204);
+    assert!(
+        first.wait_for_output("Waiting 30 sec before mounting root device", BOOT_TIMEOUT),
+        "{}\n{}",
+        first.stdout(),
+        first.stderr()
+    );
+
+    // Paused, the guest prints nothing.
+    api(s, "PATCH", "/vm", r#"{"state": "Paused"}"#, 204);
+    let before = first.stdout().len();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(first.stdout().len(), before, "the paused guest wrote to its serial port");
+    api(s, "PATCH", "/vm", r#"{"state": "Resumed"}"#, 204);
+
+    // The running guest's driver takes the new target; its pages go back to the host.
+    let rss = |s: &std::path::Path| api(s, "GET", "/ferrovisor/stats", "", 200)["rss_kib"].as_u64().unwrap();
+    let rss_before = rss(s);
+    api(s, "PATCH", "/balloon", r#"{"amount_mib": 32}"#, 204);
+    let deadline = std::time::Instant::now() + Duration::from_secs(25);
+    let stats = loop {
+        let stats = api(s, "GET", "/balloon/statistics", "", 200);
+        if stats["actual_mib"] == 32 && stats["total_memory"].as_u64().is_some() {
+            break stats;
+        }
+        assert!(std::time::Instant::now() < deadline, "the balloon did not reach 32 MiB: {stats}\n{}", first.stderr());
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let rss_after = rss(s);
+    eprintln!("balloon 32 MiB: VMM RSS {rss_before} -> {rss_after} KiB; guest statistics {stats}");
+    assert!(rss_before - rss_after >= 32 * 1024 * 8 / 10, "RSS fell by {} KiB", rss_before - rss_after);
+    assert!(stats["total_memory"].as_u64().unwrap() > 64 << 20, "{stats}");
+
+    // The partition scan and the superblock read: the disk's bytes are in the metrics.
+    api(s, "PUT", "/actions", r#"{"action_type": "FlushMetrics"}"#, 204);
+    let line = std::fs::read_to_string(&metrics).unwrap();
+    let flushed: serde_json::Value = serde_json::from_str(line.lines().last().unwrap()).unwrap();
+    assert!(flushed["devices"]["virtio-blk0"]["read_bytes"].as_u64().unwrap() > 0, "{flushed}");
+
+    // Snapshot during boot; the first VMM goes away; a new one loads it and boots on.
+    let (state, mem) = (dir.join("linux.snap"), dir.join("linux.mem"));
+    api(s, "PATCH", "/vm", r#"{"state": "Paused"}"#, 204);
+    let snap = serde_json::json!({"snapshot_path": state, "mem_file_path": mem});
+    api(s, "PUT", "/snapshot/create", &snap.to_string(), 204);
+    api(s, "PUT", "/ferrovisor/stop", "", 204);
+    let first = first.finish(BOOT_TIMEOUT);
+    assert!(!first.stdout.contains("EXT4-fs (vda): mounted"), "the snapshot came before the root mount");
+
+    let (second, socket) = api_vmm(&dir, "second.sock", &[]);
+    let load = serde_json::json!({
+        "snapshot_path": state,
+        "mem_backend": {"backend_type": "File", "backend_path": mem},
+        "resume_vm": true,
+    });
+    api(&socket, "PUT", "/snapshot/load", &load.to_string(), 204);
+    let out = second.finish(BOOT_TIMEOUT);
+    let log = out.describe();
+    assert!(!out.stdout.contains("Linux version"), "the restored guest does not boot again: {log}");
+    assert!(out.stdout.contains("EXT4-fs (vda): mounted filesystem"), "{log}");
+    assert!(out.stdout.contains("Run /sbin/init as init process"), "{log}");
+    assert_ended_after_init(&out);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The same guest from a Firecracker configuration file: it boots to user space, and the
+/// metrics file written as the VMM exits holds the disk's bytes.
+#[test]
+fn linux_boots_from_a_firecracker_config_file() {
+    let guest = linux_guest();
+    let dir = common::scratch_dir("linux-config-file");
+    let root = dir.join("rootfs.ext4");
+    std::fs::copy(guest.join("rootfs.ext4"), &root).unwrap();
+    let metrics = dir.join("metrics.json");
+    let config = serde_json::json!({
+        "boot-source": {
+            "kernel_image_path": guest.join("vmlinux"),
+            "boot_args": format!("console=ttyS0 reboot=k panic=-1 {LINUX_HOST_CMDLINE}"),
+        },
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
+        "drives": [{"drive_id": "rootfs", "path_on_host": root, "is_root_device": true, "is_read_only": true}],
+        "metrics": {"metrics_path": metrics},
+    });
+    let file = dir.join("vm.json");
+    std::fs::write(&file, config.to_string()).unwrap();
+    let mut cmd = ferrovisor();
+    cmd.arg("--no-api").arg("--config-file").arg(&file);
+    let out = Running::start(cmd).finish(BOOT_TIMEOUT);
+    let log = out.describe();
+    assert!(out.stdout.contains("Kernel command line:") && out.stdout.contains("root=/dev/vda ro"), "{log}");
+    assert!(out.stdout.contains("EXT4-fs (vda): mounted filesystem"), "{log}");
+    assert!(out.stdout.contains("Run /sbin/init as init process"), "{log}");
+    assert_ended_after_init(&out);
+    let line = std::fs::read_to_string(&metrics).unwrap();
+    let flushed: serde_json::Value = serde_json::from_str(line.lines().last().unwrap()).unwrap();
+    assert!(flushed["block"]["read_bytes"].as_u64().unwrap() > 1 << 16, "{flushed}");
+    let _ = std::fs::remove_dir_all(dir);
+}
