@@ -101,10 +101,23 @@ fn a_counting_probe_resumes_in_a_new_process_where_it_was_with_its_disk_intact()
     let ticks = wait_for_ticks(&mut second, 30);
     assert_eq!(ticks[0], at_snapshot + 1, "the count goes on from the snapshot: {ticks:?}");
     assert!(ticks.windows(2).all(|w| w[1] == w[0] + 1), "{ticks:?}");
+    // A restored VM snapshots again (its memory now comes from the first file).
+    let (state2, mem2) = (dir.join("vm2.snap"), dir.join("vm2.mem"));
+    expect(&socket, "PATCH", "/vm", r#"{"state": "Paused"}"#, 204);
+    expect(&socket, "PUT", "/snapshot/create", &snapshot_body(&state2, &mem2, "Full"), 204);
     expect(&socket, "PUT", "/ferrovisor/stop", "", 204);
     let second = second.finish(TIMEOUT);
     assert_eq!(second.status.code(), Some(0), "{}", second.describe());
-    let last = *probe_ticks(&second.stdout).last().unwrap();
+    let at_second = *probe_ticks(&second.stdout).last().unwrap();
+    common::check_counter_disk(&std::fs::read(&disk).unwrap(), at_second);
+
+    let (mut third, socket) = api_vmm(&dir, "third.sock");
+    expect(&socket, "PUT", "/snapshot/load", &load_body(&state2, &mem2, true), 204);
+    let ticks = wait_for_ticks(&mut third, 10);
+    assert_eq!(ticks[0], at_second + 1, "{ticks:?}");
+    expect(&socket, "PUT", "/ferrovisor/stop", "", 204);
+    let third = third.finish(TIMEOUT);
+    let last = *probe_ticks(&third.stdout).last().unwrap();
     common::check_counter_disk(&std::fs::read(&disk).unwrap(), last);
     // The memory file is sparse: a 64 MiB guest that touched little takes little room.
     let allocated = std::fs::metadata(&mem).unwrap().blocks() * 512;

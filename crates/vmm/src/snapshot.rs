@@ -213,7 +213,11 @@ pub fn restore_vm(vm: &VmFd, state: &VmState) -> Result<(), String> {
 
 /// Which pages to write: every non-zero page, or those dirtied since the last snapshot.
 pub enum Pages<'a> {
+    /// Every non-zero page.
     All,
+    /// Every non-zero page among those resident: memory no file backs, whose absent pages
+    /// were never written and read as zero (mincore tells them apart without touching them).
+    AllResident,
     /// Per region: KVM's dirty log (one bit per page, in u64 words).
     Dirty(&'a [Vec<u64>]),
 }
@@ -242,21 +246,44 @@ pub fn write_memory(mem: &GuestMemory, path: &Path, pages: Pages) -> Result<Writ
         let bytes = unsafe { std::slice::from_raw_parts(host as *const u8, len) };
         // The whole region's bitmap: devices' writes through vm-memory mark it.
         let bitmap: &AtomicBitmap = std::ops::Deref::deref(region).bitmap();
+        let resident = match pages {
+            Pages::AllResident => residency(host, len),
+            _ => None,
+        };
+        // Consecutive pages go out in one write: a run is [run_start, page).
+        let mut run_start = None;
+        let mut flush_run = |from: usize, to: usize| -> Result<(), String> {
+            let data = &bytes[from * PAGE..(to * PAGE).min(len)];
+            file.write_all_at(data, offset + (from * PAGE) as u64)
+                .map_err(|e| format!("{} cannot be written ({e})", what()))?;
+            written.pages += (to - from) as u64;
+            written.bytes += data.len() as u64;
+            Ok(())
+        };
         for (page, data) in bytes.chunks(PAGE).enumerate() {
             let take = match &pages {
                 Pages::All => data.iter().any(|&b| b != 0),
+                Pages::AllResident => {
+                    resident.as_ref().is_none_or(|r| r.get(page).is_none_or(|&v| v & 1 != 0))
+                        && data.iter().any(|&b| b != 0)
+                }
                 Pages::Dirty(logs) => {
                     let in_kvm_log =
                         logs.get(slot).and_then(|l| l.get(page / 64)).is_some_and(|w| w >> (page % 64) & 1 != 0);
                     in_kvm_log || bitmap.is_addr_set(page * PAGE)
                 }
             };
-            if take {
-                file.write_all_at(data, offset + (page * PAGE) as u64)
-                    .map_err(|e| format!("{} cannot be written ({e})", what()))?;
-                written.pages += 1;
-                written.bytes += data.len() as u64;
+            match (take, run_start) {
+                (true, None) => run_start = Some(page),
+                (false, Some(from)) => {
+                    flush_run(from, page)?;
+                    run_start = None;
+                }
+                _ => {}
             }
+        }
+        if let Some(from) = run_start {
+            flush_run(from, len.div_ceil(PAGE))?;
         }
         bitmap.reset();
         offset += len as u64;
@@ -266,6 +293,15 @@ pub fn write_memory(mem: &GuestMemory, path: &Path, pages: Pages) -> Result<Writ
     file.set_len(total).map_err(|e| format!("{} cannot be sized ({e})", what()))?;
     file.flush().map_err(|e| e.to_string())?;
     Ok(written)
+}
+
+/// One byte per page, bit 0 set when the page is resident; None if mincore fails.
+fn residency(host: *mut u8, len: usize) -> Option<Vec<u8>> {
+    let mut vector = vec![0u8; len.div_ceil(PAGE)];
+    // SAFETY: [host, host + len) is a live mapping of this process (page-aligned: vm-memory
+    // maps whole regions) and the vector has one byte per page of it.
+    let rc = unsafe { libc::mincore(host.cast(), len, vector.as_mut_ptr()) };
+    (rc == 0).then_some(vector)
 }
 
 /// Copies the pages a diff memory file holds (its data, not its holes) onto a base memory file.

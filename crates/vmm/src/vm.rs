@@ -74,6 +74,8 @@ pub struct RunningVm {
     devices: AttachedDevices,
     legacy: LegacyDevices,
     paused: bool,
+    /// Memory mapped from a snapshot's file rather than anonymous.
+    restored: bool,
 }
 
 /// The legacy devices whose state a snapshot keeps.
@@ -201,7 +203,12 @@ impl RunningVm {
         } else {
             Vec::new()
         };
-        let pages = if diff { snapshot::Pages::Dirty(&logs) } else { snapshot::Pages::All };
+        let pages = match (diff, self.restored) {
+            (true, _) => snapshot::Pages::Dirty(&logs),
+            // A restored VM's absent pages are the old memory file's, not zeroes.
+            (false, true) => snapshot::Pages::All,
+            (false, false) => snapshot::Pages::AllResident,
+        };
         let written = snapshot::write_memory(mem, mem_path, pages)?;
         let state = snapshot::Snapshot {
             config: config.clone(),
@@ -326,7 +333,8 @@ pub fn restore(
         config.memory_mib,
         mem_file.display()
     );
-    let vm = launch(kvm, vm, vcpus, VcpuParts { pio, mmio, mem, devices, legacy }, latch, !resume)?;
+    let mut vm = launch(kvm, vm, vcpus, VcpuParts { pio, mmio, mem, devices, legacy }, latch, !resume)?;
+    vm.restored = true;
     Ok((vm, config))
 }
 
@@ -376,7 +384,7 @@ fn launch(
     }
     let vcpus: Vec<SharedVcpu> = vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect();
     let threads = spawn_vcpus(&vcpus, &shared)?;
-    Ok(RunningVm { vm, shared, vcpus, threads, devices, legacy, paused })
+    Ok(RunningVm { vm, shared, vcpus, threads, devices, legacy, paused, restored: false })
 }
 
 fn spawn_vcpus(vcpus: &[SharedVcpu], shared: &Arc<VcpuShared>) -> Result<Vec<JoinHandle<()>>, Error> {
