@@ -2,7 +2,7 @@
 # Runs every test: unit tests, CLI tests, hand-made guests, the probe guest (also under QEMU
 # microvm) and Linux boots. Builds the Linux guest first (cached after the first run, about 6
 # minutes on 2 cores) and installs what the tests need when it is missing (QEMU, dnsmasq,
-# ping, curl, the OpenAPI validator, cargo-nextest).
+# ping, nftables, curl, the OpenAPI validator, cargo-nextest).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # QEMU checks the probe; dnsmasq and ping are the far side of the Linux guest's network.
@@ -11,6 +11,8 @@ command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
 command -v dnsmasq >/dev/null || missing+=(dnsmasq-base)
 command -v ping >/dev/null || missing+=(iputils-ping)
 command -v ip >/dev/null || missing+=(iproute2)
+command -v bridge >/dev/null || missing+=(iproute2)
+command -v nft >/dev/null || missing+=(nftables)
 # curl is the plain HTTP client of the API tests; pip fetches the OpenAPI validator.
 command -v curl >/dev/null || missing+=(curl)
 command -v pip3 >/dev/null || missing+=(python3-pip)

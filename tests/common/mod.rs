@@ -585,3 +585,115 @@ pub fn check_counter_disk(disk: &[u8], last: u64) {
         assert!(ok, "sector {sector} should hold the pattern of tick {n} (last tick {last})");
     }
 }
+
+/// A network lab for the managed-network tests: a "host" namespace where Ferrovisor runs and
+/// realizes its networks, an "outside" namespace behind a veth pair (192.0.2.1 outside,
+/// 192.0.2.2 the host's uplink `vh`), and a server outside that echoes UDP on port 7777,
+/// accepts TCP on 7777, and logs each peer's address. Networks' state lives in a directory
+/// of the lab's; dropping the lab deletes its networks and both namespaces.
+pub struct NetLab {
+    pub host: NetNs,
+    pub outside: NetNs,
+    pub state: PathBuf,
+    pub server_log: PathBuf,
+    server: Option<Child>,
+}
+
+pub const LAB_SERVER: &str = r#"
+import socket, sys, threading
+log = open(sys.argv[1], "a", buffering=1)
+def udp():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", 7777))
+    while True:
+        data, peer = s.recvfrom(2048)
+        log.write(f"udp {peer[0]}\n")
+        s.sendto(data, peer)
+def tcp():
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", 7777))
+    s.listen()
+    while True:
+        conn, peer = s.accept()
+        log.write(f"tcp {peer[0]}\n")
+        conn.close()
+threading.Thread(target=udp, daemon=True).start()
+tcp()
+"#;
+
+impl NetLab {
+    pub fn new(prefix: &str) -> NetLab {
+        let host = NetNs::new(&format!("{prefix}h"));
+        let outside = NetNs::new(&format!("{prefix}o"));
+        let (vh, vo) = (format!("vh{}", std::process::id() % 100_000), format!("vo{}", std::process::id() % 100_000));
+        sh("ip", &["link", "add", &vh, "type", "veth", "peer", "name", &vo]);
+        sh("ip", &["link", "set", &vh, "netns", &host.name]);
+        sh("ip", &["link", "set", &vo, "netns", &outside.name]);
+        sh("ip", &["-n", &host.name, "link", "set", &vh, "name", "vh"]);
+        sh("ip", &["-n", &outside.name, "link", "set", &vo, "name", "vo"]);
+        for (ns, dev, addr) in [(&host, "vh", "192.0.2.2/24"), (&outside, "vo", "192.0.2.1/24")] {
+            sh("ip", &["-n", &ns.name, "addr", "add", addr, "dev", dev]);
+            sh("ip", &["-n", &ns.name, "link", "set", dev, "up"]);
+            sh("ip", &["-n", &ns.name, "link", "set", "lo", "up"]);
+        }
+        // The outside is the host's way to everything, as the internet would be.
+        sh("ip", &["-n", &host.name, "route", "add", "default", "via", "192.0.2.1"]);
+        let state = scratch_dir(&format!("{prefix}-state"));
+        let server_log = state.join("server.log");
+        std::fs::write(&server_log, "").unwrap();
+        let server = outside
+            .command("python3")
+            .args(["-c", LAB_SERVER])
+            .arg(&server_log)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 runs");
+        // The server listens within moments; the guests take longer than that to send.
+        thread::sleep(Duration::from_millis(300));
+        NetLab { host, outside, state, server_log, server: Some(server) }
+    }
+
+    /// `ferrovisor ARGS` in the host namespace, with the lab's state directory.
+    pub fn ferrovisor(&self) -> Command {
+        let mut cmd = self.host.command(env!("CARGO_BIN_EXE_ferrovisor"));
+        cmd.env("FERROVISOR_STATE_DIR", &self.state);
+        cmd
+    }
+
+    /// Runs `ferrovisor network ARGS` and returns its outcome.
+    pub fn network(&self, args: &[&str]) -> std::process::Output {
+        self.ferrovisor().arg("network").args(args).output().unwrap()
+    }
+
+    /// A command in the host namespace that must succeed; its stdout.
+    pub fn host_sh(&self, program: &str, args: &[&str]) -> String {
+        let out = self.host.command(program).args(args).output().unwrap();
+        assert!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The peers the outside server saw, as "udp 1.2.3.4" lines.
+    pub fn server_saw(&self) -> String {
+        std::fs::read_to_string(&self.server_log).unwrap_or_default()
+    }
+}
+
+impl Drop for NetLab {
+    fn drop(&mut self) {
+        // Each network's DHCP server lives outside the namespaces' lifetime: delete them all.
+        if let Ok(dir) = std::fs::read_dir(self.state.join("networks")) {
+            for entry in dir.flatten() {
+                let file = entry.file_name().to_string_lossy().into_owned();
+                if let Some(name) = file.strip_suffix(".json").filter(|n| !n.ends_with(".leases")) {
+                    let _ = self.network(&["delete", name]);
+                }
+            }
+        }
+        if let Some(mut server) = self.server.take() {
+            let _ = server.kill();
+            let _ = server.wait();
+        }
+    }
+}

@@ -1,5 +1,8 @@
 //! Host networking for VMs.
 
+pub mod dhcp;
+mod dhcp_socket;
+pub mod network;
 pub mod switch;
 pub mod tap;
 

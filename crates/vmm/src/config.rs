@@ -87,6 +87,9 @@ pub enum NetAttachment {
     Tap(String),
     /// A port on `ferrovisor switch PATH`, in a VLAN.
     Switch { path: PathBuf, vlan: u16 },
+    /// A TAP the VMM creates on a managed network's bridge; `isolated` ports cannot reach
+    /// each other.
+    Network { name: String, isolated: bool },
 }
 
 /// A virtio-net interface: `--net tap=NAME[,mac=..]` or `--net switch=PATH[,vlan=N][,mac=..]`.
@@ -121,26 +124,38 @@ pub fn parse_unicast_mac(text: &str) -> Result<[u8; 6], String> {
 impl FromStr for NetConfig {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (mut tap, mut switch, mut vlan, mut mac) = (None, None, None, None);
+        let (mut tap, mut switch, mut network, mut vlan, mut isolated, mut mac) = (None, None, None, None, None, None);
         for (key, value) in key_values("--net", s)? {
             match key {
                 "tap" if !value.is_empty() && value.len() < 16 => tap = Some(value.to_string()),
                 "tap" => return Err(format!("--net tap= takes an interface name of 1 to 15 bytes, not '{value}'")),
                 "switch" if !value.is_empty() => switch = Some(PathBuf::from(value)),
+                "network" if !value.is_empty() => network = Some(value.to_string()),
                 "vlan" => match value.parse::<u16>() {
                     Ok(v) if v < 4095 => vlan = Some(v),
                     _ => return Err(format!("--net vlan= takes a VLAN number from 0 to 4094, not '{value}'")),
                 },
+                "isolated" => isolated = Some(on_off("--net", key, value)?),
                 "mac" => mac = Some(parse_unicast_mac(value).map_err(|e| format!("--net mac= {e}"))?),
-                _ => return Err(format!("--net has no option '{key}'; use tap=, switch=, vlan= and mac=")),
+                _ => {
+                    return Err(format!(
+                        "--net has no option '{key}'; use tap=, switch=, vlan=, network=, isolated= and mac="
+                    ));
+                }
             }
         }
-        let attachment = match (tap, switch) {
-            (Some(tap), None) if vlan.is_none() => NetAttachment::Tap(tap),
-            (Some(_), None) => return Err("--net vlan= goes with switch=, not tap=".into()),
-            (None, Some(path)) => NetAttachment::Switch { path, vlan: vlan.unwrap_or(0) },
-            (Some(_), Some(_)) => return Err("--net takes tap= or switch=, not both".into()),
-            (None, None) => return Err("--net needs tap=NAME or switch=PATH".into()),
+        if vlan.is_some() && switch.is_none() {
+            return Err("--net vlan= goes with switch=".into());
+        }
+        if isolated.is_some() && network.is_none() {
+            return Err("--net isolated= goes with network=".into());
+        }
+        let attachment = match (tap, switch, network) {
+            (Some(tap), None, None) => NetAttachment::Tap(tap),
+            (None, Some(path), None) => NetAttachment::Switch { path, vlan: vlan.unwrap_or(0) },
+            (None, None, Some(name)) => NetAttachment::Network { name, isolated: isolated.unwrap_or(false) },
+            (None, None, None) => return Err("--net needs tap=NAME, switch=PATH or network=NAME".into()),
+            _ => return Err("--net takes one of tap=, switch= and network=".into()),
         };
         Ok(NetConfig { attachment, mac })
     }
@@ -595,7 +610,13 @@ mod tests {
             NetConfig { attachment: NetAttachment::Tap("fv0".into()), mac: Some([2, 0, 0, 0xaa, 0xbb, 0xcc]) }
         );
         assert_eq!("tap=fv0".parse::<NetConfig>().unwrap().mac, None);
-        assert_eq!("mac=02:00:00:00:00:01".parse::<NetConfig>().unwrap_err(), "--net needs tap=NAME or switch=PATH");
+        assert_eq!(
+            "mac=02:00:00:00:00:01".parse::<NetConfig>().unwrap_err(),
+            "--net needs tap=NAME, switch=PATH or network=NAME"
+        );
+        let n: NetConfig = "network=lab,isolated=on".parse().unwrap();
+        assert_eq!(n.attachment, NetAttachment::Network { name: "lab".into(), isolated: true });
+        assert!("tap=x,isolated=on".parse::<NetConfig>().unwrap_err().contains("isolated= goes with network="));
         let sw: NetConfig = "switch=/tmp/sw.sock,vlan=7".parse().unwrap();
         assert_eq!(sw.attachment, NetAttachment::Switch { path: "/tmp/sw.sock".into(), vlan: 7 });
         assert!("tap=a,switch=/x".parse::<NetConfig>().unwrap_err().contains("not both"));

@@ -51,6 +51,18 @@ pub fn attach_all(
             NetAttachment::Tap(name) => virtio::net::NetHost::Tap(
                 net::Tap::open(name, virtio::net::VNET_HDR_LEN as i32).map_err(|e| Error::Device(e.to_string()))?,
             ),
+            NetAttachment::Network { name, isolated } => {
+                let network = net::network::load(name).map_err(Error::Device)?;
+                // Unique per VMM and interface; the kernel removes it when the VMM exits,
+                // however it exits, since the VMM does not make it persistent.
+                let tap_name = format!("fv{}n{i}", std::process::id());
+                let tap = net::Tap::open(&tap_name, virtio::net::VNET_HDR_LEN as i32)
+                    .map_err(|e| Error::Device(e.to_string()))?;
+                net::network::attach(&network, &tap_name, *isolated)
+                    .map_err(|e| Error::Device(format!("cannot attach {tap_name} to network {name}: {e}")))?;
+                tracing::info!("virtio-net{i}: {tap_name} on network {name} (bridge {})", network.bridge);
+                virtio::net::NetHost::Tap(tap)
+            }
             NetAttachment::Switch { path, vlan } => {
                 let port = net::switch::SwitchPort::connect(path, *vlan).map_err(|e| {
                     Error::Device(format!(
@@ -62,8 +74,10 @@ pub fn attach_all(
                 virtio::net::NetHost::Switch(port)
             }
         };
-        // Locally administered, unicast, and different for each interface.
-        let mac = nic.mac.unwrap_or([0x02, 0xfe, 0x00, 0x00, 0x00, i as u8 + 1]);
+        // Locally administered, unicast, and different for each interface of each VMM running
+        // here (the process ID), so that VMs on one bridge never share an address.
+        let pid = std::process::id().to_be_bytes();
+        let mac = nic.mac.unwrap_or([0x02, 0xfe, pid[1], pid[2], pid[3], i as u8 + 1]);
         devices.push((format!("virtio-net{i}"), Box::new(virtio::net::Net::new(host, mac))));
     }
     if let Some(vsock) = &config.vsock {

@@ -3,6 +3,7 @@
 mod balloon;
 mod blk;
 mod console;
+mod ip;
 mod net;
 mod rng;
 mod vsock;
@@ -60,6 +61,11 @@ pub fn run(test: &str, id: u32, cmdline: Cmdline, info: &StartInfo) {
             }
         }
         "virtio-blk" => run_device(test, &slot, cmdline, blk::test, Some(blk::throughput)),
+        "virtio-net" if cmdline.param(test, "mode") == Some("ip") => {
+            if let Err(reason) = ip::test(&slot, cmdline) {
+                report::fail(test, format_args!("{reason}"));
+            }
+        }
         "virtio-net" => run_device(test, &slot, cmdline, net::test, Some(net::throughput)),
         "virtio-console" => run_device(test, &slot, cmdline, console::test, None),
         "virtio-vsock" => run_device(test, &slot, cmdline, vsock::test, None),

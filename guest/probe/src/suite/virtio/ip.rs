@@ -1,0 +1,438 @@
+//! `virtio-net` with `probe.virtio-net.mode=ip`: a tiny IPv4 host. It takes `.ip` (its
+//! address), `.gw` (its router) and `.dst` (the far end, default the router), resolves the
+//! router with ARP (and answers ARP for itself), then tries each of `.checks` (icmp,udp,tcp by
+//! default) against dst: an echo request, a datagram to `.port` (7777) that should come back,
+//! and a TCP handshake to `.port` followed by a line of data. `.wait` is how long each waits,
+//! in TSC cycles (5G). It reports what came back:
+//!
+//!     PROBE virtio-net ok mode=ip mac=... gw_mac=... icmp=reply udp=reply tcp=open
+//!
+//! With `.listen=PORT` it then serves TCP on that port for `.serve` (20G) cycles: each
+//! connection's data is echoed back, and it reports `served=BYTES`. It answers echo requests
+//! all along, and counts the frames that came from anyone but the router (`others=N`). A dst
+//! on its own subnet (`.prefix`, 24) is reached directly (`peer=arp`, or `none` if it does
+//! not answer ARP); then the checks go to it, not through the router.
+
+use crate::cmdline::{Cmdline, VirtioMmioSlot};
+use crate::report;
+use crate::virtio::mmio::Device;
+use crate::virtio::queue::{Buffer, Virtqueue};
+use crate::virtio::{alloc, bytes};
+
+const TEST: &str = "virtio-net";
+const F_MAC: u64 = 1 << 5;
+const HEADER: usize = 12;
+const MAX_FRAME: usize = 1514;
+const RX_BUFFERS: usize = 16;
+const RX_QUEUE: u16 = 0;
+const TX_QUEUE: u16 = 1;
+
+const ETH_IP: u16 = 0x0800;
+const ETH_ARP: u16 = 0x0806;
+const PROTO_ICMP: u8 = 1;
+const PROTO_TCP: u8 = 6;
+const PROTO_UDP: u8 = 17;
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_PSH: u8 = 0x08;
+const TCP_ACK: u8 = 0x10;
+const UDP_SRC_PORT: u16 = 40000;
+const TCP_SRC_PORT: u16 = 40001;
+const PAYLOAD: &[u8] = b"ferrovisor-probe\n";
+
+type Ip = [u8; 4];
+
+fn parse_ip(text: &str) -> Option<Ip> {
+    let mut ip = [0u8; 4];
+    let mut parts = text.split('.');
+    for byte in &mut ip {
+        *byte = parts.next()?.parse().ok()?;
+    }
+    parts.next().is_none().then_some(ip)
+}
+
+fn checksum(sum: u32, data: &[u8]) -> u32 {
+    let mut sum = sum;
+    for pair in data.chunks(2) {
+        let word = if pair.len() == 2 { u16::from_be_bytes([pair[0], pair[1]]) } else { u16::from(pair[0]) << 8 };
+        sum += u32::from(word);
+    }
+    sum
+}
+
+fn fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+struct Host {
+    dev: Device,
+    rxq: Virtqueue,
+    txq: Virtqueue,
+    rx_area: u64,
+    heads: [u16; RX_BUFFERS],
+    tx_buf: u64,
+    mac: [u8; 6],
+    ip: Ip,
+    gw_mac: [u8; 6],
+    cmdline_deadline: u64,
+    /// Where packets to dst go: the router, or dst itself on the same subnet.
+    next_hop: [u8; 6],
+    /// Frames received from anyone but the router (port isolation checks count them).
+    others: u64,
+}
+
+/// A received IPv4 packet, as far as the checks need it.
+struct Packet {
+    proto: u8,
+    src: Ip,
+    src_mac: [u8; 6],
+    /// The transport header and payload.
+    body: [u8; 64],
+    body_len: usize,
+}
+
+impl Host {
+    fn rx_buffer(&self, i: usize) -> u64 {
+        self.rx_area + (i * (HEADER + MAX_FRAME)) as u64
+    }
+
+    fn send(&mut self, frame_len: usize) -> Result<(), &'static str> {
+        bytes(self.tx_buf, HEADER).fill(0);
+        self.txq.push(&[Buffer::readable(self.tx_buf, (HEADER + frame_len.max(60)) as u32)]).ok_or("transmit ring full")?;
+        self.dev.notify(TX_QUEUE);
+        self.dev.wait_used(&mut self.txq, self.cmdline_deadline).ok_or("a transmission did not complete")?;
+        Ok(())
+    }
+
+    fn frame(&self) -> &'static mut [u8] {
+        let f = bytes(self.tx_buf + HEADER as u64, MAX_FRAME);
+        f[..60].fill(0);
+        f
+    }
+
+    fn ethernet(&self, f: &mut [u8], dst: [u8; 6], ethertype: u16) {
+        f[0..6].copy_from_slice(&dst);
+        f[6..12].copy_from_slice(&self.mac);
+        f[12..14].copy_from_slice(&ethertype.to_be_bytes());
+    }
+
+    fn arp(&mut self, op: u16, target_mac: [u8; 6], target_ip: Ip) -> Result<(), &'static str> {
+        let f = self.frame();
+        let dst = if op == 1 { [0xff; 6] } else { target_mac };
+        self.ethernet(f, dst, ETH_ARP);
+        f[14..22].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, op as u8]);
+        f[22..28].copy_from_slice(&self.mac);
+        f[28..32].copy_from_slice(&self.ip);
+        f[32..38].copy_from_slice(&target_mac);
+        f[38..42].copy_from_slice(&target_ip);
+        self.send(42)
+    }
+
+    /// An IPv4 packet to `dst` through the router, `body` being the transport part; for TCP
+    /// and UDP the checksum at `csum_at` in the body is filled in over the pseudo-header.
+    fn ip(&mut self, proto: u8, dst: Ip, body: &[u8], csum_at: Option<usize>) -> Result<(), &'static str> {
+        self.ip_to(self.next_hop, proto, dst, body, csum_at)
+    }
+
+    fn ip_to(&mut self, to_mac: [u8; 6], proto: u8, dst: Ip, body: &[u8], csum_at: Option<usize>) -> Result<(), &'static str> {
+        let f = self.frame();
+        self.ethernet(f, to_mac, ETH_IP);
+        let total = 20 + body.len();
+        let ip = &mut f[14..34];
+        ip.copy_from_slice(&[0x45, 0, (total >> 8) as u8, total as u8, 0, 1, 0x40, 0, 64, proto, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        ip[12..16].copy_from_slice(&self.ip);
+        ip[16..20].copy_from_slice(&dst);
+        let sum = fold(checksum(0, ip));
+        ip[10..12].copy_from_slice(&sum.to_be_bytes());
+        f[34..34 + body.len()].copy_from_slice(body);
+        if let Some(at) = csum_at {
+            let mut pseudo = [0u8; 12];
+            pseudo[0..4].copy_from_slice(&self.ip);
+            pseudo[4..8].copy_from_slice(&dst);
+            pseudo[9] = proto;
+            pseudo[10..12].copy_from_slice(&(body.len() as u16).to_be_bytes());
+            let sum = fold(checksum(checksum(0, &pseudo), &f[34..34 + body.len()]));
+            f[34 + at..36 + at].copy_from_slice(&sum.to_be_bytes());
+        }
+        self.send(14 + total)
+    }
+
+    /// The next IPv4 packet for us before `deadline`; ARP requests for our address are
+    /// answered on the way, ARP replies reported through `arp_reply`.
+    fn receive(&mut self, deadline: u64, arp_reply: &mut Option<([u8; 6], Ip)>) -> Result<Option<Packet>, &'static str> {
+        loop {
+            let Some((head, len)) = self.dev.wait_used(&mut self.rxq, deadline) else { return Ok(None) };
+            let slot = self.heads.iter().position(|&h| h == head).ok_or("the device returned an unknown buffer")?;
+            let len = (len as usize).clamp(HEADER, HEADER + MAX_FRAME) - HEADER;
+            let frame = bytes(self.rx_buffer(slot) + HEADER as u64, len);
+            let mut copy = [0u8; 128];
+            let n = len.min(copy.len());
+            copy[..n].copy_from_slice(&frame[..n]);
+            self.heads[slot] = self
+                .rxq
+                .push(&[Buffer::writable(self.rx_buffer(slot), (HEADER + MAX_FRAME) as u32)])
+                .ok_or("receive ring full")?;
+            self.dev.notify(RX_QUEUE);
+            let f = &copy[..n];
+            if f.len() < 42 {
+                continue;
+            }
+            if f[6..12] != self.gw_mac && self.gw_mac != [0; 6] {
+                self.others += 1;
+            }
+            match u16::from_be_bytes([f[12], f[13]]) {
+                ETH_ARP => {
+                    let (sender_mac, sender_ip, target_ip) =
+                        (f[22..28].try_into().unwrap(), f[28..32].try_into().unwrap(), &f[38..42]);
+                    match f[21] {
+                        1 if target_ip == self.ip => self.arp(2, sender_mac, sender_ip)?,
+                        2 => *arp_reply = Some((sender_mac, sender_ip)),
+                        _ => {}
+                    }
+                }
+                ETH_IP if f[14] >> 4 == 4 && f[30..34] == self.ip => {
+                    let header = usize::from(f[14] & 0xf) * 4;
+                    let total = usize::from(u16::from_be_bytes([f[16], f[17]])).min(f.len() - 14);
+                    if total < header {
+                        continue;
+                    }
+                    let mut packet = Packet {
+                        proto: f[23],
+                        src: f[26..30].try_into().unwrap(),
+                        src_mac: f[6..12].try_into().unwrap(),
+                        body: [0; 64],
+                        body_len: 0,
+                    };
+                    let body = &f[14 + header..14 + total];
+                    packet.body_len = body.len().min(64);
+                    packet.body[..packet.body_len].copy_from_slice(&body[..packet.body_len]);
+                    if packet.proto == PROTO_ICMP && packet.body_len >= 8 && packet.body[0] == 8 {
+                        // An echo request: answered, as any host does.
+                        let mut reply = packet.body;
+                        reply[0] = 0;
+                        reply[2..4].fill(0);
+                        let sum = fold(checksum(0, &reply[..packet.body_len]));
+                        reply[2..4].copy_from_slice(&sum.to_be_bytes());
+                        self.ip_to(packet.src_mac, PROTO_ICMP, packet.src, &reply[..packet.body_len], None)?;
+                        continue;
+                    }
+                    return Ok(Some(packet));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn resolve(&mut self, target: Ip, wait: u64) -> Result<Option<[u8; 6]>, &'static str> {
+        for _ in 0..3 {
+            self.arp(1, [0; 6], target)?;
+            let deadline = crate::hw::rdtsc() + wait / 3;
+            let mut reply = None;
+            while crate::hw::rdtsc() < deadline {
+                let _ = self.receive(deadline, &mut reply)?;
+                if let Some((mac, ip)) = reply
+                    && ip == target
+                {
+                    return Ok(Some(mac));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Waits for a packet that `wanted` accepts.
+    fn wait_for(&mut self, wait: u64, wanted: impl Fn(&Packet) -> bool) -> Result<Option<Packet>, &'static str> {
+        let deadline = crate::hw::rdtsc() + wait;
+        let mut arp = None;
+        while let Some(p) = self.receive(deadline, &mut arp)? {
+            if wanted(&p) {
+                return Ok(Some(p));
+            }
+        }
+        Ok(None)
+    }
+}
+
+fn tcp_segment(src_port: u16, dst_port: u16, seq: u32, ack: u32, flags: u8, data: &[u8], out: &mut [u8]) -> usize {
+    out[0..2].copy_from_slice(&src_port.to_be_bytes());
+    out[2..4].copy_from_slice(&dst_port.to_be_bytes());
+    out[4..8].copy_from_slice(&seq.to_be_bytes());
+    out[8..12].copy_from_slice(&ack.to_be_bytes());
+    out[12] = 5 << 4;
+    out[13] = flags;
+    out[14..16].copy_from_slice(&8192u16.to_be_bytes());
+    out[16..20].fill(0);
+    out[20..20 + data.len()].copy_from_slice(data);
+    20 + data.len()
+}
+
+pub fn test(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str> {
+    let ip = cmdline.param(TEST, "ip").and_then(parse_ip).ok_or("mode=ip needs probe.virtio-net.ip=A.B.C.D")?;
+    let gw = cmdline.param(TEST, "gw").and_then(parse_ip).ok_or("mode=ip needs probe.virtio-net.gw=A.B.C.D")?;
+    let dst = cmdline.param(TEST, "dst").and_then(parse_ip).unwrap_or(gw);
+    let port = cmdline.number(TEST, "port", 7777) as u16;
+    let wait = cmdline.number(TEST, "wait", 5_000_000_000);
+    let checks = cmdline.param(TEST, "checks").unwrap_or("icmp,udp,tcp");
+
+    let dev = Device::begin(slot, 0, F_MAC).map_err(|_| "the device could not be set up")?;
+    let rxq = dev.queue(RX_QUEUE, RX_BUFFERS as u16).map_err(|_| "the receive queue could not be set up")?;
+    let txq = dev.queue(TX_QUEUE, 16).map_err(|_| "the transmit queue could not be set up")?;
+    let mut mac = [0x02, 0, 0, 0, 0, 1];
+    if dev.features & F_MAC != 0 {
+        for (i, byte) in mac.iter_mut().enumerate() {
+            *byte = (dev.config_read32(i as u64 & !3) >> ((i % 4) * 8)) as u8;
+        }
+    }
+    let rx_area = alloc(RX_BUFFERS * (HEADER + MAX_FRAME), 64).ok_or("out of probe memory")?;
+    let tx_buf = alloc(HEADER + MAX_FRAME, 64).ok_or("out of probe memory")?;
+    let deadline = super::request_deadline(cmdline);
+    let mut host = Host {
+        dev,
+        rxq,
+        txq,
+        rx_area,
+        heads: [0; RX_BUFFERS],
+        tx_buf,
+        mac,
+        ip,
+        gw_mac: [0; 6],
+        cmdline_deadline: deadline,
+        next_hop: [0; 6],
+        others: 0,
+    };
+    for i in 0..usize::from(host.rxq.size).min(RX_BUFFERS) {
+        let b = host.rx_buffer(i);
+        host.heads[i] = host.rxq.push(&[Buffer::writable(b, (HEADER + MAX_FRAME) as u32)]).ok_or("receive ring full")?;
+    }
+    host.dev.driver_ok();
+    host.dev.notify(RX_QUEUE);
+
+    let Some(gw_mac) = host.resolve(gw, wait)? else {
+        return Err("the router did not answer ARP");
+    };
+    host.gw_mac = gw_mac;
+    host.next_hop = gw_mac;
+    // A destination on our own subnet is reached directly, found by ARP.
+    let prefix = cmdline.number(TEST, "prefix", 24).min(32) as u32;
+    let mask = u32::MAX.checked_shl(32 - prefix).unwrap_or(0);
+    let on_link = dst != gw && u32::from_be_bytes(dst) & mask == u32::from_be_bytes(ip) & mask;
+    let mut peer = "-";
+    if on_link {
+        match host.resolve(dst, wait)? {
+            Some(mac) => {
+                host.next_hop = mac;
+                peer = "arp";
+            }
+            None => peer = "none",
+        }
+    }
+    let checks = if peer == "none" { "" } else { checks };
+    let mut body = [0u8; 64];
+    let mut results: [(&str, &str); 3] = [("icmp", "-"), ("udp", "-"), ("tcp", "-")];
+
+    if checks.contains("icmp") {
+        body[..8].copy_from_slice(&[8, 0, 0, 0, 0x7e, 0x57, 0, 1]);
+        body[8..8 + PAYLOAD.len()].copy_from_slice(PAYLOAD);
+        let len = 8 + PAYLOAD.len();
+        let sum = fold(checksum(0, &body[..len]));
+        body[2..4].copy_from_slice(&sum.to_be_bytes());
+        host.ip(PROTO_ICMP, dst, &body[..len], None)?;
+        let reply = host.wait_for(wait, |p| p.proto == PROTO_ICMP && p.src == dst && p.body[0] == 0 && p.body[4..6] == [0x7e, 0x57])?;
+        results[0].1 = if reply.is_some() { "reply" } else { "none" };
+    }
+    if checks.contains("udp") {
+        let len = 8 + PAYLOAD.len();
+        body[0..2].copy_from_slice(&UDP_SRC_PORT.to_be_bytes());
+        body[2..4].copy_from_slice(&port.to_be_bytes());
+        body[4..6].copy_from_slice(&(len as u16).to_be_bytes());
+        body[6..8].fill(0);
+        body[8..len].copy_from_slice(PAYLOAD);
+        host.ip(PROTO_UDP, dst, &body[..len], Some(6))?;
+        let reply = host.wait_for(wait, |p| {
+            p.proto == PROTO_UDP && p.src == dst && p.body[0..2] == port.to_be_bytes() && p.body[2..4] == UDP_SRC_PORT.to_be_bytes()
+        })?;
+        results[1].1 = if reply.is_some() { "reply" } else { "none" };
+    }
+    if checks.contains("tcp") {
+        let iss = 0x1000_0000u32;
+        let n = tcp_segment(TCP_SRC_PORT, port, iss, 0, TCP_SYN, &[], &mut body);
+        host.ip(PROTO_TCP, dst, &body[..n], Some(16))?;
+        let answer = host.wait_for(wait, |p| {
+            p.proto == PROTO_TCP && p.src == dst && p.body[0..2] == port.to_be_bytes() && p.body[2..4] == TCP_SRC_PORT.to_be_bytes()
+        })?;
+        results[2].1 = match answer {
+            Some(p) if p.body[13] & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK => {
+                let their = u32::from_be_bytes(p.body[4..8].try_into().unwrap());
+                // Complete the handshake, send a line, then reset: the server sees a connection.
+                let n = tcp_segment(TCP_SRC_PORT, port, iss + 1, their + 1, TCP_ACK | TCP_PSH, PAYLOAD, &mut body);
+                host.ip(PROTO_TCP, dst, &body[..n], Some(16))?;
+                crate::hw::spin_cycles(wait / 10);
+                let n = tcp_segment(TCP_SRC_PORT, port, iss + 1 + PAYLOAD.len() as u32, 0, TCP_RST, &[], &mut body);
+                host.ip(PROTO_TCP, dst, &body[..n], Some(16))?;
+                "open"
+            }
+            Some(p) if p.body[13] & TCP_RST != 0 => "refused",
+            _ => "none",
+        };
+    }
+    let listen = cmdline.number(TEST, "listen", 0) as u16;
+    let served = if listen != 0 { serve(&mut host, listen, cmdline.number(TEST, "serve", 20_000_000_000))? } else { 0 };
+    host.dev.reset();
+    let m = |m: [u8; 6]| m;
+    let (a, b) = (m(mac), m(gw_mac));
+    report::ok(
+        TEST,
+        format_args!(
+            "mode=ip mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} gw_mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} peer={peer} {}={} {}={} {}={} served={served} others={}",
+            a[0], a[1], a[2], a[3], a[4], a[5], b[0], b[1], b[2], b[3], b[4], b[5],
+            results[0].0, results[0].1, results[1].0, results[1].1, results[2].0, results[2].1, host.others
+        ),
+    );
+    Ok(())
+}
+
+/// Serves TCP on `port` until `cycles` pass: handshakes, echoes data, closes on FIN. One
+/// connection at a time is enough for the tests. Returns the bytes echoed.
+fn serve(host: &mut Host, port: u16, cycles: u64) -> Result<u64, &'static str> {
+    crate::println!("PROBE virtio-net listening port={port}");
+    let end = crate::hw::rdtsc() + cycles;
+    let mut body = [0u8; 64];
+    let (mut served, mut our_seq) = (0u64, 0x2000_0000u32);
+    let mut arp = None;
+    while let Some(p) = host.receive(end, &mut arp)? {
+        if p.proto != PROTO_TCP || p.body[2..4] != port.to_be_bytes() || p.body_len < 20 {
+            continue;
+        }
+        let peer_port = u16::from_be_bytes([p.body[0], p.body[1]]);
+        let seq = u32::from_be_bytes(p.body[4..8].try_into().unwrap());
+        let flags = p.body[13];
+        let data_at = usize::from(p.body[12] >> 4) * 4;
+        let data = &p.body[data_at.min(p.body_len)..p.body_len];
+        let (reply_flags, ack, echo): (u8, u32, &[u8]) = if flags & TCP_SYN != 0 {
+            our_seq = our_seq.wrapping_add(0x1000);
+            (TCP_SYN | TCP_ACK, seq.wrapping_add(1), &[])
+        } else if flags & TCP_FIN != 0 {
+            (TCP_FIN | TCP_ACK, seq.wrapping_add(data.len() as u32 + 1), &[])
+        } else if !data.is_empty() {
+            served += data.len() as u64;
+            (TCP_ACK | TCP_PSH, seq.wrapping_add(data.len() as u32), data)
+        } else {
+            continue;
+        };
+        let mut copy = [0u8; 44];
+        let echo_len = echo.len().min(copy.len());
+        copy[..echo_len].copy_from_slice(&echo[..echo_len]);
+        let n = tcp_segment(port, peer_port, our_seq, ack, reply_flags, &copy[..echo_len], &mut body);
+        // Back the way it came: the router, or a peer on the subnet.
+        host.ip_to(p.src_mac, PROTO_TCP, p.src, &body[..n], Some(16))?;
+        if reply_flags & TCP_SYN != 0 || reply_flags & TCP_FIN != 0 {
+            our_seq = our_seq.wrapping_add(1);
+        }
+        our_seq = our_seq.wrapping_add(echo_len as u32);
+    }
+    Ok(served)
+}
