@@ -346,3 +346,51 @@ fn linux_boots_from_a_firecracker_config_file() {
     assert!(flushed["block"]["read_bytes"].as_u64().unwrap() > 1 << 16, "{flushed}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Linux on a managed network, `ip=dhcp`: its lease comes from the network's DHCP server.
+fn linux_on_network(lab: &common::NetLab, net: &str) -> common::Outcome {
+    let guest = linux_guest();
+    let cmdline = format!("console=ttyS0 reboot=k panic=-1 {LINUX_HOST_CMDLINE} ip=dhcp");
+    let mut cmd = lab.ferrovisor();
+    cmd.args(["run", "--kernel", guest.join("vmlinux").to_str().unwrap()])
+        .args(["--initrd", guest.join("initramfs.cpio").to_str().unwrap()])
+        .args(["--memory", "128", "--net", net, "--cmdline", &cmdline]);
+    Running::start(cmd).finish(BOOT_TIMEOUT)
+}
+
+#[test]
+fn linux_gets_its_address_from_a_nat_networks_dhcp_server() {
+    let lab = common::NetLab::new("fvld");
+    let out = lab.network(&["create", "lab", "--mode", "nat", "--subnet", "10.85.0.0/24", "--uplink", "vh"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = linux_on_network(&lab, "network=lab,mac=02:fc:00:00:00:07");
+    let log = out.describe();
+    assert!(out.stdout.contains("IP-Config: Got DHCP answer from 10.85.0.1, my address is 10.85.0.2"), "{log}");
+    assert!(out.stdout.contains("gw=10.85.0.1"), "the router option: {log}");
+    // The lease is kept: the same MAC gets the same address next time.
+    let leases = std::fs::read_to_string(lab.state.join("networks/lab.leases.json")).unwrap();
+    assert!(leases.contains(r#""02:fc:00:00:00:07": "10.85.0.2""#), "{leases}");
+    assert_ended_after_init(&out);
+}
+
+#[test]
+fn linux_on_a_bridge_network_gets_its_address_from_the_uplinks_segment() {
+    let lab = common::NetLab::new("fvlb");
+    let dir = common::scratch_dir("linux-bridge-network");
+    let mut dnsmasq = lab.outside.command("dnsmasq");
+    dnsmasq
+        .args(["--keep-in-foreground", "--no-resolv", "--no-hosts", "--port=0", "--bind-interfaces"])
+        .args(["--interface=vo", "--dhcp-range=192.0.2.50,192.0.2.50,1h"])
+        .arg(format!("--dhcp-leasefile={}", dir.join("leases").display()))
+        .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let _dhcp = common::KillOnDrop(dnsmasq.spawn().expect("dnsmasq starts (apt-get install dnsmasq-base)"));
+    let out = lab.network(&["create", "seg", "--mode", "bridge", "--uplink", "vh"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = linux_on_network(&lab, "network=seg");
+    let log = out.describe();
+    assert!(out.stdout.contains("IP-Config: Got DHCP answer from 192.0.2.1, my address is 192.0.2.50"), "{log}");
+    assert_ended_after_init(&out);
+    let _ = std::fs::remove_dir_all(dir);
+}
