@@ -13,6 +13,7 @@ command -v ping >/dev/null || missing+=(iputils-ping)
 command -v ip >/dev/null || missing+=(iproute2)
 command -v bridge >/dev/null || missing+=(iproute2)
 command -v nft >/dev/null || missing+=(nftables)
+command -v setfacl >/dev/null || missing+=(acl)
 # curl is the plain HTTP client of the API tests; pip fetches the OpenAPI validator.
 command -v curl >/dev/null || missing+=(curl)
 command -v pip3 >/dev/null || missing+=(python3-pip)

@@ -175,8 +175,8 @@ struct RunArgs {
     /// A virtio console (hvc0): stdio, file:PATH or pty.
     #[arg(long)]
     console: Option<ConsoleConfig>,
-    /// A virtio-net interface: tap=NAME (created if absent), switch=PATH[,vlan=N] or
-    /// network=NAME[,isolated=on]; [,mac=02:..].
+    /// A virtio-net interface: tap=NAME (created if absent), switch=PATH[,vlan=N],
+    /// network=NAME[,isolated=on] or user[,hostfwd=tcp:127.0.0.1:HPORT-:GPORT]; [,mac=02:..].
     #[arg(long = "net")]
     nets: Vec<NetConfig>,
     /// A virtio-balloon: size=MiB (the target)[,deflate_on_oom=on][,stats=on][,free_page_reporting=on].

@@ -394,3 +394,20 @@ fn linux_on_a_bridge_network_gets_its_address_from_the_uplinks_segment() {
     assert_ended_after_init(&out);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Linux on the user-mode network: its DHCP lease comes from the VMM itself, no TAP, no root
+/// needed (the test runs as root only to reach /dev/kvm).
+#[test]
+fn linux_gets_its_address_from_the_user_mode_network() {
+    let guest = linux_guest();
+    let cmdline = format!("console=ttyS0 reboot=k panic=-1 {LINUX_HOST_CMDLINE} ip=dhcp");
+    let mut cmd = ferrovisor();
+    cmd.args(["run", "--kernel", guest.join("vmlinux").to_str().unwrap()])
+        .args(["--initrd", guest.join("initramfs.cpio").to_str().unwrap()])
+        .args(["--memory", "128", "--net", "user", "--cmdline", &cmdline]);
+    let out = Running::start(cmd).finish(BOOT_TIMEOUT);
+    let log = out.describe();
+    assert!(out.stdout.contains("IP-Config: Got DHCP answer from 10.0.2.2, my address is 10.0.2.15"), "{log}");
+    assert!(out.stdout.contains("gw=10.0.2.2"), "{log}");
+    assert_ended_after_init(&out);
+}

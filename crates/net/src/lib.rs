@@ -5,5 +5,6 @@ mod dhcp_socket;
 pub mod network;
 pub mod switch;
 pub mod tap;
+pub mod usernet;
 
 pub use tap::{Tap, TapError};

@@ -66,6 +66,23 @@ impl SwitchPort {
         Ok(SwitchPort { fd })
     }
 
+    /// Two connected ports, for a back-end in this process (the user-mode network).
+    pub fn pair() -> io::Result<(SwitchPort, SwitchPort)> {
+        let mut fds = [0; 2];
+        // SAFETY: socketpair writes two fds into the array, which we own from then on.
+        cvt(unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+                fds.as_mut_ptr(),
+            )
+        })?;
+        // SAFETY: both fds are fresh and owned by nothing else.
+        let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        Ok((SwitchPort { fd: a }, SwitchPort { fd: b }))
+    }
+
     pub fn send_frame(&self, frame: &[u8]) -> io::Result<usize> {
         send(self.fd.as_raw_fd(), frame)
     }

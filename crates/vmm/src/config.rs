@@ -90,6 +90,8 @@ pub enum NetAttachment {
     /// A TAP the VMM creates on a managed network's bridge; `isolated` ports cannot reach
     /// each other.
     Network { name: String, isolated: bool },
+    /// User-mode networking through host sockets, with TCP ports forwarded into the guest.
+    User { forwards: Vec<net::usernet::HostForward> },
 }
 
 /// A virtio-net interface: `--net tap=NAME[,mac=..]` or `--net switch=PATH[,vlan=N][,mac=..]`.
@@ -121,9 +123,27 @@ pub fn parse_unicast_mac(text: &str) -> Result<[u8; 6], String> {
     }
 }
 
+/// `--net user[,hostfwd=tcp:ADDR:HPORT-:GPORT]...[,mac=..]`.
+fn parse_user_net(rest: &str) -> Result<NetConfig, String> {
+    let (mut forwards, mut mac) = (Vec::new(), None);
+    if !rest.is_empty() {
+        for (key, value) in key_values("--net user", rest)? {
+            match key {
+                "hostfwd" => forwards.push(value.parse().map_err(|e| format!("--net user,{e}"))?),
+                "mac" => mac = Some(parse_unicast_mac(value).map_err(|e| format!("--net mac= {e}"))?),
+                _ => return Err(format!("--net user has no option '{key}'; use hostfwd= and mac=")),
+            }
+        }
+    }
+    Ok(NetConfig { attachment: NetAttachment::User { forwards }, mac })
+}
+
 impl FromStr for NetConfig {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(rest) = s.strip_prefix("user").filter(|r| r.is_empty() || r.starts_with(',')) {
+            return parse_user_net(rest.trim_start_matches(','));
+        }
         let (mut tap, mut switch, mut network, mut vlan, mut isolated, mut mac) = (None, None, None, None, None, None);
         for (key, value) in key_values("--net", s)? {
             match key {
@@ -617,6 +637,10 @@ mod tests {
         let n: NetConfig = "network=lab,isolated=on".parse().unwrap();
         assert_eq!(n.attachment, NetAttachment::Network { name: "lab".into(), isolated: true });
         assert!("tap=x,isolated=on".parse::<NetConfig>().unwrap_err().contains("isolated= goes with network="));
+        let u: NetConfig = "user,hostfwd=tcp:127.0.0.1:2222-:22".parse().unwrap();
+        assert!(matches!(&u.attachment, NetAttachment::User { forwards } if forwards[0].guest_port == 22));
+        assert!("user,hostfwd=tcp:1".parse::<NetConfig>().unwrap_err().starts_with("--net user,hostfwd takes"));
+        assert!(matches!("user".parse::<NetConfig>().unwrap().attachment, NetAttachment::User { .. }));
         let sw: NetConfig = "switch=/tmp/sw.sock,vlan=7".parse().unwrap();
         assert_eq!(sw.attachment, NetAttachment::Switch { path: "/tmp/sw.sock".into(), vlan: 7 });
         assert!("tap=a,switch=/x".parse::<NetConfig>().unwrap_err().contains("not both"));

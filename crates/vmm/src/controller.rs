@@ -717,7 +717,7 @@ fn config_file_of(c: &VmConfig) -> VmConfigFile {
                     rx_rate_limiter: None,
                     tx_rate_limiter: None,
                 }),
-                NetAttachment::Switch { .. } | NetAttachment::Network { .. } => None,
+                NetAttachment::Switch { .. } | NetAttachment::Network { .. } | NetAttachment::User { .. } => None,
             })
             .collect(),
         vsock: c.vsock.as_ref().map(|v| models::Vsock {

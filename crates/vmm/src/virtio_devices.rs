@@ -63,6 +63,13 @@ pub fn attach_all(
                 tracing::info!("virtio-net{i}: {tap_name} on network {name} (bridge {})", network.bridge);
                 virtio::net::NetHost::Tap(tap)
             }
+            NetAttachment::User { forwards } => {
+                let port = net::usernet::spawn(forwards).map_err(|e| {
+                    Error::Device(format!("the user network cannot start ({e}); is a forwarded host port in use?"))
+                })?;
+                tracing::info!("virtio-net{i}: user network, guest 10.0.2.15, router 10.0.2.2 (the host's loopback)");
+                virtio::net::NetHost::Switch(port)
+            }
             NetAttachment::Switch { path, vlan } => {
                 let port = net::switch::SwitchPort::connect(path, *vlan).map_err(|e| {
                     Error::Device(format!(
