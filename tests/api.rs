@@ -217,6 +217,25 @@ fn probe_lifecycle_through_the_socket_pause_resume_metrics() {
     common::check_counter_disk(&std::fs::read(&disk).unwrap(), last);
 }
 
+/// SendCtrlAltDel presses the keys on the i8042: the probe reads them, as set 1 scan codes
+/// (the controller translates, as PCs do), press and release.
+#[test]
+fn send_ctrl_alt_del_reaches_the_guests_keyboard_controller() {
+    let dir = scratch_dir("api-ctrl-alt-del");
+    let (mut vm, socket) = api_vmm(&dir);
+    let s = socket.as_path();
+    let m = fault(s, "PUT", "/actions", r#"{"action_type": "SendCtrlAltDel"}"#, 400);
+    assert!(m.contains("needs a running VM"), "{m}");
+    let boot = serde_json::json!({"kernel_image_path": probe_elf(), "boot_args": "console=ttyS0 probe.test=i8042"});
+    expect(s, "PUT", "/boot-source", &boot.to_string(), 204);
+    expect(s, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#, 204);
+    assert!(vm.wait_for_output("PROBE i8042 ready", TIMEOUT), "{}", vm.stderr());
+    expect(s, "PUT", "/actions", r#"{"action_type": "SendCtrlAltDel"}"#, 204);
+    let out = vm.finish(TIMEOUT);
+    let line = common::probe_result(&out.stdout, "i8042").unwrap_or_else(|| panic!("{}", out.describe()));
+    assert_eq!(line, "PROBE i8042 ok bytes=8 scancodes=1d,38,e0,53,e0,d3,b8,9d");
+}
+
 #[test]
 fn config_file_starts_a_vm_without_the_api() {
     let dir = scratch_dir("api-config-file");

@@ -60,6 +60,8 @@ pub const LAPIC_START: u64 = 0xfee0_0000;
 /// Legacy I/O ports and interrupt lines.
 pub const COM1_PORT: u16 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
+/// The i8042's keyboard interrupt.
+pub const I8042_IRQ: u32 = 1;
 pub const I8042_PORT: u16 = 0x60;
 pub const CMOS_PORT: u16 = 0x70;
 /// IOAPIC pins (and so GSIs) the MP table routes ISA IRQs to.

@@ -643,7 +643,7 @@ mod tests {
         assert!(matches!("user".parse::<NetConfig>().unwrap().attachment, NetAttachment::User { .. }));
         let sw: NetConfig = "switch=/tmp/sw.sock,vlan=7".parse().unwrap();
         assert_eq!(sw.attachment, NetAttachment::Switch { path: "/tmp/sw.sock".into(), vlan: 7 });
-        assert!("tap=a,switch=/x".parse::<NetConfig>().unwrap_err().contains("not both"));
+        assert!("tap=a,switch=/x".parse::<NetConfig>().unwrap_err().contains("one of tap=, switch= and network="));
         assert!("tap=a,vlan=3".parse::<NetConfig>().unwrap_err().contains("goes with switch="));
         assert!("switch=/x,vlan=5000".parse::<NetConfig>().unwrap_err().contains("0 to 4094"));
         assert!("tap=fv0,mac=01:00:00:00:00:01".parse::<NetConfig>().unwrap_err().contains("multicast"));

@@ -194,11 +194,13 @@ impl Controller {
                     Response::error(400, "FlushMetrics needs a metrics file; PUT /metrics with metrics_path first.")
                 }
             },
-            Request::Action(ActionType::SendCtrlAltDel) => Response::error(
-                400,
-                "SendCtrlAltDel needs an i8042 keyboard, which Ferrovisor does not emulate; \
-                 use PUT /ferrovisor/stop or stop the guest from inside.",
-            ),
+            Request::Action(ActionType::SendCtrlAltDel) => match &self.vm {
+                Some((vm, _)) => {
+                    vm.send_ctrl_alt_del();
+                    Response::no_content()
+                }
+                None => before_start("SendCtrlAltDel"),
+            },
             Request::PatchVm(state) => self.patch_vm(state),
             Request::CreateSnapshot(params) => self.create_snapshot(params),
             Request::LoadSnapshot(params) => self.load_snapshot(params),

@@ -55,6 +55,9 @@ pub struct DeviceStates {
     pub serial: devices::serial::SavedSerial,
     pub cmos_index: u8,
     pub cmos_nvram: Vec<u8>,
+    /// The i8042's configuration byte (absent in older files: the power-on value).
+    #[serde(default)]
+    pub i8042_ctr: Option<u8>,
     /// The virtio-mmio transports, in slot order.
     pub virtio: Vec<virtio::transport::SavedTransport>,
 }

@@ -82,6 +82,7 @@ pub struct RunningVm {
 struct LegacyDevices {
     serial: Arc<Mutex<SerialDevice>>,
     cmos: Arc<Mutex<Cmos>>,
+    i8042: Arc<Mutex<I8042>>,
 }
 
 /// What a snapshot wrote.
@@ -119,6 +120,11 @@ impl RunningVm {
             self.paused = false;
             tracing::info!("the VM resumed");
         }
+    }
+
+    /// Presses Ctrl-Alt-Del on the i8042 keyboard (a Linux guest reboots).
+    pub fn send_ctrl_alt_del(&self) {
+        self.legacy.i8042.lock().unwrap_or_else(|p| p.into_inner()).ctrl_alt_del();
     }
 
     /// Stops the vCPU threads and drops the devices.
@@ -186,6 +192,7 @@ impl RunningVm {
             serial: self.legacy.serial.lock().unwrap_or_else(|p| p.into_inner()).save(),
             cmos_index,
             cmos_nvram,
+            i8042_ctr: Some(self.legacy.i8042.lock().unwrap_or_else(|p| p.into_inner()).ctr()),
             virtio,
         };
         let mem = &self.shared.mem;
@@ -475,7 +482,13 @@ fn create_devices(
         serial::spawn_input_thread(serial.clone(), std::io::stdin()).map_err(host_err("serial input thread"))?;
     }
     let reset_latch = latch.clone();
-    let i8042 = I8042::new(Box::new(move || reset_latch.set(VmExit::Reset)));
+    let keyboard_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("keyboard interrupt"))?;
+    vm.register_irqfd(&keyboard_irq, I8042_IRQ).map_err(kvm_err("route the keyboard interrupt"))?;
+    let mut i8042 = I8042::new(Box::new(move || reset_latch.set(VmExit::Reset))).with_irq(keyboard_irq);
+    if let Some(ctr) = saved.and_then(|s| s.i8042_ctr) {
+        i8042.set_ctr(ctr);
+    }
+    let i8042 = Arc::new(Mutex::new(i8042));
 
     let mut cmos = Cmos::with_host_clock();
     if let Some(saved) = saved {
@@ -483,11 +496,11 @@ fn create_devices(
     }
     let cmos = Arc::new(Mutex::new(cmos));
     let port_devices: [(u16, u64, SharedDevice); 3] =
-        [(COM1_PORT, 8, serial.clone()), (I8042_PORT, 5, Arc::new(Mutex::new(i8042))), (CMOS_PORT, 2, cmos.clone())];
+        [(COM1_PORT, 8, serial.clone()), (I8042_PORT, 5, i8042.clone()), (CMOS_PORT, 2, cmos.clone())];
     for (port, len, device) in port_devices {
         pio.insert(u64::from(port), len, device).expect("legacy port ranges are disjoint");
     }
     let timer = Arc::new(Mutex::new(BootTimer::new(launched, BOOT_TIMER_MAGIC)));
     mmio.insert(BOOT_TIMER_START, BOOT_TIMER_SIZE, timer).expect("the MMIO bus starts empty");
-    Ok((pio, mmio, LegacyDevices { serial, cmos }))
+    Ok((pio, mmio, LegacyDevices { serial, cmos, i8042 }))
 }

@@ -2,6 +2,7 @@
 
 mod fault;
 mod hostile;
+mod i8042;
 mod memfill;
 mod serial;
 pub mod smp;
@@ -19,6 +20,7 @@ pub fn run(name: &str, cmdline: Cmdline, info: &StartInfo) {
         "memfill" => memfill::run(cmdline, info),
         "fault" => fault::run(),
         "hostile" => hostile::run(cmdline),
+        "i8042" => i8042::run(cmdline),
         "tsc" => match crate::tsc::khz(cmdline) {
             Some(khz) => report::ok("tsc", format_args!("khz={khz}")),
             None => report::fail("tsc", format_args!("the CMOS clock never ticked")),

@@ -61,6 +61,11 @@ pub fn run(test: &str, id: u32, cmdline: Cmdline, info: &StartInfo) {
             }
         }
         "virtio-blk" => run_device(test, &slot, cmdline, blk::test, Some(blk::throughput)),
+        "virtio-net" if cmdline.param(test, "mode") == Some("sink") => {
+            if let Err(reason) = net::sink(&slot, cmdline) {
+                report::fail(test, format_args!("{reason}"));
+            }
+        }
         "virtio-net" if cmdline.param(test, "mode") == Some("ip") => {
             if let Err(reason) = ip::test(&slot, cmdline) {
                 report::fail(test, format_args!("{reason}"));

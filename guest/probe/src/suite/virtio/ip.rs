@@ -7,6 +7,9 @@
 //!
 //!     PROBE virtio-net ok mode=ip mac=... gw_mac=... icmp=reply udp=reply tcp=open
 //!
+//! With `.flood=N` it then sends N datagrams of `.size` (64) bytes to dst:port with the
+//! transmit ring kept full, and reports `flood_pps`.
+//!
 //! With `.listen=PORT` it then serves TCP on that port for `.serve` (20G) cycles: each
 //! connection's data is echoed back, and it reports `served=BYTES`. It answers echo requests
 //! all along, and counts the frames that came from anyone but the router (`others=N`). A dst
@@ -379,6 +382,8 @@ pub fn test(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str>
             _ => "none",
         };
     }
+    let flood = cmdline.number(TEST, "flood", 0);
+    let flood_pps = if flood > 0 { flood_udp(&mut host, dst, port, flood, cmdline)? } else { 0 };
     let listen = cmdline.number(TEST, "listen", 0) as u16;
     let served = if listen != 0 { serve(&mut host, listen, cmdline.number(TEST, "serve", 20_000_000_000))? } else { 0 };
     host.dev.reset();
@@ -387,12 +392,57 @@ pub fn test(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str>
     report::ok(
         TEST,
         format_args!(
-            "mode=ip mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} gw_mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} peer={peer} {}={} {}={} {}={} served={served} others={}",
+            "mode=ip mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} gw_mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} peer={peer} {}={} {}={} {}={} served={served} others={} flood_pps={flood_pps}",
             a[0], a[1], a[2], a[3], a[4], a[5], b[0], b[1], b[2], b[3], b[4], b[5],
             results[0].0, results[0].1, results[1].0, results[1].1, results[2].0, results[2].1, host.others
         ),
     );
     Ok(())
+}
+
+/// Sends `count` UDP datagrams to dst:port, 16 in flight; returns packets per second.
+fn flood_udp(host: &mut Host, dst: Ip, port: u16, count: u64, cmdline: Cmdline) -> Result<u64, &'static str> {
+    const IN_FLIGHT: usize = 16;
+    let size = (cmdline.number(TEST, "size", 64) as usize).clamp(8, 1400);
+    // One frame built the usual way, then copied into each slot.
+    let mut body = [0u8; 1408];
+    body[0..2].copy_from_slice(&UDP_SRC_PORT.to_be_bytes());
+    body[2..4].copy_from_slice(&port.to_be_bytes());
+    body[4..6].copy_from_slice(&((8 + size) as u16).to_be_bytes());
+    let frame_len = 14 + 20 + 8 + size;
+    {
+        // ip() sends it once: the template, and a first datagram.
+        host.ip(PROTO_UDP, dst, &body[..8 + size], Some(6))?;
+    }
+    let template = bytes(host.tx_buf, HEADER + frame_len);
+    let area = alloc(IN_FLIGHT * (HEADER + MAX_FRAME), 64).ok_or("out of probe memory")?;
+    let slot = |i: usize| area + (i * (HEADER + MAX_FRAME)) as u64;
+    for i in 0..IN_FLIGHT {
+        bytes(slot(i), HEADER + frame_len).copy_from_slice(template);
+    }
+    let in_flight = usize::from(host.txq.size).min(IN_FLIGHT);
+    let mut heads = [u16::MAX; IN_FLIGHT];
+    let start = crate::hw::rdtsc();
+    let (mut sent, mut done) = (1u64, 1u64);
+    for (i, head) in heads.iter_mut().enumerate().take(in_flight) {
+        if sent < count {
+            *head = host.txq.push(&[Buffer::readable(slot(i), (HEADER + frame_len) as u32)]).ok_or("ring full")?;
+            sent += 1;
+        }
+    }
+    host.dev.notify(TX_QUEUE);
+    while done < count {
+        let (head, _) = host.dev.wait_used(&mut host.txq, host.cmdline_deadline).ok_or("transmissions stalled")?;
+        done += 1;
+        if sent < count {
+            let i = heads.iter().position(|&h| h == head).ok_or("unknown buffer")?;
+            heads[i] = host.txq.push(&[Buffer::readable(slot(i), (HEADER + frame_len) as u32)]).ok_or("ring full")?;
+            sent += 1;
+            host.dev.notify(TX_QUEUE);
+        }
+    }
+    let khz = crate::tsc::khz(cmdline).unwrap_or(0).max(1);
+    Ok(count * khz * 1000 / (crate::hw::rdtsc() - start).max(1))
 }
 
 /// Serves TCP on `port` until `cycles` pass: handshakes, echoes data, closes on FIN. One

@@ -9,6 +9,9 @@
 //! bytes with the ring kept full, and reports packets per second from the TSC (see tsc.rs).
 //! Each frame carries its sequence number (little-endian u64 right after the EtherType), so
 //! that the host can check that none was lost or duplicated.
+//!
+//! With `probe.virtio-net.mode=sink` it receives probe frames until `.frames` (100000) came or
+//! `.cycles` (10G) passed since the first, and reports how many and the rate.
 
 use crate::cmdline::{Cmdline, VirtioMmioSlot};
 use crate::pattern::{ETHERTYPE_PROBE, FNV_OFFSET, fill_frame, fnv1a};
@@ -80,6 +83,46 @@ pub fn throughput(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'stati
     let khz = crate::tsc::khz(cmdline).unwrap_or(0).max(1);
     let pps = frames * khz * 1000 / cycles.max(1);
     report::ok(TEST, format_args!("mode=throughput size={size} tx_pps={pps} frames={frames} cycles={cycles} tsc_khz={khz}"));
+    Ok(())
+}
+
+pub fn sink(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str> {
+    let dev = Device::begin(slot, 0, F_MAC).map_err(|_| "the device could not be set up")?;
+    let mut rxq = dev.queue(RX_QUEUE, 256).map_err(|_| "the receive queue could not be set up")?;
+    dev.queue(TX_QUEUE, 8).map_err(|_| "the transmit queue could not be set up")?;
+    let slots = usize::from(rxq.size).min(256);
+    let area = alloc(slots * (HEADER + MAX_FRAME), 64).ok_or("out of probe memory")?;
+    let buffer = |i: usize| area + (i * (HEADER + MAX_FRAME)) as u64;
+    let mut heads = [0u16; 256];
+    for (i, head) in heads.iter_mut().enumerate().take(slots) {
+        *head = rxq.push(&[Buffer::writable(buffer(i), (HEADER + MAX_FRAME) as u32)]).ok_or("receive ring full")?;
+    }
+    dev.driver_ok();
+    dev.notify(RX_QUEUE);
+    crate::println!("PROBE virtio-net sink ready");
+    let want = cmdline.number(TEST, "frames", 100_000);
+    let window = cmdline.number(TEST, "cycles", 10_000_000_000);
+    let (mut got, mut first, mut last) = (0u64, 0u64, 0u64);
+    let wait_first = crate::hw::rdtsc() + 4 * window;
+    while got < want {
+        let deadline = if got == 0 { wait_first } else { first + window };
+        let Some((head, _)) = dev.wait_used(&mut rxq, deadline) else { break };
+        let slot = heads.iter().take(slots).position(|&h| h == head).ok_or("the device returned an unknown buffer")?;
+        let frame = bytes(buffer(slot) + HEADER as u64, 14);
+        if frame[12..14] == ETHERTYPE_PROBE.to_be_bytes() {
+            last = crate::hw::rdtsc();
+            if got == 0 {
+                first = last;
+            }
+            got += 1;
+        }
+        heads[slot] = rxq.push(&[Buffer::writable(buffer(slot), (HEADER + MAX_FRAME) as u32)]).ok_or("receive ring full")?;
+        dev.notify(RX_QUEUE);
+    }
+    dev.reset();
+    let khz = crate::tsc::khz(cmdline).unwrap_or(0).max(1);
+    let pps = got.saturating_sub(1) * khz * 1000 / (last - first).max(1);
+    report::ok(TEST, format_args!("mode=sink rx_frames={got} rx_pps={pps} tsc_khz={khz}"));
     Ok(())
 }
 
