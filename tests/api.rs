@@ -5,26 +5,15 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Running, ferrovisor, http, probe_elf, probe_ticks, scratch_dir, wait_for_socket};
+use common::{Running, api_call as expect, ferrovisor, http, probe_elf, probe_ticks, scratch_dir, wait_for_socket};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 /// `ferrovisor --api-sock DIR/api.sock`, listening.
 fn api_vmm(dir: &Path) -> (Running, PathBuf) {
-    let socket = dir.join("api.sock");
-    let mut cmd = ferrovisor();
-    cmd.arg("--api-sock").arg(&socket);
-    let vm = Running::start(cmd);
-    wait_for_socket(&socket);
-    (vm, socket)
-}
-
-fn expect(socket: &Path, method: &str, path: &str, body: &str, status: u16) -> String {
-    let (got, answer) = http(socket, method, path, body);
-    assert_eq!(got, status, "{method} {path} {body}: {answer}");
-    answer
+    common::api_vmm(dir, "api.sock", &[])
 }
 
 /// The fault_message of an error answer; it must be one sentence that names a fix.
@@ -55,15 +44,7 @@ fn configure_counter_probe(socket: &Path, disk: &Path, extra_cmdline: &str) {
 }
 
 fn wait_for_ticks(vm: &mut Running, at_least: usize) -> Vec<u64> {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let ticks = probe_ticks(&vm.stdout());
-        if ticks.len() >= at_least {
-            return ticks;
-        }
-        assert!(Instant::now() < deadline, "fewer than {at_least} ticks: {}\n{}", vm.stdout(), vm.stderr());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_for_ticks(vm, at_least, TIMEOUT)
 }
 
 #[test]

@@ -207,20 +207,28 @@ fn linux_finds_its_devices_on_virtio_pci_with_msix_and_mounts_root() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// `ferrovisor --api-sock DIR/NAME`, listening.
-fn api_vmm(dir: &std::path::Path, name: &str, extra: &[&str]) -> (Running, std::path::PathBuf) {
-    let socket = dir.join(name);
-    let mut cmd = ferrovisor();
-    cmd.arg("--api-sock").arg(&socket).args(extra);
-    let vm = Running::start(cmd);
-    common::wait_for_socket(&socket);
-    (vm, socket)
-}
+use common::api_vmm;
 
 fn api(socket: &std::path::Path, method: &str, path: &str, body: &str, status: u16) -> serde_json::Value {
-    let (got, answer) = common::http(socket, method, path, body);
-    assert_eq!(got, status, "{method} {path} {body}: {answer}");
-    serde_json::from_str(&answer).unwrap_or(serde_json::Value::Null)
+    serde_json::from_str(&common::api_call(socket, method, path, body, status)).unwrap_or(serde_json::Value::Null)
+}
+
+/// Loads a snapshot taken while the kernel waited for its root device into a new VMM, which
+/// must mount the root and start init without booting again.
+fn restore_and_boot_on(dir: &std::path::Path, state: &std::path::Path, mem: &std::path::Path) {
+    let (second, socket) = api_vmm(dir, "second.sock", &[]);
+    let load = serde_json::json!({
+        "snapshot_path": state,
+        "mem_backend": {"backend_type": "File", "backend_path": mem},
+        "resume_vm": true,
+    });
+    api(&socket, "PUT", "/snapshot/load", &load.to_string(), 204);
+    let out = second.finish(BOOT_TIMEOUT);
+    let log = out.describe();
+    assert!(!out.stdout.contains("Linux version"), "the restored guest does not boot again: {log}");
+    assert!(out.stdout.contains("EXT4-fs (vda): mounted filesystem"), "{log}");
+    assert!(out.stdout.contains("Run /sbin/init as init process"), "{log}");
+    assert_ended_after_init(&out);
 }
 
 /// The whole lifecycle through the socket only: configure, start, pause and resume, inflate
@@ -297,19 +305,7 @@ fn linux_lifecycle_through_the_api_socket_with_balloon_metrics_and_snapshot() {
     let first = first.finish(BOOT_TIMEOUT);
     assert!(!first.stdout.contains("EXT4-fs (vda): mounted"), "the snapshot came before the root mount");
 
-    let (second, socket) = api_vmm(&dir, "second.sock", &[]);
-    let load = serde_json::json!({
-        "snapshot_path": state,
-        "mem_backend": {"backend_type": "File", "backend_path": mem},
-        "resume_vm": true,
-    });
-    api(&socket, "PUT", "/snapshot/load", &load.to_string(), 204);
-    let out = second.finish(BOOT_TIMEOUT);
-    let log = out.describe();
-    assert!(!out.stdout.contains("Linux version"), "the restored guest does not boot again: {log}");
-    assert!(out.stdout.contains("EXT4-fs (vda): mounted filesystem"), "{log}");
-    assert!(out.stdout.contains("Run /sbin/init as init process"), "{log}");
-    assert_ended_after_init(&out);
+    restore_and_boot_on(&dir, &state, &mem);
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -373,18 +369,7 @@ fn linux_lifecycle_from_a_firecracker_config_file() {
     let flushed: serde_json::Value = serde_json::from_str(line.lines().last().unwrap()).unwrap();
     assert!(flushed["block"]["read_bytes"].as_u64().unwrap() > 0, "{flushed}");
 
-    let (second, socket) = api_vmm(&dir, "second.sock", &[]);
-    let load = serde_json::json!({
-        "snapshot_path": state,
-        "mem_backend": {"backend_type": "File", "backend_path": mem},
-        "resume_vm": true,
-    });
-    api(&socket, "PUT", "/snapshot/load", &load.to_string(), 204);
-    let out = second.finish(BOOT_TIMEOUT);
-    let log = out.describe();
-    assert!(out.stdout.contains("EXT4-fs (vda): mounted filesystem"), "{log}");
-    assert!(out.stdout.contains("Run /sbin/init as init process"), "{log}");
-    assert_ended_after_init(&out);
+    restore_and_boot_on(&dir, &state, &mem);
     let _ = std::fs::remove_dir_all(dir);
 }
 

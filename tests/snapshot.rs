@@ -7,37 +7,18 @@ mod common;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Running, ferrovisor, http, probe_elf, probe_ticks, scratch_dir, wait_for_socket};
+use common::{Running, api_call as expect, probe_elf, probe_ticks, scratch_dir};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 fn api_vmm(dir: &Path, name: &str) -> (Running, PathBuf) {
-    let socket = dir.join(name);
-    let mut cmd = ferrovisor();
-    cmd.arg("--api-sock").arg(&socket);
-    let vm = Running::start(cmd);
-    wait_for_socket(&socket);
-    (vm, socket)
-}
-
-fn expect(socket: &Path, method: &str, path: &str, body: &str, status: u16) -> String {
-    let (got, answer) = http(socket, method, path, body);
-    assert_eq!(got, status, "{method} {path} {body}: {answer}");
-    answer
+    common::api_vmm(dir, name, &[])
 }
 
 fn wait_for_ticks(vm: &mut Running, at_least: usize) -> Vec<u64> {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let ticks = probe_ticks(&vm.stdout());
-        if ticks.len() >= at_least {
-            return ticks;
-        }
-        assert!(Instant::now() < deadline, "fewer than {at_least} ticks: {}\n{}", vm.stdout(), vm.stderr());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_for_ticks(vm, at_least, TIMEOUT)
 }
 
 /// A probe counting on `disk` every ~4 ms, with dirty page tracking, started through the API.
@@ -99,8 +80,8 @@ fn a_counting_probe_resumes_in_a_new_process_where_it_was_with_its_disk_intact()
     assert!(probe_ticks(&second.stdout()).is_empty(), "a paused restore runs nothing: {}", second.stdout());
     expect(&socket, "PATCH", "/vm", r#"{"state": "Resumed"}"#, 204);
     let ticks = wait_for_ticks(&mut second, 30);
-    assert_eq!(ticks[0], at_snapshot + 1, "the count goes on from the snapshot: {ticks:?}");
-    assert!(ticks.windows(2).all(|w| w[1] == w[0] + 1), "{ticks:?}");
+    // The count goes on from the snapshot: tick at_snapshot + 1 may have been cut in half.
+    assert!(ticks[0] == at_snapshot + 1 || ticks[0] == at_snapshot + 2, "{at_snapshot} then {ticks:?}");
     // A restored VM snapshots again (its memory now comes from the first file).
     let (state2, mem2) = (dir.join("vm2.snap"), dir.join("vm2.mem"));
     expect(&socket, "PATCH", "/vm", r#"{"state": "Paused"}"#, 204);
@@ -108,16 +89,16 @@ fn a_counting_probe_resumes_in_a_new_process_where_it_was_with_its_disk_intact()
     expect(&socket, "PUT", "/ferrovisor/stop", "", 204);
     let second = second.finish(TIMEOUT);
     assert_eq!(second.status.code(), Some(0), "{}", second.describe());
-    let at_second = *probe_ticks(&second.stdout).last().unwrap();
+    let at_second = common::assert_one_count(&[&first.stdout, &second.stdout]);
     common::check_counter_disk(&std::fs::read(&disk).unwrap(), at_second);
 
     let (mut third, socket) = api_vmm(&dir, "third.sock");
     expect(&socket, "PUT", "/snapshot/load", &load_body(&state2, &mem2, true), 204);
-    let ticks = wait_for_ticks(&mut third, 10);
-    assert_eq!(ticks[0], at_second + 1, "{ticks:?}");
+    wait_for_ticks(&mut third, 10);
     expect(&socket, "PUT", "/ferrovisor/stop", "", 204);
     let third = third.finish(TIMEOUT);
-    let last = *probe_ticks(&third.stdout).last().unwrap();
+    let last = common::assert_one_count(&[&first.stdout, &second.stdout, &third.stdout]);
+    assert!(last > at_second + 5, "the third VMM counted on");
     common::check_counter_disk(&std::fs::read(&disk).unwrap(), last);
     // The memory file is sparse: a 64 MiB guest that touched little takes little room.
     let allocated = std::fs::metadata(&mem).unwrap().blocks() * 512;
@@ -160,10 +141,13 @@ fn a_diff_snapshot_holds_only_dirtied_pages_and_merges_onto_its_base() {
     assert!(out.status.success(), "{}", out.describe());
     let (mut second, socket) = api_vmm(&dir, "second.sock");
     expect(&socket, "PUT", "/snapshot/load", &load_body(&diff_state, &merged, true), 204);
-    let ticks = wait_for_ticks(&mut second, 10);
-    assert_eq!(ticks[0], at_diff + 1, "{ticks:?}");
+    wait_for_ticks(&mut second, 10);
     expect(&socket, "PUT", "/ferrovisor/stop", "", 204);
-    assert_eq!(second.finish(TIMEOUT).status.code(), Some(0));
+    let second = second.finish(TIMEOUT);
+    assert_eq!(second.status.code(), Some(0));
+    // The count goes on from the diff's time, not the base's.
+    let last = common::assert_one_count(&[&first.stdout, &second.stdout]);
+    assert!(last > at_diff + 5, "{last} after {at_diff}");
 }
 
 #[test]

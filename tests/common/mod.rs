@@ -558,9 +558,25 @@ pub fn wait_for_socket(socket: &Path) {
     }
 }
 
-/// The counter values of the probe's `PROBE tick n=N` lines, in order.
+/// The counter values of the probe's complete `PROBE tick n=N` lines, in order. A line cut
+/// short (a VM stopped or snapshotted while printing it) is not counted.
 pub fn probe_ticks(output: &str) -> Vec<u64> {
-    probe_lines(output).iter().filter_map(|l| l.strip_prefix("PROBE tick n=")?.parse().ok()).collect()
+    let complete = match output.rfind('\n') {
+        Some(end) => &output[..=end],
+        None => "",
+    };
+    probe_lines(complete).iter().filter_map(|l| l.strip_prefix("PROBE tick n=")?.parse().ok()).collect()
+}
+
+/// Checks that the outputs of the VMMs a counting guest ran in, one after the other (each
+/// restored from the previous one's snapshot), hold one unbroken count: the line a VMM was
+/// printing when its snapshot was taken ends in the next one. Returns the last tick.
+pub fn assert_one_count(outputs: &[&str]) -> u64 {
+    let joined: String = outputs.concat();
+    let ticks = probe_ticks(&joined);
+    assert!(!ticks.is_empty(), "no ticks: {joined}");
+    assert!(ticks.windows(2).all(|w| w[1] == w[0] + 1), "the count restarts, repeats or skips: {ticks:?}");
+    *ticks.last().unwrap()
 }
 
 /// Checks the probe counter's disk: sector n % 64 holds the pattern of the last tick n written
@@ -695,5 +711,35 @@ impl Drop for NetLab {
             let _ = server.kill();
             let _ = server.wait();
         }
+    }
+}
+
+/// `ferrovisor --api-sock DIR/NAME EXTRA...`, listening.
+pub fn api_vmm(dir: &Path, name: &str, extra: &[&str]) -> (Running, PathBuf) {
+    let socket = dir.join(name);
+    let mut cmd = ferrovisor();
+    cmd.arg("--api-sock").arg(&socket).args(extra);
+    let vm = Running::start(cmd);
+    wait_for_socket(&socket);
+    (vm, socket)
+}
+
+/// One API request that must answer `status`; the body.
+pub fn api_call(socket: &Path, method: &str, path: &str, body: &str, status: u16) -> String {
+    let (got, answer) = http(socket, method, path, body);
+    assert_eq!(got, status, "{method} {path} {body}: {answer}");
+    answer
+}
+
+/// Waits until the probe printed `at_least` counter ticks; returns them.
+pub fn wait_for_ticks(vm: &mut Running, at_least: usize, timeout: Duration) -> Vec<u64> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let ticks = probe_ticks(&vm.stdout());
+        if ticks.len() >= at_least {
+            return ticks;
+        }
+        assert!(Instant::now() < deadline, "fewer than {at_least} ticks: {}\n{}", vm.stdout(), vm.stderr());
+        thread::sleep(Duration::from_millis(20));
     }
 }

@@ -117,12 +117,8 @@ pub fn create(regions: &[(u64, u64)], options: &MemoryOptions) -> Result<GuestMe
                 .build()
                 .map_err(|e| map_error(size, options, std::io::Error::other(e.to_string())))?
         };
-        advise(&region, options);
         file_offset += len;
-        mapped.push(
-            GuestRegionMmap::new(region, GuestAddress(start))
-                .ok_or(MemoryError::Regions(format!("region at {start:#x} wraps the address space")))?,
-        );
+        mapped.push(guest_region(region, start, options)?);
     }
     GuestMemory::from_regions(mapped).map_err(|e| MemoryError::Regions(e.to_string()))
 }
@@ -141,14 +137,21 @@ pub fn restore(regions: &[(u64, u64)], file: &File, options: &MemoryOptions) -> 
             .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE)
             .build()
             .map_err(|e| map_error(size, options, std::io::Error::other(e.to_string())))?;
-        advise(&region, options);
         file_offset += len;
-        mapped.push(
-            GuestRegionMmap::new(region, GuestAddress(start))
-                .ok_or(MemoryError::Regions(format!("region at {start:#x} wraps the address space")))?,
-        );
+        mapped.push(guest_region(region, start, options)?);
     }
     GuestMemory::from_regions(mapped).map_err(|e| MemoryError::Regions(e.to_string()))
+}
+
+/// A mapping advised as `options` say, placed at guest address `start`.
+fn guest_region(
+    region: MmapRegion<AtomicBitmap>,
+    start: u64,
+    options: &MemoryOptions,
+) -> Result<GuestRegionMmap<AtomicBitmap>, MemoryError> {
+    advise(&region, options);
+    GuestRegionMmap::new(region, GuestAddress(start))
+        .ok_or(MemoryError::Regions(format!("region at {start:#x} wraps the address space")))
 }
 
 fn advise(region: &MmapRegion<AtomicBitmap>, options: &MemoryOptions) {
