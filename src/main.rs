@@ -114,6 +114,9 @@ enum NetworkAction {
     Show { name: String },
     /// Take a network off the host (its VMs must be stopped).
     Delete { name: String },
+    /// Realize a defined network again where it is missing (after a reboot): bridge, rules,
+    /// DHCP server.
+    Start { name: String },
     /// Serve DHCP for a network (started by `network create`).
     #[command(hide = true)]
     Dhcp { name: String },
@@ -452,6 +455,13 @@ fn network(action: NetworkAction) -> ExitCode {
         NetworkAction::Delete { name } => match network::delete(&name) {
             Ok(()) => {
                 println!("network {name} deleted");
+                ExitCode::SUCCESS
+            }
+            Err(e) => failure(format!("{e}.")),
+        },
+        NetworkAction::Start { name } => match network::start(&name, spawn_dhcp_server) {
+            Ok(n) => {
+                println!("network {} is up on bridge {}", n.name, n.bridge);
                 ExitCode::SUCCESS
             }
             Err(e) => failure(format!("{e}.")),

@@ -170,6 +170,21 @@ fn a_killed_vmm_leaves_no_tap_and_deleting_the_network_leaves_nothing() {
     assert_eq!(show["ports"], serde_json::json!([]));
     assert_eq!(show["problems"], serde_json::json!([]));
     let dhcp_pid = show["dhcp_pid"].as_u64().unwrap();
+    // As after a host reboot: the bridge and the DHCP server gone, the definition kept.
+    // SAFETY: stopping the DHCP server this test's network started.
+    unsafe { libc::kill(dhcp_pid as i32, libc::SIGTERM) };
+    lab.host_sh("ip", &["link", "del", "fv-lab"]);
+    std::thread::sleep(Duration::from_millis(700));
+    let refused = lab.ferrovisor().args(["run", "--kernel", probe_elf(), "--net", "network=lab"]).output().unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("its bridge fv-lab is missing") && err.contains("ferrovisor network start lab"), "{err}");
+    created(&lab, &["start", "lab"]);
+    let line =
+        result(ip_probe(&lab, "network=lab", "10.81.0.10", "10.81.0.1", "192.0.2.1", "probe.virtio-net.checks=icmp"));
+    assert!(line.contains("icmp=reply"), "the network works again: {line}");
+    let show: serde_json::Value = serde_json::from_slice(&lab.network(&["show", "lab"]).stdout).unwrap();
+    assert_eq!(show["problems"], serde_json::json!([]), "{show}");
+    let dhcp_pid = show["dhcp_pid"].as_u64().unwrap();
     created(&lab, &["delete", "lab"]);
     let links = lab.host_sh("ip", &["-o", "link"]);
     assert!(!links.contains("fv-lab") && !links.contains(&tap), "{links}");

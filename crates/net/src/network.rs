@@ -441,6 +441,35 @@ pub fn ports(network: &Network) -> Vec<String> {
     ports
 }
 
+/// Realizes a defined network again where it is missing (after a host reboot, say): its
+/// bridge, address and rules, and its DHCP server.
+pub fn start(name: &str, dhcp_command: impl FnOnce(&Network) -> Result<u32, String>) -> Result<Network, String> {
+    if !is_root() {
+        return Err("starting a network changes the host's interfaces and firewall; run it as root".into());
+    }
+    let mut n = load(name)?;
+    if !interface_exists(&n.bridge) || !table_exists(&n) {
+        if n.owns_bridge && interface_exists(&n.bridge) {
+            let _ = run("ip", &["link", "del", &n.bridge]);
+        }
+        let _ = run("nft", &["delete", "table", "ip", &table(&n.name)]);
+        let mut undo = Undo::default();
+        if let Err(e) = realize(&n, &mut undo) {
+            undo.run();
+            return Err(e);
+        }
+    }
+    if n.dhcp && !n.dhcp_pid.is_some_and(process_is_dhcp_server) {
+        n.dhcp_pid = Some(dhcp_command(&n)?);
+        save(&n)?;
+    }
+    Ok(n)
+}
+
+fn table_exists(n: &Network) -> bool {
+    n.mode == Mode::Bridge || run("nft", &["list", "table", "ip", &table(&n.name)]).is_ok()
+}
+
 /// Takes the network off the host and forgets it.
 pub fn delete(name: &str) -> Result<(), String> {
     if !is_root() {
@@ -488,7 +517,8 @@ pub fn health(n: &Network) -> Vec<String> {
 /// With `isolated`, the port cannot talk to other isolated ports (bridge port isolation).
 pub fn attach(network: &Network, tap: &str, isolated: bool) -> Result<(), String> {
     if let Some(problem) = health(network).first() {
-        return Err(format!("network {} is not usable: {problem}; delete and create it again", network.name));
+        let name = &network.name;
+        return Err(format!("network {name} is not usable: {problem}; run `ferrovisor network start {name}`"));
     }
     let _ = run("sysctl", &["-qw", &format!("net.ipv6.conf.{tap}.disable_ipv6=1")]);
     run("ip", &["link", "set", tap, "master", &network.bridge])?;
