@@ -6,7 +6,8 @@
 //!    the snapshot and its size, and restore-to-running latency (the load request, memory
 //!    mapped rather than copied). Peer: QEMU's migration to a file and back (`migrate` to
 //!    exec:cat, `-incoming`), which copies the memory both ways. Ratios are QEMU / Ferrovisor.
-//! 2. KSM: the memory (summed PSS) of 8 identical idle probe guests that filled 64 MiB each,
+//! 2. KSM: the memory (summed PSS) of 8 identical idle probe guests that filled 64 MiB each
+//!    with pages that all differ within a guest (so only merging across guests counts),
 //!    without and with `mergeable=on` and ksmd running; the ratio is what merging saves.
 //! 3. The API's cost: the VMM's own memory (RSS minus guest RAM) with and without --api-sock,
 //!    after 200 requests.
@@ -261,7 +262,10 @@ fn eight_probes(mergeable: bool) -> u64 {
         .map(|_| {
             Command::new(bin())
                 .args(["--log-level", "error", "run", "--kernel", probe().to_str().unwrap(), "--memory", &memory])
-                .args(["--cmdline", "console=ttyS0 probe.test=memfill probe.memfill.mib=64 probe.idle=on"])
+                .args([
+                    "--cmdline",
+                    "console=ttyS0 probe.test=memfill probe.memfill.mib=64 probe.memfill.pattern=unique probe.idle=on",
+                ])
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::null())
@@ -303,7 +307,7 @@ fn ksm() {
     for (name, value) in saved.iter().rev() {
         ksm_write(name, value);
     }
-    println!("KSM, 8 idle probes that filled 64 MiB each (summed PSS):");
+    println!("KSM, 8 idle probes that filled 64 MiB each with distinct pages, alike across probes (summed PSS):");
     println!(
         "  without merging {:.1} MiB, with merging {:.1} MiB, ratio {:.2}",
         without as f64 / 1024.0,
