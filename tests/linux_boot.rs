@@ -20,12 +20,29 @@ fn assert_ended_after_init(out: &common::Outcome) {
         assert!(out.stderr.contains("the guest requested a reset"), "{log}");
         return;
     }
-    let fwait_gap = common::host_emulates_ring0()
-        && out.stderr.contains("suberror 1: instruction emulation failed")
-        && out.stderr.contains("instruction bytes at RIP: 9b");
-    assert!(fwait_gap, "the VM must end in a reset: {log}");
+    assert!(fwait_gap(out), "the VM must end in a reset: {log}");
     assert_eq!(out.status.code(), Some(1), "{log}");
     eprintln!("this host's instruction emulator could not run fwait after init; the VMM reported it");
+}
+
+/// Whether the VM stopped on this host's missing `fwait` emulation (see above). The kernel
+/// runs it whenever a thread that used the FPU exits, which under load can come a little
+/// before init starts, after the boot work the tests check.
+fn fwait_gap(out: &common::Outcome) -> bool {
+    common::host_emulates_ring0()
+        && out.status.code() == Some(1)
+        && out.stderr.contains("suberror 1: instruction emulation failed")
+        && out.stderr.contains("instruction bytes at RIP: 9b")
+}
+
+/// The kernel started init: the line is there, unless the documented fwait gap stopped the VM
+/// just before (reported on stderr).
+fn assert_started_init(out: &common::Outcome, line: &str) {
+    if !out.stdout.contains(line) && fwait_gap(out) {
+        eprintln!("this host's emulator could not run fwait just before '{line}'; the VMM reported it");
+        return;
+    }
+    assert!(out.stdout.contains(line), "'{line}': {}", out.describe());
 }
 
 #[test]
@@ -160,10 +177,10 @@ fn linux_on_virtio_mmio_devices_mounts_root_gets_dhcp_answers_pings_and_logs_to_
         "virtio_blk virtio1: [vdb] 2048 512-byte logical blocks",
         "EXT4-fs (vda): mounted filesystem",
         "random: crng init done",
-        "Run /sbin/init as init process",
     ] {
         assert!(out.stdout.contains(line), "'{line}': {log}");
     }
+    assert_started_init(&out, "Run /sbin/init as init process");
     // The balloon driver probed and gave the 8 MiB the host asked for; the vsock driver probed.
     assert!(out.stderr.contains("virtio-balloon: the guest holds 8 MiB in the balloon"), "{log}");
     assert!(out.stderr.contains("virtio-vsock: the driver started the device"), "{log}");
@@ -199,10 +216,10 @@ fn linux_finds_its_devices_on_virtio_pci_with_msix_and_mounts_root() {
         // The functions have no INTx pin: the drivers work only through MSI-X.
         "random: crng init done",
         "EXT4-fs (vda): mounted filesystem",
-        "Run /sbin/init as init process",
     ] {
         assert!(out.stdout.contains(line), "'{line}': {log}");
     }
+    assert_started_init(&out, "Run /sbin/init as init process");
     assert_ended_after_init(&out);
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -227,7 +244,7 @@ fn restore_and_boot_on(dir: &std::path::Path, state: &std::path::Path, mem: &std
     let log = out.describe();
     assert!(!out.stdout.contains("Linux version"), "the restored guest does not boot again: {log}");
     assert!(out.stdout.contains("EXT4-fs (vda): mounted filesystem"), "{log}");
-    assert!(out.stdout.contains("Run /sbin/init as init process"), "{log}");
+    assert_started_init(&out, "Run /sbin/init as init process");
     assert_ended_after_init(&out);
 }
 
