@@ -198,6 +198,38 @@ fn probe_lifecycle_through_the_socket_pause_resume_metrics() {
     common::check_counter_disk(&std::fs::read(&disk).unwrap(), last);
 }
 
+/// PATCH /drives points a running guest's disk at another image: the probe counting on it goes
+/// on, now writing to the new image, and the old one stays as it was.
+#[test]
+fn patch_drive_points_a_running_guests_disk_at_another_image() {
+    let dir = scratch_dir("api-patch-drive");
+    let (mut vm, socket) = api_vmm(&dir);
+    let s = socket.as_path();
+    let old = disk_image(&dir, 64 << 10);
+    let new = dir.join("new.img");
+    std::fs::write(&new, vec![0u8; 64 << 10]).unwrap();
+    let patch = |path: &Path| serde_json::json!({"drive_id": "counter", "path_on_host": path}).to_string();
+    let m = fault(s, "PATCH", "/drives/counter", &patch(&new), 400);
+    assert!(m.contains("needs a running VM"), "{m}");
+    configure_counter_probe(s, &old, "probe.virtio-blk.every=20000000");
+    expect(s, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#, 204);
+    wait_for_ticks(&mut vm, 10);
+    let m = fault(s, "PATCH", "/drives/counter", &patch(&dir.join("missing.img")), 400);
+    assert!(m.contains("path_on_host cannot be used"), "{m}");
+    expect(s, "PATCH", "/drives/counter", &patch(&new), 204);
+    let at_swap = probe_ticks(&vm.stdout()).len();
+    wait_for_ticks(&mut vm, at_swap + 70);
+    expect(s, "PUT", "/ferrovisor/stop", "", 204);
+    let out = vm.finish(TIMEOUT);
+    let last = common::assert_one_count(&[&out.stdout]);
+    // The new image holds every sector of the last 64 ticks; the old one none of the latest.
+    common::check_counter_disk(&std::fs::read(&new).unwrap(), last);
+    let old_disk = std::fs::read(&old).unwrap();
+    let mut latest = vec![0u8; 512];
+    common::pattern::fill_sector(last, last % 64, &mut latest);
+    assert_ne!(&old_disk[(last % 64) as usize * 512..][..512], &latest[..], "the old image stopped changing");
+}
+
 /// SendCtrlAltDel presses the keys on the i8042: the probe reads them, as set 1 scan codes
 /// (the controller translates, as PCs do), press and release.
 #[test]

@@ -307,6 +307,18 @@ fn linux_lifecycle_through_the_api_socket_with_balloon_metrics_and_snapshot() {
     assert!(rss_before - rss_after >= 32 * 1024 * 8 / 10, "RSS fell by {} KiB", rss_before - rss_after);
     assert!(stats["total_memory"].as_u64().unwrap() > 64 << 20, "{stats}");
 
+    // The root disk moves to a larger copy while the kernel waits for it: its driver hears of
+    // the new size; the root it mounts later (in the restored VM) is the copy.
+    let moved = dir.join("moved.ext4");
+    std::fs::copy(&root, &moved).unwrap();
+    let len = std::fs::metadata(&moved).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&moved).unwrap().set_len(len + (1 << 20)).unwrap();
+    let pristine_moved = std::fs::read(&moved).unwrap();
+    let patch = serde_json::json!({"drive_id": "rootfs", "path_on_host": moved});
+    api(s, "PATCH", "/drives/rootfs", &patch.to_string(), 204);
+    let new_size = format!("[vda] new size: {} 512-byte logical blocks", (len + (1 << 20)) / 512);
+    assert!(first.wait_for_output(&new_size, Duration::from_secs(30)), "{}", first.stdout());
+
     // The partition scan and the superblock read: the disk's bytes are in the metrics.
     api(s, "PUT", "/actions", r#"{"action_type": "FlushMetrics"}"#, 204);
     let line = std::fs::read_to_string(&metrics).unwrap();
@@ -323,6 +335,7 @@ fn linux_lifecycle_through_the_api_socket_with_balloon_metrics_and_snapshot() {
     assert!(!first.stdout.contains("EXT4-fs (vda): mounted"), "the snapshot came before the root mount");
 
     restore_and_boot_on(&dir, &state, &mem);
+    assert_ne!(std::fs::read(&moved).unwrap(), pristine_moved, "the restored guest mounted the moved disk");
     let _ = std::fs::remove_dir_all(dir);
 }
 

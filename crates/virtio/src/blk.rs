@@ -137,6 +137,14 @@ impl VirtioDevice for Block {
         self.worker = Some(Worker::spawn("virtio-blk", backend, activation).map_err(ActivateError::Worker)?);
         Ok(())
     }
+    fn update_backing(&mut self, path: &Path) -> Result<(), String> {
+        let updated = Block::open(path, self.readonly, "").map_err(|e| e.to_string())?;
+        self.file = updated.file;
+        self.capacity = updated.capacity;
+        self.config = updated.config;
+        tracing::info!("virtio-blk: now backed by {} ({} sectors)", path.display(), self.capacity);
+        Ok(())
+    }
     fn quiesce(&mut self) -> Option<Vec<Queue>> {
         self.worker.take().and_then(|mut w| w.stop())
     }

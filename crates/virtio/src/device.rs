@@ -120,6 +120,10 @@ pub trait VirtioDevice: Send {
     fn restore_state(&mut self, _state: &serde_json::Value) -> Result<(), String> {
         Ok(())
     }
+    /// Points the device at another backing file (a disk image), for a driver that is running.
+    fn update_backing(&mut self, _path: &std::path::Path) -> Result<(), String> {
+        Err("this device has no backing file".into())
+    }
     /// The device's counters, for the metrics endpoints.
     fn metrics(&self) -> Option<Arc<crate::metrics::DeviceMetrics>> {
         None

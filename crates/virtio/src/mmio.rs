@@ -68,6 +68,10 @@ impl MmioTransport {
         self.state.device().device_type()
     }
 
+    pub fn virtio_state(&mut self) -> &mut VirtioState {
+        &mut self.state
+    }
+
     /// Quiesces the device and returns the transport's state (see [`VirtioState::save`]).
     pub fn save(&mut self) -> Result<crate::transport::SavedTransport, String> {
         let mut saved = self.state.save()?;
@@ -97,7 +101,7 @@ impl MmioTransport {
             REG_QUEUE_READY => u32::from(s.queue_ready()),
             REG_INTERRUPT_STATUS => self.interrupt.status(),
             REG_STATUS => s.status(),
-            REG_CONFIG_GENERATION => 0,
+            REG_CONFIG_GENERATION => s.config_generation(),
             _ => {
                 tracing::debug!("{}: read of write-only or unknown register {offset:#x}", s.name);
                 0

@@ -173,6 +173,10 @@ impl PciTransport {
         Ok(t)
     }
 
+    pub fn virtio_state(&mut self) -> &mut VirtioState {
+        &mut self.state
+    }
+
     pub fn queue_events(&self) -> &[EventFd] {
         self.state.queue_events()
     }
@@ -247,7 +251,7 @@ impl PciTransport {
             16 => u32::from(self.interrupt.config_vector.load(Ordering::SeqCst)),
             18 => s.num_queues() as u32,
             20 => s.status(),
-            21 => 0, // config generation
+            21 => s.config_generation(),
             22 => s.queue_sel,
             24 => u32::from(s.queue_size()),
             26 => u32::from(self.queue_vectors.get(sel).copied().unwrap_or(NO_VECTOR)),

@@ -86,6 +86,8 @@ pub struct VirtioState {
     active: bool,
     /// Queues taken back from a quiesced device, to activate it again where it stood.
     quiesced: Option<Vec<Queue>>,
+    /// Bumped whenever the device's configuration changes under the driver.
+    config_generation: u32,
 }
 
 impl VirtioState {
@@ -113,6 +115,7 @@ impl VirtioState {
             queue_sel: 0,
             active: false,
             quiesced: None,
+            config_generation: 0,
         })
     }
 
@@ -240,6 +243,38 @@ impl VirtioState {
             interrupt_status: 0,
             device: self.device.save_state(),
         })
+    }
+
+    pub fn config_generation(&self) -> u32 {
+        self.config_generation
+    }
+
+    /// Changes the device while the driver may be using it: its worker stops (in-flight
+    /// requests finish), `change` runs, the worker starts again where it stood, and the driver
+    /// hears of a configuration change.
+    pub fn update_device(
+        &mut self,
+        change: impl FnOnce(&mut dyn VirtioDevice) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let queues = match self.active && self.quiesced.is_none() {
+            true => Some(
+                self.device
+                    .quiesce()
+                    .ok_or_else(|| format!("{}: the device's worker could not be stopped", self.name))?,
+            ),
+            false => None,
+        };
+        let result = change(self.device.as_mut());
+        if let Some(queues) = queues {
+            self.start_device(queues);
+        }
+        if result.is_ok() {
+            self.config_generation = self.config_generation.wrapping_add(1);
+            if self.status & STATUS_DRIVER_OK != 0 {
+                self.interrupt.signal_config_change();
+            }
+        }
+        result
     }
 
     /// Lets a device stopped by [`VirtioState::save`] serve again, from where it stood.

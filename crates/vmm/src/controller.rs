@@ -321,28 +321,26 @@ impl Controller {
     }
 
     fn patch_drive(&mut self, d: models::PartialDrive) -> Response {
-        let Some((_, config)) = &self.vm else { return before_start("PATCH /drives") };
-        let Some(index) = self
-            .resources
-            .drives
-            .iter()
-            .position(|o| o.drive_id == d.drive_id)
-            .or_else(|| config.disks.iter().position(|o| o.id == d.drive_id))
-        else {
+        let Some((vm, config)) = &mut self.vm else { return before_start("PATCH /drives") };
+        let Some(disk) = config.disks.iter_mut().find(|o| o.id == d.drive_id) else {
             return Response::error(400, format!("There is no drive {}; PATCH an existing drive_id.", d.drive_id));
         };
         if let Err(e) = no_rate_limiter(&format!("drive {}", d.drive_id), &d.rate_limiter) {
             return Response::error(400, e);
         }
-        match d.path_on_host {
-            Some(path) if Path::new(&path) != config.disks[index].path => Response::error(
+        let Some(path) = d.path_on_host.filter(|p| Path::new(p) != disk.path) else { return Response::no_content() };
+        match vm.update_disk(&d.drive_id, Path::new(&path)) {
+            Ok(()) => {
+                disk.path = PathBuf::from(&path);
+                if let Some(drive) = self.resources.drives.iter_mut().find(|o| o.drive_id == d.drive_id) {
+                    drive.path_on_host = Some(path);
+                }
+                Response::no_content()
+            }
+            Err(e) => Response::error(
                 400,
-                format!(
-                    "drive {}: changing the backing file of a running VM is not supported; keep its path_on_host.",
-                    d.drive_id
-                ),
+                format!("drive {}: the new path_on_host cannot be used ({e}); give a readable disk image.", d.drive_id),
             ),
-            _ => Response::no_content(),
         }
     }
 

@@ -29,7 +29,12 @@ pub struct AttachedDevices {
     pub balloon: Option<Arc<virtio::balloon::BalloonControl>>,
     /// The virtio-mmio transports in slot order, for snapshots.
     pub mmio: Vec<Arc<Mutex<MmioTransport>>>,
+    /// Each disk's ID and how to point it at another image while the VM runs.
+    pub disks: Vec<(String, DiskUpdater)>,
 }
+
+/// Points a disk at another image.
+pub type DiskUpdater = Box<dyn Fn(&std::path::Path) -> Result<(), String> + Send>;
 
 /// Creates every virtio device of `config` and attaches it with the configured transport.
 pub fn attach_all(
@@ -117,9 +122,28 @@ pub fn attach_all(
             virtio::metrics::register(name, device_kind(device.device_type()), metrics);
         }
     }
+    let disk_ids = config.disks.iter().map(|d| d.id.clone());
     match config.transport {
-        VirtioTransport::Mmio => attached.mmio = attach_mmio(vm, mem, devices, mmio, cmdline)?,
-        VirtioTransport::Pci => attach_pci(vm, mem, devices, pio, mmio)?,
+        VirtioTransport::Mmio => {
+            attached.mmio = attach_mmio(vm, mem, devices, mmio, cmdline)?;
+            for (id, transport) in disk_ids.zip(attached.mmio.clone()) {
+                let update: DiskUpdater = Box::new(move |path| {
+                    let mut t = transport.lock().unwrap_or_else(|p| p.into_inner());
+                    t.virtio_state().update_device(|d| d.update_backing(path))
+                });
+                attached.disks.push((id, update));
+            }
+        }
+        VirtioTransport::Pci => {
+            let transports = attach_pci(vm, mem, devices, pio, mmio)?;
+            for (id, transport) in disk_ids.zip(transports) {
+                let update: DiskUpdater = Box::new(move |path| {
+                    let mut t = transport.lock().unwrap_or_else(|p| p.into_inner());
+                    t.virtio_state().update_device(|d| d.update_backing(path))
+                });
+                attached.disks.push((id, update));
+            }
+        }
     }
     Ok(attached)
 }
@@ -177,8 +201,9 @@ fn attach_pci(
     devices: Vec<(String, Box<dyn VirtioDevice>)>,
     pio: &mut Bus,
     mmio: &mut Bus,
-) -> Result<(), Error> {
+) -> Result<Vec<Arc<Mutex<PciTransport>>>, Error> {
     let router = Arc::new(GsiRouter::new(vm.clone()));
+    let mut transports = Vec::new();
     let mut root = PciRoot::new();
     for (i, (name, device)) in devices.into_iter().enumerate() {
         let err = device_err(&name);
@@ -200,10 +225,11 @@ fn attach_pci(
         }
         let transport = Arc::new(Mutex::new(transport));
         mmio.insert(bar, virtio::pci::BAR_SIZE, transport.clone()).map_err(|e| err(e.to_string()))?;
+        transports.push(transport.clone());
         let slot = root.add(transport).ok_or_else(|| err("the PCI bus is full".into()))?;
         tracing::info!("{name} at PCI 00:{slot:02x}.0, BAR 0 at {bar:#x}");
     }
     pio.insert(u64::from(devices::pci::CONFIG_PORT), devices::pci::CONFIG_PORT_LEN, Arc::new(Mutex::new(root)))
         .map_err(|e| Error::Device(format!("PCI root: {e}")))?;
-    Ok(())
+    Ok(transports)
 }

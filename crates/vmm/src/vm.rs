@@ -122,6 +122,14 @@ impl RunningVm {
         }
     }
 
+    /// Points disk `id` at the image `path` while the guest runs; its driver is told of the
+    /// change (and of a new size).
+    pub fn update_disk(&self, id: &str, path: &Path) -> Result<(), String> {
+        let (_, update) =
+            self.devices.disks.iter().find(|(disk, _)| disk == id).ok_or_else(|| format!("there is no drive {id}"))?;
+        update(path)
+    }
+
     /// Presses Ctrl-Alt-Del on the i8042 keyboard (a Linux guest reboots).
     pub fn send_ctrl_alt_del(&self) {
         self.legacy.i8042.lock().unwrap_or_else(|p| p.into_inner()).ctrl_alt_del();
