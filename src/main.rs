@@ -324,6 +324,7 @@ fn run(args: RunArgs, launched: Instant, logger: logging::Logger) -> ExitCode {
         serial: args.serial,
         disks: args.disks,
         rng: args.rng,
+        rng_rate_limit: None,
         console: args.console,
         nets: args.nets,
         balloon: args.balloon,

@@ -216,6 +216,14 @@ fn patch_drive_points_a_running_guests_disk_at_another_image() {
     wait_for_ticks(&mut vm, 10);
     let m = fault(s, "PATCH", "/drives/counter", &patch(&dir.join("missing.img")), 400);
     assert!(m.contains("path_on_host cannot be used"), "{m}");
+    // A rate limiter on the running disk: accepted when sound, refused with a reason when not.
+    let limit = |size: u64| {
+        serde_json::json!({"drive_id": "counter", "rate_limiter": {"ops": {"size": size, "refill_time": 10}}})
+            .to_string()
+    };
+    let m = fault(s, "PATCH", "/drives/counter", &limit(0), 400);
+    assert!(m.contains("needs a size and a refill_time above 0"), "{m}");
+    expect(s, "PATCH", "/drives/counter", &limit(1000), 204);
     expect(s, "PATCH", "/drives/counter", &patch(&new), 204);
     let at_swap = probe_ticks(&vm.stdout()).len();
     wait_for_ticks(&mut vm, at_swap + 70);
@@ -228,6 +236,58 @@ fn patch_drive_points_a_running_guests_disk_at_another_image() {
     let mut latest = vec![0u8; 512];
     common::pattern::fill_sector(last, last % 64, &mut latest);
     assert_ne!(&old_disk[(last % 64) as usize * 512..][..512], &latest[..], "the old image stopped changing");
+}
+
+fn field(line: &str, key: &str) -> u64 {
+    line.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok()).unwrap_or(u64::MAX)
+}
+
+/// Rate limiters hold a disk and a network interface to their buckets: the probe's measured
+/// rates stay under them (plus the full bucket it starts with), and the metrics count the
+/// requests that had to wait. Only upper bounds are checked: a slow host only lowers rates.
+#[test]
+fn rate_limiters_hold_disk_and_network_to_their_buckets() {
+    let dir = scratch_dir("api-rate-limits");
+    let (mut vm, socket) = api_vmm(&dir);
+    let s = socket.as_path();
+    let disk = disk_image(&dir, 4 << 20);
+    let tap = common::TestTap::new("fvrl");
+    // 8 MiB of sequential reads against 2 MiB/s (1 MiB per 500 ms); then 300 random reads
+    // against 100 per second: each takes over two seconds after its first bucket.
+    let boot = serde_json::json!({
+        "kernel_image_path": probe_elf(),
+        "boot_args": "console=ttyS0 probe.test=virtio-blk,virtio-net probe.virtio-blk.mode=throughput                       probe.virtio-blk.mib=4 probe.virtio-blk.ops=300 probe.virtio-net.mode=throughput                       probe.virtio-net.frames=300 probe.idle=on",
+    });
+    expect(s, "PUT", "/boot-source", &boot.to_string(), 204);
+    let drive = serde_json::json!({
+        "drive_id": "limited", "path_on_host": disk, "is_root_device": false,
+        "rate_limiter": {"bandwidth": {"size": 1 << 20, "refill_time": 500}, "ops": {"size": 100, "refill_time": 1000}},
+    });
+    expect(s, "PUT", "/drives/limited", &drive.to_string(), 204);
+    let nic = serde_json::json!({
+        "iface_id": "eth0", "host_dev_name": tap.name,
+        "tx_rate_limiter": {"ops": {"size": 100, "refill_time": 1000}},
+    });
+    expect(s, "PUT", "/network-interfaces/eth0", &nic.to_string(), 204);
+    let bad = serde_json::json!({"drive_id": "x", "path_on_host": disk, "is_root_device": false,
+                                 "rate_limiter": {"ops": {"size": 0, "refill_time": 1000}}});
+    let m = fault(s, "PUT", "/drives/x", &bad.to_string(), 400);
+    assert!(m.contains("rate_limiter ops needs a size and a refill_time above 0"), "{m}");
+    expect(s, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#, 204);
+    assert!(vm.wait_for_output("PROBE done", Duration::from_secs(120)), "{}", vm.stderr());
+    let metrics: serde_json::Value = serde_json::from_str(&expect(s, "GET", "/ferrovisor/metrics", "", 200)).unwrap();
+    expect(s, "PUT", "/ferrovisor/stop", "", 204);
+    let out = vm.finish(TIMEOUT);
+    let blk = common::probe_result(&out.stdout, "virtio-blk").unwrap_or_else(|| panic!("{}", out.describe()));
+    let net = common::probe_result(&out.stdout, "virtio-net").unwrap_or_else(|| panic!("{}", out.describe()));
+    eprintln!("{blk}\n{net}");
+    // 4 MiB at 2 MiB/s with 1 MiB at hand: 1.5 s at least, under 2.7 MB/s.
+    assert!(field(blk, "seq_mb_per_s") <= 3, "{blk}");
+    // 300 reads at 100/s with 100 at hand: 2 s at least.
+    assert!(field(blk, "rand_4k_iops") <= 160, "{blk}");
+    assert!(field(net, "tx_pps") <= 160, "{net}");
+    assert!(metrics["devices"]["virtio-blk0"]["rate_limited"].as_u64().unwrap() > 0, "{metrics}");
+    assert!(metrics["devices"]["virtio-net0"]["rate_limited"].as_u64().unwrap() > 0, "{metrics}");
 }
 
 /// SendCtrlAltDel presses the keys on the i8042: the probe reads them, as set 1 scan codes

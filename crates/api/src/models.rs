@@ -3,6 +3,27 @@
 
 use serde::{Deserialize, Serialize};
 
+/// One token bucket of a `rate_limiter`: `size` tokens (bytes or operations) refilled every
+/// `refill_time` milliseconds, `one_time_burst` extra at first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenBucket {
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub one_time_burst: Option<u64>,
+    pub refill_time: u64,
+}
+
+/// Firecracker's `rate_limiter`: a bandwidth bucket (bytes) and an ops bucket, each optional.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimiter {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<TokenBucket>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ops: Option<TokenBucket>,
+}
+
 /// `PUT /boot-source`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -80,7 +101,7 @@ pub struct Drive {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub io_engine: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rate_limiter: Option<serde_json::Value>,
+    pub rate_limiter: Option<RateLimiter>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<String>,
 }
@@ -91,7 +112,7 @@ pub struct Drive {
 pub struct PartialDrive {
     pub drive_id: String,
     pub path_on_host: Option<String>,
-    pub rate_limiter: Option<serde_json::Value>,
+    pub rate_limiter: Option<RateLimiter>,
 }
 
 /// `PUT /network-interfaces/{iface_id}`.
@@ -103,9 +124,9 @@ pub struct NetworkInterface {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_mac: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rx_rate_limiter: Option<serde_json::Value>,
+    pub rx_rate_limiter: Option<RateLimiter>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tx_rate_limiter: Option<serde_json::Value>,
+    pub tx_rate_limiter: Option<RateLimiter>,
 }
 
 /// `PUT /vsock`.
@@ -310,7 +331,7 @@ pub struct Metrics {
 #[serde(deny_unknown_fields)]
 pub struct Entropy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rate_limiter: Option<serde_json::Value>,
+    pub rate_limiter: Option<RateLimiter>,
 }
 
 /// `PUT /ferrovisor/memory`: Ferrovisor's memory options beyond `machine-config`.

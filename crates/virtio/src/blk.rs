@@ -3,7 +3,7 @@
 //! read-only disk) are answered with VIRTIO_BLK_S_IOERR, or UNSUPP for unknown types.
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -14,7 +14,8 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::device::{ActivateError, Activation, VirtioDevice, read_config_bytes};
 use crate::metrics::DeviceMetrics;
-use crate::worker::{Backend, Worker, serve_queue};
+use crate::rate_limiter::{RateLimit, RateLimiter};
+use crate::worker::{Backend, Worker, serve_queue_limited};
 use crate::{F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, GuestMemory, TYPE_BLOCK};
 
 pub const SECTOR_SIZE: u64 = 512;
@@ -46,6 +47,7 @@ pub struct Block {
     id: [u8; ID_BYTES],
     config: Vec<u8>,
     metrics: Arc<DeviceMetrics>,
+    rate_limit: Option<RateLimit>,
     worker: Option<Worker>,
 }
 
@@ -73,8 +75,15 @@ impl Block {
             id: id_bytes,
             config: config_space(capacity),
             metrics: Arc::default(),
+            rate_limit: None,
             worker: None,
         })
+    }
+
+    /// Limits the requests the device serves (Firecracker's `rate_limiter`).
+    pub fn with_rate_limit(mut self, limit: Option<RateLimit>) -> Block {
+        self.rate_limit = limit;
+        self
     }
 
     pub fn capacity_sectors(&self) -> u64 {
@@ -133,8 +142,13 @@ impl VirtioDevice for Block {
             id: self.id,
             bounce: Vec::new(),
             metrics: self.metrics.clone(),
+            limiter: self.rate_limit.map(RateLimiter::new).transpose().map_err(ActivateError::Worker)?,
         };
         self.worker = Some(Worker::spawn("virtio-blk", backend, activation).map_err(ActivateError::Worker)?);
+        Ok(())
+    }
+    fn update_rate_limit(&mut self, limit: Option<RateLimit>) -> Result<(), String> {
+        self.rate_limit = limit;
         Ok(())
     }
     fn update_backing(&mut self, path: &Path) -> Result<(), String> {
@@ -224,6 +238,7 @@ struct BlockBackend {
     id: [u8; ID_BYTES],
     bounce: Vec<u8>,
     metrics: Arc<DeviceMetrics>,
+    limiter: Option<RateLimiter>,
 }
 
 impl BlockBackend {
@@ -344,30 +359,55 @@ fn gather(mem: &GuestMemory, buffers: &[(u64, u32)], dst: &mut [u8]) -> Option<(
 
 impl Backend for BlockBackend {
     fn process_queue(&mut self, _index: usize, queues: &mut [Queue], mem: &GuestMemory) -> bool {
-        serve_queue("virtio-blk", &mut queues[0], mem, |chain| {
-            let (parsed, status) = parse_request(mem, chain);
-            let (code, written) = match parsed {
-                Ok(req) => {
-                    let (code, written) = self.execute(mem, &req);
-                    let from_guest = if req.kind == VIRTIO_BLK_T_OUT { u64::from(req.data_len) } else { 0 };
-                    if u32::from(code) == VIRTIO_BLK_S_OK {
-                        self.metrics.request(u64::from(written), from_guest);
-                    } else {
-                        self.metrics.error();
+        serve_queue_limited(
+            "virtio-blk",
+            &mut queues[0],
+            mem,
+            || true,
+            |chain| {
+                let (parsed, status) = parse_request(mem, chain);
+                // A request the rate limiter cannot pay for yet goes back to the ring.
+                if let (Ok(req), Some(limiter)) = (&parsed, self.limiter.as_mut())
+                    && !limiter.consume(u64::from(req.data_len))
+                {
+                    DeviceMetrics::add(&self.metrics.rate_limited, 1);
+                    return None;
+                }
+                let (code, written) = match parsed {
+                    Ok(req) => {
+                        let (code, written) = self.execute(mem, &req);
+                        let from_guest = if req.kind == VIRTIO_BLK_T_OUT { u64::from(req.data_len) } else { 0 };
+                        if u32::from(code) == VIRTIO_BLK_S_OK {
+                            self.metrics.request(u64::from(written), from_guest);
+                        } else {
+                            self.metrics.error();
+                        }
+                        (code, written)
                     }
-                    (code, written)
-                }
-                Err(e) => {
-                    crate::guest_fault!("virtio-blk: bad request from the driver: {e}");
-                    self.metrics.error();
-                    (VIRTIO_BLK_S_IOERR as u8, 0)
-                }
-            };
-            match status {
-                Some(addr) if mem.write_obj(code, GuestAddress(addr)).is_ok() => written + 1,
-                _ => written,
-            }
-        })
+                    Err(e) => {
+                        crate::guest_fault!("virtio-blk: bad request from the driver: {e}");
+                        self.metrics.error();
+                        (VIRTIO_BLK_S_IOERR as u8, 0)
+                    }
+                };
+                Some(match status {
+                    Some(addr) if mem.write_obj(code, GuestAddress(addr)).is_ok() => written + 1,
+                    _ => written,
+                })
+            },
+        )
+    }
+
+    fn extra_fds(&self) -> Vec<RawFd> {
+        self.limiter.as_ref().filter(|l| l.is_blocked()).map(|l| l.timer_fd()).into_iter().collect()
+    }
+
+    /// The rate limiter's wait is over: serve what waited.
+    fn process_fd(&mut self, _fd: RawFd, queues: &mut [Queue], mem: &GuestMemory) -> bool {
+        if let Some(limiter) = self.limiter.as_mut() {
+            limiter.on_timer();
+        }
+        self.process_queue(0, queues, mem)
     }
 }
 
@@ -456,6 +496,7 @@ mod tests {
                 id: *b"disk-id-for-tests\0\0\0",
                 bounce: Vec::new(),
                 metrics: Arc::default(),
+                limiter: None,
             },
             path,
         )

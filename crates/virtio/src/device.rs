@@ -124,6 +124,11 @@ pub trait VirtioDevice: Send {
     fn update_backing(&mut self, _path: &std::path::Path) -> Result<(), String> {
         Err("this device has no backing file".into())
     }
+    /// Changes the device's rate limit; it applies from the next activation (update_device
+    /// restarts the worker).
+    fn update_rate_limit(&mut self, _limit: Option<crate::rate_limiter::RateLimit>) -> Result<(), String> {
+        Err("this device has no rate limiter".into())
+    }
     /// The device's counters, for the metrics endpoints.
     fn metrics(&self) -> Option<Arc<crate::metrics::DeviceMetrics>> {
         None

@@ -15,7 +15,8 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::device::{ActivateError, Activation, VirtioDevice, read_config_bytes};
 use crate::metrics::DeviceMetrics;
-use crate::worker::{Backend, Worker, serve_queue};
+use crate::rate_limiter::{RateLimit, RateLimiter};
+use crate::worker::{Backend, Worker, serve_queue_limited};
 use crate::{F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, GuestMemory, TYPE_NET};
 
 /// struct virtio_net_hdr_v1: its size whenever VERSION_1 is negotiated.
@@ -81,12 +82,21 @@ pub struct Net {
     host: NetHost,
     mac: [u8; 6],
     metrics: Arc<DeviceMetrics>,
+    rx_limit: Option<RateLimit>,
+    tx_limit: Option<RateLimit>,
     worker: Option<Worker>,
 }
 
 impl Net {
     pub fn new(host: NetHost, mac: [u8; 6]) -> Net {
-        Net { host, mac, metrics: Arc::default(), worker: None }
+        Net { host, mac, metrics: Arc::default(), rx_limit: None, tx_limit: None, worker: None }
+    }
+
+    /// Limits what the guest receives and sends (Firecracker's rx/tx `rate_limiter`).
+    pub fn with_rate_limits(mut self, rx: Option<RateLimit>, tx: Option<RateLimit>) -> Net {
+        self.rx_limit = rx;
+        self.tx_limit = tx;
+        self
     }
 }
 
@@ -127,6 +137,8 @@ impl VirtioDevice for Net {
             deferred: None,
             rx_waiting: false,
             metrics: self.metrics.clone(),
+            rx_limiter: self.rx_limit.map(RateLimiter::new).transpose().map_err(ActivateError::Worker)?,
+            tx_limiter: self.tx_limit.map(RateLimiter::new).transpose().map_err(ActivateError::Worker)?,
         };
         self.worker = Some(Worker::spawn("virtio-net", backend, activation).map_err(ActivateError::Worker)?);
         Ok(())
@@ -152,6 +164,8 @@ struct NetBackend {
     /// No receive buffers: the TAP is left unread until the guest adds some.
     rx_waiting: bool,
     metrics: Arc<DeviceMetrics>,
+    rx_limiter: Option<RateLimiter>,
+    tx_limiter: Option<RateLimiter>,
 }
 
 /// Copies `data` into the writable buffers of `chain`; returns the bytes written and the
@@ -179,37 +193,52 @@ fn write_chain(mem: &GuestMemory, chain: DescriptorChain<&GuestMemory>, data: &[
 
 impl NetBackend {
     fn transmit(&mut self, queues: &mut [Queue], mem: &GuestMemory) -> bool {
-        let (host, frame, metrics) = (&mut self.host, &mut self.frame, &self.metrics);
-        serve_queue("virtio-net", &mut queues[TX_QUEUE], mem, |chain| {
-            let mut len = 0usize;
-            for desc in chain.readable() {
-                let n = desc.len() as usize;
-                if len + n > VNET_HDR_LEN + MAX_FRAME {
-                    crate::guest_fault!("virtio-net: dropped a frame longer than the MTU allows");
-                    metrics.error();
-                    return 0;
+        let (host, frame, metrics, limiter) = (&mut self.host, &mut self.frame, &self.metrics, &mut self.tx_limiter);
+        serve_queue_limited(
+            "virtio-net",
+            &mut queues[TX_QUEUE],
+            mem,
+            || true,
+            |chain| {
+                let mut len = 0usize;
+                for desc in chain.readable() {
+                    let n = desc.len() as usize;
+                    if len + n > VNET_HDR_LEN + MAX_FRAME {
+                        crate::guest_fault!("virtio-net: dropped a frame longer than the MTU allows");
+                        metrics.error();
+                        return Some(0);
+                    }
+                    if mem.read_slice(&mut frame[len..len + n], desc.addr()).is_err() {
+                        crate::guest_fault!("virtio-net: dropped a frame whose buffer lies outside guest RAM");
+                        metrics.error();
+                        return Some(0);
+                    }
+                    len += n;
                 }
-                if mem.read_slice(&mut frame[len..len + n], desc.addr()).is_err() {
-                    crate::guest_fault!("virtio-net: dropped a frame whose buffer lies outside guest RAM");
+                if len < VNET_HDR_LEN + 14 {
+                    crate::guest_fault!(
+                        "virtio-net: dropped a frame of {len} bytes, too short for a header and Ethernet"
+                    );
                     metrics.error();
-                    return 0;
+                    return Some(0);
                 }
-                len += n;
-            }
-            if len < VNET_HDR_LEN + 14 {
-                crate::guest_fault!("virtio-net: dropped a frame of {len} bytes, too short for a header and Ethernet");
-                metrics.error();
-                return 0;
-            }
-            match host.send(&frame[..len]) {
-                Ok(_) => metrics.request(0, (len - VNET_HDR_LEN) as u64),
-                Err(e) => {
-                    crate::guest_fault!("virtio-net: the host side refused a frame ({e})");
-                    metrics.error();
+                // A frame the rate limiter cannot pay for yet goes back to the ring.
+                if let Some(limiter) = limiter.as_mut()
+                    && !limiter.consume((len - VNET_HDR_LEN) as u64)
+                {
+                    DeviceMetrics::add(&metrics.rate_limited, 1);
+                    return None;
                 }
-            }
-            0
-        })
+                match host.send(&frame[..len]) {
+                    Ok(_) => metrics.request(0, (len - VNET_HDR_LEN) as u64),
+                    Err(e) => {
+                        crate::guest_fault!("virtio-net: the host side refused a frame ({e})");
+                        metrics.error();
+                    }
+                }
+                Some(0)
+            },
+        )
     }
 
     /// Puts the frame in `self.frame[..len]` into guest receive buffers; false when the guest
@@ -283,6 +312,14 @@ impl NetBackend {
             if len < VNET_HDR_LEN {
                 continue;
             }
+            if let Some(limiter) = self.rx_limiter.as_mut()
+                && !limiter.consume((len - VNET_HDR_LEN) as u64)
+            {
+                // The frame waits for the limiter's timer; the TAP is left unread meanwhile.
+                DeviceMetrics::add(&self.metrics.rate_limited, 1);
+                self.deferred = Some(len);
+                break;
+            }
             if !self.deliver(len, rx, mem) {
                 self.deferred = Some(len);
                 self.rx_waiting = true;
@@ -309,11 +346,30 @@ impl Backend for NetBackend {
     }
 
     fn extra_fds(&self) -> Vec<RawFd> {
-        // With no receive buffers the TAP is left unread: frames wait in its queue.
-        if self.rx_waiting { Vec::new() } else { vec![self.host.raw_fd()] }
+        let blocked = |l: &Option<RateLimiter>| l.as_ref().filter(|l| l.is_blocked()).map(RateLimiter::timer_fd);
+        let rx_blocked = blocked(&self.rx_limiter);
+        let mut fds: Vec<RawFd> = rx_blocked.into_iter().chain(blocked(&self.tx_limiter)).collect();
+        // With no receive buffers, or receiving rate-limited, the TAP is left unread: frames
+        // wait in its queue.
+        if !self.rx_waiting && rx_blocked.is_none() {
+            fds.push(self.host.raw_fd());
+        }
+        fds
     }
 
-    fn process_fd(&mut self, _fd: RawFd, queues: &mut [Queue], mem: &GuestMemory) -> bool {
+    fn process_fd(&mut self, fd: RawFd, queues: &mut [Queue], mem: &GuestMemory) -> bool {
+        let timer_of = |l: &Option<RateLimiter>| l.as_ref().map(RateLimiter::timer_fd);
+        if timer_of(&self.tx_limiter) == Some(fd) {
+            if let Some(l) = self.tx_limiter.as_mut() {
+                l.on_timer();
+            }
+            return self.transmit(queues, mem);
+        }
+        if timer_of(&self.rx_limiter) == Some(fd)
+            && let Some(l) = self.rx_limiter.as_mut()
+        {
+            l.on_timer();
+        }
         self.receive(queues, mem)
     }
 }

@@ -1,5 +1,6 @@
 //! virtio-rng (entropy device): fills the driver's buffers from the host's getrandom(2).
 
+use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use virtio_queue::Queue;
@@ -7,7 +8,8 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::device::{ActivateError, Activation, VirtioDevice};
 use crate::metrics::DeviceMetrics;
-use crate::worker::{Backend, Worker, serve_queue};
+use crate::rate_limiter::{RateLimit, RateLimiter};
+use crate::worker::{Backend, Worker, serve_queue_limited};
 use crate::{F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, GuestMemory, TYPE_RNG};
 
 /// Bytes served per chain at most: a guest cannot make the VMM spin on one huge buffer.
@@ -17,12 +19,19 @@ const QUEUE_SIZES: [u16; 1] = [256];
 #[derive(Default)]
 pub struct Rng {
     metrics: Arc<DeviceMetrics>,
+    rate_limit: Option<RateLimit>,
     worker: Option<Worker>,
 }
 
 impl Rng {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Limits the bytes and requests served (Firecracker's entropy `rate_limiter`).
+    pub fn with_rate_limit(mut self, limit: Option<RateLimit>) -> Self {
+        self.rate_limit = limit;
+        self
     }
 }
 
@@ -41,8 +50,15 @@ impl VirtioDevice for Rng {
     }
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
         self.worker = Some(
-            Worker::spawn("virtio-rng", RngBackend { metrics: self.metrics.clone() }, activation)
-                .map_err(ActivateError::Worker)?,
+            Worker::spawn(
+                "virtio-rng",
+                RngBackend {
+                    metrics: self.metrics.clone(),
+                    limiter: self.rate_limit.map(RateLimiter::new).transpose().map_err(ActivateError::Worker)?,
+                },
+                activation,
+            )
+            .map_err(ActivateError::Worker)?,
         );
         Ok(())
     }
@@ -59,6 +75,7 @@ impl VirtioDevice for Rng {
 
 struct RngBackend {
     metrics: Arc<DeviceMetrics>,
+    limiter: Option<RateLimiter>,
 }
 
 /// Fills `len` bytes at `addr` with entropy; returns how many were written.
@@ -84,21 +101,46 @@ fn fill_random(mem: &GuestMemory, addr: GuestAddress, len: usize) -> usize {
 
 impl Backend for RngBackend {
     fn process_queue(&mut self, _index: usize, queues: &mut [Queue], mem: &GuestMemory) -> bool {
-        let metrics = &self.metrics;
-        serve_queue("virtio-rng", &mut queues[0], mem, |chain| {
-            let mut budget = MAX_CHAIN_BYTES;
-            let mut written = 0usize;
-            for desc in chain.writable() {
-                let len = (desc.len() as usize).min(budget);
-                let n = fill_random(mem, desc.addr(), len);
-                written += n;
-                budget -= n;
-                if n < len || budget == 0 {
-                    break;
+        let (metrics, limiter) = (&self.metrics, &mut self.limiter);
+        serve_queue_limited(
+            "virtio-rng",
+            &mut queues[0],
+            mem,
+            || true,
+            |chain| {
+                let wanted: usize =
+                    chain.clone().writable().map(|d| d.len() as usize).sum::<usize>().min(MAX_CHAIN_BYTES);
+                if let Some(limiter) = limiter.as_mut()
+                    && !limiter.consume(wanted as u64)
+                {
+                    DeviceMetrics::add(&metrics.rate_limited, 1);
+                    return None;
                 }
-            }
-            metrics.request(written as u64, 0);
-            written as u32
-        })
+                let mut budget = MAX_CHAIN_BYTES;
+                let mut written = 0usize;
+                for desc in chain.writable() {
+                    let len = (desc.len() as usize).min(budget);
+                    let n = fill_random(mem, desc.addr(), len);
+                    written += n;
+                    budget -= n;
+                    if n < len || budget == 0 {
+                        break;
+                    }
+                }
+                metrics.request(written as u64, 0);
+                Some(written as u32)
+            },
+        )
+    }
+
+    fn extra_fds(&self) -> Vec<RawFd> {
+        self.limiter.as_ref().filter(|l| l.is_blocked()).map(|l| l.timer_fd()).into_iter().collect()
+    }
+
+    fn process_fd(&mut self, _fd: RawFd, queues: &mut [Queue], mem: &GuestMemory) -> bool {
+        if let Some(limiter) = self.limiter.as_mut() {
+            limiter.on_timer();
+        }
+        self.process_queue(0, queues, mem)
     }
 }

@@ -165,18 +165,28 @@ impl EventLoop {
 /// Serves every chain the driver made available on `queue`, `serve` answering each with the
 /// number of bytes it wrote into the chain. Returns whether the driver should be interrupted.
 /// A ring the driver corrupted (an available index too far ahead) stops the queue until reset.
-pub fn serve_queue<F>(name: &str, queue: &mut Queue, mem: &GuestMemory, serve: F) -> bool
+pub fn serve_queue<F>(name: &str, queue: &mut Queue, mem: &GuestMemory, mut serve: F) -> bool
 where
     F: FnMut(virtio_queue::DescriptorChain<&GuestMemory>) -> u32,
 {
-    serve_queue_while(name, queue, mem, || true, serve)
+    serve_queue_limited(name, queue, mem, || true, |chain| Some(serve(chain)))
 }
 
 /// As serve_queue, but takes a chain only while `more()` says there is something to put in it
 /// (input waiting for receive buffers).
-pub fn serve_queue_while<F, M>(name: &str, queue: &mut Queue, mem: &GuestMemory, mut more: M, mut serve: F) -> bool
+pub fn serve_queue_while<F, M>(name: &str, queue: &mut Queue, mem: &GuestMemory, more: M, mut serve: F) -> bool
 where
     F: FnMut(virtio_queue::DescriptorChain<&GuestMemory>) -> u32,
+    M: FnMut() -> bool,
+{
+    serve_queue_limited(name, queue, mem, more, |chain| Some(serve(chain)))
+}
+
+/// The general form: `serve` may also answer None, "not now" (a rate limiter is waiting), and
+/// the chain goes back to the ring to be served later.
+pub fn serve_queue_limited<F, M>(name: &str, queue: &mut Queue, mem: &GuestMemory, mut more: M, mut serve: F) -> bool
+where
+    F: FnMut(virtio_queue::DescriptorChain<&GuestMemory>) -> Option<u32>,
     M: FnMut() -> bool,
 {
     use virtio_queue::{QueueOwnedT, QueueT};
@@ -197,7 +207,10 @@ where
             };
             let Some(chain) = chain else { break };
             let head = chain.head_index();
-            let written = serve(chain);
+            let Some(written) = serve(chain) else {
+                queue.go_to_previous_position();
+                return used && queue.needs_notification(mem).unwrap_or(true);
+            };
             if let Err(e) = queue.add_used(mem, head, written) {
                 crate::guest_fault!("{name}: cannot return descriptor {head} ({e})");
             }

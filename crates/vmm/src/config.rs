@@ -40,6 +40,9 @@ pub struct DiskConfig {
     pub readonly: bool,
     /// What the device's GET_ID answers (at most 20 bytes).
     pub id: String,
+    /// Firecracker's `rate_limiter` (set through the API or a config file).
+    #[serde(default)]
+    pub rate_limit: Option<virtio::rate_limiter::RateLimit>,
 }
 
 /// Splits `key=value,key=value` option lists; an error names the option.
@@ -76,7 +79,7 @@ impl FromStr for DiskConfig {
         let id = id.unwrap_or_else(|| {
             path.file_name().map(|n| n.to_string_lossy().chars().take(20).collect()).unwrap_or_default()
         });
-        Ok(DiskConfig { path, readonly, id })
+        Ok(DiskConfig { path, readonly, id, rate_limit: None })
     }
 }
 
@@ -99,6 +102,11 @@ pub enum NetAttachment {
 pub struct NetConfig {
     pub attachment: NetAttachment,
     pub mac: Option<[u8; 6]>,
+    /// Firecracker's `rx_rate_limiter` and `tx_rate_limiter`.
+    #[serde(default)]
+    pub rx_rate_limit: Option<virtio::rate_limiter::RateLimit>,
+    #[serde(default)]
+    pub tx_rate_limit: Option<virtio::rate_limiter::RateLimit>,
 }
 
 fn parse_mac(text: &str) -> Option<[u8; 6]> {
@@ -135,7 +143,7 @@ fn parse_user_net(rest: &str) -> Result<NetConfig, String> {
             }
         }
     }
-    Ok(NetConfig { attachment: NetAttachment::User { forwards }, mac })
+    Ok(NetConfig { attachment: NetAttachment::User { forwards }, mac, rx_rate_limit: None, tx_rate_limit: None })
 }
 
 impl FromStr for NetConfig {
@@ -177,7 +185,7 @@ impl FromStr for NetConfig {
             (None, None, None) => return Err("--net needs tap=NAME, switch=PATH or network=NAME".into()),
             _ => return Err("--net takes one of tap=, switch= and network=".into()),
         };
-        Ok(NetConfig { attachment, mac })
+        Ok(NetConfig { attachment, mac, rx_rate_limit: None, tx_rate_limit: None })
     }
 }
 
@@ -365,6 +373,8 @@ pub struct VmConfig {
     pub serial: SerialConfig,
     pub disks: Vec<DiskConfig>,
     pub rng: bool,
+    #[serde(default)]
+    pub rng_rate_limit: Option<virtio::rate_limiter::RateLimit>,
     pub console: Option<ConsoleConfig>,
     pub nets: Vec<NetConfig>,
     pub balloon: Option<virtio::balloon::BalloonOptions>,
@@ -551,6 +561,7 @@ mod tests {
             serial: SerialConfig::Stdio,
             disks: Vec::new(),
             rng: false,
+            rng_rate_limit: None,
             console: None,
             nets: Vec::new(),
             balloon: None,
@@ -595,7 +606,7 @@ mod tests {
     #[test]
     fn disk_option_parses_and_names_its_mistakes() {
         let d: DiskConfig = "path=/tmp/a.img,readonly=on,id=root".parse().unwrap();
-        assert_eq!(d, DiskConfig { path: "/tmp/a.img".into(), readonly: true, id: "root".into() });
+        assert_eq!(d, DiskConfig { path: "/tmp/a.img".into(), readonly: true, id: "root".into(), rate_limit: None });
         let d: DiskConfig = "path=/images/rootfs.ext4".parse().unwrap();
         assert_eq!((d.readonly, d.id.as_str()), (false, "rootfs.ext4"));
         assert_eq!("readonly=on".parse::<DiskConfig>().unwrap_err(), "--disk needs path=IMAGE");
@@ -609,7 +620,7 @@ mod tests {
     fn disks_are_checked_before_boot() {
         let elf = temp_file("elf-disk", b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
         let odd = temp_file("odd.img", &[0u8; 1000]);
-        let disk = |path: PathBuf, readonly| DiskConfig { path, readonly, id: String::new() };
+        let disk = |path: PathBuf, readonly| DiskConfig { path, readonly, id: String::new(), rate_limit: None };
         let c = VmConfig { disks: vec![disk(odd.clone(), false)], ..config(elf.clone()) };
         assert_eq!(c.validate(&LIMITS), Err(ConfigError::DiskSize { path: odd.clone(), size: 1000 }));
         let c = VmConfig { disks: vec![disk("/nonexistent/disk.img".into(), true)], ..config(elf.clone()) };
@@ -627,7 +638,12 @@ mod tests {
         let n: NetConfig = "tap=fv0,mac=02:00:00:aa:bb:cc".parse().unwrap();
         assert_eq!(
             n,
-            NetConfig { attachment: NetAttachment::Tap("fv0".into()), mac: Some([2, 0, 0, 0xaa, 0xbb, 0xcc]) }
+            NetConfig {
+                attachment: NetAttachment::Tap("fv0".into()),
+                mac: Some([2, 0, 0, 0xaa, 0xbb, 0xcc]),
+                rx_rate_limit: None,
+                tx_rate_limit: None
+            }
         );
         assert_eq!("tap=fv0".parse::<NetConfig>().unwrap().mac, None);
         assert_eq!(

@@ -13,8 +13,10 @@ use kvm_ioctls::Kvm;
 use crate::config::{DiskConfig, HugePages, MemoryOptions, NetAttachment, NetConfig, SerialConfig, VmConfig};
 use crate::exit::{ExitLatch, VmExit, Wake};
 use crate::metrics::MetricsSink;
+use crate::virtio_devices::DiskChange;
 use crate::vm::RunningVm;
 use crate::{HostLimits, VirtioTransport, VsockConfig};
+use virtio::rate_limiter::{BucketConfig, RateLimit};
 
 /// Applies a `PUT /logger` body: level, file; provided by the binary, which owns the logger.
 pub type LoggerHook = Box<dyn Fn(&models::Logger) -> Result<(), String>>;
@@ -165,7 +167,7 @@ impl Controller {
                 Ok(())
             }),
             Request::PutEntropy(e) => self.pre_boot("PUT /entropy", |c| {
-                no_rate_limiter("entropy", &e.rate_limiter)?;
+                rate_limit("entropy", &e.rate_limiter)?;
                 c.resources.entropy = Some(e);
                 Ok(())
             }),
@@ -292,7 +294,7 @@ impl Controller {
         if d.cache_type.as_deref().is_some_and(|c| c != "Unsafe" && c != "Writeback") {
             return Err(format!("drive {}: cache_type is Unsafe or Writeback.", d.drive_id));
         }
-        no_rate_limiter(&format!("drive {}", d.drive_id), &d.rate_limiter)?;
+        rate_limit(&format!("drive {}", d.drive_id), &d.rate_limiter)?;
         if d.is_root_device && self.resources.drives.iter().any(|o| o.is_root_device && o.drive_id != d.drive_id) {
             return Err(format!("drive {}: another drive is already the root device; only one can be.", d.drive_id));
         }
@@ -311,8 +313,8 @@ impl Controller {
             crate::config::parse_unicast_mac(mac)
                 .map_err(|e| format!("network interface {}: guest_mac {e}.", n.iface_id))?;
         }
-        no_rate_limiter(&format!("network interface {}", n.iface_id), &n.rx_rate_limiter)?;
-        no_rate_limiter(&format!("network interface {}", n.iface_id), &n.tx_rate_limiter)?;
+        rate_limit(&format!("network interface {} rx", n.iface_id), &n.rx_rate_limiter)?;
+        rate_limit(&format!("network interface {} tx", n.iface_id), &n.tx_rate_limiter)?;
         match self.resources.nets.iter_mut().find(|o| o.iface_id == n.iface_id) {
             Some(old) => *old = n,
             None => self.resources.nets.push(n),
@@ -325,11 +327,18 @@ impl Controller {
         let Some(disk) = config.disks.iter_mut().find(|o| o.id == d.drive_id) else {
             return Response::error(400, format!("There is no drive {}; PATCH an existing drive_id.", d.drive_id));
         };
-        if let Err(e) = no_rate_limiter(&format!("drive {}", d.drive_id), &d.rate_limiter) {
-            return Response::error(400, e);
+        let limit = match rate_limit(&format!("drive {}", d.drive_id), &d.rate_limiter) {
+            Ok(limit) => limit,
+            Err(e) => return Response::error(400, e),
+        };
+        if d.rate_limiter.is_some() {
+            if let Err(e) = vm.update_disk(&d.drive_id, DiskChange::RateLimit(limit)) {
+                return Response::error(400, format!("drive {}: the rate limiter cannot change ({e}).", d.drive_id));
+            }
+            disk.rate_limit = limit;
         }
         let Some(path) = d.path_on_host.filter(|p| Path::new(p) != disk.path) else { return Response::no_content() };
-        match vm.update_disk(&d.drive_id, Path::new(&path)) {
+        match vm.update_disk(&d.drive_id, DiskChange::Backing(Path::new(&path))) {
             Ok(()) => {
                 disk.path = PathBuf::from(&path);
                 if let Some(drive) = self.resources.drives.iter_mut().find(|o| o.drive_id == d.drive_id) {
@@ -384,7 +393,12 @@ impl Controller {
             .iter()
             .map(|n| {
                 let mac = n.guest_mac.as_deref().map(crate::config::parse_unicast_mac).transpose()?;
-                Ok(NetConfig { attachment: NetAttachment::Tap(n.host_dev_name.clone()), mac })
+                Ok(NetConfig {
+                    attachment: NetAttachment::Tap(n.host_dev_name.clone()),
+                    mac,
+                    rx_rate_limit: rate_limit("rx_rate_limiter", &n.rx_rate_limiter)?,
+                    tx_rate_limit: rate_limit("tx_rate_limiter", &n.tx_rate_limiter)?,
+                })
             })
             .collect::<Result<Vec<_>, String>>()?;
         Ok(VmConfig {
@@ -396,13 +410,20 @@ impl Controller {
             serial: SerialConfig::Stdio,
             disks: drives
                 .iter()
-                .map(|d| DiskConfig {
-                    path: PathBuf::from(d.path_on_host.as_deref().unwrap_or_default()),
-                    readonly: d.is_read_only,
-                    id: d.drive_id.clone(),
+                .map(|d| {
+                    Ok(DiskConfig {
+                        path: PathBuf::from(d.path_on_host.as_deref().unwrap_or_default()),
+                        readonly: d.is_read_only,
+                        id: d.drive_id.clone(),
+                        rate_limit: rate_limit(&format!("drive {}", d.drive_id), &d.rate_limiter)?,
+                    })
                 })
-                .collect(),
+                .collect::<Result<Vec<_>, String>>()?,
             rng: r.entropy.is_some(),
+            rng_rate_limit: match &r.entropy {
+                Some(e) => rate_limit("entropy", &e.rate_limiter)?,
+                None => None,
+            },
             console: None,
             nets,
             balloon: r.balloon.as_ref().map(|b| virtio::balloon::BalloonOptions {
@@ -655,11 +676,17 @@ fn must_exist(what: &str, field: &str, path: &str) -> Result<(), String> {
     }
 }
 
-fn no_rate_limiter(what: &str, limiter: &Option<serde_json::Value>) -> Result<(), String> {
-    match limiter {
-        Some(v) if !v.is_null() => Err(format!("{what}: rate limiters are not supported; leave rate_limiter out.")),
-        _ => Ok(()),
-    }
+/// A `rate_limiter` in the device's terms; the error names the object and the fix.
+fn rate_limit(what: &str, limiter: &Option<models::RateLimiter>) -> Result<Option<RateLimit>, String> {
+    let Some(l) = limiter else { return Ok(None) };
+    let bucket = |b: models::TokenBucket| BucketConfig {
+        size: b.size,
+        one_time_burst: b.one_time_burst.unwrap_or(0),
+        refill_time: b.refill_time,
+    };
+    let limit = RateLimit { bandwidth: l.bandwidth.map(bucket), ops: l.ops.map(bucket) };
+    limit.check().map_err(|e| format!("{what}: {e}."))?;
+    Ok((limit.bandwidth.is_some() || limit.ops.is_some()).then_some(limit))
 }
 
 fn memory_options(m: &models::MemoryOptions) -> Result<MemoryOptions, String> {

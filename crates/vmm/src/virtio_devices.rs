@@ -29,12 +29,25 @@ pub struct AttachedDevices {
     pub balloon: Option<Arc<virtio::balloon::BalloonControl>>,
     /// The virtio-mmio transports in slot order, for snapshots.
     pub mmio: Vec<Arc<Mutex<MmioTransport>>>,
-    /// Each disk's ID and how to point it at another image while the VM runs.
+    /// Each disk's ID and how to change it while the VM runs.
     pub disks: Vec<(String, DiskUpdater)>,
 }
 
-/// Points a disk at another image.
-pub type DiskUpdater = Box<dyn Fn(&std::path::Path) -> Result<(), String> + Send>;
+/// A change to a running disk: another image, or another rate limit.
+pub enum DiskChange<'a> {
+    Backing(&'a std::path::Path),
+    RateLimit(Option<virtio::rate_limiter::RateLimit>),
+}
+
+/// Applies a [`DiskChange`] to one disk.
+pub type DiskUpdater = Box<dyn Fn(DiskChange) -> Result<(), String> + Send>;
+
+fn apply(state: &mut virtio::transport::VirtioState, change: DiskChange) -> Result<(), String> {
+    state.update_device(|d| match change {
+        DiskChange::Backing(path) => d.update_backing(path),
+        DiskChange::RateLimit(limit) => d.update_rate_limit(limit),
+    })
+}
 
 /// Creates every virtio device of `config` and attaches it with the configured transport.
 pub fn attach_all(
@@ -48,7 +61,9 @@ pub fn attach_all(
     let mut attached = AttachedDevices::default();
     let mut devices: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
     for (i, disk) in config.disks.iter().enumerate() {
-        let block = Block::open(&disk.path, disk.readonly, &disk.id).map_err(|e| Error::Device(e.to_string()))?;
+        let block = Block::open(&disk.path, disk.readonly, &disk.id)
+            .map_err(|e| Error::Device(e.to_string()))?
+            .with_rate_limit(disk.rate_limit);
         devices.push((format!("virtio-blk{i}"), Box::new(block)));
     }
     for (i, nic) in config.nets.iter().enumerate() {
@@ -90,7 +105,8 @@ pub fn attach_all(
         // here (the process ID), so that VMs on one bridge never share an address.
         let pid = std::process::id().to_be_bytes();
         let mac = nic.mac.unwrap_or([0x02, 0xfe, pid[1], pid[2], pid[3], i as u8 + 1]);
-        devices.push((format!("virtio-net{i}"), Box::new(virtio::net::Net::new(host, mac))));
+        let net = virtio::net::Net::new(host, mac).with_rate_limits(nic.rx_rate_limit, nic.tx_rate_limit);
+        devices.push((format!("virtio-net{i}"), Box::new(net)));
     }
     if let Some(vsock) = &config.vsock {
         let device = virtio::vsock::Vsock::new(vsock.cid, &vsock.uds)
@@ -105,7 +121,7 @@ pub fn attach_all(
         devices.push(("virtio-balloon".into(), Box::new(balloon)));
     }
     if config.rng {
-        devices.push(("virtio-rng".into(), Box::new(Rng::new())));
+        devices.push(("virtio-rng".into(), Box::new(Rng::new().with_rate_limit(config.rng_rate_limit))));
     }
     if let Some(console) = &config.console {
         let io = match console {
@@ -127,9 +143,8 @@ pub fn attach_all(
         VirtioTransport::Mmio => {
             attached.mmio = attach_mmio(vm, mem, devices, mmio, cmdline)?;
             for (id, transport) in disk_ids.zip(attached.mmio.clone()) {
-                let update: DiskUpdater = Box::new(move |path| {
-                    let mut t = transport.lock().unwrap_or_else(|p| p.into_inner());
-                    t.virtio_state().update_device(|d| d.update_backing(path))
+                let update: DiskUpdater = Box::new(move |change| {
+                    apply(transport.lock().unwrap_or_else(|p| p.into_inner()).virtio_state(), change)
                 });
                 attached.disks.push((id, update));
             }
@@ -137,9 +152,8 @@ pub fn attach_all(
         VirtioTransport::Pci => {
             let transports = attach_pci(vm, mem, devices, pio, mmio)?;
             for (id, transport) in disk_ids.zip(transports) {
-                let update: DiskUpdater = Box::new(move |path| {
-                    let mut t = transport.lock().unwrap_or_else(|p| p.into_inner());
-                    t.virtio_state().update_device(|d| d.update_backing(path))
+                let update: DiskUpdater = Box::new(move |change| {
+                    apply(transport.lock().unwrap_or_else(|p| p.into_inner()).virtio_state(), change)
                 });
                 attached.disks.push((id, update));
             }

@@ -122,12 +122,12 @@ impl RunningVm {
         }
     }
 
-    /// Points disk `id` at the image `path` while the guest runs; its driver is told of the
-    /// change (and of a new size).
-    pub fn update_disk(&self, id: &str, path: &Path) -> Result<(), String> {
+    /// Changes disk `id` while the guest runs: another image (its driver is told of the change
+    /// and of a new size) or another rate limit.
+    pub fn update_disk(&self, id: &str, change: crate::virtio_devices::DiskChange) -> Result<(), String> {
         let (_, update) =
             self.devices.disks.iter().find(|(disk, _)| disk == id).ok_or_else(|| format!("there is no drive {id}"))?;
-        update(path)
+        update(change)
     }
 
     /// Presses Ctrl-Alt-Del on the i8042 keyboard (a Linux guest reboots).
