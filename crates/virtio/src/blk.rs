@@ -399,14 +399,12 @@ impl Backend for BlockBackend {
     }
 
     fn extra_fds(&self) -> Vec<RawFd> {
-        self.limiter.as_ref().filter(|l| l.is_blocked()).map(|l| l.timer_fd()).into_iter().collect()
+        crate::rate_limiter::waiting_timer(&self.limiter).into_iter().collect()
     }
 
     /// The rate limiter's wait is over: serve what waited.
     fn process_fd(&mut self, _fd: RawFd, queues: &mut [Queue], mem: &GuestMemory) -> bool {
-        if let Some(limiter) = self.limiter.as_mut() {
-            limiter.on_timer();
-        }
+        crate::rate_limiter::timer_fired(&mut self.limiter);
         self.process_queue(0, queues, mem)
     }
 }

@@ -15,7 +15,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::device::{ActivateError, Activation, VirtioDevice, read_config_bytes};
 use crate::metrics::DeviceMetrics;
-use crate::rate_limiter::{RateLimit, RateLimiter};
+use crate::rate_limiter::{RateLimit, RateLimiter, timer_fired, waiting_timer};
 use crate::worker::{Backend, Worker, serve_queue_limited};
 use crate::{F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, GuestMemory, TYPE_NET};
 
@@ -346,9 +346,8 @@ impl Backend for NetBackend {
     }
 
     fn extra_fds(&self) -> Vec<RawFd> {
-        let blocked = |l: &Option<RateLimiter>| l.as_ref().filter(|l| l.is_blocked()).map(RateLimiter::timer_fd);
-        let rx_blocked = blocked(&self.rx_limiter);
-        let mut fds: Vec<RawFd> = rx_blocked.into_iter().chain(blocked(&self.tx_limiter)).collect();
+        let rx_blocked = waiting_timer(&self.rx_limiter);
+        let mut fds: Vec<RawFd> = rx_blocked.into_iter().chain(waiting_timer(&self.tx_limiter)).collect();
         // With no receive buffers, or receiving rate-limited, the TAP is left unread: frames
         // wait in its queue.
         if !self.rx_waiting && rx_blocked.is_none() {
@@ -360,15 +359,11 @@ impl Backend for NetBackend {
     fn process_fd(&mut self, fd: RawFd, queues: &mut [Queue], mem: &GuestMemory) -> bool {
         let timer_of = |l: &Option<RateLimiter>| l.as_ref().map(RateLimiter::timer_fd);
         if timer_of(&self.tx_limiter) == Some(fd) {
-            if let Some(l) = self.tx_limiter.as_mut() {
-                l.on_timer();
-            }
+            timer_fired(&mut self.tx_limiter);
             return self.transmit(queues, mem);
         }
-        if timer_of(&self.rx_limiter) == Some(fd)
-            && let Some(l) = self.rx_limiter.as_mut()
-        {
-            l.on_timer();
+        if timer_of(&self.rx_limiter) == Some(fd) {
+            timer_fired(&mut self.rx_limiter);
         }
         self.receive(queues, mem)
     }

@@ -167,6 +167,18 @@ impl RateLimiter {
     }
 }
 
+/// The timer to wait on while `limiter` holds requests back (none without a limiter).
+pub fn waiting_timer(limiter: &Option<RateLimiter>) -> Option<RawFd> {
+    limiter.as_ref().filter(|l| l.is_blocked()).map(RateLimiter::timer_fd)
+}
+
+/// A limiter's timer fired: it lets requests through again.
+pub fn timer_fired(limiter: &mut Option<RateLimiter>) {
+    if let Some(l) = limiter.as_mut() {
+        l.on_timer();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
