@@ -87,6 +87,44 @@ fn hostile_driver_is_answered_logged_and_the_other_devices_keep_working() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// The same for virtio-net: corrupted transmit chains and bad receive buffers (the user-mode
+/// network's router answers an ARP request into them) are dropped or cut short and logged, the
+/// device keeps serving after a reset, and so does the VMM.
+#[test]
+fn hostile_network_driver_is_answered_logged_and_the_device_keeps_working() {
+    let mut cmd = probe_command(1, "probe.test=hostile-net,virtio-rng");
+    cmd.args(["--rng", "--net", "user"]);
+    let out = Running::start(cmd).finish(TIMEOUT);
+    let hostile: Vec<&str> = out.stdout.lines().filter(|l| l.starts_with("PROBE hostile-net-")).collect();
+    assert_eq!(hostile.len(), 14, "{}", out.describe());
+    for line in &hostile {
+        assert!(line.ends_with(" recovered=yes"), "{line}");
+    }
+    for (scenario, answer) in [
+        ("tx-outside-ram", "used-len=0"),
+        ("tx-huge-length", "used-len=0"),
+        ("tx-indirect-past-the-mtu", "used-len=0"),
+        ("rx-outside-ram", "used-len=0"),
+        ("rx-read-only", "used-len=0"),
+        // Without mergeable buffers a frame is cut to the buffer, as the driver asked.
+        ("rx-tiny-buffer", "used-len=4"),
+    ] {
+        let line = probe_result(&out.stdout, &format!("hostile-net-{scenario}")).unwrap();
+        assert!(line.contains(&format!("answer={answer} ")), "{line}");
+    }
+    for fault in [
+        "virtio-net: dropped a frame whose buffer lies outside guest RAM",
+        "virtio-net: dropped a frame longer than the MTU allows",
+        "virtio-net: a receive buffer lies outside guest RAM",
+        "virtio-net: the driver corrupted a queue",
+    ] {
+        assert!(out.stderr.contains(fault), "'{fault}' logged: {}", out.describe());
+    }
+    assert_eq!(probe_result(&out.stdout, "virtio-rng"), Some("PROBE virtio-rng ok bytes=128"), "{}", out.describe());
+    assert!(out.stdout.contains("PROBE done passed=15 failed=0 skipped=0"), "{}", out.describe());
+    assert!(out.status.success(), "{}", out.describe());
+}
+
 #[test]
 fn bad_disk_options_are_refused_with_a_sentence() {
     let dir = scratch_dir("vmmio-cli");

@@ -2,6 +2,7 @@
 
 mod fault;
 mod hostile;
+mod hostile_net;
 mod i8042;
 mod memfill;
 mod serial;
@@ -20,6 +21,7 @@ pub fn run(name: &str, cmdline: Cmdline, info: &StartInfo) {
         "memfill" => memfill::run(cmdline, info),
         "fault" => fault::run(),
         "hostile" => hostile::run(cmdline),
+        "hostile-net" => hostile_net::run(cmdline),
         "i8042" => i8042::run(cmdline),
         "tsc" => match crate::tsc::khz(cmdline) {
             Some(khz) => report::ok("tsc", format_args!("khz={khz}")),
