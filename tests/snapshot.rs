@@ -195,3 +195,35 @@ fn damaged_and_foreign_snapshots_are_refused() {
     expect(&socket, "PUT", "/ferrovisor/stop", "", 204);
     assert_eq!(vm.finish(TIMEOUT).status.code(), Some(0));
 }
+
+/// vsock connections do not survive a snapshot (as in Firecracker): the guest is told with a
+/// transport reset event, in the VM that goes on and in the one restored from the snapshot.
+#[test]
+fn a_snapshot_resets_vsock_connections_and_tells_the_guest() {
+    let dir = scratch_dir("snapshot-vsock");
+    let (mut first, socket) = api_vmm(&dir, "first.sock");
+    let boot = serde_json::json!({
+        "kernel_image_path": probe_elf(),
+        "boot_args": "console=ttyS0 probe.test=virtio-vsock probe.virtio-vsock.mode=events probe.idle=on",
+    });
+    expect(&socket, "PUT", "/boot-source", &boot.to_string(), 204);
+    let vsock = serde_json::json!({"guest_cid": 3, "uds_path": dir.join("v.sock")});
+    expect(&socket, "PUT", "/vsock", &vsock.to_string(), 204);
+    expect(&socket, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#, 204);
+    assert!(first.wait_for_output("PROBE virtio-vsock events ready", TIMEOUT), "{}", first.stderr());
+    let (state, mem) = (dir.join("vm.snap"), dir.join("vm.mem"));
+    expect(&socket, "PATCH", "/vm", r#"{"state": "Paused"}"#, 204);
+    expect(&socket, "PUT", "/snapshot/create", &snapshot_body(&state, &mem, "Full"), 204);
+    expect(&socket, "PATCH", "/vm", r#"{"state": "Resumed"}"#, 204);
+    let reset = "PROBE virtio-vsock ok mode=events event=transport-reset";
+    // (The device served again, its listener bound anew: else no event could come.)
+    assert!(first.wait_for_output(reset, TIMEOUT), "the running guest heard of it: {}", first.stdout());
+    expect(&socket, "PUT", "/ferrovisor/stop", "", 204);
+    first.finish(TIMEOUT);
+
+    let (mut second, socket) = api_vmm(&dir, "second.sock");
+    expect(&socket, "PUT", "/snapshot/load", &load_body(&state, &mem, true), 204);
+    assert!(second.wait_for_output(reset, TIMEOUT), "the restored guest heard of it: {}", second.stdout());
+    expect(&socket, "PUT", "/ferrovisor/stop", "", 204);
+    assert_eq!(second.finish(TIMEOUT).status.code(), Some(0));
+}

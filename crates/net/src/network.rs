@@ -410,9 +410,9 @@ fn realize(n: &Network, undo: &mut Undo) -> Result<(), String> {
 }
 
 fn kill(pid: u32) {
-    // SAFETY: a plain signal to a process we started; a stale pid at worst gets SIGTERM too,
-    // which is why the pid is checked to be our DHCP server first.
+    // The pid is checked first: a stale one may belong to another process by now.
     if process_is_dhcp_server(pid) {
+        // SAFETY: a plain signal to our own DHCP server; kill(2) touches no memory of ours.
         unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     }
 }

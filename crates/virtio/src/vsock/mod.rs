@@ -11,7 +11,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::device::{ActivateError, Activation, VirtioDevice, read_config_bytes};
@@ -21,6 +21,9 @@ use packet::*;
 
 const RX_QUEUE: usize = 0;
 const TX_QUEUE: usize = 1;
+const EVENT_QUEUE: usize = 2;
+/// virtio_vsock_event id: the guest must drop every connection (virtio 1.2, 5.10.6.7).
+const EVENT_TRANSPORT_RESET: u32 = 0;
 const QUEUE_SIZES: [u16; 3] = [256, 256, 256];
 /// Receive space the VMM offers each connection (its buf_alloc).
 const BUF_ALLOC: u32 = 256 << 10;
@@ -39,6 +42,9 @@ pub struct Vsock {
     uds: PathBuf,
     listener: Option<UnixListener>,
     worker: Option<Worker>,
+    /// Host connections were dropped (a snapshot stopped the device, or this is a restored
+    /// device): the next activation tells the guest to drop its side too.
+    reset_pending: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,7 +65,7 @@ impl Vsock {
         let listener = UnixListener::bind(uds)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .map_err(|source| VsockError::Listen { path: uds.display().to_string(), source })?;
-        Ok(Vsock { guest_cid, uds: uds.into(), listener: Some(listener), worker: None })
+        Ok(Vsock { guest_cid, uds: uds.into(), listener: Some(listener), worker: None, reset_pending: false })
     }
 }
 
@@ -98,12 +104,27 @@ impl VirtioDevice for Vsock {
             conns: HashMap::new(),
             rx_pending: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
+            send_transport_reset: std::mem::take(&mut self.reset_pending),
         };
         self.worker = Some(Worker::spawn("virtio-vsock", backend, activation).map_err(ActivateError::Worker)?);
         Ok(())
     }
-    fn snapshot_support(&self) -> Result<(), String> {
-        Err("virtio-vsock holds host connections, which a snapshot cannot keep; snapshots of a VM with vsock are not supported yet".into())
+    /// The connections live in the worker and end with it, as in Firecracker: a snapshot
+    /// resets them, and the guest hears of it (a transport reset event) when the device
+    /// serves again, in this VM and in a restored one.
+    fn quiesce(&mut self) -> Option<Vec<Queue>> {
+        let queues = self.worker.take().and_then(|mut w| w.stop());
+        // The listener went with the worker: the next activation binds the path again.
+        let _ = std::fs::remove_file(&self.uds);
+        self.reset_pending = true;
+        queues
+    }
+    fn save_state(&self) -> serde_json::Value {
+        serde_json::json!({ "connections_reset": true })
+    }
+    fn restore_state(&mut self, _state: &serde_json::Value) -> Result<(), String> {
+        self.reset_pending = true;
+        Ok(())
     }
     fn reset(&mut self) {
         self.worker = None;
@@ -157,9 +178,33 @@ struct Muxer {
     conns: HashMap<Key, Connection>,
     rx_pending: VecDeque<(Header, Vec<u8>)>,
     next_local_port: u32,
+    /// A transport reset event is owed to the guest.
+    send_transport_reset: bool,
 }
 
 impl Muxer {
+    /// Puts a transport reset event in the guest's first event buffer; false until it has one.
+    fn transport_reset(&mut self, queue: &mut Queue, mem: &GuestMemory) -> bool {
+        let Some(chain) = queue.pop_descriptor_chain(mem) else { return false };
+        let head = chain.head_index();
+        let Some(buffer) = chain.writable().find(|d| d.len() >= 4) else {
+            crate::guest_fault!("virtio-vsock: an event buffer is smaller than an event");
+            let _ = queue.add_used(mem, head, 0);
+            return true;
+        };
+        if mem.write_obj(EVENT_TRANSPORT_RESET.to_le(), buffer.addr()).is_err() {
+            crate::guest_fault!("virtio-vsock: an event buffer lies outside guest RAM");
+            let _ = queue.add_used(mem, head, 0);
+            return true;
+        }
+        if let Err(e) = queue.add_used(mem, head, 4) {
+            crate::guest_fault!("virtio-vsock: cannot return event descriptor {head} ({e})");
+        }
+        self.send_transport_reset = false;
+        tracing::info!("virtio-vsock: told the guest its connections were reset");
+        true
+    }
+
     fn header(&self, key: Key, op: u16, len: u32, flags: u32) -> Header {
         let fwd_cnt = self.conns.get(&key).map_or(0, |c| c.fwd_cnt);
         Header {
@@ -444,8 +489,9 @@ impl Backend for Muxer {
     fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemory) -> bool {
         let used = match index {
             TX_QUEUE => self.transmit(queues, mem),
-            // The event queue carries nothing from this device: the guest's buffers wait there.
             RX_QUEUE => false,
+            // The event queue carries only the transport reset a snapshot owes the guest.
+            EVENT_QUEUE if self.send_transport_reset => return self.transport_reset(&mut queues[EVENT_QUEUE], mem),
             _ => return false,
         };
         // Retry data the host streams did not take, then hand over what is waiting.

@@ -73,6 +73,11 @@ pub fn run(test: &str, id: u32, cmdline: Cmdline, info: &StartInfo) {
         }
         "virtio-net" => run_device(test, &slot, cmdline, net::test, Some(net::throughput)),
         "virtio-console" => run_device(test, &slot, cmdline, console::test, None),
+        "virtio-vsock" if cmdline.param(test, "mode") == Some("events") => {
+            if let Err(reason) = vsock::events(&slot, cmdline) {
+                report::fail(test, format_args!("{reason}"));
+            }
+        }
         "virtio-vsock" => run_device(test, &slot, cmdline, vsock::test, None),
         "virtio-balloon" => {
             if let Err(reason) = balloon::test(&slot, cmdline, info.low_ram_end) {

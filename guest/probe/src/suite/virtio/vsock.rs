@@ -3,6 +3,10 @@
 //!
 //! Parameters: probe.virtio-vsock.port (5000), .bytes (8192), .seed (1), .listen (none). The
 //! probe prints `PROBE virtio-vsock listening port=N` when it waits for the host.
+//!
+//! With `probe.virtio-vsock.mode=events` it only offers event buffers, prints `PROBE
+//! virtio-vsock events ready` and waits up to `.wait` TSC cycles (60G) for an event: a
+//! snapshot's transport reset.
 
 use crate::cmdline::{Cmdline, VirtioMmioSlot};
 use crate::pattern::{FNV_OFFSET, fnv1a, mix};
@@ -116,6 +120,32 @@ impl Socket<'_> {
         self.dev.notify(0);
         Ok((h, copy))
     }
+}
+
+pub fn events(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str> {
+    let dev = Device::begin(slot, 0, 0).map_err(|_| "the device could not be set up")?;
+    dev.queue(0, 8).map_err(|_| "the receive queue could not be set up")?;
+    dev.queue(1, 8).map_err(|_| "the transmit queue could not be set up")?;
+    let mut ev = dev.queue(2, 8).map_err(|_| "the event queue could not be set up")?;
+    let area = alloc(4 * 8, 8).ok_or("out of probe memory")?;
+    let mut heads = [0u16; 4];
+    for (i, head) in heads.iter_mut().enumerate() {
+        bytes(area + i as u64 * 8, 4).fill(0xff);
+        *head = ev.push(&[Buffer::writable(area + i as u64 * 8, 4)]).ok_or("event ring full")?;
+    }
+    dev.driver_ok();
+    dev.notify(2);
+    crate::println!("PROBE virtio-vsock events ready");
+    let deadline = crate::hw::rdtsc() + cmdline.number(TEST, "wait", 60_000_000_000);
+    let (head, len) = dev.wait_used(&mut ev, deadline).ok_or("no event before the deadline")?;
+    let slot = heads.iter().position(|&h| h == head).ok_or("the device returned an unknown event buffer")?;
+    let id = u32::from_le_bytes(bytes(area + slot as u64 * 8, 4).try_into().unwrap());
+    dev.reset();
+    match (id, len) {
+        (0, 4) => report::ok(TEST, format_args!("mode=events event=transport-reset")),
+        _ => report::fail(TEST, format_args!("an unknown event {id} of {len} bytes")),
+    }
+    Ok(())
 }
 
 pub fn test(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str> {
