@@ -38,6 +38,15 @@ impl PciRoot {
     }
 
     /// Puts `device` in the first free slot; returns the slot, or None when all are taken.
+    /// CONFIG_ADDRESS as the guest last wrote it, for snapshots.
+    pub fn address(&self) -> u32 {
+        self.address
+    }
+
+    pub fn set_address(&mut self, address: u32) {
+        self.address = address;
+    }
+
     pub fn add(&mut self, device: Arc<Mutex<dyn PciDevice>>) -> Option<usize> {
         let slot = self.slots.iter().position(Option::is_none)?;
         self.slots[slot] = Some(device);

@@ -45,6 +45,24 @@ pub trait MsiRouter: Send + Sync {
 }
 
 /// Absolute offsets of the notification area: what the VMM attaches ioeventfds to.
+/// A virtio-pci function in a snapshot: its configuration space, MSI-X table and vectors, and
+/// the transport-neutral state.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SavedPciTransport {
+    pub transport: crate::transport::SavedTransport,
+    pub config: Vec<u8>,
+    pub bar_written: [u32; 2],
+    pub queue_vectors: Vec<u16>,
+    pub config_vector: u16,
+    pub queue_vector: u16,
+    pub isr: u32,
+    /// (address, data, masked) per vector.
+    pub msix_table: Vec<(u64, u32, bool)>,
+    pub msix_pending: Vec<bool>,
+    pub msix_enabled: bool,
+    pub msix_function_masked: bool,
+}
+
 pub fn notify_offset(queue: usize) -> u64 {
     NOTIFY_OFFSET + queue as u64 * u64::from(NOTIFY_MULTIPLIER)
 }
@@ -175,6 +193,59 @@ impl PciTransport {
 
     pub fn virtio_state(&mut self) -> &mut VirtioState {
         &mut self.state
+    }
+
+    /// Quiesces the device and returns the function's state (see [`VirtioState::save`]).
+    pub fn save(&mut self) -> Result<SavedPciTransport, String> {
+        let transport = self.state.save()?;
+        let msix = self.msix.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(SavedPciTransport {
+            transport,
+            config: self.config.to_vec(),
+            bar_written: self.bar_written,
+            queue_vectors: self.queue_vectors.clone(),
+            config_vector: self.interrupt.config_vector.load(Ordering::SeqCst),
+            queue_vector: self.interrupt.queue_vector.load(Ordering::SeqCst),
+            isr: self.interrupt.isr.load(Ordering::SeqCst),
+            msix_table: msix.table.iter().map(|e| (e.addr, e.data, e.masked)).collect(),
+            msix_pending: msix.pending.to_vec(),
+            msix_enabled: msix.enabled,
+            msix_function_masked: msix.function_masked,
+        })
+    }
+
+    pub fn resume(&mut self) {
+        self.state.resume();
+    }
+
+    /// Puts a saved function back on a fresh transport of the same device: configuration
+    /// space, MSI-X table (its KVM routes set again), vectors, then the device itself.
+    pub fn restore(&mut self, saved: &SavedPciTransport) -> Result<(), String> {
+        if saved.config.len() != self.config.len()
+            || saved.msix_table.len() != VECTORS
+            || saved.queue_vectors.len() != self.queue_vectors.len()
+        {
+            return Err(format!("{}: the snapshot holds a different PCI function here", self.state.name));
+        }
+        self.config.copy_from_slice(&saved.config);
+        self.bar_written = saved.bar_written;
+        self.queue_vectors.clone_from(&saved.queue_vectors);
+        self.interrupt.config_vector.store(saved.config_vector, Ordering::SeqCst);
+        self.interrupt.queue_vector.store(saved.queue_vector, Ordering::SeqCst);
+        self.interrupt.isr.store(saved.isr, Ordering::SeqCst);
+        {
+            let mut msix = self.msix.lock().unwrap_or_else(|p| p.into_inner());
+            for (entry, &(addr, data, masked)) in msix.table.iter_mut().zip(&saved.msix_table) {
+                *entry = MsixEntry { addr, data, masked };
+            }
+            for (pending, &p) in msix.pending.iter_mut().zip(&saved.msix_pending) {
+                *pending = p;
+            }
+            msix.enabled = saved.msix_enabled;
+            msix.function_masked = saved.msix_function_masked;
+            msix.update();
+        }
+        self.state.restore(&saved.transport)
     }
 
     pub fn queue_events(&self) -> &[EventFd] {

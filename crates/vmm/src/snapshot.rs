@@ -60,6 +60,11 @@ pub struct DeviceStates {
     pub i8042_ctr: Option<u8>,
     /// The virtio-mmio transports, in slot order.
     pub virtio: Vec<virtio::transport::SavedTransport>,
+    /// The virtio-pci functions, in slot order, and the root's CONFIG_ADDRESS.
+    #[serde(default)]
+    pub virtio_pci: Vec<virtio::pci::SavedPciTransport>,
+    #[serde(default)]
+    pub pci_address: u32,
 }
 
 /// Everything but the memory.

@@ -29,9 +29,15 @@ pub struct AttachedDevices {
     pub balloon: Option<Arc<virtio::balloon::BalloonControl>>,
     /// The virtio-mmio transports in slot order, for snapshots.
     pub mmio: Vec<Arc<Mutex<MmioTransport>>>,
+    /// The virtio-pci functions in slot order and their root, for snapshots.
+    pub pci: Vec<Arc<Mutex<PciTransport>>>,
+    pub pci_root: Option<Arc<Mutex<PciRoot>>>,
     /// Each disk's ID and how to change it while the VM runs.
     pub disks: Vec<(String, DiskUpdater)>,
 }
+
+/// The virtio-pci functions in slot order, and the root they hang off.
+type PciFunctions = (Vec<Arc<Mutex<PciTransport>>>, Arc<Mutex<PciRoot>>);
 
 /// A change to a running disk: another image, or another rate limit.
 pub enum DiskChange<'a> {
@@ -150,7 +156,9 @@ pub fn attach_all(
             }
         }
         VirtioTransport::Pci => {
-            let transports = attach_pci(vm, mem, devices, pio, mmio)?;
+            let (transports, root) = attach_pci(vm, mem, devices, pio, mmio)?;
+            attached.pci = transports.clone();
+            attached.pci_root = Some(root);
             for (id, transport) in disk_ids.zip(transports) {
                 let update: DiskUpdater = Box::new(move |change| {
                     apply(transport.lock().unwrap_or_else(|p| p.into_inner()).virtio_state(), change)
@@ -215,7 +223,7 @@ fn attach_pci(
     devices: Vec<(String, Box<dyn VirtioDevice>)>,
     pio: &mut Bus,
     mmio: &mut Bus,
-) -> Result<Vec<Arc<Mutex<PciTransport>>>, Error> {
+) -> Result<PciFunctions, Error> {
     let router = Arc::new(GsiRouter::new(vm.clone()));
     let mut transports = Vec::new();
     let mut root = PciRoot::new();
@@ -243,7 +251,8 @@ fn attach_pci(
         let slot = root.add(transport).ok_or_else(|| err("the PCI bus is full".into()))?;
         tracing::info!("{name} at PCI 00:{slot:02x}.0, BAR 0 at {bar:#x}");
     }
-    pio.insert(u64::from(devices::pci::CONFIG_PORT), devices::pci::CONFIG_PORT_LEN, Arc::new(Mutex::new(root)))
+    let root = Arc::new(Mutex::new(root));
+    pio.insert(u64::from(devices::pci::CONFIG_PORT), devices::pci::CONFIG_PORT_LEN, root.clone())
         .map_err(|e| Error::Device(format!("PCI root: {e}")))?;
-    Ok(transports)
+    Ok((transports, root))
 }

@@ -85,6 +85,9 @@ struct LegacyDevices {
     i8042: Arc<Mutex<I8042>>,
 }
 
+/// The virtio devices' saved states: MMIO transports, then PCI functions.
+type SavedVirtio = (Vec<virtio::transport::SavedTransport>, Vec<virtio::pci::SavedPciTransport>);
+
 /// What a snapshot wrote.
 pub struct SnapshotWritten {
     pub memory_pages: u64,
@@ -153,32 +156,28 @@ impl RunningVm {
         if !self.paused {
             return Err("the VM is running; pause it first (PATCH /vm with state Paused)".into());
         }
-        if config.transport != crate::VirtioTransport::Mmio {
-            return Err("snapshots support virtio-mmio devices only; start the VM with the default transport".into());
-        }
         if diff && !config.track_dirty_pages {
             return Err("a diff snapshot needs dirty page tracking; set track_dirty_pages in machine-config".into());
         }
-        let mut virtio = Vec::new();
-        let mut failure = None;
-        for transport in &self.devices.mmio {
-            match transport.lock().unwrap_or_else(|p| p.into_inner()).save() {
-                Ok(saved) => virtio.push(saved),
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
-            }
-        }
-        let result = match failure {
-            Some(e) => Err(e),
-            None => self.write_snapshot(kvm, config, state_path, mem_path, diff, virtio),
-        };
+        let saved = self.save_devices();
+        let result = saved.and_then(|virtio| self.write_snapshot(kvm, config, state_path, mem_path, diff, virtio));
         // The devices serve again whatever happened: the VM goes on.
         for transport in &self.devices.mmio {
             transport.lock().unwrap_or_else(|p| p.into_inner()).resume();
         }
+        for transport in &self.devices.pci {
+            transport.lock().unwrap_or_else(|p| p.into_inner()).resume();
+        }
         result
+    }
+
+    /// Quiesces every virtio device and returns its state, MMIO and PCI alike.
+    fn save_devices(&self) -> Result<SavedVirtio, String> {
+        let mmio: Result<Vec<_>, String> =
+            self.devices.mmio.iter().map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).save()).collect();
+        let pci: Result<Vec<_>, String> =
+            self.devices.pci.iter().map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).save()).collect();
+        Ok((mmio?, pci?))
     }
 
     fn write_snapshot(
@@ -188,7 +187,7 @@ impl RunningVm {
         state_path: &Path,
         mem_path: &Path,
         diff: bool,
-        virtio: Vec<virtio::transport::SavedTransport>,
+        (virtio, virtio_pci): SavedVirtio,
     ) -> Result<SnapshotWritten, String> {
         let msrs = snapshot::msr_list(kvm)?;
         let mut vcpus = Vec::new();
@@ -202,6 +201,12 @@ impl RunningVm {
             cmos_nvram,
             i8042_ctr: Some(self.legacy.i8042.lock().unwrap_or_else(|p| p.into_inner()).ctr()),
             virtio,
+            virtio_pci,
+            pci_address: self
+                .devices
+                .pci_root
+                .as_ref()
+                .map_or(0, |r| r.lock().unwrap_or_else(|p| p.into_inner()).address()),
         };
         let mem = &self.shared.mem;
         // Reading KVM's dirty log also clears it: every snapshot starts the next diff.
@@ -310,9 +315,6 @@ pub fn restore(
 ) -> Result<(RunningVm, VmConfig), Error> {
     let config = saved.config;
     let restore_err = |e: String| Error::Device(format!("the snapshot cannot be restored: {e}"));
-    if config.transport != crate::VirtioTransport::Mmio {
-        return Err(restore_err("it uses virtio-pci, which snapshots do not support".into()));
-    }
     let vm = create_vm(kvm)?;
     let file = open(mem_file, "memory file")?;
     let total: u64 = saved.regions.iter().map(|r| r.1).sum();
@@ -329,11 +331,17 @@ pub fn restore(
     let (mut pio, mut mmio, legacy) = create_devices(&vm, &config, launched, latch, Some(&saved.devices))?;
     let mut cmdline = boot::cmdline(&config.cmdline)?;
     let devices = crate::virtio_devices::attach_all(&vm, &mem, &config, &mut pio, &mut mmio, &mut cmdline)?;
-    if devices.mmio.len() != saved.devices.virtio.len() {
+    if devices.mmio.len() != saved.devices.virtio.len() || devices.pci.len() != saved.devices.virtio_pci.len() {
         return Err(restore_err("its virtio devices differ from its configuration".into()));
     }
     for (transport, state) in devices.mmio.iter().zip(&saved.devices.virtio) {
         transport.lock().unwrap_or_else(|p| p.into_inner()).restore(state).map_err(restore_err)?;
+    }
+    for (transport, state) in devices.pci.iter().zip(&saved.devices.virtio_pci) {
+        transport.lock().unwrap_or_else(|p| p.into_inner()).restore(state).map_err(restore_err)?;
+    }
+    if let Some(root) = &devices.pci_root {
+        root.lock().unwrap_or_else(|p| p.into_inner()).set_address(saved.devices.pci_address);
     }
     if saved.vcpus.len() != config.cpus as usize {
         return Err(restore_err("its vCPU count differs from its configuration".into()));

@@ -536,6 +536,7 @@ mod tests {
             conns: HashMap::new(),
             rx_pending: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
+            send_transport_reset: false,
         }
     }
 
