@@ -338,14 +338,15 @@ fn run(args: RunArgs, launched: Instant, logger: logging::Logger) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    if let Err(e) = config.validate(&controller.host_limits()) {
-        return usage(e);
-    }
+    let format = match config.validate(&controller.host_limits()) {
+        Ok(format) => format,
+        Err(e) => return usage(e),
+    };
     let server = match args.api_sock.as_deref().map(|p| api_server(p, &latch)).transpose() {
         Ok(s) => s,
         Err(code) => return code,
     };
-    if let Err(e) = controller.start(config) {
+    if let Err(e) = controller.boot(config, format) {
         tracing::error!("{e}");
         return ExitCode::from(EXIT_FAILURE);
     }

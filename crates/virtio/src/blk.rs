@@ -142,7 +142,7 @@ impl VirtioDevice for Block {
             id: self.id,
             bounce: Vec::new(),
             metrics: self.metrics.clone(),
-            limiter: self.rate_limit.map(RateLimiter::new).transpose().map_err(ActivateError::Worker)?,
+            limiter: RateLimiter::for_limit(self.rate_limit).map_err(ActivateError::Worker)?,
         };
         self.worker = Some(Worker::spawn("virtio-blk", backend, activation).map_err(ActivateError::Worker)?);
         Ok(())

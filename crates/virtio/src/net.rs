@@ -137,8 +137,8 @@ impl VirtioDevice for Net {
             deferred: None,
             rx_waiting: false,
             metrics: self.metrics.clone(),
-            rx_limiter: self.rx_limit.map(RateLimiter::new).transpose().map_err(ActivateError::Worker)?,
-            tx_limiter: self.tx_limit.map(RateLimiter::new).transpose().map_err(ActivateError::Worker)?,
+            rx_limiter: RateLimiter::for_limit(self.rx_limit).map_err(ActivateError::Worker)?,
+            tx_limiter: RateLimiter::for_limit(self.tx_limit).map_err(ActivateError::Worker)?,
         };
         self.worker = Some(Worker::spawn("virtio-net", backend, activation).map_err(ActivateError::Worker)?);
         Ok(())

@@ -151,6 +151,11 @@ impl RateLimiter {
         true
     }
 
+    /// A limiter for `limit`, or none without one.
+    pub fn for_limit(limit: Option<RateLimit>) -> std::io::Result<Option<RateLimiter>> {
+        limit.map(RateLimiter::new).transpose()
+    }
+
     pub fn is_blocked(&self) -> bool {
         self.blocked
     }

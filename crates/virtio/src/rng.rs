@@ -54,7 +54,7 @@ impl VirtioDevice for Rng {
                 "virtio-rng",
                 RngBackend {
                     metrics: self.metrics.clone(),
-                    limiter: self.rate_limit.map(RateLimiter::new).transpose().map_err(ActivateError::Worker)?,
+                    limiter: RateLimiter::for_limit(self.rate_limit).map_err(ActivateError::Worker)?,
                 },
                 activation,
             )

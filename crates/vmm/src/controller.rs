@@ -74,6 +74,11 @@ impl Controller {
     /// Validates and boots `config`. Errors are sentences for the user.
     pub fn start(&mut self, config: VmConfig) -> Result<(), String> {
         let format = config.validate(&self.host_limits()).map_err(|e| e.to_string())?;
+        self.boot(config, format)
+    }
+
+    /// Boots `config`, which [`VmConfig::validate`] already accepted as a `format` kernel.
+    pub fn boot(&mut self, config: VmConfig, format: arch::boot::KernelFormat) -> Result<(), String> {
         let vm = crate::vm::start(&self.kvm, &config, format, self.launched, &self.latch).map_err(|e| e.to_string())?;
         self.vm = Some((vm, config));
         Ok(())

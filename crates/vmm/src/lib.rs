@@ -18,4 +18,4 @@ pub use config::{
     VirtioTransport, VmConfig, VsockConfig,
 };
 pub use exit::VmExit;
-pub use vm::{Error, RunningVm, run, start};
+pub use vm::{Error, RunningVm, start};

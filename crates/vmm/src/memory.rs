@@ -210,7 +210,8 @@ impl std::fmt::Display for MemoryStats {
     }
 }
 
-fn kib(value: &str) -> u64 {
+/// A `/proc` value like ` 1234 kB` in KiB (0 when it is not one).
+pub(crate) fn kib(value: &str) -> u64 {
     value.trim().trim_end_matches("kB").trim().parse().unwrap_or(0)
 }
 

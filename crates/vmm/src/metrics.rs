@@ -15,11 +15,7 @@ use crate::vcpu::{EXIT_REASONS, EXITS};
 
 fn vmm_rss_bytes() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kib| kib << 10)
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).map_or(0, |v| crate::memory::kib(v) << 10)
 }
 
 /// All metrics as one JSON object.

@@ -5,7 +5,6 @@
 //! guest memory bitmap for device writes.
 
 use std::fs::File;
-use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -240,7 +239,7 @@ pub struct Written {
 /// device-write bitmap so that the next diff starts here.
 pub fn write_memory(mem: &GuestMemory, path: &Path, pages: Pages) -> Result<Written, String> {
     let what = || format!("mem_file_path {}", path.display());
-    let mut file = File::create(path).map_err(|e| format!("{} cannot be created ({e})", what()))?;
+    let file = File::create(path).map_err(|e| format!("{} cannot be created ({e})", what()))?;
     let total: u64 = mem.iter().map(|r| r.len()).sum();
     let mut written = Written { pages: 0, bytes: 0 };
     let mut offset = 0u64;
@@ -297,9 +296,7 @@ pub fn write_memory(mem: &GuestMemory, path: &Path, pages: Pages) -> Result<Writ
         offset += len as u64;
     }
     // The file spans all of RAM, holes included, so that it can be mapped as a whole.
-    file.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
     file.set_len(total).map_err(|e| format!("{} cannot be sized ({e})", what()))?;
-    file.flush().map_err(|e| e.to_string())?;
     Ok(written)
 }
 

@@ -24,7 +24,7 @@ use devices::serial::{self, SerialDevice};
 use devices::{Bus, SharedDevice};
 
 use crate::config::{SerialConfig, VmConfig};
-use crate::exit::{ExitLatch, VmExit, Wake};
+use crate::exit::{ExitLatch, VmExit};
 use crate::snapshot;
 use crate::vcpu::{self, SharedVcpu, VcpuShared};
 use crate::virtio_devices::AttachedDevices;
@@ -240,25 +240,6 @@ impl RunningVm {
         state.write(state_path)?;
         Ok(SnapshotWritten { memory_pages: written.pages, memory_bytes: written.bytes })
     }
-}
-
-/// Boots `config` and blocks until the VM stops. `launched` is when the VMM started, for the
-/// boot timer.
-pub fn run(kvm: &Kvm, config: &VmConfig, format: KernelFormat, launched: Instant) -> Result<VmExit, Error> {
-    let latch = Arc::new(ExitLatch::new().map_err(host_err("exit event"))?);
-    let vm = start(kvm, config, format, launched, &latch)?;
-    let exit = loop {
-        match latch.wait() {
-            Wake::Exit(exit) => break exit,
-            Wake::Stats => eprintln!("{}", crate::memory::stats(vm.memory())),
-            Wake::Poke => {}
-        }
-    };
-    if config.stats_on_exit {
-        eprintln!("{}", crate::memory::stats(vm.memory()));
-    }
-    vm.stop();
-    Ok(exit)
 }
 
 /// A VM with its irqchip and PIT, no memory yet.
