@@ -77,8 +77,9 @@ fn observe(dev: &Device, q: &mut Virtqueue, req: &Request) -> Answer {
     }
 }
 
+/// What a device did with a hostile request (also what `hostile-net` reports).
 #[derive(Clone, Copy)]
-enum Answer {
+pub(super) enum Answer {
     Status(u8),
     UsedLen(u32),
     NeedsReset,
@@ -251,17 +252,22 @@ pub fn run(cmdline: Cmdline) {
         crate::virtio::reset_arena();
         let answer = scenario(&ctx);
         crate::virtio::reset_arena();
-        let recovered = recovers(&slot);
-        let mut label = [0u8; 48];
-        let prefix = b"hostile-";
-        label[..prefix.len()].copy_from_slice(prefix);
-        let n = name.len().min(label.len() - prefix.len());
-        label[prefix.len()..prefix.len() + n].copy_from_slice(&name.as_bytes()[..n]);
-        let test = core::str::from_utf8(&label[..prefix.len() + n]).unwrap_or("hostile");
-        if recovered {
-            report::ok(test, format_args!("answer={answer} recovered=yes"));
-        } else {
-            report::fail(test, format_args!("answer={answer} recovered=no: the device stopped serving after a reset"));
-        }
+        report_scenario("hostile-", name, answer, recovers(&slot));
+    }
+}
+
+/// Reports scenario `name` as test `<prefix><name>`: ok when the device served again after a
+/// reset.
+pub(super) fn report_scenario(prefix: &str, name: &str, answer: Answer, recovered: bool) {
+    let mut label = [0u8; 48];
+    let p = prefix.len().min(label.len());
+    label[..p].copy_from_slice(&prefix.as_bytes()[..p]);
+    let n = name.len().min(label.len() - p);
+    label[p..p + n].copy_from_slice(&name.as_bytes()[..n]);
+    let test = core::str::from_utf8(&label[..p + n]).unwrap_or("hostile");
+    if recovered {
+        report::ok(test, format_args!("answer={answer} recovered=yes"));
+    } else {
+        report::fail(test, format_args!("answer={answer} recovered=no: the device stopped serving after a reset"));
     }
 }

@@ -11,6 +11,7 @@ use crate::cmdline::{Cmdline, VirtioMmioSlot};
 use crate::virtio::mmio::{self, Device};
 use crate::virtio::queue::{DESC_F_NEXT, DESC_F_WRITE, Virtqueue, write_desc};
 use crate::virtio::{alloc, bytes};
+use super::hostile::{Answer, report_scenario};
 use crate::{hw, report};
 
 const NET_ID: u32 = 1;
@@ -55,25 +56,6 @@ fn bring_up(slot: &VirtioMmioSlot) -> Option<Net> {
     let tx = dev.queue(TX, QUEUE_SIZE).ok()?;
     dev.driver_ok();
     Some(Net { dev, rx, tx, frame: good_frame()? })
-}
-
-#[derive(Clone, Copy)]
-enum Answer {
-    UsedLen(u32),
-    NeedsReset,
-    None,
-    Word(&'static str),
-}
-
-impl core::fmt::Display for Answer {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        match self {
-            Answer::UsedLen(l) => write!(f, "used-len={l}"),
-            Answer::NeedsReset => write!(f, "needs-reset"),
-            Answer::None => write!(f, "none"),
-            Answer::Word(w) => write!(f, "{w}"),
-        }
-    }
 }
 
 fn observe(dev: &Device, q: &mut Virtqueue) -> Answer {
@@ -248,17 +230,6 @@ pub fn run(cmdline: Cmdline) {
         crate::virtio::reset_arena();
         let answer = scenario(&slot, indirect);
         crate::virtio::reset_arena();
-        let recovered = recovers(&slot);
-        let mut label = [0u8; 48];
-        let prefix = b"hostile-net-";
-        label[..prefix.len()].copy_from_slice(prefix);
-        let n = name.len().min(label.len() - prefix.len());
-        label[prefix.len()..prefix.len() + n].copy_from_slice(&name.as_bytes()[..n]);
-        let test = core::str::from_utf8(&label[..prefix.len() + n]).unwrap_or(TEST);
-        if recovered {
-            report::ok(test, format_args!("answer={answer} recovered=yes"));
-        } else {
-            report::fail(test, format_args!("answer={answer} recovered=no: the device stopped serving after a reset"));
-        }
+        report_scenario("hostile-net-", name, answer, recovers(&slot));
     }
 }
