@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::device::{ActivateError, Activation, VirtioDevice, VirtioInterrupt, read_config_bytes};
@@ -306,7 +306,9 @@ impl BalloonBackend {
                         break 'chain;
                     }
                     taken += 1;
-                    let Ok(pfn) = mem.read_obj::<u32>(GuestAddress(desc.addr().0 + 4 * i as u64)) else {
+                    // A buffer that wraps the address space is outside RAM as well.
+                    let at = desc.addr().checked_add(4 * i as u64);
+                    let Some(Ok(pfn)) = at.map(|at| mem.read_obj::<u32>(at)) else {
                         crate::guest_fault!("virtio-balloon: an inflate buffer lies outside guest RAM");
                         break 'chain;
                     };
@@ -356,7 +358,8 @@ impl BalloonBackend {
             for desc in chain.readable() {
                 for i in 0..(desc.len() as usize / STAT_BYTES).min(MAX_STATS) {
                     let mut raw = [0u8; STAT_BYTES];
-                    if mem.read_slice(&mut raw, GuestAddress(desc.addr().0 + (i * STAT_BYTES) as u64)).is_err() {
+                    let at = desc.addr().checked_add((i * STAT_BYTES) as u64);
+                    if at.is_none_or(|at| mem.read_slice(&mut raw, at).is_err()) {
                         crate::guest_fault!("virtio-balloon: a statistics buffer lies outside guest RAM");
                         break;
                     }
