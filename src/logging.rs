@@ -13,8 +13,15 @@ use tracing_subscriber::{EnvFilter, Registry, reload};
 struct Sink(Arc<Mutex<Box<dyn Write + Send>>>);
 
 impl Write for Sink {
+    /// A log FIFO without room drops the line (counted in the metrics) rather than wait.
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).write(buf)
+        match self.0.lock().unwrap_or_else(|p| p.into_inner()).write(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                vmm::metrics::MISSED_LOG_LINES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Ok(buf.len())
+            }
+            other => other,
+        }
     }
     fn flush(&mut self) -> std::io::Result<()> {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).flush()
@@ -27,8 +34,9 @@ pub struct Logger {
     sink: Sink,
 }
 
-/// Logs to stderr at `level` (RUST_LOG overrides it).
-pub fn init(level: &str) -> Result<Logger, String> {
+/// Logs to stderr at `level` (RUST_LOG overrides it), with each line's source file and line
+/// when `show_origin`.
+pub fn init(level: &str, show_origin: bool) -> Result<Logger, String> {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .map_err(|_| format!("--log-level must be error, warn, info, debug or trace, not '{level}'."))?;
@@ -41,6 +49,8 @@ pub fn init(level: &str) -> Result<Logger, String> {
             tracing_subscriber::fmt::layer()
                 .with_writer(move || writer.clone())
                 .with_target(false)
+                .with_file(show_origin)
+                .with_line_number(show_origin)
                 .with_ansi(std::io::stderr().is_terminal()),
         )
         .init();
@@ -51,10 +61,13 @@ impl Logger {
     /// Applies `PUT /logger`: the file (appended to), the level and an optional module filter.
     pub fn apply(&self, config: &api::models::Logger) -> Result<(), String> {
         if let Some(path) = &config.log_path {
-            let file =
-                std::fs::OpenOptions::new().append(true).create(true).open(path).map_err(|e| {
-                    format!("logger log_path {path} cannot be opened ({e}); give a writable file or FIFO.")
-                })?;
+            // A FIFO is never waited on: lines a full one cannot take are dropped.
+            let file = sandbox::files::open_output(std::path::Path::new(path), "logger log_path")?;
+            // The report of a forbidden system call goes to the log too; the fd stays open for
+            // the life of the process (a logger is set once or twice).
+            if let Ok(copy) = file.try_clone() {
+                sandbox::report_to(std::os::fd::IntoRawFd::into_raw_fd(copy));
+            }
             *self.sink.0.lock().unwrap_or_else(|p| p.into_inner()) = Box::new(file);
         }
         if config.level.is_some() || config.module.is_some() {

@@ -28,24 +28,86 @@ const EXIT_FAILURE: u8 = 1;
     version,
     about = "A virtual machine monitor on Linux KVM.",
     after_help = "Without a subcommand, Ferrovisor serves Firecracker's API on --api-sock and starts the VM when \
-                  told to (InstanceStart), or at once from --config-file."
+                  told to (InstanceStart), or at once from --config-file. It takes Firecracker's command line, so \
+                  that it can be installed as `firecracker` (and its jailer as `jailer`)."
 )]
 struct Cli {
     /// Log level: error, warn, info, debug or trace (RUST_LOG overrides it).
     #[arg(long, global = true, default_value = "info")]
     log_level: String,
-    /// Serve the REST API (Firecracker's) on this Unix socket.
+    /// Firecracker's log level: Error, Warning, Info, Debug, Trace or Off (overrides --log-level).
+    #[arg(long)]
+    level: Option<String>,
+    /// Append the log to this file or FIFO instead of stderr.
+    #[arg(long)]
+    log_path: Option<PathBuf>,
+    /// Only log this module (crate) at --level, the rest at warn.
+    #[arg(long)]
+    module: Option<String>,
+    /// Show each line's level (it always is).
+    #[arg(long)]
+    show_level: bool,
+    /// Show the file and line each log line comes from.
+    #[arg(long)]
+    show_log_origin: bool,
+    /// Serve the REST API (Firecracker's) on this Unix socket [default: /run/firecracker.socket].
     #[arg(long)]
     api_sock: Option<PathBuf>,
+    /// The VM's id (1 to 64 letters, digits and dashes), shown by GET /.
+    #[arg(long, default_value = "anonymous-instance")]
+    id: String,
     /// Start the VM from this Firecracker-format JSON configuration.
     #[arg(long)]
     config_file: Option<PathBuf>,
     /// Serve no API (needs --config-file).
     #[arg(long)]
     no_api: bool,
+    /// Run every thread without its seccomp filter.
+    #[arg(long, global = true)]
+    no_seccomp: bool,
+    /// seccomp filters from FILE (seccompiler's JSON, or Firecracker's compiled BPF) instead of
+    /// Ferrovisor's own; thread kinds the file does not name keep theirs.
+    #[arg(long, global = true, conflicts_with = "no_seccomp")]
+    seccomp_filter: Option<PathBuf>,
+    /// Write metrics (JSON lines) to this file or FIFO, as PUT /metrics does.
+    #[arg(long)]
+    metrics_path: Option<PathBuf>,
+    /// The boot timer device (Ferrovisor always has one, at port 0x440 as in Firecracker).
+    #[arg(long)]
+    boot_timer: bool,
+    /// The largest API request body, in bytes.
+    #[arg(long, default_value_t = api::http::DEFAULT_MAX_BODY)]
+    http_api_max_payload_size: usize,
+    /// MMDS store limit (Ferrovisor has no MMDS yet: refused).
+    #[arg(long)]
+    mmds_size_limit: Option<usize>,
+    /// MMDS contents at start-up (Ferrovisor has no MMDS yet: refused).
+    #[arg(long)]
+    metadata: Option<PathBuf>,
+    /// When the jailer started, in microseconds of wall-clock time (set by the jailer).
+    #[arg(long)]
+    start_time_us: Option<u64>,
+    /// The jailer's process CPU time at that moment, in microseconds.
+    #[arg(long)]
+    start_time_cpu_us: Option<u64>,
+    /// The jailer's parent's CPU time, in microseconds.
+    #[arg(long)]
+    parent_cpu_time_us: Option<u64>,
+    /// Attach virtio devices over PCI (MSI-X) instead of MMIO.
+    #[arg(long)]
+    enable_pci: bool,
+    /// Print the format version of the snapshot state FILE and exit.
+    #[arg(long, value_name = "FILE")]
+    describe_snapshot: Option<PathBuf>,
+    /// Print the snapshot format version this Ferrovisor writes and exit.
+    #[arg(long)]
+    snapshot_version: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
+
+/// Firecracker's default API socket.
+const DEFAULT_API_SOCK: &str = "/run/firecracker.socket";
 
 #[derive(Subcommand)]
 enum Command {
@@ -199,18 +261,52 @@ struct RunArgs {
 fn main() -> ExitCode {
     let launched = Instant::now();
     let cli = Cli::parse();
-    let logger = match logging::init(&cli.log_level) {
+    if cli.snapshot_version {
+        println!("v{}.0.0", vmm::snapshot::FORMAT_VERSION);
+        return ExitCode::SUCCESS;
+    }
+    if let Some(path) = &cli.describe_snapshot {
+        return match vmm::snapshot::describe(path) {
+            Ok(version) => {
+                println!("{version}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => failure(format!("--describe-snapshot: {e}.")),
+        };
+    }
+    let level = match cli.level.as_deref().map(firecracker_level).transpose() {
+        Ok(level) => level.unwrap_or(&cli.log_level).to_string(),
+        Err(e) => return usage(e),
+    };
+    let logger = match logging::init(&level, cli.show_log_origin) {
         Ok(l) => l,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(EXIT_USAGE);
+        Err(e) => return usage(e),
+    };
+    if cli.log_path.is_some() || cli.module.is_some() {
+        let config = api::models::Logger {
+            log_path: cli.log_path.as_ref().map(|p| p.display().to_string()),
+            module: cli.module.clone(),
+            ..Default::default()
+        };
+        if let Err(e) = logger.apply(&config) {
+            return usage(e.replace("logger log_path", "--log-path").replace("logger module", "--module"));
         }
+    }
+    let policy = if cli.no_seccomp {
+        sandbox::Policy::Disabled
+    } else if let Some(path) = &cli.seccomp_filter {
+        sandbox::Policy::File(path.clone())
+    } else {
+        sandbox::Policy::Default
     };
     match cli.command {
-        Some(Command::Run(args)) => run(*args, launched, logger),
+        Some(Command::Run(args)) => match sandbox::init(&policy) {
+            Ok(()) => run(*args, launched, logger),
+            Err(e) => usage(e),
+        },
         Some(Command::Ksm { action }) => ksm(&action),
-        Some(Command::Network { action }) => network(action),
-        Some(Command::Switch { path }) => switch(&path),
+        Some(Command::Network { action }) => network(action, &policy),
+        Some(Command::Switch { path }) => switch(&path, &policy),
         Some(Command::Ctl { socket, action }) => ctl(&socket, action),
         Some(Command::Stats { socket }) => ctl(&socket, CtlAction::Stats),
         Some(Command::SnapshotMerge { base, diff }) => match vmm::snapshot::merge_memory(&base, &diff) {
@@ -220,8 +316,32 @@ fn main() -> ExitCode {
             }
             Err(e) => failure(format!("{e}.")),
         },
-        None => serve(cli.api_sock, cli.config_file, cli.no_api, launched, logger),
+        None => match sandbox::init(&policy) {
+            Ok(()) => serve(cli, launched, logger),
+            Err(e) => usage(e),
+        },
     }
+}
+
+/// Firecracker's `--level` names, as tracing's.
+fn firecracker_level(level: &str) -> Result<&'static str, String> {
+    match level.to_ascii_lowercase().as_str() {
+        "error" => Ok("error"),
+        "warning" | "warn" => Ok("warn"),
+        "info" => Ok("info"),
+        "debug" => Ok("debug"),
+        "trace" => Ok("trace"),
+        "off" => Ok("off"),
+        _ => Err(format!("--level must be Error, Warning, Info, Debug, Trace or Off, not '{level}'.")),
+    }
+}
+
+/// A Firecracker instance id: 1 to 64 letters, digits and dashes.
+fn check_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        return Err(format!("--id '{id}' must be 1 to 64 letters, digits and dashes; give such an id."));
+    }
+    Ok(())
 }
 
 fn usage(message: impl std::fmt::Display) -> ExitCode {
@@ -269,23 +389,27 @@ fn finish(exit: VmExit) -> ExitCode {
     ExitCode::from(code as u8)
 }
 
-/// `ferrovisor --api-sock PATH [--config-file FILE] [--no-api]`.
-fn serve(
-    api_sock: Option<PathBuf>,
-    config_file: Option<PathBuf>,
-    no_api: bool,
-    launched: Instant,
-    logger: logging::Logger,
-) -> ExitCode {
-    let api_sock = match (api_sock, no_api, &config_file) {
+/// `ferrovisor [--api-sock PATH] [--config-file FILE] [--no-api] ...`: Firecracker's command line.
+fn serve(cli: Cli, launched: Instant, logger: logging::Logger) -> ExitCode {
+    if let Err(e) = check_id(&cli.id) {
+        return usage(e);
+    }
+    if cli.mmds_size_limit.is_some() || cli.metadata.is_some() {
+        return usage(
+            "--mmds-size-limit and --metadata configure MMDS, which Ferrovisor does not have yet; drop them.",
+        );
+    }
+    let api_sock = match (cli.api_sock, cli.no_api, &cli.config_file) {
         (_, true, None) => return usage("--no-api needs --config-file, or the VM could never start."),
         (Some(_), true, _) => return usage("--api-sock and --no-api contradict each other; drop one."),
-        (None, false, _) => {
-            return usage("give --api-sock PATH to serve the API, or a subcommand (see --help).");
-        }
-        (sock, _, _) => sock,
+        (_, true, _) => None,
+        (sock, false, _) => Some(sock.unwrap_or_else(|| PathBuf::from(DEFAULT_API_SOCK))),
     };
-    let file = match config_file.as_deref().map(read_config_file).transpose() {
+    if let (Some(start_us), Some(cpu_us)) = (cli.start_time_us, cli.start_time_cpu_us) {
+        tracing::debug!("jailed: the jailer started at {start_us} us (process CPU {cpu_us} us)");
+    }
+    api::http::set_max_body(cli.http_api_max_payload_size);
+    let file = match cli.config_file.as_deref().map(read_config_file).transpose() {
         Ok(file) => file,
         Err(e) => return usage(e),
     };
@@ -293,6 +417,15 @@ fn serve(
         Ok(c) => c,
         Err(code) => return code,
     };
+    controller.set_id(cli.id);
+    if cli.enable_pci {
+        controller.set_transport(VirtioTransport::Pci);
+    }
+    if let Some(path) = &cli.metrics_path
+        && let Err(e) = controller.open_metrics(path)
+    {
+        return usage(e.replace("metrics_path", "--metrics-path"));
+    }
     let server = match api_sock.as_deref().map(|p| api_server(p, &latch)).transpose() {
         Ok(s) => s,
         Err(code) => return code,
@@ -410,7 +543,7 @@ fn ctl(socket: &Path, action: CtlAction) -> ExitCode {
 }
 
 /// `ferrovisor network ...`.
-fn network(action: NetworkAction) -> ExitCode {
+fn network(action: NetworkAction, policy: &sandbox::Policy) -> ExitCode {
     use net::network;
     match action {
         NetworkAction::Create { name, mode, subnet, uplink, dhcp } => {
@@ -475,6 +608,9 @@ fn network(action: NetworkAction) -> ExitCode {
             };
             if let Err(e) = vmm::exit::install_stop_signal_handlers() {
                 return failure(format!("cannot install the SIGTERM handler: {e}."));
+            }
+            if let Err(e) = sandbox::init(policy) {
+                return usage(e);
             }
             match network::serve_dhcp(&n, &vmm::exit::stop_requested) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -547,7 +683,7 @@ fn ksm(action: &str) -> ExitCode {
 }
 
 /// `ferrovisor switch PATH`.
-fn switch(path: &std::path::Path) -> ExitCode {
+fn switch(path: &std::path::Path, policy: &sandbox::Policy) -> ExitCode {
     let mut switch = match net::switch::Switch::bind(path) {
         Ok(s) => s,
         Err(e) => {
@@ -558,6 +694,9 @@ fn switch(path: &std::path::Path) -> ExitCode {
     if let Err(e) = vmm::exit::install_stop_signal_handlers() {
         eprintln!("error: cannot install the SIGINT/SIGTERM handlers: {e}.");
         return ExitCode::from(EXIT_FAILURE);
+    }
+    if let Err(e) = sandbox::init(policy).and_then(|()| sandbox::apply(sandbox::ThreadKind::Switch)) {
+        return usage(e);
     }
     tracing::info!("switch listening on {}", path.display());
     let result = switch.run(&vmm::exit::stop_requested);

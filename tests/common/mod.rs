@@ -144,6 +144,13 @@ impl Running {
         false
     }
 
+    /// Sends `signal` to the VMM, then waits for it as [`Running::finish`] does.
+    pub fn finish_after_signal(self, signal: i32, timeout: Duration) -> Outcome {
+        // SAFETY: kill with our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        self.finish(timeout)
+    }
+
     /// Waits up to `timeout` from now for the VMM to exit; kills it and panics with its output
     /// if it does not.
     pub fn finish(mut self, timeout: Duration) -> Outcome {

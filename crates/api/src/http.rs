@@ -14,8 +14,18 @@ use std::time::Duration;
 use crate::Response;
 use crate::routes::{self, Request};
 
-/// The largest request body accepted.
-pub const MAX_BODY: usize = 64 << 10;
+/// The largest request body accepted unless `--http-api-max-payload-size` says otherwise.
+pub const DEFAULT_MAX_BODY: usize = 64 << 10;
+static MAX_BODY: AtomicUsize = AtomicUsize::new(DEFAULT_MAX_BODY);
+
+/// Sets the largest request body accepted (before the server starts).
+pub fn set_max_body(bytes: usize) {
+    MAX_BODY.store(bytes, Ordering::Relaxed);
+}
+
+fn max_body() -> usize {
+    MAX_BODY.load(Ordering::Relaxed)
+}
 const MAX_HEAD: usize = 8 << 10;
 const MAX_HEADERS: usize = 32;
 const MAX_CONNECTIONS: usize = 256;
@@ -46,9 +56,17 @@ pub struct Server {
 impl Server {
     /// Listens on `path` (which must not exist) and serves until the process ends.
     pub fn spawn(path: &Path, calls: Sender<ApiCall>, poke: Box<dyn Fn() + Send + Sync>) -> std::io::Result<Server> {
-        let listener = UnixListener::bind(path)?;
+        // Only the user the VMM runs as may connect: the socket is made 0600 as it is bound
+        // (the umask applies to the bind; no other thread creates files this early).
+        // SAFETY: umask only changes the process's file-creation mask, restored at once.
+        let previous = unsafe { libc::umask(0o177) };
+        let bound = UnixListener::bind(path);
+        // SAFETY: as above.
+        unsafe { libc::umask(previous) };
+        let listener = bound?;
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         let shared = Arc::new(Shared { calls: Mutex::new(calls), poke, connections: AtomicUsize::new(0) });
-        std::thread::Builder::new().name("api".into()).stack_size(THREAD_STACK).spawn(move || {
+        sandbox::spawn_with_stack(sandbox::ThreadKind::Api, "api", Some(THREAD_STACK), move || {
             for stream in listener.incoming() {
                 match stream {
                     Ok(stream) => accept(stream, &shared),
@@ -74,7 +92,7 @@ fn accept(mut stream: UnixStream, shared: &Arc<Shared>) {
         return;
     }
     let shared_for_thread = shared.clone();
-    let spawned = std::thread::Builder::new().name("api-conn".into()).stack_size(THREAD_STACK).spawn(move || {
+    let spawned = sandbox::spawn_with_stack(sandbox::ThreadKind::Api, "api-conn", Some(THREAD_STACK), move || {
         serve_connection(stream, &shared_for_thread);
         shared_for_thread.connections.fetch_sub(1, Ordering::SeqCst);
     });
@@ -119,7 +137,7 @@ fn drain(stream: &mut UnixStream) {
     let _ = stream.shutdown(std::net::Shutdown::Write);
     let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
     let mut sink = [0u8; 4096];
-    let mut left = 4 * MAX_BODY;
+    let mut left = 4 * max_body();
     while left > 0 {
         match stream.read(&mut sink) {
             Ok(0) | Err(_) => return,
@@ -206,10 +224,10 @@ fn head(parsed: &httparse::Request) -> Result<(String, String, bool, usize), Res
                     format!("Content-Length '{value}' is not a number; send the body's size in bytes."),
                 )
             })?;
-            if body_len > MAX_BODY {
+            if body_len > max_body() {
                 return Err(Response::error(
                     413,
-                    format!("The body is {body_len} bytes; the API takes at most {MAX_BODY}."),
+                    format!("The body is {body_len} bytes; the API takes at most {}.", max_body()),
                 ));
             }
         } else if header.name.eq_ignore_ascii_case("transfer-encoding") {

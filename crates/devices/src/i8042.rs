@@ -216,7 +216,7 @@ mod tests {
     fn controller() -> (I8042, Arc<AtomicU32>, EventFd) {
         let resets = Arc::new(AtomicU32::new(0));
         let counter = resets.clone();
-        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap();
         let dev = I8042::new(Box::new(move || {
             counter.fetch_add(1, Ordering::SeqCst);
         }))

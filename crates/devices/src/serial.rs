@@ -133,7 +133,7 @@ impl BusDevice for SerialDevice {
 
 /// Feeds `input` (the VMM's stdin) to the UART until it ends, waiting while the FIFO is full.
 pub fn spawn_input_thread(serial: Arc<Mutex<SerialDevice>>, mut input: impl Read + Send + 'static) -> io::Result<()> {
-    thread::Builder::new().name("serial-input".into()).spawn(move || {
+    sandbox::spawn(sandbox::ThreadKind::SerialInput, "serial-input", move || {
         let mut buf = [0u8; 64];
         loop {
             let n = match input.read(&mut buf) {
@@ -172,7 +172,7 @@ mod tests {
     #[test]
     fn transmits_to_the_sink_and_receives_input() {
         let out = Shared::default();
-        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap();
         let mut dev = SerialDevice::new(irq.try_clone().unwrap(), Box::new(out.clone()));
         dev.write(1, &[0x03]); // IER: received data and THR empty interrupts
         for b in b"hi\n" {
@@ -192,7 +192,7 @@ mod tests {
 
     #[test]
     fn a_flood_of_input_is_bounded_by_the_fifo() {
-        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap();
         let mut dev = SerialDevice::new(irq, null_sink());
         let taken = dev.enqueue_input(&[b'x'; 1000]);
         assert!(taken < 1000 && taken > 0);
@@ -201,7 +201,7 @@ mod tests {
 
     #[test]
     fn out_of_range_offsets_are_harmless() {
-        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap();
         let mut dev = SerialDevice::new(irq, null_sink());
         dev.write(0x1_0000, &[1]);
         dev.write(0, &[]);

@@ -548,6 +548,8 @@ pub fn serve_dhcp(network: &Network, stop: &dyn Fn() -> bool) -> Result<(), Stri
     let path = leases_path(&network.name);
     let mut leases: crate::dhcp::Leases =
         std::fs::read_to_string(&path).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+    // From here on the server reads packets from the guests' segment.
+    sandbox::apply(sandbox::ThreadKind::Dhcp).map_err(|e| e.to_string())?;
     let mut buf = [0u8; 1500];
     while !stop() {
         let n = match socket.recv(&mut buf) {

@@ -67,7 +67,7 @@ pub fn spawn(forwards: &[HostForward]) -> std::io::Result<SwitchPort> {
             Ok((listener, f.guest_port))
         })
         .collect::<std::io::Result<Vec<_>>>()?;
-    std::thread::Builder::new().name("usernet".into()).spawn(move || {
+    sandbox::spawn(sandbox::ThreadKind::Usernet, "usernet", move || {
         let mut stack = Stack::new(ours, listeners);
         if let Err(e) = stack.run() {
             tracing::warn!("the user network stopped: {e}");

@@ -229,7 +229,8 @@ impl VirtioDevice for Balloon {
             self.control.arm_stats_timer();
         }
         let backend = BalloonBackend { roles, control: self.control.clone(), stats_timer };
-        self.worker = Some(Worker::spawn("virtio-balloon", backend, activation).map_err(ActivateError::Worker)?);
+        self.worker =
+            Some(Worker::spawn(sandbox::ThreadKind::Balloon, backend, activation).map_err(ActivateError::Worker)?);
         Ok(())
     }
     fn save_state(&self) -> serde_json::Value {

@@ -144,7 +144,8 @@ impl VirtioDevice for Block {
             metrics: self.metrics.clone(),
             limiter: RateLimiter::for_limit(self.rate_limit).map_err(ActivateError::Worker)?,
         };
-        self.worker = Some(Worker::spawn("virtio-blk", backend, activation).map_err(ActivateError::Worker)?);
+        self.worker =
+            Some(Worker::spawn(sandbox::ThreadKind::Block, backend, activation).map_err(ActivateError::Worker)?);
         Ok(())
     }
     fn update_rate_limit(&mut self, limit: Option<RateLimit>) -> Result<(), String> {

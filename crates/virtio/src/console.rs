@@ -44,8 +44,8 @@ impl ConsoleIo {
             // SAFETY: isatty only inspects fd 0.
             && (st.st_mode & libc::S_IFMT != libc::S_IFCHR || unsafe { libc::isatty(0) } == 1);
         let input = if usable {
-            // SAFETY: dup of fd 0 returns a new descriptor or -1.
-            let fd = unsafe { libc::dup(0) };
+            // SAFETY: duplicating fd 0 (close-on-exec) returns a new descriptor or -1.
+            let fd = unsafe { libc::fcntl(0, libc::F_DUPFD_CLOEXEC, 0) };
             // SAFETY: fd is a fresh descriptor that the File then owns.
             (fd >= 0).then(|| unsafe { File::from_raw_fd(fd) })
         } else {
@@ -136,7 +136,8 @@ impl VirtioDevice for Console {
             pending: VecDeque::new(),
             dropped: false,
         };
-        self.worker = Some(Worker::spawn("virtio-console", backend, activation).map_err(ActivateError::Worker)?);
+        self.worker =
+            Some(Worker::spawn(sandbox::ThreadKind::Console, backend, activation).map_err(ActivateError::Worker)?);
         Ok(())
     }
     fn quiesce(&mut self) -> Option<Vec<Queue>> {

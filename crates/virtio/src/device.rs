@@ -163,7 +163,7 @@ mod tests {
 
     #[test]
     fn interrupt_status_is_raised_and_acknowledged() {
-        let irq = Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let irq = Interrupt::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap());
         irq.signal_used_queue();
         irq.signal_config_change();
         assert_eq!(irq.status(), 3);

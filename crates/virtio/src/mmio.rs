@@ -223,7 +223,7 @@ mod tests {
     fn transport() -> (MmioTransport, Arc<Mutex<Record>>) {
         let record = Arc::new(Mutex::new(Record::default()));
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap();
         (MmioTransport::new("fake", Box::new(FakeDevice(record.clone())), mem, irq).unwrap(), record)
     }
 

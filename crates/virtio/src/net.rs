@@ -140,7 +140,8 @@ impl VirtioDevice for Net {
             rx_limiter: RateLimiter::for_limit(self.rx_limit).map_err(ActivateError::Worker)?,
             tx_limiter: RateLimiter::for_limit(self.tx_limit).map_err(ActivateError::Worker)?,
         };
-        self.worker = Some(Worker::spawn("virtio-net", backend, activation).map_err(ActivateError::Worker)?);
+        self.worker =
+            Some(Worker::spawn(sandbox::ThreadKind::Net, backend, activation).map_err(ActivateError::Worker)?);
         Ok(())
     }
     fn quiesce(&mut self) -> Option<Vec<Queue>> {

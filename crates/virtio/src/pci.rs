@@ -543,7 +543,8 @@ mod tests {
     fn rig() -> Rig {
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let routes = Arc::new(Routes::default());
-        let irqfds: Vec<EventFd> = (0..VECTORS).map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap()).collect();
+        let irqfds: Vec<EventFd> =
+            (0..VECTORS).map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap()).collect();
         let clones = irqfds.iter().map(|e| e.try_clone().unwrap()).collect();
         let interrupt = Arc::new(Mutex::new(None));
         let device = Box::new(FakeBlock(interrupt.clone()));

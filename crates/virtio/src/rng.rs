@@ -51,7 +51,7 @@ impl VirtioDevice for Rng {
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
         self.worker = Some(
             Worker::spawn(
-                "virtio-rng",
+                sandbox::ThreadKind::Rng,
                 RngBackend {
                     metrics: self.metrics.clone(),
                     limiter: RateLimiter::for_limit(self.rate_limit).map_err(ActivateError::Worker)?,

@@ -99,7 +99,8 @@ impl VirtioState {
     ) -> std::io::Result<Self> {
         let sizes = device.queue_max_sizes().to_vec();
         let queues = sizes.iter().map(|&max| Queue::new(max).expect("device queue sizes are powers of two")).collect();
-        let queue_events = sizes.iter().map(|_| EventFd::new(libc::EFD_NONBLOCK)).collect::<Result<_, _>>()?;
+        let queue_events =
+            sizes.iter().map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)).collect::<Result<_, _>>()?;
         Ok(VirtioState {
             name: name.into(),
             device,

@@ -3,11 +3,12 @@
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use virtio_queue::Queue;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
+
+use sandbox::ThreadKind;
 
 use crate::GuestMemory;
 use crate::device::{Activation, VirtioInterrupt};
@@ -31,15 +32,16 @@ pub trait Backend: Send + 'static {
 /// A running worker; dropping it does not stop it, `stop` does.
 pub struct Worker {
     kill: EventFd,
-    thread: Option<JoinHandle<Vec<Queue>>>,
+    thread: Option<sandbox::Thread<Vec<Queue>>>,
 }
 
 const KILL_TOKEN: u64 = u64::MAX;
 const FD_TOKEN_BASE: u64 = 1 << 32;
 
 impl Worker {
-    pub fn spawn(name: &str, mut backend: impl Backend, activation: Activation) -> std::io::Result<Worker> {
-        let kill = EventFd::new(libc::EFD_NONBLOCK)?;
+    /// Starts `backend` on a thread named after `kind`, under its filter.
+    pub fn spawn(kind: ThreadKind, mut backend: impl Backend, activation: Activation) -> std::io::Result<Worker> {
+        let kill = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         let kill_in_thread = kill.try_clone()?;
         let epoll = Epoll::new()?;
         let Activation { mem, mut queues, queue_events, interrupt, .. } = activation;
@@ -49,7 +51,7 @@ impl Worker {
         let extra = ExtraFds { registered: Vec::new() };
         epoll.ctl(ControlOperation::Add, kill.as_raw_fd(), EpollEvent::new(EventSet::IN, KILL_TOKEN))?;
         let mut event_loop = EventLoop { epoll, queue_events, kill: kill_in_thread, interrupt, mem, extra };
-        let thread = std::thread::Builder::new().name(name.into()).spawn(move || {
+        let thread = sandbox::spawn(kind, kind.name(), move || {
             // The driver may have notified before DRIVER_OK: serve what is already there.
             let mut used = false;
             for i in 0..queues.len() {

@@ -453,6 +453,8 @@ pub enum ConfigError {
     DiskUnusable { path: PathBuf, mode: &'static str, reason: String },
     #[error("--disk {path} is {size} bytes, not a whole number of 512-byte sectors; resize the image.")]
     DiskSize { path: PathBuf, size: u64 },
+    #[error("{0}")]
+    DiskKind(String),
     #[error("--balloon size={target} MiB is more than the VM's {memory} MiB; pass a smaller size.")]
     BalloonTooLarge { target: u32, memory: u64 },
     #[error("{count} virtio devices are more than the {max} this machine has interrupt lines for; use fewer.")]
@@ -516,6 +518,7 @@ impl VmConfig {
 }
 
 fn check_disk(disk: &DiskConfig) -> Result<(), ConfigError> {
+    sandbox::files::check_drive(&disk.path, "--disk path").map_err(ConfigError::DiskKind)?;
     let open = std::fs::OpenOptions::new().read(true).write(!disk.readonly).open(&disk.path);
     let file = open.map_err(|e| ConfigError::DiskUnusable {
         path: disk.path.clone(),

@@ -52,11 +52,42 @@ pub struct Controller {
     vm: Option<(RunningVm, VmConfig)>,
     metrics: Option<MetricsSink>,
     logger: Option<LoggerHook>,
+    /// The instance id (`--id`), shown by `GET /`.
+    id: String,
+    transport: VirtioTransport,
 }
 
 impl Controller {
     pub fn new(kvm: Kvm, launched: Instant, latch: Arc<ExitLatch>) -> Controller {
-        Controller { kvm, launched, latch, resources: Resources::default(), vm: None, metrics: None, logger: None }
+        Controller {
+            kvm,
+            launched,
+            latch,
+            resources: Resources::default(),
+            vm: None,
+            metrics: None,
+            logger: None,
+            id: "anonymous-instance".into(),
+            transport: VirtioTransport::Mmio,
+        }
+    }
+
+    pub fn set_id(&mut self, id: String) {
+        self.id = id;
+    }
+
+    /// How virtio devices of a VM configured through the API attach (`--enable-pci`).
+    pub fn set_transport(&mut self, transport: VirtioTransport) {
+        self.transport = transport;
+    }
+
+    /// Writes metrics to `path` from now on (`PUT /metrics`, `--metrics-path`); once only.
+    pub fn open_metrics(&mut self, path: &Path) -> Result<(), String> {
+        if self.metrics.is_some() {
+            return Err("The metrics file is already set; it can be set once.".into());
+        }
+        self.metrics = Some(MetricsSink::open(path)?);
+        Ok(())
     }
 
     pub fn set_logger_hook(&mut self, hook: LoggerHook) {
@@ -81,7 +112,7 @@ impl Controller {
     pub fn boot(&mut self, config: VmConfig, format: arch::boot::KernelFormat) -> Result<(), String> {
         let vm = crate::vm::start(&self.kvm, &config, format, self.launched, &self.latch).map_err(|e| e.to_string())?;
         self.vm = Some((vm, config));
-        Ok(())
+        self.sandbox()
     }
 
     /// Serves API calls and waits until the VM stops (or, before a start, a stop signal).
@@ -113,6 +144,12 @@ impl Controller {
         exit
     }
 
+    /// Puts the main thread under its filter once the VM is built, as Firecracker does: from
+    /// here on it serves requests for a running guest.
+    fn sandbox(&self) -> Result<(), String> {
+        sandbox::apply(sandbox::ThreadKind::Vmm).map_err(|e| e.to_string())
+    }
+
     fn running(&self) -> bool {
         self.vm.is_some()
     }
@@ -129,7 +166,7 @@ impl Controller {
     pub fn handle(&mut self, request: Request) -> Response {
         match request {
             Request::GetInfo => Response::json(&models::InstanceInfo {
-                id: "anonymous-instance".into(),
+                id: self.id.clone(),
                 state: self.state_name().into(),
                 vmm_version: env!("CARGO_PKG_VERSION").into(),
                 app_name: "Ferrovisor".into(),
@@ -165,9 +202,12 @@ impl Controller {
             Request::PatchDrive(d) => self.patch_drive(d),
             Request::PutNetworkInterface(n) => self.pre_boot("PUT /network-interfaces", |c| c.set_net(n)),
             Request::PutVsock(v) => self.pre_boot("PUT /vsock", |c| {
-                if v.guest_cid < 3 {
+                // 0 is accepted as Firecracker accepts it (firecracker-containerd sends it); 1 and
+                // 2 name the local host and the host.
+                if v.guest_cid == 1 || v.guest_cid == 2 {
                     return Err(format!("vsock guest_cid {} is reserved; use 3 or more.", v.guest_cid));
                 }
+                sandbox::files::check_socket_path(Path::new(&v.uds_path), "vsock uds_path")?;
                 c.resources.vsock = Some(v);
                 Ok(())
             }),
@@ -218,24 +258,10 @@ impl Controller {
                 },
                 None => Response::error(400, "This VMM has no configurable logger."),
             },
-            Request::PutMetrics(m) => {
-                if self.metrics.is_some() {
-                    return Response::error(400, "The metrics file is already set; it can be set once.");
-                }
-                match MetricsSink::open(Path::new(&m.metrics_path)) {
-                    Ok(sink) => {
-                        self.metrics = Some(sink);
-                        Response::no_content()
-                    }
-                    Err(e) => Response::error(
-                        400,
-                        format!(
-                            "metrics_path {} cannot be opened ({e}); give a writable file or FIFO.",
-                            m.metrics_path
-                        ),
-                    ),
-                }
-            }
+            Request::PutMetrics(m) => match self.open_metrics(Path::new(&m.metrics_path)) {
+                Ok(()) => Response::no_content(),
+                Err(e) => Response::error(400, e),
+            },
             Request::GetStats => match &self.vm {
                 Some((vm, _)) => Response::json(&stats_json(vm)),
                 None => before_start("GET /ferrovisor/stats"),
@@ -287,6 +313,7 @@ impl Controller {
             return Err(format!("drive {}: path_on_host is missing; give the disk image's path.", d.drive_id));
         };
         must_exist(&format!("drive {}", d.drive_id), "path_on_host", path)?;
+        sandbox::files::check_drive(Path::new(path), &format!("drive {}: path_on_host", d.drive_id))?;
         if d.drive_id.is_empty() || d.drive_id.len() > 20 {
             return Err("drive_id must be 1 to 20 bytes (it is the disk's serial); shorten it.".into());
         }
@@ -343,6 +370,9 @@ impl Controller {
             disk.rate_limit = limit;
         }
         let Some(path) = d.path_on_host.filter(|p| Path::new(p) != disk.path) else { return Response::no_content() };
+        if let Err(e) = sandbox::files::check_drive(Path::new(&path), &format!("drive {}: path_on_host", d.drive_id)) {
+            return Response::error(400, e);
+        }
         match vm.update_disk(&d.drive_id, DiskChange::Backing(Path::new(&path))) {
             Ok(()) => {
                 disk.path = PathBuf::from(&path);
@@ -441,7 +471,7 @@ impl Controller {
                 .vsock
                 .as_ref()
                 .map(|v| VsockConfig { cid: u64::from(v.guest_cid), uds: PathBuf::from(&v.uds_path) }),
-            transport: VirtioTransport::Mmio,
+            transport: self.transport,
             memory,
             stats_on_exit: false,
             track_dirty_pages: r.machine.track_dirty_pages,
@@ -630,7 +660,13 @@ impl Controller {
                     if params.resume_vm { "running" } else { "paused" }
                 );
                 self.vm = Some((vm, config));
-                Response::no_content()
+                match self.sandbox() {
+                    Ok(()) => Response::no_content(),
+                    Err(e) => {
+                        self.latch.set(VmExit::Sandbox(e.clone()));
+                        Response::error(500, e)
+                    }
+                }
             }
             Err(e) => Response::error(400, format!("The snapshot cannot be loaded: {e}")),
         }

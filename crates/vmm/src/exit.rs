@@ -23,6 +23,8 @@ pub enum VmExit {
     Fault(GuestFault),
     /// KVM failed a vCPU.
     VcpuError { vcpu: u32, message: String },
+    /// The VMM could not put itself under its seccomp filter; it does not run unfiltered.
+    Sandbox(String),
 }
 
 impl VmExit {
@@ -30,7 +32,7 @@ impl VmExit {
     pub fn exit_code(&self) -> i32 {
         match self {
             VmExit::Reset | VmExit::PowerOff | VmExit::Signal(_) | VmExit::Requested => 0,
-            VmExit::Fault(_) | VmExit::VcpuError { .. } => 1,
+            VmExit::Fault(_) | VmExit::VcpuError { .. } | VmExit::Sandbox(_) => 1,
         }
     }
 }
@@ -44,6 +46,7 @@ impl std::fmt::Display for VmExit {
             VmExit::Requested => write!(f, "stopped the VM as the API asked"),
             VmExit::Fault(fault) => write!(f, "{fault}"),
             VmExit::VcpuError { vcpu, message } => write!(f, "vCPU {vcpu} failed: {message}"),
+            VmExit::Sandbox(message) => write!(f, "the VM stopped: {message}"),
         }
     }
 }
@@ -64,7 +67,7 @@ pub struct ExitLatch {
 
 impl ExitLatch {
     pub fn new() -> std::io::Result<Self> {
-        Ok(Self { reason: Mutex::new(None), event: EventFd::new(0)? })
+        Ok(Self { reason: Mutex::new(None), event: EventFd::new(libc::EFD_CLOEXEC)? })
     }
 
     pub fn set(&self, exit: VmExit) {

@@ -103,7 +103,9 @@ impl Snapshot {
         let mut out = serde_json::to_vec(&header).map_err(|e| e.to_string())?;
         out.push(b'\n');
         out.extend_from_slice(&body);
-        std::fs::write(path, out).map_err(|e| format!("snapshot_path {} cannot be written ({e})", path.display()))
+        let mut file = sandbox::files::create_output(path, "snapshot_path")?;
+        std::io::Write::write_all(&mut file, &out)
+            .map_err(|e| format!("snapshot_path {} cannot be written ({e})", path.display()))
     }
 
     pub fn read(path: &Path) -> Result<Snapshot, String> {
@@ -129,6 +131,24 @@ impl Snapshot {
         }
         serde_json::from_slice(body).map_err(|e| format!("{what} is corrupt ({e}); take the snapshot again"))
     }
+}
+
+/// `--describe-snapshot`: the format and the Ferrovisor that wrote the state file at `path`.
+pub fn describe(path: &Path) -> Result<String, String> {
+    use std::io::BufRead;
+    let what = format!("{} ", path.display());
+    let file = File::open(path).map_err(|e| format!("{what}cannot be read ({e}); give a snapshot state file"))?;
+    // The header is one short line: read no more than that.
+    let mut line = Vec::new();
+    std::io::BufReader::new(std::io::Read::take(file, 4096))
+        .read_until(b'\n', &mut line)
+        .map_err(|e| format!("{what}cannot be read ({e})"))?;
+    let header: Header = serde_json::from_slice(line.strip_suffix(b"\n").unwrap_or(&line))
+        .map_err(|_| format!("{what}is not a Ferrovisor snapshot"))?;
+    if header.magic != MAGIC {
+        return Err(format!("{what}is not a Ferrovisor snapshot"));
+    }
+    Ok(format!("v{}.0.0 (written by Ferrovisor {})", header.format_version, header.vmm_version))
 }
 
 fn kvm_fail(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> String {
@@ -239,7 +259,7 @@ pub struct Written {
 /// device-write bitmap so that the next diff starts here.
 pub fn write_memory(mem: &GuestMemory, path: &Path, pages: Pages) -> Result<Written, String> {
     let what = || format!("mem_file_path {}", path.display());
-    let file = File::create(path).map_err(|e| format!("{} cannot be created ({e})", what()))?;
+    let file = sandbox::files::create_output(path, "mem_file_path")?;
     let total: u64 = mem.iter().map(|r| r.len()).sum();
     let mut written = Written { pages: 0, bytes: 0 };
     let mut offset = 0u64;

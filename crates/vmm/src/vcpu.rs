@@ -4,7 +4,6 @@
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use kvm_bindings::{
@@ -74,7 +73,7 @@ impl PauseGate {
 }
 
 /// Pauses every vCPU: each leaves KVM_RUN and parks. Its registers are then stable.
-pub fn pause_all(shared: &VcpuShared, threads: &[JoinHandle<()>]) -> Result<(), String> {
+pub fn pause_all(shared: &VcpuShared, threads: &[sandbox::Thread<()>]) -> Result<(), String> {
     shared.pause.request(true);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
@@ -127,8 +126,10 @@ pub fn install_kick_handler() -> std::io::Result<()> {
 pub type SharedVcpu = Arc<Mutex<VcpuFd>>;
 
 /// Starts a thread for `vcpu`; it parks at once if a pause is requested.
-pub fn spawn(index: u32, vcpu: SharedVcpu, shared: Arc<VcpuShared>) -> std::io::Result<JoinHandle<()>> {
-    std::thread::Builder::new().name(format!("vcpu{index}")).spawn(move || {
+/// The thread is named `fc_vcpu N`, as Firecracker names it: Kata Containers finds vCPU threads
+/// by that name.
+pub fn spawn(index: u32, vcpu: SharedVcpu, shared: Arc<VcpuShared>) -> std::io::Result<sandbox::Thread<()>> {
+    sandbox::spawn(sandbox::ThreadKind::Vcpu, format!("fc_vcpu {index}"), move || {
         let run = vcpu.lock().unwrap_or_else(|p| p.into_inner()).get_kvm_run() as *mut kvm_run;
         // The kvm_run mapping lives as long as the VcpuFd, which outlives this thread.
         KVM_RUN.with(|r| r.set(run));
@@ -148,7 +149,7 @@ pub fn spawn(index: u32, vcpu: SharedVcpu, shared: Arc<VcpuShared>) -> std::io::
 }
 
 /// Stops every vCPU thread: sets the stop flag and kicks each thread until it has exited.
-pub fn stop_all(shared: &VcpuShared, threads: Vec<JoinHandle<()>>) {
+pub fn stop_all(shared: &VcpuShared, threads: Vec<sandbox::Thread<()>>) {
     shared.stop.store(true, Ordering::SeqCst);
     shared.pause.request(false);
     for thread in threads {

@@ -199,7 +199,8 @@ fn attach_mmio(
     for (slot, (name, device)) in devices.into_iter().enumerate() {
         let base = VIRTIO_MMIO_START + slot as u64 * VIRTIO_MMIO_WINDOW;
         let irq = VIRTIO_FIRST_IRQ + slot as u32;
-        let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Device(format!("{name}: {e}")))?;
+        let irqfd =
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| Error::Device(format!("{name}: {e}")))?;
         vm.register_irqfd(&irqfd, irq).map_err(|e| Error::Device(format!("{name}: routing IRQ {irq}: {e}")))?;
         let transport =
             MmioTransport::new(&name, device, mem.clone(), irqfd).map_err(|e| Error::Device(format!("{name}: {e}")))?;
@@ -234,7 +235,7 @@ fn attach_pci(
         let mut irqfds = Vec::new();
         for v in 0..virtio::pci::VECTORS {
             let gsi = FIRST_MSI_GSI + (i * virtio::pci::VECTORS + v) as u32;
-            let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| err(e.to_string()))?;
+            let irqfd = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| err(e.to_string()))?;
             vm.register_irqfd(&irqfd, gsi).map_err(|e| err(format!("MSI-X vector {v}: {e}")))?;
             gsis.push(gsi);
             irqfds.push(irqfd);

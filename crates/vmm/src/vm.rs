@@ -4,7 +4,6 @@ use std::fs::File;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Instant;
 
 use kvm_bindings::{
@@ -70,7 +69,7 @@ pub struct RunningVm {
     vm: Arc<VmFd>,
     shared: Arc<VcpuShared>,
     vcpus: Vec<SharedVcpu>,
-    threads: Vec<JoinHandle<()>>,
+    threads: Vec<sandbox::Thread<()>>,
     devices: AttachedDevices,
     legacy: LegacyDevices,
     paused: bool,
@@ -391,7 +390,7 @@ fn launch(
     Ok(RunningVm { vm, shared, vcpus, threads, devices, legacy, paused, restored: false })
 }
 
-fn spawn_vcpus(vcpus: &[SharedVcpu], shared: &Arc<VcpuShared>) -> Result<Vec<JoinHandle<()>>, Error> {
+fn spawn_vcpus(vcpus: &[SharedVcpu], shared: &Arc<VcpuShared>) -> Result<Vec<sandbox::Thread<()>>, Error> {
     let mut threads = Vec::new();
     for (index, vcpu) in vcpus.iter().enumerate() {
         match vcpu::spawn(index as u32, vcpu.clone(), shared.clone()) {
@@ -467,7 +466,7 @@ fn create_devices(
         })?,
         SerialConfig::None => serial::null_sink(),
     };
-    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("serial interrupt"))?;
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(host_err("serial interrupt"))?;
     vm.register_irqfd(&serial_irq, COM1_IRQ).map_err(kvm_err("route the serial interrupt"))?;
     let serial = match saved {
         Some(saved) => SerialDevice::restored(serial_irq, sink, &saved.serial).map_err(host_err("serial port"))?,
@@ -479,7 +478,7 @@ fn create_devices(
         serial::spawn_input_thread(serial.clone(), std::io::stdin()).map_err(host_err("serial input thread"))?;
     }
     let reset_latch = latch.clone();
-    let keyboard_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("keyboard interrupt"))?;
+    let keyboard_irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(host_err("keyboard interrupt"))?;
     vm.register_irqfd(&keyboard_irq, I8042_IRQ).map_err(kvm_err("route the keyboard interrupt"))?;
     let mut i8042 = I8042::new(Box::new(move || reset_latch.set(VmExit::Reset))).with_irq(keyboard_irq);
     if let Some(ctr) = saved.and_then(|s| s.i8042_ctr) {

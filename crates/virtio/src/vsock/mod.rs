@@ -40,7 +40,9 @@ const FIRST_LOCAL_PORT: u32 = 1 << 30;
 pub struct Vsock {
     guest_cid: u64,
     uds: PathBuf,
-    listener: Option<UnixListener>,
+    /// Kept for the device's life; each worker serves a clone of it, so that a reset never
+    /// binds the path again (and a vCPU thread, which activates devices, never needs to).
+    listener: UnixListener,
     worker: Option<Worker>,
     /// Host connections were dropped (a snapshot stopped the device, or this is a restored
     /// device): the next activation tells the guest to drop its side too.
@@ -49,29 +51,32 @@ pub struct Vsock {
 
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {
-    #[error("guest CID {0} is reserved; use 3 or more")]
+    #[error("guest CID {0} is reserved; use 3 or more (or 0, as Firecracker allows)")]
     Cid(u64),
+    #[error("{0}")]
+    Path(String),
     #[error("cannot listen on {path}: {source}")]
     Listen { path: String, source: std::io::Error },
 }
 
 impl Vsock {
-    /// Listens on `uds` (replacing a stale socket file) for host-initiated connections.
+    /// Listens on `uds` (replacing a stale socket, and nothing else) for host-initiated
+    /// connections.
     pub fn new(guest_cid: u64, uds: &Path) -> Result<Vsock, VsockError> {
-        if guest_cid < 3 || guest_cid > u64::from(u32::MAX) {
+        if guest_cid == 1 || guest_cid == 2 || guest_cid > u64::from(u32::MAX) {
             return Err(VsockError::Cid(guest_cid));
         }
-        let _ = std::fs::remove_file(uds);
+        sandbox::files::remove_stale_socket(uds, "uds_path").map_err(VsockError::Path)?;
         let listener = UnixListener::bind(uds)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .map_err(|source| VsockError::Listen { path: uds.display().to_string(), source })?;
-        Ok(Vsock { guest_cid, uds: uds.into(), listener: Some(listener), worker: None, reset_pending: false })
+        Ok(Vsock { guest_cid, uds: uds.into(), listener, worker: None, reset_pending: false })
     }
 }
 
 impl Drop for Vsock {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.uds);
+        let _ = sandbox::files::remove_stale_socket(&self.uds, "uds_path");
     }
 }
 
@@ -89,13 +94,9 @@ impl VirtioDevice for Vsock {
         read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
     }
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        // A reset drops every connection; the listener moves into the new worker each time.
-        let listener = match self.listener.take() {
-            Some(l) => l,
-            None => UnixListener::bind(&self.uds)
-                .and_then(|l| l.set_nonblocking(true).map(|()| l))
-                .map_err(|e| ActivateError::Backend(format!("vsock listener: {e}")))?,
-        };
+        // A reset drops every connection; the listener stays, and connections that arrived
+        // meanwhile wait in its backlog for the new worker.
+        let listener = self.listener.try_clone().map_err(|e| ActivateError::Backend(format!("vsock listener: {e}")))?;
         let backend = Muxer {
             guest_cid: self.guest_cid,
             uds: self.uds.clone(),
@@ -106,7 +107,8 @@ impl VirtioDevice for Vsock {
             next_local_port: FIRST_LOCAL_PORT,
             send_transport_reset: std::mem::take(&mut self.reset_pending),
         };
-        self.worker = Some(Worker::spawn("virtio-vsock", backend, activation).map_err(ActivateError::Worker)?);
+        self.worker =
+            Some(Worker::spawn(sandbox::ThreadKind::Vsock, backend, activation).map_err(ActivateError::Worker)?);
         Ok(())
     }
     /// The connections live in the worker and end with it, as in Firecracker: a snapshot
@@ -114,8 +116,6 @@ impl VirtioDevice for Vsock {
     /// serves again, in this VM and in a restored one.
     fn quiesce(&mut self) -> Option<Vec<Queue>> {
         let queues = self.worker.take().and_then(|mut w| w.stop());
-        // The listener went with the worker: the next activation binds the path again.
-        let _ = std::fs::remove_file(&self.uds);
         self.reset_pending = true;
         queues
     }
@@ -128,7 +128,6 @@ impl VirtioDevice for Vsock {
     }
     fn reset(&mut self) {
         self.worker = None;
-        let _ = std::fs::remove_file(&self.uds);
     }
 }
 
@@ -373,7 +372,11 @@ impl Muxer {
             };
             let port = std::str::from_utf8(&hs.line[..end])
                 .ok()
-                .and_then(|l| l.trim().strip_prefix("CONNECT "))
+                .and_then(|l| {
+                    // Kata's runtime-rs says `connect`, Firecracker's users `CONNECT`.
+                    let (verb, port) = l.trim().split_once(' ')?;
+                    verb.eq_ignore_ascii_case("connect").then_some(port)
+                })
                 .and_then(|p| p.trim().parse::<u32>().ok());
             let Some(port) = port else {
                 crate::guest_fault!("virtio-vsock: a host connection did not start with CONNECT <port>");

@@ -1,0 +1,184 @@
+//! Opening the files API clients and command lines name, each checked for what it must be, so
+//! that a client cannot make the VMM truncate a device, append to a socket, block on a FIFO
+//! with no reader, or unlink what is not its socket.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::Path;
+
+fn kind(meta: &std::fs::Metadata) -> &'static str {
+    let t = meta.file_type();
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else {
+        "a regular file"
+    }
+}
+
+/// Opens a log or metrics output: a regular file (appended to, created if missing) or a FIFO.
+/// A FIFO is opened read-write and non-blocking, so that neither the open nor a write waits
+/// for a reader: lines a full FIFO cannot take are dropped.
+pub fn open_output(path: &Path, what: &str) -> Result<File, String> {
+    let shown = path.display();
+    let existing = std::fs::metadata(path).ok();
+    if let Some(meta) = &existing
+        && !meta.is_file()
+        && !meta.file_type().is_fifo()
+    {
+        return Err(format!("{what} {shown} is {}; give a regular file or a FIFO.", kind(meta)));
+    }
+    let is_fifo = existing.as_ref().is_some_and(|m| m.file_type().is_fifo());
+    let mut options = OpenOptions::new();
+    options.custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY);
+    if is_fifo {
+        options.read(true).write(true);
+    } else {
+        options.append(true).create(true);
+    }
+    let file = options
+        .open(path)
+        .map_err(|e| format!("{what} {shown} cannot be opened ({e}); give a writable file or FIFO."))?;
+    // The path may have been swapped between the check and the open: check what was opened.
+    let meta = file.metadata().map_err(|e| format!("{what} {shown} cannot be examined ({e})."))?;
+    if !meta.is_file() && !meta.file_type().is_fifo() {
+        return Err(format!("{what} {shown} is {}; give a regular file or a FIFO.", kind(&meta)));
+    }
+    Ok(file)
+}
+
+/// Creates or truncates a file the VMM writes whole (snapshot state, memory), refusing to
+/// overwrite anything but a regular file.
+pub fn create_output(path: &Path, what: &str) -> Result<File, String> {
+    let shown = path.display();
+    if let Ok(meta) = std::fs::symlink_metadata(path)
+        && !meta.is_file()
+    {
+        return Err(format!("{what} {shown} is {}; give a new path or a regular file to overwrite.", kind(&meta)));
+    }
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| format!("{what} {shown} cannot be created ({e}); give a writable path."))?;
+    Ok(file)
+}
+
+/// Checks that `path` is free for a Unix socket: absent, or a stale socket (true).
+pub fn check_socket_path(path: &Path, what: &str) -> Result<bool, String> {
+    if path.as_os_str().is_empty() {
+        return Err(format!("{what} is empty; give the path of a Unix socket to create."));
+    }
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(format!("{what} {} cannot be examined ({e}).", path.display())),
+        Ok(meta) if meta.file_type().is_socket() => Ok(true),
+        Ok(meta) => Err(format!(
+            "{what} {} is {}, not a socket; give a new path (Ferrovisor removes only a stale socket there).",
+            path.display(),
+            kind(&meta)
+        )),
+    }
+}
+
+/// Removes a stale Unix socket at `path` before binding there; anything else is left alone
+/// and refused.
+pub fn remove_stale_socket(path: &Path, what: &str) -> Result<(), String> {
+    if check_socket_path(path, what)? {
+        std::fs::remove_file(path)
+            .map_err(|e| format!("{what} {} is a stale socket that cannot be removed ({e}).", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Checks that a drive image is a regular file or a block device.
+pub fn check_drive(path: &Path, what: &str) -> Result<(), String> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| format!("{what} {} cannot be opened ({e}); give an existing disk image.", path.display()))?;
+    if meta.is_file() || meta.file_type().is_block_device() {
+        Ok(())
+    } else {
+        Err(format!("{what} {} is {}; give a disk image file or a block device.", path.display(), kind(&meta)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("fv-files-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn mkfifo(path: &Path) {
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    }
+
+    #[test]
+    fn a_fifo_without_a_reader_opens_and_never_blocks() {
+        let dir = scratch("fifo");
+        let fifo = dir.join("log.fifo");
+        mkfifo(&fifo);
+        let mut file = open_output(&fifo, "log_path").unwrap();
+        use std::io::Write;
+        // Fill the pipe: a write then fails with WouldBlock instead of waiting.
+        let line = [b'x'; 4096];
+        let mut blocked = false;
+        for _ in 0..1024 {
+            if let Err(e) = file.write(&line) {
+                assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+                blocked = true;
+                break;
+            }
+        }
+        assert!(blocked);
+    }
+
+    #[test]
+    fn outputs_must_be_files_or_fifos() {
+        let dir = scratch("outputs");
+        let e = open_output(&dir, "log_path").unwrap_err();
+        assert!(e.contains("is a directory; give a regular file or a FIFO"), "{e}");
+        assert!(open_output(Path::new("/dev/null"), "metrics_path").unwrap_err().contains("character device"));
+        open_output(&dir.join("new.log"), "log_path").unwrap();
+        assert!(create_output(Path::new("/dev/null"), "snapshot_path").unwrap_err().contains("character device"));
+        create_output(&dir.join("snap"), "snapshot_path").unwrap();
+    }
+
+    #[test]
+    fn only_a_socket_is_removed() {
+        let dir = scratch("socket");
+        let file = dir.join("regular");
+        std::fs::write(&file, b"keep me").unwrap();
+        let e = remove_stale_socket(&file, "uds_path").unwrap_err();
+        assert!(e.contains("a regular file, not a socket"), "{e}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+        let sock = dir.join("sock");
+        drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+        remove_stale_socket(&sock, "uds_path").unwrap();
+        assert!(!sock.exists());
+        remove_stale_socket(&sock, "uds_path").unwrap();
+    }
+
+    #[test]
+    fn drives_are_files_or_block_devices() {
+        assert!(check_drive(Path::new("/dev/null"), "path_on_host").unwrap_err().contains("character device"));
+        assert!(check_drive(Path::new("/"), "path_on_host").unwrap_err().contains("directory"));
+    }
+}

@@ -1,0 +1,88 @@
+//! Ferrovisor's sandbox inside the process: a seccomp filter for every kind of thread, installed
+//! by the thread itself before it touches guest- or client-controlled data.
+//!
+//! seccomp filters stack: a thread keeps its creator's filter beneath its own. So once filters
+//! are on, no filtered thread starts another: every thread comes from the launcher, a thread
+//! whose own filter allows little besides starting threads ([`spawn`]).
+
+pub mod files;
+mod filters;
+pub mod ioctls;
+mod launcher;
+mod policy;
+mod sigsys;
+pub mod syscalls;
+
+pub use filters::{allows, default_filter};
+pub use launcher::{Thread, spawn, spawn_with_stack};
+pub use policy::{Error, Policy, apply, enabled, init};
+pub use sigsys::{EXIT_BAD_SYSCALL, report_to};
+
+/// The kinds of thread, each with a filter of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ThreadKind {
+    /// The main thread once the VM is built: API actions, snapshots, stopping.
+    Vmm,
+    /// The API server's listener and connections.
+    Api,
+    Vcpu,
+    /// Starts every other thread once filters are on.
+    Launcher,
+    Block,
+    Net,
+    Rng,
+    Console,
+    Vsock,
+    Balloon,
+    /// User-mode networking's NAT.
+    Usernet,
+    /// Feeds the VMM's stdin to the serial port.
+    SerialInput,
+    /// Writes metrics lines once a minute.
+    Metrics,
+    /// `ferrovisor switch`.
+    Switch,
+    /// `ferrovisor network dhcp`.
+    Dhcp,
+}
+
+impl ThreadKind {
+    pub const ALL: [ThreadKind; 15] = [
+        ThreadKind::Vmm,
+        ThreadKind::Api,
+        ThreadKind::Vcpu,
+        ThreadKind::Launcher,
+        ThreadKind::Block,
+        ThreadKind::Net,
+        ThreadKind::Rng,
+        ThreadKind::Console,
+        ThreadKind::Vsock,
+        ThreadKind::Balloon,
+        ThreadKind::Usernet,
+        ThreadKind::SerialInput,
+        ThreadKind::Metrics,
+        ThreadKind::Switch,
+        ThreadKind::Dhcp,
+    ];
+
+    /// The filter's name in a filter file (Firecracker's files name `vmm`, `api` and `vcpu`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            ThreadKind::Vmm => "vmm",
+            ThreadKind::Api => "api",
+            ThreadKind::Vcpu => "vcpu",
+            ThreadKind::Launcher => "launcher",
+            ThreadKind::Block => "virtio-blk",
+            ThreadKind::Net => "virtio-net",
+            ThreadKind::Rng => "virtio-rng",
+            ThreadKind::Console => "virtio-console",
+            ThreadKind::Vsock => "virtio-vsock",
+            ThreadKind::Balloon => "virtio-balloon",
+            ThreadKind::Usernet => "usernet",
+            ThreadKind::SerialInput => "serial-input",
+            ThreadKind::Metrics => "metrics",
+            ThreadKind::Switch => "switch",
+            ThreadKind::Dhcp => "dhcp",
+        }
+    }
+}
