@@ -627,7 +627,7 @@ fn spawn_dhcp_server(n: &net::network::Network) -> Result<u32, String> {
     let log_path = net::network::state_dir().join("networks").join(format!("{}.dhcp.log", n.name));
     let log =
         std::fs::File::create(&log_path).map_err(|e| format!("{} cannot be written ({e})", log_path.display()))?;
-    let mut cmd = std::process::Command::new(exe);
+    let mut cmd = sandbox::helper_command(exe);
     cmd.args(["network", "dhcp", &n.name])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())

@@ -233,3 +233,50 @@ fn network_create_refuses_mistakes_and_leaves_nothing_half_made() {
     let unknown = lab.ferrovisor().args(["run", "--kernel", probe_elf(), "--net", "network=nosuch"]).output().unwrap();
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("there is no network 'nosuch'"), "{unknown:?}");
 }
+
+/// The host programs Ferrovisor runs to put a VM on a network (`ip`, `sysctl`, `bridge`) get
+/// stdin, stdout and stderr and nothing else: no eventfd, KVM fd or TAP of the VMM's.
+#[test]
+fn helper_programs_see_only_stdin_stdout_and_stderr() {
+    let lab = NetLab::new("fvfds");
+    created(&lab, &["create", "lab", "--mode", "isolated", "--subnet", "10.79.0.0/24"]);
+    let real_ip =
+        String::from_utf8(std::process::Command::new("sh").args(["-c", "command -v ip"]).output().unwrap().stdout)
+            .unwrap()
+            .trim()
+            .to_string();
+    let wrappers = lab.state.join("wrappers");
+    std::fs::create_dir_all(&wrappers).unwrap();
+    let log = lab.state.join("fds.log");
+    // The wrapper lists its fds (its listing takes the lowest free one, 3) and runs the real ip.
+    let wrapper = format!(
+        "#!/usr/bin/python3\nimport os, sys\nfds = sorted(int(f) for f in os.listdir('/proc/self/fd'))\n\
+         open('{}', 'a').write(' '.join(map(str, fds)) + ' | ' + ' '.join(sys.argv[1:]) + '\\n')\nos.execv('{real_ip}', ['ip'] + sys.argv[1:])\n",
+        log.display()
+    );
+    let ip = wrappers.join("ip");
+    std::fs::write(&ip, wrapper).unwrap();
+    std::fs::set_permissions(&ip, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // The check can fail: a process that holds an inheritable fd passes it on to the wrapper.
+    let leaky =
+        std::process::Command::new("sh").args(["-c", &format!("exec 7</dev/null; {} -V", ip.display())]).output();
+    assert!(leaky.unwrap().status.success());
+    assert!(std::fs::read_to_string(&log).unwrap().lines().next().unwrap().contains('7'));
+    std::fs::write(&log, "").unwrap();
+
+    let path = format!("{}:{}", wrappers.display(), std::env::var("PATH").unwrap_or_default());
+    let mut cmd = lab.ferrovisor();
+    cmd.env("PATH", path).args(["run", "--kernel", probe_elf(), "--memory", "64", "--net", "network=lab"]);
+    cmd.args(["--disk", &format!("path={}", lab.state.join("disk.img").display()), "--rng"]);
+    std::fs::write(lab.state.join("disk.img"), vec![0u8; 1 << 20]).unwrap();
+    cmd.args(["--cmdline", "probe.test=smp"]);
+    let out = Running::start(cmd).finish(TIMEOUT);
+    assert!(out.status.success(), "{}", out.describe());
+    // The test's own `ip netns exec` (which starts Ferrovisor) is left out.
+    let seen = std::fs::read_to_string(&log).unwrap();
+    let by_ferrovisor: Vec<&str> = seen.lines().filter(|l| !l.contains("| netns exec")).collect();
+    assert!(by_ferrovisor.iter().any(|l| l.contains("| link set")), "Ferrovisor ran no ip through the wrapper: {seen}");
+    for line in by_ferrovisor {
+        assert!(line.starts_with("0 1 2 3 | "), "a helper inherited more than stdio: {line}");
+    }
+}

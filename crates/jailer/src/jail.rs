@@ -73,6 +73,15 @@ pub(crate) fn run(args: Args) -> Result<std::convert::Infallible, Error> {
         .map_err(Error::os(format!("copying {} into the jail", args.exec_file.display())))?;
     std::fs::set_permissions(&jailed_exec, std::fs::Permissions::from_mode(0o755))
         .map_err(Error::os("making the jailed binary executable"))?;
+    let libraries = crate::libraries::closure(&args.exec_file)
+        .map_err(|reason| Error::ExecFile { path: args.exec_file.display().to_string(), reason })?;
+    for library in libraries {
+        let inside = root.join(library.strip_prefix("/").unwrap_or(&library));
+        if let Some(dir) = inside.parent() {
+            std::fs::create_dir_all(dir).map_err(Error::os(format!("making {}", dir.display())))?;
+        }
+        std::fs::copy(&library, &inside).map_err(Error::os(format!("copying {} into the jail", library.display())))?;
+    }
 
     if let Some(netns) = &args.netns {
         let ns = std::fs::File::open(netns).map_err(Error::os(format!("opening --netns {}", netns.display())))?;

@@ -2,13 +2,15 @@
 //! Firecracker (Kata Containers, firecracker-containerd) can start Ferrovisor unchanged.
 //!
 //! In order: check the arguments; close inherited fds and clear the environment; make the
-//! chroot `<base>/<exec name>/<id>/root` and copy the VMM into it; join the network namespace;
+//! chroot `<base>/<exec name>/<id>/root` and copy the VMM (and, for a dynamically linked one,
+//! its loader and libraries) into it; join the network namespace;
 //! set resource limits; put the process in its cgroups; make a mount namespace and pivot_root
 //! into the chroot; create the device nodes the VMM needs; daemonize and start a PID namespace
 //! on request; write the pid file; drop to the uid and gid; exec the VMM.
 
 mod cgroup;
 mod jail;
+pub mod libraries;
 
 use std::ffi::OsString;
 use std::path::PathBuf;

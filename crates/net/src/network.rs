@@ -13,7 +13,6 @@
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use serde::{Deserialize, Serialize};
 
@@ -146,7 +145,7 @@ fn is_bridge(name: &str) -> bool {
 
 /// Runs a host command; the error is its stderr.
 fn run(program: &str, args: &[&str]) -> Result<(), String> {
-    let out = Command::new(program)
+    let out = sandbox::helper_command(program)
         .args(args)
         .output()
         .map_err(|e| format!("`{program}` cannot run ({e}); install iproute2 and nftables"))?;
@@ -159,7 +158,7 @@ fn run(program: &str, args: &[&str]) -> Result<(), String> {
 
 fn nft(script: &str) -> Result<(), String> {
     use std::io::Write;
-    let mut child = Command::new("nft")
+    let mut child = sandbox::helper_command("nft")
         .args(["-f", "-"])
         .stdin(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -214,7 +213,7 @@ fn is_root() -> bool {
 
 /// The interface of the default route, the usual uplink.
 fn default_route_interface() -> Option<String> {
-    let out = Command::new("ip").args(["-4", "route", "show", "default"]).output().ok()?;
+    let out = sandbox::helper_command("ip").args(["-4", "route", "show", "default"]).output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let mut words = text.split_whitespace();
     words.find(|w| *w == "dev")?;
@@ -223,7 +222,7 @@ fn default_route_interface() -> Option<String> {
 
 /// The IPv4 networks configured on this host's interfaces.
 fn host_subnets() -> Vec<(String, Subnet)> {
-    let Ok(out) = Command::new("ip").args(["-o", "-4", "addr", "show"]).output() else { return Vec::new() };
+    let Ok(out) = sandbox::helper_command("ip").args(["-o", "-4", "addr", "show"]).output() else { return Vec::new() };
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| {

@@ -7,6 +7,7 @@
 
 pub mod files;
 mod filters;
+mod helper;
 pub mod ioctls;
 mod launcher;
 mod policy;
@@ -14,6 +15,7 @@ mod sigsys;
 pub mod syscalls;
 
 pub use filters::{allows, default_filter};
+pub use helper::helper_command;
 pub use launcher::{Thread, spawn, spawn_with_stack};
 pub use policy::{Error, Policy, apply, enabled, init};
 pub use sigsys::{EXIT_BAD_SYSCALL, report_to};

@@ -616,7 +616,7 @@ impl Controller {
                 );
                 Response::no_content()
             }
-            Err(e) => Response::error(400, format!("The snapshot was not taken: {e}.")),
+            Err(e) => Response::error(400, format!("The snapshot was not taken: {}.", e.trim_end_matches('.'))),
         }
     }
 

@@ -2,7 +2,8 @@
 //! accept one connection from the host and echo what it sends until it shuts down.
 //!
 //! Parameters: probe.virtio-vsock.port (5000), .bytes (8192), .seed (1), .listen (none). The
-//! probe prints `PROBE virtio-vsock listening port=N` when it waits for the host.
+//! probe prints `PROBE virtio-vsock listening port=N` when it waits for the host, and refuses
+//! (RST) connections to other ports meanwhile.
 //!
 //! With `probe.virtio-vsock.mode=events` it only offers event buffers, prints `PROBE
 //! virtio-vsock events ready` and waits up to `.wait` TSC cycles (60G) for an event: a
@@ -81,6 +82,8 @@ struct Socket<'a> {
     cid: u64,
     fwd_cnt: u32,
     cmdline: Cmdline<'a>,
+    /// The port the probe accepts host connections on, once it does.
+    listening: Option<u32>,
 }
 
 impl Socket<'_> {
@@ -107,7 +110,20 @@ impl Socket<'_> {
     }
 
     /// The next packet from the host: its header and where its payload is.
+    /// The next packet; host connection requests to a port nobody listens on are refused
+    /// (RST) on the way, as a guest kernel does.
     fn recv(&mut self) -> Result<(Header, u64), &'static str> {
+        loop {
+            let (h, payload) = self.recv_any()?;
+            if h.op == OP_REQUEST && Some(h.dst_port) != self.listening {
+                self.send(OP_RST, h.dst_port, h.src_port, 0, &[])?;
+                continue;
+            }
+            return Ok((h, payload));
+        }
+    }
+
+    fn recv_any(&mut self) -> Result<(Header, u64), &'static str> {
         let (head, _) = self.dev.wait_used(&mut self.rx, super::request_deadline(self.cmdline)).ok_or("no packet from the host")?;
         let slot = self.rx_heads.iter().position(|&h| h == head).ok_or("the device returned an unknown buffer")?;
         let at = self.rx_buffer(slot);
@@ -156,7 +172,8 @@ pub fn test(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str>
     let rx_area = alloc(RX_BUFFERS * (HEADER + RX_PAYLOAD), 64).ok_or("out of probe memory")?;
     let tx_buf = alloc(HEADER + TX_CHUNK, 64).ok_or("out of probe memory")?;
     let cid = dev.config_read64(0);
-    let mut s = Socket { dev, rx, tx, rx_area, rx_heads: [0; RX_BUFFERS], tx_buf, cid, fwd_cnt: 0, cmdline };
+    let mut s =
+        Socket { dev, rx, tx, rx_area, rx_heads: [0; RX_BUFFERS], tx_buf, cid, fwd_cnt: 0, cmdline, listening: None };
     for i in 0..RX_BUFFERS {
         let at = s.rx_buffer(i);
         s.rx_heads[i] = s.rx.push(&[Buffer::writable(at, (HEADER + RX_PAYLOAD) as u32)]).ok_or("receive ring full")?;
@@ -208,10 +225,11 @@ pub fn test(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str>
     let mut accepted = 0usize;
     if let Some(listen) = cmdline.param(TEST, "listen").and_then(crate::cmdline::parse_number) {
         let listen = listen as u32;
+        s.listening = Some(listen);
         crate::println!("PROBE virtio-vsock listening port={listen}");
         let peer = loop {
             let (h, _) = s.recv()?;
-            if h.op == OP_REQUEST && h.dst_port == listen {
+            if h.op == OP_REQUEST {
                 break h.src_port;
             }
         };
