@@ -12,12 +12,16 @@
 //! 3. The API's cost: the VMM's own memory (RSS minus guest RAM) with and without --api-sock,
 //!    after 200 requests.
 
+mod support;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use support::{median, overhead_kib};
 
 fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_ferrovisor"))
@@ -29,11 +33,6 @@ fn probe() -> PathBuf {
 
 fn runs() -> usize {
     std::env::var("FERROVISOR_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
 }
 
 fn http(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
@@ -314,28 +313,6 @@ fn ksm() {
         with as f64 / 1024.0,
         without as f64 / with as f64
     );
-}
-
-fn overhead_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0);
-    // The probe touched little of its 128 MiB; count the guest mapping's resident part out.
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
-    let (mut size, mut guest) = (0u64, 0u64);
-    for line in smaps.lines() {
-        if let Some(v) = line.strip_prefix("Size:") {
-            size = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
-        } else if let Some(v) = line.strip_prefix("Rss:")
-            && size >= 64 * 1024
-        {
-            guest += v.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0);
-        }
-    }
-    rss - guest
 }
 
 fn api_overhead(dir: &Path) {

@@ -280,3 +280,35 @@ fn helper_programs_see_only_stdin_stdout_and_stderr() {
         assert!(line.starts_with("0 1 2 3 | "), "a helper inherited more than stdio: {line}");
     }
 }
+
+/// Network names are checked wherever one is read, and a definition file's fields before they
+/// reach a command or an nftables script.
+#[test]
+fn network_names_and_definitions_are_checked_before_use() {
+    let state = common::scratch_dir("net-names");
+    let networks = state.join("networks");
+    std::fs::create_dir_all(&networks).unwrap();
+    let ferrovisor = |args: &[&str]| {
+        let out = common::ferrovisor().env("FERROVISOR_STATE_DIR", &state).args(args).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    for args in [
+        &["network", "show", "../../etc/passwd"][..],
+        &["network", "delete", "a\"b"],
+        &["network", "start", "UPPER"],
+        &["run", "--kernel", probe_elf(), "--net", "network=../x"],
+    ] {
+        let (code, stderr) = ferrovisor(args);
+        assert_ne!(code, Some(0), "{args:?}");
+        assert!(stderr.contains("must be 1 to 12 lowercase letters, digits or dashes"), "{args:?}: {stderr}");
+    }
+    // A definition whose bridge would smuggle rules into nftables.
+    let evil = r#"{"name": "evil", "mode": "isolated", "subnet": {"address": "10.9.9.0", "prefix": 24},
+                   "uplink": null, "dhcp": false,
+                   "bridge": "br\" accept }\n table ip x { chain y {", "owns_bridge": true}"#;
+    std::fs::write(networks.join("evil.json"), evil).unwrap();
+    let (code, stderr) = ferrovisor(&["network", "show", "evil"]);
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("is damaged: its bridge") && stderr.contains("is not an interface name"), "{stderr}");
+    let _ = std::fs::remove_dir_all(state);
+}

@@ -173,7 +173,32 @@ fn nft(script: &str) -> Result<(), String> {
     }
 }
 
+/// Checks a network name wherever one is read: it names files and an nftables table.
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > 12
+        || !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    {
+        return Err(format!("the network name '{name}' must be 1 to 12 lowercase letters, digits or dashes"));
+    }
+    Ok(())
+}
+
+/// Checks an interface name before it goes into a command or an nftables script.
+fn check_interface(what: &str, name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() >= libc::IFNAMSIZ
+        || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(format!("{what} '{name}' is not an interface name (letters, digits, '-', '_', '.', at most 15)"));
+    }
+    Ok(())
+}
+
+/// Loads a network's definition; its fields are checked, since they reach commands and
+/// nftables scripts.
 pub fn load(name: &str) -> Result<Network, String> {
+    check_name(name)?;
     let path = definition_path(name);
     let text = std::fs::read_to_string(&path).map_err(|_| {
         format!(
@@ -181,8 +206,17 @@ pub fn load(name: &str) -> Result<Network, String> {
             networks_dir().display()
         )
     })?;
-    serde_json::from_str(&text)
-        .map_err(|e| format!("the definition {} is damaged ({e}); delete and create it again", path.display()))
+    let network: Network = serde_json::from_str(&text)
+        .map_err(|e| format!("the definition {} is damaged ({e}); delete and create it again", path.display()))?;
+    let damaged = |e: String| format!("the definition {} is damaged: {e}; delete and create it again", path.display());
+    if network.name != name {
+        return Err(damaged(format!("it names network '{}'", network.name)));
+    }
+    check_interface("its bridge", &network.bridge).map_err(damaged)?;
+    if let Some(uplink) = &network.uplink {
+        check_interface("its uplink", uplink).map_err(damaged)?;
+    }
+    Ok(network)
 }
 
 fn save(network: &Network) -> Result<(), String> {
@@ -266,11 +300,9 @@ pub fn create(
     dhcp_command: impl FnOnce(&Network) -> Result<u32, String>,
 ) -> Result<Network, String> {
     let name = &options.name;
-    if name.is_empty()
-        || name.len() > 12
-        || !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-    {
-        return Err(format!("the network name '{name}' must be 1 to 12 lowercase letters, digits or dashes"));
+    check_name(name)?;
+    if let Some(uplink) = &options.uplink {
+        check_interface("--uplink", uplink)?;
     }
     if definition_path(name).exists() {
         return Err(format!("a network '{name}' already exists; delete it first or pick another name"));

@@ -71,21 +71,21 @@ pub fn init(policy: &Policy) -> Result<(), Error> {
     let on = filters.is_some();
     FILTERS.set(filters).map_err(|_| Error::AlreadyChosen)?;
     if on {
-        fix_malloc_arena_limit();
+        single_malloc_arena();
         crate::sigsys::install().map_err(|e| Error::Install { kind: "SIGSYS", reason: e.to_string() })?;
         crate::launcher::run().map_err(Error::Launcher)?;
     }
     Ok(())
 }
 
-/// glibc's malloc counts the CPUs (reading /sys/devices/system/cpu/online) the first time a
-/// thread needs an arena beyond the first few, which would be a forbidden openat in a filtered
-/// thread. Setting the arena limit up front, to glibc's own default of 8 per CPU, spares it.
-fn fix_malloc_arena_limit() {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let limit = libc::c_int::try_from(cpus.saturating_mul(8)).unwrap_or(libc::c_int::MAX);
-    // SAFETY: mallopt only sets a malloc tunable.
-    unsafe { libc::mallopt(libc::M_ARENA_MAX, limit) };
+/// glibc's malloc opens files behind a filtered thread's back when it runs more than one
+/// arena: /sys/devices/system/cpu/online when a thread first needs an arena beyond the first
+/// few, /proc/sys/vm/overcommit_memory when a thread's arena shrinks. Both would be forbidden
+/// openat calls. With one arena (the main one, grown with brk) neither happens; each thread's
+/// tcache keeps small allocations off the arena's lock.
+fn single_malloc_arena() {
+    // SAFETY: mallopt only sets a malloc tunable; no thread allocates concurrently this early.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
 }
 
 /// Fills in the default filter for every kind `given` lacks.

@@ -181,7 +181,10 @@ impl FromStr for NetConfig {
         let attachment = match (tap, switch, network) {
             (Some(tap), None, None) => NetAttachment::Tap(tap),
             (None, Some(path), None) => NetAttachment::Switch { path, vlan: vlan.unwrap_or(0) },
-            (None, None, Some(name)) => NetAttachment::Network { name, isolated: isolated.unwrap_or(false) },
+            (None, None, Some(name)) => {
+                net::network::check_name(&name).map_err(|e| format!("--net network=: {e}"))?;
+                NetAttachment::Network { name, isolated: isolated.unwrap_or(false) }
+            }
             (None, None, None) => return Err("--net needs tap=NAME, switch=PATH or network=NAME".into()),
             _ => return Err("--net takes one of tap=, switch= and network=".into()),
         };
