@@ -59,6 +59,7 @@ fn config(kernel: &str, cmdline: &str) -> String {
 fn launch(setup: Setup, dir: &Path, run: usize, cmdline: &str) -> (Child, PathBuf) {
     let probe = env!("FERROVISOR_PROBE_ELF");
     let seccomp: &[&str] = if setup.seccomp() { &[] } else { &["--no-seccomp"] };
+    std::fs::create_dir_all(dir).unwrap();
     let (mut cmd, socket) = if setup.jailed() {
         let id = format!("bench{run}");
         let root = dir.join("ferrovisor").join(&id).join("root");

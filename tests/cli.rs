@@ -82,3 +82,57 @@ fn serial_output_can_go_to_a_file() {
     assert!(out.stdout.is_empty(), "{}", out.describe());
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// Firecracker's command line: the flags its users pass are taken, and the ones for features
+/// Ferrovisor lacks are refused with a sentence.
+#[test]
+fn firecrackers_command_line_is_understood() {
+    let dir = scratch_dir("cli-firecracker");
+    let socket = dir.join("api.sock");
+    let socket = socket.to_str().unwrap();
+    assert_usage_error(&["--api-sock", socket, "--id", "no/slashes"], "--id 'no/slashes' must be 1 to 64 letters");
+    assert_usage_error(
+        &["--api-sock", socket, "--mmds-size-limit", "1024"],
+        "MMDS, which Ferrovisor does not have yet",
+    );
+    assert_usage_error(
+        &["--api-sock", socket, "--level", "Loud"],
+        "--level must be Error, Warning, Info, Debug, Trace or Off",
+    );
+    assert_usage_error(
+        &["--api-sock", socket, "--log-path", "/dev/null"],
+        "--log-path /dev/null is a character device; give a regular file or a FIFO.",
+    );
+    let out = run(&["--snapshot-version"], Duration::from_secs(20));
+    assert_eq!(out.stdout.trim(), "v1.0.0", "{}", out.describe());
+    let out = run(&["--describe-snapshot", "/etc/hostname"], Duration::from_secs(20));
+    assert_eq!(out.status.code(), Some(1), "{}", out.describe());
+    assert!(out.stderr.contains("is not a Ferrovisor snapshot"), "{}", out.describe());
+    let out = run(&["--version"], Duration::from_secs(20));
+    assert_eq!(out.stdout.trim(), format!("ferrovisor {}", env!("CARGO_PKG_VERSION")));
+
+    // A VMM as the jailer starts it: every argument it adds is taken, the API answers with the
+    // id, the log goes to --log-path, and metrics to --metrics-path.
+    let log = dir.join("vmm.log");
+    let metrics = dir.join("metrics.json");
+    let mut cmd = common::ferrovisor();
+    cmd.args(["--api-sock", socket, "--id", "vm-7", "--start-time-us", "1", "--start-time-cpu-us", "2"])
+        .args(["--parent-cpu-time-us", "3", "--boot-timer", "--level", "Warning", "--show-level"])
+        .args(["--show-log-origin", "--http-api-max-payload-size", "100", "--log-path", log.to_str().unwrap()])
+        .args(["--metrics-path", metrics.to_str().unwrap(), "--enable-pci"]);
+    let vm = common::Running::start(cmd);
+    common::wait_for_socket(std::path::Path::new(socket));
+    let (status, info) = common::http(std::path::Path::new(socket), "GET", "/", "");
+    assert_eq!(status, 200);
+    assert!(info.contains("\"id\":\"vm-7\""), "{info}");
+    let (status, _) = common::http(std::path::Path::new(socket), "PUT", "/machine-config", &" ".repeat(101));
+    assert_eq!(status, 413, "--http-api-max-payload-size");
+    common::api_call(std::path::Path::new(socket), "PUT", "/actions", r#"{"action_type": "FlushMetrics"}"#, 204);
+    assert!(std::fs::read_to_string(&metrics).unwrap().contains("\"put_api_requests\""));
+    let out = vm.finish_after_signal(libc::SIGTERM, Duration::from_secs(20));
+    assert!(out.status.success(), "{}", out.describe());
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("WARN") && logged.contains("API error 413"), "{logged}");
+    assert!(!logged.contains("INFO"), "--level Warning: {logged}");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -93,6 +93,15 @@ fn assert_no_mounts_under(dir: &Path) {
     assert!(!mounts.contains(dir), "still mounted under {dir}:\n{mounts}");
 }
 
+/// Removes a cgroup the jailer made, once the exited VMM has left it.
+fn remove_cgroup(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while let Err(e) = std::fs::remove_dir(path) {
+        assert!(Instant::now() < deadline, "cgroup {} stays ({e})", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// An echo server on a Unix socket: the probe first connects to the host (port 5000).
 fn echo_listener(path: &Path) {
     let listener = UnixListener::bind(path).unwrap();
@@ -219,17 +228,17 @@ fn a_jailed_probe_runs_unprivileged_in_its_namespace_cgroups_and_chroot() {
     let out = vm.finish_after_signal(libc::SIGTERM, TIMEOUT);
     assert!(out.status.success(), "{}", out.describe());
     for controller in ["memory", "pids"] {
-        let _ = std::fs::remove_dir(format!("/sys/fs/cgroup/{controller}/{parent}/{id}"));
-        let _ = std::fs::remove_dir(format!("/sys/fs/cgroup/{controller}/{parent}"));
-        assert!(!Path::new(&format!("/sys/fs/cgroup/{controller}/{parent}")).exists());
+        remove_cgroup(&PathBuf::from(format!("/sys/fs/cgroup/{controller}/{parent}/{id}")));
+        remove_cgroup(&PathBuf::from(format!("/sys/fs/cgroup/{controller}/{parent}")));
     }
     assert_no_mounts_under(&dir);
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// The cgroup v2 hierarchy, with what this host offers there (hugetlb).
+/// The cgroup v2 hierarchy, with what this host offers there (hugetlb), and the VMM as PID 1
+/// of a new PID namespace.
 #[test]
-fn the_jailer_uses_the_cgroup_v2_hierarchy_when_asked() {
+fn the_jailer_uses_the_cgroup_v2_hierarchy_and_a_new_pid_namespace_when_asked() {
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
     let Some(unified) = mounts.lines().find(|l| l.split_whitespace().nth(2) == Some("cgroup2")) else {
         eprintln!("skipped: this host mounts no cgroup v2 hierarchy");
@@ -244,24 +253,30 @@ fn the_jailer_uses_the_cgroup_v2_hierarchy_when_asked() {
     let dir = scratch_dir("jailer-v2");
     let id = format!("fvjail2-{}", std::process::id());
     let parent = format!("fvtest2-{}", std::process::id());
-    let mut cmd = jailer();
-    cmd.args(["--id", &id, "--exec-file", env!("CARGO_BIN_EXE_ferrovisor"), "--uid", "4242", "--gid", "4242"])
+    let jailed = jailer()
+        .args(["--id", &id, "--exec-file", env!("CARGO_BIN_EXE_ferrovisor"), "--uid", "4242", "--gid", "4242"])
         .arg("--chroot-base-dir")
         .arg(&dir)
         .args(["--cgroup-version", "2", "--parent-cgroup", &parent, "--cgroup", "hugetlb.2MB.max=0"])
-        .args(["--", "--api-sock", "/run/api.sock"]);
-    let vm = common::Running::start(cmd);
+        .args(["--new-pid-ns", "--daemonize", "--", "--api-sock", "/run/api.sock"])
+        .output()
+        .unwrap();
+    assert!(jailed.status.success(), "{}", String::from_utf8_lossy(&jailed.stderr));
     let root = dir.join("ferrovisor").join(&id).join("root");
+    let pid = read_pid_file(&root.join("ferrovisor.pid"));
     common::wait_for_socket(&root.join("run/api.sock"));
-    let pid = vm.child.id();
+    // PID 1 of its own namespace, seen by its host pid.
+    let nspid = status_field(pid, "NSpid:");
+    assert_eq!(nspid, format!("{pid} 1"), "NSpid");
+    assert_eq!(status_field(pid, "Uid:"), "4242 4242 4242 4242");
     let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
     assert!(cgroups.contains(&format!("0::/{parent}/{id}\n")), "{cgroups}");
     let leaf = unified.join(&parent).join(&id);
     assert_eq!(std::fs::read_to_string(leaf.join("hugetlb.2MB.max")).unwrap().trim(), "0");
-    let out = vm.finish_after_signal(libc::SIGTERM, TIMEOUT);
-    assert!(out.status.success(), "{}", out.describe());
-    std::fs::remove_dir(&leaf).unwrap();
-    std::fs::remove_dir(unified.join(&parent)).unwrap();
+    signal(pid, libc::SIGTERM);
+    assert!(wait_gone(pid, TIMEOUT), "the VMM did not stop on SIGTERM");
+    remove_cgroup(&leaf);
+    remove_cgroup(&unified.join(&parent));
     assert_no_mounts_under(&dir);
     let _ = std::fs::remove_dir_all(dir);
 }
