@@ -320,20 +320,49 @@ fn fifo_reader(path: &Path) -> std::sync::Arc<std::sync::Mutex<String>> {
     text
 }
 
+/// What a Kata runtime prepares before it starts the jailer: the VM's network namespace with
+/// its TAP, and the jail's root holding the kernel (the probe) and the root disk, bind-mounted
+/// there by Kata and copied here. The agent's host side of the probe's outgoing connection
+/// (port 5000) echoes.
+struct KataSandbox {
+    dir: PathBuf,
+    binary: PathBuf,
+    base: PathBuf,
+    id: String,
+    netns: NetNs,
+    root: PathBuf,
+}
+
+impl KataSandbox {
+    fn new(test: &str, base: &str) -> KataSandbox {
+        let dir = scratch_dir(test);
+        let binary = firecracker_binary(&dir);
+        let base = dir.join(base);
+        let id = format!("{test}-{}", std::process::id());
+        let netns = NetNs::new("fvk");
+        sh("ip", &["-n", &netns.name, "tuntap", "add", "tap0_kata", "mode", "tap"]);
+        let root = base.join("firecracker").join(&id).join("root");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::copy(probe_elf(), root.join("vmlinux")).unwrap();
+        std::fs::write(root.join("rootfs"), vec![0u8; 1 << 20]).unwrap();
+        echo_listener(&root.join("kata.hvsock_5000"));
+        KataSandbox { dir, binary, base, id, netns, root }
+    }
+
+    /// Nothing of the jail stays mounted; the namespace (and its TAP) and the files go.
+    fn clean_up(self) {
+        assert_no_mounts_under(&self.dir);
+        drop(self.netns);
+        let _ = std::fs::remove_dir_all(self.dir);
+    }
+}
+
 /// Kata Containers' Go runtime: jailed, daemonized, in a network namespace, booted from
 /// /fcConfig.json, logger and metrics on FIFOs, agent over hybrid vsock, placeholders hot-plugged.
 #[test]
 fn kata_go_runtime_launch_sequence() {
-    let dir = scratch_dir("kata-go");
-    let binary = firecracker_binary(&dir);
-    let base = dir.join("vc");
-    let id = format!("kata{}", std::process::id());
-    let netns = NetNs::new("fvkata");
-    sh("ip", &["-n", &netns.name, "tuntap", "add", "tap0_kata", "mode", "tap"]);
-    let root = base.join("firecracker").join(&id).join("root");
-    std::fs::create_dir_all(&root).unwrap();
-    std::fs::copy(probe_elf(), root.join("vmlinux")).unwrap();
-    std::fs::write(root.join("rootfs"), vec![0u8; 1 << 20]).unwrap();
+    let kata = KataSandbox::new("kata-go", "vc");
+    let (binary, base, id, root) = (&kata.binary, &kata.base, &kata.id, &kata.root);
     let mut drives = vec![serde_json::json!({"drive_id": "rootfs", "path_on_host": "/rootfs",
                                               "is_root_device": false, "is_read_only": true})];
     for n in 0..8 {
@@ -345,7 +374,6 @@ fn kata_go_runtime_launch_sequence() {
     mkfifo(&root.join("metrics.fifo"));
     let logs = fifo_reader(&root.join("logs.fifo"));
     let metrics = fifo_reader(&root.join("metrics.fifo"));
-    echo_listener(&root.join("kata.hvsock_5000"));
     let config = serde_json::json!({
         "boot-source": {"kernel_image_path": "/vmlinux",
             "boot_args": "console=ttyS0 pci=off reboot=k panic=1 iommu=off net.ifnames=0 random.trust_cpu=on \
@@ -361,7 +389,7 @@ fn kata_go_runtime_launch_sequence() {
     std::fs::write(root.join("fcConfig.json"), config.to_string()).unwrap();
 
     // Kata's version gate: the second field of the first line, a semantic version >= 0.21.1.
-    let version = Command::new(&binary).arg("--version").output().unwrap();
+    let version = Command::new(binary).arg("--version").output().unwrap();
     let first = String::from_utf8_lossy(&version.stdout).lines().next().unwrap_or_default().to_string();
     let semver: Vec<u64> = first
         .split(' ')
@@ -374,10 +402,10 @@ fn kata_go_runtime_launch_sequence() {
     assert!(semver.len() == 3 && semver >= vec![0, 21, 1], "{first}");
 
     let jailed = jailer()
-        .args(["--id", &id, "--exec-file", binary.to_str().unwrap(), "--uid", "0", "--gid", "0"])
+        .args(["--id", id, "--exec-file", binary.to_str().unwrap(), "--uid", "0", "--gid", "0"])
         .arg("--chroot-base-dir")
-        .arg(&base)
-        .args(["--daemonize", "--netns", &format!("/var/run/netns/{}", netns.name)])
+        .arg(base)
+        .args(["--daemonize", "--netns", &format!("/var/run/netns/{}", kata.netns.name)])
         .args(["--", "--config-file", "/fcConfig.json"])
         .stdin(Stdio::null())
         .output()
@@ -427,9 +455,7 @@ fn kata_go_runtime_launch_sequence() {
         signal(pid, libc::SIGKILL);
     }
     assert!(wait_gone(pid, Duration::from_secs(5)), "the VMM outlived SIGKILL");
-    assert_no_mounts_under(&dir);
-    drop(netns);
-    let _ = std::fs::remove_dir_all(dir);
+    kata.clean_up();
 }
 
 /// Kata Containers' runtime-rs: jailed without --daemonize inside the netns it joined, every
@@ -437,24 +463,15 @@ fn kata_go_runtime_launch_sequence() {
 /// handshake, and SIGKILL at the end.
 #[test]
 fn kata_runtime_rs_launch_sequence() {
-    let dir = scratch_dir("kata-rs");
-    let binary = firecracker_binary(&dir);
-    let base = dir.join("kata");
-    let id = format!("katars{}", std::process::id());
-    let netns = NetNs::new("fvkrs");
-    sh("ip", &["-n", &netns.name, "tuntap", "add", "tap0_kata", "mode", "tap"]);
-    let root = base.join("firecracker").join(&id).join("root");
-    std::fs::create_dir_all(&root).unwrap();
-    std::fs::copy(probe_elf(), root.join("vmlinux")).unwrap();
-    std::fs::write(root.join("rootfs"), vec![0u8; 1 << 20]).unwrap();
+    let kata = KataSandbox::new("kata-rs", "kata");
+    let root = &kata.root;
     for n in 1..=5 {
         std::fs::write(root.join(format!("drive{n}")), b"").unwrap();
     }
-    echo_listener(&root.join("kata.hvsock_5000"));
-    let mut cmd = netns.command(env!("CARGO_BIN_EXE_jailer"));
-    cmd.args(["--id", &id, "--gid", "0", "--uid", "0", "--exec-file", binary.to_str().unwrap()])
+    let mut cmd = kata.netns.command(env!("CARGO_BIN_EXE_jailer"));
+    cmd.args(["--id", &kata.id, "--gid", "0", "--uid", "0", "--exec-file", kata.binary.to_str().unwrap()])
         .arg("--chroot-base-dir")
-        .arg(&base)
+        .arg(&kata.base)
         .args(["--", "--api-sock", "/run//fc.sock"]);
     let mut vm = common::Running::start(cmd);
     let socket = root.join("run/fc.sock");
@@ -491,9 +508,7 @@ fn kata_runtime_rs_launch_sequence() {
     signal(vm.child.id() as i32, libc::SIGKILL);
     let out = vm.finish(TIMEOUT);
     assert_eq!(out.status.code(), None, "killed: {}", out.describe());
-    assert_no_mounts_under(&dir);
-    drop(netns);
-    let _ = std::fs::remove_dir_all(dir);
+    kata.clean_up();
 }
 
 /// firecracker-containerd: no jailer, a relative API socket, the logger and metrics first,

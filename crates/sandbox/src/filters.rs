@@ -179,28 +179,19 @@ const LEASE_FILES: &[i64] = &[
     libc::SYS_fsync,
 ];
 
-/// The kinds of thread the launcher starts. A thread keeps its creator's filter beneath its
-/// own, so the launcher's filter allows all that theirs do (it handles no untrusted input).
-const LAUNCHED: [ThreadKind; 11] = [
-    ThreadKind::Api,
-    ThreadKind::Vcpu,
-    ThreadKind::Block,
-    ThreadKind::Net,
-    ThreadKind::Rng,
-    ThreadKind::Console,
-    ThreadKind::Vsock,
-    ThreadKind::Balloon,
-    ThreadKind::Usernet,
-    ThreadKind::SerialInput,
-    ThreadKind::Metrics,
-];
+/// Whether the launcher starts threads of `kind` (all but the main thread, the launcher, and
+/// the switch and DHCP processes). A thread keeps its creator's filter beneath its own, so the
+/// launcher's filter allows all that theirs do (it handles no untrusted input).
+fn launched(kind: ThreadKind) -> bool {
+    !matches!(kind, ThreadKind::Vmm | ThreadKind::Launcher | ThreadKind::Switch | ThreadKind::Dhcp)
+}
 
 /// The system calls and ioctl requests `kind` may make.
 fn allowed(kind: ThreadKind) -> (Vec<i64>, Vec<Ioctl>) {
     if kind == ThreadKind::Launcher {
         let (mut syscalls, mut ioctls) = (LAUNCHER.to_vec(), Vec::new());
-        for launched in LAUNCHED {
-            let (s, i) = allowed(launched);
+        for child in ThreadKind::ALL.into_iter().filter(|k| launched(*k)) {
+            let (s, i) = allowed(child);
             syscalls.extend(s);
             ioctls.extend(i.into_iter().filter(|i| !ioctls.contains(i)).collect::<Vec<_>>());
         }
