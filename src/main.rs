@@ -442,8 +442,8 @@ fn serve(cli: Cli, launched: Instant, logger: logging::Logger) -> ExitCode {
 }
 
 fn read_config_file(path: &Path) -> Result<VmConfigFile, String> {
-    let text = std::fs::read(path)
-        .map_err(|e| format!("--config-file {} cannot be read ({e}); give an existing JSON file.", path.display()))?;
+    // A FIFO or a device named here must not hang or flood the VMM: a regular file, bounded.
+    let text = sandbox::files::read_regular(path, "--config-file", 1 << 20).map_err(|e| format!("{e}."))?;
     api::routes::body_of("--config-file", &text).map_err(|r| r.fault_message().unwrap_or(r.body))
 }
 

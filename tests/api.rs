@@ -384,3 +384,40 @@ fn ctl_controls_a_command_line_vm_over_its_socket() {
     assert_eq!(gone.status.code(), Some(1));
     assert!(gone.stderr.contains("cannot reach the VMM"), "{}", gone.describe());
 }
+
+/// A client that sends a request a byte at a time cannot hold its connection slot: the whole
+/// request must arrive within 5 s of its first byte, or the answer is 408 and the connection
+/// ends. The VMM serves others meanwhile.
+#[test]
+fn a_trickling_client_is_cut_off_and_others_are_served() {
+    use std::io::{Read, Write};
+    let dir = scratch_dir("api-trickle");
+    let (_vm, socket) = api_vmm(&dir);
+    let mut slow = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    slow.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let started = std::time::Instant::now();
+    let mut request = b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Slow: ".to_vec();
+    request.extend(b"a".repeat(200));
+    let mut answer = Vec::new();
+    for byte in request {
+        if slow.write_all(&[byte]).is_err() {
+            break;
+        }
+        let mut buf = [0u8; 512];
+        match slow.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+        if !answer.is_empty() {
+            break;
+        }
+        // Meanwhile the API answers everybody else.
+        assert!(expect(&socket, "GET", "/", "", 200).contains("Not started"));
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    let elapsed = started.elapsed();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?} after {elapsed:?}");
+    assert!(elapsed < Duration::from_secs(8), "cut off after {elapsed:?}");
+}

@@ -43,6 +43,22 @@ fn counting_probe(dir: &Path, disk: &Path) -> (Running, PathBuf) {
     (vm, socket)
 }
 
+/// A state file changed by `change` and given a matching checksum, as an attacker would.
+fn resigned(good: &[u8], change: &dyn Fn(&mut serde_json::Value)) -> Vec<u8> {
+    let split = good.iter().position(|&b| b == b'\n').unwrap();
+    let mut header: serde_json::Value = serde_json::from_slice(&good[..split]).unwrap();
+    let mut body: serde_json::Value = serde_json::from_slice(&good[split + 1..]).unwrap();
+    change(&mut body);
+    let body = serde_json::to_vec(&body).unwrap();
+    let fnv =
+        body.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3));
+    header["checksum"] = format!("{fnv:016x}").into();
+    let mut out = serde_json::to_vec(&header).unwrap();
+    out.push(b'\n');
+    out.extend(body);
+    out
+}
+
 fn snapshot_body(state: &Path, mem: &Path, kind: &str) -> String {
     serde_json::json!({"snapshot_path": state, "mem_file_path": mem, "snapshot_type": kind}).to_string()
 }
@@ -190,6 +206,27 @@ fn damaged_and_foreign_snapshots_are_refused() {
     let uffd =
         serde_json::json!({"snapshot_path": state, "mem_backend": {"backend_type": "Uffd", "backend_path": "/x"}});
     assert!(fault(&uffd.to_string()).contains("Uffd is not supported"));
+    // Files that are not what they must be are refused at once: no wait on a FIFO with no
+    // writer, no endless read of /dev/zero.
+    let fifo = dir.join("state.fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    assert!(fault(&load_body(&fifo, &mem, true)).contains("is a FIFO; give a regular file"));
+    assert!(fault(&load_body(Path::new("/dev/zero"), &mem, true)).contains("is a character device"));
+    assert!(fault(&load_body(&state, &fifo, true)).contains("is a FIFO; give a regular file"));
+    // Files crafted with a valid checksum: every field is untrusted.
+    let crafted = |change: &dyn Fn(&mut serde_json::Value)| {
+        std::fs::write(&state, resigned(&good, change)).unwrap();
+        fault(&load_body(&state, &mem, true))
+    };
+    let m = crafted(&|v| v["config"]["cpus"] = 0.into());
+    assert!(m.contains("its configuration is refused"), "{m}");
+    let m = crafted(&|v| v["config"]["memory_mib"] = 100_000_000.into());
+    assert!(m.contains("its configuration is refused"), "{m}");
+    let m = crafted(&|v| v["regions"] = serde_json::json!([[0, u64::MAX], [4096, 4096]]));
+    assert!(m.contains("its memory regions do not match"), "{m}");
+    std::fs::write(&state, &good).unwrap();
     // Nothing was left half-built: the good snapshot still loads.
     expect(&socket, "PUT", "/snapshot/load", &load_body(&state, &mem, true), 204);
     expect(&socket, "PUT", "/ferrovisor/stop", "", 204);

@@ -92,3 +92,47 @@ fn user_network_reaches_the_hosts_loopback_and_forwards_a_port_without_root() {
     assert!(line.contains("icmp=reply udp=reply tcp=open served=13"), "{line}");
     assert_eq!(out.status.code(), Some(0), "{}", out.describe());
 }
+
+/// CPU time of the VMM's thread named `name`, in clock ticks.
+fn thread_cpu_ticks(pid: u32, name: &str) -> u64 {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        if std::fs::read_to_string(task.path().join("comm")).unwrap_or_default().trim() == name {
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap();
+            let fields: Vec<u64> =
+                stat.rsplit_once(')').unwrap().1.split_whitespace().map(|f| f.parse().unwrap_or(0)).collect();
+            // utime and stime: fields 14 and 15 of stat, 12 and 13 after the name.
+            return fields[11] + fields[12];
+        }
+    }
+    panic!("no {name} thread in {pid}");
+}
+
+/// The host ends its side of a forwarded connection while the guest keeps its own open: the
+/// user network must not spin on the host socket's end-of-file.
+#[test]
+fn a_half_closed_relayed_connection_costs_no_cpu() {
+    let forwarded = free_port();
+    let cmdline = "console=ttyS0 probe.test=virtio-net probe.virtio-net.mode=ip probe.virtio-net.ip=10.0.2.15 \
+         probe.virtio-net.gw=10.0.2.2 probe.virtio-net.checks=icmp probe.virtio-net.listen=8080 \
+         probe.virtio-net.serve=60000000000 probe.virtio-net.halfclose=on";
+    let mut cmd = common::ferrovisor();
+    cmd.args(["run", "--kernel", probe_elf(), "--memory", "64", "--cmdline", cmdline])
+        .args(["--net", &format!("user,hostfwd=tcp:127.0.0.1:{forwarded}-:8080")]);
+    let mut vm = Running::start(cmd);
+    assert!(vm.wait_for_output("PROBE virtio-net listening port=8080", TIMEOUT), "{}\n{}", vm.stdout(), vm.stderr());
+    let mut client = TcpStream::connect(("127.0.0.1", forwarded)).unwrap();
+    client.set_read_timeout(Some(TIMEOUT)).unwrap();
+    client.write_all(b"hello, guest\n").unwrap();
+    let mut echo = [0u8; 13];
+    client.read_exact(&mut echo).unwrap();
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = vm.child.id();
+    let before = thread_cpu_ticks(pid, "usernet");
+    std::thread::sleep(Duration::from_secs(2));
+    let spent = thread_cpu_ticks(pid, "usernet") - before;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    assert!(spent * 10 < hz * 2, "the user network used {spent} ticks ({hz}/s) of CPU in 2 s of idleness");
+    drop(client);
+}

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Sender, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::Response;
 use crate::routes::{self, Request};
@@ -31,6 +31,11 @@ const MAX_HEADERS: usize = 32;
 const MAX_CONNECTIONS: usize = 256;
 /// An idle keep-alive connection is closed after this long.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Once a request has begun, all of it (head and body) must arrive within this long, so that
+/// a client trickling a byte at a time cannot hold a connection slot for ever.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+/// A client that does not read its answer for this long loses the connection.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 const THREAD_STACK: usize = 256 << 10;
 
 /// A request for the VMM, with where to send the answer.
@@ -111,7 +116,7 @@ struct RawRequest {
 }
 
 fn serve_connection(mut stream: UnixStream, shared: &Shared) {
-    let _ = stream.set_read_timeout(Some(IDLE_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
     let mut buffer = Vec::new();
     loop {
         let raw = match read_request(&mut stream, &mut buffer) {
@@ -165,8 +170,31 @@ fn handle(raw: &RawRequest, shared: &Shared) -> Response {
 
 /// Reads one request from `stream`; `buffer` keeps bytes of the next pipelined request.
 /// Ok(None): the client closed the connection (or went idle) between requests.
+/// Reads into `chunk`: waiting up to IDLE_TIMEOUT for a request to begin, and only until
+/// `deadline` once one has.
+fn read_some(stream: &mut UnixStream, chunk: &mut [u8], deadline: Option<Instant>) -> std::io::Result<usize> {
+    let wait = match deadline {
+        None => IDLE_TIMEOUT,
+        Some(deadline) => deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or(std::io::ErrorKind::TimedOut)?,
+    };
+    stream.set_read_timeout(Some(wait))?;
+    stream.read(chunk)
+}
+
+fn too_slow() -> Response {
+    Response::error(
+        408,
+        format!("The request did not arrive whole within {} s; send it at once.", REQUEST_DEADLINE.as_secs()),
+    )
+}
+
 fn read_request(stream: &mut UnixStream, buffer: &mut Vec<u8>) -> Result<Option<RawRequest>, Response> {
     let mut chunk = [0u8; 4096];
+    // A request that is already partly buffered began when it was read.
+    let mut deadline = (!buffer.is_empty()).then(|| Instant::now() + REQUEST_DEADLINE);
     loop {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut parsed = httparse::Request::new(&mut headers);
@@ -176,8 +204,9 @@ fn read_request(stream: &mut UnixStream, buffer: &mut Vec<u8>) -> Result<Option<
                 let (method, target, keep_alive, body_len) = request;
                 let total = head_len + body_len;
                 while buffer.len() < total {
-                    let n = stream.read(&mut chunk).map_err(|_| {
-                        Response::error(400, "The request body ended early; send Content-Length bytes.")
+                    let n = read_some(stream, &mut chunk, deadline).map_err(|e| match e.kind() {
+                        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => too_slow(),
+                        _ => Response::error(400, "The request body ended early; send Content-Length bytes."),
                     })?;
                     if n == 0 {
                         return Err(Response::error(400, "The request body ended early; send Content-Length bytes."));
@@ -199,12 +228,18 @@ fn read_request(stream: &mut UnixStream, buffer: &mut Vec<u8>) -> Result<Option<
                 return Err(Response::error(400, format!("The request is not valid HTTP/1.1 ({e}); fix the client.")));
             }
         }
-        match stream.read(&mut chunk) {
+        match read_some(stream, &mut chunk, deadline) {
             Ok(0) | Err(_) if buffer.is_empty() => return Ok(None),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock) => {
+                return Err(too_slow());
+            }
             Ok(0) | Err(_) => {
                 return Err(Response::error(400, "The request ended in its head; send a complete request."));
             }
-            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+            Ok(n) => {
+                deadline.get_or_insert_with(|| Instant::now() + REQUEST_DEADLINE);
+                buffer.extend_from_slice(&chunk[..n]);
+            }
         }
     }
 }
@@ -246,6 +281,7 @@ fn reason(status: u16) -> &'static str {
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        408 => "Request Timeout",
         411 => "Length Required",
         413 => "Payload Too Large",
         431 => "Request Header Fields Too Large",

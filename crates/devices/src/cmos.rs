@@ -90,7 +90,8 @@ impl Cmos {
     }
 
     pub fn restore(&mut self, index: u8, nvram: &[u8]) {
-        self.index = index;
+        // A snapshot file is untrusted: an index past the NVRAM must not survive into port 0x71.
+        self.index = index & INDEX_MASK;
         let n = nvram.len().min(self.nvram.len());
         self.nvram[..n].copy_from_slice(&nvram[..n]);
     }
@@ -196,5 +197,15 @@ mod tests {
         cmos.write(INDEX_OFFSET, &[REG_YEAR]);
         cmos.write(DATA_OFFSET, &[0x99]);
         assert_eq!(read_reg(&mut cmos, REG_YEAR), 0x70);
+    }
+
+    #[test]
+    fn a_restored_index_is_masked_like_a_written_one() {
+        let mut cmos = Cmos::new(Box::new(|| 0));
+        cmos.restore(0xff, &[0; 128]);
+        // Before the fix this wrote nvram[255]: a panic (an abort in release builds).
+        cmos.write(DATA_OFFSET, &[0x42]);
+        assert_eq!(cmos.save().0, 0x7f);
+        assert_eq!(read_reg(&mut cmos, 0x7f), 0x42);
     }
 }

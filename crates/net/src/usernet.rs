@@ -228,11 +228,15 @@ impl Stack {
             let watch = |fd: RawFd, events: i16| libc::pollfd { fd, events, revents: 0 };
             fds.extend(self.listeners.iter().map(|(l, _)| watch(l.as_raw_fd(), libc::POLLIN)));
             fds.extend(self.udp.iter().map(|f| watch(f.socket.as_raw_fd(), libc::POLLIN)));
-            fds.extend(
-                self.tcp
-                    .iter()
-                    .map(|t| watch(t.host.as_raw_fd(), if t.connecting { libc::POLLOUT } else { libc::POLLIN })),
-            );
+            // A host socket is read only while the guest's side can take data: one at its
+            // end, or facing a full guest window, would be ready at once, again and again.
+            for t in &self.tcp {
+                if t.connecting {
+                    fds.push(watch(t.host.as_raw_fd(), libc::POLLOUT));
+                } else if !t.host_eof && self.sockets.get::<tcp::Socket>(t.handle).can_send() {
+                    fds.push(watch(t.host.as_raw_fd(), libc::POLLIN));
+                }
+            }
             // SAFETY: poll reads and writes `fds.len()` pollfds of a live vector.
             let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
             if n < 0 && std::io::Error::last_os_error().kind() != ErrorKind::Interrupted {

@@ -56,6 +56,41 @@ pub fn open_output(path: &Path, what: &str) -> Result<File, String> {
     Ok(file)
 }
 
+/// Reads a whole input file (a snapshot's state, a configuration) that must be a regular file of
+/// at most `max` bytes: a FIFO is neither waited on nor read, a device such as /dev/zero is not
+/// read without end.
+pub fn read_regular(path: &Path, what: &str, max: u64) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let file = open_regular(path, what)?;
+    let len = file.metadata().map_err(|e| format!("{what} {} cannot be examined ({e})", path.display()))?.len();
+    if len > max {
+        return Err(format!("{what} {} is {len} bytes, more than the {max} it may be", path.display()));
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    file.take(max + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("{what} {} cannot be read ({e})", path.display()))?;
+    if bytes.len() as u64 > max {
+        return Err(format!("{what} {} grew past the {max} bytes it may be", path.display()));
+    }
+    Ok(bytes)
+}
+
+/// Opens an input file for reading, refusing anything but a regular file (without blocking
+/// on a FIFO to find out).
+pub fn open_regular(path: &Path, what: &str) -> Result<File, String> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| format!("{what} {} cannot be opened ({e}); give an existing file", path.display()))?;
+    let meta = file.metadata().map_err(|e| format!("{what} {} cannot be examined ({e})", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!("{what} {} is {}; give a regular file", path.display(), kind(&meta)));
+    }
+    Ok(file)
+}
+
 /// Creates or truncates a file the VMM writes whole (snapshot state, memory), refusing to
 /// overwrite anything but a regular file.
 pub fn create_output(path: &Path, what: &str) -> Result<File, String> {
@@ -174,6 +209,22 @@ mod tests {
         remove_stale_socket(&sock, "uds_path").unwrap();
         assert!(!sock.exists());
         remove_stale_socket(&sock, "uds_path").unwrap();
+    }
+
+    #[test]
+    fn inputs_must_be_regular_files_of_bounded_size() {
+        let dir = scratch("inputs");
+        let fifo = dir.join("state.fifo");
+        mkfifo(&fifo);
+        // Neither waits for a writer nor reads without end.
+        assert!(read_regular(&fifo, "snapshot_path", 1 << 20).unwrap_err().contains("is a FIFO; give a regular file"));
+        assert!(
+            read_regular(Path::new("/dev/zero"), "snapshot_path", 1 << 20).unwrap_err().contains("character device")
+        );
+        let big = dir.join("big");
+        std::fs::write(&big, vec![0u8; 4097]).unwrap();
+        assert!(read_regular(&big, "--config-file", 4096).unwrap_err().contains("more than the 4096"));
+        assert_eq!(read_regular(&big, "--config-file", 4097).unwrap().len(), 4097);
     }
 
     #[test]

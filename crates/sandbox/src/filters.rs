@@ -212,7 +212,6 @@ fn allowed(kind: ThreadKind) -> (Vec<i64>, Vec<Ioctl>) {
         ThreadKind::Balloon => &[EVENTS],
         ThreadKind::Usernet => &[EVENTS, SOCKETS, &[libc::SYS_bind, libc::SYS_listen]],
         ThreadKind::SerialInput => &[EVENTS],
-        ThreadKind::Metrics => &[EVENTS, &[libc::SYS_fstat]],
         ThreadKind::Switch => &[EVENTS, SOCKETS, &[libc::SYS_unlink]],
         ThreadKind::Dhcp => &[EVENTS, SOCKETS, LEASE_FILES],
     };

@@ -40,8 +40,6 @@ pub enum ThreadKind {
     Usernet,
     /// Feeds the VMM's stdin to the serial port.
     SerialInput,
-    /// Writes metrics lines once a minute.
-    Metrics,
     /// `ferrovisor switch`.
     Switch,
     /// `ferrovisor network dhcp`.
@@ -49,7 +47,7 @@ pub enum ThreadKind {
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 15] = [
+    pub const ALL: [ThreadKind; 14] = [
         ThreadKind::Vmm,
         ThreadKind::Api,
         ThreadKind::Vcpu,
@@ -62,7 +60,6 @@ impl ThreadKind {
         ThreadKind::Balloon,
         ThreadKind::Usernet,
         ThreadKind::SerialInput,
-        ThreadKind::Metrics,
         ThreadKind::Switch,
         ThreadKind::Dhcp,
     ];
@@ -82,7 +79,6 @@ impl ThreadKind {
             ThreadKind::Balloon => "virtio-balloon",
             ThreadKind::Usernet => "usernet",
             ThreadKind::SerialInput => "serial-input",
-            ThreadKind::Metrics => "metrics",
             ThreadKind::Switch => "switch",
             ThreadKind::Dhcp => "dhcp",
         }

@@ -1,7 +1,6 @@
 //! Which filters the process runs under, loaded once at start-up.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -23,10 +22,8 @@ pub enum Policy {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("--seccomp-filter {path} cannot be read ({source}); give a readable filter file.")]
-    Read { path: String, source: std::io::Error },
-    #[error("--seccomp-filter {path} is larger than {MAX_FILE} bytes; give a filter file, not {path}.")]
-    TooLarge { path: String },
+    #[error("{reason}; give a filter file (--seccomp-filter {path}).")]
+    Read { path: String, reason: String },
     #[error("--seccomp-filter {path} is not seccompiler JSON: {reason}; fix the file or give compiled BPF.")]
     Json { path: String, reason: String },
     #[error(
@@ -129,33 +126,9 @@ pub(crate) fn apply_or_exit(kind: ThreadKind) {
 
 fn read_file(path: &Path) -> Result<BTreeMap<ThreadKind, BpfProgram>, Error> {
     let shown = path.display().to_string();
-    // Open without blocking (a FIFO with no writer), then read at most MAX_FILE + 1 bytes.
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags_nonblock()
-        .open(path)
-        .map_err(|source| Error::Read { path: shown.clone(), source })?;
-    let meta = file.metadata().map_err(|source| Error::Read { path: shown.clone(), source })?;
-    if !meta.is_file() {
-        return Err(Error::Read { path: shown, source: std::io::Error::other("it is not a regular file") });
-    }
-    let mut bytes = Vec::new();
-    file.take(MAX_FILE + 1).read_to_end(&mut bytes).map_err(|source| Error::Read { path: shown.clone(), source })?;
-    if bytes.len() as u64 > MAX_FILE {
-        return Err(Error::TooLarge { path: shown });
-    }
+    let bytes = crate::files::read_regular(path, "--seccomp-filter", MAX_FILE)
+        .map_err(|reason| Error::Read { path: shown.clone(), reason })?;
     parse(&bytes, &shown)
-}
-
-trait NonBlocking {
-    fn custom_flags_nonblock(&mut self) -> &mut Self;
-}
-
-impl NonBlocking for std::fs::OpenOptions {
-    fn custom_flags_nonblock(&mut self) -> &mut Self {
-        use std::os::unix::fs::OpenOptionsExt;
-        self.custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-    }
 }
 
 /// Parses a filter file: seccompiler's JSON when it starts with `{`, else Firecracker's

@@ -295,6 +295,9 @@ impl NetBackend {
     fn receive(&mut self, queues: &mut [Queue], mem: &GuestMemory) -> bool {
         let rx = &mut queues[RX_QUEUE];
         if !rx.ready() {
+            // Nowhere to put a frame: leave the host side unread until the driver sets the
+            // queue up and notifies it, or a ready host fd would wake the worker forever.
+            self.rx_waiting = true;
             return false;
         }
         let mut used = false;
@@ -367,5 +370,41 @@ impl Backend for NetBackend {
             timer_fired(&mut self.rx_limiter);
         }
         self.receive(queues, mem)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(host: NetHost) -> NetBackend {
+        NetBackend {
+            host,
+            mergeable: false,
+            frame: vec![0; MAX_TAP_READ],
+            deferred: None,
+            rx_waiting: false,
+            metrics: Arc::new(DeviceMetrics::default()),
+            rx_limiter: None,
+            tx_limiter: None,
+        }
+    }
+
+    /// A driver that starts the device without a ready receive queue: a frame waiting on the
+    /// host side must not keep the worker's wait returning at once (100% of a core).
+    #[test]
+    fn a_frame_for_a_receive_queue_that_is_not_ready_leaves_the_host_side_unwatched() {
+        let (vm_side, outside) = SwitchPort::pair().unwrap();
+        let mut backend = backend(NetHost::Switch(vm_side));
+        let fd = backend.host.raw_fd();
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mut queues = vec![Queue::new(256).unwrap(), Queue::new(256).unwrap()];
+        assert!(backend.extra_fds().contains(&fd));
+        outside.send_frame(&[0xff; 60]).unwrap();
+        assert!(!backend.process_fd(fd, &mut queues, &mem));
+        assert!(!backend.extra_fds().contains(&fd), "the worker would wake for this fd again and again");
+        // The driver's notification of the receive queue watches the host side again.
+        backend.process_queue(RX_QUEUE, &mut queues, &mem);
+        assert!(!backend.extra_fds().contains(&fd), "still not ready");
     }
 }

@@ -474,6 +474,13 @@ impl VmConfig {
                 return Err(ConfigError::InitrdMissing(initrd.clone()));
             }
         }
+        self.validate_machine(limits)?;
+        Ok(format)
+    }
+
+    /// The checks that hold for a VM restored from a snapshot too, whose kernel was loaded long
+    /// ago: a snapshot's configuration is as untrusted as a command line.
+    pub fn validate_machine(&self, limits: &HostLimits) -> Result<(), ConfigError> {
         let min = MIN_MEMORY >> 20;
         if self.memory_mib < min {
             return Err(ConfigError::MemoryTooSmall { given: self.memory_mib, min });
@@ -512,7 +519,7 @@ impl VmConfig {
         if self.cmdline.len() >= CMDLINE_MAX_SIZE {
             return Err(ConfigError::CmdlineTooLong { len: self.cmdline.len(), max: CMDLINE_MAX_SIZE - 1 });
         }
-        Ok(format)
+        Ok(())
     }
 
     pub fn memory_bytes(&self) -> u64 {

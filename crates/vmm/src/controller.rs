@@ -118,12 +118,17 @@ impl Controller {
     /// Serves API calls and waits until the VM stops (or, before a start, a stop signal).
     pub fn run(mut self, calls: Option<Receiver<ApiCall>>) -> VmExit {
         let exit = loop {
-            match self.latch.wait() {
+            match self.latch.wait(self.metrics.as_ref().map(MetricsSink::due)) {
                 Wake::Exit(exit) => break exit,
                 Wake::Stats => match &self.vm {
                     Some((vm, _)) => eprintln!("{}", crate::memory::stats(vm.memory())),
                     None => eprintln!("memory: no VM is running yet"),
                 },
+                Wake::Timeout => {
+                    if let Some(Err(e)) = self.metrics.as_ref().map(MetricsSink::flush) {
+                        tracing::warn!("metrics could not be written: {e}");
+                    }
+                }
                 Wake::Poke => {
                     while let Some(call) = calls.as_ref().and_then(|c| c.try_recv().ok()) {
                         let response = self.handle(call.request);
@@ -648,6 +653,9 @@ impl Controller {
             Ok(s) => s,
             Err(e) => return Response::error(400, format!("The snapshot cannot be loaded: {e}.")),
         };
+        if let Err(e) = saved.config.validate_machine(&self.host_limits()) {
+            return Response::error(400, format!("The snapshot cannot be loaded: its configuration is refused: {e}"));
+        }
         // The new process's serial output goes to its own stdout.
         saved.config.serial = SerialConfig::Stdio;
         saved.config.track_dirty_pages |= params.enable_diff_snapshots;

@@ -3,6 +3,7 @@
 use std::os::fd::AsRawFd;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::time::Instant;
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -80,8 +81,9 @@ impl ExitLatch {
         }
     }
 
-    /// Blocks until a reason is set, a stop signal arrives, or SIGUSR1 asks for statistics.
-    pub fn wait(&self) -> Wake {
+    /// Blocks until a reason is set, a stop signal arrives, SIGUSR1 asks for statistics, or
+    /// `until` passes.
+    pub fn wait(&self, until: Option<Instant>) -> Wake {
         STOP_EVENT_FD.store(self.event.as_raw_fd(), Ordering::SeqCst);
         loop {
             if let Some(exit) = self.reason.lock().unwrap_or_else(|p| p.into_inner()).take() {
@@ -93,6 +95,18 @@ impl ExitLatch {
             }
             if STATS_REQUESTED.swap(false, Ordering::SeqCst) {
                 return Wake::Stats;
+            }
+            if let Some(until) = until {
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Wake::Timeout;
+                }
+                let mut fd = libc::pollfd { fd: self.event.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                let millis = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
+                // SAFETY: poll on one live pollfd; EINTR (a signal) just goes round the loop.
+                if unsafe { libc::poll(&mut fd, 1, millis) } == 0 {
+                    continue;
+                }
             }
             // EINTR when a signal lands: the loop then sees it. Any other wake-up is a poke.
             if self.event.read().is_ok() && self.reason.lock().unwrap_or_else(|p| p.into_inner()).is_none() {
@@ -115,6 +129,8 @@ pub enum Wake {
     Stats,
     /// [`ExitLatch::poke`] was called.
     Poke,
+    /// The time given to [`ExitLatch::wait`] passed.
+    Timeout,
 }
 
 /// Set by the SIGUSR1 handler; read by [`ExitLatch::wait`].

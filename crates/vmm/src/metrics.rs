@@ -5,9 +5,9 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
+use std::sync::Mutex;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value, json};
 
@@ -124,10 +124,10 @@ pub fn prometheus() -> String {
 }
 
 /// Where metrics are flushed: a file or FIFO given by `PUT /metrics`, one JSON line per flush,
-/// every minute and on `FlushMetrics`.
-#[derive(Clone)]
+/// every minute (the main thread asks [`MetricsSink::due`]) and on `FlushMetrics`.
 pub struct MetricsSink {
-    file: Arc<Mutex<File>>,
+    file: Mutex<File>,
+    next: Mutex<Instant>,
 }
 
 const FLUSH_EVERY: Duration = Duration::from_secs(60);
@@ -137,22 +137,17 @@ impl MetricsSink {
     /// FIFO cannot take are dropped). Errors are sentences.
     pub fn open(path: &Path) -> Result<MetricsSink, String> {
         let file = sandbox::files::open_output(path, "metrics_path")?;
-        let sink = MetricsSink { file: Arc::new(Mutex::new(file)) };
-        let periodic = sink.clone();
-        sandbox::spawn_with_stack(sandbox::ThreadKind::Metrics, "metrics", Some(256 << 10), move || {
-            loop {
-                std::thread::sleep(FLUSH_EVERY);
-                if let Err(e) = periodic.flush() {
-                    tracing::warn!("metrics could not be written: {e}");
-                }
-            }
-        })
-        .map_err(|e| format!("the metrics thread cannot start ({e})."))?;
-        Ok(sink)
+        Ok(MetricsSink { file: Mutex::new(file), next: Mutex::new(Instant::now() + FLUSH_EVERY) })
+    }
+
+    /// When the next periodic flush is due.
+    pub fn due(&self) -> Instant {
+        *self.next.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Writes one line; a FIFO without room drops it (counted in `logger.missed_metrics_count`).
     pub fn flush(&self) -> std::io::Result<()> {
+        *self.next.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now() + FLUSH_EVERY;
         let mut line = json().to_string();
         line.push('\n');
         match self.file.lock().unwrap_or_else(|p| p.into_inner()).write_all(line.as_bytes()) {

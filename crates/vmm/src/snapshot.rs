@@ -26,6 +26,8 @@ use crate::config::VmConfig;
 pub const FORMAT_VERSION: u32 = 1;
 const MAGIC: &str = "ferrovisor-snapshot";
 pub const PAGE: usize = 4096;
+/// A state file larger than this is refused unread: a VM with the most vCPUs has a few MiB.
+const MAX_STATE_FILE: u64 = 64 << 20;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct VcpuState {
@@ -110,7 +112,7 @@ impl Snapshot {
 
     pub fn read(path: &Path) -> Result<Snapshot, String> {
         let what = format!("snapshot_path {}", path.display());
-        let data = std::fs::read(path).map_err(|e| format!("{what} cannot be read ({e}); give an existing file"))?;
+        let data = sandbox::files::read_regular(path, "snapshot_path", MAX_STATE_FILE)?;
         let split = data.iter().position(|&b| b == b'\n').ok_or(format!("{what} is not a Ferrovisor snapshot"))?;
         let header: Header = serde_json::from_slice(&data[..split])
             .map_err(|_| format!("{what} is not a Ferrovisor snapshot (no header)"))?;

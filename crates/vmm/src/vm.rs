@@ -295,8 +295,16 @@ pub fn restore(
 ) -> Result<(RunningVm, VmConfig), Error> {
     let config = saved.config;
     let restore_err = |e: String| Error::Device(format!("the snapshot cannot be restored: {e}"));
+    // The file is untrusted: its regions must be the ones its memory size lays out (no
+    // overlaps, no wrap), and the memory file a regular file (not a FIFO to hang on).
+    if saved.regions != memory::ram_regions(config.memory_bytes()) {
+        return Err(restore_err(format!(
+            "its memory regions do not match its {} MiB of memory; take the snapshot again",
+            config.memory_mib
+        )));
+    }
     let vm = create_vm(kvm)?;
-    let file = open(mem_file, "memory file")?;
+    let file = sandbox::files::open_regular(mem_file, "mem_file_path").map_err(restore_err)?;
     let total: u64 = saved.regions.iter().map(|r| r.1).sum();
     let file_len = file.metadata().map_err(host_err("memory file"))?.len();
     if file_len < total {

@@ -306,13 +306,14 @@ impl Muxer {
         }
     }
 
-    /// The guest connects to host port key.0: reach the listener at `PATH_<port>`.
+    /// The guest connects to host port key.0: reach the listener at `PATH_<port>`. A listener
+    /// whose backlog is full refuses at once rather than hold up the worker.
     fn guest_connects(&mut self, key: Key) {
         if self.conns.contains_key(&key) || self.conns.len() >= MAX_CONNECTIONS {
             return self.send_control(key, OP_RST, 0);
         }
         let path = format!("{}_{}", self.uds.display(), key.0);
-        match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|()| s)) {
+        match connect_without_waiting(&path) {
             Ok(stream) => {
                 self.conns.insert(key, new_connection(stream, State::Established));
                 self.send_control(key, OP_RESPONSE, 0);
@@ -474,6 +475,39 @@ impl Muxer {
     }
 }
 
+/// Connects a non-blocking Unix stream socket to `path`. A Unix connect never completes
+/// later: it succeeds, or fails at once (EAGAIN when the listener's backlog is full).
+fn connect_without_waiting(path: &str) -> std::io::Result<UnixStream> {
+    use std::os::fd::FromRawFd;
+    let mut addr: libc::sockaddr_un = empty_sockaddr_un();
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    if path.len() >= addr.sun_path.len() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "the socket path is too long"));
+    }
+    for (dst, src) in addr.sun_path.iter_mut().zip(path.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: a new socket; the fd is owned by the UnixStream from here on.
+    let stream = unsafe {
+        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        UnixStream::from_raw_fd(fd)
+    };
+    let len = (std::mem::size_of::<libc::sa_family_t>() + path.len()) as libc::socklen_t;
+    // SAFETY: connect reads `len` bytes of a live sockaddr_un.
+    if unsafe { libc::connect(stream.as_raw_fd(), (&raw const addr).cast(), len) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(stream)
+}
+
+fn empty_sockaddr_un() -> libc::sockaddr_un {
+    // SAFETY: sockaddr_un is plain data; all zeroes is a valid (empty) address.
+    unsafe { std::mem::zeroed() }
+}
+
 fn new_connection(stream: UnixStream, state: State) -> Connection {
     Connection {
         stream,
@@ -579,6 +613,36 @@ mod tests {
         m.handle_guest_packet(Header { kind: 2, ..request(1, 2) }, &[]);
         m.handle_guest_packet(Header { dst_cid: 5, ..request(1, 2) }, &[]);
         assert!(m.rx_pending.is_empty());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A host listener that accepts nothing, its backlog full: the guest's connection is
+    /// refused at once instead of blocking the worker (and with it reset, snapshot and stop).
+    #[test]
+    fn a_full_listener_backlog_refuses_instead_of_blocking() {
+        let dir = std::env::temp_dir().join(format!("fv-vsock-backlog-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("v.sock_9");
+        let listener = UnixListener::bind(&path).unwrap();
+        // SAFETY: listen on our own socket, with the smallest backlog.
+        assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+        let path_text = path.to_str().unwrap().to_string();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            let outcome = loop {
+                match connect_without_waiting(&path_text) {
+                    Ok(stream) if held.len() < 64 => held.push(stream),
+                    Ok(_) => break None,
+                    Err(e) => break Some(e.kind()),
+                }
+            };
+            let _ = tx.send(outcome);
+        });
+        let outcome = rx.recv_timeout(std::time::Duration::from_secs(5)).expect("connecting blocked");
+        assert_eq!(outcome, Some(std::io::ErrorKind::WouldBlock));
+        drop(listener);
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -11,7 +11,8 @@
 //! transmit ring kept full, and reports `flood_pps`.
 //!
 //! With `.listen=PORT` it then serves TCP on that port for `.serve` (20G) cycles: each
-//! connection's data is echoed back, and it reports `served=BYTES`. It answers echo requests
+//! connection's data is echoed back, and it reports `served=BYTES`; with `.halfclose=on` it
+//! acknowledges a peer's FIN but keeps its own side open. It answers echo requests
 //! all along, and counts the frames that came from anyone but the router (`others=N`). A dst
 //! on its own subnet (`.prefix`, 24) is reached directly (`peer=arp`, or `none` if it does
 //! not answer ARP); then the checks go to it, not through the router.
@@ -385,7 +386,12 @@ pub fn test(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str>
     let flood = cmdline.number(TEST, "flood", 0);
     let flood_pps = if flood > 0 { flood_udp(&mut host, dst, port, flood, cmdline)? } else { 0 };
     let listen = cmdline.number(TEST, "listen", 0) as u16;
-    let served = if listen != 0 { serve(&mut host, listen, cmdline.number(TEST, "serve", 20_000_000_000))? } else { 0 };
+    let served = if listen != 0 {
+        let half_close = cmdline.param(TEST, "halfclose") == Some("on");
+        serve(&mut host, listen, cmdline.number(TEST, "serve", 20_000_000_000), half_close)?
+    } else {
+        0
+    };
     host.dev.reset();
     let m = |m: [u8; 6]| m;
     let (a, b) = (m(mac), m(gw_mac));
@@ -445,9 +451,10 @@ fn flood_udp(host: &mut Host, dst: Ip, port: u16, count: u64, cmdline: Cmdline) 
     Ok(count * khz * 1000 / (crate::hw::rdtsc() - start).max(1))
 }
 
-/// Serves TCP on `port` until `cycles` pass: handshakes, echoes data, closes on FIN. One
-/// connection at a time is enough for the tests. Returns the bytes echoed.
-fn serve(host: &mut Host, port: u16, cycles: u64) -> Result<u64, &'static str> {
+/// Serves TCP on `port` until `cycles` pass: handshakes, echoes data, closes on FIN (or, with
+/// `half_close`, only acknowledges it). One connection at a time is enough for the tests.
+/// Returns the bytes echoed.
+fn serve(host: &mut Host, port: u16, cycles: u64, half_close: bool) -> Result<u64, &'static str> {
     crate::println!("PROBE virtio-net listening port={port}");
     let end = crate::hw::rdtsc() + cycles;
     let mut body = [0u8; 64];
@@ -466,7 +473,8 @@ fn serve(host: &mut Host, port: u16, cycles: u64) -> Result<u64, &'static str> {
             our_seq = our_seq.wrapping_add(0x1000);
             (TCP_SYN | TCP_ACK, seq.wrapping_add(1), &[])
         } else if flags & TCP_FIN != 0 {
-            (TCP_FIN | TCP_ACK, seq.wrapping_add(data.len() as u32 + 1), &[])
+            let reply = if half_close { TCP_ACK } else { TCP_FIN | TCP_ACK };
+            (reply, seq.wrapping_add(data.len() as u32 + 1), &[])
         } else if !data.is_empty() {
             served += data.len() as u64;
             (TCP_ACK | TCP_PSH, seq.wrapping_add(data.len() as u32), data)
