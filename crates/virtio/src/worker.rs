@@ -23,7 +23,12 @@ pub trait Backend: Send + 'static {
     fn extra_fds(&self) -> Vec<RawFd> {
         Vec::new()
     }
-    /// `fd` (one of extra_fds) is ready; true when buffers were used.
+    /// Fds to wait on until they can be written to (host sockets with data the host has not
+    /// taken yet); asked again after every wake-up, like extra_fds.
+    fn writable_fds(&self) -> Vec<RawFd> {
+        Vec::new()
+    }
+    /// `fd` (one of extra_fds or writable_fds) is ready; true when buffers were used.
     fn process_fd(&mut self, _fd: RawFd, _queues: &mut [Queue], _mem: &GuestMemory) -> bool {
         false
     }
@@ -81,36 +86,46 @@ impl Drop for Worker {
     }
 }
 
-/// The back-end's fds that epoll waits on now.
+/// The back-end's fds that epoll waits on now, with what for.
 struct ExtraFds {
-    registered: Vec<RawFd>,
+    registered: Vec<(RawFd, EventSet)>,
 }
 
 impl ExtraFds {
-    /// Adds and removes fds so that epoll waits on exactly what the back-end wants now.
+    /// Adds, changes and removes fds so that epoll waits on exactly what the back-end wants now.
     fn sync(&mut self, epoll: &Epoll, backend: &impl Backend) {
-        let wanted = backend.extra_fds();
-        self.registered.retain(|&fd| {
-            if wanted.contains(&fd) {
+        let mut wanted: Vec<(RawFd, EventSet)> =
+            backend.extra_fds().into_iter().map(|fd| (fd, EventSet::IN | EventSet::READ_HANG_UP)).collect();
+        for fd in backend.writable_fds() {
+            match wanted.iter_mut().find(|(f, _)| *f == fd) {
+                Some((_, events)) => *events |= EventSet::OUT,
+                None => wanted.push((fd, EventSet::OUT)),
+            }
+        }
+        self.registered.retain(|&(fd, _)| {
+            if wanted.iter().any(|(f, _)| *f == fd) {
                 return true;
             }
             // An fd the back-end closed is already gone from epoll: ignore the error.
             let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
             false
         });
-        for fd in wanted {
-            let event = EpollEvent::new(EventSet::IN | EventSet::READ_HANG_UP, FD_TOKEN_BASE + fd as u64);
+        for (fd, events) in wanted {
+            let event = EpollEvent::new(events, FD_TOKEN_BASE + fd as u64);
+            let known = self.registered.iter().position(|(f, _)| *f == fd);
             // Modify first: an fd number the back-end closed and reused is no longer in epoll,
             // and then only Add works.
-            if self.registered.contains(&fd) && epoll.ctl(ControlOperation::Modify, fd, event).is_ok() {
+            if let Some(i) = known
+                && epoll.ctl(ControlOperation::Modify, fd, event).is_ok()
+            {
+                self.registered[i].1 = events;
                 continue;
             }
             match epoll.ctl(ControlOperation::Add, fd, event) {
-                Ok(()) => {
-                    if !self.registered.contains(&fd) {
-                        self.registered.push(fd);
-                    }
-                }
+                Ok(()) => match known {
+                    Some(i) => self.registered[i].1 = events,
+                    None => self.registered.push((fd, events)),
+                },
                 Err(e) => tracing::warn!("a virtio back-end fd cannot be watched ({e})"),
             }
         }

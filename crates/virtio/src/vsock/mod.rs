@@ -15,7 +15,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::device::{ActivateError, Activation, VirtioDevice, read_config_bytes};
-use crate::worker::{Backend, Worker, serve_queue, serve_queue_while};
+use crate::worker::{Backend, Worker, serve_queue_limited, serve_queue_while};
 use crate::{F_RING_INDIRECT_DESC, F_VERSION_1, GuestMemory, TYPE_VSOCK};
 use packet::*;
 
@@ -34,6 +34,9 @@ const MAX_TX_PAYLOAD: usize = 64 << 10;
 /// Packets waiting for guest receive buffers before streams stop being read.
 const RX_PENDING_MAX: usize = 256;
 const MAX_CONNECTIONS: usize = 1024;
+/// The most the device holds of the guest's data that host sockets have not taken, all
+/// connections together; past it the guest's packets wait in the ring.
+const MAX_BUFFERED: usize = 4 << 20;
 /// Host ports handed to host-initiated connections start here.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 
@@ -106,6 +109,7 @@ impl VirtioDevice for Vsock {
             rx_pending: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
             send_transport_reset: std::mem::take(&mut self.reset_pending),
+            tx_stalled: false,
         };
         self.worker =
             Some(Worker::spawn(sandbox::ThreadKind::Vsock, backend, activation).map_err(ActivateError::Worker)?);
@@ -179,6 +183,8 @@ struct Muxer {
     next_local_port: u32,
     /// A transport reset event is owed to the guest.
     send_transport_reset: bool,
+    /// The transmit ring was left with chains in it: the host sides hold MAX_BUFFERED bytes.
+    tx_stalled: bool,
 }
 
 impl Muxer {
@@ -446,33 +452,55 @@ impl Muxer {
         )
     }
 
+    /// Bytes the guest sent that the host sockets have not taken yet.
+    fn buffered(&self) -> usize {
+        self.conns.values().map(|c| c.to_host.len()).sum()
+    }
+
+    /// Takes the guest's packets one at a time, and stops while the host sides hold
+    /// MAX_BUFFERED bytes they have not taken: the chains wait in the ring (the guest waits, as
+    /// credit flow control intends) until a host socket drains.
     fn transmit(&mut self, queues: &mut [Queue], mem: &GuestMemory) -> bool {
-        let mut packets = Vec::new();
-        let used = serve_queue("virtio-vsock", &mut queues[TX_QUEUE], mem, |chain| {
-            let mut bytes = Vec::new();
-            for desc in chain.readable() {
-                let n = (desc.len() as usize).min(HEADER_LEN + MAX_TX_PAYLOAD - bytes.len());
-                let start = bytes.len();
-                bytes.resize(start + n, 0);
-                if mem.read_slice(&mut bytes[start..], GuestAddress(desc.addr().0)).is_err() {
-                    crate::guest_fault!("virtio-vsock: a transmit buffer lies outside guest RAM");
-                    return 0;
+        let full = std::cell::Cell::new(self.buffered() >= MAX_BUFFERED);
+        let used = serve_queue_limited(
+            "virtio-vsock",
+            &mut queues[TX_QUEUE],
+            mem,
+            || !full.get(),
+            |chain| {
+                if let Some((header, payload)) = read_packet(mem, chain) {
+                    self.handle_guest_packet(header, &payload);
                 }
-            }
-            if bytes.len() < HEADER_LEN {
-                crate::guest_fault!("virtio-vsock: dropped a packet shorter than its header");
-                return 0;
-            }
-            let header = Header::parse(bytes[..HEADER_LEN].try_into().expect("header length"));
-            let len = (header.len as usize).min(bytes.len() - HEADER_LEN);
-            packets.push((header, bytes[HEADER_LEN..HEADER_LEN + len].to_vec()));
-            0
-        });
-        for (header, payload) in packets {
-            self.handle_guest_packet(header, &payload);
-        }
+                full.set(self.buffered() >= MAX_BUFFERED);
+                Some(0)
+            },
+        );
+        self.tx_stalled = full.get();
         used
     }
+}
+
+/// A packet from a transmit chain: its header and at most MAX_TX_PAYLOAD bytes of payload.
+fn read_packet(mem: &GuestMemory, chain: virtio_queue::DescriptorChain<&GuestMemory>) -> Option<(Header, Vec<u8>)> {
+    let mut bytes = Vec::new();
+    for desc in chain.readable() {
+        let n = (desc.len() as usize).min(HEADER_LEN + MAX_TX_PAYLOAD - bytes.len());
+        let start = bytes.len();
+        bytes.resize(start + n, 0);
+        if mem.read_slice(&mut bytes[start..], GuestAddress(desc.addr().0)).is_err() {
+            crate::guest_fault!("virtio-vsock: a transmit buffer lies outside guest RAM");
+            return None;
+        }
+    }
+    if bytes.len() < HEADER_LEN {
+        crate::guest_fault!("virtio-vsock: dropped a packet shorter than its header");
+        return None;
+    }
+    let header = Header::parse(bytes[..HEADER_LEN].try_into().expect("header length"));
+    let len = (header.len as usize).min(bytes.len() - HEADER_LEN);
+    bytes.truncate(HEADER_LEN + len);
+    bytes.drain(..HEADER_LEN);
+    Some((header, bytes))
 }
 
 /// Connects a non-blocking Unix stream socket to `path`. A Unix connect never completes
@@ -553,9 +581,21 @@ impl Backend for Muxer {
         fds
     }
 
+    /// Host sockets holding the guest's data they have not taken yet.
+    fn writable_fds(&self) -> Vec<RawFd> {
+        self.conns.values().filter(|c| !c.to_host.is_empty()).map(|c| c.stream.as_raw_fd()).collect()
+    }
+
     fn process_fd(&mut self, fd: RawFd, queues: &mut [Queue], mem: &GuestMemory) -> bool {
+        let draining: Option<Key> =
+            self.conns.iter().find(|(_, c)| c.stream.as_raw_fd() == fd && !c.to_host.is_empty()).map(|(k, _)| *k);
+        if let Some(key) = draining {
+            self.flush_to_host(key);
+        }
         self.host_readable(fd);
-        self.deliver(queues, mem)
+        // The host took some of what held the guest back: take its packets again.
+        let resumed = self.tx_stalled && self.buffered() < MAX_BUFFERED && self.transmit(queues, mem);
+        self.deliver(queues, mem) || resumed
     }
 }
 
@@ -574,6 +614,7 @@ mod tests {
             rx_pending: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
             send_transport_reset: false,
+            tx_stalled: false,
         }
     }
 
@@ -643,6 +684,94 @@ mod tests {
         let outcome = rx.recv_timeout(std::time::Duration::from_secs(5)).expect("connecting blocked");
         assert_eq!(outcome, Some(std::io::ErrorKind::WouldBlock));
         drop(listener);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A guest that keeps sending to host peers that read nothing: the device holds at most
+    /// MAX_BUFFERED bytes (plus one packet), leaves the rest in the ring, and takes it once the
+    /// peers read.
+    #[test]
+    fn host_peers_that_do_not_read_hold_the_guest_back_instead_of_filling_memory() {
+        use virtio_queue::desc::{RawDescriptor, split::Descriptor as SplitDescriptor};
+        let dir = std::env::temp_dir().join(format!("fv-vsock-backpressure-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut m = muxer(&dir);
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        const PAYLOAD: usize = 60 << 10;
+        const CONNS: u32 = 32;
+        const ROUNDS: u32 = 4;
+        let mut peers = Vec::new();
+        for c in 0..CONNS {
+            let (ours, peer) = UnixStream::pair().unwrap();
+            ours.set_nonblocking(true).unwrap();
+            peer.set_nonblocking(true).unwrap();
+            let small: libc::c_int = 4096;
+            // SAFETY: setsockopt reads one int of a live local.
+            unsafe {
+                libc::setsockopt(ours.as_raw_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF, (&raw const small).cast(), 4)
+            };
+            m.conns.insert((100 + c, 5000 + c), new_connection(ours, State::Established));
+            peers.push(peer);
+            let h = Header { src_port: 5000 + c, dst_port: 100 + c, op: OP_RW, len: PAYLOAD as u32, ..request(0, 0) };
+            let at = 0x20_0000 + u64::from(c) * 0x10_000;
+            mem.write_slice(&h.bytes(), GuestAddress(at)).unwrap();
+            mem.write_slice(&[c as u8; PAYLOAD], GuestAddress(at + HEADER_LEN as u64)).unwrap();
+        }
+        // A split ring of 128 one-descriptor chains (laid out by hand: a ring this size is
+        // larger than the mock's layout allows for).
+        let chains = ROUNDS * CONNS;
+        let (table, avail, used) = (0x1000u64, 0x2000u64, 0x3000u64);
+        for i in 0..chains {
+            let at = 0x20_0000 + u64::from(i % CONNS) * 0x10_000;
+            let desc = RawDescriptor::from(SplitDescriptor::new(at, (HEADER_LEN + PAYLOAD) as u32, 0, 0));
+            mem.write_obj(desc, GuestAddress(table + u64::from(i) * 16)).unwrap();
+            mem.write_obj(i as u16, GuestAddress(avail + 4 + u64::from(i) * 2)).unwrap();
+        }
+        mem.write_obj(chains as u16, GuestAddress(avail + 2)).unwrap();
+        let mut tx = Queue::new(256).unwrap();
+        tx.set_size(chains as u16);
+        tx.set_desc_table_address(Some(table as u32), Some(0));
+        tx.set_avail_ring_address(Some(avail as u32), Some(0));
+        tx.set_used_ring_address(Some(used as u32), Some(0));
+        tx.set_ready(true);
+        let mut queues = vec![Queue::new(256).unwrap(), tx, Queue::new(256).unwrap()];
+
+        m.transmit(&mut queues, &mem);
+        assert!(m.buffered() <= MAX_BUFFERED + PAYLOAD, "{} bytes held", m.buffered());
+        assert!(m.tx_stalled, "taken {} chains, {} bytes held", queues[TX_QUEUE].next_avail(), m.buffered());
+        let taken = queues[TX_QUEUE].next_avail();
+        assert!(u32::from(taken) < ROUNDS * CONNS, "every chain was taken");
+        // The peers read; the device takes the rest as they do.
+        let mut received = 0usize;
+        let mut buf = vec![0u8; 1 << 16];
+        for _ in 0..10_000 {
+            for peer in &mut peers {
+                while let Ok(n) = peer.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    received += n;
+                }
+            }
+            let fds = m.writable_fds();
+            if fds.is_empty() && !m.tx_stalled {
+                break;
+            }
+            for fd in fds {
+                m.process_fd(fd, &mut queues, &mem);
+            }
+        }
+        for peer in &mut peers {
+            while let Ok(n) = peer.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                received += n;
+            }
+        }
+        assert_eq!(u32::from(queues[TX_QUEUE].next_avail()), ROUNDS * CONNS);
+        assert_eq!(m.conns.len(), CONNS as usize, "no connection was reset");
+        assert_eq!(received, (ROUNDS * CONNS) as usize * PAYLOAD);
         let _ = std::fs::remove_dir_all(dir);
     }
 }
