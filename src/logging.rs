@@ -12,8 +12,32 @@ use tracing_subscriber::{EnvFilter, Registry, reload};
 #[derive(Clone)]
 struct Sink(Arc<Mutex<Box<dyn Write + Send>>>);
 
+/// stderr that never makes the writer wait: a pipe nobody reads (a supervisor that stopped
+/// reading) must not stall a vCPU or an API thread that logs. With no room for a line now,
+/// the write fails with WouldBlock and the line is dropped. Lines are written under the sink's
+/// lock, so no other thread of ours takes the room between the check and the write.
+struct Stderr;
+
+impl Write for Stderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut fd = libc::pollfd { fd: 2, events: libc::POLLOUT, revents: 0 };
+        // SAFETY: poll on one live pollfd, without waiting.
+        let ready = unsafe { libc::poll(&mut fd, 1, 0) };
+        if ready == 0 {
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        // A pipe that polls writable has a free 4 KiB slot: a line up to that long goes in
+        // without waiting.
+        let n = buf.len().min(4096);
+        std::io::stderr().write(&buf[..n])
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
 impl Write for Sink {
-    /// A log FIFO without room drops the line (counted in the metrics) rather than wait.
+    /// A full log FIFO or stderr pipe drops the line (counted in the metrics) rather than wait.
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match self.0.lock().unwrap_or_else(|p| p.into_inner()).write(buf) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -41,7 +65,7 @@ pub fn init(level: &str, show_origin: bool) -> Result<Logger, String> {
         .or_else(|_| EnvFilter::try_new(level))
         .map_err(|_| format!("--log-level must be error, warn, info, debug or trace, not '{level}'."))?;
     let (filter, handle) = reload::Layer::new(filter);
-    let sink = Sink(Arc::new(Mutex::new(Box::new(std::io::stderr()))));
+    let sink = Sink(Arc::new(Mutex::new(Box::new(Stderr))));
     let writer = sink.clone();
     tracing_subscriber::registry()
         .with(filter)

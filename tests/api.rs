@@ -421,3 +421,32 @@ fn a_trickling_client_is_cut_off_and_others_are_served() {
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?} after {elapsed:?}");
     assert!(elapsed < Duration::from_secs(8), "cut off after {elapsed:?}");
 }
+
+/// A supervisor that stops reading the VMM's stderr must not stall it: log lines that do not
+/// fit are dropped and counted, and the API keeps answering.
+#[test]
+fn a_full_stderr_pipe_drops_log_lines_instead_of_stalling_the_vmm() {
+    let dir = scratch_dir("api-stderr-full");
+    let socket = dir.join("api.sock");
+    let mut child = ferrovisor()
+        .arg("--api-sock")
+        .arg(&socket)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _unread = child.stderr.take();
+    wait_for_socket(&socket);
+    // Each bad request logs a line of about 200 bytes: 2000 of them are six pipes' worth.
+    let started = std::time::Instant::now();
+    for _ in 0..2000 {
+        expect(&socket, "PUT", "/machine-config", r#"{"vcpu_count": "a string where a number goes"}"#, 400);
+    }
+    assert!(started.elapsed() < TIMEOUT);
+    let metrics: serde_json::Value =
+        serde_json::from_str(&expect(&socket, "GET", "/ferrovisor/metrics", "", 200)).unwrap();
+    assert!(metrics["logger"]["missed_log_count"].as_u64().unwrap() > 0, "{metrics}");
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -24,7 +24,11 @@ impl BusDevice for BootTimer {
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset == 0 && data.first() == Some(&self.magic) {
             let elapsed = self.launched.elapsed();
-            tracing::info!("guest boot time: {} ms after launch ({} us)", elapsed.as_millis(), elapsed.as_micros());
+            crate::guest_event!(
+                "guest boot time: {} ms after launch ({} us)",
+                elapsed.as_millis(),
+                elapsed.as_micros()
+            );
         }
     }
 }

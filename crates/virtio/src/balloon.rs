@@ -202,12 +202,17 @@ impl VirtioDevice for Balloon {
             return;
         }
         let pages = u32::from_le_bytes(data.try_into().expect("four bytes"));
+        let target = self.control.target_pages.load(Ordering::SeqCst);
         self.control.with_state(|state| {
             if state.actual_pages != pages {
-                tracing::info!(
-                    "virtio-balloon: the guest holds {} MiB in the balloon",
-                    (u64::from(pages) * PAGE_SIZE) >> 20
-                );
+                let mib = (u64::from(pages) * PAGE_SIZE) >> 20;
+                // Reaching the target and the steps on the way are counted apart, so that the
+                // steps (which a guest can repeat without end) do not hide the arrival.
+                if pages == target {
+                    crate::guest_event!("virtio-balloon: the guest holds {mib} MiB in the balloon");
+                } else {
+                    crate::guest_event!("virtio-balloon: the guest holds {mib} MiB in the balloon");
+                }
             }
             state.actual_pages = pages;
         });

@@ -9,7 +9,6 @@ pub mod balloon;
 pub mod blk;
 pub mod console;
 pub mod device;
-pub mod fault_log;
 pub mod metrics;
 pub mod mmio;
 pub mod net;
@@ -19,6 +18,9 @@ pub mod rng;
 pub mod transport;
 pub mod vsock;
 pub mod worker;
+
+/// Guest-triggered logging, rate-limited per call site.
+pub use devices::{guest_event, guest_fault};
 
 pub use device::{ActivateError, Interrupt, VirtioDevice, VirtioInterrupt};
 pub use mmio::MmioTransport;

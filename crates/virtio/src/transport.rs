@@ -369,7 +369,7 @@ impl VirtioState {
             return false;
         }
         if added & STATUS_FAILED != 0 {
-            tracing::info!("{}: the driver gave up on the device (FAILED)", self.name);
+            crate::guest_event!("{}: the driver gave up on the device (FAILED)", self.name);
         }
         if added & STATUS_FEATURES_OK != 0 {
             let offered = self.device.features();
@@ -441,7 +441,11 @@ impl VirtioState {
         match self.device.activate(activation) {
             Ok(()) => {
                 self.active = true;
-                tracing::info!("{}: the driver started the device (features {:#x})", self.name, self.acked_features);
+                crate::guest_event!(
+                    "{}: the driver started the device (features {:#x})",
+                    self.name,
+                    self.acked_features
+                );
             }
             Err(e) => self.needs_reset(&format!("activation failed: {e}")),
         }

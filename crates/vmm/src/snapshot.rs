@@ -111,8 +111,13 @@ impl Snapshot {
     }
 
     pub fn read(path: &Path) -> Result<Snapshot, String> {
-        let what = format!("snapshot_path {}", path.display());
         let data = sandbox::files::read_regular(path, "snapshot_path", MAX_STATE_FILE)?;
+        Snapshot::parse(&data, &format!("snapshot_path {}", path.display()))
+    }
+
+    /// Checks and decodes a state file's bytes; `what` names it in errors. Every field is still
+    /// untrusted afterwards (see `VmConfig::validate_machine` and the restore checks).
+    pub fn parse(data: &[u8], what: &str) -> Result<Snapshot, String> {
         let split = data.iter().position(|&b| b == b'\n').ok_or(format!("{what} is not a Ferrovisor snapshot"))?;
         let header: Header = serde_json::from_slice(&data[..split])
             .map_err(|_| format!("{what} is not a Ferrovisor snapshot (no header)"))?;

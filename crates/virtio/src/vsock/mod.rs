@@ -599,6 +599,39 @@ impl Backend for Muxer {
     }
 }
 
+/// Feeds `data`, cut into packets (a header, then as much payload as it claims), to a fresh
+/// device's packet handling, as a guest's transmit queue would: for the fuzzer.
+#[doc(hidden)]
+pub fn fuzz_guest_packets(data: &[u8]) {
+    let name = format!("ferrovisor-fuzz-vsock-{}", std::process::id());
+    let Ok(addr) = <std::os::unix::net::SocketAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(&name)
+    else {
+        return;
+    };
+    let Ok(listener) = UnixListener::bind_addr(&addr) else { return };
+    let mut muxer = Muxer {
+        guest_cid: 3,
+        // No host listener answers under here: guest connections are refused at once.
+        uds: PathBuf::from("/nonexistent/ferrovisor-fuzz/v.sock"),
+        listener,
+        handshakes: HashMap::new(),
+        conns: HashMap::new(),
+        rx_pending: VecDeque::new(),
+        next_local_port: FIRST_LOCAL_PORT,
+        send_transport_reset: false,
+        tx_stalled: false,
+    };
+    let mut rest = data;
+    while rest.len() >= HEADER_LEN {
+        let header = Header::parse(rest[..HEADER_LEN].try_into().expect("header length"));
+        let len = (header.len as usize).min(rest.len() - HEADER_LEN).min(MAX_TX_PAYLOAD);
+        muxer.handle_guest_packet(header, &rest[HEADER_LEN..HEADER_LEN + len]);
+        rest = &rest[HEADER_LEN + len..];
+        assert!(muxer.rx_pending.len() <= RX_PENDING_MAX * 2);
+        assert!(muxer.buffered() <= MAX_BUFFERED + MAX_TX_PAYLOAD);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,6 @@
-//! Logging of what a guest did wrong. A hostile guest can repeat a fault millions of times a
-//! second, so each call site logs its first few occurrences and then every thousandth, with a
-//! running count.
+//! Logging of what a guest does. A hostile guest can repeat anything millions of times a
+//! second (a fault, a device reset, a boot-timer write), so each call site that a guest can
+//! trigger logs its first few occurrences and then every thousandth, with a running count.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -9,7 +9,8 @@ const FIRST: u64 = 10;
 /// Then one occurrence in this many.
 const EVERY: u64 = 1000;
 
-/// A per-call-site counter; see [`guest_fault!`](crate::guest_fault).
+/// A per-call-site counter; see [`guest_fault!`](crate::guest_fault) and
+/// [`guest_event!`](crate::guest_event).
 pub struct FaultCounter(AtomicU64);
 
 impl FaultCounter {
@@ -34,9 +35,25 @@ impl Default for FaultCounter {
 #[macro_export]
 macro_rules! guest_fault {
     ($($arg:tt)*) => {{
-        static COUNTER: $crate::fault_log::FaultCounter = $crate::fault_log::FaultCounter::new();
+        static COUNTER: $crate::guest_log::FaultCounter = $crate::guest_log::FaultCounter::new();
         if let Some(n) = COUNTER.hit() {
             tracing::warn!("{} (occurrence {n})", format_args!($($arg)*));
+        }
+    }};
+}
+
+/// `tracing::info!` for lifecycle events a guest can repeat at will (a device started, the
+/// balloon moved, the boot timer written), rate-limited per call site the same way.
+#[macro_export]
+macro_rules! guest_event {
+    ($($arg:tt)*) => {{
+        static COUNTER: $crate::guest_log::FaultCounter = $crate::guest_log::FaultCounter::new();
+        if let Some(n) = COUNTER.hit() {
+            if n == 1 {
+                tracing::info!($($arg)*);
+            } else {
+                tracing::info!("{} (occurrence {n})", format_args!($($arg)*));
+            }
         }
     }};
 }
