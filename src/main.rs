@@ -115,7 +115,13 @@ enum Command {
     Run(Box<RunArgs>),
     /// Run a user-space L2 switch on the Unix socket PATH (no root needed); VMs plug in with
     /// --net switch=PATH[,vlan=N]. Runs until SIGINT or SIGTERM.
-    Switch { path: PathBuf },
+    Switch {
+        path: PathBuf,
+        /// A MAC stays with the port that first sent from it until that port leaves (no
+        /// aging, no moving).
+        #[arg(long)]
+        sticky_macs: bool,
+    },
     /// Managed networks (nat, routed, isolated, bridge) that VMs join with --net network=NAME.
     Network {
         #[command(subcommand)]
@@ -306,7 +312,7 @@ fn main() -> ExitCode {
         },
         Some(Command::Ksm { action }) => ksm(&action),
         Some(Command::Network { action }) => network(action, &policy),
-        Some(Command::Switch { path }) => switch(&path, &policy),
+        Some(Command::Switch { path, sticky_macs }) => switch(&path, sticky_macs, &policy),
         Some(Command::Ctl { socket, action }) => ctl(&socket, action),
         Some(Command::Stats { socket }) => ctl(&socket, CtlAction::Stats),
         Some(Command::SnapshotMerge { base, diff }) => match vmm::snapshot::merge_memory(&base, &diff) {
@@ -683,9 +689,9 @@ fn ksm(action: &str) -> ExitCode {
 }
 
 /// `ferrovisor switch PATH`.
-fn switch(path: &std::path::Path, policy: &sandbox::Policy) -> ExitCode {
+fn switch(path: &std::path::Path, sticky_macs: bool, policy: &sandbox::Policy) -> ExitCode {
     let mut switch = match net::switch::Switch::bind(path) {
-        Ok(s) => s,
+        Ok(s) => s.with_sticky_macs(sticky_macs),
         Err(e) => {
             eprintln!("error: cannot listen on {} ({e}); check the directory and its permissions.", path.display());
             return ExitCode::from(EXIT_FAILURE);

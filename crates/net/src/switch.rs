@@ -3,16 +3,25 @@
 //! Each port is a SOCK_SEQPACKET connection; its first message is `PORT vlan=<n>`, every later
 //! message one Ethernet frame. The switch learns source MACs per VLAN, forwards known unicast to
 //! its port and floods the rest, only ever within the ingress port's VLAN.
+//!
+//! Port security: a port may hold at most MACS_PER_PORT source MACs (frames from more are
+//! dropped), may not send from a MAC that another port holds (no stealing a neighbour's
+//! traffic), and learned MACs age out after MAC_AGE of silence, or, in sticky mode, stay with
+//! their port until it leaves.
 
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 const MAX_FRAME: usize = 65536;
 const HELLO: &str = "PORT vlan=";
 const MAX_PORTS: usize = 256;
-const MAX_MACS: usize = 4096;
+/// Source MACs one port may hold: a VM has one per interface, a nested bridge a few.
+pub const MACS_PER_PORT: usize = 8;
+/// A learned MAC that sent nothing for this long is forgotten (as Linux bridges do).
+pub const MAC_AGE: Duration = Duration::from_secs(300);
 
 fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
@@ -116,13 +125,25 @@ struct Port {
     /// None until the port said hello.
     vlan: Option<u16>,
     counters: PortCounters,
+    /// Source MACs learned on this port.
+    macs: usize,
+}
+
+/// Where a MAC was last seen.
+struct Learned {
+    port: RawFd,
+    seen: Instant,
 }
 
 /// The switch: ports by fd, learned MACs by (MAC, VLAN).
 pub struct Switch {
     listener: OwnedFd,
     ports: HashMap<RawFd, Port>,
-    macs: HashMap<([u8; 6], u16), RawFd>,
+    macs: HashMap<([u8; 6], u16), Learned>,
+    /// Learned MACs never age and never move while their port is connected.
+    sticky: bool,
+    mac_age: Duration,
+    last_sweep: Instant,
 }
 
 impl Switch {
@@ -136,7 +157,83 @@ impl Switch {
             cvt(libc::bind(listener.as_raw_fd(), (&raw const addr).cast(), len))?;
             cvt(libc::listen(listener.as_raw_fd(), 64))?;
         }
-        Ok(Switch { listener, ports: HashMap::new(), macs: HashMap::new() })
+        Ok(Switch {
+            listener,
+            ports: HashMap::new(),
+            macs: HashMap::new(),
+            sticky: false,
+            mac_age: MAC_AGE,
+            last_sweep: Instant::now(),
+        })
+    }
+
+    /// How long a silent MAC stays learned (MAC_AGE unless told).
+    pub fn with_mac_age(mut self, age: Duration) -> Switch {
+        self.mac_age = age;
+        self
+    }
+
+    /// Sticky MACs: a MAC stays with the port that first sent from it until that port leaves.
+    pub fn with_sticky_macs(mut self, sticky: bool) -> Switch {
+        self.sticky = sticky;
+        self
+    }
+
+    /// Forgets MACs silent for MAC_AGE (not in sticky mode).
+    fn age_out(&mut self) {
+        let sweep_every = self.mac_age.min(Duration::from_secs(1));
+        if self.sticky || self.last_sweep.elapsed() < sweep_every {
+            return;
+        }
+        self.last_sweep = Instant::now();
+        let (ports, age) = (&mut self.ports, self.mac_age);
+        self.macs.retain(|_, learned| {
+            let keep = learned.seen.elapsed() < age;
+            if !keep && let Some(port) = ports.get_mut(&learned.port) {
+                port.macs -= 1;
+            }
+            keep
+        });
+    }
+
+    /// Learns `src` on `port`; false when the frame must be dropped: the MAC is held by
+    /// another port, or this port holds as many MACs as it may.
+    fn learn(&mut self, src: [u8; 6], vlan: u16, port: RawFd) -> bool {
+        let now = Instant::now();
+        match self.macs.get_mut(&(src, vlan)) {
+            Some(learned) if learned.port == port => {
+                learned.seen = now;
+                return true;
+            }
+            Some(learned) if self.sticky || learned.seen.elapsed() < self.mac_age => {
+                devices::guest_fault!(
+                    "switch: a port sent from {}, which another port holds; the frame was dropped",
+                    crate::dhcp::mac_text(&src)
+                );
+                return false;
+            }
+            // Held by a port that went silent long ago: it may move.
+            Some(learned) => {
+                let previous = learned.port;
+                if let Some(p) = self.ports.get_mut(&previous) {
+                    p.macs -= 1;
+                }
+            }
+            None => {}
+        }
+        let Some(p) = self.ports.get_mut(&port) else { return false };
+        if p.macs >= MACS_PER_PORT {
+            self.macs.remove(&(src, vlan));
+            devices::guest_fault!(
+                "switch: a port sent from a {}th source MAC ({}); the frame was dropped",
+                MACS_PER_PORT + 1,
+                crate::dhcp::mac_text(&src)
+            );
+            return false;
+        }
+        p.macs += 1;
+        self.macs.insert((src, vlan), Learned { port, seen: now });
+        true
     }
 
     /// Runs until `stop()` says so, logging each port's counters when it leaves.
@@ -154,6 +251,7 @@ impl Switch {
                 }
                 return Err(e);
             }
+            self.age_out();
             for p in &fds {
                 if p.revents == 0 {
                     continue;
@@ -185,7 +283,7 @@ impl Switch {
             tracing::warn!("switch: a port was refused: {MAX_PORTS} ports are connected");
             return;
         }
-        self.ports.insert(fd.as_raw_fd(), Port { _fd: fd, vlan: None, counters: PortCounters::default() });
+        self.ports.insert(fd.as_raw_fd(), Port { _fd: fd, vlan: None, counters: PortCounters::default(), macs: 0 });
     }
 
     fn close(&mut self, fd: RawFd) {
@@ -199,7 +297,7 @@ impl Switch {
                 c.dropped
             );
         }
-        self.macs.retain(|_, &mut p| p != fd);
+        self.macs.retain(|_, learned| learned.port != fd);
     }
 
     fn port_ready(&mut self, fd: RawFd, buf: &mut [u8]) {
@@ -227,11 +325,15 @@ impl Switch {
         }
         let dst: [u8; 6] = buf[0..6].try_into().expect("6 bytes");
         let src: [u8; 6] = buf[6..12].try_into().expect("6 bytes");
-        if src[0] & 1 == 0 && (self.macs.len() < MAX_MACS || self.macs.contains_key(&(src, vlan))) {
-            self.macs.insert((src, vlan), fd);
+        // A multicast source is no station's address.
+        if src[0] & 1 != 0 || !self.learn(src, vlan, fd) {
+            if let Some(port) = self.ports.get_mut(&fd) {
+                port.counters.dropped += 1;
+            }
+            return;
         }
         let targets: Vec<RawFd> = match self.macs.get(&(dst, vlan)) {
-            Some(&out) if dst[0] & 1 == 0 => vec![out],
+            Some(learned) if dst[0] & 1 == 0 => vec![learned.port],
             _ => self.ports.iter().filter(|(p, port)| **p != fd && port.vlan == Some(vlan)).map(|(p, _)| *p).collect(),
         };
         for out in targets {
@@ -241,6 +343,134 @@ impl Switch {
             let ok = send(out, &buf[..n]).is_ok();
             if let Some(port) = self.ports.get_mut(&out) {
                 if ok { port.counters.tx_frames += 1 } else { port.counters.dropped += 1 }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    struct Running {
+        path: std::path::PathBuf,
+        stop: Arc<AtomicBool>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl Drop for Running {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::SeqCst);
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    fn start(name: &str, configure: impl FnOnce(Switch) -> Switch + Send + 'static) -> Running {
+        let path = std::env::temp_dir().join(format!("fv-switch-{name}-{}.sock", std::process::id()));
+        let switch = configure(Switch::bind(&path).unwrap());
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut switch = switch;
+            switch.run(&|| stopped.load(Ordering::SeqCst)).unwrap();
+        });
+        Running { path, stop, thread: Some(thread) }
+    }
+
+    fn port(switch: &Running) -> SwitchPort {
+        let port = SwitchPort::connect(&switch.path, 0).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        port
+    }
+
+    fn frame(dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
+        [&dst[..], &src[..], &[0x88, 0xb5], &[0u8; 46][..]].concat()
+    }
+
+    const BROADCAST: [u8; 6] = [0xff; 6];
+
+    /// Lets the switch take what was sent before anything else is.
+    fn settle() {
+        std::thread::sleep(Duration::from_millis(40));
+    }
+
+    fn mac(n: u8) -> [u8; 6] {
+        [0x02, 0, 0, 0, 0, n]
+    }
+
+    /// The frames `port` received in the next 100 ms, by destination.
+    fn received(port: &SwitchPort) -> Vec<[u8; 6]> {
+        std::thread::sleep(Duration::from_millis(100));
+        let mut buf = [0u8; 2048];
+        let mut dsts = Vec::new();
+        while let Ok(n) = port.recv_frame(&mut buf) {
+            if n >= 12 {
+                dsts.push(buf[0..6].try_into().unwrap());
+            }
+        }
+        dsts
+    }
+
+    #[test]
+    fn a_port_cannot_take_a_mac_another_port_holds() {
+        let switch = start("spoof", |s| s);
+        let (a, b, c) = (port(&switch), port(&switch), port(&switch));
+        // Frames from different ports reach the switch in no set order: one at a time.
+        a.send_frame(&frame(BROADCAST, mac(1))).unwrap();
+        settle();
+        b.send_frame(&frame(BROADCAST, mac(2))).unwrap();
+        settle();
+        // C claims B's address; before port security this moved B's traffic to C.
+        c.send_frame(&frame(BROADCAST, mac(2))).unwrap();
+        settle();
+        let _ = (received(&a), received(&b), received(&c));
+        a.send_frame(&frame(mac(2), mac(1))).unwrap();
+        assert_eq!(received(&b), [mac(2)], "B still gets its traffic");
+        assert!(received(&c).is_empty(), "C gets none of B's traffic");
+    }
+
+    #[test]
+    fn a_port_with_too_many_source_macs_cannot_fill_the_table() {
+        let switch = start("flood", |s| s);
+        let (a, d) = (port(&switch), port(&switch));
+        for n in 0..200u8 {
+            d.send_frame(&frame(BROADCAST, [0x02, 0xdd, 0, 0, 0, n])).unwrap();
+        }
+        assert_eq!(received(&a).len(), MACS_PER_PORT, "frames from MACs past the limit are dropped");
+        // A newcomer is still learned: its traffic is not flooded to the port that flooded.
+        let e = port(&switch);
+        e.send_frame(&frame(BROADCAST, mac(5))).unwrap();
+        settle();
+        let _ = (received(&a), received(&d), received(&e));
+        a.send_frame(&frame(mac(5), mac(1))).unwrap();
+        assert_eq!(received(&e), [mac(5)]);
+        assert!(received(&d).is_empty());
+    }
+
+    #[test]
+    fn silent_macs_age_out_unless_sticky() {
+        for sticky in [false, true] {
+            let switch = start(if sticky { "sticky" } else { "age" }, move |s| {
+                s.with_mac_age(Duration::from_millis(400)).with_sticky_macs(sticky)
+            });
+            let (a, b, c) = (port(&switch), port(&switch), port(&switch));
+            b.send_frame(&frame(BROADCAST, mac(2))).unwrap();
+            std::thread::sleep(Duration::from_millis(900));
+            // B fell silent: its MAC may move to C, unless MACs are sticky.
+            c.send_frame(&frame(BROADCAST, mac(2))).unwrap();
+            settle();
+            a.send_frame(&frame(mac(2), mac(1))).unwrap();
+            let to = |p: &SwitchPort| received(p).iter().filter(|d| **d == mac(2)).count();
+            let (to_b, to_c) = (to(&b), to(&c));
+            if sticky {
+                assert_eq!((to_b, to_c), (1, 0), "sticky: the MAC stays with B");
+            } else {
+                assert_eq!((to_b, to_c), (0, 1), "aged: the MAC moved to C");
             }
         }
     }
