@@ -53,8 +53,9 @@ struct Cli {
     /// Serve the REST API (Firecracker's) on this Unix socket [default: /run/firecracker.socket].
     #[arg(long)]
     api_sock: Option<PathBuf>,
-    /// The VM's id (1 to 64 letters, digits and dashes), shown by GET /.
-    #[arg(long, default_value = "anonymous-instance")]
+    /// The VM's id (1 to 64 letters, digits and dashes), shown by GET /; default MACs derive
+    /// from it, so that a relaunched VM keeps its addresses.
+    #[arg(long, global = true, default_value = vmm::controller::DEFAULT_ID)]
     id: String,
     /// Start the VM from this Firecracker-format JSON configuration.
     #[arg(long)]
@@ -306,10 +307,12 @@ fn main() -> ExitCode {
         sandbox::Policy::Default
     };
     match cli.command {
-        Some(Command::Run(args)) => match sandbox::init(&policy) {
-            Ok(()) => run(*args, launched, logger),
-            Err(e) => usage(e),
-        },
+        Some(Command::Run(args)) => {
+            match check_id(&cli.id).and_then(|()| sandbox::init(&policy).map_err(|e| e.to_string())) {
+                Ok(()) => run(*args, cli.id, launched, logger),
+                Err(e) => usage(e),
+            }
+        }
         Some(Command::Ksm { action }) => ksm(&action),
         Some(Command::Network { action }) => network(action, &policy),
         Some(Command::Switch { path, sticky_macs }) => switch(&path, sticky_macs, &policy),
@@ -453,7 +456,7 @@ fn read_config_file(path: &Path) -> Result<VmConfigFile, String> {
     api::routes::body_of("--config-file", &text).map_err(|r| r.fault_message().unwrap_or(r.body))
 }
 
-fn run(args: RunArgs, launched: Instant, logger: logging::Logger) -> ExitCode {
+fn run(args: RunArgs, id: String, launched: Instant, logger: logging::Logger) -> ExitCode {
     let config = VmConfig {
         kernel: args.kernel,
         initrd: args.initrd,
@@ -472,6 +475,7 @@ fn run(args: RunArgs, launched: Instant, logger: logging::Logger) -> ExitCode {
         memory: args.memory.options,
         stats_on_exit: args.stats_on_exit,
         track_dirty_pages: false,
+        id: (id != vmm::controller::DEFAULT_ID).then_some(id),
     };
     let (mut controller, latch) = match controller(launched, logger) {
         Ok(c) => c,

@@ -13,15 +13,18 @@ fuzz_target!(|data: &[u8]| {
         last: Ipv4Addr::new(10, 0, 5, 254),
     };
     let mut leases = net::dhcp::Leases::default();
-    // Several packets per input: lengths in the first byte of each.
+    // Several packets per input: a length, a port and a clock step before each.
     let mut rest = data;
-    while let Some((&len, tail)) = rest.split_first() {
-        let len = (usize::from(len) * 4).min(tail.len());
+    let mut now = 1_000_000u64;
+    while let [len, port, step, tail @ ..] = rest {
+        let len = (usize::from(*len) * 4).min(tail.len());
+        now += u64::from(*step) * 60;
         if let Some(msg) = net::dhcp::parse(&tail[..len]) {
-            if let Some(reply) = net::dhcp::answer(&pool, &mut leases, &msg) {
+            if let Some(reply) = net::dhcp::answer(&pool, &mut leases, &msg, u32::from(*port % 8), now) {
                 assert!(reply.len() <= 576, "a reply fits a minimum IPv4 datagram");
             }
         }
         rest = &tail[len..];
+        assert!(leases.len() <= 253);
     }
 });

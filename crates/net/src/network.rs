@@ -577,8 +577,7 @@ pub fn serve_dhcp(network: &Network, stop: &dyn Fn() -> bool) -> Result<(), Stri
     let socket =
         crate::dhcp_socket::bind(&network.bridge).map_err(|e| format!("the DHCP port cannot be bound ({e})"))?;
     let path = leases_path(&network.name);
-    let mut leases: crate::dhcp::Leases =
-        std::fs::read_to_string(&path).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+    let mut leases = crate::dhcp::Leases::from_json(&std::fs::read_to_string(&path).unwrap_or_default());
     // From here on the server reads packets from the guests' segment.
     sandbox::apply(sandbox::ThreadKind::Dhcp).map_err(|e| e.to_string())?;
     let mut buf = [0u8; 1500];
@@ -596,8 +595,19 @@ pub fn serve_dhcp(network: &Network, stop: &dyn Fn() -> bool) -> Result<(), Stri
             Err(e) => return Err(format!("the DHCP socket failed ({e})")),
         };
         let Some(msg) = crate::dhcp::parse(&buf[..n]) else { continue };
-        let before = leases.len();
-        if let Some(reply) = crate::dhcp::answer(&pool, &mut leases, &msg) {
+        // The bridge learned the sender's MAC on its port as the request came in: a MAC it has
+        // not seen on any port is a forgery, and nothing can tie it to a port.
+        let Some(port) = bridge_port_of(&network.bridge, &msg.mac) else {
+            devices::guest_fault!(
+                "DHCP on {}: a request for {}, a MAC seen on no port of the bridge, was dropped",
+                network.name,
+                crate::dhcp::mac_text(&msg.mac)
+            );
+            continue;
+        };
+        let before = leases.get(&msg.mac).cloned();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if let Some(reply) = crate::dhcp::answer(&pool, &mut leases, &msg, port, now) {
             if let Err(e) = socket.send_to(&reply, (Ipv4Addr::BROADCAST, 68)) {
                 tracing::warn!("a DHCP reply to {} was lost ({e})", crate::dhcp::mac_text(&msg.mac));
             } else {
@@ -612,11 +622,22 @@ pub fn serve_dhcp(network: &Network, stop: &dyn Fn() -> bool) -> Result<(), Stri
                 );
             }
         }
-        if leases.len() != before {
-            let _ = std::fs::write(&path, serde_json::to_string_pretty(&leases).unwrap_or_default());
+        // Written when a lease was made or moved; a renewal alone waits for the next change.
+        if leases.get(&msg.mac).map(|l| (l.ip, l.port)) != before.map(|l| (l.ip, l.port)) {
+            let _ = std::fs::write(&path, leases.to_json());
         }
     }
     Ok(())
+}
+
+/// The bridge port (not the bridge itself) on which the bridge learned `mac`, from its
+/// forwarding database (/sys/class/net/BRIDGE/brforward: 16-byte `struct __fdb_entry`s).
+fn bridge_port_of(bridge: &str, mac: &[u8; 6]) -> Option<u32> {
+    let table = std::fs::read(Path::new("/sys/class/net").join(bridge).join("brforward")).ok()?;
+    table.chunks_exact(16).find_map(|entry| {
+        let is_local = entry[7] != 0;
+        (entry[..6] == mac[..] && !is_local).then(|| u32::from(entry[12]) << 8 | u32::from(entry[6]))
+    })
 }
 
 #[cfg(test)]

@@ -308,7 +308,9 @@ impl Stack {
     fn dhcp(&mut self, packet: &[u8]) {
         let pool = crate::dhcp::Pool { gateway: GATEWAY, prefix: PREFIX, first: GUEST, last: GUEST };
         let Some(msg) = crate::dhcp::parse(packet) else { return };
-        if let Some(reply) = crate::dhcp::answer(&pool, &mut self.leases, &msg) {
+        // One guest on one port: the user network is its own.
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if let Some(reply) = crate::dhcp::answer(&pool, &mut self.leases, &msg, 0, now) {
             let yiaddr = Ipv4Addr::new(reply[16], reply[17], reply[18], reply[19]);
             let to = if yiaddr.is_unspecified() { Ipv4Addr::BROADCAST } else { yiaddr };
             self.send_udp(SocketAddrV4::new(GATEWAY, 67), to, 68, &reply);

@@ -389,6 +389,9 @@ pub struct VmConfig {
     /// Log dirty pages, for diff snapshots.
     #[serde(default)]
     pub track_dirty_pages: bool,
+    /// The VM's id (`--id`), when it has one: its default MACs derive from it.
+    #[serde(default)]
+    pub id: Option<String>,
 }
 
 /// What this host allows.
@@ -583,6 +586,7 @@ mod tests {
             memory: MemoryOptions::default(),
             stats_on_exit: false,
             track_dirty_pages: false,
+            id: None,
         }
     }
 

@@ -21,6 +21,9 @@ use virtio::rate_limiter::{BucketConfig, RateLimit};
 /// Applies a `PUT /logger` body: level, file; provided by the binary, which owns the logger.
 pub type LoggerHook = Box<dyn Fn(&models::Logger) -> Result<(), String>>;
 
+/// The id of a VM started without `--id`, as Firecracker names it.
+pub const DEFAULT_ID: &str = "anonymous-instance";
+
 /// What Firecracker answers for a pre-boot-only request after the start.
 fn after_start(what: &str) -> Response {
     Response::error(400, format!("{what} is only possible before InstanceStart; the VM is already running."))
@@ -67,7 +70,7 @@ impl Controller {
             vm: None,
             metrics: None,
             logger: None,
-            id: "anonymous-instance".into(),
+            id: DEFAULT_ID.into(),
             transport: VirtioTransport::Mmio,
         }
     }
@@ -480,6 +483,7 @@ impl Controller {
             memory,
             stats_on_exit: false,
             track_dirty_pages: r.machine.track_dirty_pages,
+            id: (self.id != DEFAULT_ID).then(|| self.id.clone()),
         })
     }
 

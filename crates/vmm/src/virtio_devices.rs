@@ -107,10 +107,7 @@ pub fn attach_all(
                 virtio::net::NetHost::Switch(port)
             }
         };
-        // Locally administered, unicast, and different for each interface of each VMM running
-        // here (the process ID), so that VMs on one bridge never share an address.
-        let pid = std::process::id().to_be_bytes();
-        let mac = nic.mac.unwrap_or([0x02, 0xfe, pid[1], pid[2], pid[3], i as u8 + 1]);
+        let mac = nic.mac.unwrap_or_else(|| default_mac(config.id.as_deref(), i));
         let net = virtio::net::Net::new(host, mac).with_rate_limits(nic.rx_rate_limit, nic.tx_rate_limit);
         devices.push((format!("virtio-net{i}"), Box::new(net)));
     }
@@ -168,6 +165,22 @@ pub fn attach_all(
         }
     }
     Ok(attached)
+}
+
+/// A locally administered unicast MAC for interface `index`: derived from the VM's id when it
+/// has one, so that a relaunched VM keeps its address (and its DHCP lease), else from the
+/// process ID, so that VMs on one bridge never share an address.
+fn default_mac(id: Option<&str>, index: usize) -> [u8; 6] {
+    let tag = match id {
+        Some(id) => {
+            let hash =
+                id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+            (hash ^ (hash >> 32)) as u32
+        }
+        None => std::process::id(),
+    }
+    .to_be_bytes();
+    [0x02, 0xfe, tag[1], tag[2], tag[3], index as u8 + 1]
 }
 
 /// The name metrics use for a device type, as Firecracker's metrics do.
@@ -256,4 +269,19 @@ fn attach_pci(
     pio.insert(u64::from(devices::pci::CONFIG_PORT), devices::pci::CONFIG_PORT_LEN, root.clone())
         .map_err(|e| Error::Device(format!("PCI root: {e}")))?;
     Ok((transports, root))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_macs_are_stable_per_id_and_distinct_per_interface() {
+        let a = default_mac(Some("vm-1"), 0);
+        assert_eq!(a, default_mac(Some("vm-1"), 0), "a relaunch keeps the address");
+        assert_ne!(a, default_mac(Some("vm-2"), 0));
+        assert_ne!(a, default_mac(Some("vm-1"), 1));
+        assert_eq!(a[0] & 0x03, 0x02, "locally administered unicast");
+        assert_eq!(default_mac(None, 0)[2..5], std::process::id().to_be_bytes()[1..]);
+    }
 }
