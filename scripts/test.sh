@@ -14,6 +14,8 @@ command -v ip >/dev/null || missing+=(iproute2)
 command -v bridge >/dev/null || missing+=(iproute2)
 command -v nft >/dev/null || missing+=(nftables)
 command -v setfacl >/dev/null || missing+=(acl)
+# strace watches a disk flush reach the host (fdatasync) in the virtio-blk tests.
+command -v strace >/dev/null || missing+=(strace)
 # curl is the plain HTTP client of the API tests; pip fetches the OpenAPI validator.
 command -v curl >/dev/null || missing+=(curl)
 command -v pip3 >/dev/null || missing+=(python3-pip)
@@ -30,6 +32,8 @@ if [ ! -d "$validator" ]; then
 fi
 FERROVISOR_GUEST_DIR=$(guest/build.sh | tail -n 1)
 export FERROVISOR_GUEST_DIR
+# What this script installs, the tests may count on: a missing tool is a failure, not a skip.
+export FERROVISOR_TEST_SCRIPT=1
 if ! cargo nextest --version >/dev/null 2>&1; then
 	echo "installing cargo-nextest" >&2
 	cargo install --locked cargo-nextest

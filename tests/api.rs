@@ -282,10 +282,11 @@ fn rate_limiters_hold_disk_and_network_to_their_buckets() {
     let net = common::probe_result(&out.stdout, "virtio-net").unwrap_or_else(|| panic!("{}", out.describe()));
     eprintln!("{blk}\n{net}");
     // 4 MiB at 2 MiB/s with 1 MiB at hand: 1.5 s at least, under 2.7 MB/s.
-    assert!(field(blk, "seq_mb_per_s") <= 3, "{blk}");
+    // And not far under the limits: a limiter that held everything back would fail here.
+    assert!((1..=3).contains(&field(blk, "seq_mb_per_s")), "{blk}");
     // 300 reads at 100/s with 100 at hand: 2 s at least.
-    assert!(field(blk, "rand_4k_iops") <= 160, "{blk}");
-    assert!(field(net, "tx_pps") <= 160, "{net}");
+    assert!((50..=160).contains(&field(blk, "rand_4k_iops")), "{blk}");
+    assert!((50..=160).contains(&field(net, "tx_pps")), "{net}");
     assert!(metrics["devices"]["virtio-blk0"]["rate_limited"].as_u64().unwrap() > 0, "{metrics}");
     assert!(metrics["devices"]["virtio-net0"]["rate_limited"].as_u64().unwrap() > 0, "{metrics}");
 }
@@ -363,9 +364,15 @@ fn ctl_controls_a_command_line_vm_over_its_socket() {
     };
     let info = ctl(&["info"]);
     assert!(info.status.success() && info.stdout.contains(r#""state":"Running""#), "{}", info.describe());
+    // Paused: the state says so and the guest stops counting; resumed: it counts on.
     assert!(ctl(&["pause"]).status.success());
     assert!(ctl(&["info"]).stdout.contains(r#""state":"Paused""#));
+    let paused_at = common::probe_ticks(&vm.stdout()).len();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(common::probe_ticks(&vm.stdout()).len(), paused_at, "the paused guest counted on");
     assert!(ctl(&["resume"]).status.success());
+    assert!(ctl(&["info"]).stdout.contains(r#""state":"Running""#));
+    wait_for_ticks(&mut vm, paused_at + 2);
     let metrics = ctl(&["metrics", "--prometheus"]);
     assert!(metrics.stdout.contains("ferrovisor_vcpu_exits_total"), "{}", metrics.describe());
     let stats = common::run(&["stats", socket.to_str().unwrap()], TIMEOUT);

@@ -149,8 +149,28 @@ fn sigint_stops_spinning_and_sleeping_vcpus_with_status_0() {
     let dir = scratch_dir("sigint");
     // The boot vCPU spins; the second waits for a SIPI that never comes, blocked in KVM.
     let mut vm = Running::start(tiny_guest_command(&dir, SPIN, 2, 16));
-    assert!(!vm.wait_for_output("never printed", Duration::from_millis(500)), "the guest prints nothing");
+    // Both vCPU threads run before the signal: the spinning one burns CPU, and the process
+    // is alive.
+    std::thread::sleep(Duration::from_millis(500));
     assert!(vm.child.try_wait().unwrap().is_none(), "still running before the signal");
+    let pid = vm.child.id();
+    let vcpus: Vec<u64> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).unwrap_or_default().starts_with("fc_vcpu"))
+        .map(|t| {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            let fields: Vec<u64> = stat
+                .rsplit_once(')')
+                .map_or("", |(_, r)| r)
+                .split_whitespace()
+                .map(|f| f.parse().unwrap_or(0))
+                .collect();
+            fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0)
+        })
+        .collect();
+    assert_eq!(vcpus.len(), 2, "two vCPU threads");
+    assert!(vcpus.iter().any(|&ticks| ticks > 0), "the spinning vCPU ran: {vcpus:?}");
     // SAFETY: signalling a child process this test started and has not yet reaped.
     unsafe { libc::kill(vm.child.id() as i32, libc::SIGINT) };
     let out = vm.finish(Duration::from_secs(10));

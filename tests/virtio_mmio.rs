@@ -58,6 +58,49 @@ fn flushed_data_survives_a_sigkill_of_the_vmm() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// The guest's FLUSH reaches the host's disk: the device calls fdatasync on the image after
+/// the writes it covers. (Killing the VMM cannot show this: the page cache outlives the
+/// process.) Watched with strace.
+#[test]
+fn a_guest_flush_is_an_fdatasync_of_the_image_after_its_writes() {
+    if std::process::Command::new("strace").arg("-V").output().is_err() {
+        assert!(std::env::var_os("FERROVISOR_TEST_SCRIPT").is_none(), "scripts/test.sh installs strace");
+        eprintln!("skipped: strace is not installed");
+        return;
+    }
+    let dir = scratch_dir("vmmio-blk-flush");
+    let disk = image(&dir, "disk.img", vec![0; 1 << 20]);
+    let log = dir.join("strace.log");
+    let mut cmd = std::process::Command::new("strace");
+    cmd.args(["-f", "-qq", "-e", "trace=pwrite64,pwritev,fdatasync,fsync,write", "-o"])
+        .arg(&log)
+        .arg(env!("CARGO_BIN_EXE_ferrovisor"))
+        .args(["run", "--kernel", common::probe_elf(), "--memory", "64", "--disk", &format!("path={disk}")])
+        .args(["--cmdline", "probe.test=virtio-blk probe.virtio-blk.sectors=64 probe.virtio-blk.seed=5"]);
+    let out = Running::start(cmd).finish(TIMEOUT);
+    assert!(out.stdout.contains("PROBE virtio-blk ok") && out.stdout.contains("flush=yes"), "{}", out.describe());
+    let trace = std::fs::read_to_string(&log).unwrap();
+    // The pattern's writes to the image (the only file written with pwrite), then a sync of
+    // that same file.
+    let lines: Vec<&str> = trace.lines().collect();
+    let fd_of = |line: &str| {
+        line.split_once('(').map(|(_, rest)| rest.chars().take_while(char::is_ascii_digit).collect::<String>())
+    };
+    let first_write = lines
+        .iter()
+        .position(|l| l.contains("pwrite64(") || l.contains("pwritev("))
+        .unwrap_or_else(|| panic!("no disk write in the trace:\n{trace}"));
+    let disk_fd = fd_of(lines[first_write]).unwrap();
+    let synced = lines[first_write..].iter().any(|l| {
+        (l.contains("fdatasync(") || l.contains("fsync("))
+            && fd_of(l).as_deref() == Some(disk_fd.as_str())
+            && l.ends_with("= 0")
+    });
+    assert!(synced, "no fdatasync of the image (fd {disk_fd}) after its writes:\n{trace}");
+    check_blk_pattern(&std::fs::read(&disk).unwrap(), 5, 0, 64);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn hostile_driver_is_answered_logged_and_the_other_devices_keep_working() {
     let dir = scratch_dir("vmmio-hostile");

@@ -625,24 +625,23 @@ pub struct NetLab {
 pub const LAB_SERVER: &str = r#"
 import socket, sys, threading
 log = open(sys.argv[1], "a", buffering=1)
+udp_socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp_socket.bind(("0.0.0.0", 7777))
+tcp_socket = socket.socket()
+tcp_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+tcp_socket.bind(("0.0.0.0", 7777))
+tcp_socket.listen()
 def udp():
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("0.0.0.0", 7777))
     while True:
-        data, peer = s.recvfrom(2048)
+        data, peer = udp_socket.recvfrom(2048)
         log.write(f"udp {peer[0]}\n")
-        s.sendto(data, peer)
-def tcp():
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", 7777))
-    s.listen()
-    while True:
-        conn, peer = s.accept()
-        log.write(f"tcp {peer[0]}\n")
-        conn.close()
+        udp_socket.sendto(data, peer)
 threading.Thread(target=udp, daemon=True).start()
-tcp()
+open(sys.argv[1] + ".ready", "w").close()
+while True:
+    conn, peer = tcp_socket.accept()
+    log.write(f"tcp {peer[0]}\n")
+    conn.close()
 "#;
 
 impl NetLab {
@@ -673,8 +672,14 @@ impl NetLab {
             .stderr(Stdio::null())
             .spawn()
             .expect("python3 runs");
-        // The server listens within moments; the guests take longer than that to send.
-        thread::sleep(Duration::from_millis(300));
+        // "The outside saw nothing" means something only once the server listens: it says so
+        // with a file beside its log.
+        let ready = server_log.with_extension("log.ready");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ready.exists() {
+            assert!(Instant::now() < deadline, "the lab's outside server never listened");
+            thread::sleep(Duration::from_millis(10));
+        }
         NetLab { host, outside, state, server_log, server: Some(server) }
     }
 

@@ -83,7 +83,12 @@ fn document_passes_an_openapi_validator() {
     let home = std::env::var("HOME").unwrap_or_default();
     let validator = PathBuf::from(home).join(".cache/ferrovisor/openapi-validator");
     if !validator.exists() {
-        assert!(std::env::var_os("CI").is_none(), "CI must install openapi-spec-validator (scripts/test.sh does)");
+        // scripts/test.sh (which CI runs) installs it and says so: there, missing is a failure.
+        assert!(
+            std::env::var_os("FERROVISOR_TEST_SCRIPT").is_none() && std::env::var_os("CI").is_none(),
+            "scripts/test.sh installs openapi-spec-validator; it is missing from {}",
+            validator.display()
+        );
         eprintln!("skipped: openapi-spec-validator is not installed in {}", validator.display());
         return;
     }

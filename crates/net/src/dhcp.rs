@@ -123,6 +123,7 @@ pub struct Lease {
 /// A network's leases, by MAC ("02:fc:...") with indexes by address and by port.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Leases {
+    #[serde(rename = "leases")]
     by_mac: BTreeMap<String, Lease>,
     #[serde(skip)]
     by_ip: BTreeMap<Ipv4Addr, String>,

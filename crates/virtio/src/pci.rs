@@ -40,8 +40,9 @@ const STATUS_CAP_LIST: u16 = 1 << 4;
 
 /// Where the VMM routes MSI messages: the KVM GSI of each vector.
 pub trait MsiRouter: Send + Sync {
-    /// Routes `gsi` to `msi` (address, data), or removes its route.
-    fn set_route(&self, gsi: u32, msi: Option<(u64, u32)>);
+    /// Routes each `gsi` to its `msi` (address, data), or removes its route, all at once: one
+    /// routing-table update for the lot (KVM's is costly, and a guest sets how often).
+    fn set_routes(&self, routes: &[(u32, Option<(u64, u32)>)]);
 }
 
 /// Absolute offsets of the notification area: what the VMM attaches ioeventfds to.
@@ -94,9 +95,11 @@ impl Msix {
     /// Re-routes every vector after the guest changed the table or the enable bits, and
     /// delivers what was held while masked.
     fn update(&mut self) {
+        let routes: Vec<(u32, Option<(u64, u32)>)> = (0..VECTORS)
+            .map(|v| (self.gsis[v], self.deliverable(v).then_some((self.table[v].addr, self.table[v].data))))
+            .collect();
+        self.router.set_routes(&routes);
         for v in 0..VECTORS {
-            let route = self.deliverable(v).then_some((self.table[v].addr, self.table[v].data));
-            self.router.set_route(self.gsis[v], route);
             if self.deliverable(v) && self.pending[v] {
                 self.pending[v] = false;
                 let _ = self.irqfds[v].write(1);
@@ -501,11 +504,13 @@ mod tests {
     /// A route update: the GSI and its MSI (address, data), None when removed.
     type RouteUpdate = (u32, Option<(u64, u32)>);
 
+    /// Every route set, and how many updates set them.
     #[derive(Default)]
-    struct Routes(Mutex<Vec<RouteUpdate>>);
+    struct Routes(Mutex<Vec<RouteUpdate>>, std::sync::atomic::AtomicUsize);
     impl MsiRouter for Routes {
-        fn set_route(&self, gsi: u32, msi: Option<(u64, u32)>) {
-            self.0.lock().unwrap().push((gsi, msi));
+        fn set_routes(&self, routes: &[RouteUpdate]) {
+            self.0.lock().unwrap().extend_from_slice(routes);
+            self.1.fetch_add(1, Ordering::SeqCst);
         }
     }
 
@@ -598,7 +603,10 @@ mod tests {
         bar_write(&mut r.t, MSIX_TABLE_OFFSET + 16, 0xfee0_0000, 4);
         bar_write(&mut r.t, MSIX_TABLE_OFFSET + 16 + 8, 0x41, 4);
         bar_write(&mut r.t, MSIX_TABLE_OFFSET + 16 + 12, 0, 4); // unmask vector 1
+        let updates = r.routes.1.load(Ordering::SeqCst);
         r.t.config_write(0x42, &MSIX_ENABLE.to_le_bytes());
+        // Enabling re-routes every vector in one update, not one per vector.
+        assert_eq!(r.routes.1.load(Ordering::SeqCst), updates + 1);
         let routes = r.routes.0.lock().unwrap().clone();
         assert_eq!(routes.last(), Some(&(25, Some((0xfee0_0000, 0x41)))));
         assert!(routes.iter().any(|&(gsi, msi)| gsi == 24 && msi.is_none()), "vector 0 stays masked");

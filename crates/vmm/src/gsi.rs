@@ -67,12 +67,16 @@ impl GsiRouter {
 }
 
 impl virtio::pci::MsiRouter for GsiRouter {
-    fn set_route(&self, gsi: u32, msi: Option<(u64, u32)>) {
+    /// One KVM_SET_GSI_ROUTING for the whole change, and none when nothing changed.
+    fn set_routes(&self, routes: &[(u32, Option<(u64, u32)>)]) {
         let mut table = self.msi.lock().unwrap_or_else(|p| p.into_inner());
-        let changed = match msi {
-            Some(route) => table.insert(gsi, route) != Some(route),
-            None => table.remove(&gsi).is_some(),
-        };
+        let mut changed = false;
+        for &(gsi, msi) in routes {
+            changed |= match msi {
+                Some(route) => table.insert(gsi, route) != Some(route),
+                None => table.remove(&gsi).is_some(),
+            };
+        }
         if changed {
             self.apply(&table);
         }
