@@ -100,17 +100,7 @@ impl VirtioDevice for Vsock {
         // A reset drops every connection; the listener stays, and connections that arrived
         // meanwhile wait in its backlog for the new worker.
         let listener = self.listener.try_clone().map_err(|e| ActivateError::Backend(format!("vsock listener: {e}")))?;
-        let backend = Muxer {
-            guest_cid: self.guest_cid,
-            uds: self.uds.clone(),
-            listener,
-            handshakes: HashMap::new(),
-            conns: HashMap::new(),
-            rx_pending: VecDeque::new(),
-            next_local_port: FIRST_LOCAL_PORT,
-            send_transport_reset: std::mem::take(&mut self.reset_pending),
-            tx_stalled: false,
-        };
+        let backend = Muxer::new(self.guest_cid, self.uds.clone(), listener, std::mem::take(&mut self.reset_pending));
         self.worker =
             Some(Worker::spawn(sandbox::ThreadKind::Vsock, backend, activation).map_err(ActivateError::Worker)?);
         Ok(())
@@ -188,6 +178,21 @@ struct Muxer {
 }
 
 impl Muxer {
+    /// A muxer with no connections yet, owing the guest a transport reset when `reset_owed`.
+    fn new(guest_cid: u64, uds: PathBuf, listener: UnixListener, reset_owed: bool) -> Muxer {
+        Muxer {
+            guest_cid,
+            uds,
+            listener,
+            handshakes: HashMap::new(),
+            conns: HashMap::new(),
+            rx_pending: VecDeque::new(),
+            next_local_port: FIRST_LOCAL_PORT,
+            send_transport_reset: reset_owed,
+            tx_stalled: false,
+        }
+    }
+
     /// Puts a transport reset event in the guest's first event buffer; false until it has one.
     fn transport_reset(&mut self, queue: &mut Queue, mem: &GuestMemory) -> bool {
         let Some(chain) = queue.pop_descriptor_chain(mem) else { return false };
@@ -609,18 +614,8 @@ pub fn fuzz_guest_packets(data: &[u8]) {
         return;
     };
     let Ok(listener) = UnixListener::bind_addr(&addr) else { return };
-    let mut muxer = Muxer {
-        guest_cid: 3,
-        // No host listener answers under here: guest connections are refused at once.
-        uds: PathBuf::from("/nonexistent/ferrovisor-fuzz/v.sock"),
-        listener,
-        handshakes: HashMap::new(),
-        conns: HashMap::new(),
-        rx_pending: VecDeque::new(),
-        next_local_port: FIRST_LOCAL_PORT,
-        send_transport_reset: false,
-        tx_stalled: false,
-    };
+    // No host listener answers under this path: guest connections are refused at once.
+    let mut muxer = Muxer::new(3, PathBuf::from("/nonexistent/ferrovisor-fuzz/v.sock"), listener, false);
     let mut rest = data;
     while rest.len() >= HEADER_LEN {
         let header = Header::parse(rest[..HEADER_LEN].try_into().expect("header length"));
@@ -638,17 +633,7 @@ mod tests {
 
     fn muxer(dir: &Path) -> Muxer {
         let uds = dir.join("v.sock");
-        Muxer {
-            guest_cid: 3,
-            listener: UnixListener::bind(&uds).unwrap(),
-            uds,
-            handshakes: HashMap::new(),
-            conns: HashMap::new(),
-            rx_pending: VecDeque::new(),
-            next_local_port: FIRST_LOCAL_PORT,
-            send_transport_reset: false,
-            tx_stalled: false,
-        }
+        Muxer::new(3, uds.clone(), UnixListener::bind(&uds).unwrap(), false)
     }
 
     fn request(src_port: u32, dst_port: u32) -> Header {
