@@ -257,6 +257,10 @@ struct RunArgs {
     /// A virtio-vsock device: cid=N,uds=PATH (host connections through the Unix socket PATH).
     #[arg(long)]
     vsock: Option<VsockConfig>,
+    /// The most bytes the guest may write to a --serial or --console output file; the rest is
+    /// dropped (no limit by default).
+    #[arg(long, value_name = "BYTES")]
+    output_limit: Option<u64>,
     /// How virtio devices attach: mmio (announced on the command line) or pci (MSI-X).
     #[arg(long, default_value = "mmio")]
     virtio_transport: VirtioTransport,
@@ -476,6 +480,7 @@ fn run(args: RunArgs, id: String, launched: Instant, logger: logging::Logger) ->
         stats_on_exit: args.stats_on_exit,
         track_dirty_pages: false,
         id: (id != vmm::controller::DEFAULT_ID).then_some(id),
+        output_limit: args.output_limit,
     };
     let (mut controller, latch) = match controller(launched, logger) {
         Ok(c) => c,

@@ -80,6 +80,19 @@ fn serial_output_can_go_to_a_file() {
     assert!(out.status.success(), "{}", out.describe());
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "F");
     assert!(out.stdout.is_empty(), "{}", out.describe());
+    // With a limit, the file stops growing there however much the guest writes.
+    let out = common::run(
+        &["run", "--kernel", common::probe_elf(), "--memory", "64", "--serial", &serial, "--output-limit", "100"],
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success(), "{}", out.describe());
+    let written = std::fs::read(&log).unwrap();
+    assert_eq!(written.len(), 100, "{}", String::from_utf8_lossy(&written));
+    assert!(written.starts_with(b"PROBE start"));
+    // Only a regular file is written: a device named as the output is refused.
+    let out =
+        run(&["run", "--kernel", kernel.to_str().unwrap(), "--serial", "file:/dev/null"], Duration::from_secs(30));
+    assert!(!out.status.success() && out.stderr.contains("is a character device"), "{}", out.describe());
     std::fs::remove_dir_all(dir).unwrap();
 }
 

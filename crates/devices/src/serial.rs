@@ -1,6 +1,5 @@
 //! The 8250/16550 UART on COM1 (vm-superio), its interrupt line and where its output goes.
 
-use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -26,9 +25,32 @@ impl Trigger for IrqTrigger {
 pub type SerialSink = Box<dyn Write + Send>;
 
 /// A sink for `--serial file:PATH`: the file is created or truncated.
-pub fn file_sink(path: &Path) -> io::Result<SerialSink> {
-    let file: File = OpenOptions::new().create(true).write(true).truncate(true).open(path)?;
-    Ok(Box::new(file))
+/// Output to a new or truncated regular file (never a device or FIFO), at most `limit` bytes
+/// of it when there is a limit: a guest cannot fill the host's disk through its console.
+pub fn file_sink(path: &Path, limit: Option<u64>) -> io::Result<SerialSink> {
+    let file = sandbox::files::create_output(path, "output file").map_err(io::Error::other)?;
+    Ok(Box::new(Capped { inner: file, left: limit.unwrap_or(u64::MAX) }))
+}
+
+/// A writer that takes `left` more bytes, then drops the rest as if written.
+pub struct Capped<W> {
+    pub inner: W,
+    pub left: u64,
+}
+
+impl<W: Write> Write for Capped<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = buf.len().min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        if n == 0 {
+            return Ok(buf.len());
+        }
+        let written = self.inner.write(&buf[..n])?;
+        self.left -= written as u64;
+        Ok(written)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// A sink that drops the output.
@@ -208,5 +230,14 @@ mod tests {
         let mut b = [0];
         dev.read(u64::MAX, &mut b);
         assert_eq!(b, [0xff]);
+    }
+
+    #[test]
+    fn capped_output_stops_at_its_limit() {
+        let mut out = Capped { inner: Vec::new(), left: 10 };
+        for _ in 0..100 {
+            out.write_all(b"0123").unwrap();
+        }
+        assert_eq!(out.inner, b"0123012301");
     }
 }

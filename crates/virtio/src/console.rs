@@ -54,9 +54,10 @@ impl ConsoleIo {
         Ok(ConsoleIo { output: Box::new(std::io::stdout()), input, description: "stdio".into(), _slave: None })
     }
 
-    pub fn file(path: &std::path::Path) -> std::io::Result<ConsoleIo> {
-        let file = File::create(path)?;
-        Ok(ConsoleIo { output: Box::new(file), input: None, description: path.display().to_string(), _slave: None })
+    /// Output to a regular file, at most `limit` bytes of it when there is a limit.
+    pub fn file(path: &std::path::Path, limit: Option<u64>) -> std::io::Result<ConsoleIo> {
+        let output = devices::serial::file_sink(path, limit)?;
+        Ok(ConsoleIo { output, input: None, description: path.display().to_string(), _slave: None })
     }
 
     /// A new pseudo-terminal: the guest's console is its slave side, whose path is returned in

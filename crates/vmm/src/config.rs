@@ -392,6 +392,9 @@ pub struct VmConfig {
     /// The VM's id (`--id`), when it has one: its default MACs derive from it.
     #[serde(default)]
     pub id: Option<String>,
+    /// The most bytes written to a serial or console output file (`--output-limit`).
+    #[serde(default)]
+    pub output_limit: Option<u64>,
 }
 
 /// What this host allows.
@@ -587,6 +590,7 @@ mod tests {
             stats_on_exit: false,
             track_dirty_pages: false,
             id: None,
+            output_limit: None,
         }
     }
 

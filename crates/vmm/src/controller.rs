@@ -484,6 +484,7 @@ impl Controller {
             stats_on_exit: false,
             track_dirty_pages: r.machine.track_dirty_pages,
             id: (self.id != DEFAULT_ID).then(|| self.id.clone()),
+            output_limit: None,
         })
     }
 

@@ -129,7 +129,7 @@ pub fn attach_all(
     if let Some(console) = &config.console {
         let io = match console {
             ConsoleConfig::Stdio => ConsoleIo::stdio(),
-            ConsoleConfig::File(path) => ConsoleIo::file(path),
+            ConsoleConfig::File(path) => ConsoleIo::file(path, config.output_limit),
             ConsoleConfig::Pty => ConsoleIo::pty(),
         }
         .map_err(|e| Error::Device(format!("virtio-console: {e}")))?;

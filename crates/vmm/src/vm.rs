@@ -467,7 +467,7 @@ fn create_devices(
 
     let sink = match &config.serial {
         SerialConfig::Stdio => serial::stdout_sink(),
-        SerialConfig::File(path) => serial::file_sink(path).map_err(|source| Error::Open {
+        SerialConfig::File(path) => serial::file_sink(path, config.output_limit).map_err(|source| Error::Open {
             what: "serial output file",
             path: path.display().to_string(),
             source,
