@@ -26,3 +26,38 @@ pub fn guest_with_queue(data: &[u8]) -> (GuestMemory, Queue) {
     queue.set_ready(true);
     (mem, queue)
 }
+
+/// A device with two queues that accepts every activation: the transports' register logic is
+/// what the fuzzer drives.
+pub struct FakeDevice;
+
+impl virtio::device::VirtioDevice for FakeDevice {
+    fn device_type(&self) -> u32 {
+        virtio::TYPE_BLOCK
+    }
+    fn features(&self) -> u64 {
+        virtio::F_VERSION_1 | 0b101
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[16, 8]
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        virtio::device::read_config_bytes(&[1, 2, 3, 4, 5, 6, 7, 8], offset, data);
+    }
+    fn activate(&mut self, _activation: virtio::device::Activation) -> Result<(), virtio::device::ActivateError> {
+        Ok(())
+    }
+    fn reset(&mut self) {}
+}
+
+/// Register accesses from the fuzzer's bytes: each six bytes are an offset (u16), a size
+/// selector and direction, and a value (u24, widened).
+pub fn accesses(data: &[u8]) -> impl Iterator<Item = (u64, usize, bool, u32)> + '_ {
+    data.chunks_exact(6).map(|op| {
+        let offset = u64::from(u16::from_le_bytes([op[0], op[1]]));
+        let size = [1, 2, 4, 4][usize::from(op[2] & 3)];
+        let write = op[2] & 0x80 != 0;
+        let value = u32::from_le_bytes([op[3], op[4], op[5], op[3] ^ op[5]]);
+        (offset, size, write, value)
+    })
+}
