@@ -319,32 +319,71 @@ impl Switch {
             return;
         };
         port.counters.rx_frames += 1;
-        if n < 14 {
-            port.counters.dropped += 1;
-            return;
-        }
-        let dst: [u8; 6] = buf[0..6].try_into().expect("6 bytes");
-        let src: [u8; 6] = buf[6..12].try_into().expect("6 bytes");
-        // A multicast source is no station's address.
-        if src[0] & 1 != 0 || !self.learn(src, vlan, fd) {
-            if let Some(port) = self.ports.get_mut(&fd) {
-                port.counters.dropped += 1;
-            }
-            return;
-        }
-        let targets: Vec<RawFd> = match self.macs.get(&(dst, vlan)) {
-            Some(learned) if dst[0] & 1 == 0 => vec![learned.port],
-            _ => self.ports.iter().filter(|(p, port)| **p != fd && port.vlan == Some(vlan)).map(|(p, _)| *p).collect(),
-        };
-        for out in targets {
-            if out == fd {
-                continue;
-            }
+        for out in self.targets(fd, vlan, &buf[..n]) {
             let ok = send(out, &buf[..n]).is_ok();
             if let Some(port) = self.ports.get_mut(&out) {
                 if ok { port.counters.tx_frames += 1 } else { port.counters.dropped += 1 }
             }
         }
+    }
+
+    /// Where `frame`, from port `fd` on `vlan`, goes: learns its source first; none when it is
+    /// dropped. Pure switching logic, no I/O.
+    fn targets(&mut self, fd: RawFd, vlan: u16, frame: &[u8]) -> Vec<RawFd> {
+        let (Some(dst), Some(src)) = (frame.get(0..6), frame.get(6..12)) else { return self.drop_from(fd) };
+        if frame.len() < 14 {
+            return self.drop_from(fd);
+        }
+        let (dst, src): ([u8; 6], [u8; 6]) = (dst.try_into().expect("6 bytes"), src.try_into().expect("6 bytes"));
+        // A multicast source is no station's address.
+        if src[0] & 1 != 0 || !self.learn(src, vlan, fd) {
+            return self.drop_from(fd);
+        }
+        match self.macs.get(&(dst, vlan)) {
+            Some(learned) if dst[0] & 1 == 0 => vec![learned.port].into_iter().filter(|p| *p != fd).collect(),
+            _ => self.ports.iter().filter(|(p, port)| **p != fd && port.vlan == Some(vlan)).map(|(p, _)| *p).collect(),
+        }
+    }
+
+    fn drop_from(&mut self, fd: RawFd) -> Vec<RawFd> {
+        if let Some(port) = self.ports.get_mut(&fd) {
+            port.counters.dropped += 1;
+        }
+        Vec::new()
+    }
+}
+
+/// Frames from the fuzzer through the switching logic of a switch with four ports on two
+/// VLANs: each frame is a port byte, a length byte and that many bytes of frame.
+#[doc(hidden)]
+pub fn fuzz_frames(data: &[u8]) {
+    let Ok(listener) = seqpacket() else { return };
+    let mut switch = Switch {
+        listener,
+        ports: HashMap::new(),
+        macs: HashMap::new(),
+        sticky: data.first().is_some_and(|b| b & 1 != 0),
+        mac_age: MAC_AGE,
+        last_sweep: Instant::now(),
+    };
+    let mut fds = Vec::new();
+    for vlan in [1u16, 1, 2, 2] {
+        let Ok(fd) = seqpacket() else { return };
+        fds.push((fd.as_raw_fd(), vlan));
+        switch
+            .ports
+            .insert(fd.as_raw_fd(), Port { _fd: fd, vlan: Some(vlan), counters: PortCounters::default(), macs: 0 });
+    }
+    let mut rest = data.get(1..).unwrap_or_default();
+    while let [port, len, tail @ ..] = rest {
+        let len = usize::from(*len).min(tail.len());
+        let (fd, vlan) = fds[usize::from(*port) % fds.len()];
+        for out in switch.targets(fd, vlan, &tail[..len]) {
+            assert_ne!(out, fd, "a frame never goes back out of its port");
+            assert_eq!(switch.ports[&out].vlan, Some(vlan), "a frame never leaves its VLAN");
+        }
+        assert!(switch.macs.len() <= fds.len() * MACS_PER_PORT);
+        rest = &tail[len..];
     }
 }
 
