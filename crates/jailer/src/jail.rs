@@ -60,8 +60,8 @@ pub(crate) fn run(args: Args) -> Result<std::convert::Infallible, Error> {
     crate::cgroup::check_parent(&parent_cgroup)?;
 
     close_inherited_fds();
-    // SAFETY: the jailer is single-threaded here; nothing else reads the environment.
     for (key, _) in std::env::vars_os() {
+        // SAFETY: the jailer is single-threaded here; nothing else reads the environment.
         unsafe { std::env::remove_var(key) };
     }
 
