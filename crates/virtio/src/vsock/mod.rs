@@ -10,9 +10,11 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::device::{ActivateError, Activation, VirtioDevice, read_config_bytes};
 use crate::worker::{Backend, Worker, serve_queue_limited, serve_queue_while};
@@ -39,6 +41,9 @@ const MAX_CONNECTIONS: usize = 1024;
 const MAX_BUFFERED: usize = 4 << 20;
 /// Host ports handed to host-initiated connections start here.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
+/// How long a host connection may wait for its CONNECT line, then for the guest's answer
+/// (Firecracker's figure).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct Vsock {
     guest_cid: u64,
@@ -100,7 +105,8 @@ impl VirtioDevice for Vsock {
         // A reset drops every connection; the listener stays, and connections that arrived
         // meanwhile wait in its backlog for the new worker.
         let listener = self.listener.try_clone().map_err(|e| ActivateError::Backend(format!("vsock listener: {e}")))?;
-        let backend = Muxer::new(self.guest_cid, self.uds.clone(), listener, std::mem::take(&mut self.reset_pending));
+        let backend = Muxer::new(self.guest_cid, self.uds.clone(), listener, std::mem::take(&mut self.reset_pending))
+            .map_err(ActivateError::Worker)?;
         self.worker =
             Some(Worker::spawn(sandbox::ThreadKind::Vsock, backend, activation).map_err(ActivateError::Worker)?);
         Ok(())
@@ -146,6 +152,8 @@ struct Connection {
     to_host: Vec<u8>,
     /// The host end closed: nothing more to read.
     host_done: bool,
+    /// When the host asked the guest to connect, until the guest answers.
+    requested: Option<Instant>,
 }
 
 impl Connection {
@@ -158,6 +166,7 @@ impl Connection {
 struct Handshake {
     stream: UnixStream,
     line: Vec<u8>,
+    since: Instant,
 }
 
 /// Connections by (host port, guest port).
@@ -175,12 +184,16 @@ struct Muxer {
     send_transport_reset: bool,
     /// The transmit ring was left with chains in it: the host sides hold MAX_BUFFERED bytes.
     tx_stalled: bool,
+    /// Fires when a host connection has waited CONNECT_TIMEOUT for its CONNECT line or for the
+    /// guest's answer.
+    timer: TimerFd,
+    connect_timeout: Duration,
 }
 
 impl Muxer {
     /// A muxer with no connections yet, owing the guest a transport reset when `reset_owed`.
-    fn new(guest_cid: u64, uds: PathBuf, listener: UnixListener, reset_owed: bool) -> Muxer {
-        Muxer {
+    fn new(guest_cid: u64, uds: PathBuf, listener: UnixListener, reset_owed: bool) -> std::io::Result<Muxer> {
+        Ok(Muxer {
             guest_cid,
             uds,
             listener,
@@ -190,7 +203,49 @@ impl Muxer {
             next_local_port: FIRST_LOCAL_PORT,
             send_transport_reset: reset_owed,
             tx_stalled: false,
+            timer: TimerFd::new()?,
+            connect_timeout: CONNECT_TIMEOUT,
+        })
+    }
+
+    /// When the oldest host connection still waiting (for its CONNECT line, or for the guest
+    /// to answer) began to wait.
+    fn oldest_wait(&self) -> Option<Instant> {
+        let handshakes = self.handshakes.values().map(|h| h.since);
+        handshakes.chain(self.conns.values().filter_map(|c| c.requested)).min()
+    }
+
+    /// Sets the timer for the oldest waiting connection's deadline.
+    fn arm_timeout(&mut self) {
+        if let Some(oldest) = self.oldest_wait() {
+            let left = (oldest + self.connect_timeout).saturating_duration_since(Instant::now());
+            let _ = self.timer.reset(left.max(Duration::from_millis(1)), None);
         }
+    }
+
+    /// Ends host connections that waited too long: a host client that never says CONNECT, or a
+    /// guest that never answers (the host sees the connection close and may retry).
+    fn expire_waiting(&mut self) {
+        let timeout = self.connect_timeout;
+        let before = self.handshakes.len();
+        self.handshakes.retain(|_, h| h.since.elapsed() < timeout);
+        let unanswered: Vec<Key> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.requested.is_some_and(|since| since.elapsed() >= timeout))
+            .map(|(k, _)| *k)
+            .collect();
+        if before > self.handshakes.len() || !unanswered.is_empty() {
+            tracing::debug!(
+                "virtio-vsock: {} host connection(s) timed out waiting",
+                before - self.handshakes.len() + unanswered.len()
+            );
+        }
+        for key in unanswered {
+            // The guest hears of it too, in case its answer is still on the way.
+            self.close(key, true);
+        }
+        self.arm_timeout();
     }
 
     /// Puts a transport reset event in the guest's first event buffer; false until it has one.
@@ -272,6 +327,7 @@ impl Muxer {
             OP_RESPONSE => match self.conns.get_mut(&key) {
                 Some(conn) if conn.state == State::AwaitingGuest => {
                     conn.state = State::Established;
+                    conn.requested = None;
                     let reply = format!("OK {}\n", key.0);
                     if conn.stream.write_all(reply.as_bytes()).is_err() {
                         self.close(key, true);
@@ -363,7 +419,9 @@ impl Muxer {
         if fd == self.listener.as_raw_fd() {
             while let Ok((stream, _)) = self.listener.accept() {
                 if stream.set_nonblocking(true).is_ok() && self.handshakes.len() < MAX_CONNECTIONS {
-                    self.handshakes.insert(stream.as_raw_fd(), Handshake { stream, line: Vec::new() });
+                    self.handshakes
+                        .insert(stream.as_raw_fd(), Handshake { stream, line: Vec::new(), since: Instant::now() });
+                    self.arm_timeout();
                 }
             }
             return;
@@ -397,7 +455,10 @@ impl Muxer {
             let key = (self.next_local_port, port);
             self.next_local_port = self.next_local_port.wrapping_add(1).max(FIRST_LOCAL_PORT);
             // Anything the host sent after the CONNECT line, before OK, is not kept.
-            self.conns.insert(key, new_connection(hs.stream, State::AwaitingGuest));
+            let mut conn = new_connection(hs.stream, State::AwaitingGuest);
+            conn.requested = Some(Instant::now());
+            self.conns.insert(key, conn);
+            self.arm_timeout();
             self.send_control(key, OP_REQUEST, 0);
             return;
         }
@@ -552,6 +613,7 @@ fn new_connection(stream: UnixStream, state: State) -> Connection {
         fwd_cnt_told: 0,
         to_host: Vec::new(),
         host_done: false,
+        requested: None,
     }
 }
 
@@ -574,6 +636,9 @@ impl Backend for Muxer {
 
     fn extra_fds(&self) -> Vec<RawFd> {
         let mut fds = vec![self.listener.as_raw_fd()];
+        if self.oldest_wait().is_some() {
+            fds.push(self.timer.as_raw_fd());
+        }
         fds.extend(self.handshakes.keys());
         if self.rx_pending.len() < RX_PENDING_MAX {
             fds.extend(
@@ -592,6 +657,12 @@ impl Backend for Muxer {
     }
 
     fn process_fd(&mut self, fd: RawFd, queues: &mut [Queue], mem: &GuestMemory) -> bool {
+        if fd == self.timer.as_raw_fd() {
+            // It fired (epoll said so): reading does not wait.
+            let _ = self.timer.wait();
+            self.expire_waiting();
+            return self.deliver(queues, mem);
+        }
         let draining: Option<Key> =
             self.conns.iter().find(|(_, c)| c.stream.as_raw_fd() == fd && !c.to_host.is_empty()).map(|(k, _)| *k);
         if let Some(key) = draining {
@@ -615,7 +686,9 @@ pub fn fuzz_guest_packets(data: &[u8]) {
     };
     let Ok(listener) = UnixListener::bind_addr(&addr) else { return };
     // No host listener answers under this path: guest connections are refused at once.
-    let mut muxer = Muxer::new(3, PathBuf::from("/nonexistent/ferrovisor-fuzz/v.sock"), listener, false);
+    let Ok(mut muxer) = Muxer::new(3, PathBuf::from("/nonexistent/ferrovisor-fuzz/v.sock"), listener, false) else {
+        return;
+    };
     let mut rest = data;
     while rest.len() >= HEADER_LEN {
         let header = Header::parse(rest[..HEADER_LEN].try_into().expect("header length"));
@@ -633,7 +706,9 @@ mod tests {
 
     fn muxer(dir: &Path) -> Muxer {
         let uds = dir.join("v.sock");
-        Muxer::new(3, uds.clone(), UnixListener::bind(&uds).unwrap(), false)
+        let listener = UnixListener::bind(&uds).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        Muxer::new(3, uds.clone(), listener, false).unwrap()
     }
 
     fn request(src_port: u32, dst_port: u32) -> Header {
@@ -790,6 +865,39 @@ mod tests {
         assert_eq!(u32::from(queues[TX_QUEUE].next_avail()), ROUNDS * CONNS);
         assert_eq!(m.conns.len(), CONNS as usize, "no connection was reset");
         assert_eq!(received, (ROUNDS * CONNS) as usize * PAYLOAD);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A host connection the guest never answers, and one that never says CONNECT, are closed
+    /// after the timeout (the host client can retry), and the guest hears of the first.
+    #[test]
+    fn host_connections_that_wait_too_long_are_closed() {
+        let dir = std::env::temp_dir().join(format!("fv-vsock-timeout-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut m = muxer(&dir);
+        m.connect_timeout = Duration::from_millis(50);
+        let mut asking = UnixStream::connect(&m.uds).unwrap();
+        let silent = UnixStream::connect(&m.uds).unwrap();
+        m.host_readable(m.listener.as_raw_fd());
+        asking.write_all(b"CONNECT 52\n").unwrap();
+        let fds: Vec<RawFd> = m.handshakes.keys().copied().collect();
+        for fd in fds {
+            m.host_readable(fd);
+        }
+        assert_eq!((m.conns.len(), m.handshakes.len()), (1, 1), "one asked, one is silent");
+        assert!(m.extra_fds().contains(&m.timer.as_raw_fd()));
+        std::thread::sleep(Duration::from_millis(100));
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_000)]).unwrap();
+        let mut queues = vec![Queue::new(8).unwrap(), Queue::new(8).unwrap(), Queue::new(8).unwrap()];
+        let timer = m.timer.as_raw_fd();
+        m.process_fd(timer, &mut queues, &mem);
+        assert!(m.conns.is_empty() && m.handshakes.is_empty());
+        assert!(m.rx_pending.iter().any(|(h, _)| h.op == OP_RST && h.dst_port == 52), "the guest is told");
+        asking.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        let mut rest = Vec::new();
+        assert_eq!(asking.read_to_end(&mut rest).unwrap(), 0, "the host sees the connection end");
+        drop(silent);
         let _ = std::fs::remove_dir_all(dir);
     }
 }
