@@ -351,7 +351,7 @@ fn firecracker_level(level: &str) -> Result<&'static str, String> {
 
 /// A Firecracker instance id: 1 to 64 letters, digits and dashes.
 fn check_id(id: &str) -> Result<(), String> {
-    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+    if !jailer::valid_id(id) {
         return Err(format!("--id '{id}' must be 1 to 64 letters, digits and dashes; give such an id."));
     }
     Ok(())

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{NetNs, api_call, http, probe_elf, scratch_dir, sh};
+use common::{NetNs, api_call, http, mkfifo, probe_elf, scratch_dir, sh};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -26,12 +26,6 @@ fn firecracker_binary(dir: &Path) -> PathBuf {
     let path = bin.join("firecracker");
     std::fs::copy(env!("CARGO_BIN_EXE_ferrovisor"), &path).unwrap();
     path
-}
-
-fn mkfifo(path: &Path) {
-    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
-    // SAFETY: a NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o666) }, 0, "mkfifo {}", path.display());
 }
 
 fn alive(pid: i32) -> bool {

@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Running, api_call, ferrovisor, http, probe_command, scratch_dir, wait_for_socket};
+use common::{Running, api_call, ferrovisor, http, mkfifo, probe_command, scratch_dir, wait_for_socket};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -22,12 +22,6 @@ fn threads(pid: u32) -> Vec<(String, String, String)> {
         out.push((name, field("Seccomp:"), field("NoNewPrivs:")));
     }
     out
-}
-
-fn mkfifo(path: &Path) {
-    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
-    // SAFETY: a NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo {}", path.display());
 }
 
 /// A probe with every kind of device, counting on its disk once its other tests ran (so that

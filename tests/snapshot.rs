@@ -46,17 +46,9 @@ fn counting_probe(dir: &Path, disk: &Path) -> (Running, PathBuf) {
 /// A state file changed by `change` and given a matching checksum, as an attacker would.
 fn resigned(good: &[u8], change: &dyn Fn(&mut serde_json::Value)) -> Vec<u8> {
     let split = good.iter().position(|&b| b == b'\n').unwrap();
-    let mut header: serde_json::Value = serde_json::from_slice(&good[..split]).unwrap();
     let mut body: serde_json::Value = serde_json::from_slice(&good[split + 1..]).unwrap();
     change(&mut body);
-    let body = serde_json::to_vec(&body).unwrap();
-    let fnv =
-        body.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3));
-    header["checksum"] = format!("{fnv:016x}").into();
-    let mut out = serde_json::to_vec(&header).unwrap();
-    out.push(b'\n');
-    out.extend(body);
-    out
+    vmm::snapshot::signed(&serde_json::to_vec(&body).unwrap())
 }
 
 fn snapshot_body(state: &Path, mem: &Path, kind: &str) -> String {
@@ -209,9 +201,7 @@ fn damaged_and_foreign_snapshots_are_refused() {
     // Files that are not what they must be are refused at once: no wait on a FIFO with no
     // writer, no endless read of /dev/zero.
     let fifo = dir.join("state.fifo");
-    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-    // SAFETY: a NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    common::mkfifo(&fifo);
     assert!(fault(&load_body(&fifo, &mem, true)).contains("is a FIFO; give a regular file"));
     assert!(fault(&load_body(Path::new("/dev/zero"), &mem, true)).contains("is a character device"));
     assert!(fault(&load_body(&state, &fifo, true)).contains("is a FIFO; give a regular file"));

@@ -154,21 +154,8 @@ fn sigint_stops_spinning_and_sleeping_vcpus_with_status_0() {
     std::thread::sleep(Duration::from_millis(500));
     assert!(vm.child.try_wait().unwrap().is_none(), "still running before the signal");
     let pid = vm.child.id();
-    let vcpus: Vec<u64> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-        .filter(|t| std::fs::read_to_string(t.path().join("comm")).unwrap_or_default().starts_with("fc_vcpu"))
-        .map(|t| {
-            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
-            let fields: Vec<u64> = stat
-                .rsplit_once(')')
-                .map_or("", |(_, r)| r)
-                .split_whitespace()
-                .map(|f| f.parse().unwrap_or(0))
-                .collect();
-            fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0)
-        })
-        .collect();
+    let vcpus: Vec<u64> =
+        common::thread_cpu_ticks(pid).into_iter().filter(|(n, _)| n.starts_with("fc_vcpu")).map(|(_, t)| t).collect();
     assert_eq!(vcpus.len(), 2, "two vCPU threads");
     assert!(vcpus.iter().any(|&ticks| ticks > 0), "the spinning vCPU ran: {vcpus:?}");
     // SAFETY: signalling a child process this test started and has not yet reaped.

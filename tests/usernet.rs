@@ -95,16 +95,8 @@ fn user_network_reaches_the_hosts_loopback_and_forwards_a_port_without_root() {
 
 /// CPU time of the VMM's thread named `name`, in clock ticks.
 fn thread_cpu_ticks(pid: u32, name: &str) -> u64 {
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
-        if std::fs::read_to_string(task.path().join("comm")).unwrap_or_default().trim() == name {
-            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap();
-            let fields: Vec<u64> =
-                stat.rsplit_once(')').unwrap().1.split_whitespace().map(|f| f.parse().unwrap_or(0)).collect();
-            // utime and stime: fields 14 and 15 of stat, 12 and 13 after the name.
-            return fields[11] + fields[12];
-        }
-    }
-    panic!("no {name} thread in {pid}");
+    let threads = common::thread_cpu_ticks(pid);
+    threads.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no {name} thread in {threads:?}")).1
 }
 
 /// The host ends its side of a forwarded connection while the guest keeps its own open: the

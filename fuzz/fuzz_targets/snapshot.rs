@@ -4,19 +4,8 @@
 
 use libfuzzer_sys::fuzz_target;
 
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3))
-}
-
 fuzz_target!(|body: &[u8]| {
-    let header = format!(
-        r#"{{"magic":"ferrovisor-snapshot","format_version":{},"vmm_version":"fuzz","checksum":"{:016x}"}}"#,
-        vmm::snapshot::FORMAT_VERSION,
-        fnv1a(body)
-    );
-    let mut file = header.into_bytes();
-    file.push(b'\n');
-    file.extend_from_slice(body);
+    let file = vmm::snapshot::signed(body);
     let Ok(saved) = vmm::snapshot::Snapshot::parse(&file, "fuzz") else { return };
     let limits = vmm::HostLimits { kvm_max_vcpus: 1024, ram_mib: 24 << 10, free_huge_pages: 0 };
     if saved.config.validate_machine(&limits).is_ok() {

@@ -755,3 +755,31 @@ pub fn wait_for_ticks(vm: &mut Running, at_least: usize, timeout: Duration) -> V
         thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Each thread of process `pid`: its name and the CPU time it used (utime + stime, in clock
+/// ticks).
+pub fn thread_cpu_ticks(pid: u32) -> Vec<(String, u64)> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .map(|task| {
+            let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default().trim().to_string();
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+            // utime and stime: fields 14 and 15 of stat, 12 and 13 after the name.
+            let fields: Vec<u64> = stat
+                .rsplit_once(')')
+                .map_or("", |(_, r)| r)
+                .split_whitespace()
+                .map(|f| f.parse().unwrap_or(0))
+                .collect();
+            (name, fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0))
+        })
+        .collect()
+}
+
+/// A FIFO at `path`.
+pub fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o666) }, 0, "mkfifo {}", path.display());
+}

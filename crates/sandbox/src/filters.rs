@@ -93,7 +93,6 @@ const VMM: &[i64] = &[
     libc::SYS_mincore,
     libc::SYS_kill,
     libc::SYS_wait4,
-    libc::SYS_sched_getaffinity,
 ];
 
 const VMM_IOCTLS: &[Ioctl] = &[

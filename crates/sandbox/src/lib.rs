@@ -17,7 +17,7 @@ pub mod syscalls;
 pub use filters::{allows, default_filter};
 pub use helper::helper_command;
 pub use launcher::{Thread, spawn, spawn_with_stack};
-pub use policy::{Error, Policy, apply, enabled, init, parse as parse_filter_file};
+pub use policy::{Error, Policy, apply, init, parse as parse_filter_file};
 pub use sigsys::{EXIT_BAD_SYSCALL, report_to};
 
 /// The kinds of thread, each with a filter of its own.

@@ -97,11 +97,6 @@ fn defaults(mut given: BTreeMap<ThreadKind, BpfProgram>) -> Result<BTreeMap<Thre
     Ok(given)
 }
 
-/// Whether filters are on.
-pub fn enabled() -> bool {
-    matches!(FILTERS.get(), Some(Some(_)))
-}
-
 /// Installs `kind`'s filter on the calling thread (nothing when filters are off). An empty
 /// filter from a file means no filter for that kind, as in Firecracker.
 pub fn apply(kind: ThreadKind) -> Result<(), Error> {

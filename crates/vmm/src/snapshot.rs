@@ -93,18 +93,24 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
+/// A state file: the header line, with the checksum of `body`, then `body` (the state as JSON).
+pub fn signed(body: &[u8]) -> Vec<u8> {
+    let header = Header {
+        magic: MAGIC.into(),
+        format_version: FORMAT_VERSION,
+        vmm_version: env!("CARGO_PKG_VERSION").into(),
+        checksum: format!("{:016x}", fnv1a(body)),
+    };
+    let mut out = serde_json::to_vec(&header).expect("a header of strings and numbers encodes");
+    out.push(b'\n');
+    out.extend_from_slice(body);
+    out
+}
+
 impl Snapshot {
     pub fn write(&self, path: &Path) -> Result<(), String> {
         let body = serde_json::to_vec(self).map_err(|e| format!("the snapshot cannot be encoded: {e}"))?;
-        let header = Header {
-            magic: MAGIC.into(),
-            format_version: FORMAT_VERSION,
-            vmm_version: env!("CARGO_PKG_VERSION").into(),
-            checksum: format!("{:016x}", fnv1a(&body)),
-        };
-        let mut out = serde_json::to_vec(&header).map_err(|e| e.to_string())?;
-        out.push(b'\n');
-        out.extend_from_slice(&body);
+        let out = signed(&body);
         let mut file = sandbox::files::create_output(path, "snapshot_path")?;
         std::io::Write::write_all(&mut file, &out)
             .map_err(|e| format!("snapshot_path {} cannot be written ({e})", path.display()))
