@@ -19,10 +19,10 @@ fuzz_target!(|data: &[u8]| {
     while let [len, port, step, tail @ ..] = rest {
         let len = (usize::from(*len) * 4).min(tail.len());
         now += u64::from(*step) * 60;
-        if let Some(msg) = net::dhcp::parse(&tail[..len]) {
-            if let Some(reply) = net::dhcp::answer(&pool, &mut leases, &msg, u32::from(*port % 8), now) {
-                assert!(reply.len() <= 576, "a reply fits a minimum IPv4 datagram");
-            }
+        if let Some(msg) = net::dhcp::parse(&tail[..len])
+            && let Some(reply) = net::dhcp::answer(&pool, &mut leases, &msg, u32::from(*port % 8), now)
+        {
+            assert!(reply.len() <= 576, "a reply fits a minimum IPv4 datagram");
         }
         rest = &tail[len..];
         assert!(leases.len() <= 253);

@@ -52,14 +52,16 @@ struct Shared {
     connections: AtomicUsize,
 }
 
-/// The listening server; dropping it removes the socket file (the accept thread then ends with
-/// the process).
+/// The listening server; dropping it stops accepting, waits for the accept thread and removes
+/// the socket file. Connections already open end on their own (closed or idle).
 pub struct Server {
     path: PathBuf,
+    listener: Arc<UnixListener>,
+    thread: Option<sandbox::Thread<()>>,
 }
 
 impl Server {
-    /// Listens on `path` (which must not exist) and serves until the process ends.
+    /// Listens on `path` (which must not exist) and serves until dropped.
     pub fn spawn(path: &Path, calls: Sender<ApiCall>, poke: Box<dyn Fn() + Send + Sync>) -> std::io::Result<Server> {
         // Only the user the VMM runs as may connect: the socket is made 0600 as it is bound
         // (the umask applies to the bind; no other thread creates files this early).
@@ -68,23 +70,33 @@ impl Server {
         let bound = UnixListener::bind(path);
         // SAFETY: as above.
         unsafe { libc::umask(previous) };
-        let listener = bound?;
+        let listener = Arc::new(bound?);
         std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         let shared = Arc::new(Shared { calls: Mutex::new(calls), poke, connections: AtomicUsize::new(0) });
-        sandbox::spawn_with_stack(sandbox::ThreadKind::Api, "api", Some(THREAD_STACK), move || {
-            for stream in listener.incoming() {
+        let accepting = listener.clone();
+        let thread = sandbox::spawn_with_stack(sandbox::ThreadKind::Api, "api", Some(THREAD_STACK), move || {
+            for stream in accepting.incoming() {
                 match stream {
                     Ok(stream) => accept(stream, &shared),
+                    // The socket was shut down: the server is being dropped.
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break,
                     Err(e) => tracing::warn!("the API socket failed to accept a connection: {e}"),
                 }
             }
         })?;
-        Ok(Server { path: path.to_path_buf() })
+        Ok(Server { path: path.to_path_buf(), listener, thread: Some(thread) })
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: shutdown on the listening socket this server owns; a blocked accept returns
+        // EINVAL, which ends the accept thread.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
         let _ = std::fs::remove_file(&self.path);
     }
 }

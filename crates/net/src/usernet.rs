@@ -148,6 +148,14 @@ struct Stack {
     leases: crate::dhcp::Leases,
     started: StdInstant,
     next_local_port: u16,
+    /// For the fuzzer: every host connection and datagram goes to these local sockets instead
+    /// of the address the guest named.
+    confined: Option<Confined>,
+}
+
+struct Confined {
+    tcp: SocketAddrV4,
+    udp: SocketAddrV4,
 }
 
 fn now(started: StdInstant) -> Instant {
@@ -214,6 +222,7 @@ impl Stack {
             leases: Default::default(),
             started,
             next_local_port: 49152,
+            confined: None,
         }
     }
 
@@ -279,6 +288,14 @@ impl Stack {
             let (src, dst) =
                 (Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]), Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]));
             let l4 = &ip[header..];
+            // smoltcp answers the source of what it takes (SYN-ACK, RST, echo reply), and
+            // asserts that there is one: from 0.0.0.0 that assertion aborted the VMM. Only UDP
+            // (DHCP above all) may come from a non-unicast source; it never reaches smoltcp.
+            let no_source = src.is_unspecified() || src.is_broadcast() || src.is_multicast();
+            let udp = ip[9] == 17 && l4.len() >= 8;
+            if no_source && !udp {
+                return;
+            }
             match ip[9] {
                 17 if l4.len() >= 8 => {
                     let (sport, dport) = (u16::from_be_bytes([l4[0], l4[1]]), u16::from_be_bytes([l4[2], l4[3]]));
@@ -356,7 +373,10 @@ impl Stack {
                     tracing::debug!("user network: too many UDP flows; a datagram was dropped");
                     return;
                 }
-                let target = SocketAddrV4::new(host_address(*remote.ip()), remote.port());
+                let target = match &self.confined {
+                    Some(c) => c.udp,
+                    None => SocketAddrV4::new(host_address(*remote.ip()), remote.port()),
+                };
                 let socket = match UdpSocket::bind("0.0.0.0:0").and_then(|s| s.connect(target).map(|()| s)) {
                     Ok(s) => s,
                     Err(e) => {
@@ -402,7 +422,10 @@ impl Stack {
         if listening || self.tcp.len() >= MAX_TCP {
             return;
         }
-        let target = SocketAddrV4::new(host_address(dst), port);
+        let target = match &self.confined {
+            Some(c) => c.tcp,
+            None => SocketAddrV4::new(host_address(dst), port),
+        };
         let host = match connect_nonblocking(target) {
             Ok(s) => s,
             Err(e) => {
@@ -519,6 +542,37 @@ impl Stack {
     }
 }
 
+/// Frames from the fuzzer through the user-mode network as the guest would send them: each
+/// is a two-byte length and that many bytes. Host traffic goes to a local TCP listener and UDP
+/// socket that take but never answer, so that nothing leaves the machine.
+#[doc(hidden)]
+pub fn fuzz_guest_frames(data: &[u8]) {
+    let loopback = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0);
+    let (Ok(tcp), Ok(udp)) = (TcpListener::bind(loopback), UdpSocket::bind(loopback)) else { return };
+    let local = |addr: std::io::Result<std::net::SocketAddr>| match addr {
+        Ok(std::net::SocketAddr::V4(a)) => Some(a),
+        _ => None,
+    };
+    let (Some(tcp_addr), Some(udp_addr)) = (local(tcp.local_addr()), local(udp.local_addr())) else { return };
+    let Ok((vm_side, ours)) = SwitchPort::pair() else { return };
+    let mut stack = Stack::new(ours, Vec::new());
+    stack.confined = Some(Confined { tcp: tcp_addr, udp: udp_addr });
+    let mut to_guest = vec![0u8; MTU + 64];
+    let mut rest = data;
+    while let [hi, lo, tail @ ..] = rest {
+        let len = usize::from(u16::from_be_bytes([*hi, *lo])).min(tail.len()).min(MTU);
+        stack.handle_guest_frame(&tail[..len]);
+        rest = &tail[len..];
+        stack.udp_replies();
+        stack.iface.poll(now(stack.started), &mut stack.link, &mut stack.sockets);
+        stack.relay_tcp();
+        while let Ok(n) = vm_side.recv_frame(&mut to_guest) {
+            assert!(n <= MTU, "a {n}-byte frame went to the guest");
+        }
+        assert!(stack.tcp.len() <= MAX_TCP && stack.udp.len() <= MAX_UDP && stack.link.inbound.len() <= 1024);
+    }
+}
+
 fn ip_checksum(header: &[u8]) -> u16 {
     let mut sum: u32 = header.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], c[1]]))).sum();
     while sum > 0xffff {
@@ -538,6 +592,39 @@ mod tests {
         assert!("udp:127.0.0.1:1-:2".parse::<HostForward>().unwrap_err().contains("tcp:HOST_ADDR"));
         assert!("tcp:127.0.0.1:1-:0".parse::<HostForward>().is_err());
         assert!("tcp:localhost:1-:2".parse::<HostForward>().is_err());
+    }
+
+    /// A SYN from 0.0.0.0 (found by the fuzzer): smoltcp would answer it to 0.0.0.0, which
+    /// it asserts against, and the VMM aborts (panic = "abort").
+    #[test]
+    fn a_connection_from_no_address_is_dropped_not_answered() {
+        let (vm_side, ours) = SwitchPort::pair().unwrap();
+        let mut stack = Stack::new(ours, Vec::new());
+        let host = TcpListener::bind("127.0.0.1:0").unwrap();
+        let std::net::SocketAddr::V4(tcp) = host.local_addr().unwrap() else { unreachable!() };
+        stack.confined = Some(Confined { tcp, udp: tcp });
+        let (src, dst) = ([0u8; 4], GATEWAY.octets());
+        let mut ip = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0];
+        ip.extend_from_slice(&src);
+        ip.extend_from_slice(&dst);
+        let sum = ip_checksum(&ip);
+        ip[10..12].copy_from_slice(&sum.to_be_bytes());
+        // A SYN from port 40000 to port 80, with its checksum over the pseudo-header.
+        let mut syn = vec![0x9c, 0x40, 0, 80, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0];
+        let mut pseudo = [src, dst].concat();
+        pseudo.extend_from_slice(&[0, 6, 0, 20]);
+        pseudo.extend_from_slice(&syn);
+        let sum = ip_checksum(&pseudo);
+        syn[16..18].copy_from_slice(&sum.to_be_bytes());
+        let mut frame = [GATEWAY_MAC.as_slice(), &[0x52, 0x54, 0, 0, 0, 1, 0x08, 0x00]].concat();
+        frame.extend_from_slice(&ip);
+        frame.extend_from_slice(&syn);
+        stack.handle_guest_frame(&frame);
+        stack.iface.poll(now(stack.started), &mut stack.link, &mut stack.sockets);
+        stack.relay_tcp();
+        stack.iface.poll(now(stack.started), &mut stack.link, &mut stack.sockets);
+        let mut buf = [0u8; 2048];
+        assert!(vm_side.recv_frame(&mut buf).is_err(), "nothing is sent to the guest");
     }
 
     #[test]

@@ -295,6 +295,45 @@ pub fn release(mem: &GuestMemory, gpa: u64, len: u64) -> bool {
     unsafe { libc::madvise(host.cast(), len_usize, libc::MADV_DONTNEED) == 0 }
 }
 
+/// Consecutive page frames from an inflate request.
+#[derive(Default)]
+struct PageRun {
+    first: u64,
+    pages: u64,
+}
+
+impl PageRun {
+    /// Takes `pfn` when it follows the run; false when it starts another.
+    fn extend(&mut self, pfn: u64) -> bool {
+        if self.pages == 0 {
+            *self = PageRun { first: pfn, pages: 1 };
+        } else if self.first + self.pages == pfn {
+            self.pages += 1;
+        } else {
+            return false;
+        }
+        true
+    }
+
+    /// Returns the run's pages to the host; a run that is not all guest RAM goes page by
+    /// page. Returns how many were released.
+    fn release(&self, mem: &GuestMemory) -> u64 {
+        if self.pages == 0 {
+            return 0;
+        }
+        if release(mem, self.first << PFN_SHIFT, self.pages * PAGE_SIZE) {
+            return self.pages;
+        }
+        let released = (self.first..self.first + self.pages)
+            .filter(|pfn| release(mem, pfn << PFN_SHIFT, PAGE_SIZE))
+            .count() as u64;
+        if released < self.pages {
+            tracing::debug!("virtio-balloon: page frames from {:#x} are not all guest RAM", self.first);
+        }
+        released
+    }
+}
+
 impl BalloonBackend {
     /// Inflation: the chain carries little-endian u32 page frame numbers.
     fn inflate(&self, queue: &mut Queue, mem: &GuestMemory) -> bool {
@@ -302,6 +341,8 @@ impl BalloonBackend {
         serve_queue("virtio-balloon", queue, mem, |chain| {
             let mut released = 0u64;
             let mut taken = 0usize;
+            // Consecutive frames are released together: one madvise per run, not per page.
+            let mut run = PageRun::default();
             'chain: for desc in chain.readable() {
                 let count = desc.len() as usize / 4;
                 for i in 0..count {
@@ -318,13 +359,13 @@ impl BalloonBackend {
                         crate::guest_fault!("virtio-balloon: an inflate buffer lies outside guest RAM");
                         break 'chain;
                     };
-                    if release(mem, u64::from(pfn) << PFN_SHIFT, PAGE_SIZE) {
-                        released += 1;
-                    } else {
-                        tracing::debug!("virtio-balloon: page frame {pfn:#x} is not guest RAM");
+                    if !run.extend(u64::from(pfn)) {
+                        released += run.release(mem);
+                        run = PageRun { first: u64::from(pfn), pages: 1 };
                     }
                 }
             }
+            released += run.release(mem);
             control.with_state(|s| s.released_pages += released);
             0
         })
@@ -361,8 +402,13 @@ impl BalloonBackend {
             }
             let head = chain.head_index();
             let mut stats = Vec::new();
-            for desc in chain.readable() {
-                for i in 0..(desc.len() as usize / STAT_BYTES).min(MAX_STATS) {
+            // At most MAX_STATS in all: an indirect table of thousands of buffers would
+            // otherwise allocate megabytes per chain.
+            'chain: for desc in chain.readable() {
+                for i in 0..desc.len() as usize / STAT_BYTES {
+                    if stats.len() == MAX_STATS {
+                        break 'chain;
+                    }
                     let mut raw = [0u8; STAT_BYTES];
                     let at = desc.addr().checked_add((i * STAT_BYTES) as u64);
                     if at.is_none_or(|at| mem.read_slice(&mut raw, at).is_err()) {
@@ -415,10 +461,40 @@ impl Backend for BalloonBackend {
         // SAFETY: reads at most 8 bytes into a live 8-byte buffer from the timerfd we were
         // woken for; a failed read (nothing pending) is harmless.
         unsafe { libc::read(fd, expirations.as_mut_ptr().cast(), 8) };
+        self.stats_due(queues, mem)
+    }
+}
+
+impl BalloonBackend {
+    /// The statistics interval has passed: the held buffer goes back, asking for fresh numbers.
+    fn stats_due(&mut self, queues: &mut [Queue], mem: &GuestMemory) -> bool {
         match (self.control.take_held_stats(), self.stats_index()) {
             (Some(head), Some(index)) => self.give_back(&mut queues[index], mem, head),
             _ => false,
         }
+    }
+}
+
+/// The worker's work for the fuzzer, over `queues` in `mem`: the first `script` byte holds
+/// the features the driver acked, each next byte notifies a queue or, past the last queue,
+/// fires the statistics timer.
+#[doc(hidden)]
+pub fn fuzz_queues(mem: &GuestMemory, queues: &mut [Queue], script: &[u8]) {
+    let Some((&features, script)) = script.split_first() else { return };
+    let acked = u64::from(features) & (F_STATS_VQ | F_DEFLATE_ON_OOM | F_FREE_PAGE_REPORTING);
+    // One balloon for the whole run (making its timer is most of a run's cost), emptied first.
+    static BALLOON: std::sync::OnceLock<Option<Balloon>> = std::sync::OnceLock::new();
+    let Some(balloon) = BALLOON.get_or_init(|| Balloon::new(BalloonOptions::default()).ok()) else { return };
+    let control = balloon.control();
+    control.take_held_stats();
+    control.with_state(|s| *s = BalloonState::default());
+    let mut backend = BalloonBackend { roles: roles(acked), control, stats_timer: None };
+    for &op in script {
+        match usize::from(op) % (queues.len() + 1) {
+            index if index < queues.len() => backend.process_queue(index, queues, mem),
+            _ => backend.stats_due(queues, mem),
+        };
+        assert!(backend.control.state().stats.len() <= MAX_STATS);
     }
 }
 
@@ -434,6 +510,47 @@ mod tests {
             roles(F_STATS_VQ | F_FREE_PAGE_REPORTING),
             [Role::Inflate, Role::Deflate, Role::Stats, Role::Reporting]
         );
+    }
+
+    /// One statistics chain through an indirect table of 1000 buffers, each full of tags: the
+    /// VMM keeps MAX_STATS of them, not 32000.
+    #[test]
+    fn a_statistics_chain_of_many_buffers_keeps_a_bounded_list() {
+        use virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT;
+        use virtio_queue::desc::RawDescriptor;
+        use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+        use virtio_queue::mock::MockSplitQueue;
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let (table, buffer, count) = (0x1_0000u64, 0x2_0000u64, 1000u16);
+        for i in 0..count {
+            let next = if i + 1 < count { virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16 } else { 0 };
+            let desc = RawDescriptor::from(SplitDescriptor::new(buffer, (MAX_STATS * STAT_BYTES) as u32, next, i + 1));
+            mem.write_obj(desc, GuestAddress(table + 16 * u64::from(i))).unwrap();
+        }
+        let ring = MockSplitQueue::create(&mem, GuestAddress(0x8000), 16);
+        let head = SplitDescriptor::new(table, 16 * u32::from(count), VRING_DESC_F_INDIRECT as u16, 0);
+        ring.add_desc_chains(&[RawDescriptor::from(head)], 0).unwrap();
+        let mut queue: Queue = ring.create_queue().unwrap();
+        let mut backend = BalloonBackend {
+            roles: roles(F_STATS_VQ),
+            control: Balloon::new(BalloonOptions::default()).unwrap().control(),
+            stats_timer: None,
+        };
+        backend.stats(&mut queue, &mem);
+        assert_eq!(backend.control.state().stats.len(), MAX_STATS);
+    }
+
+    #[test]
+    fn consecutive_frames_are_released_as_one_run() {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mut run = PageRun::default();
+        assert!(run.extend(5) && run.extend(6) && run.extend(7));
+        assert!(!run.extend(9));
+        assert_eq!((run.first, run.pages), (5, 3));
+        assert_eq!(run.release(&mem), 3);
+        // A run that reaches past RAM releases the pages that are RAM.
+        assert_eq!(PageRun { first: 0xfe, pages: 4 }.release(&mem), 2);
+        assert_eq!(PageRun::default().release(&mem), 0);
     }
 
     #[test]

@@ -248,3 +248,41 @@ impl Backend for ConsoleBackend {
         self.receive(queues, mem)
     }
 }
+
+/// The worker's work for the fuzzer, over a receive and a transmit queue in `mem`: each
+/// `script` byte notifies the receive queue (0), the transmit queue (1), or (2) types the
+/// following bytes (up to the length it gives) on the console's input.
+#[doc(hidden)]
+pub fn fuzz_queues(mem: &GuestMemory, queues: &mut [Queue], script: &[u8]) {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two fresh fds into the array, which the Files below then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+        return;
+    }
+    // SAFETY: both fds are fresh and owned by nothing else.
+    let (input, mut typing) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+    let input_fd = input.as_raw_fd();
+    let mut backend = ConsoleBackend {
+        output: Box::new(std::io::sink()),
+        input: Some(input),
+        _slave: None,
+        pending: VecDeque::new(),
+        dropped: false,
+    };
+    let mut rest = script;
+    while let [op, tail @ ..] = rest {
+        rest = tail;
+        match op % 3 {
+            0 => backend.process_queue(RX_QUEUE, queues, mem),
+            1 => backend.process_queue(TX_QUEUE, queues, mem),
+            _ => {
+                let [len, text @ ..] = rest else { break };
+                let n = usize::from(*len).min(text.len());
+                let _ = typing.write_all(&text[..n]);
+                rest = &text[n..];
+                backend.process_fd(input_fd, queues, mem)
+            }
+        };
+        assert!(backend.pending.len() <= PENDING_MAX);
+    }
+}

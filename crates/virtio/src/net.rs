@@ -373,6 +373,47 @@ impl Backend for NetBackend {
     }
 }
 
+/// The worker's work for the fuzzer, over a receive and a transmit queue in `mem`. The first
+/// `script` byte says whether mergeable buffers were negotiated; each next byte notifies the
+/// receive queue (0), the transmit queue (1), or (2) brings a frame from the host side whose
+/// length (times 6) and content the following bytes give.
+#[doc(hidden)]
+pub fn fuzz_queues(mem: &GuestMemory, queues: &mut [Queue], script: &[u8]) {
+    let Ok((vm_side, outside)) = SwitchPort::pair() else { return };
+    let Some((&options, mut rest)) = script.split_first() else { return };
+    let host_fd = vm_side.as_raw_fd();
+    let mut backend = NetBackend {
+        host: NetHost::Switch(vm_side),
+        mergeable: options & 1 != 0,
+        frame: vec![0; MAX_TAP_READ],
+        deferred: None,
+        rx_waiting: false,
+        metrics: Arc::default(),
+        rx_limiter: None,
+        tx_limiter: None,
+    };
+    let mut sent = vec![0u8; MAX_TAP_READ];
+    while let [op, tail @ ..] = rest {
+        rest = tail;
+        match op % 3 {
+            0 => backend.process_queue(RX_QUEUE, queues, mem),
+            1 => backend.process_queue(TX_QUEUE, queues, mem),
+            _ => {
+                let [len, content @ ..] = rest else { break };
+                let frame: Vec<u8> =
+                    content.iter().copied().chain(std::iter::repeat(0)).take(usize::from(*len) * 6).collect();
+                rest = &content[content.len().min(8)..];
+                let _ = outside.send_frame(&frame);
+                backend.process_fd(host_fd, queues, mem)
+            }
+        };
+        // What the guest sent reaches the host side whole and no longer than the MTU allows.
+        while let Ok(n) = outside.recv_frame(&mut sent) {
+            assert!((14..=MAX_FRAME).contains(&n), "a {n}-byte frame left the guest");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

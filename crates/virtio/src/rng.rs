@@ -99,6 +99,18 @@ fn fill_random(mem: &GuestMemory, addr: GuestAddress, len: usize) -> usize {
     done
 }
 
+/// The worker's work for the fuzzer: the driver notifies the request queue in `mem` `kicks`
+/// times.
+#[doc(hidden)]
+pub fn fuzz_queues(mem: &GuestMemory, queues: &mut [Queue], kicks: usize) {
+    let mut backend = RngBackend { metrics: Arc::default(), limiter: None };
+    for _ in 0..kicks {
+        backend.process_queue(0, queues, mem);
+    }
+    let served = backend.metrics.read_bytes.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(served <= (kicks * usize::from(virtio_queue::QueueT::size(&queues[0])) * MAX_CHAIN_BYTES) as u64);
+}
+
 impl Backend for RngBackend {
     fn process_queue(&mut self, _index: usize, queues: &mut [Queue], mem: &GuestMemory) -> bool {
         let (metrics, limiter) = (&self.metrics, &mut self.limiter);

@@ -1,0 +1,11 @@
+//! virtio-console: output and input over a driver-written ring pair, with input typed on the
+//! host side in between.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let (script, ram) = ferrovisor_fuzz::split_control(data, 64);
+    let (mem, mut queues) = ferrovisor_fuzz::guest_with_queues(ram, 2);
+    virtio::console::fuzz_queues(&mem, &mut queues, script);
+});
