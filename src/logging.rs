@@ -58,11 +58,15 @@ pub struct Logger {
     sink: Sink,
 }
 
+/// virtio-queue logs each malformed ring it meets at ERROR, with no limit: a guest could flood
+/// the log through it. Ferrovisor reports the same faults itself, rate-limited.
+const QUIET: &str = "virtio_queue=off";
+
 /// Logs to stderr at `level` (RUST_LOG overrides it), with each line's source file and line
 /// when `show_origin`.
 pub fn init(level: &str, show_origin: bool) -> Result<Logger, String> {
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
+        .or_else(|_| EnvFilter::try_new(format!("{level},{QUIET}")))
         .map_err(|_| format!("--log-level must be error, warn, info, debug or trace, not '{level}'."))?;
     let (filter, handle) = reload::Layer::new(filter);
     let sink = Sink(Arc::new(Mutex::new(Box::new(Stderr))));
@@ -97,8 +101,8 @@ impl Logger {
         if config.level.is_some() || config.module.is_some() {
             let level = config.level.map_or("info", |l| l.filter());
             let directive = match &config.module {
-                Some(module) => format!("warn,{module}={level}"),
-                None => level.to_string(),
+                Some(module) => format!("warn,{QUIET},{module}={level}"),
+                None => format!("{level},{QUIET}"),
             };
             let filter = EnvFilter::try_new(&directive)
                 .map_err(|e| format!("logger module '{directive}' is not a valid filter ({e}); give a crate name."))?;

@@ -6,6 +6,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
+use std::sync::{Arc, Mutex};
 
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
@@ -21,6 +22,9 @@ const QUEUE_SIZES: [u16; 2] = [256, 256];
 const PENDING_MAX: usize = 64 << 10;
 /// Bytes copied per step, both ways.
 const CHUNK: usize = 4096;
+/// One chain's output at most: Linux sends a page at a time, and a chain claiming gigabytes
+/// would otherwise copy all of guest RAM to the output in one request.
+const MAX_TX_CHAIN: usize = 64 << 10;
 
 /// Where the console goes.
 pub struct ConsoleIo {
@@ -100,14 +104,21 @@ impl ConsoleIo {
     }
 }
 
+/// The console's output, shared by the device and each worker it starts.
+type SharedOutput = Arc<Mutex<Box<dyn Write + Send>>>;
+
 pub struct Console {
-    io: Option<ConsoleIo>,
+    /// Kept across resets: a driver that resets the device (as Linux does when it probes or
+    /// recovers it) gets the same console back.
+    output: SharedOutput,
+    input: Option<File>,
+    _slave: Option<File>,
     worker: Option<Worker>,
 }
 
 impl Console {
     pub fn new(io: ConsoleIo) -> Console {
-        Console { io: Some(io), worker: None }
+        Console { output: Arc::new(Mutex::new(io.output)), input: io.input, _slave: io._slave, worker: None }
     }
 }
 
@@ -126,17 +137,8 @@ impl VirtioDevice for Console {
         crate::device::read_config_bytes(&[0; 8], offset, data);
     }
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        // The output and input move to the worker; a reset ends the console for good.
-        let Some(io) = self.io.take() else {
-            return Err(ActivateError::Backend("the console was reset and its output is closed".into()));
-        };
-        let backend = ConsoleBackend {
-            output: io.output,
-            input: io.input,
-            _slave: io._slave,
-            pending: VecDeque::new(),
-            dropped: false,
-        };
+        let input = self.input.as_ref().map(File::try_clone).transpose().map_err(ActivateError::Worker)?;
+        let backend = ConsoleBackend { output: self.output.clone(), input, pending: VecDeque::new(), dropped: false };
         self.worker =
             Some(Worker::spawn(sandbox::ThreadKind::Console, backend, activation).map_err(ActivateError::Worker)?);
         Ok(())
@@ -150,9 +152,8 @@ impl VirtioDevice for Console {
 }
 
 struct ConsoleBackend {
-    output: Box<dyn Write + Send>,
+    output: SharedOutput,
     input: Option<File>,
-    _slave: Option<File>,
     pending: VecDeque<u8>,
     /// Output was dropped because nobody reads it; logged once.
     dropped: bool,
@@ -160,13 +161,23 @@ struct ConsoleBackend {
 
 impl ConsoleBackend {
     fn transmit(&mut self, queues: &mut [Queue], mem: &GuestMemory) -> bool {
-        let (output, dropped) = (&mut self.output, &mut self.dropped);
+        let mut output = self.output.lock().unwrap_or_else(|p| p.into_inner());
+        let dropped = &mut self.dropped;
         serve_queue("virtio-console", &mut queues[TX_QUEUE], mem, |chain| {
             let mut chunk = [0u8; CHUNK];
+            let mut total = 0usize;
             for desc in chain.readable() {
                 let mut done = 0usize;
                 while done < desc.len() as usize {
                     let n = (desc.len() as usize - done).min(CHUNK);
+                    total += n;
+                    if total > MAX_TX_CHAIN {
+                        crate::guest_fault!(
+                            "virtio-console: a transmit chain of more than {MAX_TX_CHAIN} bytes was cut"
+                        );
+                        let _ = output.flush();
+                        return 0;
+                    }
                     let Some(addr) = desc.addr().0.checked_add(done as u64) else { break };
                     if mem.read_slice(&mut chunk[..n], GuestAddress(addr)).is_err() {
                         crate::guest_fault!("virtio-console: a transmit buffer lies outside guest RAM");
@@ -263,9 +274,8 @@ pub fn fuzz_queues(mem: &GuestMemory, queues: &mut [Queue], script: &[u8]) {
     let (input, mut typing) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
     let input_fd = input.as_raw_fd();
     let mut backend = ConsoleBackend {
-        output: Box::new(std::io::sink()),
+        output: Arc::new(Mutex::new(Box::new(std::io::sink()))),
         input: Some(input),
-        _slave: None,
         pending: VecDeque::new(),
         dropped: false,
     };

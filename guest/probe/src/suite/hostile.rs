@@ -259,7 +259,7 @@ pub fn run(cmdline: Cmdline) {
 /// Reports scenario `name` as test `<prefix><name>`: ok when the device served again after a
 /// reset.
 pub(super) fn report_scenario(prefix: &str, name: &str, answer: Answer, recovered: bool) {
-    let mut label = [0u8; 48];
+    let mut label = [0u8; 64];
     let p = prefix.len().min(label.len());
     label[..p].copy_from_slice(&prefix.as_bytes()[..p]);
     let n = name.len().min(label.len() - p);
