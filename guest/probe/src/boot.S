@@ -148,8 +148,8 @@ ring0_reset:
     jmp 1b
 
 # #GP from ring 3: some hosts fault port I/O at CPL 3 even with IOPL 3, so ring 0 completes
-# the three forms the probe uses: `out %al,%dx` (EE), `in %dx,%al` (EC) and `rep outsb`
-# (F3 6E: RCX bytes from RSI to port DX). `hlt` (F4) from ring 3 parks the CPU for good, with
+# the forms the probe uses: `out %al,%dx` (EE), `in %dx,%al` (EC), their 32-bit forms (EF, ED:
+# PCI configuration) and `rep outsb` (F3 6E: RCX bytes from RSI to port DX). `hlt` (F4) from ring 3 parks the CPU for good, with
 # interrupts off, so that an idle probe costs the host nothing; with RAX = RESET_MAGIC it ends
 # the VM instead. Anything else is a real fault.
 gp_handler:
@@ -170,6 +170,10 @@ gp_handler:
     je 7f
     cmpw $0x6EF3, (%rcx)
     je 8f
+    cmpb $0xEF, (%rcx)
+    je 10f
+    cmpb $0xED, (%rcx)
+    je 11f
     popq %rcx
 9:  pushq $13
     jmp isr_common
@@ -186,6 +190,16 @@ gp_handler:
 8:  popq %rcx
     rep outsb
     addq $2, 8(%rsp)
+    addq $8, %rsp
+    iretq
+10: popq %rcx
+    outl %eax, %dx
+    addq $1, 8(%rsp)
+    addq $8, %rsp
+    iretq
+11: popq %rcx
+    inl %dx, %eax
+    addq $1, 8(%rsp)
     addq $8, %rsp
     iretq
 

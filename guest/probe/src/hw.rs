@@ -18,6 +18,22 @@ pub fn inb(port: u16) -> u8 {
     value
 }
 
+/// `out %eax,%dx`.
+#[inline(always)]
+pub fn outl(port: u16, value: u32) {
+    // SAFETY: port output touches no memory.
+    unsafe { asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags)) };
+}
+
+/// `in %dx,%eax`.
+#[inline(always)]
+pub fn inl(port: u16) -> u32 {
+    let value: u32;
+    // SAFETY: port input touches no memory.
+    unsafe { asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags)) };
+    value
+}
+
 /// `rep outsb`: one trap per string where ring 0 has to complete port I/O.
 #[inline(always)]
 pub fn outsb(port: u16, bytes: &[u8]) {

@@ -9,6 +9,7 @@ mod cmdline;
 mod console;
 mod hw;
 mod pattern;
+mod pci;
 mod pvh;
 mod report;
 mod suite;

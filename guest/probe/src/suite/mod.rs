@@ -3,6 +3,7 @@
 mod fault;
 mod hostile;
 mod hostile_net;
+mod hostile_pci;
 mod hostile_queues;
 mod i8042;
 mod memfill;
@@ -23,6 +24,7 @@ pub fn run(name: &str, cmdline: Cmdline, info: &StartInfo) {
         "fault" => fault::run(),
         "hostile" => hostile::run(cmdline),
         "hostile-net" => hostile_net::run(cmdline),
+        "hostile-pci" => hostile_pci::run(cmdline),
         "hostile-vsock" | "hostile-balloon" | "hostile-console" | "hostile-rng" => hostile_queues::run(name, cmdline),
         "i8042" => i8042::run(cmdline),
         "tsc" => match crate::tsc::khz(cmdline) {
