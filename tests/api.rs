@@ -291,6 +291,60 @@ fn rate_limiters_hold_disk_and_network_to_their_buckets() {
     assert!(metrics["devices"]["virtio-net0"]["rate_limited"].as_u64().unwrap() > 0, "{metrics}");
 }
 
+/// PATCH /network-interfaces changes a running interface's limiters: the probe sends 400
+/// frames against 40 per second, and after two seconds the limit goes up to 2000 per second.
+/// The rate before the change is the old limit's, the probe's overall rate shows the new one
+/// (without the change it would take ten seconds, 40 frames per second), and the VM's
+/// configuration says what it runs with now.
+#[test]
+fn patch_network_interface_changes_a_running_vms_rate_limit() {
+    let dir = scratch_dir("api-patch-net");
+    let (mut vm, socket) = api_vmm(&dir);
+    let s = socket.as_path();
+    let tap = common::TestTap::new("fvpn");
+    let boot = serde_json::json!({
+        "kernel_image_path": probe_elf(),
+        "boot_args": "console=ttyS0 probe.test=virtio-net probe.virtio-net.mode=throughput probe.virtio-net.frames=400 probe.idle=on",
+    });
+    expect(s, "PUT", "/boot-source", &boot.to_string(), 204);
+    let nic = serde_json::json!({
+        "iface_id": "eth0", "host_dev_name": tap.name,
+        "tx_rate_limiter": {"ops": {"size": 40, "refill_time": 1000}},
+    });
+    expect(s, "PUT", "/network-interfaces/eth0", &nic.to_string(), 204);
+    let faster =
+        serde_json::json!({"iface_id": "eth0", "tx_rate_limiter": {"ops": {"size": 2000, "refill_time": 1000}}});
+    let m = fault(s, "PATCH", "/network-interfaces/eth0", &faster.to_string(), 400);
+    assert!(m.contains("needs a running VM"), "{m}");
+    expect(s, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#, 204);
+    std::thread::sleep(Duration::from_secs(2));
+    let metrics: serde_json::Value = serde_json::from_str(&expect(s, "GET", "/ferrovisor/metrics", "", 200)).unwrap();
+    let before = metrics["devices"]["virtio-net0"]["requests"].as_u64().unwrap();
+
+    let unknown = serde_json::json!({"iface_id": "eth9", "tx_rate_limiter": {}});
+    let m = fault(s, "PATCH", "/network-interfaces/eth9", &unknown.to_string(), 400);
+    assert!(m.contains("There is no network interface eth9"), "{m}");
+    let broken = serde_json::json!({"iface_id": "eth0", "rx_rate_limiter": {"ops": {"size": 0, "refill_time": 1000}}});
+    let m = fault(s, "PATCH", "/network-interfaces/eth0", &broken.to_string(), 400);
+    assert!(m.contains("rate_limiter ops needs a size and a refill_time above 0"), "{m}");
+    let m = fault(s, "PATCH", "/network-interfaces/eth0", r#"{"iface_id": "eth0", "host_dev_name": "x"}"#, 400);
+    assert!(m.contains("host_dev_name"), "{m}");
+    expect(s, "PATCH", "/network-interfaces/eth0", &faster.to_string(), 204);
+    assert!(vm.wait_for_output("PROBE done", Duration::from_secs(5)), "the new limit did not apply: {}", vm.stderr());
+    let config: serde_json::Value = serde_json::from_str(&expect(s, "GET", "/vm/config", "", 200)).unwrap();
+    expect(s, "PUT", "/ferrovisor/stop", "", 204);
+    let out = vm.finish(TIMEOUT);
+    let net = common::probe_result(&out.stdout, "virtio-net").unwrap_or_else(|| panic!("{}", out.describe()));
+    eprintln!("{before} frames in the first 2 s; {net}");
+    // 40 at hand and 40 a second: about 120 in two seconds; a limiter that passed nothing or
+    // everything would be outside these bounds.
+    assert!((40..=170).contains(&before), "{before} frames before the change");
+    assert!(field(net, "tx_pps") >= 100, "{net}");
+    let iface = &config["network-interfaces"][0];
+    assert_eq!(iface["tx_rate_limiter"]["ops"]["size"], 2000, "{config}");
+    assert_eq!(iface["host_dev_name"], tap.name.as_str(), "{config}");
+}
+
 /// SendCtrlAltDel presses the keys on the i8042: the probe reads them, as set 1 scan codes
 /// (the controller translates, as PCs do), press and release.
 #[test]

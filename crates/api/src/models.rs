@@ -129,6 +129,16 @@ pub struct NetworkInterface {
     pub tx_rate_limiter: Option<RateLimiter>,
 }
 
+/// `PATCH /network-interfaces/{iface_id}`: the rate limiters of a running VM's interface; a
+/// limiter left out stays as it is.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialNetworkInterface {
+    pub iface_id: String,
+    pub rx_rate_limiter: Option<RateLimiter>,
+    pub tx_rate_limiter: Option<RateLimiter>,
+}
+
 /// `PUT /vsock`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -19,6 +19,7 @@ pub enum Request {
     PutDrive(Drive),
     PatchDrive(PartialDrive),
     PutNetworkInterface(NetworkInterface),
+    PatchNetworkInterface(PartialNetworkInterface),
     PutVsock(Vsock),
     PutEntropy(Entropy),
     GetBalloon,
@@ -53,6 +54,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/drives/{drive_id}"),
     ("PATCH", "/drives/{drive_id}"),
     ("PUT", "/network-interfaces/{iface_id}"),
+    ("PATCH", "/network-interfaces/{iface_id}"),
     ("PUT", "/vsock"),
     ("PUT", "/entropy"),
     ("GET", "/balloon"),
@@ -108,6 +110,11 @@ pub fn parse(method: &str, target: &str, body: &[u8]) -> Result<Request, Respons
             let iface: NetworkInterface = body_of(&what, body)?;
             same_id(&what, "iface_id", id, &iface.iface_id)?;
             Request::PutNetworkInterface(iface)
+        }
+        ("PATCH", "/network-interfaces/{iface_id}") => {
+            let iface: PartialNetworkInterface = body_of(&what, body)?;
+            same_id(&what, "iface_id", id, &iface.iface_id)?;
+            Request::PatchNetworkInterface(iface)
         }
         ("PUT", "/vsock") => Request::PutVsock(body_of(&what, body)?),
         ("PUT", "/entropy") => Request::PutEntropy(body_of(&what, body)?),

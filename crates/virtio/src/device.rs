@@ -129,6 +129,15 @@ pub trait VirtioDevice: Send {
     fn update_rate_limit(&mut self, _limit: Option<crate::rate_limiter::RateLimit>) -> Result<(), String> {
         Err("this device has no rate limiter".into())
     }
+    /// Changes a network device's receive and transmit rate limits (None: that one stays); it
+    /// applies from the next activation, like update_rate_limit.
+    fn update_rate_limits(
+        &mut self,
+        _rx: Option<Option<crate::rate_limiter::RateLimit>>,
+        _tx: Option<Option<crate::rate_limiter::RateLimit>>,
+    ) -> Result<(), String> {
+        Err("this device has no receive and transmit rate limiters".into())
+    }
     /// The device's counters, for the metrics endpoints.
     fn metrics(&self) -> Option<Arc<crate::metrics::DeviceMetrics>> {
         None

@@ -150,6 +150,19 @@ impl VirtioDevice for Net {
     fn reset(&mut self) {
         self.worker = None;
     }
+    fn update_rate_limits(
+        &mut self,
+        rx: Option<Option<RateLimit>>,
+        tx: Option<Option<RateLimit>>,
+    ) -> Result<(), String> {
+        if let Some(rx) = rx {
+            self.rx_limit = rx;
+        }
+        if let Some(tx) = tx {
+            self.tx_limit = tx;
+        }
+        Ok(())
+    }
     fn metrics(&self) -> Option<Arc<DeviceMetrics>> {
         Some(self.metrics.clone())
     }

@@ -13,7 +13,7 @@ use kvm_ioctls::Kvm;
 use crate::config::{DiskConfig, HugePages, MemoryOptions, NetAttachment, NetConfig, SerialConfig, VmConfig};
 use crate::exit::{ExitLatch, VmExit, Wake};
 use crate::metrics::MetricsSink;
-use crate::virtio_devices::DiskChange;
+use crate::virtio_devices::DeviceChange;
 use crate::vm::RunningVm;
 use crate::{HostLimits, VirtioTransport, VsockConfig};
 use virtio::rate_limiter::{BucketConfig, RateLimit};
@@ -208,6 +208,7 @@ impl Controller {
             }),
             Request::PutDrive(d) => self.pre_boot("PUT /drives", |c| c.set_drive(d)),
             Request::PatchDrive(d) => self.patch_drive(d),
+            Request::PatchNetworkInterface(n) => self.patch_network_interface(n),
             Request::PutNetworkInterface(n) => self.pre_boot("PUT /network-interfaces", |c| c.set_net(n)),
             Request::PutVsock(v) => self.pre_boot("PUT /vsock", |c| {
                 // 0 is accepted as Firecracker accepts it (firecracker-containerd sends it); 1 and
@@ -372,7 +373,7 @@ impl Controller {
             Err(e) => return Response::error(400, e),
         };
         if d.rate_limiter.is_some() {
-            if let Err(e) = vm.update_disk(&d.drive_id, DiskChange::RateLimit(limit)) {
+            if let Err(e) = vm.update_disk(&d.drive_id, DeviceChange::RateLimit(limit)) {
                 return Response::error(400, format!("drive {}: the rate limiter cannot change ({e}).", d.drive_id));
             }
             disk.rate_limit = limit;
@@ -381,7 +382,7 @@ impl Controller {
         if let Err(e) = sandbox::files::check_drive(Path::new(&path), &format!("drive {}: path_on_host", d.drive_id)) {
             return Response::error(400, e);
         }
-        match vm.update_disk(&d.drive_id, DiskChange::Backing(Path::new(&path))) {
+        match vm.update_disk(&d.drive_id, DeviceChange::Backing(Path::new(&path))) {
             Ok(()) => {
                 disk.path = PathBuf::from(&path);
                 if let Some(drive) = self.resources.drives.iter_mut().find(|o| o.drive_id == d.drive_id) {
@@ -394,6 +395,41 @@ impl Controller {
                 format!("drive {}: the new path_on_host cannot be used ({e}); give a readable disk image.", d.drive_id),
             ),
         }
+    }
+
+    /// `PATCH /network-interfaces/{id}`: new rate limiters for a running VM's interface.
+    fn patch_network_interface(&mut self, n: models::PartialNetworkInterface) -> Response {
+        let Some((vm, config)) = &mut self.vm else { return before_start("PATCH /network-interfaces") };
+        let Some(index) = self.resources.nets.iter().position(|o| o.iface_id == n.iface_id) else {
+            return Response::error(
+                400,
+                format!("There is no network interface {}; PATCH an iface_id the VM was started with.", n.iface_id),
+            );
+        };
+        let limits = (
+            rate_limit(&format!("network interface {} rx", n.iface_id), &n.rx_rate_limiter),
+            rate_limit(&format!("network interface {} tx", n.iface_id), &n.tx_rate_limiter),
+        );
+        let (rx, tx) = match limits {
+            (Ok(rx), Ok(tx)) => (n.rx_rate_limiter.is_some().then_some(rx), n.tx_rate_limiter.is_some().then_some(tx)),
+            (Err(e), _) | (_, Err(e)) => return Response::error(400, e),
+        };
+        if let Err(e) = vm.update_net_rate_limits(index, rx, tx) {
+            return Response::error(
+                400,
+                format!("network interface {}: the rate limiters cannot change ({e}).", n.iface_id),
+            );
+        }
+        let (nic, iface) = (&mut config.nets[index], &mut self.resources.nets[index]);
+        if let Some(rx) = rx {
+            nic.rx_rate_limit = rx;
+            iface.rx_rate_limiter = n.rx_rate_limiter;
+        }
+        if let Some(tx) = tx {
+            nic.tx_rate_limit = tx;
+            iface.tx_rate_limiter = n.tx_rate_limiter;
+        }
+        Response::no_content()
     }
 
     fn instance_start(&mut self) -> Response {

@@ -17,6 +17,7 @@ use virtio::blk::Block;
 use virtio::console::{Console, ConsoleIo};
 use virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
 use virtio::pci::PciTransport;
+use virtio::rate_limiter::RateLimit;
 use virtio::rng::Rng;
 
 use crate::config::{ConsoleConfig, NetAttachment, VirtioTransport, VmConfig};
@@ -33,25 +34,30 @@ pub struct AttachedDevices {
     pub pci: Vec<Arc<Mutex<PciTransport>>>,
     pub pci_root: Option<Arc<Mutex<PciRoot>>>,
     /// Each disk's ID and how to change it while the VM runs.
-    pub disks: Vec<(String, DiskUpdater)>,
+    pub disks: Vec<(String, DeviceUpdater)>,
+    /// How to change each network interface while the VM runs, in configuration order.
+    pub nets: Vec<DeviceUpdater>,
 }
 
 /// The virtio-pci functions in slot order, and the root they hang off.
 type PciFunctions = (Vec<Arc<Mutex<PciTransport>>>, Arc<Mutex<PciRoot>>);
 
-/// A change to a running disk: another image, or another rate limit.
-pub enum DiskChange<'a> {
+/// A change to a running device: a disk's image or rate limit, a network interface's rate
+/// limits (None: that direction stays as it is).
+pub enum DeviceChange<'a> {
     Backing(&'a std::path::Path),
-    RateLimit(Option<virtio::rate_limiter::RateLimit>),
+    RateLimit(Option<RateLimit>),
+    NetRateLimits { rx: Option<Option<RateLimit>>, tx: Option<Option<RateLimit>> },
 }
 
-/// Applies a [`DiskChange`] to one disk.
-pub type DiskUpdater = Box<dyn Fn(DiskChange) -> Result<(), String> + Send>;
+/// Applies a [`DeviceChange`] to one device.
+pub type DeviceUpdater = Box<dyn Fn(DeviceChange) -> Result<(), String> + Send>;
 
-fn apply(state: &mut virtio::transport::VirtioState, change: DiskChange) -> Result<(), String> {
+fn apply(state: &mut virtio::transport::VirtioState, change: DeviceChange) -> Result<(), String> {
     state.update_device(|d| match change {
-        DiskChange::Backing(path) => d.update_backing(path),
-        DiskChange::RateLimit(limit) => d.update_rate_limit(limit),
+        DeviceChange::Backing(path) => d.update_backing(path),
+        DeviceChange::RateLimit(limit) => d.update_rate_limit(limit),
+        DeviceChange::NetRateLimits { rx, tx } => d.update_rate_limits(rx, tx),
     })
 }
 
@@ -141,29 +147,29 @@ pub fn attach_all(
             virtio::metrics::register(name, device_kind(device.device_type()), metrics);
         }
     }
-    let disk_ids = config.disks.iter().map(|d| d.id.clone());
-    match config.transport {
+    // Devices were added disks first, then network interfaces: their transports come in the
+    // same order.
+    let updaters: Vec<DeviceUpdater> = match config.transport {
         VirtioTransport::Mmio => {
             attached.mmio = attach_mmio(vm, mem, devices, mmio, cmdline)?;
-            for (id, transport) in disk_ids.zip(attached.mmio.clone()) {
-                let update: DiskUpdater = Box::new(move |change| {
-                    apply(transport.lock().unwrap_or_else(|p| p.into_inner()).virtio_state(), change)
-                });
-                attached.disks.push((id, update));
-            }
+            let updater = |t: Arc<Mutex<MmioTransport>>| -> DeviceUpdater {
+                Box::new(move |change| apply(t.lock().unwrap_or_else(|p| p.into_inner()).virtio_state(), change))
+            };
+            attached.mmio.iter().cloned().map(updater).collect()
         }
         VirtioTransport::Pci => {
             let (transports, root) = attach_pci(vm, mem, devices, pio, mmio)?;
             attached.pci = transports.clone();
             attached.pci_root = Some(root);
-            for (id, transport) in disk_ids.zip(transports) {
-                let update: DiskUpdater = Box::new(move |change| {
-                    apply(transport.lock().unwrap_or_else(|p| p.into_inner()).virtio_state(), change)
-                });
-                attached.disks.push((id, update));
-            }
+            let updater = |t: Arc<Mutex<PciTransport>>| -> DeviceUpdater {
+                Box::new(move |change| apply(t.lock().unwrap_or_else(|p| p.into_inner()).virtio_state(), change))
+            };
+            transports.into_iter().map(updater).collect()
         }
-    }
+    };
+    let mut updaters = updaters.into_iter();
+    attached.disks = config.disks.iter().map(|d| d.id.clone()).zip(updaters.by_ref()).collect();
+    attached.nets = updaters.take(config.nets.len()).collect();
     Ok(attached)
 }
 

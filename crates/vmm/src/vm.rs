@@ -27,6 +27,7 @@ use crate::exit::{ExitLatch, VmExit};
 use crate::snapshot;
 use crate::vcpu::{self, SharedVcpu, VcpuShared};
 use crate::virtio_devices::AttachedDevices;
+use virtio::rate_limiter::RateLimit;
 
 /// Failures while building or starting a VM; each message says what to check.
 #[derive(Debug, thiserror::Error)]
@@ -126,10 +127,22 @@ impl RunningVm {
 
     /// Changes disk `id` while the guest runs: another image (its driver is told of the change
     /// and of a new size) or another rate limit.
-    pub fn update_disk(&self, id: &str, change: crate::virtio_devices::DiskChange) -> Result<(), String> {
+    pub fn update_disk(&self, id: &str, change: crate::virtio_devices::DeviceChange) -> Result<(), String> {
         let (_, update) =
             self.devices.disks.iter().find(|(disk, _)| disk == id).ok_or_else(|| format!("there is no drive {id}"))?;
         update(change)
+    }
+
+    /// Changes the rate limits of network interface `index` (in configuration order) while the
+    /// guest runs; a direction given as None stays as it is.
+    pub fn update_net_rate_limits(
+        &self,
+        index: usize,
+        rx: Option<Option<RateLimit>>,
+        tx: Option<Option<RateLimit>>,
+    ) -> Result<(), String> {
+        let update = self.devices.nets.get(index).ok_or_else(|| format!("there is no network interface {index}"))?;
+        update(crate::virtio_devices::DeviceChange::NetRateLimits { rx, tx })
     }
 
     /// Presses Ctrl-Alt-Del on the i8042 keyboard (a Linux guest reboots).
