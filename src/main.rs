@@ -481,6 +481,7 @@ fn run(args: RunArgs, id: String, launched: Instant, logger: logging::Logger) ->
         track_dirty_pages: false,
         id: (id != vmm::controller::DEFAULT_ID).then_some(id),
         output_limit: args.output_limit,
+        serial_rate_limit: None,
     };
     let (mut controller, latch) = match controller(launched, logger) {
         Ok(c) => c,

@@ -345,6 +345,56 @@ fn patch_network_interface_changes_a_running_vms_rate_limit() {
     assert_eq!(iface["host_dev_name"], tap.name.as_str(), "{config}");
 }
 
+/// PUT /serial sends the serial console to a file with a byte budget: the probe writes 64 KiB
+/// at once against 4 KiB at hand and 4 KiB a second, so about that much of it reaches the
+/// file, and the report it prints a second later arrives whole. A FIFO nobody reads does not
+/// hold the guest back. Bad bodies are refused with a sentence.
+#[test]
+fn serial_output_goes_to_serial_out_path_within_its_rate_limit() {
+    let dir = scratch_dir("api-serial");
+    let log = dir.join("serial.log");
+    let (vm, socket) = api_vmm(&dir);
+    let s = socket.as_path();
+    let m = fault(s, "PUT", "/serial", r#"{"serial_out_path": ""}"#, 400);
+    assert!(m.contains("serial_out_path is empty"), "{m}");
+    let m = fault(s, "PUT", "/serial", r#"{"rate_limiter": {"size": 0, "refill_time": 100}}"#, 400);
+    assert!(m.contains("serial rate_limiter needs a size and a refill_time above 0"), "{m}");
+    let m = fault(s, "PUT", "/serial", r#"{"serial_out_path": "x", "baud": 9600}"#, 400);
+    assert!(m.contains("baud"), "{m}");
+    let boot = serde_json::json!({
+        "kernel_image_path": probe_elf(),
+        "boot_args": "console=ttyS0 probe.test=serial probe.serial.flood=65536",
+    });
+    expect(s, "PUT", "/boot-source", &boot.to_string(), 204);
+    let serial = serde_json::json!({"serial_out_path": log, "rate_limiter": {"size": 4096, "refill_time": 1000}});
+    expect(s, "PUT", "/serial", &serial.to_string(), 204);
+    let config: serde_json::Value = serde_json::from_str(&expect(s, "GET", "/vm/config", "", 200)).unwrap();
+    assert_eq!(config["serial"]["rate_limiter"]["size"], 4096, "{config}");
+    let started = std::time::Instant::now();
+    expect(s, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#, 204);
+    let out = vm.finish(TIMEOUT);
+    let elapsed = started.elapsed().as_secs() + 1;
+    assert!(out.status.success(), "{}", out.describe());
+    assert!(!out.stdout.contains("PROBE"), "the serial output went to stdout: {}", out.describe());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let flooded = text.bytes().filter(|&b| b == b'x').count() as u64;
+    eprintln!("{flooded} of 65536 flood bytes in the file after about {elapsed} s");
+    assert!((2048..=4096 + 4096 * elapsed).contains(&flooded), "{flooded} bytes of the flood passed");
+    assert!(text.contains("PROBE serial ok flood=65536"), "{text}");
+    assert!(text.contains("PROBE done passed=1 failed=0"), "{text}");
+
+    // A FIFO with no reader: output is dropped, the guest runs to its end.
+    let fifo = dir.join("serial.fifo");
+    common::mkfifo(&fifo);
+    let (vm, socket) = common::api_vmm(&dir, "api2.sock", &[]);
+    let s = socket.as_path();
+    expect(s, "PUT", "/boot-source", &boot.to_string(), 204);
+    expect(s, "PUT", "/serial", &serde_json::json!({"serial_out_path": fifo}).to_string(), 204);
+    expect(s, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#, 204);
+    let out = vm.finish(TIMEOUT);
+    assert!(out.status.success(), "{}", out.describe());
+}
+
 /// SendCtrlAltDel presses the keys on the i8042: the probe reads them, as set 1 scan codes
 /// (the controller translates, as PCs do), press and release.
 #[test]

@@ -139,6 +139,17 @@ pub struct PartialNetworkInterface {
     pub tx_rate_limiter: Option<RateLimiter>,
 }
 
+/// `PUT /serial`: where the serial console's output goes (default: the VMM's stdout) and a
+/// byte budget for it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Serial {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial_out_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<TokenBucket>,
+}
+
 /// `PUT /vsock`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -387,6 +398,8 @@ pub struct VmConfigFile {
     pub balloon: Option<Balloon>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entropy: Option<Entropy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<Serial>,
     #[serde(default, skip_serializing)]
     pub logger: Option<Logger>,
     #[serde(default, skip_serializing)]

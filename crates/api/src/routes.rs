@@ -22,6 +22,7 @@ pub enum Request {
     PatchNetworkInterface(PartialNetworkInterface),
     PutVsock(Vsock),
     PutEntropy(Entropy),
+    PutSerial(Serial),
     GetBalloon,
     PutBalloon(Balloon),
     PatchBalloon(BalloonUpdate),
@@ -57,6 +58,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PATCH", "/network-interfaces/{iface_id}"),
     ("PUT", "/vsock"),
     ("PUT", "/entropy"),
+    ("PUT", "/serial"),
     ("GET", "/balloon"),
     ("PUT", "/balloon"),
     ("PATCH", "/balloon"),
@@ -118,6 +120,7 @@ pub fn parse(method: &str, target: &str, body: &[u8]) -> Result<Request, Respons
         }
         ("PUT", "/vsock") => Request::PutVsock(body_of(&what, body)?),
         ("PUT", "/entropy") => Request::PutEntropy(body_of(&what, body)?),
+        ("PUT", "/serial") => Request::PutSerial(body_of(&what, body)?),
         ("GET", "/balloon") => Request::GetBalloon,
         ("PUT", "/balloon") => Request::PutBalloon(body_of(&what, body)?),
         ("PATCH", "/balloon") => Request::PatchBalloon(body_of(&what, body)?),

@@ -53,6 +53,37 @@ impl<W: Write> Write for Capped<W> {
     }
 }
 
+/// Output through a budget (a rate limiter): `allow(n)` says how many of `n` bytes may be
+/// written now; the rest is dropped as if written, since a UART write cannot wait.
+pub struct Limited<W> {
+    pub inner: W,
+    pub allow: Box<dyn FnMut(usize) -> usize + Send>,
+}
+
+impl<W: Write> Write for Limited<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = (self.allow)(buf.len()).min(buf.len());
+        if n < buf.len() {
+            crate::guest_event!("serial: output over its rate limit is dropped");
+        }
+        if n > 0 {
+            // Whatever the sink does not take is dropped too (a full FIFO).
+            let _ = self.inner.write(&buf[..n]);
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Output to a regular file (appended to) or a FIFO that is never waited on: Firecracker's
+/// `serial_out_path`.
+pub fn path_sink(path: &Path) -> io::Result<SerialSink> {
+    let file = sandbox::files::open_output(path, "serial_out_path").map_err(io::Error::other)?;
+    Ok(Box::new(file))
+}
+
 /// A sink that drops the output.
 pub fn null_sink() -> SerialSink {
     Box::new(io::sink())

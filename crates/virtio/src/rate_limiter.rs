@@ -100,6 +100,24 @@ impl TokenBucket {
     }
 }
 
+/// A byte budget for output that cannot wait (a UART write completes at once): what the
+/// bucket cannot pay for now is refused, and the caller drops it.
+pub struct DroppingBucket(TokenBucket);
+
+impl DroppingBucket {
+    pub fn new(config: BucketConfig) -> DroppingBucket {
+        DroppingBucket(TokenBucket::new(config, Instant::now()))
+    }
+
+    /// Takes up to `n` tokens; returns how many there were.
+    pub fn take(&mut self, n: u64) -> u64 {
+        self.0.refill(Instant::now());
+        let granted = n.min(self.0.burst + self.0.budget);
+        self.0.pay(granted);
+        granted
+    }
+}
+
 /// A device queue's limiter: both buckets and the timer that ends a wait.
 pub struct RateLimiter {
     bandwidth: Option<TokenBucket>,
@@ -187,6 +205,17 @@ pub fn timer_fired(limiter: &mut Option<RateLimiter>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dropping_bucket_grants_what_it_has_and_refills_with_time() {
+        let mut bucket = DroppingBucket::new(BucketConfig { size: 1000, one_time_burst: 500, refill_time: 100 });
+        assert_eq!(bucket.take(1200), 1200);
+        assert_eq!(bucket.take(1000), 300);
+        assert_eq!(bucket.take(10), 0);
+        std::thread::sleep(Duration::from_millis(50));
+        let refilled = bucket.take(1000);
+        assert!((400..=1000).contains(&refilled), "{refilled}");
+    }
 
     fn bucket(size: u64, burst: u64, ms: u64) -> TokenBucket {
         TokenBucket::new(BucketConfig { size, one_time_burst: burst, refill_time: ms }, Instant::now())

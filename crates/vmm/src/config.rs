@@ -15,7 +15,10 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum SerialConfig {
     Stdio,
+    /// `--serial file:PATH`: a regular file, created or truncated.
     File(PathBuf),
+    /// Firecracker's `serial_out_path`: a regular file (appended to) or a FIFO, never waited on.
+    Path(PathBuf),
     None,
 }
 
@@ -395,6 +398,9 @@ pub struct VmConfig {
     /// The most bytes written to a serial or console output file (`--output-limit`).
     #[serde(default)]
     pub output_limit: Option<u64>,
+    /// Firecracker's serial `rate_limiter`: bytes over it are dropped.
+    #[serde(default)]
+    pub serial_rate_limit: Option<virtio::rate_limiter::BucketConfig>,
 }
 
 /// What this host allows.
@@ -591,6 +597,7 @@ mod tests {
             track_dirty_pages: false,
             id: None,
             output_limit: None,
+            serial_rate_limit: None,
         }
     }
 

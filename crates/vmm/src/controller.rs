@@ -43,6 +43,7 @@ struct Resources {
     vsock: Option<models::Vsock>,
     balloon: Option<models::Balloon>,
     entropy: Option<models::Entropy>,
+    serial: Option<models::Serial>,
     memory: models::MemoryOptions,
 }
 
@@ -223,6 +224,11 @@ impl Controller {
             Request::PutEntropy(e) => self.pre_boot("PUT /entropy", |c| {
                 rate_limit("entropy", &e.rate_limiter)?;
                 c.resources.entropy = Some(e);
+                Ok(())
+            }),
+            Request::PutSerial(s) => self.pre_boot("PUT /serial", |c| {
+                serial_config(&s)?;
+                c.resources.serial = Some(s);
                 Ok(())
             }),
             Request::PutMemory(m) => self.pre_boot("PUT /ferrovisor/memory", |c| {
@@ -467,6 +473,10 @@ impl Controller {
         if r.machine.huge_pages == models::HugePages::TwoMiB {
             memory.hugepages = HugePages::On;
         }
+        let (serial, serial_rate_limit) = match &r.serial {
+            Some(s) => serial_config(s)?,
+            None => (SerialConfig::Stdio, None),
+        };
         let nets = r
             .nets
             .iter()
@@ -486,7 +496,7 @@ impl Controller {
             cmdline,
             cpus: u32::from(r.machine.vcpu_count),
             memory_mib: u64::from(r.machine.mem_size_mib),
-            serial: SerialConfig::Stdio,
+            serial,
             disks: drives
                 .iter()
                 .map(|d| {
@@ -521,6 +531,7 @@ impl Controller {
             track_dirty_pages: r.machine.track_dirty_pages,
             id: (self.id != DEFAULT_ID).then(|| self.id.clone()),
             output_limit: None,
+            serial_rate_limit,
         })
     }
 
@@ -540,6 +551,7 @@ impl Controller {
             vsock: r.vsock.clone(),
             balloon: r.balloon.clone(),
             entropy: r.entropy.clone(),
+            serial: r.serial.clone(),
             memory: Some(r.memory.clone()),
             ..Default::default()
         }
@@ -748,6 +760,7 @@ impl Controller {
         requests.extend(file.vsock.map(Request::PutVsock));
         requests.extend(file.balloon.map(Request::PutBalloon));
         requests.extend(file.entropy.map(Request::PutEntropy));
+        requests.extend(file.serial.map(Request::PutSerial));
         requests.push(Request::Action(ActionType::InstanceStart));
         for request in requests {
             let response = self.handle(request);
@@ -777,6 +790,29 @@ fn rate_limit(what: &str, limiter: &Option<models::RateLimiter>) -> Result<Optio
     let limit = RateLimit { bandwidth: l.bandwidth.map(bucket), ops: l.ops.map(bucket) };
     limit.check().map_err(|e| format!("{what}: {e}."))?;
     Ok((limit.bandwidth.is_some() || limit.ops.is_some()).then_some(limit))
+}
+
+/// Where `PUT /serial` sends the output, and its byte budget.
+fn serial_config(s: &models::Serial) -> Result<(SerialConfig, Option<BucketConfig>), String> {
+    let out = match s.serial_out_path.as_deref() {
+        None => SerialConfig::Stdio,
+        Some("") => {
+            return Err("serial serial_out_path is empty; give a file or FIFO path, or leave it out for stdout.".into());
+        }
+        Some(path) => SerialConfig::Path(PathBuf::from(path)),
+    };
+    let limit = match s.rate_limiter {
+        Some(b) if b.size == 0 || b.refill_time == 0 => {
+            return Err("serial rate_limiter needs a size and a refill_time above 0.".into());
+        }
+        Some(b) => Some(BucketConfig {
+            size: b.size,
+            one_time_burst: b.one_time_burst.unwrap_or(0),
+            refill_time: b.refill_time,
+        }),
+        None => None,
+    };
+    Ok((out, limit))
 }
 
 fn memory_options(m: &models::MemoryOptions) -> Result<MemoryOptions, String> {

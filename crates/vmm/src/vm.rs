@@ -485,7 +485,19 @@ fn create_devices(
             path: path.display().to_string(),
             source,
         })?,
+        SerialConfig::Path(path) => serial::path_sink(path).map_err(|source| Error::Open {
+            what: "serial_out_path",
+            path: path.display().to_string(),
+            source,
+        })?,
         SerialConfig::None => serial::null_sink(),
+    };
+    let sink: serial::SerialSink = match config.serial_rate_limit {
+        Some(bucket) => {
+            let mut bucket = virtio::rate_limiter::DroppingBucket::new(bucket);
+            Box::new(serial::Limited { inner: sink, allow: Box::new(move |n| bucket.take(n as u64) as usize) })
+        }
+        None => sink,
     };
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(host_err("serial interrupt"))?;
     vm.register_irqfd(&serial_irq, COM1_IRQ).map_err(kvm_err("route the serial interrupt"))?;
