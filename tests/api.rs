@@ -395,6 +395,50 @@ fn serial_output_goes_to_serial_out_path_within_its_rate_limit() {
     assert!(out.status.success(), "{}", out.describe());
 }
 
+/// What Firecracker's definition refuses is refused with a sentence naming the field: arrays
+/// where objects belong (serde would take a struct's fields in order), at the top and nested,
+/// and empty paths; what real clients send (a null or empty rate limiter) is still taken.
+#[test]
+fn arrays_for_objects_and_empty_paths_are_refused() {
+    let dir = scratch_dir("api-strict");
+    let (vm, socket) = api_vmm(&dir);
+    let s = socket.as_path();
+    for (method, path, body, needle) in [
+        ("PUT", "/entropy", r#"{"rate_limiter": [null, null]}"#, "field rate_limiter: invalid type: sequence"),
+        ("PUT", "/machine-config", "[2, 128]", "invalid type: sequence, expected struct MachineConfig"),
+        (
+            "PUT",
+            "/drives/d",
+            r#"{"drive_id": "d", "path_on_host": "/x", "is_root_device": false, "rate_limiter": {"ops": [1, 0, 1]}}"#,
+            "field rate_limiter.ops: invalid type: sequence",
+        ),
+        ("PUT", "/boot-source", r#"{"kernel_image_path": ""}"#, "kernel_image_path is empty; give a path"),
+        (
+            "PUT",
+            "/drives/d",
+            r#"{"drive_id": "d", "path_on_host": "", "is_root_device": false}"#,
+            "path_on_host is empty; give a path",
+        ),
+        ("PUT", "/vsock", r#"{"guest_cid": 3, "uds_path": ""}"#, "uds_path is empty"),
+        ("PUT", "/logger", r#"{"log_path": ""}"#, "log_path is empty; give a path"),
+        ("PUT", "/metrics", r#"{"metrics_path": ""}"#, "metrics_path is empty; give a path"),
+        ("PUT", "/serial", r#"{"serial_out_path": ""}"#, "serial_out_path is empty"),
+        (
+            "PUT",
+            "/snapshot/load",
+            r#"{"snapshot_path": "", "mem_backend": {"backend_type": "File", "backend_path": "/m"}}"#,
+            "snapshot_path is empty; give a path",
+        ),
+    ] {
+        let m = fault(s, method, path, body, 400);
+        assert!(m.contains(needle), "{method} {path} {body}: {m}");
+    }
+    expect(s, "PUT", "/entropy", r#"{"rate_limiter": null}"#, 204);
+    expect(s, "PUT", "/entropy", r#"{"rate_limiter": {}}"#, 204);
+    expect(s, "PUT", "/ferrovisor/stop", "", 204);
+    assert!(vm.finish(TIMEOUT).status.success());
+}
+
 /// SendCtrlAltDel presses the keys on the i8042: the probe reads them, as set 1 scan codes
 /// (the controller translates, as PCs do), press and release.
 #[test]

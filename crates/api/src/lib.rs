@@ -6,6 +6,7 @@ pub mod client;
 pub mod http;
 pub mod models;
 pub mod routes;
+mod strict;
 
 pub use http::{ApiCall, Server};
 pub use routes::{ROUTES, Request};

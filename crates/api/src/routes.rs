@@ -182,7 +182,8 @@ pub fn body_of<T: DeserializeOwned>(what: &str, body: &[u8]) -> Result<T, Respon
         return Err(Response::error(400, format!("{what} needs a JSON body; see docs/api/openapi.json.")));
     }
     let mut de = serde_json::Deserializer::from_slice(body);
-    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| Response::error(400, describe(what, &e)))?;
+    let value = serde_path_to_error::deserialize(crate::strict::ObjectsOnly(&mut de))
+        .map_err(|e| Response::error(400, describe(what, &e)))?;
     de.end().map_err(|e| {
         Response::error(
             400,

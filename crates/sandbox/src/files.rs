@@ -25,10 +25,19 @@ fn kind(meta: &std::fs::Metadata) -> &'static str {
     }
 }
 
+/// An empty path names nothing (and would fail later with a confusing error).
+pub fn not_empty(path: &Path, what: &str) -> Result<(), String> {
+    match path.as_os_str().is_empty() {
+        true => Err(format!("{what} is empty; give a path")),
+        false => Ok(()),
+    }
+}
+
 /// Opens a log or metrics output: a regular file (appended to, created if missing) or a FIFO.
 /// A FIFO is opened read-write and non-blocking, so that neither the open nor a write waits
 /// for a reader: lines a full FIFO cannot take are dropped.
 pub fn open_output(path: &Path, what: &str) -> Result<File, String> {
+    not_empty(path, what).map_err(|e| format!("{e}."))?;
     let shown = path.display();
     let existing = std::fs::metadata(path).ok();
     if let Some(meta) = &existing
@@ -79,6 +88,7 @@ pub fn read_regular(path: &Path, what: &str, max: u64) -> Result<Vec<u8>, String
 /// Opens an input file for reading, refusing anything but a regular file (without blocking
 /// on a FIFO to find out).
 pub fn open_regular(path: &Path, what: &str) -> Result<File, String> {
+    not_empty(path, what)?;
     let file = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
@@ -94,6 +104,7 @@ pub fn open_regular(path: &Path, what: &str) -> Result<File, String> {
 /// Creates or truncates a file the VMM writes whole (snapshot state, memory), refusing to
 /// overwrite anything but a regular file.
 pub fn create_output(path: &Path, what: &str) -> Result<File, String> {
+    not_empty(path, what).map_err(|e| format!("{e}."))?;
     let shown = path.display();
     if let Ok(meta) = std::fs::symlink_metadata(path)
         && !meta.is_file()
@@ -140,6 +151,7 @@ pub fn remove_stale_socket(path: &Path, what: &str) -> Result<(), String> {
 /// Checks that a drive image, where one exists, is a regular file or a block device (a
 /// missing one is reported by whoever opens it).
 pub fn check_drive(path: &Path, what: &str) -> Result<(), String> {
+    not_empty(path, what).map_err(|e| format!("{e}."))?;
     let Ok(meta) = std::fs::metadata(path) else { return Ok(()) };
     if meta.is_file() || meta.file_type().is_block_device() {
         Ok(())

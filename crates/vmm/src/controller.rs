@@ -657,6 +657,11 @@ impl Controller {
 
     fn create_snapshot(&mut self, params: models::SnapshotCreate) -> Response {
         let Some((vm, config)) = &mut self.vm else { return before_start("PUT /snapshot/create") };
+        for (field, path) in [("snapshot_path", &params.snapshot_path), ("mem_file_path", &params.mem_file_path)] {
+            if path.is_empty() {
+                return Response::error(400, format!("PUT /snapshot/create: {field} is empty; give a path."));
+            }
+        }
         let diff = params.snapshot_type == models::SnapshotType::Diff;
         let started = Instant::now();
         let result =
@@ -701,6 +706,11 @@ impl Controller {
             }
             (None, None) => return Response::error(400, "PUT /snapshot/load needs mem_backend (or mem_file_path)."),
         };
+        for (field, path) in [("snapshot_path", &params.snapshot_path), ("memory backend path", &mem_path)] {
+            if path.is_empty() {
+                return Response::error(400, format!("PUT /snapshot/load: {field} is empty; give a path."));
+            }
+        }
         let started = Instant::now();
         let mut saved = match crate::snapshot::Snapshot::read(Path::new(&params.snapshot_path)) {
             Ok(s) => s,
@@ -773,6 +783,7 @@ impl Controller {
 }
 
 fn must_exist(what: &str, field: &str, path: &str) -> Result<(), String> {
+    sandbox::files::not_empty(Path::new(path), &format!("{what} {field}")).map_err(|e| format!("{e}."))?;
     match std::fs::metadata(path) {
         Ok(_) => Ok(()),
         Err(e) => Err(format!("{what} {field} {path} cannot be read ({e}); give an existing file.")),
