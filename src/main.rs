@@ -482,6 +482,7 @@ fn run(args: RunArgs, id: String, launched: Instant, logger: logging::Logger) ->
         id: (id != vmm::controller::DEFAULT_ID).then_some(id),
         output_limit: args.output_limit,
         serial_rate_limit: None,
+        cpu_template: None,
     };
     let (mut controller, latch) = match controller(launched, logger) {
         Ok(c) => c,

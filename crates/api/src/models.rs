@@ -150,6 +150,48 @@ pub struct Serial {
     pub rate_limiter: Option<TokenBucket>,
 }
 
+/// `PUT /cpu-config`: a custom CPU template in Firecracker's format. `vcpu_features` and
+/// `reg_modifiers` are for aarch64 hosts.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpuConfig {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kvm_capabilities: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cpuid_modifiers: Vec<CpuidLeafModifier>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub msr_modifiers: Vec<MsrModifier>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vcpu_features: Vec<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reg_modifiers: Vec<serde_json::Value>,
+}
+
+/// One CPUID leaf and subleaf of a custom CPU template, with its register modifiers.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpuidLeafModifier {
+    pub leaf: String,
+    pub subleaf: String,
+    #[serde(default)]
+    pub flags: u32,
+    pub modifiers: Vec<CpuidRegisterModifier>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpuidRegisterModifier {
+    pub register: String,
+    pub bitmap: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MsrModifier {
+    pub addr: String,
+    pub bitmap: String,
+}
+
 /// `PUT /vsock`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -1,7 +1,7 @@
 //! The CPUID a vCPU sees: KVM's supported set, passed through, with the topology of this VM
 //! (APIC IDs, logical processor counts) written in. No feature the host KVM hides is added back.
 
-use kvm_bindings::{CpuId, kvm_cpuid_entry2};
+use kvm_bindings::kvm_cpuid_entry2;
 
 const LEAF_FEATURES: u32 = 0x1;
 const LEAF_CACHE_PARAMS: u32 = 0x4;
@@ -63,13 +63,6 @@ pub fn apply_topology(entries: &mut [kvm_cpuid_entry2], index: u32, count: u32) 
             _ => {}
         }
     }
-}
-
-/// KVM's supported CPUID adjusted for one vCPU.
-pub fn vcpu_cpuid(supported: &CpuId, index: u32, count: u32) -> CpuId {
-    let mut cpuid = supported.clone();
-    apply_topology(cpuid.as_mut_slice(), index, count);
-    cpuid
 }
 
 #[cfg(test)]

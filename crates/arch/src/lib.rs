@@ -5,6 +5,7 @@
 //! [`vcpu`], which applies the results to a KVM vCPU.
 
 pub mod boot;
+pub mod cpu_template;
 pub mod cpuid;
 pub mod gdt;
 pub mod layout;
@@ -33,6 +34,8 @@ pub enum Error {
     TooManyCpus { count: u32, max: u32 },
     #[error("KVM refused boot MSR {msr:#x} on vCPU {index}.")]
     MsrRefused { index: u32, msr: u32 },
+    #[error("The CPU template cannot be applied: {0}.")]
+    Template(String),
     #[error("Setting up vCPU {index} failed: {what}: {source}.")]
     Vcpu { index: u32, what: &'static str, source: kvm_ioctls::Error },
 }

@@ -6,6 +6,7 @@ use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::boot::EntryMode;
+use crate::cpu_template::{CpuTemplate, MsrModifier};
 use crate::gdt::{CODE_INDEX, DATA_INDEX, TSS_INDEX, boot_gdt, kvm_segment_from_gdt};
 use crate::layout::*;
 use crate::paging::write_identity_tables;
@@ -74,14 +75,28 @@ pub fn set_lint_modes(lapic: &mut kvm_lapic_state) {
 }
 
 /// Sets the state every vCPU needs, boot vCPU or not.
-pub fn configure_vcpu(vcpu: &VcpuFd, index: u32, count: u32, supported_cpuid: &CpuId) -> Result<()> {
+pub fn configure_vcpu(
+    vcpu: &VcpuFd,
+    index: u32,
+    count: u32,
+    supported_cpuid: &CpuId,
+    template: Option<&CpuTemplate>,
+) -> Result<()> {
     let fail = |what| move |source| Error::Vcpu { index, what, source };
-    vcpu.set_cpuid2(&cpuid::vcpu_cpuid(supported_cpuid, index, count)).map_err(fail("setting CPUID"))?;
+    let mut guest_cpuid = supported_cpuid.clone();
+    if let Some(t) = template {
+        t.apply_cpuid(&mut guest_cpuid).map_err(Error::Template)?;
+    }
+    cpuid::apply_topology(guest_cpuid.as_mut_slice(), index, count);
+    vcpu.set_cpuid2(&guest_cpuid).map_err(fail("setting CPUID"))?;
     let entries = boot_msrs();
     let msrs = Msrs::from_entries(&entries).expect("the boot MSR list fits a kvm_msrs");
     let written = vcpu.set_msrs(&msrs).map_err(fail("setting MSRs"))?;
     if let Some(refused) = entries.get(written) {
         return Err(Error::MsrRefused { index, msr: refused.index });
+    }
+    for m in template.map_or(&[][..], |t| &t.msrs) {
+        apply_msr_modifier(vcpu, m)?;
     }
     let mut lapic = vcpu.get_lapic().map_err(fail("reading the LAPIC"))?;
     set_lint_modes(&mut lapic);
@@ -89,6 +104,25 @@ pub fn configure_vcpu(vcpu: &VcpuFd, index: u32, count: u32, supported_cpuid: &C
     let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
     vcpu.set_fpu(&fpu).map_err(fail("setting the FPU"))?;
     Ok(())
+}
+
+/// Reads MSR `m.addr` as the vCPU has it, changes the template's bits and writes it back; an
+/// MSR KVM does not let the guest have, or a value it refuses, is an error.
+fn apply_msr_modifier(vcpu: &VcpuFd, m: &MsrModifier) -> Result<()> {
+    let mut msrs =
+        Msrs::from_entries(&[kvm_msr_entry { index: m.addr, ..Default::default() }]).expect("one MSR fits a kvm_msrs");
+    let unknown =
+        || Error::Template(format!("MSR {:#x} is not one this host's KVM gives a guest; remove its modifier", m.addr));
+    if vcpu.get_msrs(&mut msrs).map_err(|_| unknown())? != 1 {
+        return Err(unknown());
+    }
+    let value = m.bitmap.apply(msrs.as_slice()[0].data);
+    let msrs = Msrs::from_entries(&[kvm_msr_entry { index: m.addr, data: value, ..Default::default() }])
+        .expect("one MSR fits a kvm_msrs");
+    match vcpu.set_msrs(&msrs) {
+        Ok(1) => Ok(()),
+        _ => Err(Error::Template(format!("KVM refused MSR {:#x} = {value:#x}; change its modifier", m.addr))),
+    }
 }
 
 /// Sets the boot vCPU's registers for `mode` and writes the GDT, IDT and page tables it uses.

@@ -44,6 +44,7 @@ struct Resources {
     balloon: Option<models::Balloon>,
     entropy: Option<models::Entropy>,
     serial: Option<models::Serial>,
+    cpu_config: Option<models::CpuConfig>,
     memory: models::MemoryOptions,
 }
 
@@ -224,6 +225,11 @@ impl Controller {
             Request::PutEntropy(e) => self.pre_boot("PUT /entropy", |c| {
                 rate_limit("entropy", &e.rate_limiter)?;
                 c.resources.entropy = Some(e);
+                Ok(())
+            }),
+            Request::PutCpuConfig(t) => self.pre_boot("PUT /cpu-config", |c| {
+                crate::config::cpu_template(&t).map_err(|e| format!("{e}."))?;
+                c.resources.cpu_config = Some(t);
                 Ok(())
             }),
             Request::PutSerial(s) => self.pre_boot("PUT /serial", |c| {
@@ -532,6 +538,7 @@ impl Controller {
             id: (self.id != DEFAULT_ID).then(|| self.id.clone()),
             output_limit: None,
             serial_rate_limit,
+            cpu_template: r.cpu_config.clone(),
         })
     }
 

@@ -48,6 +48,8 @@ pub enum Error {
     Device(String),
     #[error("Cannot pause the VM: {0}.")]
     Pause(String),
+    #[error("The CPU template cannot be applied: {0}.")]
+    CpuTemplate(String),
     #[error("The kernel command line has no room for the virtio devices ({0}); shorten --cmdline.")]
     Cmdline(#[from] linux_loader::cmdline::Error),
 }
@@ -373,10 +375,22 @@ struct VcpuParts {
 
 fn create_vcpus(kvm: &Kvm, vm: &VmFd, config: &VmConfig) -> Result<Vec<VcpuFd>, Error> {
     let supported_cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("report its CPUID"))?;
+    let template =
+        config.cpu_template.as_ref().map(crate::config::cpu_template).transpose().map_err(Error::CpuTemplate)?;
+    for &cap in template.iter().flat_map(|t| &t.required_capabilities) {
+        if kvm.check_extension_raw(u64::from(cap)) <= 0 {
+            return Err(Error::CpuTemplate(format!(
+                "this host's KVM lacks capability {cap} that kvm_capabilities requires; remove it or use another host"
+            )));
+        }
+    }
+    if let Some(t) = &template {
+        tracing::info!("CPU template: {} CPUID and {} MSR modifiers", t.cpuid.len(), t.msrs.len());
+    }
     let mut vcpus = Vec::new();
     for index in 0..config.cpus {
         let vcpu = vm.create_vcpu(u64::from(index)).map_err(kvm_err("create a vCPU"))?;
-        arch_vcpu::configure_vcpu(&vcpu, index, config.cpus, &supported_cpuid)?;
+        arch_vcpu::configure_vcpu(&vcpu, index, config.cpus, &supported_cpuid, template.as_ref())?;
         vcpus.push(vcpu);
     }
     Ok(vcpus)

@@ -149,7 +149,9 @@ ring0_reset:
 
 # #GP from ring 3: some hosts fault port I/O at CPL 3 even with IOPL 3, so ring 0 completes
 # the forms the probe uses: `out %al,%dx` (EE), `in %dx,%al` (EC), their 32-bit forms (EF, ED:
-# PCI configuration) and `rep outsb` (F3 6E: RCX bytes from RSI to port DX). `hlt` (F4) from ring 3 parks the CPU for good, with
+# PCI configuration) and `rep outsb` (F3 6E: RCX bytes from RSI to port DX). `rdmsr` (0F 32)
+# from ring 3 asks for CPUID (leaf EAX, subleaf ECX) run in ring 0: on hosts that run guest
+# ring 3 natively, CPUID there answers with the host's values, not the VM's. `hlt` (F4) from ring 3 parks the CPU for good, with
 # interrupts off, so that an idle probe costs the host nothing; with RAX = RESET_MAGIC it ends
 # the VM instead. Anything else is a real fault.
 gp_handler:
@@ -174,6 +176,8 @@ gp_handler:
     je 10f
     cmpb $0xED, (%rcx)
     je 11f
+    cmpw $0x320F, (%rcx)
+    je 12f
     popq %rcx
 9:  pushq $13
     jmp isr_common
@@ -200,6 +204,11 @@ gp_handler:
 11: popq %rcx
     inl %dx, %eax
     addq $1, 8(%rsp)
+    addq $8, %rsp
+    iretq
+12: popq %rcx
+    cpuid
+    addq $2, 8(%rsp)
     addq $8, %rsp
     iretq
 

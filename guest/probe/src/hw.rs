@@ -57,6 +57,19 @@ pub fn cpuid(leaf: u32) -> core::arch::x86_64::CpuidResult {
     core::arch::x86_64::__cpuid(leaf)
 }
 
+/// CPUID as the VM answers it: ring 0 runs it (the #GP handler takes `rdmsr` from ring 3 to
+/// mean this), since some hosts run guest ring 3 natively and its CPUID then shows the host.
+pub fn vm_cpuid(leaf: u32, subleaf: u32) -> core::arch::x86_64::CpuidResult {
+    let (eax, ebx, ecx, edx): (u32, u32, u32, u32);
+    // SAFETY: rdmsr from ring 3 traps to the probe's ring 0, which runs CPUID and returns; rbx
+    // is saved around it because the compiler reserves it.
+    unsafe {
+        asm!("mov {saved:r}, rbx", "rdmsr", "xchg {saved:r}, rbx", saved = out(reg) ebx,
+             inout("eax") leaf => eax, inout("ecx") subleaf => ecx, out("edx") edx, options(nostack, preserves_flags));
+    }
+    core::arch::x86_64::CpuidResult { eax, ebx, ecx, edx }
+}
+
 /// Reads a 32-bit device register. The caller names an address that is MMIO or RAM in the
 /// identity map (the first 4 GiB).
 pub fn mmio_read32(addr: u64) -> u32 {

@@ -1,5 +1,6 @@
 //! The tests the probe offers, by name.
 
+mod cpuid;
 mod fault;
 mod hostile;
 mod hostile_net;
@@ -22,6 +23,7 @@ pub fn run(name: &str, cmdline: Cmdline, info: &StartInfo) {
         "serial" => serial::run(cmdline),
         "memfill" => memfill::run(cmdline, info),
         "fault" => fault::run(),
+        "cpuid" => cpuid::run(cmdline),
         "hostile" => hostile::run(cmdline),
         "hostile-net" => hostile_net::run(cmdline),
         "hostile-pci" => hostile_pci::run(cmdline),
