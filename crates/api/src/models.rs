@@ -212,6 +212,34 @@ pub struct Balloon {
     pub stats_polling_interval_s: u32,
     #[serde(default)]
     pub free_page_reporting: bool,
+    #[serde(default)]
+    pub free_page_hinting: bool,
+}
+
+/// `PATCH /balloon/hinting/start`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonHintingStart {
+    /// Answer the guest's end of a run with DONE at once (default), so it reuses its pages.
+    #[serde(default = "yes")]
+    pub acknowledge_on_stop: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A body that may only be `{}`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoFields {}
+
+/// `GET /balloon/hinting/status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct BalloonHintingStatus {
+    pub host_cmd: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_cmd: Option<u32>,
 }
 
 /// `PATCH /balloon`.

@@ -29,6 +29,9 @@ pub enum Request {
     PatchBalloon(BalloonUpdate),
     GetBalloonStats,
     PatchBalloonStats(BalloonStatsUpdate),
+    StartBalloonHinting(BalloonHintingStart),
+    GetBalloonHinting,
+    StopBalloonHinting,
     Action(ActionType),
     PatchVm(VmStateChange),
     CreateSnapshot(SnapshotCreate),
@@ -66,6 +69,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PATCH", "/balloon"),
     ("GET", "/balloon/statistics"),
     ("PATCH", "/balloon/statistics"),
+    ("PATCH", "/balloon/hinting/start"),
+    ("GET", "/balloon/hinting/status"),
+    ("PATCH", "/balloon/hinting/stop"),
     ("PUT", "/actions"),
     ("PATCH", "/vm"),
     ("PUT", "/snapshot/create"),
@@ -129,6 +135,20 @@ pub fn parse(method: &str, target: &str, body: &[u8]) -> Result<Request, Respons
         ("PATCH", "/balloon") => Request::PatchBalloon(body_of(&what, body)?),
         ("GET", "/balloon/statistics") => Request::GetBalloonStats,
         ("PATCH", "/balloon/statistics") => Request::PatchBalloonStats(body_of(&what, body)?),
+        // Clients send these with no body or an empty one.
+        ("PATCH", "/balloon/hinting/start") => {
+            Request::StartBalloonHinting(match body.iter().all(u8::is_ascii_whitespace) {
+                true => BalloonHintingStart { acknowledge_on_stop: true },
+                false => body_of(&what, body)?,
+            })
+        }
+        ("GET", "/balloon/hinting/status") => Request::GetBalloonHinting,
+        ("PATCH", "/balloon/hinting/stop") => {
+            if !body.iter().all(u8::is_ascii_whitespace) {
+                body_of::<NoFields>(&what, body)?;
+            }
+            Request::StopBalloonHinting
+        }
         ("PUT", "/actions") => Request::Action(body_of::<InstanceAction>(&what, body)?.action_type),
         ("PATCH", "/vm") => Request::PatchVm(body_of::<VmState>(&what, body)?.state),
         ("PUT", "/snapshot/create") => Request::CreateSnapshot(body_of(&what, body)?),

@@ -18,6 +18,11 @@ use crate::{F_RING_INDIRECT_DESC, F_VERSION_1, GuestMemory, TYPE_BALLOON};
 // Feature bits and sizes from the virtio specification (5.5); the binding crate has none.
 pub const F_STATS_VQ: u64 = 1 << 1;
 pub const F_DEFLATE_ON_OOM: u64 = 1 << 2;
+pub const F_FREE_PAGE_HINT: u64 = 1 << 3;
+/// Free page hinting's command IDs (virtio 1.2, 5.5.6.7): a run stops, a run's hints may be
+/// reused; any other ID starts a run.
+pub const CMD_ID_STOP: u32 = 0;
+pub const CMD_ID_DONE: u32 = 1;
 pub const F_FREE_PAGE_REPORTING: u64 = 1 << 5;
 /// Balloon page frame numbers always count 4 KiB pages.
 pub const PAGE_SIZE: u64 = 4096;
@@ -36,6 +41,9 @@ pub struct BalloonOptions {
     /// How often the guest is asked for fresh statistics, in seconds; 0: no statistics queue.
     pub stats_interval_s: u32,
     pub free_page_reporting: bool,
+    /// Free page hinting (runs started through the API).
+    #[serde(default)]
+    pub free_page_hinting: bool,
 }
 
 /// What the host sees of the guest's balloon.
@@ -54,6 +62,7 @@ enum Role {
     Inflate,
     Deflate,
     Stats,
+    Hinting,
     Reporting,
 }
 
@@ -69,6 +78,17 @@ pub struct BalloonControl {
     stats_timer: Mutex<TimerFd>,
     /// The statistics buffer the guest gave, held until the timer asks for fresh numbers.
     held_stats: Mutex<Option<u16>>,
+    hinting: Mutex<Hinting>,
+}
+
+/// Where free page hinting stands: the command the host gave (in the config space) and the
+/// last one the guest sent back on the hinting queue.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Hinting {
+    pub host_cmd: u32,
+    pub guest_cmd: Option<u32>,
+    /// Answer the guest's STOP with DONE at once, so that it may reuse the pages.
+    pub acknowledge_on_stop: bool,
 }
 
 impl BalloonControl {
@@ -114,6 +134,37 @@ impl BalloonControl {
         }
     }
 
+    pub fn hinting(&self) -> Hinting {
+        *self.hinting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts a free page hinting run: a new command ID in the config space.
+    pub fn start_hinting(&self, acknowledge_on_stop: bool) {
+        let cmd = self.update_hinting(|h| {
+            h.host_cmd = h.host_cmd.max(CMD_ID_DONE) + 1;
+            h.acknowledge_on_stop = acknowledge_on_stop;
+        });
+        tracing::info!("virtio-balloon: free page hinting run {cmd} started");
+    }
+
+    /// Ends the run: DONE lets the guest reuse the pages it hinted.
+    pub fn stop_hinting(&self) {
+        self.update_hinting(|h| h.host_cmd = CMD_ID_DONE);
+    }
+
+    /// Changes the hinting state and tells the driver; returns the host's command.
+    fn update_hinting(&self, change: impl FnOnce(&mut Hinting)) -> u32 {
+        let cmd = {
+            let mut h = self.hinting.lock().unwrap_or_else(|p| p.into_inner());
+            change(&mut h);
+            h.host_cmd
+        };
+        if let Some(interrupt) = self.interrupt.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            interrupt.signal_config_change();
+        }
+        cmd
+    }
+
     fn take_held_stats(&self) -> Option<u16> {
         self.held_stats.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
@@ -138,7 +189,10 @@ pub struct Balloon {
 
 impl Balloon {
     pub fn new(options: BalloonOptions) -> std::io::Result<Balloon> {
-        let queues = 2 + usize::from(options.stats_interval_s > 0) + usize::from(options.free_page_reporting);
+        let queues = 2
+            + usize::from(options.stats_interval_s > 0)
+            + usize::from(options.free_page_hinting)
+            + usize::from(options.free_page_reporting);
         let control = Arc::new(BalloonControl {
             target_pages: AtomicU32::new(options.target_mib.saturating_mul(PAGES_PER_MIB)),
             state: Mutex::new(BalloonState::default()),
@@ -146,6 +200,7 @@ impl Balloon {
             stats_interval_s: AtomicU32::new(options.stats_interval_s),
             stats_timer: Mutex::new(TimerFd::new()?),
             held_stats: Mutex::new(None),
+            hinting: Mutex::new(Hinting::default()),
         });
         Ok(Balloon { options, control, queue_sizes: vec![QUEUE_SIZE; queues], worker: None })
     }
@@ -161,6 +216,9 @@ fn roles(acked: u64) -> Vec<Role> {
     let mut roles = vec![Role::Inflate, Role::Deflate];
     if acked & F_STATS_VQ != 0 {
         roles.push(Role::Stats);
+    }
+    if acked & F_FREE_PAGE_HINT != 0 {
+        roles.push(Role::Hinting);
     }
     if acked & F_FREE_PAGE_REPORTING != 0 {
         roles.push(Role::Reporting);
@@ -183,6 +241,9 @@ impl VirtioDevice for Balloon {
         if self.options.free_page_reporting {
             f |= F_FREE_PAGE_REPORTING;
         }
+        if self.options.free_page_hinting {
+            f |= F_FREE_PAGE_HINT;
+        }
         f
     }
     fn queue_max_sizes(&self) -> &[u16] {
@@ -190,9 +251,11 @@ impl VirtioDevice for Balloon {
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let actual = self.control.state().actual_pages;
-        let mut config = [0u8; 8];
+        // num_pages, actual, free_page_hint_cmd_id, poison_val (no PAGE_POISON: 0).
+        let mut config = [0u8; 16];
         config[0..4].copy_from_slice(&self.control.target_pages.load(Ordering::SeqCst).to_le_bytes());
         config[4..8].copy_from_slice(&actual.to_le_bytes());
+        config[8..12].copy_from_slice(&self.control.hinting().host_cmd.to_le_bytes());
         read_config_bytes(&config, offset, data);
     }
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -371,6 +434,49 @@ impl BalloonBackend {
         })
     }
 
+    /// Free page hinting: a 4-byte readable buffer is a command ID from the guest (the run it
+    /// starts hinting for, or STOP); writable buffers are free pages of the run under way,
+    /// whose contents the host may drop.
+    fn hint(&self, queue: &mut Queue, mem: &GuestMemory) -> bool {
+        let control = &self.control;
+        serve_queue("virtio-balloon", queue, mem, |chain| {
+            let mut released = 0u64;
+            for desc in chain {
+                if !desc.is_write_only() {
+                    let Some(Ok(cmd)) = (desc.len() == 4).then(|| mem.read_obj::<u32>(desc.addr())) else {
+                        crate::guest_fault!("virtio-balloon: a hinting command is not 4 readable bytes");
+                        continue;
+                    };
+                    let acknowledge = {
+                        let mut h = control.hinting.lock().unwrap_or_else(|p| p.into_inner());
+                        h.guest_cmd = Some(cmd);
+                        cmd == CMD_ID_STOP && h.acknowledge_on_stop && h.host_cmd > CMD_ID_DONE
+                    };
+                    if acknowledge {
+                        control.stop_hinting();
+                    }
+                    continue;
+                }
+                // Hints count only for the run the host asked for.
+                let h = control.hinting();
+                if h.host_cmd <= CMD_ID_DONE || h.guest_cmd != Some(h.host_cmd) {
+                    crate::guest_fault!("virtio-balloon: a free page hint outside a hinting run was ignored");
+                    continue;
+                }
+                let (gpa, len) = (desc.addr().0, u64::from(desc.len()));
+                if release(mem, gpa, len) {
+                    released += len / PAGE_SIZE;
+                } else {
+                    crate::guest_fault!(
+                        "virtio-balloon: a hinted range {gpa:#x}+{len:#x} is not whole pages of guest RAM"
+                    );
+                }
+            }
+            control.with_state(|s| s.released_pages += released);
+            0
+        })
+    }
+
     /// Free page reporting: each buffer is a free range the guest lends back.
     fn report(&self, queue: &mut Queue, mem: &GuestMemory) -> bool {
         let control = &self.control;
@@ -446,6 +552,7 @@ impl Backend for BalloonBackend {
             // Deflated pages need nothing: they fault back in when the guest touches them.
             Some(Role::Deflate) => serve_queue("virtio-balloon", &mut queues[index], mem, |_| 0),
             Some(Role::Stats) => self.stats(&mut queues[index], mem),
+            Some(Role::Hinting) => self.hint(&mut queues[index], mem),
             Some(Role::Reporting) => self.report(&mut queues[index], mem),
             None => false,
         }
@@ -481,13 +588,16 @@ impl BalloonBackend {
 #[doc(hidden)]
 pub fn fuzz_queues(mem: &GuestMemory, queues: &mut [Queue], script: &[u8]) {
     let Some((&features, script)) = script.split_first() else { return };
-    let acked = u64::from(features) & (F_STATS_VQ | F_DEFLATE_ON_OOM | F_FREE_PAGE_REPORTING);
+    let acked = u64::from(features) & (F_STATS_VQ | F_DEFLATE_ON_OOM | F_FREE_PAGE_HINT | F_FREE_PAGE_REPORTING);
     // One balloon for the whole run (making its timer is most of a run's cost), emptied first.
     static BALLOON: std::sync::OnceLock<Option<Balloon>> = std::sync::OnceLock::new();
     let Some(balloon) = BALLOON.get_or_init(|| Balloon::new(BalloonOptions::default()).ok()) else { return };
     let control = balloon.control();
     control.take_held_stats();
     control.with_state(|s| *s = BalloonState::default());
+    // A hinting run under way half of the time, so that hints are taken.
+    *control.hinting.lock().unwrap_or_else(|p| p.into_inner()) =
+        Hinting { host_cmd: 2, guest_cmd: (features & 0x80 != 0).then_some(2), acknowledge_on_stop: true };
     let mut backend = BalloonBackend { roles: roles(acked), control, stats_timer: None };
     for &op in script {
         match usize::from(op) % (queues.len() + 1) {
@@ -509,6 +619,10 @@ mod tests {
         assert_eq!(
             roles(F_STATS_VQ | F_FREE_PAGE_REPORTING),
             [Role::Inflate, Role::Deflate, Role::Stats, Role::Reporting]
+        );
+        assert_eq!(
+            roles(F_STATS_VQ | F_FREE_PAGE_HINT | F_FREE_PAGE_REPORTING),
+            [Role::Inflate, Role::Deflate, Role::Stats, Role::Hinting, Role::Reporting]
         );
     }
 

@@ -195,7 +195,8 @@ impl FromStr for NetConfig {
     }
 }
 
-/// `--balloon size=MiB[,deflate_on_oom=on][,stats=on|off|SECONDS][,free_page_reporting=on]`.
+/// `--balloon size=MiB[,deflate_on_oom=on][,stats=on|off|SECONDS][,free_page_reporting=on]
+/// [,free_page_hinting=on]`.
 pub fn parse_balloon(s: &str) -> Result<virtio::balloon::BalloonOptions, String> {
     let mut options = virtio::balloon::BalloonOptions::default();
     let mut size = None;
@@ -219,9 +220,11 @@ pub fn parse_balloon(s: &str) -> Result<virtio::balloon::BalloonOptions, String>
                 }
             }
             "free_page_reporting" => options.free_page_reporting = on_off("--balloon", key, value)?,
+            "free_page_hinting" => options.free_page_hinting = on_off("--balloon", key, value)?,
             _ => {
                 return Err(format!(
-                    "--balloon has no option '{key}'; use size=, deflate_on_oom=, stats= and free_page_reporting="
+                    "--balloon has no option '{key}'; use size=, deflate_on_oom=, stats=, free_page_reporting= and \
+                     free_page_hinting="
                 ));
             }
         }

@@ -16,6 +16,7 @@ use crate::metrics::MetricsSink;
 use crate::virtio_devices::DeviceChange;
 use crate::vm::RunningVm;
 use crate::{HostLimits, VirtioTransport, VsockConfig};
+use virtio::balloon::BalloonControl;
 use virtio::rate_limiter::{BucketConfig, RateLimit};
 
 /// Applies a `PUT /logger` body: level, file; provided by the binary, which owns the logger.
@@ -250,6 +251,11 @@ impl Controller {
             Request::PatchBalloon(u) => self.patch_balloon(u.amount_mib),
             Request::GetBalloonStats => self.balloon_stats(),
             Request::PatchBalloonStats(u) => self.patch_balloon_stats(u.stats_polling_interval_s),
+            Request::StartBalloonHinting(s) => {
+                self.balloon_hinting(Some(|c: &BalloonControl| c.start_hinting(s.acknowledge_on_stop)))
+            }
+            Request::StopBalloonHinting => self.balloon_hinting(Some(|c: &BalloonControl| c.stop_hinting())),
+            Request::GetBalloonHinting => self.balloon_hinting(None::<fn(&BalloonControl)>),
             Request::Action(ActionType::InstanceStart) => self.instance_start(),
             Request::Action(ActionType::FlushMetrics) => match &self.metrics {
                 Some(sink) => match sink.flush() {
@@ -526,6 +532,7 @@ impl Controller {
                 deflate_on_oom: b.deflate_on_oom,
                 stats_interval_s: b.stats_polling_interval_s,
                 free_page_reporting: b.free_page_reporting,
+                free_page_hinting: b.free_page_hinting,
             }),
             vsock: r
                 .vsock
@@ -573,6 +580,30 @@ impl Controller {
         }
     }
 
+    /// Free page hinting: `act` on the balloon (start or stop a run), or with none the status.
+    fn balloon_hinting(&self, act: Option<impl FnOnce(&BalloonControl)>) -> Response {
+        let control = match self.balloon_control() {
+            Ok(c) => c,
+            Err(r) => return r,
+        };
+        if !self.vm.as_ref().and_then(|(_, c)| c.balloon).is_some_and(|b| b.free_page_hinting) {
+            return Response::error(
+                400,
+                "Free page hinting is off; PUT /balloon with free_page_hinting: true before InstanceStart.",
+            );
+        }
+        match act {
+            Some(act) => {
+                act(control);
+                Response::no_content()
+            }
+            None => {
+                let h = control.hinting();
+                Response::json(&models::BalloonHintingStatus { host_cmd: h.host_cmd, guest_cmd: h.guest_cmd })
+            }
+        }
+    }
+
     fn get_balloon(&self) -> Response {
         if !self.running() {
             return match &self.resources.balloon {
@@ -590,6 +621,7 @@ impl Controller {
             deflate_on_oom: options.deflate_on_oom,
             stats_polling_interval_s: control.stats_interval_s(),
             free_page_reporting: options.free_page_reporting,
+            free_page_hinting: options.free_page_hinting,
         })
     }
 
@@ -901,6 +933,7 @@ fn config_file_of(c: &VmConfig) -> VmConfigFile {
             deflate_on_oom: b.deflate_on_oom,
             stats_polling_interval_s: b.stats_interval_s,
             free_page_reporting: b.free_page_reporting,
+            free_page_hinting: b.free_page_hinting,
         }),
         entropy: c.rng.then(models::Entropy::default),
         memory: Some(models::MemoryOptions {
