@@ -79,10 +79,10 @@ struct Cli {
     /// The largest API request body, in bytes.
     #[arg(long, default_value_t = api::http::DEFAULT_MAX_BODY)]
     http_api_max_payload_size: usize,
-    /// MMDS store limit (Ferrovisor has no MMDS yet: refused).
+    /// The most bytes of JSON the MMDS store holds.
     #[arg(long)]
     mmds_size_limit: Option<usize>,
-    /// MMDS contents at start-up (Ferrovisor has no MMDS yet: refused).
+    /// A JSON file: the MMDS contents at start-up.
     #[arg(long)]
     metadata: Option<PathBuf>,
     /// When the jailer started, in microseconds of wall-clock time (set by the jailer).
@@ -407,10 +407,13 @@ fn serve(cli: Cli, launched: Instant, logger: logging::Logger) -> ExitCode {
     if let Err(e) = check_id(&cli.id) {
         return usage(e);
     }
-    if cli.mmds_size_limit.is_some() || cli.metadata.is_some() {
-        return usage(
-            "--mmds-size-limit and --metadata configure MMDS, which Ferrovisor does not have yet; drop them.",
-        );
+    if let Some(limit) = cli.mmds_size_limit {
+        net::mmds::with_store(|s| s.set_limit(limit));
+    }
+    if let Some(path) = &cli.metadata
+        && let Err(e) = load_metadata(path)
+    {
+        return usage(e);
     }
     let api_sock = match (cli.api_sock, cli.no_api, &cli.config_file) {
         (_, true, None) => return usage("--no-api needs --config-file, or the VM could never start."),
@@ -454,6 +457,15 @@ fn serve(cli: Cli, launched: Instant, logger: logging::Logger) -> ExitCode {
     finish(exit)
 }
 
+/// `--metadata FILE`: the MMDS store's first contents.
+fn load_metadata(path: &Path) -> Result<(), String> {
+    let limit = net::mmds::with_store(|s| s.limit()) as u64;
+    let text = sandbox::files::read_regular(path, "--metadata", limit.max(1 << 20)).map_err(|e| format!("{e}."))?;
+    let data: serde_json::Value = serde_json::from_slice(&text)
+        .map_err(|e| format!("--metadata {} is not JSON ({e}); give a JSON file.", path.display()))?;
+    net::mmds::with_store(|s| s.put(data)).map_err(|e| format!("--metadata {}: {e}.", path.display()))
+}
+
 fn read_config_file(path: &Path) -> Result<VmConfigFile, String> {
     // A FIFO or a device named here must not hang or flood the VMM: a regular file, bounded.
     let text = sandbox::files::read_regular(path, "--config-file", 1 << 20).map_err(|e| format!("{e}."))?;
@@ -483,6 +495,7 @@ fn run(args: RunArgs, id: String, launched: Instant, logger: logging::Logger) ->
         output_limit: args.output_limit,
         serial_rate_limit: None,
         cpu_template: None,
+        mmds: None,
     };
     let (mut controller, latch) = match controller(launched, logger) {
         Ok(c) => c,

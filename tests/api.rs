@@ -7,7 +7,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{Running, api_call as expect, ferrovisor, http, probe_elf, probe_ticks, scratch_dir, wait_for_socket};
+use common::{
+    Running, api_call as expect, ferrovisor, http, probe_elf, probe_result, probe_ticks, scratch_dir, wait_for_socket,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -579,6 +581,123 @@ fn free_page_hinting_returns_hinted_pages_to_the_host() {
     assert!(m.contains("Free page hinting is off"), "{m}");
     expect(s, "PUT", "/ferrovisor/stop", "", 204);
     assert!(vm.finish(TIMEOUT).status.success());
+}
+
+/// Boots the probe through the API as an IPv4 host at 169.254.0.2 that reaches MMDS on its
+/// first interface and fetches `gets` (plus `extra` probe parameters) once `setup` configured
+/// the rest; returns the VM's output.
+fn mmds_guest(dir: &Path, name: &str, taps: &[&str], extra: &str, setup: impl FnOnce(&Path)) -> common::Outcome {
+    let (vm, socket) = common::api_vmm(dir, name, &[]);
+    let s = socket.as_path();
+    let boot = serde_json::json!({
+        "kernel_image_path": probe_elf(),
+        "boot_args": format!(
+            "console=ttyS0 probe.test=virtio-net probe.virtio-net.mode=ip probe.virtio-net.ip=169.254.0.2 \
+             probe.virtio-net.gw=169.254.169.254 probe.virtio-net.prefix=16 probe.virtio-net.checks=icmp \
+             probe.virtio-net.wait=1000000000 {extra}"
+        ),
+    });
+    expect(s, "PUT", "/boot-source", &boot.to_string(), 204);
+    for (i, tap) in taps.iter().enumerate() {
+        let nic = serde_json::json!({"iface_id": format!("eth{i}"), "host_dev_name": tap});
+        expect(s, "PUT", &format!("/network-interfaces/eth{i}"), &nic.to_string(), 204);
+    }
+    setup(s);
+    expect(s, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#, 204);
+    vm.finish(TIMEOUT)
+}
+
+/// The probe's `http` line for `path` (the first one).
+fn http_line<'a>(out: &'a common::Outcome, method: &str, path: &str) -> &'a str {
+    let prefix = format!("PROBE virtio-net http method={method} path={path} ");
+    out.stdout
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("no {method} {path}: {}", out.describe()))
+}
+
+/// MMDS (the microVM metadata service): what the API puts there (PUT, then a merge PATCH) the
+/// guest reads with HTTP at 169.254.169.254 on the interface MMDS is enabled for, in IMDS form
+/// or JSON; version 2 wants a live session token; another interface does not reach it; the
+/// store's limit holds; bad configurations are refused with a sentence.
+#[test]
+fn mmds_serves_the_guest_what_the_api_put_there() {
+    let dir = scratch_dir("api-mmds");
+    let tap = common::TestTap::new("fvmd");
+    let gets =
+        "probe.virtio-net.get=/latest/meta-data/ami-id,/latest/meta-data,/latest/nothing,/latest/meta-data/count";
+    let contents =
+        serde_json::json!({"latest": {"meta-data": {"ami-id": "ami-12345678", "count": 3, "network": {"x": "y"}}}});
+    let out = mmds_guest(&dir, "v1.sock", &[&tap.name], gets, |s| {
+        for (body, needle) in [
+            (r#"{"network_interfaces": ["eth9"]}"#, "eth9, which is no network interface"),
+            (r#"{"network_interfaces": []}"#, "network_interfaces is empty"),
+            (r#"{"network_interfaces": ["eth0"], "ipv4_address": "224.0.0.1"}"#, "not a unicast IPv4 address"),
+            (r#"{"network_interfaces": ["eth0"], "version": "V3"}"#, "version"),
+        ] {
+            let m = fault(s, "PUT", "/mmds/config", body, 400);
+            assert!(m.contains(needle), "{body}: {m}");
+        }
+        expect(s, "PUT", "/mmds/config", r#"{"network_interfaces": ["eth0"]}"#, 204);
+        expect(s, "PUT", "/mmds", &contents.to_string(), 204);
+        expect(s, "PATCH", "/mmds", r#"{"latest": {"meta-data": {"reservation-id": "r-1", "network": null}}}"#, 204);
+        let now: serde_json::Value = serde_json::from_str(&expect(s, "GET", "/mmds", "", 200)).unwrap();
+        assert_eq!(
+            now["latest"]["meta-data"],
+            serde_json::json!({"ami-id": "ami-12345678", "count": 3, "reservation-id": "r-1"})
+        );
+        let config: serde_json::Value = serde_json::from_str(&expect(s, "GET", "/vm/config", "", 200)).unwrap();
+        assert_eq!(config["mmds-config"]["network_interfaces"][0], "eth0", "{config}");
+    });
+    assert!(
+        probe_result(&out.stdout, "virtio-net").is_some_and(|l| l.contains(" icmp=reply ") && l.ends_with(" http=4")),
+        "{}",
+        out.describe()
+    );
+    assert!(http_line(&out, "GET", "/latest/meta-data/ami-id").ends_with("status=200 body=ami-12345678"));
+    assert!(http_line(&out, "GET", "/latest/meta-data").ends_with("status=200 body=ami-id|count|reservation-id"));
+    assert!(http_line(&out, "GET", "/latest/nothing").contains("status=404 body=Resource not found: /latest/nothing."));
+    // IMDS form has strings and objects only; JSON has the rest.
+    assert!(http_line(&out, "GET", "/latest/meta-data/count").contains("status=501"));
+    let json = format!("{gets} probe.virtio-net.accept=json");
+    let out = mmds_guest(&dir, "json.sock", &[&tap.name], &json, |s| {
+        expect(s, "PUT", "/mmds/config", r#"{"network_interfaces": ["eth0"]}"#, 204);
+        expect(s, "PUT", "/mmds", &contents.to_string(), 204);
+    });
+    assert!(http_line(&out, "GET", "/latest/meta-data/count").ends_with("status=200 body=3"), "{}", out.describe());
+
+    // Version 2: a token first, then the value; a forged or expired token gets 401.
+    let v2 = |s: &Path| {
+        expect(s, "PUT", "/mmds/config", r#"{"network_interfaces": ["eth0"], "version": "V2"}"#, 204);
+        expect(s, "PUT", "/mmds", &contents.to_string(), 204);
+    };
+    let path = "probe.virtio-net.get=/latest/meta-data/ami-id";
+    let out = mmds_guest(&dir, "v2.sock", &[&tap.name], &format!("{path} probe.virtio-net.token=60"), v2);
+    assert!(http_line(&out, "PUT", "/latest/api/token").contains("status=200 body="), "{}", out.describe());
+    assert!(http_line(&out, "GET", "/latest/meta-data/ami-id").ends_with("status=200 body=ami-12345678"));
+    let out = mmds_guest(&dir, "v2-none.sock", &[&tap.name], path, v2);
+    assert!(http_line(&out, "GET", "/latest/meta-data/ami-id").contains("status=401 body=No MMDS token provided"));
+    let forged = format!("{path} probe.virtio-net.forged=on");
+    let out = mmds_guest(&dir, "v2-forged.sock", &[&tap.name], &forged, v2);
+    assert!(http_line(&out, "GET", "/latest/meta-data/ami-id").contains("status=401 body=MMDS token not valid."));
+    let expired = format!("{path} probe.virtio-net.token=1 probe.virtio-net.tokenwait=8000000000");
+    let out = mmds_guest(&dir, "v2-expired.sock", &[&tap.name], &expired, v2);
+    assert!(http_line(&out, "GET", "/latest/meta-data/ami-id").contains("status=401"), "{}", out.describe());
+
+    // MMDS on the second interface only: the guest's first interface does not reach it.
+    let other = common::TestTap::new("fvmo");
+    let out = mmds_guest(&dir, "other.sock", &[&tap.name, &other.name], path, |s| {
+        expect(s, "PUT", "/mmds/config", r#"{"network_interfaces": ["eth1"]}"#, 204);
+    });
+    let line = probe_result(&out.stdout, "virtio-net").unwrap_or_else(|| panic!("{}", out.describe()));
+    assert_eq!(line, "PROBE virtio-net FAIL the router did not answer ARP");
+
+    // The store's limit, from --mmds-size-limit.
+    let (vm, socket) = common::api_vmm(&dir, "limit.sock", &["--mmds-size-limit", "64"]);
+    let m = fault(&socket, "PUT", "/mmds", &serde_json::json!({"big": "x".repeat(100)}).to_string(), 400);
+    assert!(m.contains("more than its limit of 64"), "{m}");
+    expect(&socket, "PUT", "/mmds", r#"{"small": "x"}"#, 204);
+    assert!(vm.finish_after_signal(libc::SIGTERM, TIMEOUT).status.success());
 }
 
 /// SendCtrlAltDel presses the keys on the i8042: the probe reads them, as set 1 scan codes

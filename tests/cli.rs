@@ -96,17 +96,21 @@ fn serial_output_can_go_to_a_file() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
-/// Firecracker's command line: the flags its users pass are taken, and the ones for features
-/// Ferrovisor lacks are refused with a sentence.
+/// Firecracker's command line: the flags its users pass are taken, and bad values are refused
+/// with a sentence.
 #[test]
 fn firecrackers_command_line_is_understood() {
     let dir = scratch_dir("cli-firecracker");
     let socket = dir.join("api.sock");
     let socket = socket.to_str().unwrap();
     assert_usage_error(&["--api-sock", socket, "--id", "no/slashes"], "--id 'no/slashes' must be 1 to 64 letters");
+    let metadata = dir.join("metadata.json");
+    std::fs::write(&metadata, "{not json").unwrap();
+    assert_usage_error(&["--api-sock", socket, "--metadata", metadata.to_str().unwrap()], "is not JSON");
+    std::fs::write(&metadata, format!(r#"{{"big": "{}"}}"#, "x".repeat(2000))).unwrap();
     assert_usage_error(
-        &["--api-sock", socket, "--mmds-size-limit", "1024"],
-        "MMDS, which Ferrovisor does not have yet",
+        &["--api-sock", socket, "--mmds-size-limit", "1024", "--metadata", metadata.to_str().unwrap()],
+        "more than its limit of 1024",
     );
     assert_usage_error(
         &["--api-sock", socket, "--level", "Loud"],

@@ -192,6 +192,25 @@ pub struct MsrModifier {
     pub bitmap: String,
 }
 
+/// `PUT /mmds/config`: which interfaces reach MMDS, at which address, in which version.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MmdsConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<MmdsVersion>,
+    pub network_interfaces: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv4_address: Option<String>,
+    #[serde(default)]
+    pub imds_compat: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MmdsVersion {
+    V1,
+    V2,
+}
+
 /// `PUT /vsock`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -474,8 +493,8 @@ pub struct VmConfigFile {
     pub logger: Option<Logger>,
     #[serde(default, skip_serializing)]
     pub metrics: Option<Metrics>,
-    #[serde(rename = "mmds-config", default, skip_serializing)]
-    pub mmds_config: Option<serde_json::Value>,
+    #[serde(rename = "mmds-config", default, skip_serializing_if = "Option::is_none")]
+    pub mmds_config: Option<MmdsConfig>,
     /// Ferrovisor's extra: memory options.
     #[serde(rename = "ferrovisor-memory", default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<MemoryOptions>,

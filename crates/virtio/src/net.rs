@@ -7,6 +7,9 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
+use std::net::Ipv4Addr;
+
+use net::mmds::MmdsStack;
 use net::switch::SwitchPort;
 use net::tap::{TUN_F_CSUM, Tap};
 use virtio_bindings::virtio_net::*;
@@ -81,6 +84,8 @@ impl NetHost {
 pub struct Net {
     host: NetHost,
     mac: [u8; 6],
+    /// MMDS's address, when MMDS answers on this interface.
+    mmds: Option<Ipv4Addr>,
     metrics: Arc<DeviceMetrics>,
     rx_limit: Option<RateLimit>,
     tx_limit: Option<RateLimit>,
@@ -89,7 +94,14 @@ pub struct Net {
 
 impl Net {
     pub fn new(host: NetHost, mac: [u8; 6]) -> Net {
-        Net { host, mac, metrics: Arc::default(), rx_limit: None, tx_limit: None, worker: None }
+        Net { host, mac, mmds: None, metrics: Arc::default(), rx_limit: None, tx_limit: None, worker: None }
+    }
+
+    /// Answers MMDS requests to `ip` on this interface (Firecracker's `network_interfaces` of
+    /// `/mmds/config`).
+    pub fn with_mmds(mut self, ip: Option<Ipv4Addr>) -> Net {
+        self.mmds = ip;
+        self
     }
 
     /// Limits what the guest receives and sends (Firecracker's rx/tx `rate_limiter`).
@@ -139,6 +151,7 @@ impl VirtioDevice for Net {
             metrics: self.metrics.clone(),
             rx_limiter: RateLimiter::for_limit(self.rx_limit).map_err(ActivateError::Worker)?,
             tx_limiter: RateLimiter::for_limit(self.tx_limit).map_err(ActivateError::Worker)?,
+            mmds: self.mmds.map(MmdsStack::new),
         };
         self.worker =
             Some(Worker::spawn(sandbox::ThreadKind::Net, backend, activation).map_err(ActivateError::Worker)?);
@@ -180,6 +193,8 @@ struct NetBackend {
     metrics: Arc<DeviceMetrics>,
     rx_limiter: Option<RateLimiter>,
     tx_limiter: Option<RateLimiter>,
+    /// The metadata service, when this interface carries it: frames to its address stop here.
+    mmds: Option<MmdsStack>,
 }
 
 /// Copies `data` into the writable buffers of `chain`; returns the bytes written and the
@@ -208,7 +223,8 @@ fn write_chain(mem: &GuestMemory, chain: DescriptorChain<&GuestMemory>, data: &[
 impl NetBackend {
     fn transmit(&mut self, queues: &mut [Queue], mem: &GuestMemory) -> bool {
         let (host, frame, metrics, limiter) = (&mut self.host, &mut self.frame, &self.metrics, &mut self.tx_limiter);
-        serve_queue_limited(
+        let mmds = &mut self.mmds;
+        let used = serve_queue_limited(
             "virtio-net",
             &mut queues[TX_QUEUE],
             mem,
@@ -236,6 +252,13 @@ impl NetBackend {
                     metrics.error();
                     return Some(0);
                 }
+                if let Some(mmds) = mmds.as_mut()
+                    && mmds.wants(&frame[VNET_HDR_LEN..len])
+                {
+                    mmds.receive(&frame[VNET_HDR_LEN..len]);
+                    metrics.request(0, (len - VNET_HDR_LEN) as u64);
+                    return Some(0);
+                }
                 // A frame the rate limiter cannot pay for yet goes back to the ring.
                 if let Some(limiter) = limiter.as_mut()
                     && !limiter.consume((len - VNET_HDR_LEN) as u64)
@@ -252,55 +275,31 @@ impl NetBackend {
                 }
                 Some(0)
             },
-        )
+        );
+        // MMDS answers go straight to the receive queue.
+        let answered = self.mmds.as_ref().is_some_and(|m| m.peek().is_some()) && self.receive(queues, mem);
+        used || answered
     }
 
     /// Puts the frame in `self.frame[..len]` into guest receive buffers; false when the guest
     /// has too few.
     fn deliver(&mut self, len: usize, rx: &mut Queue, mem: &GuestMemory) -> bool {
-        let mut heads: Vec<(u16, u32)> = Vec::new();
-        let mut header_at = None;
-        let mut done = 0;
-        while done < len {
-            let chain = match rx.iter(mem) {
-                Ok(mut iter) => iter.next(),
-                Err(e) => {
-                    crate::guest_fault!(
-                        "virtio-net: the driver corrupted the receive queue ({e}); it is ignored until a reset"
-                    );
-                    rx.set_ready(false);
-                    return false;
-                }
-            };
-            let Some(chain) = chain else { break };
-            let head = chain.head_index();
-            let (written, first) = write_chain(mem, chain, &self.frame[done..len]);
-            if heads.is_empty() {
-                header_at = first.filter(|_| written >= VNET_HDR_LEN);
+        deliver(&self.frame[..len], self.mergeable, rx, mem)
+    }
+
+    /// Delivers what MMDS has for the guest; false when the guest has no buffer for it (the
+    /// frame waits for one).
+    fn deliver_mmds(&mut self, rx: &mut Queue, mem: &GuestMemory) -> bool {
+        let Some(mmds) = self.mmds.as_mut() else { return true };
+        while let Some(out) = mmds.peek() {
+            let mut frame = vec![0u8; VNET_HDR_LEN + out.len()];
+            frame[VNET_HDR_LEN..].copy_from_slice(out);
+            let delivered = out.len() as u64;
+            if !deliver(&frame, self.mergeable, rx, mem) {
+                return false;
             }
-            heads.push((head, written as u32));
-            done += written;
-            if !self.mergeable || written == 0 {
-                break;
-            }
-        }
-        if heads.is_empty() {
-            return false;
-        }
-        if done < len {
-            // Not enough buffers: without mergeable buffers the frame is cut short, as the
-            // driver asked for; with them, the partial frame is returned empty.
-            tracing::debug!("virtio-net: a {len}-byte frame did not fit the guest's buffers");
-        }
-        // num_buffers lives in the header, at the start of the first chain's first buffer
-        // (1 without mergeable buffers, as the specification asks).
-        if let Some(at) = header_at.and_then(|a| a.checked_add(NUM_BUFFERS_OFFSET as u64)) {
-            let _ = mem.write_slice(&(heads.len() as u16).to_le_bytes(), GuestAddress(at));
-        }
-        for (head, written) in heads {
-            if let Err(e) = rx.add_used(mem, head, written) {
-                crate::guest_fault!("virtio-net: cannot return receive descriptor {head} ({e})");
-            }
+            mmds.pop();
+            self.metrics.request(delivered, 0);
         }
         true
     }
@@ -313,7 +312,12 @@ impl NetBackend {
             self.rx_waiting = true;
             return false;
         }
-        let mut used = false;
+        let pending_mmds = self.mmds.as_ref().is_some_and(|m| m.peek().is_some());
+        if !self.deliver_mmds(rx, mem) {
+            self.rx_waiting = true;
+            return false;
+        }
+        let mut used = pending_mmds;
         for _ in 0..BUDGET {
             let len = match self.deferred.take() {
                 Some(len) => len,
@@ -348,6 +352,57 @@ impl NetBackend {
         }
         used && rx.needs_notification(mem).unwrap_or(true)
     }
+}
+
+/// Puts `frame` (a virtio-net header and the frame) into guest receive buffers; false when
+/// the guest has too few.
+fn deliver(frame: &[u8], mergeable: bool, rx: &mut Queue, mem: &GuestMemory) -> bool {
+    let len = frame.len();
+    let mut heads: Vec<(u16, u32)> = Vec::new();
+    let mut header_at = None;
+    let mut done = 0;
+    while done < len {
+        let chain = match rx.iter(mem) {
+            Ok(mut iter) => iter.next(),
+            Err(e) => {
+                crate::guest_fault!(
+                    "virtio-net: the driver corrupted the receive queue ({e}); it is ignored until a reset"
+                );
+                rx.set_ready(false);
+                return false;
+            }
+        };
+        let Some(chain) = chain else { break };
+        let head = chain.head_index();
+        let (written, first) = write_chain(mem, chain, &frame[done..len]);
+        if heads.is_empty() {
+            header_at = first.filter(|_| written >= VNET_HDR_LEN);
+        }
+        heads.push((head, written as u32));
+        done += written;
+        if !mergeable || written == 0 {
+            break;
+        }
+    }
+    if heads.is_empty() {
+        return false;
+    }
+    if done < len {
+        // Not enough buffers: without mergeable buffers the frame is cut short, as the
+        // driver asked for; with them, the partial frame is returned empty.
+        tracing::debug!("virtio-net: a {len}-byte frame did not fit the guest's buffers");
+    }
+    // num_buffers lives in the header, at the start of the first chain's first buffer
+    // (1 without mergeable buffers, as the specification asks).
+    if let Some(at) = header_at.and_then(|a| a.checked_add(NUM_BUFFERS_OFFSET as u64)) {
+        let _ = mem.write_slice(&(heads.len() as u16).to_le_bytes(), GuestAddress(at));
+    }
+    for (head, written) in heads {
+        if let Err(e) = rx.add_used(mem, head, written) {
+            crate::guest_fault!("virtio-net: cannot return receive descriptor {head} ({e})");
+        }
+    }
+    true
 }
 
 impl Backend for NetBackend {
@@ -387,7 +442,8 @@ impl Backend for NetBackend {
 }
 
 /// The worker's work for the fuzzer, over a receive and a transmit queue in `mem`. The first
-/// `script` byte says whether mergeable buffers were negotiated; each next byte notifies the
+/// `script` byte says whether mergeable buffers were negotiated (bit 0) and MMDS answers on the
+/// interface (bit 1); each next byte notifies the
 /// receive queue (0), the transmit queue (1), or (2) brings a frame from the host side whose
 /// length (times 6) and content the following bytes give.
 #[doc(hidden)]
@@ -404,6 +460,8 @@ pub fn fuzz_queues(mem: &GuestMemory, queues: &mut [Queue], script: &[u8]) {
         metrics: Arc::default(),
         rx_limiter: None,
         tx_limiter: None,
+        // MMDS on the interface for half of the inputs: its stack takes what the guest sends it.
+        mmds: (options & 2 != 0).then(|| MmdsStack::new(net::mmds::DEFAULT_IPV4)),
     };
     let mut sent = vec![0u8; MAX_TAP_READ];
     while let [op, tail @ ..] = rest {
@@ -441,6 +499,7 @@ mod tests {
             metrics: Arc::new(DeviceMetrics::default()),
             rx_limiter: None,
             tx_limiter: None,
+            mmds: None,
         }
     }
 

@@ -110,6 +110,9 @@ pub struct NetConfig {
     pub rx_rate_limit: Option<virtio::rate_limiter::RateLimit>,
     #[serde(default)]
     pub tx_rate_limit: Option<virtio::rate_limiter::RateLimit>,
+    /// MMDS's address, when MMDS answers on this interface.
+    #[serde(default)]
+    pub mmds: Option<std::net::Ipv4Addr>,
 }
 
 fn parse_mac(text: &str) -> Option<[u8; 6]> {
@@ -146,7 +149,13 @@ fn parse_user_net(rest: &str) -> Result<NetConfig, String> {
             }
         }
     }
-    Ok(NetConfig { attachment: NetAttachment::User { forwards }, mac, rx_rate_limit: None, tx_rate_limit: None })
+    Ok(NetConfig {
+        attachment: NetAttachment::User { forwards },
+        mac,
+        rx_rate_limit: None,
+        tx_rate_limit: None,
+        mmds: None,
+    })
 }
 
 impl FromStr for NetConfig {
@@ -191,7 +200,7 @@ impl FromStr for NetConfig {
             (None, None, None) => return Err("--net needs tap=NAME, switch=PATH or network=NAME".into()),
             _ => return Err("--net takes one of tap=, switch= and network=".into()),
         };
-        Ok(NetConfig { attachment, mac, rx_rate_limit: None, tx_rate_limit: None })
+        Ok(NetConfig { attachment, mac, rx_rate_limit: None, tx_rate_limit: None, mmds: None })
     }
 }
 
@@ -407,6 +416,15 @@ pub struct VmConfig {
     /// A custom CPU template (`PUT /cpu-config`).
     #[serde(default)]
     pub cpu_template: Option<api::models::CpuConfig>,
+    /// How MMDS answers (kept in snapshots: a restored version-2 VM must still want tokens).
+    #[serde(default)]
+    pub mmds: Option<MmdsSettings>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MmdsSettings {
+    pub version: net::mmds::Version,
+    pub imds_compat: bool,
 }
 
 /// A custom CPU template in arch's terms; the error names the field and the fix.
@@ -646,6 +664,7 @@ mod tests {
             output_limit: None,
             serial_rate_limit: None,
             cpu_template: None,
+            mmds: None,
         }
     }
 

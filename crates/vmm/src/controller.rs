@@ -10,7 +10,9 @@ use api::models::{self, ActionType, VmConfigFile, VmStateChange};
 use api::{ApiCall, Request, Response};
 use kvm_ioctls::Kvm;
 
-use crate::config::{DiskConfig, HugePages, MemoryOptions, NetAttachment, NetConfig, SerialConfig, VmConfig};
+use crate::config::{
+    DiskConfig, HugePages, MemoryOptions, MmdsSettings, NetAttachment, NetConfig, SerialConfig, VmConfig,
+};
 use crate::exit::{ExitLatch, VmExit, Wake};
 use crate::metrics::MetricsSink;
 use crate::virtio_devices::DeviceChange;
@@ -46,6 +48,7 @@ struct Resources {
     entropy: Option<models::Entropy>,
     serial: Option<models::Serial>,
     cpu_config: Option<models::CpuConfig>,
+    mmds: Option<models::MmdsConfig>,
     memory: models::MemoryOptions,
 }
 
@@ -226,6 +229,38 @@ impl Controller {
             Request::PutEntropy(e) => self.pre_boot("PUT /entropy", |c| {
                 rate_limit("entropy", &e.rate_limiter)?;
                 c.resources.entropy = Some(e);
+                Ok(())
+            }),
+            Request::GetMmds => Response::json(&net::mmds::with_store(|s| s.data().clone())),
+            Request::PutMmds(data) => match net::mmds::with_store(|s| s.put(data)) {
+                Ok(()) => Response::no_content(),
+                Err(e) => Response::error(400, format!("PUT /mmds: {e}.")),
+            },
+            Request::PatchMmds(patch) => match net::mmds::with_store(|s| s.patch(&patch)) {
+                Ok(()) => Response::no_content(),
+                Err(e) => Response::error(400, format!("PATCH /mmds: {e}.")),
+            },
+            Request::PutMmdsConfig(m) => self.pre_boot("PUT /mmds/config", |c| {
+                mmds_address(&m)?;
+                for id in &m.network_interfaces {
+                    if !c.resources.nets.iter().any(|n| &n.iface_id == id) {
+                        return Err(format!(
+                            "mmds-config network_interfaces names {id}, which is no network interface; PUT \
+                             /network-interfaces/{id} first."
+                        ));
+                    }
+                }
+                if m.network_interfaces.is_empty() {
+                    return Err("mmds-config network_interfaces is empty; name the interfaces MMDS answers on.".into());
+                }
+                net::mmds::with_store(|s| {
+                    s.version = match m.version {
+                        Some(models::MmdsVersion::V2) => net::mmds::Version::V2,
+                        _ => net::mmds::Version::V1,
+                    };
+                    s.imds_compat = m.imds_compat;
+                });
+                c.resources.mmds = Some(m);
                 Ok(())
             }),
             Request::PutCpuConfig(t) => self.pre_boot("PUT /cpu-config", |c| {
@@ -494,9 +529,14 @@ impl Controller {
             .iter()
             .map(|n| {
                 let mac = n.guest_mac.as_deref().map(crate::config::parse_unicast_mac).transpose()?;
+                let mmds = match &r.mmds {
+                    Some(m) if m.network_interfaces.contains(&n.iface_id) => Some(mmds_address(m)?),
+                    _ => None,
+                };
                 Ok(NetConfig {
                     attachment: NetAttachment::Tap(n.host_dev_name.clone()),
                     mac,
+                    mmds,
                     rx_rate_limit: rate_limit("rx_rate_limiter", &n.rx_rate_limiter)?,
                     tx_rate_limit: rate_limit("tx_rate_limiter", &n.tx_rate_limiter)?,
                 })
@@ -546,6 +586,10 @@ impl Controller {
             output_limit: None,
             serial_rate_limit,
             cpu_template: r.cpu_config.clone(),
+            mmds: r
+                .mmds
+                .as_ref()
+                .map(|_| net::mmds::with_store(|s| MmdsSettings { version: s.version, imds_compat: s.imds_compat })),
         })
     }
 
@@ -566,6 +610,7 @@ impl Controller {
             balloon: r.balloon.clone(),
             entropy: r.entropy.clone(),
             serial: r.serial.clone(),
+            mmds_config: r.mmds.clone(),
             memory: Some(r.memory.clone()),
             ..Default::default()
         }
@@ -760,6 +805,13 @@ impl Controller {
         }
         // The new process's serial output goes to its own stdout.
         saved.config.serial = SerialConfig::Stdio;
+        // MMDS answers as before the snapshot; its contents are the new process's to fill.
+        if let Some(m) = saved.config.mmds {
+            net::mmds::with_store(|s| {
+                s.version = m.version;
+                s.imds_compat = m.imds_compat;
+            });
+        }
         saved.config.track_dirty_pages |= params.enable_diff_snapshots;
         match crate::vm::restore(&self.kvm, saved, Path::new(&mem_path), self.launched, &self.latch, params.resume_vm) {
             Ok((vm, config)) => {
@@ -791,9 +843,6 @@ impl Controller {
         if let Some(m) = file.metrics {
             requests.push(Request::PutMetrics(m));
         }
-        if file.mmds_config.as_ref().is_some_and(|v| !v.is_null()) {
-            return Err("mmds-config is not supported; remove it from the file.".into());
-        }
         if let Some(m) = file.machine_config {
             requests.push(Request::PutMachineConfig(m));
         }
@@ -806,6 +855,7 @@ impl Controller {
         }
         requests.extend(file.drives.into_iter().map(Request::PutDrive));
         requests.extend(file.network_interfaces.into_iter().map(Request::PutNetworkInterface));
+        requests.extend(file.mmds_config.map(Request::PutMmdsConfig));
         requests.extend(file.vsock.map(Request::PutVsock));
         requests.extend(file.balloon.map(Request::PutBalloon));
         requests.extend(file.entropy.map(Request::PutEntropy));
@@ -840,6 +890,17 @@ fn rate_limit(what: &str, limiter: &Option<models::RateLimiter>) -> Result<Optio
     let limit = RateLimit { bandwidth: l.bandwidth.map(bucket), ops: l.ops.map(bucket) };
     limit.check().map_err(|e| format!("{what}: {e}."))?;
     Ok((limit.bandwidth.is_some() || limit.ops.is_some()).then_some(limit))
+}
+
+/// The address MMDS answers at: `ipv4_address`, or 169.254.169.254.
+fn mmds_address(m: &models::MmdsConfig) -> Result<std::net::Ipv4Addr, String> {
+    let Some(text) = &m.ipv4_address else { return Ok(net::mmds::DEFAULT_IPV4) };
+    match text.parse::<std::net::Ipv4Addr>() {
+        Ok(ip) if !(ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast()) => Ok(ip),
+        _ => Err(format!(
+            "mmds-config ipv4_address '{text}' is not a unicast IPv4 address; give one like 169.254.169.254."
+        )),
+    }
 }
 
 /// Where `PUT /serial` sends the output, and its byte budget.

@@ -114,7 +114,8 @@ pub fn attach_all(
             }
         };
         let mac = nic.mac.unwrap_or_else(|| default_mac(config.id.as_deref(), i));
-        let net = virtio::net::Net::new(host, mac).with_rate_limits(nic.rx_rate_limit, nic.tx_rate_limit);
+        let net =
+            virtio::net::Net::new(host, mac).with_rate_limits(nic.rx_rate_limit, nic.tx_rate_limit).with_mmds(nic.mmds);
         devices.push((format!("virtio-net{i}"), Box::new(net)));
     }
     if let Some(vsock) = &config.vsock {

@@ -16,6 +16,12 @@
 //! all along, and counts the frames that came from anyone but the router (`others=N`). A dst
 //! on its own subnet (`.prefix`, 24) is reached directly (`peer=arp`, or `none` if it does
 //! not answer ARP); then the checks go to it, not through the router.
+//!
+//! With `.get=PATH[,PATH...]` it then fetches each path from dst with HTTP/1.1 on `.port`
+//! (80 here), one connection each, and prints `PROBE virtio-net http method=GET path=P
+//! status=N body=B` (newlines in B shown as `|`). `.token=TTL` first asks for a session token
+//! (`PUT /latest/api/token`, MMDS version 2) and sends it with each GET, after `.tokenwait`
+//! cycles; `.forged=on` sends a made-up token instead; `.accept=json` asks for JSON.
 
 use crate::cmdline::{Cmdline, VirtioMmioSlot};
 use crate::report;
@@ -44,6 +50,10 @@ const TCP_ACK: u8 = 0x10;
 const UDP_SRC_PORT: u16 = 40000;
 const TCP_SRC_PORT: u16 = 40001;
 const PAYLOAD: &[u8] = b"ferrovisor-probe\n";
+/// The most of a packet's transport part kept: a full frame's.
+const BODY: usize = MAX_FRAME - 34;
+/// Each HTTP request takes a connection of its own, from ports counting up from here.
+const HTTP_SRC_PORT: u16 = 41000;
 
 type Ip = [u8; 4];
 
@@ -95,7 +105,7 @@ struct Packet {
     src: Ip,
     src_mac: [u8; 6],
     /// The transport header and payload.
-    body: [u8; 64],
+    body: [u8; BODY],
     body_len: usize,
 }
 
@@ -173,7 +183,7 @@ impl Host {
             let slot = self.heads.iter().position(|&h| h == head).ok_or("the device returned an unknown buffer")?;
             let len = (len as usize).clamp(HEADER, HEADER + MAX_FRAME) - HEADER;
             let frame = bytes(self.rx_buffer(slot) + HEADER as u64, len);
-            let mut copy = [0u8; 128];
+            let mut copy = [0u8; MAX_FRAME];
             let n = len.min(copy.len());
             copy[..n].copy_from_slice(&frame[..n]);
             self.heads[slot] = self
@@ -208,11 +218,11 @@ impl Host {
                         proto: f[23],
                         src: f[26..30].try_into().unwrap(),
                         src_mac: f[6..12].try_into().unwrap(),
-                        body: [0; 64],
+                        body: [0; BODY],
                         body_len: 0,
                     };
                     let body = &f[14 + header..14 + total];
-                    packet.body_len = body.len().min(64);
+                    packet.body_len = body.len().min(BODY);
                     packet.body[..packet.body_len].copy_from_slice(&body[..packet.body_len]);
                     if packet.proto == PROTO_ICMP && packet.body_len >= 8 && packet.body[0] == 8 {
                         // An echo request: answered, as any host does.
@@ -385,6 +395,10 @@ pub fn test(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str>
     }
     let flood = cmdline.number(TEST, "flood", 0);
     let flood_pps = if flood > 0 { flood_udp(&mut host, dst, port, flood, cmdline)? } else { 0 };
+    let fetched = match cmdline.param(TEST, "get") {
+        Some(paths) => fetch(&mut host, dst, cmdline, paths, wait)?,
+        None => 0,
+    };
     let listen = cmdline.number(TEST, "listen", 0) as u16;
     let served = if listen != 0 {
         let half_close = cmdline.param(TEST, "halfclose") == Some("on");
@@ -398,7 +412,7 @@ pub fn test(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str>
     report::ok(
         TEST,
         format_args!(
-            "mode=ip mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} gw_mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} peer={peer} {}={} {}={} {}={} served={served} others={} flood_pps={flood_pps}",
+            "mode=ip mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} gw_mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} peer={peer} {}={} {}={} {}={} served={served} others={} flood_pps={flood_pps} http={fetched}",
             a[0], a[1], a[2], a[3], a[4], a[5], b[0], b[1], b[2], b[3], b[4], b[5],
             results[0].0, results[0].1, results[1].0, results[1].1, results[2].0, results[2].1, host.others
         ),
@@ -493,4 +507,124 @@ fn serve(host: &mut Host, port: u16, cycles: u64, half_close: bool) -> Result<u6
         our_seq = our_seq.wrapping_add(echo_len as u32);
     }
     Ok(served)
+}
+
+/// A request or response built in place.
+struct Text {
+    bytes: [u8; TEXT],
+    len: usize,
+}
+
+const TEXT: usize = 1536;
+
+impl core::fmt::Write for Text {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        let end = self.len.checked_add(s.len()).filter(|&e| e <= self.bytes.len()).ok_or(core::fmt::Error)?;
+        self.bytes[self.len..end].copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+/// Sends `request` to dst:port over a fresh TCP connection from `src_port` and collects the
+/// answer until the server closes; returns its length in `answer`.
+fn http(host: &mut Host, dst: Ip, port: u16, src_port: u16, request: &[u8], wait: u64, answer: &mut [u8]) -> Result<usize, &'static str> {
+    let ours = |p: &Packet| {
+        p.proto == PROTO_TCP && p.src == dst && p.body_len >= 20 && p.body[0..2] == port.to_be_bytes() && p.body[2..4] == src_port.to_be_bytes()
+    };
+    let mut segment = [0u8; 1100];
+    let iss = 0x3000_0000u32 | u32::from(src_port);
+    let n = tcp_segment(src_port, port, iss, 0, TCP_SYN, &[], &mut segment);
+    host.ip(PROTO_TCP, dst, &segment[..n], Some(16))?;
+    let syn_ack = host.wait_for(wait, ours)?.ok_or("MMDS did not answer the SYN")?;
+    if syn_ack.body[13] & (TCP_SYN | TCP_ACK) != TCP_SYN | TCP_ACK {
+        return Err("MMDS refused the connection");
+    }
+    let mut expected = u32::from_be_bytes(syn_ack.body[4..8].try_into().unwrap()).wrapping_add(1);
+    let our_seq = iss.wrapping_add(1);
+    let n = tcp_segment(src_port, port, our_seq, expected, TCP_ACK | TCP_PSH, request, &mut segment);
+    host.ip(PROTO_TCP, dst, &segment[..n], Some(16))?;
+    let our_seq = our_seq.wrapping_add(request.len() as u32);
+    let mut len = 0;
+    loop {
+        let p = host.wait_for(wait, ours)?.ok_or("MMDS went quiet before closing")?;
+        let flags = p.body[13];
+        if flags & TCP_RST != 0 {
+            return Err("MMDS reset the connection");
+        }
+        let seq = u32::from_be_bytes(p.body[4..8].try_into().unwrap());
+        let data_at = (usize::from(p.body[12] >> 4) * 4).min(p.body_len);
+        let data = &p.body[data_at..p.body_len];
+        if seq == expected && !data.is_empty() {
+            let n = data.len().min(answer.len() - len);
+            answer[len..len + n].copy_from_slice(&data[..n]);
+            len += n;
+            expected = expected.wrapping_add(data.len() as u32);
+        }
+        let fin = flags & TCP_FIN != 0 && seq.wrapping_add(data.len() as u32) == expected;
+        if fin {
+            expected = expected.wrapping_add(1);
+        }
+        let reply = if fin { TCP_ACK | TCP_FIN } else { TCP_ACK };
+        let n = tcp_segment(src_port, port, our_seq, expected, reply, &[], &mut segment);
+        host.ip(PROTO_TCP, dst, &segment[..n], Some(16))?;
+        if fin {
+            return Ok(len);
+        }
+    }
+}
+
+/// The `.get` requests (and a token first with `.token`); returns how many were answered.
+fn fetch(host: &mut Host, dst: Ip, cmdline: Cmdline, paths: &str, wait: u64) -> Result<u64, &'static str> {
+    use core::fmt::Write;
+    let port = cmdline.number(TEST, "port", 80) as u16;
+    let mut src_port = HTTP_SRC_PORT;
+    let mut answer = [0u8; 1400];
+    let mut token = Text { bytes: [0; TEXT], len: 0 };
+    if let Some(ttl) = cmdline.param(TEST, "token") {
+        let mut request = Text { bytes: [0; TEXT], len: 0 };
+        let _ = write!(request, "PUT /latest/api/token HTTP/1.1\r\nX-metadata-token-ttl-seconds: {ttl}\r\n\r\n");
+        let n = http(host, dst, port, src_port, &request.bytes[..request.len], wait, &mut answer)?;
+        src_port += 1;
+        let body = report_answer(&answer[..n], "PUT", "/latest/api/token");
+        let _ = token.write_str(body);
+        crate::hw::spin_cycles(cmdline.number(TEST, "tokenwait", 0));
+    }
+    if cmdline.param(TEST, "forged") == Some("on") {
+        token.len = 0;
+        let _ = token.write_str("forged-token");
+    }
+    let json = cmdline.param(TEST, "accept") == Some("json");
+    let mut answered = 0;
+    for path in paths.split(',') {
+        let mut request = Text { bytes: [0; TEXT], len: 0 };
+        let _ = write!(request, "GET {path} HTTP/1.1\r\n");
+        if token.len > 0 {
+            let _ = write!(request, "X-metadata-token: {}\r\n", core::str::from_utf8(&token.bytes[..token.len]).unwrap_or(""));
+        }
+        if json {
+            let _ = write!(request, "Accept: application/json\r\n");
+        }
+        let _ = write!(request, "\r\n");
+        let n = http(host, dst, port, src_port, &request.bytes[..request.len], wait, &mut answer)?;
+        src_port += 1;
+        report_answer(&answer[..n], "GET", path);
+        answered += 1;
+    }
+    Ok(answered)
+}
+
+/// Prints an HTTP answer's status and body on one line; returns the body.
+fn report_answer<'a>(answer: &'a [u8], method: &str, path: &str) -> &'a str {
+    use core::fmt::Write;
+    let text = core::str::from_utf8(answer).unwrap_or("");
+    let status = text.get(9..12).unwrap_or("???");
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let mut line = Text { bytes: [0; TEXT], len: 0 };
+    for (i, part) in body.split('\n').enumerate() {
+        let _ = write!(line, "{}{part}", if i > 0 { "|" } else { "" });
+    }
+    let shown = core::str::from_utf8(&line.bytes[..line.len]).unwrap_or("");
+    crate::println!("PROBE virtio-net http method={method} path={path} status={status} body={shown}");
+    body
 }
