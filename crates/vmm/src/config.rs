@@ -737,7 +737,8 @@ mod tests {
                 attachment: NetAttachment::Tap("fv0".into()),
                 mac: Some([2, 0, 0, 0xaa, 0xbb, 0xcc]),
                 rx_rate_limit: None,
-                tx_rate_limit: None
+                tx_rate_limit: None,
+                mmds: None,
             }
         );
         assert_eq!("tap=fv0".parse::<NetConfig>().unwrap().mac, None);
