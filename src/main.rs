@@ -257,6 +257,10 @@ struct RunArgs {
     /// A virtio-vsock device: cid=N,uds=PATH (host connections through the Unix socket PATH).
     #[arg(long)]
     vsock: Option<VsockConfig>,
+    /// A file as persistent memory (virtio-pmem): path=FILE[,readonly=on]; repeatable. Its size
+    /// must be a multiple of 2 MiB.
+    #[arg(long)]
+    pmem: Vec<vmm::config::PmemConfig>,
     /// The most bytes the guest may write to a --serial or --console output file; the rest is
     /// dropped (no limit by default).
     #[arg(long, value_name = "BYTES")]
@@ -487,6 +491,7 @@ fn run(args: RunArgs, id: String, launched: Instant, logger: logging::Logger) ->
         nets: args.nets,
         balloon: args.balloon,
         vsock: args.vsock,
+        pmem: args.pmem,
         transport: args.virtio_transport,
         memory: args.memory.options,
         stats_on_exit: args.stats_on_exit,

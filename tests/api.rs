@@ -700,6 +700,39 @@ fn mmds_serves_the_guest_what_the_api_put_there() {
     assert!(vm.finish_after_signal(libc::SIGTERM, TIMEOUT).status.success());
 }
 
+/// PUT /pmem/{id}: a root pmem device becomes the kernel's root (`root=/dev/pmem0`), the
+/// probe writes through it; bad files are refused with a sentence.
+#[test]
+fn pmem_through_the_api_is_the_root_device() {
+    let dir = scratch_dir("api-pmem");
+    let file = dir.join("rootfs.img");
+    std::fs::write(&file, vec![0u8; 2 << 20]).unwrap();
+    let odd = dir.join("odd.img");
+    std::fs::write(&odd, vec![0u8; 4096]).unwrap();
+    let (vm, socket) = api_vmm(&dir);
+    let s = socket.as_path();
+    let boot =
+        serde_json::json!({"kernel_image_path": probe_elf(), "boot_args": "console=ttyS0 probe.test=virtio-pmem"});
+    expect(s, "PUT", "/boot-source", &boot.to_string(), 204);
+    for (body, needle) in [
+        (serde_json::json!({"id": "p1", "path_on_host": odd}), "its size must be a non-zero multiple of 2 MiB"),
+        (serde_json::json!({"id": "p1", "path_on_host": ""}), "path_on_host is empty"),
+        (serde_json::json!({"id": "p2", "path_on_host": file}), "differs from the path's 'p1'"),
+    ] {
+        let m = fault(s, "PUT", "/pmem/p1", &body.to_string(), 400);
+        assert!(m.contains(needle), "{body}: {m}");
+    }
+    let pmem = serde_json::json!({"id": "root", "path_on_host": file, "root_device": true, "read_only": false});
+    expect(s, "PUT", "/pmem/root", &pmem.to_string(), 204);
+    let config: serde_json::Value = serde_json::from_str(&expect(s, "GET", "/vm/config", "", 200)).unwrap();
+    assert_eq!(config["pmem"][0]["root_device"], true, "{config}");
+    expect(s, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#, 204);
+    let out = vm.finish(TIMEOUT);
+    assert!(out.stdout.contains(" root=/dev/pmem0 rw"), "{}", out.describe());
+    assert!(probe_result(&out.stdout, "virtio-pmem").is_some_and(|l| l.ends_with("flush=ok")), "{}", out.describe());
+    assert_eq!(&std::fs::read(&file).unwrap()[..22], b"ferrovisor pmem page=0");
+}
+
 /// SendCtrlAltDel presses the keys on the i8042: the probe reads them, as set 1 scan codes
 /// (the controller translates, as PCs do), press and release.
 #[test]

@@ -130,6 +130,49 @@ fn hostile_driver_is_answered_logged_and_the_other_devices_keep_working() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// virtio-pmem: the probe writes through the mapped file and flushes; the lines are in the
+/// host file. Read-only, its writes change nothing; a file whose size is not a multiple of
+/// 2 MiB is refused with a sentence.
+#[test]
+fn pmem_writes_reach_the_file_and_read_only_keeps_it() {
+    let dir = scratch_dir("vmmio-pmem");
+    let file = dir.join("pmem.img");
+    std::fs::write(&file, vec![0u8; 4 << 20]).unwrap();
+    let mut cmd = probe_command(1, "probe.test=virtio-pmem");
+    cmd.args(["--pmem", &format!("path={}", file.display())]);
+    let out = Running::start(cmd).finish(TIMEOUT);
+    let line = probe_result(&out.stdout, "virtio-pmem").unwrap_or_else(|| panic!("{}", out.describe()));
+    assert!(
+        line.starts_with("PROBE virtio-pmem ok start=0x") && line.ends_with("size=4194304 pages=16 flush=ok"),
+        "{line}"
+    );
+    let bytes = std::fs::read(&file).unwrap();
+    for page in 0..16usize {
+        let text = format!("ferrovisor pmem page={page}");
+        assert_eq!(&bytes[page * 4096..page * 4096 + text.len()], text.as_bytes(), "page {page}");
+    }
+    assert!(bytes[16 * 4096..].iter().all(|&b| b == 0), "only the first 16 pages were written");
+
+    std::fs::write(&file, vec![0u8; 2 << 20]).unwrap();
+    let mut cmd = probe_command(1, "probe.test=virtio-pmem probe.virtio-pmem.readonly=on probe.virtio-pmem.pages=4");
+    cmd.args(["--pmem", &format!("path={},readonly=on", file.display())]);
+    let out = Running::start(cmd).finish(TIMEOUT);
+    assert!(
+        probe_result(&out.stdout, "virtio-pmem").is_some_and(|l| l.ends_with("pages=4 flush=ok")),
+        "{}",
+        out.describe()
+    );
+    assert!(std::fs::read(&file).unwrap().iter().all(|&b| b == 0), "a read-only file was written");
+
+    std::fs::write(&file, vec![0u8; 3 << 20]).unwrap();
+    let mut cmd = probe_command(1, "probe.test=virtio-pmem");
+    cmd.args(["--pmem", &format!("path={}", file.display())]);
+    let out = Running::start(cmd).finish(TIMEOUT);
+    assert!(!out.status.success(), "{}", out.describe());
+    assert!(out.stderr.contains("its size must be a non-zero multiple of 2 MiB"), "{}", out.describe());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// The same on every queue of vsock, balloon (statistics and free page reporting on),
 /// console and rng: ten corrupted chains or rings per queue, each answered or ignored and
 /// logged, the device serving a good request after a reset (the console too: it used to close

@@ -211,6 +211,18 @@ pub enum MmdsVersion {
     V2,
 }
 
+/// `PUT /pmem/{id}`: a host file as persistent memory (virtio-pmem).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pmem {
+    pub id: String,
+    pub path_on_host: String,
+    #[serde(default)]
+    pub root_device: bool,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
 /// `PUT /vsock`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -481,6 +493,8 @@ pub struct VmConfigFile {
     pub drives: Vec<Drive>,
     #[serde(rename = "network-interfaces", default)]
     pub network_interfaces: Vec<NetworkInterface>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pmem: Vec<Pmem>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<Vsock>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

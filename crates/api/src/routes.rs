@@ -24,6 +24,7 @@ pub enum Request {
     PutEntropy(Entropy),
     PutSerial(Serial),
     PutCpuConfig(CpuConfig),
+    PutPmem(Pmem),
     GetMmds,
     PutMmds(serde_json::Value),
     PatchMmds(serde_json::Value),
@@ -68,6 +69,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/entropy"),
     ("PUT", "/serial"),
     ("PUT", "/cpu-config"),
+    ("PUT", "/pmem/{id}"),
     ("GET", "/mmds"),
     ("PUT", "/mmds"),
     ("PATCH", "/mmds"),
@@ -138,6 +140,11 @@ pub fn parse(method: &str, target: &str, body: &[u8]) -> Result<Request, Respons
         ("PUT", "/entropy") => Request::PutEntropy(body_of(&what, body)?),
         ("PUT", "/serial") => Request::PutSerial(body_of(&what, body)?),
         ("PUT", "/cpu-config") => Request::PutCpuConfig(body_of(&what, body)?),
+        ("PUT", "/pmem/{id}") => {
+            let pmem: Pmem = body_of(&what, body)?;
+            same_id(&what, "id", id, &pmem.id)?;
+            Request::PutPmem(pmem)
+        }
         ("GET", "/mmds") => Request::GetMmds,
         ("PUT", "/mmds") => Request::PutMmds(body_of(&what, body)?),
         ("PATCH", "/mmds") => Request::PatchMmds(body_of(&what, body)?),

@@ -44,6 +44,8 @@ pub const BOOT_TIMER_SIZE: u64 = 0x1000;
 pub const BOOT_TIMER_MAGIC: u8 = 123;
 /// virtio-mmio windows, one page each, announced on the kernel command line.
 pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
+/// virtio-pmem regions go here while they fit (below the virtio-mmio window), else above RAM.
+pub const PMEM_WINDOW_START: u64 = 0xc020_0000;
 pub const VIRTIO_MMIO_WINDOW: u64 = 0x1000;
 /// virtio-mmio devices take IOAPIC pins from here up (COM1 has 4).
 pub const VIRTIO_FIRST_IRQ: u32 = 5;

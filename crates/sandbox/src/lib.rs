@@ -31,6 +31,8 @@ pub enum ThreadKind {
     /// Starts every other thread once filters are on.
     Launcher,
     Block,
+    /// virtio-pmem: flushes of a mapped file.
+    Pmem,
     Net,
     Rng,
     Console,
@@ -47,12 +49,13 @@ pub enum ThreadKind {
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 14] = [
+    pub const ALL: [ThreadKind; 15] = [
         ThreadKind::Vmm,
         ThreadKind::Api,
         ThreadKind::Vcpu,
         ThreadKind::Launcher,
         ThreadKind::Block,
+        ThreadKind::Pmem,
         ThreadKind::Net,
         ThreadKind::Rng,
         ThreadKind::Console,
@@ -72,6 +75,7 @@ impl ThreadKind {
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::Launcher => "launcher",
             ThreadKind::Block => "virtio-blk",
+            ThreadKind::Pmem => "virtio-pmem",
             ThreadKind::Net => "virtio-net",
             ThreadKind::Rng => "virtio-rng",
             ThreadKind::Console => "virtio-console",

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod mmio;
 pub mod net;
 pub mod pci;
+pub mod pmem;
 pub mod rate_limiter;
 pub mod rng;
 pub mod transport;

@@ -267,6 +267,28 @@ impl FromStr for VsockConfig {
     }
 }
 
+/// `--pmem path=FILE[,readonly=on]`: a file as persistent memory (virtio-pmem).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PmemConfig {
+    pub path: PathBuf,
+    pub readonly: bool,
+}
+
+impl FromStr for PmemConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (mut path, mut readonly) = (None, false);
+        for (key, value) in key_values("--pmem", s)? {
+            match key {
+                "path" if !value.is_empty() => path = Some(PathBuf::from(value)),
+                "readonly" => readonly = on_off("--pmem", key, value)?,
+                _ => return Err(format!("--pmem has no option '{key}'; use path= and readonly=")),
+            }
+        }
+        Ok(PmemConfig { path: path.ok_or("--pmem needs path=FILE")?, readonly })
+    }
+}
+
 /// How guest RAM is backed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum HugePages {
@@ -397,6 +419,9 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     pub balloon: Option<virtio::balloon::BalloonOptions>,
     pub vsock: Option<VsockConfig>,
+    /// virtio-pmem devices.
+    #[serde(default)]
+    pub pmem: Vec<PmemConfig>,
     pub transport: VirtioTransport,
     pub memory: MemoryOptions,
     /// Print the memory statistics when the VM stops.
@@ -656,6 +681,7 @@ mod tests {
             nets: Vec::new(),
             balloon: None,
             vsock: None,
+            pmem: Vec::new(),
             transport: VirtioTransport::Mmio,
             memory: MemoryOptions::default(),
             stats_on_exit: false,

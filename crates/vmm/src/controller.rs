@@ -49,6 +49,7 @@ struct Resources {
     serial: Option<models::Serial>,
     cpu_config: Option<models::CpuConfig>,
     mmds: Option<models::MmdsConfig>,
+    pmem: Vec<models::Pmem>,
     memory: models::MemoryOptions,
 }
 
@@ -261,6 +262,24 @@ impl Controller {
                     s.imds_compat = m.imds_compat;
                 });
                 c.resources.mmds = Some(m);
+                Ok(())
+            }),
+            Request::PutPmem(p) => self.pre_boot("PUT /pmem", |c| {
+                let what = format!("pmem {}", p.id);
+                must_exist(&what, "path_on_host", &p.path_on_host)?;
+                let len = std::fs::metadata(&p.path_on_host).map(|m| m.len()).unwrap_or(0);
+                if len == 0 || !len.is_multiple_of(virtio::pmem::ALIGNMENT) {
+                    return Err(format!(
+                        "{what} path_on_host is {len} bytes; its size must be a non-zero multiple of 2 MiB (truncate -s)."
+                    ));
+                }
+                if p.root_device && c.resources.pmem.iter().any(|o| o.root_device && o.id != p.id) {
+                    return Err(format!("{what}: another pmem device is the root already; only one can be."));
+                }
+                match c.resources.pmem.iter_mut().find(|o| o.id == p.id) {
+                    Some(old) => *old = p,
+                    None => c.resources.pmem.push(p),
+                }
                 Ok(())
             }),
             Request::PutCpuConfig(t) => self.pre_boot("PUT /cpu-config", |c| {
@@ -516,6 +535,14 @@ impl Controller {
             };
             cmdline.push_str(&format!(" root={device} {}", if root.is_read_only { "ro" } else { "rw" }));
         }
+        // A root pmem device is the first (pmem0), when no drive is the root.
+        let mut pmem: Vec<&models::Pmem> = r.pmem.iter().filter(|p| p.root_device).collect();
+        pmem.extend(r.pmem.iter().filter(|p| !p.root_device));
+        if let Some(root) = pmem.first().filter(|p| p.root_device)
+            && !drives.first().is_some_and(|d| d.is_root_device)
+        {
+            cmdline.push_str(&format!(" root=/dev/pmem0 {}", if root.read_only { "ro" } else { "rw" }));
+        }
         let mut memory = memory_options(&r.memory)?;
         if r.machine.huge_pages == models::HugePages::TwoMiB {
             memory.hugepages = HugePages::On;
@@ -574,6 +601,10 @@ impl Controller {
                 free_page_reporting: b.free_page_reporting,
                 free_page_hinting: b.free_page_hinting,
             }),
+            pmem: pmem
+                .iter()
+                .map(|p| crate::config::PmemConfig { path: PathBuf::from(&p.path_on_host), readonly: p.read_only })
+                .collect(),
             vsock: r
                 .vsock
                 .as_ref()
@@ -606,6 +637,7 @@ impl Controller {
             machine_config: Some(r.machine.clone()),
             drives: r.drives.clone(),
             network_interfaces: r.nets.clone(),
+            pmem: r.pmem.clone(),
             vsock: r.vsock.clone(),
             balloon: r.balloon.clone(),
             entropy: r.entropy.clone(),
@@ -854,6 +886,7 @@ impl Controller {
             None => return Err("The config file has no boot-source; add one with kernel_image_path.".into()),
         }
         requests.extend(file.drives.into_iter().map(Request::PutDrive));
+        requests.extend(file.pmem.into_iter().map(Request::PutPmem));
         requests.extend(file.network_interfaces.into_iter().map(Request::PutNetworkInterface));
         requests.extend(file.mmds_config.map(Request::PutMmdsConfig));
         requests.extend(file.vsock.map(Request::PutVsock));

@@ -5,11 +5,14 @@ use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use linux_loader::cmdline::Cmdline;
-use vm_memory::GuestAddress;
+use vm_memory::{Address, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use arch::GuestMemory;
-use arch::layout::{PCI_BAR_START, PCI_BAR_STRIDE, VIRTIO_FIRST_IRQ, VIRTIO_MMIO_START, VIRTIO_MMIO_WINDOW};
+use arch::layout::{
+    MMIO_HOLE_END, PCI_BAR_START, PCI_BAR_STRIDE, PMEM_WINDOW_START, VIRTIO_FIRST_IRQ, VIRTIO_MMIO_START,
+    VIRTIO_MMIO_WINDOW,
+};
 use devices::Bus;
 use devices::pci::PciRoot;
 use virtio::VirtioDevice;
@@ -37,6 +40,8 @@ pub struct AttachedDevices {
     pub disks: Vec<(String, DeviceUpdater)>,
     /// How to change each network interface while the VM runs, in configuration order.
     pub nets: Vec<DeviceUpdater>,
+    /// The files virtio-pmem devices map: KVM memory slots point into them.
+    pub pmem: Vec<Arc<virtio::pmem::PmemMapping>>,
 }
 
 /// The virtio-pci functions in slot order, and the root they hang off.
@@ -117,6 +122,40 @@ pub fn attach_all(
         let net =
             virtio::net::Net::new(host, mac).with_rate_limits(nic.rx_rate_limit, nic.tx_rate_limit).with_mmds(nic.mmds);
         devices.push((format!("virtio-net{i}"), Box::new(net)));
+    }
+    let ram_end = vm_memory::GuestMemoryBackend::last_addr(mem).raw_value() + 1;
+    let mut window = PMEM_WINDOW_START;
+    let mut high = ram_end.max(MMIO_HOLE_END).next_multiple_of(1 << 30);
+    for (i, p) in config.pmem.iter().enumerate() {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!p.readonly)
+            .open(&p.path)
+            .map_err(|source| Error::Open { what: "virtio-pmem file", path: p.path.display().to_string(), source })?;
+        let mapping = virtio::pmem::PmemMapping::new(file, p.readonly)
+            .map_err(|e| Error::Device(format!("virtio-pmem file {} {e}", p.path.display())))?;
+        let gpa = if window + mapping.len <= VIRTIO_MMIO_START {
+            window += mapping.len;
+            window - mapping.len
+        } else {
+            high += mapping.len.next_multiple_of(1 << 30);
+            high - mapping.len.next_multiple_of(1 << 30)
+        };
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot: (vm_memory::GuestMemoryBackend::num_regions(mem) + i) as u32,
+            flags: if p.readonly { kvm_bindings::KVM_MEM_READONLY } else { 0 },
+            guest_phys_addr: gpa,
+            memory_size: mapping.len,
+            userspace_addr: mapping.host_addr,
+        };
+        // SAFETY: the host range is the file's live mapping, which the device and `attached`
+        // hold for as long as the VM exists.
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(|e| Error::Device(format!("virtio-pmem: KVM refused the memory slot ({e})")))?;
+        tracing::info!("virtio-pmem{i}: {} at {gpa:#x} ({} MiB)", p.path.display(), mapping.len >> 20);
+        let mapping = Arc::new(mapping);
+        attached.pmem.push(mapping.clone());
+        devices.push((format!("virtio-pmem{i}"), Box::new(virtio::pmem::Pmem::new(mapping, gpa))));
     }
     if let Some(vsock) = &config.vsock {
         let device = virtio::vsock::Vsock::new(vsock.cid, &vsock.uds)
@@ -199,6 +238,7 @@ fn device_kind(device_type: u32) -> &'static str {
         virtio::TYPE_BALLOON => "balloon",
         virtio::TYPE_VSOCK => "vsock",
         virtio::TYPE_CONSOLE => "console",
+        virtio::pmem::TYPE_PMEM => "pmem",
         _ => "other",
     }
 }

@@ -5,6 +5,7 @@ mod blk;
 mod console;
 mod ip;
 mod net;
+mod pmem;
 mod rng;
 mod vsock;
 
@@ -22,6 +23,7 @@ pub fn device_id(test: &str) -> Option<u32> {
         "virtio-rng" => 4,
         "virtio-balloon" => 5,
         "virtio-vsock" => 19,
+        "virtio-pmem" => 27,
         _ => return None,
     })
 }
@@ -79,6 +81,7 @@ pub fn run(test: &str, id: u32, cmdline: Cmdline, info: &StartInfo) {
             }
         }
         "virtio-vsock" => run_device(test, &slot, cmdline, vsock::test, None),
+        "virtio-pmem" => run_device(test, &slot, cmdline, pmem::test, None),
         "virtio-balloon" => {
             if let Err(reason) = balloon::test(&slot, cmdline, info.low_ram_end) {
                 report::fail(test, format_args!("{reason}"));
