@@ -733,6 +733,18 @@ fn pmem_through_the_api_is_the_root_device() {
     assert_eq!(&std::fs::read(&file).unwrap()[..22], b"ferrovisor pmem page=0");
 }
 
+/// A stop asked for before any VM runs is answered before the VMM exits (it used to exit while
+/// the answer was still on its way, and clients saw a dropped connection).
+#[test]
+fn a_stop_before_start_is_answered() {
+    let dir = scratch_dir("api-early-stop");
+    for i in 0..20 {
+        let (vm, socket) = common::api_vmm(&dir, &format!("api{i}.sock"), &[]);
+        expect(&socket, "PUT", "/ferrovisor/stop", "", 204);
+        assert!(vm.finish(TIMEOUT).status.success());
+    }
+}
+
 /// SendCtrlAltDel presses the keys on the i8042: the probe reads them, as set 1 scan codes
 /// (the controller translates, as PCs do), press and release.
 #[test]

@@ -58,7 +58,12 @@ pub struct Server {
     path: PathBuf,
     listener: Arc<UnixListener>,
     thread: Option<sandbox::Thread<()>>,
+    shared: Arc<Shared>,
 }
+
+/// How long a stopping server waits for open connections to finish their answers (the last
+/// one may be the answer to the request that stopped the VMM).
+const DRAIN: Duration = Duration::from_millis(500);
 
 impl Server {
     /// Listens on `path` (which must not exist) and serves until dropped.
@@ -74,17 +79,18 @@ impl Server {
         std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         let shared = Arc::new(Shared { calls: Mutex::new(calls), poke, connections: AtomicUsize::new(0) });
         let accepting = listener.clone();
+        let serving = shared.clone();
         let thread = sandbox::spawn_with_stack(sandbox::ThreadKind::Api, "api", Some(THREAD_STACK), move || {
             for stream in accepting.incoming() {
                 match stream {
-                    Ok(stream) => accept(stream, &shared),
+                    Ok(stream) => accept(stream, &serving),
                     // The socket was shut down: the server is being dropped.
                     Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break,
                     Err(e) => tracing::warn!("the API socket failed to accept a connection: {e}"),
                 }
             }
         })?;
-        Ok(Server { path: path.to_path_buf(), listener, thread: Some(thread) })
+        Ok(Server { path: path.to_path_buf(), listener, thread: Some(thread), shared })
     }
 }
 
@@ -96,6 +102,10 @@ impl Drop for Server {
         unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
+        }
+        let deadline = Instant::now() + DRAIN;
+        while self.shared.connections.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
         }
         let _ = std::fs::remove_file(&self.path);
     }
