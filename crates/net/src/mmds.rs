@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
-use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
+use smoltcp::phy::{Device, DeviceCapabilities, TxToken};
 use smoltcp::socket::tcp;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpListenEndpoint};
 
@@ -265,14 +265,7 @@ struct Link {
     to_guest: VecDeque<Vec<u8>>,
 }
 
-struct Rx(Vec<u8>);
 struct Tx<'a>(&'a mut VecDeque<Vec<u8>>);
-
-impl RxToken for Rx {
-    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        f(&self.0)
-    }
-}
 
 impl TxToken for Tx<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
@@ -287,20 +280,17 @@ impl TxToken for Tx<'_> {
 }
 
 impl Device for Link {
-    type RxToken<'a> = Rx;
+    type RxToken<'a> = crate::RxFrame;
     type TxToken<'a> = Tx<'a>;
-    fn receive(&mut self, _: smoltcp::time::Instant) -> Option<(Rx, Tx<'_>)> {
+    fn receive(&mut self, _: smoltcp::time::Instant) -> Option<(crate::RxFrame, Tx<'_>)> {
         let frame = self.from_guest.pop_front()?;
-        Some((Rx(frame), Tx(&mut self.to_guest)))
+        Some((crate::RxFrame(frame), Tx(&mut self.to_guest)))
     }
     fn transmit(&mut self, _: smoltcp::time::Instant) -> Option<Tx<'_>> {
         Some(Tx(&mut self.to_guest))
     }
     fn capabilities(&self) -> DeviceCapabilities {
-        let mut caps = DeviceCapabilities::default();
-        caps.medium = Medium::Ethernet;
-        caps.max_transmission_unit = MTU;
-        caps
+        crate::ethernet_capabilities(MTU)
     }
 }
 

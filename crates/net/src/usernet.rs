@@ -14,7 +14,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant as StdInstant};
 
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
-use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
+use smoltcp::phy::{Device, DeviceCapabilities, TxToken};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndpoint};
@@ -82,14 +82,7 @@ struct Link {
     inbound: std::collections::VecDeque<Vec<u8>>,
 }
 
-struct Rx(Vec<u8>);
 struct Tx<'a>(&'a SwitchPort);
-
-impl RxToken for Rx {
-    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        f(&self.0)
-    }
-}
 
 impl TxToken for Tx<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
@@ -103,20 +96,17 @@ impl TxToken for Tx<'_> {
 }
 
 impl Device for Link {
-    type RxToken<'a> = Rx;
+    type RxToken<'a> = crate::RxFrame;
     type TxToken<'a> = Tx<'a>;
-    fn receive(&mut self, _: Instant) -> Option<(Rx, Tx<'_>)> {
+    fn receive(&mut self, _: Instant) -> Option<(crate::RxFrame, Tx<'_>)> {
         let frame = self.inbound.pop_front()?;
-        Some((Rx(frame), Tx(&self.port)))
+        Some((crate::RxFrame(frame), Tx(&self.port)))
     }
     fn transmit(&mut self, _: Instant) -> Option<Tx<'_>> {
         Some(Tx(&self.port))
     }
     fn capabilities(&self) -> DeviceCapabilities {
-        let mut caps = DeviceCapabilities::default();
-        caps.medium = Medium::Ethernet;
-        caps.max_transmission_unit = MTU;
-        caps
+        crate::ethernet_capabilities(MTU)
     }
 }
 
