@@ -4,10 +4,9 @@
 //! drops, when the guest has no buffers: the TAP is not read until buffers arrive.
 
 use std::io::{Read, Write};
+use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
-
-use std::net::Ipv4Addr;
 
 use net::mmds::MmdsStack;
 use net::switch::SwitchPort;
