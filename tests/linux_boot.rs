@@ -76,6 +76,34 @@ fn linux_vmlinux_boots_to_init() {
     eprintln!("vmlinux: launch to exit {:.1} s", out.elapsed.as_secs_f64());
 }
 
+/// Linux mounts its ext4 root from virtio-pmem (`/dev/pmem0`, the rootfs image mapped into its
+/// physical memory) and starts init.
+#[test]
+fn linux_mounts_its_root_from_virtio_pmem() {
+    let guest = linux_guest();
+    let dir = common::scratch_dir("linux-pmem");
+    let root = dir.join("rootfs.ext4");
+    std::fs::copy(guest.join("rootfs.ext4"), &root).unwrap();
+    // A pmem file is a whole number of 2 MiB blocks; ext4 does not mind the room at the end.
+    let len = std::fs::metadata(&root).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&root).unwrap().set_len(len.next_multiple_of(2 << 20)).unwrap();
+    let cmdline = format!("console=ttyS0 reboot=k panic=-1 {LINUX_HOST_CMDLINE} root=/dev/pmem0 rw");
+    let out = boot_reaching("Run /sbin/init as init process", || {
+        let mut cmd = ferrovisor();
+        cmd.arg("run")
+            .args(["--kernel", guest.join("vmlinux").to_str().unwrap()])
+            .args(["--memory", "256", "--cmdline", &cmdline])
+            .args(["--pmem", &format!("path={}", root.display())]);
+        Running::start(cmd).finish(BOOT_TIMEOUT)
+    });
+    let log = out.describe();
+    assert!(out.stderr.contains("virtio-pmem0: the driver started the device"), "{log}");
+    assert!(out.stdout.contains("EXT4-fs (pmem0): mounted filesystem"), "{log}");
+    assert_started_init(&out, "Run /sbin/init as init process");
+    assert_ended_after_init(&out);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// A kernel panic with panic=-1 reboot=k ends the VMM with status 0, through the i8042. No
 /// root and no init: the panic comes before any user space, on every host.
 #[test]
