@@ -226,11 +226,10 @@ impl<'de, A: VariantAccess<'de>> VariantAccess<'de> for Access<A> {
     }
     fn struct_variant<V: Visitor<'de>>(
         self,
-        _fields: &'static [&'static str],
+        fields: &'static [&'static str],
         visitor: V,
     ) -> Result<V::Value, A::Error> {
-        // As for structs: fields come as a map. serde_json's struct variants are maps already.
-        self.0.struct_variant(_fields, Wrap(visitor))
+        self.0.struct_variant(fields, Wrap(visitor))
     }
 }
 

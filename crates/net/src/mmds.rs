@@ -114,7 +114,8 @@ impl Store {
         Ok(())
     }
 
-    fn new_token(&mut self, ttl: Duration, now: Instant) -> String {
+    /// A new session token, or None when the host has no randomness to make one unguessable.
+    fn new_token(&mut self, ttl: Duration, now: Instant) -> Option<String> {
         self.tokens.retain(|_, expiry| *expiry > now);
         if self.tokens.len() >= MAX_TOKENS {
             // The one closest to expiring goes: a guest cannot grow the table without end.
@@ -126,13 +127,11 @@ impl Store {
         // SAFETY: getrandom writes at most 24 bytes into the 24-byte buffer.
         let got = unsafe { libc::getrandom(random.as_mut_ptr().cast(), random.len(), 0) };
         if got != random.len() as isize {
-            // No entropy (a seccomp filter without getrandom would have stopped the VMM first):
-            // tie the token to the clock instead, still unguessable enough to not repeat.
-            random[..16].copy_from_slice(&now.elapsed().as_nanos().to_le_bytes());
+            return None;
         }
         let token: String = random.iter().map(|b| format!("{b:02x}")).collect();
         self.tokens.insert(token.clone(), now + ttl);
-        token
+        Some(token)
     }
 
     fn token_valid(&self, token: &str, now: Instant) -> bool {
@@ -210,8 +209,10 @@ pub fn respond(store: &mut Store, request: &[u8], now: Instant) -> Option<Vec<u8
                 .and_then(|v| v.trim().parse::<u64>().ok());
             match ttl {
                 Some(ttl) if (1..=MAX_TOKEN_TTL_S).contains(&ttl) => {
-                    let token = store.new_token(Duration::from_secs(ttl), now);
-                    Some(response(200, "OK", "text/plain", &token))
+                    Some(match store.new_token(Duration::from_secs(ttl), now) {
+                        Some(token) => response(200, "OK", "text/plain", &token),
+                        None => error(500, "Internal Server Error", "No token could be made; try again."),
+                    })
                 }
                 _ => Some(error(
                     400,

@@ -3,7 +3,7 @@
 //! flush requests, answered once the file's data reached the disk (fsync).
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use virtio_queue::Queue;
@@ -12,9 +12,8 @@ use vm_memory::Bytes;
 use crate::device::{ActivateError, Activation, VirtioDevice, read_config_bytes};
 use crate::metrics::DeviceMetrics;
 use crate::worker::{Backend, Worker, serve_queue};
-use crate::{F_VERSION_1, GuestMemory};
+use crate::{F_VERSION_1, GuestMemory, TYPE_PMEM};
 
-pub const TYPE_PMEM: u32 = 27;
 const QUEUE_SIZES: [u16; 1] = [256];
 const REQ_FLUSH: u32 = 0;
 const RESP_OK: u32 = 0;
@@ -152,10 +151,6 @@ impl Backend for PmemBackend {
                 Err(_) => 0,
             }
         })
-    }
-
-    fn extra_fds(&self) -> Vec<RawFd> {
-        Vec::new()
     }
 }
 

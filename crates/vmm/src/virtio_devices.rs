@@ -40,8 +40,6 @@ pub struct AttachedDevices {
     pub disks: Vec<(String, DeviceUpdater)>,
     /// How to change each network interface while the VM runs, in configuration order.
     pub nets: Vec<DeviceUpdater>,
-    /// The files virtio-pmem devices map: KVM memory slots point into them.
-    pub pmem: Vec<Arc<virtio::pmem::PmemMapping>>,
 }
 
 /// The virtio-pci functions in slot order, and the root they hang off.
@@ -148,14 +146,12 @@ pub fn attach_all(
             memory_size: mapping.len,
             userspace_addr: mapping.host_addr,
         };
-        // SAFETY: the host range is the file's live mapping, which the device and `attached`
-        // hold for as long as the VM exists.
+        // SAFETY: the host range is the file's live mapping, which the device holds (its
+        // transport is in `attached`) for as long as the VM exists.
         unsafe { vm.set_user_memory_region(region) }
             .map_err(|e| Error::Device(format!("virtio-pmem: KVM refused the memory slot ({e})")))?;
         tracing::info!("virtio-pmem{i}: {} at {gpa:#x} ({} MiB)", p.path.display(), mapping.len >> 20);
-        let mapping = Arc::new(mapping);
-        attached.pmem.push(mapping.clone());
-        devices.push((format!("virtio-pmem{i}"), Box::new(virtio::pmem::Pmem::new(mapping, gpa))));
+        devices.push((format!("virtio-pmem{i}"), Box::new(virtio::pmem::Pmem::new(Arc::new(mapping), gpa))));
     }
     if let Some(vsock) = &config.vsock {
         let device = virtio::vsock::Vsock::new(vsock.cid, &vsock.uds)
@@ -238,7 +234,7 @@ fn device_kind(device_type: u32) -> &'static str {
         virtio::TYPE_BALLOON => "balloon",
         virtio::TYPE_VSOCK => "vsock",
         virtio::TYPE_CONSOLE => "console",
-        virtio::pmem::TYPE_PMEM => "pmem",
+        virtio::TYPE_PMEM => "pmem",
         _ => "other",
     }
 }
