@@ -204,7 +204,7 @@ fn allowed(kind: ThreadKind) -> (Vec<i64>, Vec<Ioctl>) {
         ThreadKind::Launcher => &[],
         ThreadKind::Api => &[API, EVENTS],
         ThreadKind::Block => &[BLOCK, EVENTS],
-        ThreadKind::Pmem => &[EVENTS, &[libc::SYS_fsync, libc::SYS_fdatasync, libc::SYS_msync]],
+        ThreadKind::Pmem => &[EVENTS, &[libc::SYS_fsync]],
         ThreadKind::Net => &[EVENTS, SOCKETS],
         ThreadKind::Rng => &[EVENTS],
         ThreadKind::Console => &[EVENTS],
