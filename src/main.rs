@@ -261,6 +261,10 @@ struct RunArgs {
     /// must be a multiple of 2 MiB.
     #[arg(long)]
     pmem: Vec<vmm::config::PmemConfig>,
+    /// Hotpluggable memory (virtio-mem), in MiB: total=N[,block=2][,slot=128][,requested=0].
+    /// It lies above RAM; the guest plugs blocks of it as `PATCH /hotplug/memory` asks.
+    #[arg(long)]
+    memory_hotplug: Option<vmm::config::MemoryHotplugConfig>,
     /// The most bytes the guest may write to a --serial or --console output file; the rest is
     /// dropped (no limit by default).
     #[arg(long, value_name = "BYTES")]
@@ -492,6 +496,7 @@ fn run(args: RunArgs, id: String, launched: Instant, logger: logging::Logger) ->
         balloon: args.balloon,
         vsock: args.vsock,
         pmem: args.pmem,
+        memory_hotplug: args.memory_hotplug,
         transport: args.virtio_transport,
         memory: args.memory.options,
         stats_on_exit: args.stats_on_exit,

@@ -583,6 +583,93 @@ fn free_page_hinting_returns_hinted_pages_to_the_host() {
     assert!(vm.finish(TIMEOUT).status.success());
 }
 
+/// Memory hotplug (virtio-mem) through the API: the probe plugs the 64 MiB PATCH asks for,
+/// writes all of it, and unplugs 48 MiB of it when asked for 16; the VMM's RSS rises and falls
+/// with it, and GET /hotplug/memory follows. Bad sizes are refused with sentences naming the
+/// field, and the region survives a snapshot and load (what was plugged stays plugged).
+#[test]
+fn memory_hotplug_plugs_and_unplugs_blocks_and_rss_follows() {
+    let dir = scratch_dir("api-hotplug");
+    let (mut vm, socket) = api_vmm(&dir);
+    let s = socket.as_path();
+    let boot = serde_json::json!({
+        "kernel_image_path": probe_elf(),
+        "boot_args": "console=ttyS0 probe.test=virtio-mem probe.idle=on",
+    });
+    expect(s, "PUT", "/boot-source", &boot.to_string(), 204);
+    for (body, field) in [
+        (r#"{"total_size_mib": 200}"#, "total_size_mib"),
+        (r#"{"total_size_mib": 0}"#, "total_size_mib"),
+        (r#"{"total_size_mib": 256, "block_size_mib": 3}"#, "block_size_mib"),
+        (r#"{"total_size_mib": 256, "slot_size_mib": 64}"#, "slot_size_mib"),
+        (r#"{"total_size_mib": 256, "slot_size_mib": 129}"#, "slot_size_mib"),
+        (r#"{"total_size_mib": 4194304}"#, "total_size_mib"),
+        (r#"{"total_size_mib": null}"#, "total_size_mib"),
+        (r#"{"slot_size_mib": 128}"#, "total_size_mib"),
+        (r#"{"total_size_mib": 256, "size": 1}"#, "size"),
+    ] {
+        let m = fault(s, "PUT", "/hotplug/memory", body, 400);
+        assert!(m.contains(field), "{body}: {m}");
+    }
+    let m = fault(s, "PATCH", "/hotplug/memory", r#"{"requested_size_mib": 64}"#, 400);
+    assert!(m.contains("needs a running VM"), "{m}");
+    let m = fault(s, "GET", "/hotplug/memory", "", 400);
+    assert!(m.contains("PUT /hotplug/memory"), "{m}");
+    expect(s, "PUT", "/hotplug/memory", r#"{"total_size_mib": 256}"#, 204);
+    let status: serde_json::Value = serde_json::from_str(&expect(s, "GET", "/hotplug/memory", "", 200)).unwrap();
+    assert_eq!(status["slot_size_mib"], 128, "{status}");
+    assert_eq!(status["block_size_mib"], 2, "{status}");
+    let config: serde_json::Value = serde_json::from_str(&expect(s, "GET", "/vm/config", "", 200)).unwrap();
+    assert_eq!(config["memory-hotplug"]["total_size_mib"], 256, "{config}");
+    expect(s, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#, 204);
+    assert!(vm.wait_for_output("PROBE virtio-mem ready", TIMEOUT), "{}", vm.stdout());
+    let before = rss_kib(vm.child.id());
+    for (body, field) in [
+        (r#"{"requested_size_mib": 3}"#, "requested_size_mib 3"),
+        (r#"{"requested_size_mib": 512}"#, "requested_size_mib 512"),
+        (r#"{"requested_size_mib": -1}"#, "requested_size_mib"),
+        (r#"{}"#, "requested_size_mib"),
+    ] {
+        let m = fault(s, "PATCH", "/hotplug/memory", body, 400);
+        assert!(m.contains(field), "{body}: {m}");
+    }
+    expect(s, "PATCH", "/hotplug/memory", r#"{"requested_size_mib": 64}"#, 204);
+    assert!(vm.wait_for_output("PROBE virtio-mem plugged mib=64", TIMEOUT), "{}", vm.stdout());
+    let plugged = rss_kib(vm.child.id());
+    let status: serde_json::Value = serde_json::from_str(&expect(s, "GET", "/hotplug/memory", "", 200)).unwrap();
+    assert_eq!(status["plugged_size_mib"], 64, "{status}");
+    assert_eq!(status["requested_size_mib"], 64, "{status}");
+    expect(s, "PATCH", "/hotplug/memory", r#"{"requested_size_mib": 16}"#, 204);
+    assert!(vm.wait_for_output("PROBE virtio-mem ok plugged_mib=64 unplugged_mib=48", TIMEOUT), "{}", vm.stdout());
+    let unplugged = rss_kib(vm.child.id());
+    let status: serde_json::Value = serde_json::from_str(&expect(s, "GET", "/hotplug/memory", "", 200)).unwrap();
+    assert_eq!(status["plugged_size_mib"], 16, "{status}");
+    let stats: serde_json::Value = serde_json::from_str(&expect(s, "GET", "/ferrovisor/stats", "", 200)).unwrap();
+    assert_eq!(stats["memory_hotplug"]["plugged_mib"], 16, "{stats}");
+
+    // A snapshot keeps the plugged blocks and the requested size.
+    expect(s, "PATCH", "/vm", r#"{"state": "Paused"}"#, 204);
+    let (state, mem) = (dir.join("state"), dir.join("mem"));
+    let create = serde_json::json!({"snapshot_path": state, "mem_file_path": mem});
+    expect(s, "PUT", "/snapshot/create", &create.to_string(), 204);
+    expect(s, "PUT", "/ferrovisor/stop", "", 204);
+    let out = vm.finish(TIMEOUT);
+    assert!(out.status.success(), "{}", out.describe());
+    assert!(out.stderr.contains("virtio-mem: the guest plugged"), "{}", out.stderr);
+    let (restored, socket) = common::api_vmm(&dir, "restored.sock", &[]);
+    let s = socket.as_path();
+    let load = serde_json::json!({"snapshot_path": state, "mem_file_path": mem, "resume_vm": true});
+    expect(s, "PUT", "/snapshot/load", &load.to_string(), 204);
+    let status: serde_json::Value = serde_json::from_str(&expect(s, "GET", "/hotplug/memory", "", 200)).unwrap();
+    assert_eq!((status["plugged_size_mib"].as_u64(), status["requested_size_mib"].as_u64()), (Some(16), Some(16)));
+    expect(s, "PUT", "/ferrovisor/stop", "", 204);
+    assert!(restored.finish(TIMEOUT).status.success());
+
+    eprintln!("VMM RSS {before} KiB ready, {plugged} KiB with 64 MiB plugged, {unplugged} KiB after unplugging 48");
+    assert!(plugged.saturating_sub(before) >= 64 * 1024 * 8 / 10, "RSS rose by {} KiB", plugged - before);
+    assert!(plugged.saturating_sub(unplugged) >= 48 * 1024 * 8 / 10, "RSS fell by {} KiB", plugged - unplugged);
+}
+
 /// Boots the probe through the API as an IPv4 host at 169.254.0.2 that reaches MMDS on its
 /// first interface and fetches `gets` (plus `extra` probe parameters) once `setup` configured
 /// the rest; returns the VM's output.
@@ -729,8 +816,60 @@ fn pmem_through_the_api_is_the_root_device() {
     expect(s, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#, 204);
     let out = vm.finish(TIMEOUT);
     assert!(out.stdout.contains(" root=/dev/pmem0 rw"), "{}", out.describe());
-    assert!(probe_result(&out.stdout, "virtio-pmem").is_some_and(|l| l.ends_with("flush=ok")), "{}", out.describe());
+    assert!(
+        probe_result(&out.stdout, "virtio-pmem").is_some_and(|l| l.ends_with("flush=ok flushes=1")),
+        "{}",
+        out.describe()
+    );
     assert_eq!(&std::fs::read(&file).unwrap()[..22], b"ferrovisor pmem page=0");
+}
+
+/// PATCH /pmem/{id} changes a running device's rate limiter: the probe waits for the change
+/// (a configuration interrupt), then flushes five times against one flush per 200 ms, and the
+/// device's metrics count the flushes that had to wait. Bad patches are refused with sentences.
+#[test]
+fn pmem_rate_limiter_changes_on_a_running_vm() {
+    let dir = scratch_dir("api-pmem-patch");
+    let file = dir.join("pmem.img");
+    std::fs::write(&file, vec![0u8; 2 << 20]).unwrap();
+    let (mut vm, socket) = api_vmm(&dir);
+    let s = socket.as_path();
+    let boot = serde_json::json!({
+        "kernel_image_path": probe_elf(),
+        "boot_args": "console=ttyS0 probe.test=virtio-pmem probe.virtio-pmem.wait=config probe.virtio-pmem.flushes=5 probe.idle=on",
+    });
+    expect(s, "PUT", "/boot-source", &boot.to_string(), 204);
+    let m = fault(s, "PATCH", "/pmem/data", r#"{"id": "data"}"#, 400);
+    assert!(m.contains("needs a running VM"), "{m}");
+    let bad = serde_json::json!({"id": "data", "path_on_host": file, "rate_limiter": {"ops": {"size": 1}}});
+    let m = fault(s, "PUT", "/pmem/data", &bad.to_string(), 400);
+    assert!(m.contains("refill_time"), "{m}");
+    expect(s, "PUT", "/pmem/data", &serde_json::json!({"id": "data", "path_on_host": file}).to_string(), 204);
+    expect(s, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#, 204);
+    assert!(vm.wait_for_output("PROBE virtio-pmem ready", TIMEOUT), "{}", vm.stdout());
+    let m = fault(s, "PATCH", "/pmem/other", r#"{"id": "other"}"#, 400);
+    assert!(m.contains("no pmem device other"), "{m}");
+    let m = fault(
+        s,
+        "PATCH",
+        "/pmem/data",
+        r#"{"id": "data", "rate_limiter": {"ops": {"size": 0, "refill_time": 0, "x": 1}}}"#,
+        400,
+    );
+    assert!(m.contains("x"), "{m}");
+    let limit = r#"{"id": "data", "rate_limiter": {"ops": {"size": 1, "refill_time": 200}}}"#;
+    expect(s, "PATCH", "/pmem/data", limit, 204);
+    assert!(vm.wait_for_output("PROBE virtio-pmem ok", TIMEOUT), "{}", vm.stdout());
+    let metrics: serde_json::Value = serde_json::from_str(&expect(s, "GET", "/ferrovisor/metrics", "", 200)).unwrap();
+    let device = &metrics["devices"]["virtio-pmem0"];
+    assert!(device["rate_limited"].as_u64().unwrap() >= 3, "{metrics}");
+    expect(s, "PUT", "/ferrovisor/stop", "", 204);
+    let out = vm.finish(TIMEOUT);
+    assert!(
+        probe_result(&out.stdout, "virtio-pmem").is_some_and(|l| l.ends_with("flush=ok flushes=5")),
+        "{}",
+        out.describe()
+    );
 }
 
 /// A stop asked for before any VM runs is answered before the VMM exits (it used to exit while

@@ -104,6 +104,57 @@ fn linux_mounts_its_root_from_virtio_pmem() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Linux's virtio-mem driver plugs the 64 MiB requested at boot and, once PATCH asks for
+/// 128, logs the 64 it holds and the new request, and plugs the rest: the host sees every
+/// block plugged, and the kernel counts the new pages (its zone lists are rebuilt).
+#[test]
+fn linux_plugs_hotplugged_memory_as_virtio_mem_asks() {
+    let guest = linux_guest();
+    let dir = common::scratch_dir("linux-mem");
+    let socket = dir.join("api.sock");
+    // No root: the kernel waits 30 s for one (time to change the request), then panics.
+    let cmdline = format!("console=ttyS0 reboot=k panic=-1 {LINUX_HOST_CMDLINE} root=/dev/vdz rootdelay=30");
+    let mut cmd = ferrovisor();
+    cmd.arg("run")
+        .args(["--kernel", guest.join("vmlinux").to_str().unwrap()])
+        .args(["--memory", "128", "--cmdline", &cmdline])
+        .args(["--memory-hotplug", "total=256,requested=64"])
+        .arg("--api-sock")
+        .arg(&socket);
+    let mut vm = Running::start(cmd);
+    let plugged = |vm: &mut Running, mib: u64| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let status = api(&socket, "GET", "/hotplug/memory", "", 200);
+            if status["plugged_size_mib"] == mib {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "{status}\n{}\n{}", vm.stdout(), vm.stderr());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    assert!(vm.wait_for_output("requested size: 0x4000000", BOOT_TIMEOUT), "{}\n{}", vm.stdout(), vm.stderr());
+    plugged(&mut vm, 64);
+    api(&socket, "PATCH", "/hotplug/memory", r#"{"requested_size_mib": 128}"#, 204);
+    assert!(vm.wait_for_output("requested size: 0x8000000", BOOT_TIMEOUT), "{}\n{}", vm.stdout(), vm.stderr());
+    plugged(&mut vm, 128);
+    api(&socket, "PUT", "/ferrovisor/stop", "", 204);
+    let out = vm.finish(BOOT_TIMEOUT);
+    let log = out.describe();
+    for line in [
+        "virtio_mem virtio0: start address: 0x100000000",
+        "virtio_mem virtio0: region size: 0x10000000",
+        "virtio_mem virtio0: device block size: 0x200000",
+        "virtio_mem virtio0: plugged size: 0x4000000",
+    ] {
+        assert!(out.stdout.contains(line), "'{line}': {log}");
+    }
+    let zonelists = out.stdout.matches("Built 1 zonelists").count();
+    assert!(zonelists >= 2, "the kernel rebuilt its zone lists for the plugged memory: {log}");
+    assert!(out.stderr.contains("virtio-mem: the guest plugged"), "{log}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// A kernel panic with panic=-1 reboot=k ends the VMM with status 0, through the i8042. No
 /// root and no init: the panic comes before any user space, on every host.
 #[test]

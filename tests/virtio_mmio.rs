@@ -143,7 +143,7 @@ fn pmem_writes_reach_the_file_and_read_only_keeps_it() {
     let out = Running::start(cmd).finish(TIMEOUT);
     let line = probe_result(&out.stdout, "virtio-pmem").unwrap_or_else(|| panic!("{}", out.describe()));
     assert!(
-        line.starts_with("PROBE virtio-pmem ok start=0x") && line.ends_with("size=4194304 pages=16 flush=ok"),
+        line.starts_with("PROBE virtio-pmem ok start=0x") && line.ends_with("size=4194304 pages=16 flush=ok flushes=1"),
         "{line}"
     );
     let bytes = std::fs::read(&file).unwrap();
@@ -158,7 +158,7 @@ fn pmem_writes_reach_the_file_and_read_only_keeps_it() {
     cmd.args(["--pmem", &format!("path={},readonly=on", file.display())]);
     let out = Running::start(cmd).finish(TIMEOUT);
     assert!(
-        probe_result(&out.stdout, "virtio-pmem").is_some_and(|l| l.ends_with("pages=4 flush=ok")),
+        probe_result(&out.stdout, "virtio-pmem").is_some_and(|l| l.ends_with("pages=4 flush=ok flushes=1")),
         "{}",
         out.describe()
     );

@@ -123,6 +123,9 @@ pub struct NetworkInterface {
     pub host_dev_name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_mac: Option<String>,
+    /// Told to the guest (VIRTIO_NET_F_MTU), 68 to 65535.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rx_rate_limiter: Option<RateLimiter>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -221,6 +224,53 @@ pub struct Pmem {
     pub root_device: bool,
     #[serde(default)]
     pub read_only: bool,
+    /// Paces flush requests (one op each; flushes carry no bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiter>,
+}
+
+/// `PATCH /pmem/{id}`: the rate limiter of a running VM's pmem device; left out, it stays.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialPmem {
+    pub id: String,
+    pub rate_limiter: Option<RateLimiter>,
+}
+
+/// `PUT /hotplug/memory`: hotpluggable memory (virtio-mem), in MiB.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryHotplugConfig {
+    pub total_size_mib: u64,
+    #[serde(default = "default_slot_size_mib")]
+    pub slot_size_mib: u64,
+    #[serde(default = "default_block_size_mib")]
+    pub block_size_mib: u64,
+}
+
+fn default_slot_size_mib() -> u64 {
+    128
+}
+
+fn default_block_size_mib() -> u64 {
+    2
+}
+
+/// `PATCH /hotplug/memory`: how much of it the guest should plug.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryHotplugSizeUpdate {
+    pub requested_size_mib: u64,
+}
+
+/// `GET /hotplug/memory`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryHotplugStatus {
+    pub total_size_mib: u64,
+    pub slot_size_mib: u64,
+    pub block_size_mib: u64,
+    pub plugged_size_mib: u64,
+    pub requested_size_mib: u64,
 }
 
 /// `PUT /vsock`.
@@ -403,7 +453,31 @@ pub struct SnapshotLoad {
     #[serde(default)]
     pub enable_diff_snapshots: bool,
     #[serde(default)]
+    pub track_dirty_pages: bool,
+    #[serde(default)]
     pub resume_vm: bool,
+    /// Other TAPs for the snapshot's interfaces.
+    #[serde(default)]
+    pub network_overrides: Vec<NetworkOverride>,
+    /// Another socket for the snapshot's vsock device.
+    #[serde(default)]
+    pub vsock_override: Option<VsockOverride>,
+    /// Advance the guest's kvmclock by the wall-clock time since the snapshot.
+    #[serde(default)]
+    pub clock_realtime: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    pub iface_id: String,
+    pub host_dev_name: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
+    pub uds_path: String,
 }
 
 /// `PUT /logger`.
@@ -495,6 +569,8 @@ pub struct VmConfigFile {
     pub network_interfaces: Vec<NetworkInterface>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pmem: Vec<Pmem>,
+    #[serde(rename = "memory-hotplug", default, skip_serializing_if = "Option::is_none")]
+    pub memory_hotplug: Option<MemoryHotplugConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<Vsock>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -25,6 +25,10 @@ pub enum Request {
     PutSerial(Serial),
     PutCpuConfig(CpuConfig),
     PutPmem(Pmem),
+    PatchPmem(PartialPmem),
+    PutMemoryHotplug(MemoryHotplugConfig),
+    PatchMemoryHotplug(MemoryHotplugSizeUpdate),
+    GetMemoryHotplug,
     GetMmds,
     PutMmds(serde_json::Value),
     PatchMmds(serde_json::Value),
@@ -70,6 +74,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/serial"),
     ("PUT", "/cpu-config"),
     ("PUT", "/pmem/{id}"),
+    ("PATCH", "/pmem/{id}"),
+    ("PUT", "/hotplug/memory"),
+    ("PATCH", "/hotplug/memory"),
+    ("GET", "/hotplug/memory"),
     ("GET", "/mmds"),
     ("PUT", "/mmds"),
     ("PATCH", "/mmds"),
@@ -145,6 +153,14 @@ pub fn parse(method: &str, target: &str, body: &[u8]) -> Result<Request, Respons
             same_id(&what, "id", id, &pmem.id)?;
             Request::PutPmem(pmem)
         }
+        ("PATCH", "/pmem/{id}") => {
+            let pmem: PartialPmem = body_of(&what, body)?;
+            same_id(&what, "id", id, &pmem.id)?;
+            Request::PatchPmem(pmem)
+        }
+        ("PUT", "/hotplug/memory") => Request::PutMemoryHotplug(body_of(&what, body)?),
+        ("PATCH", "/hotplug/memory") => Request::PatchMemoryHotplug(body_of(&what, body)?),
+        ("GET", "/hotplug/memory") => Request::GetMemoryHotplug,
         ("GET", "/mmds") => Request::GetMmds,
         ("PUT", "/mmds") => Request::PutMmds(body_of(&what, body)?),
         ("PATCH", "/mmds") => Request::PatchMmds(body_of(&what, body)?),

@@ -46,6 +46,15 @@ pub fn e820_map(size: u64) -> Vec<E820Entry> {
     map
 }
 
+/// Where hotpluggable memory (virtio-mem) starts for `size` bytes of RAM: above RAM and the
+/// MMIO hole, 2 GiB-aligned, so that it starts on a Linux memory block of any size.
+pub fn hotplug_start(size: u64) -> u64 {
+    let ram_end = ram_regions(size).last().map_or(0, |&(start, len)| start + len);
+    ram_end.max(MMIO_HOLE_END).next_multiple_of(HOTPLUG_ALIGNMENT)
+}
+
+pub const HOTPLUG_ALIGNMENT: u64 = 2 << 30;
+
 /// The end of RAM below the MMIO hole: where the initramfs goes.
 pub fn low_ram_end(size: u64) -> u64 {
     size.min(MMIO_HOLE_START)
@@ -57,6 +66,14 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
     const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn hotplug_memory_starts_above_ram_and_the_hole_on_a_2_gib_boundary() {
+        assert_eq!(hotplug_start(128 * MIB), 4 * GIB);
+        assert_eq!(hotplug_start(3 * GIB), 4 * GIB);
+        assert_eq!(hotplug_start(3 * GIB + 1), 6 * GIB);
+        assert_eq!(hotplug_start(5 * GIB), 6 * GIB);
+    }
 
     #[test]
     fn small_vm_has_one_region_and_three_e820_entries() {

@@ -209,7 +209,7 @@ fn allowed(kind: ThreadKind) -> (Vec<i64>, Vec<Ioctl>) {
         ThreadKind::Rng => &[EVENTS],
         ThreadKind::Console => &[EVENTS],
         ThreadKind::Vsock => &[EVENTS, SOCKETS],
-        ThreadKind::Balloon => &[EVENTS],
+        ThreadKind::Balloon | ThreadKind::Mem => &[EVENTS],
         ThreadKind::Usernet => &[EVENTS, SOCKETS, &[libc::SYS_bind, libc::SYS_listen]],
         ThreadKind::SerialInput => &[EVENTS],
         ThreadKind::Switch => &[EVENTS, SOCKETS, &[libc::SYS_unlink]],

@@ -38,6 +38,8 @@ pub enum ThreadKind {
     Console,
     Vsock,
     Balloon,
+    /// virtio-mem: plugs and unplugs hotplugged memory.
+    Mem,
     /// User-mode networking's NAT.
     Usernet,
     /// Feeds the VMM's stdin to the serial port.
@@ -49,7 +51,7 @@ pub enum ThreadKind {
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 15] = [
+    pub const ALL: [ThreadKind; 16] = [
         ThreadKind::Vmm,
         ThreadKind::Api,
         ThreadKind::Vcpu,
@@ -61,6 +63,7 @@ impl ThreadKind {
         ThreadKind::Console,
         ThreadKind::Vsock,
         ThreadKind::Balloon,
+        ThreadKind::Mem,
         ThreadKind::Usernet,
         ThreadKind::SerialInput,
         ThreadKind::Switch,
@@ -81,6 +84,7 @@ impl ThreadKind {
             ThreadKind::Console => "virtio-console",
             ThreadKind::Vsock => "virtio-vsock",
             ThreadKind::Balloon => "virtio-balloon",
+            ThreadKind::Mem => "virtio-mem",
             ThreadKind::Usernet => "usernet",
             ThreadKind::SerialInput => "serial-input",
             ThreadKind::Switch => "switch",

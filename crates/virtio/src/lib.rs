@@ -9,6 +9,7 @@ pub mod balloon;
 pub mod blk;
 pub mod console;
 pub mod device;
+pub mod mem;
 pub mod metrics;
 pub mod mmio;
 pub mod net;
@@ -29,6 +30,19 @@ pub use mmio::MmioTransport;
 /// Guest RAM, as the rest of Ferrovisor sees it.
 pub type GuestMemory = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
 
+/// Marks [gpa, gpa + len) of guest memory dirty, for changes the VMM made without writing
+/// (dropped pages), so that diff snapshots record them.
+pub fn mark_dirty(mem: &GuestMemory, gpa: u64, len: u64) {
+    use vm_memory::bitmap::Bitmap;
+    use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+    let Some(region) = mem.find_region(GuestAddress(gpa)) else { return };
+    let offset = gpa - region.start_addr().0;
+    let len = len.min(region.len() - offset);
+    if let (Ok(offset), Ok(len)) = (usize::try_from(offset), usize::try_from(len)) {
+        region.bitmap().mark_dirty(offset, len);
+    }
+}
+
 /// Device IDs (virtio 1.2 section 5).
 pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
@@ -36,6 +50,7 @@ pub const TYPE_CONSOLE: u32 = 3;
 pub const TYPE_RNG: u32 = 4;
 pub const TYPE_BALLOON: u32 = 5;
 pub const TYPE_VSOCK: u32 = 19;
+pub const TYPE_MEM: u32 = 24;
 pub const TYPE_PMEM: u32 = 27;
 
 /// Feature bits every device shares.

@@ -85,6 +85,7 @@ pub struct Net {
     mac: [u8; 6],
     /// MMDS's address, when MMDS answers on this interface.
     mmds: Option<Ipv4Addr>,
+    mtu: Option<u16>,
     metrics: Arc<DeviceMetrics>,
     rx_limit: Option<RateLimit>,
     tx_limit: Option<RateLimit>,
@@ -93,11 +94,17 @@ pub struct Net {
 
 impl Net {
     pub fn new(host: NetHost, mac: [u8; 6]) -> Net {
-        Net { host, mac, mmds: None, metrics: Arc::default(), rx_limit: None, tx_limit: None, worker: None }
+        Net { host, mac, mmds: None, mtu: None, metrics: Arc::default(), rx_limit: None, tx_limit: None, worker: None }
     }
 
     /// Answers MMDS requests to `ip` on this interface (Firecracker's `network_interfaces` of
     /// `/mmds/config`).
+    /// Tells the guest its MTU (VIRTIO_NET_F_MTU).
+    pub fn with_mtu(mut self, mtu: Option<u16>) -> Net {
+        self.mtu = mtu;
+        self
+    }
+
     pub fn with_mmds(mut self, ip: Option<Ipv4Addr>) -> Net {
         self.mmds = ip;
         self
@@ -116,8 +123,11 @@ impl VirtioDevice for Net {
         TYPE_NET
     }
     fn features(&self) -> u64 {
-        let base =
+        let mut base =
             F_VERSION_1 | F_RING_INDIRECT_DESC | F_RING_EVENT_IDX | bit(VIRTIO_NET_F_MAC) | bit(VIRTIO_NET_F_MRG_RXBUF);
+        if self.mtu.is_some() {
+            base |= bit(VIRTIO_NET_F_MTU);
+        }
         match self.host {
             // The TAP completes partial checksums both ways; the switch moves bare frames.
             NetHost::Tap(_) => base | bit(VIRTIO_NET_F_CSUM) | bit(VIRTIO_NET_F_GUEST_CSUM),
@@ -128,10 +138,11 @@ impl VirtioDevice for Net {
         &QUEUE_SIZES
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        // mac, then status (unused: no VIRTIO_NET_F_STATUS) and max_virtqueue_pairs.
-        let mut config = [0u8; 10];
+        // mac, then status (unused: no VIRTIO_NET_F_STATUS), max_virtqueue_pairs and mtu.
+        let mut config = [0u8; 12];
         config[..6].copy_from_slice(&self.mac);
         config[8] = 1;
+        config[10..12].copy_from_slice(&self.mtu.unwrap_or(0).to_le_bytes());
         read_config_bytes(&config, offset, data);
     }
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {

@@ -3,7 +3,7 @@
 //! flush requests, answered once the file's data reached the disk (fsync).
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use virtio_queue::Queue;
@@ -11,7 +11,8 @@ use vm_memory::Bytes;
 
 use crate::device::{ActivateError, Activation, VirtioDevice, read_config_bytes};
 use crate::metrics::DeviceMetrics;
-use crate::worker::{Backend, Worker, serve_queue};
+use crate::rate_limiter::{RateLimit, RateLimiter};
+use crate::worker::{Backend, Worker, serve_queue_limited};
 use crate::{F_VERSION_1, GuestMemory, TYPE_PMEM};
 
 const QUEUE_SIZES: [u16; 1] = [256];
@@ -63,12 +64,20 @@ pub struct Pmem {
     /// Where the guest finds it.
     guest_addr: u64,
     metrics: Arc<DeviceMetrics>,
+    rate_limit: Option<RateLimit>,
     worker: Option<Worker>,
 }
 
 impl Pmem {
     pub fn new(mapping: Arc<PmemMapping>, guest_addr: u64) -> Pmem {
-        Pmem { mapping, guest_addr, metrics: Arc::default(), worker: None }
+        Pmem { mapping, guest_addr, metrics: Arc::default(), rate_limit: None, worker: None }
+    }
+
+    /// Paces flush requests (Firecracker's pmem `rate_limiter`): each is one op; flushes
+    /// carry no bytes, so a bandwidth bucket never holds one back.
+    pub fn with_rate_limit(mut self, limit: Option<RateLimit>) -> Self {
+        self.rate_limit = limit;
+        self
     }
 }
 
@@ -90,7 +99,11 @@ impl VirtioDevice for Pmem {
         read_config_bytes(&config, offset, data);
     }
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        let backend = PmemBackend { mapping: self.mapping.clone(), metrics: self.metrics.clone() };
+        let backend = PmemBackend {
+            mapping: self.mapping.clone(),
+            metrics: self.metrics.clone(),
+            limiter: RateLimiter::for_limit(self.rate_limit).map_err(ActivateError::Worker)?,
+        };
         self.worker =
             Some(Worker::spawn(sandbox::ThreadKind::Pmem, backend, activation).map_err(ActivateError::Worker)?);
         Ok(())
@@ -101,6 +114,10 @@ impl VirtioDevice for Pmem {
     fn reset(&mut self) {
         self.worker = None;
     }
+    fn update_rate_limit(&mut self, limit: Option<RateLimit>) -> Result<(), String> {
+        self.rate_limit = limit;
+        Ok(())
+    }
     fn metrics(&self) -> Option<Arc<DeviceMetrics>> {
         Some(self.metrics.clone())
     }
@@ -109,48 +126,68 @@ impl VirtioDevice for Pmem {
 struct PmemBackend {
     mapping: Arc<PmemMapping>,
     metrics: Arc<DeviceMetrics>,
+    limiter: Option<RateLimiter>,
 }
 
 impl Backend for PmemBackend {
     fn process_queue(&mut self, _index: usize, queues: &mut [Queue], mem: &GuestMemory) -> bool {
-        let (mapping, metrics) = (&self.mapping, &self.metrics);
-        serve_queue("virtio-pmem", &mut queues[0], mem, |chain| {
-            let mut request = None;
-            let mut response = None;
-            for desc in chain {
-                if desc.is_write_only() {
-                    response = response.or(Some(desc.addr()).filter(|_| desc.len() >= 4));
-                } else if request.is_none() && desc.len() >= 4 {
-                    request = mem.read_obj::<u32>(desc.addr()).ok();
+        let (mapping, metrics, limiter) = (&self.mapping, &self.metrics, &mut self.limiter);
+        serve_queue_limited(
+            "virtio-pmem",
+            &mut queues[0],
+            mem,
+            || true,
+            |chain| {
+                if let Some(limiter) = limiter.as_mut()
+                    && !limiter.consume(0)
+                {
+                    DeviceMetrics::add(&metrics.rate_limited, 1);
+                    return None;
                 }
-            }
-            let Some(response) = response else {
-                crate::guest_fault!("virtio-pmem: a request has no 4-byte writable response");
-                metrics.error();
-                return 0;
-            };
-            let status = match request {
-                Some(REQ_FLUSH) if mapping.readonly => RESP_OK,
-                // SAFETY: fsync on the file this device owns.
-                Some(REQ_FLUSH) => match unsafe { libc::fsync(mapping.file.as_raw_fd()) } {
-                    0 => RESP_OK,
+                let mut request = None;
+                let mut response = None;
+                for desc in chain {
+                    if desc.is_write_only() {
+                        response = response.or(Some(desc.addr()).filter(|_| desc.len() >= 4));
+                    } else if request.is_none() && desc.len() >= 4 {
+                        request = mem.read_obj::<u32>(desc.addr()).ok();
+                    }
+                }
+                let Some(response) = response else {
+                    crate::guest_fault!("virtio-pmem: a request has no 4-byte writable response");
+                    metrics.error();
+                    return Some(0);
+                };
+                let status = match request {
+                    Some(REQ_FLUSH) if mapping.readonly => RESP_OK,
+                    // SAFETY: fsync on the file this device owns.
+                    Some(REQ_FLUSH) => match unsafe { libc::fsync(mapping.file.as_raw_fd()) } {
+                        0 => RESP_OK,
+                        _ => {
+                            tracing::warn!("virtio-pmem: flushing failed ({})", std::io::Error::last_os_error());
+                            RESP_EIO
+                        }
+                    },
                     _ => {
-                        tracing::warn!("virtio-pmem: flushing failed ({})", std::io::Error::last_os_error());
+                        crate::guest_fault!("virtio-pmem: a request is not a 4-byte FLUSH");
+                        metrics.error();
                         RESP_EIO
                     }
-                },
-                _ => {
-                    crate::guest_fault!("virtio-pmem: a request is not a 4-byte FLUSH");
-                    metrics.error();
-                    RESP_EIO
-                }
-            };
-            metrics.request(0, 0);
-            match mem.write_obj(status, response) {
-                Ok(()) => 4,
-                Err(_) => 0,
-            }
-        })
+                };
+                metrics.request(0, 0);
+                Some(match mem.write_obj(status, response) {
+                    Ok(()) => 4,
+                    Err(_) => 0,
+                })
+            },
+        )
+    }
+    fn extra_fds(&self) -> Vec<RawFd> {
+        crate::rate_limiter::waiting_timer(&self.limiter).into_iter().collect()
+    }
+    fn process_fd(&mut self, _fd: RawFd, queues: &mut [Queue], mem: &GuestMemory) -> bool {
+        crate::rate_limiter::timer_fired(&mut self.limiter);
+        self.process_queue(0, queues, mem)
     }
 }
 
@@ -170,7 +207,7 @@ pub fn fuzz_queues(mem: &GuestMemory, queues: &mut [Queue], kicks: usize) {
         return;
     }
     let Ok(mapping) = PmemMapping::new(file, kicks.is_multiple_of(2)) else { return };
-    let mut backend = PmemBackend { mapping: Arc::new(mapping), metrics: Arc::default() };
+    let mut backend = PmemBackend { mapping: Arc::new(mapping), metrics: Arc::default(), limiter: None };
     for _ in 0..kicks {
         backend.process_queue(0, queues, mem);
     }

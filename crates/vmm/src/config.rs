@@ -113,6 +113,12 @@ pub struct NetConfig {
     /// MMDS's address, when MMDS answers on this interface.
     #[serde(default)]
     pub mmds: Option<std::net::Ipv4Addr>,
+    /// The API's `iface_id` (`net<N>` when there is none).
+    #[serde(default)]
+    pub id: Option<String>,
+    /// The MTU the guest is told (VIRTIO_NET_F_MTU); none: the guest picks its own.
+    #[serde(default)]
+    pub mtu: Option<u16>,
 }
 
 fn parse_mac(text: &str) -> Option<[u8; 6]> {
@@ -155,6 +161,8 @@ fn parse_user_net(rest: &str) -> Result<NetConfig, String> {
         rx_rate_limit: None,
         tx_rate_limit: None,
         mmds: None,
+        id: None,
+        mtu: None,
     })
 }
 
@@ -200,7 +208,7 @@ impl FromStr for NetConfig {
             (None, None, None) => return Err("--net needs tap=NAME, switch=PATH or network=NAME".into()),
             _ => return Err("--net takes one of tap=, switch= and network=".into()),
         };
-        Ok(NetConfig { attachment, mac, rx_rate_limit: None, tx_rate_limit: None, mmds: None })
+        Ok(NetConfig { attachment, mac, rx_rate_limit: None, tx_rate_limit: None, mmds: None, id: None, mtu: None })
     }
 }
 
@@ -272,6 +280,11 @@ impl FromStr for VsockConfig {
 pub struct PmemConfig {
     pub path: PathBuf,
     pub readonly: bool,
+    /// The API's id for it (`pmem<N>` from the command line).
+    #[serde(default)]
+    pub id: String,
+    #[serde(default)]
+    pub rate_limit: Option<virtio::rate_limiter::RateLimit>,
 }
 
 impl FromStr for PmemConfig {
@@ -285,7 +298,110 @@ impl FromStr for PmemConfig {
                 _ => return Err(format!("--pmem has no option '{key}'; use path= and readonly=")),
             }
         }
-        Ok(PmemConfig { path: path.ok_or("--pmem needs path=FILE")?, readonly })
+        Ok(PmemConfig { path: path.ok_or("--pmem needs path=FILE")?, readonly, id: String::new(), rate_limit: None })
+    }
+}
+
+/// Hotpluggable memory (virtio-mem), in MiB: `--memory-hotplug total=N[,block=N][,slot=N]
+/// [,requested=N]` or `PUT /hotplug/memory`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MemoryHotplugConfig {
+    pub total_mib: u64,
+    pub block_mib: u64,
+    pub slot_mib: u64,
+    /// What the guest is asked to plug from the start.
+    #[serde(default)]
+    pub requested_mib: u64,
+}
+
+/// A field of [`MemoryHotplugConfig`], for errors that name it as the user spelled it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HotplugField {
+    Total,
+    Block,
+    Slot,
+    Requested,
+}
+
+impl HotplugField {
+    /// The field's key on the command line.
+    pub fn key(self) -> &'static str {
+        match self {
+            HotplugField::Total => "total",
+            HotplugField::Block => "block",
+            HotplugField::Slot => "slot",
+            HotplugField::Requested => "requested",
+        }
+    }
+}
+
+impl MemoryHotplugConfig {
+    pub const DEFAULT_BLOCK_MIB: u64 = 2;
+    pub const DEFAULT_SLOT_MIB: u64 = 128;
+    /// 1 TiB: far above what a guest on one host plugs, and within any guest's physical
+    /// address width.
+    pub const MAX_TOTAL_MIB: u64 = 1 << 20;
+
+    /// Checks the sizes; the error names the field and the fix.
+    pub fn check(&self) -> Result<(), (HotplugField, String)> {
+        use HotplugField::*;
+        if self.block_mib < 2 || !self.block_mib.is_power_of_two() {
+            return Err((Block, format!("is {}; give a power of two of at least 2", self.block_mib)));
+        }
+        if self.slot_mib < 128 || !self.slot_mib.is_multiple_of(self.block_mib) {
+            return Err((Slot, format!("is {}; give at least 128, a multiple of the block size", self.slot_mib)));
+        }
+        if self.total_mib == 0 || !self.total_mib.is_multiple_of(self.slot_mib) || self.total_mib > Self::MAX_TOTAL_MIB
+        {
+            return Err((
+                Total,
+                format!(
+                    "is {}; give a multiple of the {} MiB slot size, at most {}",
+                    self.total_mib,
+                    self.slot_mib,
+                    Self::MAX_TOTAL_MIB
+                ),
+            ));
+        }
+        if self.requested_mib > self.total_mib || !self.requested_mib.is_multiple_of(self.block_mib) {
+            return Err((
+                Requested,
+                format!(
+                    "is {}; give a multiple of the {} MiB block size, at most the total {}",
+                    self.requested_mib, self.block_mib, self.total_mib
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for MemoryHotplugConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut c = MemoryHotplugConfig {
+            total_mib: 0,
+            block_mib: Self::DEFAULT_BLOCK_MIB,
+            slot_mib: Self::DEFAULT_SLOT_MIB,
+            requested_mib: 0,
+        };
+        for (key, value) in key_values("--memory-hotplug", s)? {
+            let field = match key {
+                "total" => &mut c.total_mib,
+                "block" => &mut c.block_mib,
+                "slot" => &mut c.slot_mib,
+                "requested" => &mut c.requested_mib,
+                _ => {
+                    return Err(format!(
+                        "--memory-hotplug has no option '{key}'; use total=, block=, slot= and requested= (MiB)"
+                    ));
+                }
+            };
+            *field =
+                value.parse().map_err(|_| format!("--memory-hotplug {key}= takes MiB as a number, not '{value}'"))?;
+        }
+        c.check().map_err(|(field, problem)| format!("--memory-hotplug {}= {problem}", field.key()))?;
+        Ok(c)
     }
 }
 
@@ -422,6 +538,9 @@ pub struct VmConfig {
     /// virtio-pmem devices.
     #[serde(default)]
     pub pmem: Vec<PmemConfig>,
+    /// Hotpluggable memory (virtio-mem).
+    #[serde(default)]
+    pub memory_hotplug: Option<MemoryHotplugConfig>,
     pub transport: VirtioTransport,
     pub memory: MemoryOptions,
     /// Print the memory statistics when the VM stops.
@@ -562,6 +681,8 @@ pub enum ConfigError {
     DiskKind(String),
     #[error("--balloon size={target} MiB is more than the VM's {memory} MiB; pass a smaller size.")]
     BalloonTooLarge { target: u32, memory: u64 },
+    #[error("--memory-hotplug {0}.")]
+    Hotplug(String),
     #[error("{count} virtio devices are more than the {max} this machine has interrupt lines for; use fewer.")]
     TooManyDevices { count: usize, max: u32 },
 }
@@ -590,8 +711,12 @@ impl VmConfig {
         if self.memory_mib > limits.ram_mib {
             return Err(ConfigError::MemoryTooLarge { given: self.memory_mib, host: limits.ram_mib });
         }
+        if let Some(h) = &self.memory_hotplug {
+            h.check().map_err(|(field, problem)| ConfigError::Hotplug(format!("{}= {problem}", field.key())))?;
+        }
         if self.memory.hugepages == HugePages::On {
-            let needed = self.memory_mib.div_ceil(2);
+            // Plugged memory faults huge pages in as the guest touches it: they must be there.
+            let needed = (self.memory_mib + self.memory_hotplug.map_or(0, |h| h.total_mib)).div_ceil(2);
             if !self.memory_mib.is_multiple_of(2) {
                 return Err(ConfigError::HugePageSize { given: self.memory_mib });
             }
@@ -613,7 +738,9 @@ impl VmConfig {
             + usize::from(self.rng)
             + usize::from(self.console.is_some())
             + usize::from(self.balloon.is_some())
-            + usize::from(self.vsock.is_some());
+            + usize::from(self.vsock.is_some())
+            + self.pmem.len()
+            + usize::from(self.memory_hotplug.is_some());
         if devices > arch::layout::VIRTIO_MAX_DEVICES as usize {
             return Err(ConfigError::TooManyDevices { count: devices, max: arch::layout::VIRTIO_MAX_DEVICES });
         }
@@ -626,6 +753,18 @@ impl VmConfig {
 
     pub fn memory_bytes(&self) -> u64 {
         self.memory_mib << 20
+    }
+
+    /// The hotpluggable memory region (guest address, length), above RAM.
+    pub fn hotplug_region(&self) -> Option<(u64, u64)> {
+        self.memory_hotplug.map(|h| (arch::memory::hotplug_start(self.memory_bytes()), h.total_mib << 20))
+    }
+
+    /// Every guest memory region, in guest address order: RAM, then hotpluggable memory.
+    pub fn memory_regions(&self) -> Vec<(u64, u64)> {
+        let mut regions = arch::memory::ram_regions(self.memory_bytes());
+        regions.extend(self.hotplug_region());
+        regions
     }
 }
 
@@ -682,6 +821,7 @@ mod tests {
             balloon: None,
             vsock: None,
             pmem: Vec::new(),
+            memory_hotplug: None,
             transport: VirtioTransport::Mmio,
             memory: MemoryOptions::default(),
             stats_on_exit: false,
@@ -765,6 +905,8 @@ mod tests {
                 rx_rate_limit: None,
                 tx_rate_limit: None,
                 mmds: None,
+                id: None,
+                mtu: None,
             }
         );
         assert_eq!("tap=fv0".parse::<NetConfig>().unwrap().mac, None);

@@ -27,6 +27,66 @@ pub type LoggerHook = Box<dyn Fn(&models::Logger) -> Result<(), String>>;
 /// The id of a VM started without `--id`, as Firecracker names it.
 pub const DEFAULT_ID: &str = "anonymous-instance";
 
+/// `PUT /hotplug/memory` in the VMM's terms, asking for `requested_mib` from the start; the
+/// error names the field and the fix.
+fn hotplug_config(
+    h: &models::MemoryHotplugConfig,
+    requested_mib: u64,
+) -> Result<crate::config::MemoryHotplugConfig, String> {
+    use crate::config::HotplugField;
+    let config = crate::config::MemoryHotplugConfig {
+        total_mib: h.total_size_mib,
+        block_mib: h.block_size_mib,
+        slot_mib: h.slot_size_mib,
+        requested_mib,
+    };
+    config.check().map_err(|(field, problem)| {
+        let name = match field {
+            HotplugField::Total => "total_size_mib",
+            HotplugField::Block => "block_size_mib",
+            HotplugField::Slot => "slot_size_mib",
+            HotplugField::Requested => "requested_size_mib",
+        };
+        format!("memory-hotplug {name} {problem}.")
+    })?;
+    Ok(config)
+}
+
+/// `network_overrides` and `vsock_override` of `PUT /snapshot/load`: other host ends for the
+/// snapshot's devices. The error names the override and the fix.
+fn apply_overrides(config: &mut VmConfig, params: &models::SnapshotLoad) -> Result<(), String> {
+    for o in &params.network_overrides {
+        let ids: Vec<String> =
+            config.nets.iter().enumerate().map(|(i, n)| n.id.clone().unwrap_or_else(|| format!("net{i}"))).collect();
+        let Some(index) = ids.iter().position(|id| *id == o.iface_id) else {
+            return Err(format!(
+                "network_overrides: the snapshot has no interface {}; name one of [{}].",
+                o.iface_id,
+                ids.join(", ")
+            ));
+        };
+        if o.host_dev_name.is_empty() || o.host_dev_name.len() > 15 {
+            return Err(format!("network_overrides {}: host_dev_name must be 1 to 15 bytes.", o.iface_id));
+        }
+        match &mut config.nets[index].attachment {
+            NetAttachment::Tap(tap) => *tap = o.host_dev_name.clone(),
+            _ => {
+                return Err(format!("network_overrides {}: that interface is not on a TAP; leave it out.", o.iface_id));
+            }
+        }
+    }
+    if let Some(v) = &params.vsock_override {
+        let Some(vsock) = &mut config.vsock else {
+            return Err("vsock_override: the snapshot has no vsock device; leave it out.".into());
+        };
+        if v.uds_path.is_empty() {
+            return Err("vsock_override uds_path is empty; give a socket path.".into());
+        }
+        vsock.uds = PathBuf::from(&v.uds_path);
+    }
+    Ok(())
+}
+
 /// What Firecracker answers for a pre-boot-only request after the start.
 fn after_start(what: &str) -> Response {
     Response::error(400, format!("{what} is only possible before InstanceStart; the VM is already running."))
@@ -50,6 +110,7 @@ struct Resources {
     cpu_config: Option<models::CpuConfig>,
     mmds: Option<models::MmdsConfig>,
     pmem: Vec<models::Pmem>,
+    memory_hotplug: Option<models::MemoryHotplugConfig>,
     memory: models::MemoryOptions,
 }
 
@@ -273,6 +334,7 @@ impl Controller {
                         "{what} path_on_host is {len} bytes; its size must be a non-zero multiple of 2 MiB (truncate -s)."
                     ));
                 }
+                rate_limit(&what, &p.rate_limiter)?;
                 if p.root_device && c.resources.pmem.iter().any(|o| o.root_device && o.id != p.id) {
                     return Err(format!("{what}: another pmem device is the root already; only one can be."));
                 }
@@ -282,6 +344,14 @@ impl Controller {
                 }
                 Ok(())
             }),
+            Request::PatchPmem(p) => self.patch_pmem(p),
+            Request::PutMemoryHotplug(h) => self.pre_boot("PUT /hotplug/memory", |c| {
+                hotplug_config(&h, 0)?;
+                c.resources.memory_hotplug = Some(h);
+                Ok(())
+            }),
+            Request::PatchMemoryHotplug(u) => self.patch_memory_hotplug(u.requested_size_mib),
+            Request::GetMemoryHotplug => self.memory_hotplug_status(),
             Request::PutCpuConfig(t) => self.pre_boot("PUT /cpu-config", |c| {
                 crate::config::cpu_template(&t).map_err(|e| format!("{e}."))?;
                 c.resources.cpu_config = Some(t);
@@ -428,6 +498,9 @@ impl Controller {
         }
         rate_limit(&format!("network interface {} rx", n.iface_id), &n.rx_rate_limiter)?;
         rate_limit(&format!("network interface {} tx", n.iface_id), &n.tx_rate_limiter)?;
+        if let Some(mtu) = n.mtu.filter(|m| !(68..=65535).contains(m)) {
+            return Err(format!("network interface {}: mtu {mtu} is out of range; give 68 to 65535.", n.iface_id));
+        }
         match self.resources.nets.iter_mut().find(|o| o.iface_id == n.iface_id) {
             Some(old) => *old = n,
             None => self.resources.nets.push(n),
@@ -566,6 +639,8 @@ impl Controller {
                     mmds,
                     rx_rate_limit: rate_limit("rx_rate_limiter", &n.rx_rate_limiter)?,
                     tx_rate_limit: rate_limit("tx_rate_limiter", &n.tx_rate_limiter)?,
+                    id: Some(n.iface_id.clone()),
+                    mtu: n.mtu.and_then(|m| u16::try_from(m).ok()),
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
@@ -603,8 +678,16 @@ impl Controller {
             }),
             pmem: pmem
                 .iter()
-                .map(|p| crate::config::PmemConfig { path: PathBuf::from(&p.path_on_host), readonly: p.read_only })
-                .collect(),
+                .map(|p| {
+                    Ok(crate::config::PmemConfig {
+                        path: PathBuf::from(&p.path_on_host),
+                        readonly: p.read_only,
+                        id: p.id.clone(),
+                        rate_limit: rate_limit(&format!("pmem {}", p.id), &p.rate_limiter)?,
+                    })
+                })
+                .collect::<Result<Vec<_>, String>>()?,
+            memory_hotplug: r.memory_hotplug.as_ref().map(|h| hotplug_config(h, 0)).transpose()?,
             vsock: r
                 .vsock
                 .as_ref()
@@ -638,6 +721,7 @@ impl Controller {
             drives: r.drives.clone(),
             network_interfaces: r.nets.clone(),
             pmem: r.pmem.clone(),
+            memory_hotplug: r.memory_hotplug.clone(),
             vsock: r.vsock.clone(),
             balloon: r.balloon.clone(),
             entropy: r.entropy.clone(),
@@ -646,6 +730,79 @@ impl Controller {
             memory: Some(r.memory.clone()),
             ..Default::default()
         }
+    }
+
+    fn patch_pmem(&mut self, p: models::PartialPmem) -> Response {
+        let Some((vm, config)) = &mut self.vm else { return before_start("PATCH /pmem") };
+        let Some(index) = config.pmem.iter().enumerate().position(|(i, o)| o.id == p.id || format!("pmem{i}") == p.id)
+        else {
+            return Response::error(400, format!("There is no pmem device {}; PATCH an existing id.", p.id));
+        };
+        let limit = match rate_limit(&format!("pmem {}", p.id), &p.rate_limiter) {
+            Ok(limit) => limit,
+            Err(e) => return Response::error(400, e),
+        };
+        if p.rate_limiter.is_some() {
+            if let Err(e) = vm.update_pmem(&p.id, DeviceChange::RateLimit(limit)) {
+                return Response::error(400, format!("pmem {}: the rate limiter cannot change ({e}).", p.id));
+            }
+            config.pmem[index].rate_limit = limit;
+        }
+        Response::no_content()
+    }
+
+    fn memory_hotplug_control(&self) -> Result<&Arc<virtio::mem::MemControl>, Response> {
+        match &self.vm {
+            None => Err(before_start("This hotplug memory request")),
+            Some((vm, _)) => vm.memory_hotplug().ok_or_else(|| {
+                Response::error(400, "The VM has no hotpluggable memory; PUT /hotplug/memory before InstanceStart.")
+            }),
+        }
+    }
+
+    fn patch_memory_hotplug(&mut self, requested_mib: u64) -> Response {
+        let control = match self.memory_hotplug_control() {
+            Ok(c) => c,
+            Err(response) => return response,
+        };
+        match requested_mib
+            .checked_mul(1 << 20)
+            .ok_or_else(|| "is too large".to_string())
+            .and_then(|bytes| control.set_requested(bytes))
+        {
+            Ok(()) => Response::no_content(),
+            Err(e) => Response::error(400, format!("memory-hotplug requested_size_mib {requested_mib}: {e}.")),
+        }
+    }
+
+    fn memory_hotplug_status(&self) -> Response {
+        let Some((vm, _)) = &self.vm else {
+            return match &self.resources.memory_hotplug {
+                Some(h) => Response::json(&models::MemoryHotplugStatus {
+                    total_size_mib: h.total_size_mib,
+                    slot_size_mib: h.slot_size_mib,
+                    block_size_mib: h.block_size_mib,
+                    plugged_size_mib: 0,
+                    requested_size_mib: 0,
+                }),
+                None => Response::error(400, "No hotpluggable memory is configured; PUT /hotplug/memory first."),
+            };
+        };
+        let (Some(control), Some(h)) = (vm.memory_hotplug(), self.vm.as_ref().and_then(|(_, c)| c.memory_hotplug))
+        else {
+            return Response::error(
+                400,
+                "The VM has no hotpluggable memory; PUT /hotplug/memory before InstanceStart.",
+            );
+        };
+        let status = control.status();
+        Response::json(&models::MemoryHotplugStatus {
+            total_size_mib: h.total_mib,
+            slot_size_mib: h.slot_mib,
+            block_size_mib: h.block_mib,
+            plugged_size_mib: status.plugged_bytes >> 20,
+            requested_size_mib: status.requested_bytes >> 20,
+        })
     }
 
     fn balloon_control(&self) -> Result<&Arc<virtio::balloon::BalloonControl>, Response> {
@@ -844,8 +1001,12 @@ impl Controller {
                 s.imds_compat = m.imds_compat;
             });
         }
-        saved.config.track_dirty_pages |= params.enable_diff_snapshots;
-        match crate::vm::restore(&self.kvm, saved, Path::new(&mem_path), self.launched, &self.latch, params.resume_vm) {
+        saved.config.track_dirty_pages |= params.enable_diff_snapshots || params.track_dirty_pages;
+        if let Err(e) = apply_overrides(&mut saved.config, &params) {
+            return Response::error(400, e);
+        }
+        let restore = crate::vm::Restore { resume: params.resume_vm, clock_realtime: params.clock_realtime };
+        match crate::vm::restore(&self.kvm, saved, Path::new(&mem_path), self.launched, &self.latch, restore) {
             Ok((vm, config)) => {
                 tracing::info!(
                     "snapshot {} loaded in {:.1} ms ({})",
@@ -887,6 +1048,7 @@ impl Controller {
         }
         requests.extend(file.drives.into_iter().map(Request::PutDrive));
         requests.extend(file.pmem.into_iter().map(Request::PutPmem));
+        requests.extend(file.memory_hotplug.map(Request::PutMemoryHotplug));
         requests.extend(file.network_interfaces.into_iter().map(Request::PutNetworkInterface));
         requests.extend(file.mmds_config.map(Request::PutMmdsConfig));
         requests.extend(file.vsock.map(Request::PutVsock));
@@ -1008,7 +1170,8 @@ fn config_file_of(c: &VmConfig) -> VmConfigFile {
             .enumerate()
             .filter_map(|(i, n)| match &n.attachment {
                 NetAttachment::Tap(tap) => Some(models::NetworkInterface {
-                    iface_id: format!("net{i}"),
+                    iface_id: n.id.clone().unwrap_or_else(|| format!("net{i}")),
+                    mtu: n.mtu.map(u32::from),
                     host_dev_name: tap.clone(),
                     guest_mac: n.mac.map(|m| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")),
                     rx_rate_limiter: None,
@@ -1030,6 +1193,11 @@ fn config_file_of(c: &VmConfig) -> VmConfigFile {
             free_page_hinting: b.free_page_hinting,
         }),
         entropy: c.rng.then(models::Entropy::default),
+        memory_hotplug: c.memory_hotplug.map(|h| models::MemoryHotplugConfig {
+            total_size_mib: h.total_mib,
+            slot_size_mib: h.slot_mib,
+            block_size_mib: h.block_mib,
+        }),
         memory: Some(models::MemoryOptions {
             hugepages: Some(hugepages.into()),
             mergeable: c.memory.mergeable,
@@ -1052,6 +1220,13 @@ fn stats_json(vm: &RunningVm) -> serde_json::Value {
         "ksm_saved_bytes": s.ksm_merging_pages * 4096,
         "ksm_profit_bytes": s.ksm_profit_bytes,
     });
+    if let Some(h) = vm.memory_hotplug() {
+        let status = h.status();
+        value["memory_hotplug"] = serde_json::json!({
+            "plugged_mib": status.plugged_bytes >> 20,
+            "requested_mib": status.requested_bytes >> 20,
+        });
+    }
     if let Some(b) = vm.balloon() {
         let state = b.state();
         value["balloon"] = serde_json::json!({

@@ -62,8 +62,9 @@ fn map_aligned(len: usize, options: &MemoryOptions) -> Result<*mut u8, MemoryErr
     Ok(aligned as *mut u8)
 }
 
-/// Creates guest RAM for `regions` (guest address, length) backed as `options` asks.
-pub fn create(regions: &[(u64, u64)], options: &MemoryOptions) -> Result<GuestMemory, MemoryError> {
+/// Creates guest memory for `regions` (guest address, length) backed as `options` asks. The
+/// first `ram` regions are RAM; the rest (hotpluggable memory) are never prefaulted.
+pub fn create(regions: &[(u64, u64)], ram: usize, options: &MemoryOptions) -> Result<GuestMemory, MemoryError> {
     let total: u64 = regions.iter().map(|r| r.1).sum();
     let memfd = if options.shared {
         let flags = libc::MFD_CLOEXEC | if options.hugepages == HugePages::On { libc::MFD_HUGETLB } else { 0 };
@@ -81,10 +82,11 @@ pub fn create(regions: &[(u64, u64)], options: &MemoryOptions) -> Result<GuestMe
     };
     let mut mapped = Vec::new();
     let mut file_offset = 0u64;
-    for &(start, len) in regions {
+    for (index, &(start, len)) in regions.iter().enumerate() {
         let size = len as usize;
+        let prefault = options.prefault && index < ram;
         let mut flags = libc::MAP_NORESERVE;
-        if options.prefault {
+        if prefault {
             flags |= libc::MAP_POPULATE;
         }
         let region: MmapRegion<AtomicBitmap> = if let Some(file) = &memfd {
@@ -118,7 +120,7 @@ pub fn create(regions: &[(u64, u64)], options: &MemoryOptions) -> Result<GuestMe
                 .map_err(|e| map_error(size, options, std::io::Error::other(e.to_string())))?
         };
         file_offset += len;
-        mapped.push(guest_region(region, start, options)?);
+        mapped.push(guest_region(region, start, options, prefault)?);
     }
     GuestMemory::from_regions(mapped).map_err(|e| MemoryError::Regions(e.to_string()))
 }
@@ -138,7 +140,7 @@ pub fn restore(regions: &[(u64, u64)], file: &File, options: &MemoryOptions) -> 
             .build()
             .map_err(|e| map_error(size, options, std::io::Error::other(e.to_string())))?;
         file_offset += len;
-        mapped.push(guest_region(region, start, options)?);
+        mapped.push(guest_region(region, start, options, false)?);
     }
     GuestMemory::from_regions(mapped).map_err(|e| MemoryError::Regions(e.to_string()))
 }
@@ -148,18 +150,19 @@ fn guest_region(
     region: MmapRegion<AtomicBitmap>,
     start: u64,
     options: &MemoryOptions,
+    prefault: bool,
 ) -> Result<GuestRegionMmap<AtomicBitmap>, MemoryError> {
-    advise(&region, options);
+    advise(&region, options, prefault);
     GuestRegionMmap::new(region, GuestAddress(start))
         .ok_or(MemoryError::Regions(format!("region at {start:#x} wraps the address space")))
 }
 
-fn advise(region: &MmapRegion<AtomicBitmap>, options: &MemoryOptions) {
+fn advise(region: &MmapRegion<AtomicBitmap>, options: &MemoryOptions, prefault: bool) {
     let (addr, len) = (region.as_ptr().cast::<libc::c_void>(), region.size());
     let mut advice = Vec::new();
     if options.hugepages == HugePages::Thp {
         advice.push((libc::MADV_HUGEPAGE, "MADV_HUGEPAGE"));
-        if options.prefault {
+        if prefault {
             advice.push((libc::MADV_POPULATE_WRITE, "MADV_POPULATE_WRITE"));
         }
     }
@@ -271,7 +274,7 @@ mod dirty_tests {
 
     #[test]
     fn device_writes_mark_the_bitmap_that_diff_snapshots_read() {
-        let mem = create(&[(0, 1 << 20)], &MemoryOptions::default()).unwrap();
+        let mem = create(&[(0, 1 << 20)], 1, &MemoryOptions::default()).unwrap();
         mem.store(1u16, GuestAddress(0x5002), Ordering::Release).unwrap();
         mem.write_obj(7u32, GuestAddress(0x9000)).unwrap();
         let region = mem.iter().next().unwrap();

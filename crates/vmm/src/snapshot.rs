@@ -9,9 +9,9 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use kvm_bindings::{
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, Msrs, kvm_clock_data, kvm_debugregs,
-    kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events,
-    kvm_xcrs, kvm_xsave,
+    KVM_CLOCK_REALTIME, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, Msrs, kvm_clock_data,
+    kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
@@ -240,13 +240,22 @@ pub fn save_vm(vm: &VmFd) -> Result<VmState, String> {
     })
 }
 
-pub fn restore_vm(vm: &VmFd, state: &VmState) -> Result<(), String> {
+pub fn restore_vm(vm: &VmFd, state: &VmState, clock_realtime: bool) -> Result<(), String> {
     for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
         vm.set_irqchip(chip).map_err(kvm_fail("set the irqchip"))?;
     }
     vm.set_pit2(&state.pit).map_err(kvm_fail("set the PIT"))?;
     // Only the time: the flags KVM reported (TSC_STABLE and such) are not the caller's to set.
-    let clock = kvm_clock_data { clock: state.clock.clock, ..Default::default() };
+    let mut clock = kvm_clock_data { clock: state.clock.clock, ..Default::default() };
+    if clock_realtime {
+        // KVM adds the wall-clock time elapsed since `realtime` to the clock.
+        if state.clock.flags & KVM_CLOCK_REALTIME != 0 {
+            clock.flags = KVM_CLOCK_REALTIME;
+            clock.realtime = state.clock.realtime;
+        } else {
+            tracing::warn!("clock_realtime: the snapshot's host gave no wall-clock time; the clock resumes as saved");
+        }
+    }
     vm.set_clock(&clock).map_err(kvm_fail("set the clock"))?;
     Ok(())
 }

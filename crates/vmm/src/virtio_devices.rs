@@ -40,6 +40,9 @@ pub struct AttachedDevices {
     pub disks: Vec<(String, DeviceUpdater)>,
     /// How to change each network interface while the VM runs, in configuration order.
     pub nets: Vec<DeviceUpdater>,
+    /// Each pmem device's ID and how to change it while the VM runs.
+    pub pmem: Vec<(String, DeviceUpdater)>,
+    pub memory_hotplug: Option<Arc<virtio::mem::MemControl>>,
 }
 
 /// The virtio-pci functions in slot order, and the root they hang off.
@@ -117,8 +120,10 @@ pub fn attach_all(
             }
         };
         let mac = nic.mac.unwrap_or_else(|| default_mac(config.id.as_deref(), i));
-        let net =
-            virtio::net::Net::new(host, mac).with_rate_limits(nic.rx_rate_limit, nic.tx_rate_limit).with_mmds(nic.mmds);
+        let net = virtio::net::Net::new(host, mac)
+            .with_rate_limits(nic.rx_rate_limit, nic.tx_rate_limit)
+            .with_mmds(nic.mmds)
+            .with_mtu(nic.mtu);
         devices.push((format!("virtio-net{i}"), Box::new(net)));
     }
     let ram_end = vm_memory::GuestMemoryBackend::last_addr(mem).raw_value() + 1;
@@ -151,7 +156,16 @@ pub fn attach_all(
         unsafe { vm.set_user_memory_region(region) }
             .map_err(|e| Error::Device(format!("virtio-pmem: KVM refused the memory slot ({e})")))?;
         tracing::info!("virtio-pmem{i}: {} at {gpa:#x} ({} MiB)", p.path.display(), mapping.len >> 20);
-        devices.push((format!("virtio-pmem{i}"), Box::new(virtio::pmem::Pmem::new(Arc::new(mapping), gpa))));
+        let pmem = virtio::pmem::Pmem::new(Arc::new(mapping), gpa).with_rate_limit(p.rate_limit);
+        devices.push((format!("virtio-pmem{i}"), Box::new(pmem)));
+    }
+    if let (Some(hotplug), Some((addr, size))) = (config.memory_hotplug, config.hotplug_region()) {
+        let region = virtio::mem::MemRegion { addr, size, block_size: hotplug.block_mib << 20 };
+        let device = virtio::mem::Mem::new(region, hotplug.requested_mib << 20)
+            .map_err(|e| Error::Device(format!("virtio-mem: {e}")))?;
+        tracing::info!("virtio-mem: {} MiB of hotpluggable memory at {addr:#x}", size >> 20);
+        attached.memory_hotplug = Some(device.control());
+        devices.push(("virtio-mem".into(), Box::new(device)));
     }
     if let Some(vsock) = &config.vsock {
         let device = virtio::vsock::Vsock::new(vsock.cid, &vsock.uds)
@@ -183,8 +197,8 @@ pub fn attach_all(
             virtio::metrics::register(name, device_kind(device.device_type()), metrics);
         }
     }
-    // Devices were added disks first, then network interfaces: their transports come in the
-    // same order.
+    // Devices were added disks first, then network interfaces, then pmem devices: their
+    // transports come in the same order.
     let updaters: Vec<DeviceUpdater> = match config.transport {
         VirtioTransport::Mmio => {
             attached.mmio = attach_mmio(vm, mem, devices, mmio, cmdline)?;
@@ -205,7 +219,12 @@ pub fn attach_all(
     };
     let mut updaters = updaters.into_iter();
     attached.disks = config.disks.iter().map(|d| d.id.clone()).zip(updaters.by_ref()).collect();
-    attached.nets = updaters.take(config.nets.len()).collect();
+    attached.nets = updaters.by_ref().take(config.nets.len()).collect();
+    let pmem_ids = config.pmem.iter().enumerate().map(|(i, p)| match p.id.is_empty() {
+        true => format!("pmem{i}"),
+        false => p.id.clone(),
+    });
+    attached.pmem = pmem_ids.zip(updaters).collect();
     Ok(attached)
 }
 
@@ -235,6 +254,7 @@ fn device_kind(device_type: u32) -> &'static str {
         virtio::TYPE_VSOCK => "vsock",
         virtio::TYPE_CONSOLE => "console",
         virtio::TYPE_PMEM => "pmem",
+        virtio::TYPE_MEM => "memory_hotplug",
         _ => "other",
     }
 }

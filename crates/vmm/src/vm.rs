@@ -101,6 +101,10 @@ impl RunningVm {
         self.devices.balloon.as_ref()
     }
 
+    pub fn memory_hotplug(&self) -> Option<&Arc<virtio::mem::MemControl>> {
+        self.devices.memory_hotplug.as_ref()
+    }
+
     pub fn memory(&self) -> &GuestMemory {
         &self.shared.mem
     }
@@ -132,6 +136,13 @@ impl RunningVm {
     pub fn update_disk(&self, id: &str, change: crate::virtio_devices::DeviceChange) -> Result<(), String> {
         let (_, update) =
             self.devices.disks.iter().find(|(disk, _)| disk == id).ok_or_else(|| format!("there is no drive {id}"))?;
+        update(change)
+    }
+
+    /// Changes pmem device `id` while the guest runs (its rate limit).
+    pub fn update_pmem(&self, id: &str, change: crate::virtio_devices::DeviceChange) -> Result<(), String> {
+        let (_, update) =
+            self.devices.pmem.iter().find(|(p, _)| p == id).ok_or_else(|| format!("there is no pmem device {id}"))?;
         update(change)
     }
 
@@ -277,7 +288,8 @@ pub fn start(
 ) -> Result<RunningVm, Error> {
     let vm = create_vm(kvm)?;
     let mem_size = config.memory_bytes();
-    let mem = crate::memory::create(&memory::ram_regions(mem_size), &config.memory)
+    let ram = memory::ram_regions(mem_size).len();
+    let mem = crate::memory::create(&config.memory_regions(), ram, &config.memory)
         .map_err(|e| Error::Memory { mib: mem_size >> 20, reason: e.to_string() })?;
     register_memory(&vm, &mem, config.track_dirty_pages)?;
     let (mut pio, mut mmio, legacy) = create_devices(&vm, config, launched, latch, None)?;
@@ -298,21 +310,30 @@ pub fn start(
     launch(kvm, vm, vcpus, VcpuParts { pio, mmio, mem, devices, legacy }, latch, false)
 }
 
+/// How a snapshot comes back.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Restore {
+    /// Run at once rather than paused.
+    pub resume: bool,
+    /// Advance kvmclock by the wall-clock time since the snapshot.
+    pub clock_realtime: bool,
+}
+
 /// Rebuilds a snapshotted VM around the memory file `mem_file` (mapped, not copied) and starts
-/// its vCPUs, paused unless `resume`.
+/// its vCPUs, paused unless `how` says to resume.
 pub fn restore(
     kvm: &Kvm,
     saved: snapshot::Snapshot,
     mem_file: &Path,
     launched: Instant,
     latch: &Arc<ExitLatch>,
-    resume: bool,
+    how: Restore,
 ) -> Result<(RunningVm, VmConfig), Error> {
     let config = saved.config;
     let restore_err = |e: String| Error::Device(format!("the snapshot cannot be restored: {e}"));
     // The file is untrusted: its regions must be the ones its memory size lays out (no
     // overlaps, no wrap), and the memory file a regular file (not a FIFO to hang on).
-    if saved.regions != memory::ram_regions(config.memory_bytes()) {
+    if saved.regions != config.memory_regions() {
         return Err(restore_err(format!(
             "its memory regions do not match its {} MiB of memory; take the snapshot again",
             config.memory_mib
@@ -330,7 +351,7 @@ pub fn restore(
     let mem = crate::memory::restore(&saved.regions, &file, &config.memory)
         .map_err(|e| Error::Memory { mib: total >> 20, reason: e.to_string() })?;
     register_memory(&vm, &mem, config.track_dirty_pages)?;
-    snapshot::restore_vm(&vm, &saved.vm).map_err(restore_err)?;
+    snapshot::restore_vm(&vm, &saved.vm, how.clock_realtime).map_err(restore_err)?;
     let (mut pio, mut mmio, legacy) = create_devices(&vm, &config, launched, latch, Some(&saved.devices))?;
     let mut cmdline = boot::cmdline(&config.cmdline)?;
     let devices = crate::virtio_devices::attach_all(&vm, &mem, &config, &mut pio, &mut mmio, &mut cmdline)?;
@@ -359,7 +380,7 @@ pub fn restore(
         config.memory_mib,
         mem_file.display()
     );
-    let mut vm = launch(kvm, vm, vcpus, VcpuParts { pio, mmio, mem, devices, legacy }, latch, !resume)?;
+    let mut vm = launch(kvm, vm, vcpus, VcpuParts { pio, mmio, mem, devices, legacy }, latch, !how.resume)?;
     vm.restored = true;
     Ok((vm, config))
 }

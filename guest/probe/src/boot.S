@@ -267,14 +267,15 @@ pml4:
     .quad pdpt + 0x7               # present, writable, user
     .fill 511, 8, 0
 pdpt:
-    .quad pd + 0x7
-    .quad pd + 4096 + 0x7
-    .quad pd + 8192 + 0x7
-    .quad pd + 12288 + 0x7
-    .fill 508, 8, 0
-pd:                                # the first 4 GiB, identity-mapped in 2 MiB user pages
-    .set page, 0
-    .rept 2048
+    .set dir, 0
+    .rept 8
+    .quad pd + dir * 4096 + 0x7
+    .set dir, dir + 1
+    .endr
+    .fill 504, 8, 0
+pd:                                # the first 8 GiB (hotplugged memory lies above 4 GiB),
+    .set page, 0                   # identity-mapped in 2 MiB user pages
+    .rept 4096
     .quad (page << 21) | 0x87      # present, writable, user, 2 MiB
     .set page, page + 1
     .endr

@@ -1,6 +1,6 @@
 //! `fault`: a deliberate page fault, so that harnesses can check the exception report.
 
-/// Canonical, but outside the 4 GiB identity map.
+/// Canonical, but outside the 8 GiB identity map.
 const UNMAPPED: u64 = 0x0000_7fff_0000_0000;
 
 pub fn run() {

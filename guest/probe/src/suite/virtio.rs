@@ -4,6 +4,7 @@ mod balloon;
 mod blk;
 mod console;
 mod ip;
+mod mem;
 mod net;
 mod pmem;
 mod rng;
@@ -23,6 +24,7 @@ pub fn device_id(test: &str) -> Option<u32> {
         "virtio-rng" => 4,
         "virtio-balloon" => 5,
         "virtio-vsock" => 19,
+        "virtio-mem" => 24,
         "virtio-pmem" => 27,
         _ => return None,
     })
@@ -82,6 +84,7 @@ pub fn run(test: &str, id: u32, cmdline: Cmdline, info: &StartInfo) {
         }
         "virtio-vsock" => run_device(test, &slot, cmdline, vsock::test, None),
         "virtio-pmem" => run_device(test, &slot, cmdline, pmem::test, None),
+        "virtio-mem" => run_device(test, &slot, cmdline, mem::test, None),
         "virtio-balloon" => {
             if let Err(reason) = balloon::test(&slot, cmdline, info.low_ram_end) {
                 report::fail(test, format_args!("{reason}"));

@@ -1,15 +1,17 @@
 //! `virtio-pmem`: write a line at the start of each of the first `.pages` (16) pages of the
 //! persistent memory region, through the mapping, then ask the device to flush, which must
 //! answer 0. With `.readonly=on` the region is read-only: the probe writes anyway and checks
-//! that nothing changed.
+//! that nothing changed. It flushes `.flushes` (1) times; with `.wait=config` it first prints
+//! `PROBE virtio-pmem ready` and waits for a configuration change (the host changed the
+//! device, such as its rate limiter).
 //!
-//!     PROBE virtio-pmem ok start=0x... size=N pages=16 flush=ok
+//!     PROBE virtio-pmem ok start=0x... size=N pages=16 flush=ok flushes=1
 //!
 //! The line of page P is `ferrovisor pmem page=P`, padded with NUL bytes to 64.
 
 use crate::cmdline::{Cmdline, VirtioMmioSlot};
-use crate::report;
-use crate::virtio::mmio::Device;
+use crate::virtio::mmio::{Device, REG_INTERRUPT_ACK, REG_INTERRUPT_STATUS};
+use crate::{hw, report};
 use crate::virtio::queue::Buffer;
 use crate::virtio::{alloc, bytes};
 
@@ -50,17 +52,31 @@ pub fn test(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str>
             return Err("a read-only region took a write");
         }
     }
+    if cmdline.param(TEST, "wait") == Some("config") {
+        crate::println!("PROBE virtio-pmem ready");
+        let deadline = hw::rdtsc() + cmdline.number(TEST, "timeout", 60_000_000_000);
+        while dev.read(REG_INTERRUPT_STATUS) & 2 == 0 {
+            if hw::rdtsc() > deadline {
+                return Err("the host never changed the device");
+            }
+            hw::spin_cycles(1_000_000);
+        }
+        dev.write(REG_INTERRUPT_ACK, 2);
+    }
     let (request, response) = (alloc(4, 4).ok_or("out of probe memory")?, alloc(4, 4).ok_or("out of probe memory")?);
-    bytes(request, 4).fill(0); // FLUSH
-    bytes(response, 4).fill(0xff);
-    q.push(&[Buffer::readable(request, 4), Buffer::writable(response, 4)]).ok_or("request ring full")?;
-    dev.notify(0);
-    dev.wait_used(&mut q, super::request_deadline(cmdline)).ok_or("the flush was not answered")?;
-    let status = u32::from_le_bytes(bytes(response, 4).try_into().unwrap_or([0xff; 4]));
-    if status != 0 {
-        return Err("the flush failed");
+    let flushes = cmdline.number(TEST, "flushes", 1);
+    for _ in 0..flushes {
+        bytes(request, 4).fill(0); // FLUSH
+        bytes(response, 4).fill(0xff);
+        q.push(&[Buffer::readable(request, 4), Buffer::writable(response, 4)]).ok_or("request ring full")?;
+        dev.notify(0);
+        dev.wait_used(&mut q, super::request_deadline(cmdline)).ok_or("the flush was not answered")?;
+        let status = u32::from_le_bytes(bytes(response, 4).try_into().unwrap_or([0xff; 4]));
+        if status != 0 {
+            return Err("the flush failed");
+        }
     }
     dev.reset();
-    report::ok(TEST, format_args!("start={start:#x} size={size} pages={pages} flush=ok"));
+    report::ok(TEST, format_args!("start={start:#x} size={size} pages={pages} flush=ok flushes={flushes}"));
     Ok(())
 }
