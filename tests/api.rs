@@ -309,8 +309,13 @@ fn patch_network_interface_changes_a_running_vms_rate_limit() {
         "boot_args": "console=ttyS0 probe.test=virtio-net probe.virtio-net.mode=throughput probe.virtio-net.frames=400 probe.idle=on",
     });
     expect(s, "PUT", "/boot-source", &boot.to_string(), 204);
+    for mtu in [67, 65536] {
+        let nic = serde_json::json!({"iface_id": "eth0", "host_dev_name": tap.name, "mtu": mtu});
+        let m = fault(s, "PUT", "/network-interfaces/eth0", &nic.to_string(), 400);
+        assert!(m.contains(&format!("mtu {mtu} is out of range")), "{m}");
+    }
     let nic = serde_json::json!({
-        "iface_id": "eth0", "host_dev_name": tap.name,
+        "iface_id": "eth0", "host_dev_name": tap.name, "mtu": 9000,
         "tx_rate_limiter": {"ops": {"size": 40, "refill_time": 1000}},
     });
     expect(s, "PUT", "/network-interfaces/eth0", &nic.to_string(), 204);
@@ -342,6 +347,7 @@ fn patch_network_interface_changes_a_running_vms_rate_limit() {
     // everything would be outside these bounds.
     assert!((40..=170).contains(&before), "{before} frames before the change");
     assert!(field(net, "tx_pps") >= 100, "{net}");
+    assert!(net.ends_with(" mtu=9000"), "the guest was told its MTU: {net}");
     let iface = &config["network-interfaces"][0];
     assert_eq!(iface["tx_rate_limiter"]["ops"]["size"], 2000, "{config}");
     assert_eq!(iface["host_dev_name"], tap.name.as_str(), "{config}");

@@ -225,6 +225,8 @@ fn damaged_and_foreign_snapshots_are_refused() {
 
 /// vsock connections do not survive a snapshot (as in Firecracker): the guest is told with a
 /// transport reset event, in the VM that goes on and in the one restored from the snapshot.
+/// The restored VM takes its vsock socket and its interface's TAP from the load's overrides,
+/// and its clock from the wall clock (`clock_realtime`); bad overrides are refused first.
 #[test]
 fn a_snapshot_resets_vsock_connections_and_tells_the_guest() {
     let dir = scratch_dir("snapshot-vsock");
@@ -236,6 +238,9 @@ fn a_snapshot_resets_vsock_connections_and_tells_the_guest() {
     expect(&socket, "PUT", "/boot-source", &boot.to_string(), 204);
     let vsock = serde_json::json!({"guest_cid": 3, "uds_path": dir.join("v.sock")});
     expect(&socket, "PUT", "/vsock", &vsock.to_string(), 204);
+    let (tap, moved_tap) = (format!("fvs{}a", std::process::id()), format!("fvs{}b", std::process::id()));
+    let net = serde_json::json!({"iface_id": "eth0", "host_dev_name": tap, "mtu": 1400});
+    expect(&socket, "PUT", "/network-interfaces/eth0", &net.to_string(), 204);
     expect(&socket, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#, 204);
     assert!(first.wait_for_output("PROBE virtio-vsock events ready", TIMEOUT), "{}", first.stderr());
     let (state, mem) = (dir.join("vm.snap"), dir.join("vm.mem"));
@@ -249,8 +254,33 @@ fn a_snapshot_resets_vsock_connections_and_tells_the_guest() {
     first.finish(TIMEOUT);
 
     let (mut second, socket) = api_vmm(&dir, "second.sock");
-    expect(&socket, "PUT", "/snapshot/load", &load_body(&state, &mem, true), 204);
+    let moved = dir.join("moved.sock");
+    let load = |overrides: serde_json::Value| {
+        let mut body: serde_json::Value = serde_json::from_str(&load_body(&state, &mem, true)).unwrap();
+        body.as_object_mut().unwrap().extend(overrides.as_object().unwrap().clone());
+        body.to_string()
+    };
+    for (overrides, needle) in [
+        (serde_json::json!({"network_overrides": [{"iface_id": "eth9", "host_dev_name": "x"}]}), "no interface eth9"),
+        (serde_json::json!({"network_overrides": [{"iface_id": "eth0", "host_dev_name": ""}]}), "host_dev_name"),
+        (serde_json::json!({"vsock_override": {"uds_path": ""}}), "uds_path is empty"),
+    ] {
+        let answer = expect(&socket, "PUT", "/snapshot/load", &load(overrides.clone()), 400);
+        assert!(answer.contains(needle), "{overrides}: {answer}");
+    }
+    let overrides = serde_json::json!({
+        "network_overrides": [{"iface_id": "eth0", "host_dev_name": moved_tap}],
+        "vsock_override": {"uds_path": moved},
+        "clock_realtime": true,
+    });
+    expect(&socket, "PUT", "/snapshot/load", &load(overrides), 204);
     assert!(second.wait_for_output(reset, TIMEOUT), "the restored guest heard of it: {}", second.stdout());
+    let socket_type = std::fs::metadata(&moved).map(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()));
+    assert!(matches!(socket_type, Ok(true)), "the restored VM listens on the moved socket: {socket_type:?}");
+    assert!(Path::new(&format!("/sys/class/net/{moved_tap}")).exists(), "the restored VM opened the moved TAP");
+    let config: serde_json::Value = serde_json::from_str(&expect(&socket, "GET", "/vm/config", "", 200)).unwrap();
+    assert_eq!(config["network-interfaces"][0]["host_dev_name"], moved_tap.as_str(), "{config}");
+    assert_eq!(config["network-interfaces"][0]["mtu"], 1400, "{config}");
     expect(&socket, "PUT", "/ferrovisor/stop", "", 204);
     assert_eq!(second.finish(TIMEOUT).status.code(), Some(0));
 }
