@@ -505,6 +505,7 @@ fn run(args: RunArgs, id: String, launched: Instant, logger: logging::Logger) ->
         output_limit: args.output_limit,
         serial_rate_limit: None,
         cpu_template: None,
+        static_cpu_template: None,
         mmds: None,
     };
     let (mut controller, latch) = match controller(launched, logger) {

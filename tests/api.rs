@@ -460,6 +460,56 @@ fn cpuid_leaf(stdout: &str, leaf: &str) -> [u32; 4] {
     [hex("eax="), hex("ebx="), hex("ecx="), hex("edx=")]
 }
 
+/// machine-config `cpu_template` (Firecracker's static templates): C3 hides what an Ivy
+/// Bridge lacks, such as AVX2, from the guest's CPUID; the VMM says how many features this
+/// host had that it hid. Unknown names, aarch64's V1N1 and a template given twice (with
+/// /cpu-config) are refused with sentences.
+#[test]
+fn static_cpu_templates_hide_what_their_processor_lacks() {
+    let dir = scratch_dir("api-static-template");
+    let (vm, socket) = api_vmm(&dir);
+    let s = socket.as_path();
+    for (template, needle) in [
+        (r#""T3""#, "'T3' is none of C3, T2, T2S, T2CL, T2A and None"),
+        (r#""V1N1""#, "aarch64"),
+        ("42", "not a template name"),
+    ] {
+        let body = format!(r#"{{"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": {template}}}"#);
+        let m = fault(s, "PUT", "/machine-config", &body, 400);
+        assert!(m.contains(needle), "{body}: {m}");
+    }
+    let boot = serde_json::json!({"kernel_image_path": probe_elf(), "boot_args": "console=ttyS0 probe.test=cpuid"});
+    expect(s, "PUT", "/boot-source", &boot.to_string(), 204);
+    expect(s, "PUT", "/machine-config", r#"{"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": "C3"}"#, 204);
+    expect(s, "PUT", "/cpu-config", r#"{"cpuid_modifiers": []}"#, 204);
+    let m = fault(s, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#, 400);
+    assert!(m.contains("both give a CPU template"), "{m}");
+    expect(s, "PUT", "/cpu-config", "{}", 204);
+    // An empty custom template is still a template: take the static one through a new VMM.
+    drop(vm);
+    let (vm, socket) = common::api_vmm(&dir, "c3.sock", &[]);
+    let s = socket.as_path();
+    expect(s, "PUT", "/boot-source", &boot.to_string(), 204);
+    expect(s, "PATCH", "/machine-config", r#"{"cpu_template": "C3"}"#, 204);
+    expect(s, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#, 204);
+    let out = vm.finish(TIMEOUT);
+    let hidden: usize = out
+        .stderr
+        .split("CPU template C3: hides ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{}", out.describe()));
+    let [_, ebx7, _, _] = cpuid_leaf(&out.stdout, "0x7");
+    if common::host_emulates_ring0() {
+        eprintln!("C3 hid {hidden} features; kvm_pvm shows the guest the host's feature bits (leaf 7 EBX {ebx7:#x})");
+    } else {
+        assert_eq!(ebx7 & (1 << 5), 0, "no AVX2 under C3: {ebx7:#x}");
+    }
+    // Every x86 host since Haswell offers something C3 hides (AVX2, 1 GiB pages, ...).
+    assert!(hidden > 0, "{}", out.stderr);
+}
+
 /// PUT /cpu-config (a custom CPU template in Firecracker's format) changes the CPUID the
 /// guest sees: the probe (which runs CPUID in ring 0) finds leaf 1 EBX's CLFLUSH line size
 /// changed and leaf 7 EBX without the feature bit the template clears. Claiming a feature the

@@ -560,6 +560,9 @@ pub struct VmConfig {
     /// A custom CPU template (`PUT /cpu-config`).
     #[serde(default)]
     pub cpu_template: Option<api::models::CpuConfig>,
+    /// A static CPU template's name (machine-config `cpu_template`, such as T2).
+    #[serde(default)]
+    pub static_cpu_template: Option<String>,
     /// How MMDS answers (kept in snapshots: a restored version-2 VM must still want tokens).
     #[serde(default)]
     pub mmds: Option<MmdsSettings>,
@@ -830,6 +833,7 @@ mod tests {
             output_limit: None,
             serial_rate_limit: None,
             cpu_template: None,
+            static_cpu_template: None,
             mmds: None,
         }
     }

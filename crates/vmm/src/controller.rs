@@ -52,6 +52,22 @@ fn hotplug_config(
     Ok(config)
 }
 
+/// machine-config's `cpu_template`: a static template's name, or none for "None" or null.
+fn static_template(m: &models::MachineConfig) -> Result<Option<String>, String> {
+    let name = match &m.cpu_template {
+        None | Some(serde_json::Value::Null) => return Ok(None),
+        Some(serde_json::Value::String(name)) => name,
+        Some(other) => {
+            return Err(format!(
+                "machine-config cpu_template {other} is not a template name; give one such as \"T2\"."
+            ));
+        }
+    };
+    arch::cpu_template::StaticTemplate::parse(name)
+        .map(|t| t.map(|_| name.clone()))
+        .map_err(|e| format!("machine-config cpu_template {e}; leave it out or give a template this host can run."))
+}
+
 /// `network_overrides` and `vsock_override` of `PUT /snapshot/load`: other host ends for the
 /// snapshot's devices. The error names the override and the fix.
 fn apply_overrides(config: &mut VmConfig, params: &models::SnapshotLoad) -> Result<(), String> {
@@ -452,9 +468,7 @@ impl Controller {
         if m.smt {
             return Err("machine-config smt is not supported; set it to false.".into());
         }
-        if m.cpu_template.as_ref().is_some_and(|t| !t.is_null() && t != "None") {
-            return Err("machine-config cpu_template is not supported; leave it out.".into());
-        }
+        static_template(&m)?;
         self.resources.machine = m;
         Ok(())
     }
@@ -700,6 +714,14 @@ impl Controller {
             output_limit: None,
             serial_rate_limit,
             cpu_template: r.cpu_config.clone(),
+            static_cpu_template: match (static_template(&r.machine)?, &r.cpu_config) {
+                (Some(_), Some(_)) => {
+                    return Err(
+                        "machine-config cpu_template and PUT /cpu-config both give a CPU template; keep one.".into()
+                    );
+                }
+                (t, _) => t,
+            },
             mmds: r
                 .mmds
                 .as_ref()

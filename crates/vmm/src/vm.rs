@@ -395,7 +395,13 @@ struct VcpuParts {
 }
 
 fn create_vcpus(kvm: &Kvm, vm: &VmFd, config: &VmConfig) -> Result<Vec<VcpuFd>, Error> {
-    let supported_cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("report its CPUID"))?;
+    let mut supported_cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("report its CPUID"))?;
+    if let Some(name) = &config.static_cpu_template
+        && let Some(t) = arch::cpu_template::StaticTemplate::parse(name).map_err(Error::CpuTemplate)?
+    {
+        let hidden = t.apply(&mut supported_cpuid);
+        tracing::info!("CPU template {name}: hides {hidden} CPUID features this host has");
+    }
     let template =
         config.cpu_template.as_ref().map(crate::config::cpu_template).transpose().map_err(Error::CpuTemplate)?;
     for &cap in template.iter().flat_map(|t| &t.required_capabilities) {
