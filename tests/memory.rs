@@ -170,3 +170,43 @@ fn prefault_and_shared_memory_are_resident_from_the_start() {
     assert_eq!(stat(&s, "guest_rss_kib"), 64 * 1024, "every page touched at start: {s:?}");
     assert!(stat(&s, "vmm_overhead_kib") < 16 * 1024, "{s:?}");
 }
+
+/// Hotpluggable memory (virtio-mem) on every backing: the probe plugs 64 MiB and writes it,
+/// then unplugs 48; guest memory resident in the VMM rises and falls with it, whether it is
+/// on transparent huge pages, hugetlbfs, a shared memfd (pages punched out of it) or KSM-marked
+/// 4 KiB pages. Prefaulting touches RAM only, never the hotpluggable region.
+#[test]
+fn hotplugged_memory_follows_the_guest_on_every_backing() {
+    let dir = common::scratch_dir("memory-hotplug");
+    let _pages = HostSettings::set(&[("/proc/sys/vm/nr_hugepages", "100")]);
+    for _ in 0..3 {
+        if free_huge_pages() >= 96 {
+            break;
+        }
+        let _ = std::fs::write("/proc/sys/vm/compact_memory", "1");
+        let _ = std::fs::write("/proc/sys/vm/nr_hugepages", "100");
+    }
+    let mut backings = vec!["size=64,hugepages=thp", "size=64,shared=on", "size=64,mergeable=on,prefault=on"];
+    match free_huge_pages() >= 96 {
+        true => backings.push("size=64,hugepages=on"),
+        false => eprintln!("skipping hugetlbfs: the host could not reserve 96 huge pages"),
+    }
+    for (i, memory) in backings.into_iter().enumerate() {
+        let socket = dir.join(format!("api{i}.sock"));
+        let mut cmd = probe_command_with_memory(1, "probe.test=virtio-mem probe.idle=on", memory);
+        cmd.args(["--memory-hotplug", "total=128", "--api-sock"]).arg(&socket);
+        let mut vm = Running::start(cmd);
+        assert!(vm.wait_for_output("PROBE virtio-mem ready", TIMEOUT), "{memory}: {}", vm.stderr());
+        let ready = stat(&stats(&vm), "guest_rss_kib");
+        common::api_call(&socket, "PATCH", "/hotplug/memory", r#"{"requested_size_mib": 64}"#, 204);
+        assert!(vm.wait_for_output("PROBE virtio-mem plugged mib=64", TIMEOUT), "{memory}: {}", vm.stdout());
+        let plugged = stat(&stats(&vm), "guest_rss_kib");
+        common::api_call(&socket, "PATCH", "/hotplug/memory", r#"{"requested_size_mib": 16}"#, 204);
+        assert!(vm.wait_for_output("PROBE virtio-mem ok", TIMEOUT), "{memory}: {}", vm.stdout());
+        let unplugged = stat(&stats(&vm), "guest_rss_kib");
+        eprintln!("{memory}: guest RSS {ready} KiB ready, {plugged} plugged, {unplugged} unplugged");
+        assert!(ready < (64 + 32) * 1024, "{memory}: the region was not faulted in at start ({ready} KiB)");
+        assert!(plugged >= ready + 64 * 1024 * 8 / 10, "{memory}: {ready} -> {plugged} KiB");
+        assert!(plugged >= unplugged + 48 * 1024 * 8 / 10, "{memory}: {plugged} -> {unplugged} KiB");
+    }
+}
