@@ -750,6 +750,47 @@ fn mmds_guest(dir: &Path, name: &str, taps: &[&str], extra: &str, setup: impl Fn
     vm.finish(TIMEOUT)
 }
 
+/// MMDS's contents and configuration are in a snapshot: a guest snapshotted before it asked
+/// reads, after the load in a new VMM, what the first VMM's API put there.
+#[test]
+fn mmds_contents_survive_a_snapshot_and_load() {
+    let dir = scratch_dir("api-mmds-snapshot");
+    let tap = common::TestTap::new("fvms");
+    let (mut first, socket) = common::api_vmm(&dir, "first.sock", &[]);
+    let s = socket.as_path();
+    let boot = serde_json::json!({
+        "kernel_image_path": probe_elf(),
+        "boot_args": "console=ttyS0 probe.test=virtio-net probe.virtio-net.mode=ip probe.virtio-net.ip=169.254.0.2 \
+                      probe.virtio-net.gw=169.254.169.254 probe.virtio-net.prefix=16 probe.virtio-net.checks=icmp \
+                      probe.virtio-net.wait=1000000000 probe.virtio-net.delay=3000000000 \
+                      probe.virtio-net.token=60 probe.virtio-net.get=/latest/meta-data/ami-id",
+    });
+    expect(s, "PUT", "/boot-source", &boot.to_string(), 204);
+    let nic = serde_json::json!({"iface_id": "eth0", "host_dev_name": tap.name});
+    expect(s, "PUT", "/network-interfaces/eth0", &nic.to_string(), 204);
+    expect(s, "PUT", "/mmds/config", r#"{"network_interfaces": ["eth0"], "version": "V2"}"#, 204);
+    expect(s, "PUT", "/mmds", r#"{"latest": {"meta-data": {"ami-id": "ami-snapshotted"}}}"#, 204);
+    expect(s, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#, 204);
+    assert!(first.wait_for_output("PROBE virtio-net delaying", TIMEOUT), "{}", first.stderr());
+    expect(s, "PATCH", "/vm", r#"{"state": "Paused"}"#, 204);
+    let (state, mem) = (dir.join("vm.snap"), dir.join("vm.mem"));
+    let create = serde_json::json!({"snapshot_path": state, "mem_file_path": mem});
+    expect(s, "PUT", "/snapshot/create", &create.to_string(), 204);
+    expect(s, "PUT", "/ferrovisor/stop", "", 204);
+    let first = first.finish(TIMEOUT);
+    assert!(!first.stdout.contains("PROBE virtio-net http"), "the snapshot came before the GET: {}", first.stdout);
+
+    let (second, socket) = common::api_vmm(&dir, "second.sock", &[]);
+    let s = socket.as_path();
+    let load = serde_json::json!({"snapshot_path": state, "mem_file_path": mem, "resume_vm": true});
+    expect(s, "PUT", "/snapshot/load", &load.to_string(), 204);
+    let now: serde_json::Value = serde_json::from_str(&expect(s, "GET", "/mmds", "", 200)).unwrap();
+    assert_eq!(now["latest"]["meta-data"]["ami-id"], "ami-snapshotted", "{now}");
+    let out = second.finish(TIMEOUT);
+    // Version 2 came back too: the probe's GET carried a token, as it must.
+    assert!(http_line(&out, "GET", "/latest/meta-data/ami-id").ends_with("status=200 body=ami-snapshotted"));
+}
+
 /// The probe's `http` line for `path` (the first one).
 fn http_line<'a>(out: &'a common::Outcome, method: &str, path: &str) -> &'a str {
     let prefix = format!("PROBE virtio-net http method={method} path={path} ");

@@ -1018,10 +1018,17 @@ impl Controller {
         saved.config.serial = SerialConfig::Stdio;
         // MMDS answers as before the snapshot; its contents are the new process's to fill.
         if let Some(m) = saved.config.mmds {
-            net::mmds::with_store(|s| {
+            let restored = net::mmds::with_store(|s| {
                 s.version = m.version;
                 s.imds_compat = m.imds_compat;
+                saved.mmds_data.take().map_or(Ok(()), |data| s.put(data))
             });
+            if let Err(e) = restored {
+                return Response::error(
+                    400,
+                    format!("The snapshot's MMDS contents cannot be restored ({e}); raise --mmds-size-limit."),
+                );
+            }
         }
         saved.config.track_dirty_pages |= params.enable_diff_snapshots || params.track_dirty_pages;
         if let Err(e) = apply_overrides(&mut saved.config, &params) {

@@ -77,6 +77,9 @@ pub struct Snapshot {
     pub vm: VmState,
     pub vcpus: Vec<VcpuState>,
     pub devices: DeviceStates,
+    /// MMDS's contents, when the VM has MMDS.
+    #[serde(default)]
+    pub mmds_data: Option<serde_json::Value>,
 }
 
 /// The first line of a snapshot file; the state follows as JSON.

@@ -261,6 +261,7 @@ impl RunningVm {
             vm: snapshot::save_vm(&self.vm)?,
             vcpus,
             devices,
+            mmds_data: config.mmds.map(|_| net::mmds::with_store(|s| s.data().clone())),
         };
         state.write(state_path)?;
         Ok(SnapshotWritten { memory_pages: written.pages, memory_bytes: written.bytes })

@@ -22,6 +22,9 @@
 //! status=N body=B` (newlines in B shown as `|`). `.token=TTL` first asks for a session token
 //! (`PUT /latest/api/token`, MMDS version 2) and sends it with each GET, after `.tokenwait`
 //! cycles; `.forged=on` sends a made-up token instead; `.accept=json` asks for JSON.
+//!
+//! With `.delay=N` it first prints `PROBE virtio-net delaying` and waits N cycles before it
+//! touches the device (time for the host to take a snapshot).
 
 use crate::cmdline::{Cmdline, VirtioMmioSlot};
 use crate::report;
@@ -291,6 +294,14 @@ pub fn test(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str>
     let port = cmdline.number(TEST, "port", 7777) as u16;
     let wait = cmdline.number(TEST, "wait", 5_000_000_000);
     let checks = cmdline.param(TEST, "checks").unwrap_or("icmp,udp,tcp");
+    let delay = cmdline.number(TEST, "delay", 0);
+    if delay > 0 {
+        crate::println!("PROBE virtio-net delaying");
+        let until = crate::hw::rdtsc() + delay;
+        while crate::hw::rdtsc() < until {
+            crate::hw::spin_cycles(1_000_000);
+        }
+    }
 
     let dev = Device::begin(slot, 0, F_MAC).map_err(|_| "the device could not be set up")?;
     let rxq = dev.queue(RX_QUEUE, RX_BUFFERS as u16).map_err(|_| "the receive queue could not be set up")?;
