@@ -112,6 +112,19 @@ fn ksm_merges_identical_guest_pages_and_the_vmm_reports_it() {
     drop(merged);
 }
 
+/// Asks for `pages` huge pages until `needed` are free; the kernel may find fewer free 2 MiB
+/// blocks than asked for, so memory is compacted between tries.
+fn reserve_huge_pages(pages: u64, needed: u64) -> bool {
+    for _ in 0..3 {
+        if free_huge_pages() >= needed {
+            return true;
+        }
+        let _ = std::fs::write("/proc/sys/vm/compact_memory", "1");
+        let _ = std::fs::write("/proc/sys/vm/nr_hugepages", pages.to_string());
+    }
+    free_huge_pages() >= needed
+}
+
 fn free_huge_pages() -> u64 {
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
     meminfo.lines().find_map(|l| l.strip_prefix("HugePages_Free:")).unwrap().trim().parse().unwrap()
@@ -138,15 +151,7 @@ fn hugepages_on_backs_guest_ram_with_hugetlbfs_and_too_few_is_a_clear_error() {
         assert!(out.stderr.contains("/proc/sys/vm/nr_hugepages"), "{}", out.describe());
     }
     let _pages = HostSettings::set(&[("/proc/sys/vm/nr_hugepages", "40")]);
-    // The kernel may find fewer free 2 MiB blocks than asked for: compact memory and ask again.
-    for _ in 0..3 {
-        if free_huge_pages() >= 32 {
-            break;
-        }
-        let _ = std::fs::write("/proc/sys/vm/compact_memory", "1");
-        let _ = std::fs::write("/proc/sys/vm/nr_hugepages", "40");
-    }
-    assert!(free_huge_pages() >= 32, "the host could not reserve 32 huge pages for the test");
+    assert!(reserve_huge_pages(40, 32), "the host could not reserve 32 huge pages for the test");
     let vm = idle_probe("size=64,hugepages=on", 32);
     let hugetlb = smaps_kib(&vm, "Private_Hugetlb");
     assert!(hugetlb >= 32 * 1024, "the probe's 32 MiB fill sits on hugetlbfs pages: {hugetlb} KiB");
@@ -179,15 +184,8 @@ fn prefault_and_shared_memory_are_resident_from_the_start() {
 fn hotplugged_memory_follows_the_guest_on_every_backing() {
     let dir = common::scratch_dir("memory-hotplug");
     let _pages = HostSettings::set(&[("/proc/sys/vm/nr_hugepages", "100")]);
-    for _ in 0..3 {
-        if free_huge_pages() >= 96 {
-            break;
-        }
-        let _ = std::fs::write("/proc/sys/vm/compact_memory", "1");
-        let _ = std::fs::write("/proc/sys/vm/nr_hugepages", "100");
-    }
     let mut backings = vec!["size=64,hugepages=thp", "size=64,shared=on", "size=64,mergeable=on,prefault=on"];
-    match free_huge_pages() >= 96 {
+    match reserve_huge_pages(100, 96) {
         true => backings.push("size=64,hugepages=on"),
         false => eprintln!("skipping hugetlbfs: the host could not reserve 96 huge pages"),
     }

@@ -287,6 +287,16 @@ pub struct PmemConfig {
     pub rate_limit: Option<virtio::rate_limiter::RateLimit>,
 }
 
+impl PmemConfig {
+    /// The id the API knows device `index` by: its own, or `pmem<index>`.
+    pub fn api_id(&self, index: usize) -> String {
+        match self.id.is_empty() {
+            true => format!("pmem{index}"),
+            false => self.id.clone(),
+        }
+    }
+}
+
 impl FromStr for PmemConfig {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

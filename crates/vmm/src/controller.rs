@@ -756,8 +756,7 @@ impl Controller {
 
     fn patch_pmem(&mut self, p: models::PartialPmem) -> Response {
         let Some((vm, config)) = &mut self.vm else { return before_start("PATCH /pmem") };
-        let Some(index) = config.pmem.iter().enumerate().position(|(i, o)| o.id == p.id || format!("pmem{i}") == p.id)
-        else {
+        let Some(index) = config.pmem.iter().enumerate().position(|(i, o)| o.api_id(i) == p.id) else {
             return Response::error(400, format!("There is no pmem device {}; PATCH an existing id.", p.id));
         };
         let limit = match rate_limit(&format!("pmem {}", p.id), &p.rate_limiter) {

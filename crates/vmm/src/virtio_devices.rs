@@ -220,11 +220,7 @@ pub fn attach_all(
     let mut updaters = updaters.into_iter();
     attached.disks = config.disks.iter().map(|d| d.id.clone()).zip(updaters.by_ref()).collect();
     attached.nets = updaters.by_ref().take(config.nets.len()).collect();
-    let pmem_ids = config.pmem.iter().enumerate().map(|(i, p)| match p.id.is_empty() {
-        true => format!("pmem{i}"),
-        false => p.id.clone(),
-    });
-    attached.pmem = pmem_ids.zip(updaters).collect();
+    attached.pmem = config.pmem.iter().enumerate().map(|(i, p)| p.api_id(i)).zip(updaters).collect();
     Ok(attached)
 }
 
