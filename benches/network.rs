@@ -77,8 +77,13 @@ fn field(line: &str, key: &str) -> f64 {
 fn vm_to_vm(ns: Option<&str>, state: &Path, net: &str) -> f64 {
     let mut sink = probe(ns, state, net, &format!("probe.virtio-net.mode=sink probe.virtio-net.frames={FRAMES}"));
     line_with(&mut sink, "sink ready");
+    // The sender's frames are broadcasts: its port's storm control (on by default on switch
+    // and managed-network ports) would hold them to 1000 a second.
+    let unlimited = state.join("no-storm-control.json");
+    std::fs::write(&unlimited, r#"{"default_in": "allow", "storm_pps": 0}"#).unwrap();
+    let sender_net = format!("{net},firewall={}", unlimited.display());
     let mut sender =
-        probe(ns, state, net, &format!("probe.virtio-net.mode=throughput probe.virtio-net.frames={FRAMES}"));
+        probe(ns, state, &sender_net, &format!("probe.virtio-net.mode=throughput probe.virtio-net.frames={FRAMES}"));
     let result = line_with(&mut sink, "PROBE virtio-net ok mode=sink");
     let _ = sender.kill();
     let _ = sender.wait();

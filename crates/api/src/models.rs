@@ -588,4 +588,7 @@ pub struct VmConfigFile {
     /// Ferrovisor's extra: memory options.
     #[serde(rename = "ferrovisor-memory", default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<MemoryOptions>,
+    /// Ferrovisor's extra: firewall rules by interface ID.
+    #[serde(rename = "ferrovisor-firewall", default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub firewall: std::collections::BTreeMap<String, net::firewall::RuleSetSpec>,
 }

@@ -29,6 +29,9 @@ pub enum Request {
     PutMemoryHotplug(MemoryHotplugConfig),
     PatchMemoryHotplug(MemoryHotplugSizeUpdate),
     GetMemoryHotplug,
+    /// Ferrovisor's: an interface's firewall rules.
+    PutFirewall(String, net::firewall::RuleSetSpec),
+    GetFirewall(String),
     GetMmds,
     PutMmds(serde_json::Value),
     PatchMmds(serde_json::Value),
@@ -100,6 +103,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/ferrovisor/stats"),
     ("GET", "/ferrovisor/metrics"),
     ("PUT", "/ferrovisor/stop"),
+    ("PUT", "/ferrovisor/firewall/{iface_id}"),
+    ("GET", "/ferrovisor/firewall/{iface_id}"),
 ];
 
 /// Parses one request. `path` may carry a query string (only `/ferrovisor/metrics` reads it).
@@ -193,6 +198,13 @@ pub fn parse(method: &str, target: &str, body: &[u8]) -> Result<Request, Respons
         ("PUT", "/ferrovisor/memory") => Request::PutMemory(body_of(&what, body)?),
         ("GET", "/ferrovisor/stats") => Request::GetStats,
         ("PUT", "/ferrovisor/stop") => Request::Stop,
+        ("PUT", "/ferrovisor/firewall/{iface_id}") => {
+            let rules: net::firewall::RuleSetSpec = body_of(&what, body)?;
+            // Checked here, so that a bad rule is answered before anything changes.
+            rules.check().map_err(|e| Response::error(400, format!("{what}: {e}.")))?;
+            Request::PutFirewall(segments[2].to_string(), rules)
+        }
+        ("GET", "/ferrovisor/firewall/{iface_id}") => Request::GetFirewall(segments[2].to_string()),
         ("GET", "/ferrovisor/metrics") => match query {
             "" | "format=json" => Request::GetMetrics { prometheus: false },
             "format=prometheus" => Request::GetMetrics { prometheus: true },

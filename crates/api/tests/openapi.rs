@@ -20,9 +20,13 @@ fn resolve<'a>(doc: &'a Value, schema: &'a Value) -> &'a Value {
     }
 }
 
-/// A value with every documented property, strings "x", numbers 3, the first enum value.
+/// A value with every documented property: its example if it has one, else strings "x",
+/// numbers 3, the first enum value.
 fn sample(doc: &Value, schema: &Value) -> Value {
     let schema = resolve(doc, schema);
+    if let Some(example) = schema.get("example") {
+        return example.clone();
+    }
     if let Some(first) = schema.get("enum").and_then(|e| e.get(0)) {
         return first.clone();
     }

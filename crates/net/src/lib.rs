@@ -2,6 +2,7 @@
 
 pub mod dhcp;
 mod dhcp_socket;
+pub mod firewall;
 pub mod mmds;
 pub mod network;
 pub mod switch;

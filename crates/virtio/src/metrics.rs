@@ -14,8 +14,10 @@ pub struct DeviceMetrics {
     pub write_bytes: AtomicU64,
     /// Requests answered with an error, and malformed input from the driver.
     pub errors: AtomicU64,
-    /// Requests held back by a rate limiter (no device has one yet, so this stays 0).
+    /// Requests held back by a rate limiter.
     pub rate_limited: AtomicU64,
+    /// Frames the port's firewall dropped (network devices).
+    pub firewall_dropped: AtomicU64,
 }
 
 impl DeviceMetrics {
@@ -34,7 +36,7 @@ impl DeviceMetrics {
     }
 
     /// The counters as (name, value), in a fixed order.
-    pub fn snapshot(&self) -> [(&'static str, u64); 5] {
+    pub fn snapshot(&self) -> [(&'static str, u64); 6] {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         [
             ("requests", get(&self.requests)),
@@ -42,6 +44,7 @@ impl DeviceMetrics {
             ("write_bytes", get(&self.write_bytes)),
             ("errors", get(&self.errors)),
             ("rate_limited", get(&self.rate_limited)),
+            ("firewall_dropped", get(&self.firewall_dropped)),
         ]
     }
 }
@@ -80,7 +83,14 @@ mod tests {
         m.error();
         assert_eq!(
             m.snapshot(),
-            [("requests", 2), ("read_bytes", 512), ("write_bytes", 4096), ("errors", 1), ("rate_limited", 0)]
+            [
+                ("requests", 2),
+                ("read_bytes", 512),
+                ("write_bytes", 4096),
+                ("errors", 1),
+                ("rate_limited", 0),
+                ("firewall_dropped", 0)
+            ]
         );
     }
 }

@@ -8,6 +8,7 @@ use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
+use net::firewall::Firewall;
 use net::mmds::MmdsStack;
 use net::switch::SwitchPort;
 use net::tap::{TUN_F_CSUM, Tap};
@@ -86,6 +87,7 @@ pub struct Net {
     /// MMDS's address, when MMDS answers on this interface.
     mmds: Option<Ipv4Addr>,
     mtu: Option<u16>,
+    firewall: Option<Arc<Firewall>>,
     metrics: Arc<DeviceMetrics>,
     rx_limit: Option<RateLimit>,
     tx_limit: Option<RateLimit>,
@@ -94,7 +96,17 @@ pub struct Net {
 
 impl Net {
     pub fn new(host: NetHost, mac: [u8; 6]) -> Net {
-        Net { host, mac, mmds: None, mtu: None, metrics: Arc::default(), rx_limit: None, tx_limit: None, worker: None }
+        Net {
+            host,
+            mac,
+            mmds: None,
+            mtu: None,
+            firewall: None,
+            metrics: Arc::default(),
+            rx_limit: None,
+            tx_limit: None,
+            worker: None,
+        }
     }
 
     /// Answers MMDS requests to `ip` on this interface (Firecracker's `network_interfaces` of
@@ -102,6 +114,12 @@ impl Net {
     /// Tells the guest its MTU (VIRTIO_NET_F_MTU).
     pub fn with_mtu(mut self, mtu: Option<u16>) -> Net {
         self.mtu = mtu;
+        self
+    }
+
+    /// Puts `firewall` on the port: both directions go through it.
+    pub fn with_firewall(mut self, firewall: Option<Arc<Firewall>>) -> Net {
+        self.firewall = firewall;
         self
     }
 
@@ -156,12 +174,14 @@ impl VirtioDevice for Net {
             host: self.host.try_clone().map_err(ActivateError::Worker)?,
             mergeable: acked & bit(VIRTIO_NET_F_MRG_RXBUF) != 0,
             frame: vec![0; MAX_TAP_READ],
+            tx_frame: vec![0; VNET_HDR_LEN + MAX_FRAME],
             deferred: None,
             rx_waiting: false,
             metrics: self.metrics.clone(),
             rx_limiter: RateLimiter::for_limit(self.rx_limit).map_err(ActivateError::Worker)?,
             tx_limiter: RateLimiter::for_limit(self.tx_limit).map_err(ActivateError::Worker)?,
             mmds: self.mmds.map(MmdsStack::new),
+            firewall: self.firewall.clone(),
         };
         self.worker =
             Some(Worker::spawn(sandbox::ThreadKind::Net, backend, activation).map_err(ActivateError::Worker)?);
@@ -196,6 +216,9 @@ struct NetBackend {
     mergeable: bool,
     /// The frame being moved, header included.
     frame: Vec<u8>,
+    /// The frame being sent: apart from `frame`, which may hold a received frame that waits
+    /// for guest buffers while the guest transmits.
+    tx_frame: Vec<u8>,
     /// Length of a frame read from the TAP that found no guest buffer yet.
     deferred: Option<usize>,
     /// No receive buffers: the TAP is left unread until the guest adds some.
@@ -205,6 +228,8 @@ struct NetBackend {
     tx_limiter: Option<RateLimiter>,
     /// The metadata service, when this interface carries it: frames to its address stop here.
     mmds: Option<MmdsStack>,
+    /// The port's firewall: frames it refuses never reach the host side or the guest.
+    firewall: Option<Arc<Firewall>>,
 }
 
 /// Copies `data` into the writable buffers of `chain`; returns the bytes written and the
@@ -232,8 +257,9 @@ fn write_chain(mem: &GuestMemory, chain: DescriptorChain<&GuestMemory>, data: &[
 
 impl NetBackend {
     fn transmit(&mut self, queues: &mut [Queue], mem: &GuestMemory) -> bool {
-        let (host, frame, metrics, limiter) = (&mut self.host, &mut self.frame, &self.metrics, &mut self.tx_limiter);
+        let (host, frame, metrics, limiter) = (&mut self.host, &mut self.tx_frame, &self.metrics, &mut self.tx_limiter);
         let mmds = &mut self.mmds;
+        let firewall = &self.firewall;
         let used = serve_queue_limited(
             "virtio-net",
             &mut queues[TX_QUEUE],
@@ -267,6 +293,12 @@ impl NetBackend {
                 {
                     mmds.receive(&frame[VNET_HDR_LEN..len]);
                     metrics.request(0, (len - VNET_HDR_LEN) as u64);
+                    return Some(0);
+                }
+                if let Some(fw) = firewall
+                    && !fw.outbound(&frame[VNET_HDR_LEN..len])
+                {
+                    DeviceMetrics::add(&metrics.firewall_dropped, 1);
                     return Some(0);
                 }
                 // A frame the rate limiter cannot pay for yet goes back to the ring.
@@ -329,10 +361,11 @@ impl NetBackend {
         }
         let mut used = pending_mmds;
         for _ in 0..BUDGET {
-            let len = match self.deferred.take() {
-                Some(len) => len,
+            // A deferred frame passed the firewall already.
+            let (len, fresh) = match self.deferred.take() {
+                Some(len) => (len, false),
                 None => match self.host.recv(&mut self.frame) {
-                    Ok(len) => len,
+                    Ok(len) => (len, true),
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(e) => {
                         crate::guest_fault!("virtio-net: reading the host side failed ({e})");
@@ -341,6 +374,13 @@ impl NetBackend {
                 },
             };
             if len < VNET_HDR_LEN {
+                continue;
+            }
+            if fresh
+                && let Some(fw) = &self.firewall
+                && !fw.inbound(&self.frame[VNET_HDR_LEN..len])
+            {
+                DeviceMetrics::add(&self.metrics.firewall_dropped, 1);
                 continue;
             }
             if let Some(limiter) = self.rx_limiter.as_mut()
@@ -465,6 +505,7 @@ pub fn fuzz_queues(mem: &GuestMemory, queues: &mut [Queue], script: &[u8]) {
         host: NetHost::Switch(vm_side),
         mergeable: options & 1 != 0,
         frame: vec![0; MAX_TAP_READ],
+        tx_frame: vec![0; VNET_HDR_LEN + MAX_FRAME],
         deferred: None,
         rx_waiting: false,
         metrics: Arc::default(),
@@ -472,6 +513,7 @@ pub fn fuzz_queues(mem: &GuestMemory, queues: &mut [Queue], script: &[u8]) {
         tx_limiter: None,
         // MMDS on the interface for half of the inputs: its stack takes what the guest sends it.
         mmds: (options & 2 != 0).then(|| MmdsStack::new(net::mmds::DEFAULT_IPV4)),
+        firewall: None,
     };
     let mut sent = vec![0u8; MAX_TAP_READ];
     while let [op, tail @ ..] = rest {
@@ -504,13 +546,52 @@ mod tests {
             host,
             mergeable: false,
             frame: vec![0; MAX_TAP_READ],
+            tx_frame: vec![0; VNET_HDR_LEN + MAX_FRAME],
             deferred: None,
             rx_waiting: false,
             metrics: Arc::new(DeviceMetrics::default()),
             rx_limiter: None,
             tx_limiter: None,
             mmds: None,
+            firewall: None,
         }
+    }
+
+    /// A frame from the host side that waits for guest receive buffers is delivered as it
+    /// came, even when the guest transmits meanwhile (the two used to share one buffer, and
+    /// the guest received its own frame instead).
+    #[test]
+    fn a_frame_waiting_for_receive_buffers_survives_a_transmission() {
+        use virtio_queue::desc::RawDescriptor;
+        use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+        use virtio_queue::mock::MockSplitQueue;
+        let (vm_side, outside) = SwitchPort::pair().unwrap();
+        let mut backend = backend(NetHost::Switch(vm_side));
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let rx_ring = MockSplitQueue::create(&mem, GuestAddress(0x1000), 16);
+        let tx_ring = MockSplitQueue::create(&mem, GuestAddress(0x4000), 16);
+        let mut queues: Vec<Queue> = vec![rx_ring.create_queue().unwrap(), tx_ring.create_queue().unwrap()];
+        // The host sends 0xaa frames; no receive buffer yet, so the first waits.
+        outside.send_frame(&[0xaa; 60]).unwrap();
+        let fd = backend.host.raw_fd();
+        backend.process_fd(fd, &mut queues, &mem);
+        assert!(backend.deferred.is_some());
+        // The guest sends a 0xbb frame.
+        mem.write_slice(&[0u8; VNET_HDR_LEN], GuestAddress(0x8_0000)).unwrap();
+        mem.write_slice(&[0xbb; 60], GuestAddress(0x8_0000 + VNET_HDR_LEN as u64)).unwrap();
+        let tx = SplitDescriptor::new(0x8_0000, (VNET_HDR_LEN + 60) as u32, 0, 0);
+        tx_ring.add_desc_chains(&[RawDescriptor::from(tx)], 0).unwrap();
+        backend.process_queue(TX_QUEUE, &mut queues, &mem);
+        let mut sent = [0u8; 128];
+        assert_eq!(outside.recv_frame(&mut sent).unwrap(), 60);
+        // Now a receive buffer: it gets the host's frame.
+        let flags = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
+        let rx = SplitDescriptor::new(0x9_0000, 2048, flags, 0);
+        rx_ring.add_desc_chains(&[RawDescriptor::from(rx)], 0).unwrap();
+        backend.process_queue(RX_QUEUE, &mut queues, &mem);
+        let mut got = [0u8; 60];
+        mem.read_slice(&mut got, GuestAddress(0x9_0000 + VNET_HDR_LEN as u64)).unwrap();
+        assert_eq!(got, [0xaa; 60]);
     }
 
     /// A driver that starts the device without a ready receive queue: a frame waiting on the

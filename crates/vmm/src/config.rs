@@ -119,6 +119,12 @@ pub struct NetConfig {
     /// The MTU the guest is told (VIRTIO_NET_F_MTU); none: the guest picks its own.
     #[serde(default)]
     pub mtu: Option<u16>,
+    /// The port's firewall rules (`firewall=FILE|@NAME`).
+    #[serde(default)]
+    pub firewall: Option<net::firewall::RuleSetSpec>,
+    /// The VM's address on this port, for anti-spoofing before (or without) a DHCP lease.
+    #[serde(default)]
+    pub ip: Option<std::net::Ipv4Addr>,
 }
 
 fn parse_mac(text: &str) -> Option<[u8; 6]> {
@@ -144,14 +150,35 @@ pub fn parse_unicast_mac(text: &str) -> Result<[u8; 6], String> {
 }
 
 /// `--net user[,hostfwd=tcp:ADDR:HPORT-:GPORT]...[,mac=..]`.
+/// The options every `--net` port takes: `firewall=FILE|@NAME` and `ip=A.B.C.D`. Some(())
+/// when `key` was one of them.
+fn port_option(
+    key: &str,
+    value: &str,
+    firewall: &mut Option<net::firewall::RuleSetSpec>,
+    ip: &mut Option<std::net::Ipv4Addr>,
+) -> Result<Option<()>, String> {
+    match key {
+        "firewall" => *firewall = Some(net::firewall::load(value).map_err(|e| format!("--net firewall=: {e}"))?),
+        "ip" => *ip = Some(value.parse().map_err(|_| format!("--net ip= takes the VM's IPv4 address, not '{value}'"))?),
+        _ => return Ok(None),
+    }
+    Ok(Some(()))
+}
+
 fn parse_user_net(rest: &str) -> Result<NetConfig, String> {
-    let (mut forwards, mut mac) = (Vec::new(), None);
+    let (mut forwards, mut mac, mut firewall, mut ip) = (Vec::new(), None, None, None);
     if !rest.is_empty() {
         for (key, value) in key_values("--net user", rest)? {
+            if let Some(()) = port_option(key, value, &mut firewall, &mut ip)? {
+                continue;
+            }
             match key {
                 "hostfwd" => forwards.push(value.parse().map_err(|e| format!("--net user,{e}"))?),
                 "mac" => mac = Some(parse_unicast_mac(value).map_err(|e| format!("--net mac= {e}"))?),
-                _ => return Err(format!("--net user has no option '{key}'; use hostfwd= and mac=")),
+                _ => {
+                    return Err(format!("--net user has no option '{key}'; use hostfwd=, mac=, firewall= and ip="));
+                }
             }
         }
     }
@@ -163,6 +190,8 @@ fn parse_user_net(rest: &str) -> Result<NetConfig, String> {
         mmds: None,
         id: None,
         mtu: None,
+        firewall,
+        ip,
     })
 }
 
@@ -173,7 +202,11 @@ impl FromStr for NetConfig {
             return parse_user_net(rest.trim_start_matches(','));
         }
         let (mut tap, mut switch, mut network, mut vlan, mut isolated, mut mac) = (None, None, None, None, None, None);
+        let (mut firewall, mut ip) = (None, None);
         for (key, value) in key_values("--net", s)? {
+            if let Some(()) = port_option(key, value, &mut firewall, &mut ip)? {
+                continue;
+            }
             match key {
                 "tap" if !value.is_empty() && value.len() < 16 => tap = Some(value.to_string()),
                 "tap" => return Err(format!("--net tap= takes an interface name of 1 to 15 bytes, not '{value}'")),
@@ -187,7 +220,8 @@ impl FromStr for NetConfig {
                 "mac" => mac = Some(parse_unicast_mac(value).map_err(|e| format!("--net mac= {e}"))?),
                 _ => {
                     return Err(format!(
-                        "--net has no option '{key}'; use tap=, switch=, vlan=, network=, isolated= and mac="
+                        "--net has no option '{key}'; use tap=, switch=, vlan=, network=, isolated=, mac=, firewall= \
+                         and ip="
                     ));
                 }
             }
@@ -208,7 +242,17 @@ impl FromStr for NetConfig {
             (None, None, None) => return Err("--net needs tap=NAME, switch=PATH or network=NAME".into()),
             _ => return Err("--net takes one of tap=, switch= and network=".into()),
         };
-        Ok(NetConfig { attachment, mac, rx_rate_limit: None, tx_rate_limit: None, mmds: None, id: None, mtu: None })
+        Ok(NetConfig {
+            attachment,
+            mac,
+            rx_rate_limit: None,
+            tx_rate_limit: None,
+            mmds: None,
+            id: None,
+            mtu: None,
+            firewall,
+            ip,
+        })
     }
 }
 
@@ -921,6 +965,8 @@ mod tests {
                 mmds: None,
                 id: None,
                 mtu: None,
+                firewall: None,
+                ip: None,
             }
         );
         assert_eq!("tap=fv0".parse::<NetConfig>().unwrap().mac, None);

@@ -128,6 +128,8 @@ struct Resources {
     pmem: Vec<models::Pmem>,
     memory_hotplug: Option<models::MemoryHotplugConfig>,
     memory: models::MemoryOptions,
+    /// Firewall rules per interface (`PUT /ferrovisor/firewall/{iface_id}`).
+    firewalls: std::collections::BTreeMap<String, net::firewall::RuleSetSpec>,
 }
 
 pub struct Controller {
@@ -361,6 +363,8 @@ impl Controller {
                 Ok(())
             }),
             Request::PatchPmem(p) => self.patch_pmem(p),
+            Request::PutFirewall(iface, rules) => self.put_firewall(iface, rules),
+            Request::GetFirewall(iface) => self.get_firewall(&iface),
             Request::PutMemoryHotplug(h) => self.pre_boot("PUT /hotplug/memory", |c| {
                 hotplug_config(&h, 0)?;
                 c.resources.memory_hotplug = Some(h);
@@ -655,6 +659,8 @@ impl Controller {
                     tx_rate_limit: rate_limit("tx_rate_limiter", &n.tx_rate_limiter)?,
                     id: Some(n.iface_id.clone()),
                     mtu: n.mtu.and_then(|m| u16::try_from(m).ok()),
+                    firewall: r.firewalls.get(&n.iface_id).cloned(),
+                    ip: None,
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
@@ -750,6 +756,7 @@ impl Controller {
             serial: r.serial.clone(),
             mmds_config: r.mmds.clone(),
             memory: Some(r.memory.clone()),
+            firewall: r.firewalls.clone(),
             ..Default::default()
         }
     }
@@ -770,6 +777,49 @@ impl Controller {
             config.pmem[index].rate_limit = limit;
         }
         Response::no_content()
+    }
+
+    /// `PUT /ferrovisor/firewall/{iface_id}`: rules for an interface; on a running VM they
+    /// apply at once (the body was checked whole before anything changed).
+    fn put_firewall(&mut self, iface: String, rules: net::firewall::RuleSetSpec) -> Response {
+        let Some((vm, config)) = &mut self.vm else {
+            if !self.resources.nets.iter().any(|n| n.iface_id == iface) {
+                return Response::error(
+                    400,
+                    format!("There is no network interface {iface}; PUT /network-interfaces/{iface} first."),
+                );
+            }
+            self.resources.firewalls.insert(iface, rules);
+            return Response::no_content();
+        };
+        let Some(firewall) = vm.firewall(&iface) else {
+            return Response::error(400, format!("The VM has no network interface {iface}; name one it has."));
+        };
+        let checked = match rules.check() {
+            Ok(checked) => checked,
+            Err(e) => return Response::error(400, format!("firewall {iface}: {e}.")),
+        };
+        firewall.replace(checked);
+        tracing::info!("firewall {iface}: {} rules now", rules.rules.len());
+        let ids = config.nets.iter().enumerate().map(|(i, n)| n.id.clone().unwrap_or_else(|| format!("net{i}")));
+        if let Some(index) = ids.collect::<Vec<_>>().iter().position(|id| *id == iface) {
+            config.nets[index].firewall = Some(rules.clone());
+        }
+        self.resources.firewalls.insert(iface, rules);
+        Response::no_content()
+    }
+
+    fn get_firewall(&self, iface: &str) -> Response {
+        match &self.vm {
+            Some((vm, _)) => match vm.firewall(iface) {
+                Some(firewall) => Response::json(&firewall.report()),
+                None => Response::error(400, format!("The VM has no network interface {iface}; name one it has.")),
+            },
+            None => match self.resources.firewalls.get(iface) {
+                Some(rules) => Response::json(rules),
+                None => Response::error(400, format!("Interface {iface} has no firewall rules yet; PUT them first.")),
+            },
+        }
     }
 
     fn memory_hotplug_control(&self) -> Result<&Arc<virtio::mem::MemControl>, Response> {
@@ -1078,6 +1128,7 @@ impl Controller {
         requests.extend(file.pmem.into_iter().map(Request::PutPmem));
         requests.extend(file.memory_hotplug.map(Request::PutMemoryHotplug));
         requests.extend(file.network_interfaces.into_iter().map(Request::PutNetworkInterface));
+        requests.extend(file.firewall.into_iter().map(|(iface, rules)| Request::PutFirewall(iface, rules)));
         requests.extend(file.mmds_config.map(Request::PutMmdsConfig));
         requests.extend(file.vsock.map(Request::PutVsock));
         requests.extend(file.balloon.map(Request::PutBalloon));
@@ -1232,6 +1283,12 @@ fn config_file_of(c: &VmConfig) -> VmConfigFile {
             shared: c.memory.shared,
             prefault: c.memory.prefault,
         }),
+        firewall: c
+            .nets
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| Some((n.id.clone().unwrap_or_else(|| format!("net{i}")), n.firewall.clone()?)))
+            .collect(),
         ..Default::default()
     }
 }

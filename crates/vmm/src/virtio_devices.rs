@@ -43,6 +43,8 @@ pub struct AttachedDevices {
     /// Each pmem device's ID and how to change it while the VM runs.
     pub pmem: Vec<(String, DeviceUpdater)>,
     pub memory_hotplug: Option<Arc<virtio::mem::MemControl>>,
+    /// Each network interface's ID and firewall, in configuration order.
+    pub firewalls: Vec<(String, Arc<net::firewall::Firewall>)>,
 }
 
 /// The virtio-pci functions in slot order, and the root they hang off.
@@ -120,7 +122,11 @@ pub fn attach_all(
             }
         };
         let mac = nic.mac.unwrap_or_else(|| default_mac(config.id.as_deref(), i));
+        let firewall = port_firewall(nic, mac).map_err(|e| Error::Device(format!("virtio-net{i}: {e}")))?;
+        let id = nic.id.clone().unwrap_or_else(|| format!("net{i}"));
+        attached.firewalls.push((id, firewall.clone()));
         let net = virtio::net::Net::new(host, mac)
+            .with_firewall(Some(firewall))
             .with_rate_limits(nic.rx_rate_limit, nic.tx_rate_limit)
             .with_mmds(nic.mmds)
             .with_mtu(nic.mtu);
@@ -222,6 +228,21 @@ pub fn attach_all(
     attached.nets = updaters.by_ref().take(config.nets.len()).collect();
     attached.pmem = config.pmem.iter().enumerate().map(|(i, p)| p.api_id(i)).zip(updaters).collect();
     Ok(attached)
+}
+
+/// The firewall of interface `nic` (MAC `mac`): its rules, or none; anti-spoofing and storm
+/// control by default on the switch and managed networks, where VMs share a segment.
+fn port_firewall(nic: &crate::config::NetConfig, mac: [u8; 6]) -> Result<Arc<net::firewall::Firewall>, String> {
+    use net::firewall::{Action, Firewall, PortIdentity, RuleSetSpec};
+    let shared_segment = matches!(nic.attachment, NetAttachment::Switch { .. } | NetAttachment::Network { .. });
+    let identity = PortIdentity { mac, ip: nic.ip, anti_spoofing: shared_segment };
+    let spec = match (&nic.firewall, shared_segment) {
+        (Some(spec), _) => spec.clone(),
+        // Guards only: all traffic is allowed.
+        (None, true) => RuleSetSpec { default_in: Action::Allow, default_out: Action::Allow, ..Default::default() },
+        (None, false) => return Ok(Arc::new(Firewall::inactive(identity))),
+    };
+    Ok(Arc::new(Firewall::new(spec.check()?, identity)))
 }
 
 /// A locally administered unicast MAC for interface `index`: derived from the VM's id when it

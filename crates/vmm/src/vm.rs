@@ -101,6 +101,11 @@ impl RunningVm {
         self.devices.balloon.as_ref()
     }
 
+    /// The firewall of network interface `id`.
+    pub fn firewall(&self, id: &str) -> Option<&Arc<net::firewall::Firewall>> {
+        self.devices.firewalls.iter().find(|(i, _)| i == id).map(|(_, f)| f)
+    }
+
     pub fn memory_hotplug(&self) -> Option<&Arc<virtio::mem::MemControl>> {
         self.devices.memory_hotplug.as_ref()
     }

@@ -25,6 +25,13 @@
 //!
 //! With `.delay=N` it first prints `PROBE virtio-net delaying` and waits N cycles before it
 //! touches the device (time for the host to take a snapshot).
+//!
+//! For firewall checks: a `.gw` equal to `.ip` means no router (nothing to resolve first);
+//! `.forge=N` first sends N datagrams to dst:port from a forged MAC and N from a forged IPv4
+//! address; `.rogue=N` sends N from UDP port 67 (as a DHCP server answers); `.broadcast=on`
+//! sends the flood to the broadcast MAC. When serving, UDP to the port is echoed back and
+//! counted (`echoed=N`; with `.tally=on` also a line `PROBE virtio-net echoed=N` after each),
+//! and a SYN to another port is answered with RST, as a host does.
 
 use crate::cmdline::{Cmdline, VirtioMmioSlot};
 use crate::report;
@@ -95,7 +102,8 @@ struct Host {
     mac: [u8; 6],
     ip: Ip,
     gw_mac: [u8; 6],
-    cmdline_deadline: u64,
+    /// How long one transmission may take, in TSC cycles (`probe.virtio.timeout`).
+    tx_timeout: u64,
     /// Where packets to dst go: the router, or dst itself on the same subnet.
     next_hop: [u8; 6],
     /// Frames received from anyone but the router (port isolation checks count them).
@@ -121,7 +129,8 @@ impl Host {
         bytes(self.tx_buf, HEADER).fill(0);
         self.txq.push(&[Buffer::readable(self.tx_buf, (HEADER + frame_len.max(60)) as u32)]).ok_or("transmit ring full")?;
         self.dev.notify(TX_QUEUE);
-        self.dev.wait_used(&mut self.txq, self.cmdline_deadline).ok_or("a transmission did not complete")?;
+        let deadline = crate::hw::rdtsc() + self.tx_timeout;
+        self.dev.wait_used(&mut self.txq, deadline).ok_or("a transmission did not complete")?;
         Ok(())
     }
 
@@ -314,7 +323,8 @@ pub fn test(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str>
     }
     let rx_area = alloc(RX_BUFFERS * (HEADER + MAX_FRAME), 64).ok_or("out of probe memory")?;
     let tx_buf = alloc(HEADER + MAX_FRAME, 64).ok_or("out of probe memory")?;
-    let deadline = super::request_deadline(cmdline);
+    // Each transmission gets the whole timeout: a host may serve for longer than one.
+    let tx_timeout = super::request_deadline(cmdline) - crate::hw::rdtsc();
     let mut host = Host {
         dev,
         rxq,
@@ -325,7 +335,7 @@ pub fn test(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str>
         mac,
         ip,
         gw_mac: [0; 6],
-        cmdline_deadline: deadline,
+        tx_timeout,
         next_hop: [0; 6],
         others: 0,
     };
@@ -336,11 +346,14 @@ pub fn test(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str>
     host.dev.driver_ok();
     host.dev.notify(RX_QUEUE);
 
-    let Some(gw_mac) = host.resolve(gw, wait)? else {
-        return Err("the router did not answer ARP");
-    };
-    host.gw_mac = gw_mac;
-    host.next_hop = gw_mac;
+    if gw != ip {
+        let Some(gw_mac) = host.resolve(gw, wait)? else {
+            return Err("the router did not answer ARP");
+        };
+        host.gw_mac = gw_mac;
+        host.next_hop = gw_mac;
+    }
+    let gw_mac = host.gw_mac;
     // A destination on our own subnet is reached directly, found by ARP.
     let prefix = cmdline.number(TEST, "prefix", 24).min(32) as u32;
     let mask = u32::MAX.checked_shl(32 - prefix).unwrap_or(0);
@@ -357,6 +370,29 @@ pub fn test(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str>
     }
     let checks = if peer == "none" { "" } else { checks };
     let mut body = [0u8; 64];
+    let udp_to = |body: &mut [u8; 64], src_port: u16| {
+        let len = 8 + PAYLOAD.len();
+        body[0..2].copy_from_slice(&src_port.to_be_bytes());
+        body[2..4].copy_from_slice(&port.to_be_bytes());
+        body[4..6].copy_from_slice(&(len as u16).to_be_bytes());
+        body[6..8].fill(0);
+        body[8..len].copy_from_slice(PAYLOAD);
+        len
+    };
+    for _ in 0..cmdline.number(TEST, "forge", 0) {
+        let len = udp_to(&mut body, UDP_SRC_PORT);
+        let (own_mac, own_ip) = (host.mac, host.ip);
+        host.mac = [0x02, 0x66, 0x66, 0x66, 0x66, 0x66];
+        host.ip(PROTO_UDP, dst, &body[..len], Some(6))?;
+        host.mac = own_mac;
+        host.ip = [own_ip[0], own_ip[1], own_ip[2], own_ip[3].wrapping_add(100)];
+        host.ip(PROTO_UDP, dst, &body[..len], Some(6))?;
+        host.ip = own_ip;
+    }
+    for _ in 0..cmdline.number(TEST, "rogue", 0) {
+        let len = udp_to(&mut body, 67);
+        host.ip(PROTO_UDP, dst, &body[..len], Some(6))?;
+    }
     let mut results: [(&str, &str); 3] = [("icmp", "-"), ("udp", "-"), ("tcp", "-")];
 
     if checks.contains("icmp") {
@@ -370,12 +406,7 @@ pub fn test(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str>
         results[0].1 = if reply.is_some() { "reply" } else { "none" };
     }
     if checks.contains("udp") {
-        let len = 8 + PAYLOAD.len();
-        body[0..2].copy_from_slice(&UDP_SRC_PORT.to_be_bytes());
-        body[2..4].copy_from_slice(&port.to_be_bytes());
-        body[4..6].copy_from_slice(&(len as u16).to_be_bytes());
-        body[6..8].fill(0);
-        body[8..len].copy_from_slice(PAYLOAD);
+        let len = udp_to(&mut body, UDP_SRC_PORT);
         host.ip(PROTO_UDP, dst, &body[..len], Some(6))?;
         let reply = host.wait_for(wait, |p| {
             p.proto == PROTO_UDP && p.src == dst && p.body[0..2] == port.to_be_bytes() && p.body[2..4] == UDP_SRC_PORT.to_be_bytes()
@@ -411,11 +442,12 @@ pub fn test(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str>
         None => 0,
     };
     let listen = cmdline.number(TEST, "listen", 0) as u16;
-    let served = if listen != 0 {
+    let (served, echoed) = if listen != 0 {
         let half_close = cmdline.param(TEST, "halfclose") == Some("on");
-        serve(&mut host, listen, cmdline.number(TEST, "serve", 20_000_000_000), half_close)?
+        let tally = cmdline.param(TEST, "tally") == Some("on");
+        serve(&mut host, listen, cmdline.number(TEST, "serve", 20_000_000_000), half_close, tally)?
     } else {
-        0
+        (0, 0)
     };
     host.dev.reset();
     let m = |m: [u8; 6]| m;
@@ -423,7 +455,7 @@ pub fn test(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str>
     report::ok(
         TEST,
         format_args!(
-            "mode=ip mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} gw_mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} peer={peer} {}={} {}={} {}={} served={served} others={} flood_pps={flood_pps} http={fetched}",
+            "mode=ip mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} gw_mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} peer={peer} {}={} {}={} {}={} served={served} others={} echoed={echoed} flood_pps={flood_pps} http={fetched}",
             a[0], a[1], a[2], a[3], a[4], a[5], b[0], b[1], b[2], b[3], b[4], b[5],
             results[0].0, results[0].1, results[1].0, results[1].1, results[2].0, results[2].1, host.others
         ),
@@ -435,6 +467,10 @@ pub fn test(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str>
 fn flood_udp(host: &mut Host, dst: Ip, port: u16, count: u64, cmdline: Cmdline) -> Result<u64, &'static str> {
     const IN_FLIGHT: usize = 16;
     let size = (cmdline.number(TEST, "size", 64) as usize).clamp(8, 1400);
+    let next_hop = host.next_hop;
+    if cmdline.param(TEST, "broadcast") == Some("on") {
+        host.next_hop = [0xff; 6];
+    }
     // One frame built the usual way, then copied into each slot.
     let mut body = [0u8; 1408];
     body[0..2].copy_from_slice(&UDP_SRC_PORT.to_be_bytes());
@@ -463,7 +499,8 @@ fn flood_udp(host: &mut Host, dst: Ip, port: u16, count: u64, cmdline: Cmdline) 
     }
     host.dev.notify(TX_QUEUE);
     while done < count {
-        let (head, _) = host.dev.wait_used(&mut host.txq, host.cmdline_deadline).ok_or("transmissions stalled")?;
+        let deadline = crate::hw::rdtsc() + host.tx_timeout;
+        let (head, _) = host.dev.wait_used(&mut host.txq, deadline).ok_or("transmissions stalled")?;
         done += 1;
         if sent < count {
             let i = heads.iter().position(|&h| h == head).ok_or("unknown buffer")?;
@@ -472,6 +509,7 @@ fn flood_udp(host: &mut Host, dst: Ip, port: u16, count: u64, cmdline: Cmdline) 
             host.dev.notify(TX_QUEUE);
         }
     }
+    host.next_hop = next_hop;
     let khz = crate::tsc::khz(cmdline).unwrap_or(0).max(1);
     Ok(count * khz * 1000 / (crate::hw::rdtsc() - start).max(1))
 }
@@ -479,14 +517,39 @@ fn flood_udp(host: &mut Host, dst: Ip, port: u16, count: u64, cmdline: Cmdline) 
 /// Serves TCP on `port` until `cycles` pass: handshakes, echoes data, closes on FIN (or, with
 /// `half_close`, only acknowledges it). One connection at a time is enough for the tests.
 /// Returns the bytes echoed.
-fn serve(host: &mut Host, port: u16, cycles: u64, half_close: bool) -> Result<u64, &'static str> {
+fn serve(host: &mut Host, port: u16, cycles: u64, half_close: bool, tally: bool) -> Result<(u64, u64), &'static str> {
     crate::println!("PROBE virtio-net listening port={port}");
     let end = crate::hw::rdtsc() + cycles;
     let mut body = [0u8; 64];
-    let (mut served, mut our_seq) = (0u64, 0x2000_0000u32);
+    let (mut served, mut echoed, mut our_seq) = (0u64, 0u64, 0x2000_0000u32);
     let mut arp = None;
     while let Some(p) = host.receive(end, &mut arp)? {
-        if p.proto != PROTO_TCP || p.body[2..4] != port.to_be_bytes() || p.body_len < 20 {
+        if p.proto == PROTO_UDP && p.body_len >= 8 && p.body[2..4] == port.to_be_bytes() {
+            // Echo: the ports swapped, the checksum left out (0 is allowed over IPv4).
+            let n = p.body_len.min(body.len());
+            body[..n].copy_from_slice(&p.body[..n]);
+            body[0..2].copy_from_slice(&p.body[2..4]);
+            body[2..4].copy_from_slice(&p.body[0..2]);
+            body[4..6].copy_from_slice(&(n as u16).to_be_bytes());
+            body[6..8].fill(0);
+            host.ip_to(p.src_mac, PROTO_UDP, p.src, &body[..n], None)?;
+            echoed += 1;
+            if tally {
+                crate::println!("PROBE virtio-net echoed={echoed}");
+            }
+            continue;
+        }
+        if p.proto != PROTO_TCP || p.body_len < 20 {
+            continue;
+        }
+        if p.body[2..4] != port.to_be_bytes() {
+            // A closed port: a SYN is refused, as any host refuses it.
+            if p.body[13] & TCP_SYN != 0 && p.body[13] & TCP_ACK == 0 {
+                let (theirs, to) = (u16::from_be_bytes([p.body[0], p.body[1]]), u16::from_be_bytes([p.body[2], p.body[3]]));
+                let seq = u32::from_be_bytes(p.body[4..8].try_into().unwrap());
+                let n = tcp_segment(to, theirs, 0, seq.wrapping_add(1), TCP_RST | TCP_ACK, &[], &mut body);
+                host.ip_to(p.src_mac, PROTO_TCP, p.src, &body[..n], Some(16))?;
+            }
             continue;
         }
         let peer_port = u16::from_be_bytes([p.body[0], p.body[1]]);
@@ -517,7 +580,7 @@ fn serve(host: &mut Host, port: u16, cycles: u64, half_close: bool) -> Result<u6
         }
         our_seq = our_seq.wrapping_add(echo_len as u32);
     }
-    Ok(served)
+    Ok((served, echoed))
 }
 
 /// A request or response built in place.

@@ -1,0 +1,1200 @@
+//! The virtual firewall on a VM's network port: security-group rules (ordered, per direction,
+//! by protocol, port range and peer CIDR, with a default policy each way), stateful (replies to
+//! an allowed connection pass; flows are tracked with timeouts in a bounded table, so that an
+//! established flow costs one lookup), and port guards: anti-spoofing (the port's own MAC and,
+//! once known, IPv4 address), no DHCP server answers from the VM, and storm control for its
+//! broadcast and multicast frames.
+//!
+//! "in" is traffic to the VM, "out" traffic from it; a rule's `peer` is the other end and its
+//! `ports` the destination port of the packet in the rule's direction.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// Flows a port tracks at most; a new flow beyond that is dropped once no old one expired.
+pub const MAX_FLOWS: usize = 16384;
+/// Rules a set may hold.
+pub const MAX_RULES: usize = 1024;
+const TCP_TIMEOUT: Duration = Duration::from_secs(600);
+const TCP_CLOSING_TIMEOUT: Duration = Duration::from_secs(10);
+const UDP_TIMEOUT: Duration = Duration::from_secs(60);
+const OTHER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Broadcast and multicast frames a port may send per second (and in one burst).
+pub const DEFAULT_STORM_PPS: u32 = 1000;
+
+const ETH_IPV4: u16 = 0x0800;
+const ETH_ARP: u16 = 0x0806;
+const ETH_VLAN: u16 = 0x8100;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    In,
+    Out,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Icmp,
+    Any,
+}
+
+impl Protocol {
+    fn matches(self, proto: u8) -> bool {
+        match self {
+            Protocol::Tcp => proto == PROTO_TCP,
+            Protocol::Udp => proto == PROTO_UDP,
+            Protocol::Icmp => proto == PROTO_ICMP,
+            Protocol::Any => true,
+        }
+    }
+}
+
+/// An IPv4 network: `10.0.0.0/8`, or one address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    fn mask(self) -> u32 {
+        u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0)
+    }
+
+    pub fn contains(self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & self.mask() == u32::from(self.addr) & self.mask()
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Cidr, String> {
+        let (addr, prefix) = s.split_once('/').unwrap_or((s, "32"));
+        let addr: Ipv4Addr = addr.parse().map_err(|_| format!("'{s}' is not an IPv4 address or network"))?;
+        let prefix: u8 = prefix
+            .parse()
+            .ok()
+            .filter(|p| *p <= 32)
+            .ok_or_else(|| format!("'{s}' has a prefix length that is not 0 to 32"))?;
+        let cidr = Cidr { addr, prefix };
+        if u32::from(addr) & !cidr.mask() != 0 {
+            return Err(format!("'{s}' has host bits set; write the network, such as {}", Cidr::network(cidr)));
+        }
+        Ok(cidr)
+    }
+}
+
+impl Cidr {
+    fn network(self) -> String {
+        format!("{}/{}", Ipv4Addr::from(u32::from(self.addr) & self.mask()), self.prefix)
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// A rule as a file or the API writes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub direction: Direction,
+    pub protocol: String,
+    /// `80` or `8000-8080`; only with tcp or udp.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<String>,
+    /// The other end, as a CIDR; any when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    pub action: Action,
+}
+
+/// A rule set as a file or the API writes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSetSpec {
+    /// What happens to traffic no rule matches: by default inbound is denied and outbound
+    /// allowed, as in a security group.
+    #[serde(default = "deny")]
+    pub default_in: Action,
+    #[serde(default = "allow")]
+    pub default_out: Action,
+    #[serde(default)]
+    pub rules: Vec<RuleSpec>,
+    /// Drop frames from the VM with another MAC or IPv4 address, gratuitous ARP for another
+    /// address, and DHCP server answers. Absent: the port's default (on for switches and
+    /// managed networks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anti_spoofing: Option<bool>,
+    /// Broadcast and multicast frames per second the VM may send; absent: 1000; 0: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storm_pps: Option<u32>,
+}
+
+fn deny() -> Action {
+    Action::Deny
+}
+
+fn allow() -> Action {
+    Action::Allow
+}
+
+impl Default for RuleSetSpec {
+    fn default() -> Self {
+        RuleSetSpec {
+            default_in: Action::Deny,
+            default_out: Action::Allow,
+            rules: Vec::new(),
+            anti_spoofing: None,
+            storm_pps: None,
+        }
+    }
+}
+
+/// A checked rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub name: String,
+    pub direction: Direction,
+    pub protocol: Protocol,
+    pub ports: Option<(u16, u16)>,
+    pub peer: Option<Cidr>,
+    pub action: Action,
+}
+
+/// A checked rule set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleSet {
+    pub default_in: Action,
+    pub default_out: Action,
+    pub rules: Vec<Rule>,
+    pub anti_spoofing: Option<bool>,
+    pub storm_pps: Option<u32>,
+}
+
+impl RuleSetSpec {
+    /// Checks every rule; the error names the rule and field and says what to write.
+    pub fn check(&self) -> Result<RuleSet, String> {
+        if self.rules.len() > MAX_RULES {
+            return Err(format!("the rule set has {} rules; give at most {MAX_RULES}", self.rules.len()));
+        }
+        let mut rules = Vec::with_capacity(self.rules.len());
+        for (i, r) in self.rules.iter().enumerate() {
+            let name = r.name.clone().unwrap_or_else(|| format!("rule{}", i + 1));
+            let what = format!("rule {} ({name})", i + 1);
+            let protocol = match r.protocol.as_str() {
+                "tcp" => Protocol::Tcp,
+                "udp" => Protocol::Udp,
+                "icmp" => Protocol::Icmp,
+                "any" => Protocol::Any,
+                other => return Err(format!("{what} protocol '{other}' is unknown; use tcp, udp, icmp or any")),
+            };
+            let ports = match &r.ports {
+                None => None,
+                Some(_) if !matches!(protocol, Protocol::Tcp | Protocol::Udp) => {
+                    return Err(format!(
+                        "{what} ports: only tcp and udp rules have ports; remove them or change the protocol"
+                    ));
+                }
+                Some(text) => Some(parse_ports(text).map_err(|e| format!("{what} ports {e}"))?),
+            };
+            let peer = r.peer.as_deref().map(str::parse::<Cidr>).transpose().map_err(|e| format!("{what} peer {e}"))?;
+            rules.push(Rule { name, direction: r.direction, protocol, ports, peer, action: r.action });
+        }
+        Ok(RuleSet {
+            default_in: self.default_in,
+            default_out: self.default_out,
+            rules,
+            anti_spoofing: self.anti_spoofing,
+            storm_pps: self.storm_pps,
+        })
+    }
+
+    /// Parses a rules file: JSON, or TOML (by its `.toml` name, or when it is not JSON).
+    pub fn from_file_text(text: &str, toml_name: bool) -> Result<RuleSetSpec, String> {
+        let trimmed = text.trim_start();
+        if !toml_name && (trimmed.starts_with('{') || trimmed.is_empty()) {
+            return serde_json::from_str(text).map_err(|e| format!("is not a valid rules file ({e})"));
+        }
+        toml::from_str(text).map_err(|e| format!("is not a valid rules file ({})", e.message().trim()))
+    }
+}
+
+fn parse_ports(text: &str) -> Result<(u16, u16), String> {
+    let number = |s: &str| {
+        s.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| format!("'{text}': '{s}' is not a port from 1 to 65535"))
+    };
+    let (low, high) = match text.split_once('-') {
+        Some((a, b)) => (number(a)?, number(b)?),
+        None => {
+            let p = number(text)?;
+            (p, p)
+        }
+    };
+    if low > high {
+        return Err(format!("'{text}' runs backwards; write the lower port first ({high}-{low})"));
+    }
+    Ok((low, high))
+}
+
+/// What the port is: its MAC and, once known, its IPv4 address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortIdentity {
+    pub mac: [u8; 6],
+    pub ip: Option<Ipv4Addr>,
+    /// Whether anti-spoofing is on when the rule set does not say.
+    pub anti_spoofing: bool,
+}
+
+/// Why a frame was dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    Rule,
+    Default,
+    SpoofedMac,
+    SpoofedIp,
+    SpoofedArp,
+    RogueDhcp,
+    Storm,
+    FlowTableFull,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 8] = [
+        DropReason::Rule,
+        DropReason::Default,
+        DropReason::SpoofedMac,
+        DropReason::SpoofedIp,
+        DropReason::SpoofedArp,
+        DropReason::RogueDhcp,
+        DropReason::Storm,
+        DropReason::FlowTableFull,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DropReason::Rule => "rule",
+            DropReason::Default => "default_policy",
+            DropReason::SpoofedMac => "spoofed_mac",
+            DropReason::SpoofedIp => "spoofed_ip",
+            DropReason::SpoofedArp => "spoofed_arp",
+            DropReason::RogueDhcp => "rogue_dhcp",
+            DropReason::Storm => "storm_control",
+            DropReason::FlowTableFull => "flow_table_full",
+        }
+    }
+}
+
+/// One direction of a flow, seen from the VM: its address and port, the other end's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct FlowKey {
+    proto: u8,
+    vm: (Ipv4Addr, u16),
+    remote: (Ipv4Addr, u16),
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Flow {
+    /// Who opened it.
+    origin: Direction,
+    /// The rule that let it open (None: the default policy).
+    rule: Option<usize>,
+    expires: Instant,
+    packets: u64,
+}
+
+/// The parts of a frame the firewall looks at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Packet {
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    kind: Kind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Ipv4 {
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        proto: u8,
+        ports: Option<(u16, u16)>,
+        tcp_flags: u8,
+        dhcp: Option<Dhcp>,
+    },
+    Arp {
+        sender_mac: [u8; 6],
+        sender_ip: Ipv4Addr,
+    },
+    /// IPv6 and everything else: only protocol `any` rules without a peer match it.
+    Other,
+    /// Too short or malformed to be what it says.
+    Broken,
+}
+
+/// A DHCP message's type and the address it hands out, from a BOOTP reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Dhcp {
+    op: u8,
+    chaddr: [u8; 6],
+    yiaddr: Ipv4Addr,
+    message_type: Option<u8>,
+}
+
+fn parse(frame: &[u8]) -> Option<Packet> {
+    let mac = |at: usize| -> [u8; 6] { frame[at..at + 6].try_into().expect("six bytes") };
+    if frame.len() < 14 {
+        return None;
+    }
+    let (dst_mac, src_mac) = (mac(0), mac(6));
+    let mut ethertype = u16::from_be_bytes([frame[12], frame[13]]);
+    let mut at = 14;
+    if ethertype == ETH_VLAN && frame.len() >= 18 {
+        ethertype = u16::from_be_bytes([frame[16], frame[17]]);
+        at = 18;
+    }
+    let payload = &frame[at..];
+    let kind = match ethertype {
+        ETH_IPV4 => parse_ipv4(payload),
+        ETH_ARP if payload.len() >= 28 => Kind::Arp {
+            sender_mac: payload[8..14].try_into().expect("six bytes"),
+            sender_ip: Ipv4Addr::new(payload[14], payload[15], payload[16], payload[17]),
+        },
+        ETH_ARP => Kind::Broken,
+        _ => Kind::Other,
+    };
+    Some(Packet { src_mac, dst_mac, kind })
+}
+
+fn parse_ipv4(p: &[u8]) -> Kind {
+    if p.len() < 20 || p[0] >> 4 != 4 {
+        return Kind::Broken;
+    }
+    let header = usize::from(p[0] & 0xf) * 4;
+    let total = usize::from(u16::from_be_bytes([p[2], p[3]]));
+    if header < 20 || total < header || p.len() < header {
+        return Kind::Broken;
+    }
+    let (src, dst) = (Ipv4Addr::new(p[12], p[13], p[14], p[15]), Ipv4Addr::new(p[16], p[17], p[18], p[19]));
+    let proto = p[9];
+    let first_fragment = u16::from_be_bytes([p[6], p[7]]) & 0x1fff == 0;
+    let l4 = &p[header..total.min(p.len())];
+    let (mut ports, mut tcp_flags, mut dhcp) = (None, 0, None);
+    if first_fragment {
+        match proto {
+            PROTO_TCP | PROTO_UDP if l4.len() >= 4 => {
+                ports = Some((u16::from_be_bytes([l4[0], l4[1]]), u16::from_be_bytes([l4[2], l4[3]])));
+                if proto == PROTO_TCP && l4.len() >= 14 {
+                    tcp_flags = l4[13];
+                }
+                if proto == PROTO_UDP && l4.len() >= 8 + 240 {
+                    dhcp = parse_dhcp(&l4[8..]);
+                }
+            }
+            // An ICMP echo's identifier stands in for a port, so that replies find their flow.
+            PROTO_ICMP if l4.len() >= 8 && matches!(l4[0], 0 | 8) => {
+                let id = u16::from_be_bytes([l4[4], l4[5]]);
+                ports = Some((id, id));
+            }
+            _ => {}
+        }
+    }
+    Kind::Ipv4 { src, dst, proto, ports, tcp_flags, dhcp }
+}
+
+fn parse_dhcp(b: &[u8]) -> Option<Dhcp> {
+    if b[236..240] != [99, 130, 83, 99] {
+        return None;
+    }
+    let mut message_type = None;
+    let mut at = 240;
+    while at + 1 < b.len() {
+        match b[at] {
+            0 => at += 1,
+            255 => break,
+            code => {
+                let len = usize::from(b[at + 1]);
+                if code == 53 && len == 1 && at + 2 < b.len() {
+                    message_type = Some(b[at + 2]);
+                }
+                at += 2 + len;
+            }
+        }
+    }
+    Some(Dhcp {
+        op: b[0],
+        chaddr: b[28..34].try_into().expect("six bytes"),
+        yiaddr: Ipv4Addr::new(b[16], b[17], b[18], b[19]),
+        message_type,
+    })
+}
+
+/// Counters of one rule, or of a default policy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl Counters {
+    fn add(&mut self, bytes: usize) {
+        self.packets += 1;
+        self.bytes += bytes as u64;
+    }
+}
+
+/// A token bucket of frames per second.
+#[derive(Debug)]
+struct StormBucket {
+    pps: u32,
+    tokens: f64,
+    at: Instant,
+}
+
+impl StormBucket {
+    fn new(pps: u32, now: Instant) -> StormBucket {
+        StormBucket { pps, tokens: f64::from(pps), at: now }
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        if self.pps == 0 {
+            return true;
+        }
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + elapsed * f64::from(self.pps)).min(f64::from(self.pps));
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+struct State {
+    rules: RuleSet,
+    counters: Vec<Counters>,
+    default_in: Counters,
+    default_out: Counters,
+    flows: HashMap<FlowKey, Flow>,
+    identity: PortIdentity,
+    storm: StormBucket,
+    drops: HashMap<DropReason, u64>,
+}
+
+/// The firewall of one port; shared by the port's worker and the API. An inactive one (a port
+/// given no rules and no guards) passes everything until rules are put on it.
+pub struct Firewall {
+    active: AtomicBool,
+    state: Mutex<State>,
+}
+
+/// What a report shows of a rule.
+#[derive(Clone, Debug, Serialize)]
+pub struct RuleReport {
+    #[serde(flatten)]
+    pub spec: RuleSpec,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// A tracked flow, for `ferrovisor firewall show`.
+#[derive(Clone, Debug, Serialize)]
+pub struct FlowReport {
+    pub protocol: u8,
+    pub vm: String,
+    pub remote: String,
+    pub origin: Direction,
+    pub rule: Option<String>,
+    pub packets: u64,
+    pub expires_in_s: u64,
+}
+
+/// Everything `GET /ferrovisor/firewall/{iface}` answers.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub default_in: Action,
+    pub default_out: Action,
+    pub rules: Vec<RuleReport>,
+    pub default_in_counters: Counters,
+    pub default_out_counters: Counters,
+    pub anti_spoofing: bool,
+    pub storm_pps: u32,
+    pub ip: Option<Ipv4Addr>,
+    pub drops: std::collections::BTreeMap<&'static str, u64>,
+    pub flows: Vec<FlowReport>,
+}
+
+impl Firewall {
+    pub fn new(rules: RuleSet, identity: PortIdentity) -> Firewall {
+        let now = Instant::now();
+        let storm = StormBucket::new(rules.storm_pps.unwrap_or(DEFAULT_STORM_PPS), now);
+        let counters = vec![Counters::default(); rules.rules.len()];
+        Firewall {
+            active: AtomicBool::new(true),
+            state: Mutex::new(State {
+                rules,
+                counters,
+                default_in: Counters::default(),
+                default_out: Counters::default(),
+                flows: HashMap::new(),
+                identity,
+                storm,
+                drops: HashMap::new(),
+            }),
+        }
+    }
+
+    /// A port with nothing to enforce yet: allows all, guards nothing, until `replace`.
+    pub fn inactive(identity: PortIdentity) -> Firewall {
+        let open = RuleSet {
+            default_in: Action::Allow,
+            default_out: Action::Allow,
+            rules: Vec::new(),
+            anti_spoofing: Some(false),
+            storm_pps: Some(0),
+        };
+        let firewall = Firewall::new(open, identity);
+        firewall.active.store(false, Ordering::Relaxed);
+        firewall
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Replaces the rules while traffic flows: counters start again, and tracked flows the new
+    /// rules would not let open are closed at once.
+    pub fn replace(&self, rules: RuleSet) {
+        let mut s = self.lock();
+        self.active.store(true, Ordering::Relaxed);
+        s.storm = StormBucket::new(rules.storm_pps.unwrap_or(DEFAULT_STORM_PPS), Instant::now());
+        s.counters = vec![Counters::default(); rules.rules.len()];
+        s.rules = rules;
+        let State { flows, rules, .. } = &mut *s;
+        flows.retain(|key, flow| {
+            // The flow's first packet went to this port.
+            let port = match flow.origin {
+                Direction::Out => key.remote.1,
+                Direction::In => key.vm.1,
+            };
+            match decide(rules, flow.origin, key.proto, key.remote.0, Some(port)) {
+                (Action::Allow, rule) => {
+                    flow.rule = rule;
+                    true
+                }
+                (Action::Deny, _) => false,
+            }
+        });
+    }
+
+    /// The VM's address, learned from a DHCP answer (or given); IPv4 anti-spoofing uses it.
+    pub fn ip(&self) -> Option<Ipv4Addr> {
+        self.lock().identity.ip
+    }
+
+    /// A frame from the VM: true if it may leave.
+    pub fn outbound(&self, frame: &[u8]) -> bool {
+        !self.is_active() || self.lock().filter(Direction::Out, frame, Instant::now())
+    }
+
+    /// A frame for the VM: true if it may arrive.
+    pub fn inbound(&self, frame: &[u8]) -> bool {
+        !self.is_active() || self.lock().filter(Direction::In, frame, Instant::now())
+    }
+
+    pub fn report(&self) -> Report {
+        let s = self.lock();
+        let now = Instant::now();
+        let rules = s
+            .rules
+            .rules
+            .iter()
+            .zip(&s.counters)
+            .map(|(r, c)| RuleReport { spec: r.spec(), packets: c.packets, bytes: c.bytes })
+            .collect();
+        let mut flows: Vec<FlowReport> = s
+            .flows
+            .iter()
+            .filter(|(_, f)| f.expires > now)
+            .map(|(k, f)| FlowReport {
+                protocol: k.proto,
+                vm: format!("{}:{}", k.vm.0, k.vm.1),
+                remote: format!("{}:{}", k.remote.0, k.remote.1),
+                origin: f.origin,
+                rule: f.rule.and_then(|i| s.rules.rules.get(i)).map(|r| r.name.clone()),
+                packets: f.packets,
+                expires_in_s: f.expires.saturating_duration_since(now).as_secs(),
+            })
+            .collect();
+        flows.sort_by(|a, b| (&a.vm, &a.remote).cmp(&(&b.vm, &b.remote)));
+        Report {
+            default_in: s.rules.default_in,
+            default_out: s.rules.default_out,
+            rules,
+            default_in_counters: s.default_in,
+            default_out_counters: s.default_out,
+            anti_spoofing: s.anti_spoofing(),
+            storm_pps: s.storm.pps,
+            ip: s.identity.ip,
+            drops: DropReason::ALL.iter().map(|r| (r.name(), s.drops.get(r).copied().unwrap_or(0))).collect(),
+            flows,
+        }
+    }
+
+    /// Frames dropped, for the metrics.
+    pub fn dropped(&self) -> u64 {
+        self.lock().drops.values().sum()
+    }
+
+    /// The rule set as it was given (for snapshots and GET /vm/config).
+    pub fn spec(&self) -> RuleSetSpec {
+        self.lock().rules.spec()
+    }
+}
+
+impl Rule {
+    fn matches(&self, direction: Direction, proto: u8, remote: Ipv4Addr, port: Option<u16>) -> bool {
+        self.direction == direction
+            && self.protocol.matches(proto)
+            && self.peer.is_none_or(|c| c.contains(remote))
+            && self.ports.is_none_or(|(low, high)| port.is_some_and(|p| (low..=high).contains(&p)))
+    }
+
+    fn spec(&self) -> RuleSpec {
+        RuleSpec {
+            name: Some(self.name.clone()),
+            direction: self.direction,
+            protocol: format!("{:?}", self.protocol).to_lowercase(),
+            ports: self.ports.map(|(l, h)| if l == h { l.to_string() } else { format!("{l}-{h}") }),
+            peer: self.peer.map(|c| c.to_string()),
+            action: self.action,
+        }
+    }
+}
+
+impl RuleSet {
+    pub fn spec(&self) -> RuleSetSpec {
+        RuleSetSpec {
+            default_in: self.default_in,
+            default_out: self.default_out,
+            rules: self.rules.iter().map(Rule::spec).collect(),
+            anti_spoofing: self.anti_spoofing,
+            storm_pps: self.storm_pps,
+        }
+    }
+}
+
+/// The first rule that matches a new flow, or the default policy.
+fn decide(
+    rules: &RuleSet,
+    direction: Direction,
+    proto: u8,
+    remote: Ipv4Addr,
+    port: Option<u16>,
+) -> (Action, Option<usize>) {
+    match rules.rules.iter().position(|r| r.matches(direction, proto, remote, port)) {
+        Some(i) => (rules.rules[i].action, Some(i)),
+        None => (
+            match direction {
+                Direction::In => rules.default_in,
+                Direction::Out => rules.default_out,
+            },
+            None,
+        ),
+    }
+}
+
+impl State {
+    fn anti_spoofing(&self) -> bool {
+        self.rules.anti_spoofing.unwrap_or(self.identity.anti_spoofing)
+    }
+
+    fn drop(&mut self, reason: DropReason, direction: Direction, packet: Option<&Packet>) -> bool {
+        *self.drops.entry(reason).or_default() += 1;
+        let what = match packet.map(|p| p.kind) {
+            Some(Kind::Ipv4 { src, dst, proto, ports, .. }) => {
+                let (sp, dp) = ports.unwrap_or((0, 0));
+                format!("proto {proto} {src}:{sp} -> {dst}:{dp}")
+            }
+            Some(Kind::Arp { sender_ip, .. }) => format!("ARP from {sender_ip}"),
+            _ => "a non-IPv4 frame".into(),
+        };
+        devices::guest_event!("firewall: dropped {direction:?} {what} ({})", reason.name());
+        false
+    }
+
+    fn filter(&mut self, direction: Direction, frame: &[u8], now: Instant) -> bool {
+        let Some(packet) = parse(frame) else { return self.drop(DropReason::Default, direction, None) };
+        if direction == Direction::In {
+            self.learn(&packet);
+        } else if let Some(reason) = self.guard(&packet, now) {
+            return self.drop(reason, direction, Some(&packet));
+        }
+        let (src, dst, proto, ports, tcp_flags) = match packet.kind {
+            Kind::Ipv4 { src, dst, proto, ports, tcp_flags, .. } => (src, dst, proto, ports, tcp_flags),
+            // ARP resolves addresses both ways; the guard checked the VM's.
+            Kind::Arp { .. } => return true,
+            Kind::Other | Kind::Broken => {
+                let (action, rule) = self.decide_other(direction);
+                return self.count(action, rule, direction, frame.len(), &packet);
+            }
+        };
+        let (vm, remote) = match direction {
+            Direction::Out => ((src, ports.map_or(0, |p| p.0)), (dst, ports.map_or(0, |p| p.1))),
+            Direction::In => ((dst, ports.map_or(0, |p| p.1)), (src, ports.map_or(0, |p| p.0))),
+        };
+        let key = FlowKey { proto, vm, remote };
+        let closing = proto == PROTO_TCP && tcp_flags & 0x05 != 0;
+        if let Some(flow) = self.flows.get_mut(&key).filter(|f| f.expires > now) {
+            flow.packets += 1;
+            flow.expires = now + timeout(proto, closing);
+            if flow.origin == direction
+                && let Some(counter) = flow.rule.and_then(|i| self.counters.get_mut(i))
+            {
+                counter.add(frame.len());
+            }
+            return true;
+        }
+        // A new flow: the destination port in this packet's direction decides.
+        let port = ports.map(|p| p.1);
+        let (action, rule) = decide(&self.rules, direction, proto, remote.0, port);
+        if action == Action::Allow && ports.is_some() {
+            if self.flows.len() >= MAX_FLOWS {
+                self.flows.retain(|_, f| f.expires > now);
+            }
+            if self.flows.len() >= MAX_FLOWS {
+                return self.drop(DropReason::FlowTableFull, direction, Some(&packet));
+            }
+            self.flows
+                .insert(key, Flow { origin: direction, rule, expires: now + timeout(proto, closing), packets: 1 });
+        }
+        self.count(action, rule, direction, frame.len(), &packet)
+    }
+
+    fn decide_other(&self, direction: Direction) -> (Action, Option<usize>) {
+        let rule = self
+            .rules
+            .rules
+            .iter()
+            .position(|r| r.direction == direction && r.protocol == Protocol::Any && r.peer.is_none());
+        match rule {
+            Some(i) => (self.rules.rules[i].action, Some(i)),
+            None => (
+                match direction {
+                    Direction::In => self.rules.default_in,
+                    Direction::Out => self.rules.default_out,
+                },
+                None,
+            ),
+        }
+    }
+
+    fn count(
+        &mut self,
+        action: Action,
+        rule: Option<usize>,
+        direction: Direction,
+        len: usize,
+        packet: &Packet,
+    ) -> bool {
+        let counter = match (rule, direction) {
+            (Some(i), _) => &mut self.counters[i],
+            (None, Direction::In) => &mut self.default_in,
+            (None, Direction::Out) => &mut self.default_out,
+        };
+        counter.add(len);
+        match (action, rule) {
+            (Action::Allow, _) => true,
+            (Action::Deny, Some(_)) => self.drop(DropReason::Rule, direction, Some(packet)),
+            (Action::Deny, None) => self.drop(DropReason::Default, direction, Some(packet)),
+        }
+    }
+
+    /// The port's guards on a frame from the VM: the reason to drop it, if any.
+    fn guard(&mut self, p: &Packet, now: Instant) -> Option<DropReason> {
+        if p.dst_mac[0] & 1 != 0 && !self.storm.take(now) {
+            return Some(DropReason::Storm);
+        }
+        if !self.anti_spoofing() {
+            return None;
+        }
+        let own = self.identity;
+        if p.src_mac != own.mac {
+            return Some(DropReason::SpoofedMac);
+        }
+        match p.kind {
+            Kind::Arp { sender_mac, sender_ip } => {
+                let ip_ok = sender_ip.is_unspecified() || own.ip.is_none_or(|ip| ip == sender_ip);
+                (sender_mac != own.mac || !ip_ok).then_some(DropReason::SpoofedArp)
+            }
+            Kind::Ipv4 { src, proto, ports, .. } => {
+                if proto == PROTO_UDP && ports.is_some_and(|(sp, _)| sp == 67) {
+                    return Some(DropReason::RogueDhcp);
+                }
+                // Before it has an address, a VM may ask DHCP for one from 0.0.0.0.
+                let dhcp_request = src.is_unspecified() && proto == PROTO_UDP && ports == Some((68, 67));
+                (own.ip.is_some_and(|ip| ip != src) && !dhcp_request).then_some(DropReason::SpoofedIp)
+            }
+            Kind::Other | Kind::Broken => None,
+        }
+    }
+
+    /// Learns the VM's address from a DHCP ACK for its MAC.
+    fn learn(&mut self, p: &Packet) {
+        if let Kind::Ipv4 { proto: PROTO_UDP, ports: Some((67, 68)), dhcp: Some(d), .. } = p.kind
+            && d.op == 2
+            && d.message_type == Some(5)
+            && d.chaddr == self.identity.mac
+            && !d.yiaddr.is_unspecified()
+            && self.identity.ip != Some(d.yiaddr)
+        {
+            tracing::info!("firewall: the VM's address is {} (its DHCP lease)", d.yiaddr);
+            self.identity.ip = Some(d.yiaddr);
+        }
+    }
+}
+
+fn timeout(proto: u8, closing: bool) -> Duration {
+    match proto {
+        PROTO_TCP if closing => TCP_CLOSING_TIMEOUT,
+        PROTO_TCP => TCP_TIMEOUT,
+        PROTO_UDP => UDP_TIMEOUT,
+        _ => OTHER_TIMEOUT,
+    }
+}
+
+/// Where named rule sets live (`ferrovisor firewall create`).
+pub fn sets_dir() -> PathBuf {
+    crate::network::state_dir().join("firewall")
+}
+
+/// A rule set's name: letters, digits, `-` and `_`, 1 to 64 of them.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    match ok {
+        true => Ok(()),
+        false => Err(format!("'{name}' is not a rule set name; use 1 to 64 letters, digits, - and _")),
+    }
+}
+
+/// The rule set `reference` names: `@NAME` (a named set) or a JSON or TOML file; checked.
+pub fn load(reference: &str) -> Result<RuleSetSpec, String> {
+    let (path, what) = match reference.strip_prefix('@') {
+        Some(name) => {
+            check_name(name)?;
+            (sets_dir().join(format!("{name}.json")), format!("rule set {name}"))
+        }
+        None => (PathBuf::from(reference), format!("rules file {reference}")),
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| match reference.strip_prefix('@') {
+        Some(name) => format!("there is no {what} ({e}); create it with `ferrovisor firewall create {name} FILE`"),
+        None => format!("{what} cannot be read ({e})"),
+    })?;
+    let toml = path.extension().is_some_and(|e| e == "toml");
+    let spec = RuleSetSpec::from_file_text(&text, toml).map_err(|e| format!("{what} {e}"))?;
+    spec.check().map_err(|e| format!("{what}: {e}"))?;
+    Ok(spec)
+}
+
+/// Stores `spec` as the named set `name` (checked first: nothing half-written).
+pub fn save(name: &str, spec: &RuleSetSpec) -> Result<PathBuf, String> {
+    check_name(name)?;
+    spec.check()?;
+    let dir = sets_dir();
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{} cannot be created ({e})", dir.display()))?;
+    let path = dir.join(format!("{name}.json"));
+    let partial = dir.join(format!(".{name}.json.new"));
+    let text = serde_json::to_string_pretty(spec).map_err(|e| e.to_string())?;
+    std::fs::write(&partial, text + "\n")
+        .and_then(|()| std::fs::rename(&partial, &path))
+        .map_err(|e| format!("{} cannot be written ({e})", path.display()))?;
+    Ok(path)
+}
+
+/// Runs frames through a firewall built from the first bytes, for the fuzzer.
+#[doc(hidden)]
+pub fn fuzz_frames(data: &[u8]) {
+    let spec = RuleSetSpec {
+        rules: vec![
+            RuleSpec {
+                name: None,
+                direction: Direction::In,
+                protocol: "tcp".into(),
+                ports: Some("1-1000".into()),
+                peer: Some("10.0.0.0/8".into()),
+                action: Action::Allow,
+            },
+            RuleSpec {
+                name: None,
+                direction: Direction::Out,
+                protocol: "udp".into(),
+                ports: None,
+                peer: None,
+                action: Action::Deny,
+            },
+        ],
+        storm_pps: Some(5),
+        ..Default::default()
+    };
+    let Ok(rules) = spec.check() else { return };
+    let fw = Firewall::new(rules, PortIdentity { mac: [2, 0, 0, 0, 0, 1], ip: None, anti_spoofing: true });
+    let mut rest = data;
+    while let Some((&len, tail)) = rest.split_first() {
+        let n = usize::from(len).min(tail.len());
+        let (frame, next) = tail.split_at(n);
+        if len & 1 == 0 {
+            fw.outbound(frame);
+        } else {
+            fw.inbound(frame);
+        }
+        rest = next;
+    }
+    let _ = fw.report();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VM_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
+    const PEER_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
+    const VM: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+    const PEER: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+
+    fn frame(
+        src_mac: [u8; 6],
+        dst_mac: [u8; 6],
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        proto: u8,
+        sport: u16,
+        dport: u16,
+    ) -> Vec<u8> {
+        let mut f = vec![0u8; 14 + 20 + 20];
+        f[0..6].copy_from_slice(&dst_mac);
+        f[6..12].copy_from_slice(&src_mac);
+        f[12..14].copy_from_slice(&ETH_IPV4.to_be_bytes());
+        let ip = &mut f[14..34];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+        ip[9] = proto;
+        ip[12..16].copy_from_slice(&src.octets());
+        ip[16..20].copy_from_slice(&dst.octets());
+        let l4 = &mut f[34..];
+        match proto {
+            PROTO_ICMP => {
+                l4[0] = if sport == 0 { 0 } else { 8 };
+                l4[4..6].copy_from_slice(&dport.to_be_bytes());
+            }
+            _ => {
+                l4[0..2].copy_from_slice(&sport.to_be_bytes());
+                l4[2..4].copy_from_slice(&dport.to_be_bytes());
+                l4[13] = 0x02; // SYN
+            }
+        }
+        f
+    }
+
+    fn out(proto: u8, sport: u16, dport: u16) -> Vec<u8> {
+        frame(VM_MAC, PEER_MAC, VM, PEER, proto, sport, dport)
+    }
+
+    fn into_vm(proto: u8, sport: u16, dport: u16) -> Vec<u8> {
+        frame(PEER_MAC, VM_MAC, PEER, VM, proto, sport, dport)
+    }
+
+    fn firewall(json: &str) -> Firewall {
+        let spec: RuleSetSpec = serde_json::from_str(json).unwrap();
+        Firewall::new(spec.check().unwrap(), PortIdentity { mac: VM_MAC, ip: Some(VM), anti_spoofing: true })
+    }
+
+    #[test]
+    fn rules_decide_new_flows_in_order_and_the_defaults_the_rest() {
+        let fw = firewall(
+            r#"{"rules": [
+                {"name": "web", "direction": "in", "protocol": "tcp", "ports": "80", "action": "allow"},
+                {"direction": "in", "protocol": "udp", "ports": "5000-5010", "peer": "10.0.0.0/24", "action": "allow"},
+                {"direction": "in", "protocol": "udp", "action": "deny"},
+                {"name": "no-dns", "direction": "out", "protocol": "udp", "ports": "53", "action": "deny"}
+            ]}"#,
+        );
+        assert!(fw.inbound(&into_vm(PROTO_TCP, 40000, 80)));
+        assert!(!fw.inbound(&into_vm(PROTO_TCP, 40000, 81)), "the default denies inbound");
+        assert!(fw.inbound(&into_vm(PROTO_UDP, 1, 5005)));
+        assert!(!fw.inbound(&into_vm(PROTO_UDP, 1, 5011)));
+        assert!(!fw.inbound(&into_vm(PROTO_ICMP, 8, 1)));
+        assert!(!fw.outbound(&out(PROTO_UDP, 999, 53)));
+        assert!(fw.outbound(&out(PROTO_UDP, 999, 54)), "the default allows outbound");
+        let report = fw.report();
+        assert_eq!(report.rules[0].packets, 1);
+        assert_eq!(report.rules[0].spec.name.as_deref(), Some("web"));
+        assert_eq!(report.rules[3].packets, 1);
+        assert_eq!(report.drops["default_policy"], 2);
+        assert_eq!(report.drops["rule"], 2);
+    }
+
+    #[test]
+    fn replies_to_allowed_flows_pass_both_ways_and_inbound_connections_do_not() {
+        let fw = firewall(r#"{}"#);
+        assert!(fw.outbound(&out(PROTO_TCP, 40000, 22)));
+        assert!(fw.inbound(&into_vm(PROTO_TCP, 22, 40000)), "the reply to the VM's own connection");
+        assert!(!fw.inbound(&into_vm(PROTO_TCP, 40001, 22)), "a connection to the VM");
+        assert!(fw.outbound(&out(PROTO_ICMP, 8, 7)));
+        assert!(fw.inbound(&into_vm(PROTO_ICMP, 0, 7)), "the echo reply");
+        assert!(!fw.inbound(&into_vm(PROTO_ICMP, 8, 9)), "someone else's echo request");
+        assert_eq!(fw.report().flows.len(), 2);
+    }
+
+    #[test]
+    fn new_rules_apply_at_once_and_close_flows_they_would_not_allow() {
+        let fw = firewall(r#"{"rules": [{"direction": "in", "protocol": "tcp", "ports": "22", "action": "allow"}]}"#);
+        assert!(fw.inbound(&into_vm(PROTO_TCP, 40000, 22)));
+        assert!(fw.outbound(&out(PROTO_TCP, 22, 40000)));
+        let tighter: RuleSetSpec =
+            serde_json::from_str(r#"{"rules": [{"direction": "in", "protocol": "udp", "action": "allow"}]}"#).unwrap();
+        fw.replace(tighter.check().unwrap());
+        assert!(!fw.inbound(&into_vm(PROTO_TCP, 40000, 22)), "the flow closed with its rule");
+        assert!(fw.inbound(&into_vm(PROTO_UDP, 1, 9)), "the new rule took effect");
+        assert_eq!(fw.report().rules[0].packets, 1, "counters start again");
+    }
+
+    #[test]
+    fn the_flow_table_is_bounded() {
+        let fw = firewall(r#"{}"#);
+        for port in 0..MAX_FLOWS as u32 + 10 {
+            let ok = fw.outbound(&frame(
+                VM_MAC,
+                PEER_MAC,
+                VM,
+                PEER,
+                PROTO_UDP,
+                (port % 50000) as u16 + 1000,
+                (port / 50000) as u16 + 1,
+            ));
+            assert_eq!(ok, (port as usize) < MAX_FLOWS, "flow {port}");
+        }
+        assert_eq!(fw.report().drops["flow_table_full"], 10);
+    }
+
+    #[test]
+    fn anti_spoofing_drops_forged_sources_and_rogue_dhcp_and_keeps_honest_frames() {
+        let fw = firewall(r#"{}"#);
+        assert!(!fw.outbound(&frame(PEER_MAC, PEER_MAC, VM, PEER, PROTO_UDP, 1, 2)), "forged MAC");
+        assert!(!fw.outbound(&frame(VM_MAC, PEER_MAC, PEER, PEER, PROTO_UDP, 1, 2)), "forged IP");
+        assert!(!fw.outbound(&out(PROTO_UDP, 67, 68)), "a DHCP server answer");
+        assert!(fw.outbound(&frame(VM_MAC, [0xff; 6], Ipv4Addr::UNSPECIFIED, Ipv4Addr::BROADCAST, PROTO_UDP, 68, 67)));
+        assert!(fw.outbound(&out(PROTO_UDP, 1, 2)), "honest");
+        let mut arp = vec![0u8; 42];
+        arp[0..6].copy_from_slice(&[0xff; 6]);
+        arp[6..12].copy_from_slice(&VM_MAC);
+        arp[12..14].copy_from_slice(&ETH_ARP.to_be_bytes());
+        arp[22..28].copy_from_slice(&VM_MAC);
+        arp[28..32].copy_from_slice(&PEER.octets());
+        assert!(!fw.outbound(&arp), "gratuitous ARP for the neighbour's address");
+        arp[28..32].copy_from_slice(&VM.octets());
+        assert!(fw.outbound(&arp), "ARP for its own");
+        let drops = fw.report().drops;
+        assert_eq!(
+            (drops["spoofed_mac"], drops["spoofed_ip"], drops["rogue_dhcp"], drops["spoofed_arp"]),
+            (1, 1, 1, 1)
+        );
+    }
+
+    #[test]
+    fn the_vm_address_is_learned_from_its_dhcp_ack() {
+        let fw = Firewall::new(
+            RuleSetSpec::default().check().unwrap(),
+            PortIdentity { mac: VM_MAC, ip: None, anti_spoofing: true },
+        );
+        assert!(fw.outbound(&frame(VM_MAC, PEER_MAC, PEER, VM, PROTO_UDP, 1, 2)), "any address before a lease");
+        let mut ack = frame(PEER_MAC, VM_MAC, PEER, VM, PROTO_UDP, 67, 68);
+        ack.resize(34 + 8 + 300, 0);
+        ack[16..18].copy_from_slice(&(8 + 300 + 20u16).to_be_bytes());
+        let bootp = &mut ack[42..];
+        bootp[0] = 2;
+        bootp[16..20].copy_from_slice(&VM.octets());
+        bootp[28..34].copy_from_slice(&VM_MAC);
+        bootp[236..240].copy_from_slice(&[99, 130, 83, 99]);
+        bootp[240..243].copy_from_slice(&[53, 1, 5]);
+        bootp[243] = 255;
+        fw.inbound(&ack);
+        assert_eq!(fw.ip(), Some(VM));
+        assert!(!fw.outbound(&frame(VM_MAC, PEER_MAC, PEER, VM, PROTO_UDP, 1, 2)), "only its lease after it");
+    }
+
+    #[test]
+    fn storm_control_holds_broadcasts_to_the_rate() {
+        let fw = firewall(r#"{"storm_pps": 50}"#);
+        let broadcast = frame(VM_MAC, [0xff; 6], VM, Ipv4Addr::BROADCAST, PROTO_UDP, 1, 2);
+        let passed = (0..500).filter(|_| fw.outbound(&broadcast)).count();
+        assert!((50..=55).contains(&passed), "{passed}");
+        assert!(fw.outbound(&out(PROTO_UDP, 1, 3)), "unicast is not held");
+    }
+
+    #[test]
+    fn bad_rules_are_refused_with_the_rule_and_field_named() {
+        let check = |json: &str| {
+            serde_json::from_str::<RuleSetSpec>(json).map_err(|e| e.to_string()).and_then(|s| s.check().map(|_| ()))
+        };
+        let rule =
+            |fields: &str| format!(r#"{{"rules": [{{"name": "r", "direction": "in", "action": "allow", {fields}}}]}}"#);
+        for (fields, needle) in [
+            (r#""protocol": "sctp""#, "rule 1 (r) protocol 'sctp' is unknown"),
+            (r#""protocol": "tcp", "ports": "90-80""#, "rule 1 (r) ports '90-80' runs backwards"),
+            (r#""protocol": "tcp", "ports": "0""#, "not a port from 1 to 65535"),
+            (r#""protocol": "icmp", "ports": "1""#, "only tcp and udp rules have ports"),
+            (r#""protocol": "tcp", "peer": "10.0.0.0/33""#, "rule 1 (r) peer '10.0.0.0/33' has a prefix length"),
+            (r#""protocol": "tcp", "peer": "10.0.0.1/8""#, "host bits set; write the network, such as 10.0.0.0/8"),
+            (r#""protocol": "tcp", "peer": "ten""#, "not an IPv4 address"),
+        ] {
+            let e = check(&rule(fields)).unwrap_err();
+            assert!(e.contains(needle), "{fields}: {e}");
+        }
+        assert!(
+            check(r#"{"rules": [{"direction": "up", "protocol": "tcp", "action": "allow"}]}"#)
+                .unwrap_err()
+                .contains("up")
+        );
+        let e = RuleSetSpec::from_file_text("{\"rules\": [", false).unwrap_err();
+        assert!(e.starts_with("is not a valid rules file"), "{e}");
+        let toml = "default_in = \"deny\"\n[[rules]]\nname = \"ssh\"\ndirection = \"in\"\nprotocol = \"tcp\"\nports = \"22\"\naction = \"allow\"\n";
+        let spec = RuleSetSpec::from_file_text(toml, true).unwrap();
+        assert_eq!(spec.check().unwrap().rules[0].ports, Some((22, 22)));
+        assert!(RuleSetSpec::from_file_text("[[rules]]\nname = 3\n", true).is_err());
+    }
+}
