@@ -267,3 +267,121 @@ fn bad_rules_are_refused_whole_with_the_rule_and_field_named() {
     common::api_call(&api, "PUT", "/ferrovisor/stop", "", 204);
     assert!(vm.finish(TIMEOUT).status.success());
 }
+
+/// The same rules on a nat network's ports (the VMM enforces them on the TAP's frames): the
+/// server takes TCP on its one open port and nothing else; the client's own default policy
+/// refuses inbound traffic but lets in the replies to its connections, to its neighbour and
+/// through the gateway to the outside.
+#[test]
+fn nat_network_ports_enforce_rules_and_keep_state() {
+    let lab = common::NetLab::new("fvfw");
+    let created = lab.network(&["create", "lab", "--mode", "nat", "--subnet", "10.81.0.0/24", "--uplink", "vh"]);
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let dir = scratch_dir("firewall-nat");
+    let write = |name: &str, json: serde_json::Value| {
+        let path = dir.join(name);
+        std::fs::write(&path, json.to_string()).unwrap();
+        path.display().to_string()
+    };
+    let server_rules = write(
+        "server.json",
+        serde_json::json!({"rules": [{"name": "web", "direction": "in", "protocol": "tcp", "ports": "9", "action": "allow"}]}),
+    );
+    let client_rules = write("client.json", serde_json::json!({}));
+    let vm = |ip: &str, dst: &str, rules: &str, extra: &str, socket: Option<&Path>| {
+        let cmdline = format!(
+            "console=ttyS0 probe.test=virtio-net probe.virtio-net.mode=ip probe.virtio-net.ip={ip} \
+             probe.virtio-net.gw=10.81.0.1 probe.virtio-net.dst={dst} probe.virtio-net.wait=2000000000 {extra}"
+        );
+        let mut cmd = lab.ferrovisor();
+        cmd.args(["run", "--kernel", common::probe_elf(), "--memory", "64", "--cmdline", &cmdline])
+            .args(["--net", &format!("network=lab,ip={ip},firewall={rules}")]);
+        if let Some(socket) = socket {
+            cmd.arg("--api-sock").arg(socket);
+        }
+        Running::start(cmd)
+    };
+    let server_api = dir.join("server.sock");
+    let mut server = vm(
+        "10.81.0.20",
+        "10.81.0.1",
+        &server_rules,
+        "probe.virtio-net.checks=icmp probe.virtio-net.listen=9 probe.virtio-net.serve=12000000000",
+        Some(&server_api),
+    );
+    assert!(server.wait_for_output("PROBE virtio-net listening port=9", TIMEOUT), "{}", server.stdout());
+    let result = |vm: Running| {
+        let out = vm.finish(TIMEOUT);
+        probe_result(&out.stdout, "virtio-net").unwrap_or_else(|| panic!("{}", out.describe())).to_string()
+    };
+    let to_server = result(vm("10.81.0.10", "10.81.0.20", &client_rules, "probe.virtio-net.port=9", None));
+    assert!(to_server.contains("peer=arp icmp=none udp=none tcp=open"), "{to_server}");
+    let outside = result(vm("10.81.0.10", "192.0.2.1", &client_rules, "", None));
+    assert!(outside.contains("icmp=reply udp=reply tcp=open"), "replies pass the client's firewall: {outside}");
+    let report = report(&server_api, "net0");
+    assert_eq!(rule_packets(&report, "web"), 3, "{report}");
+    assert!(report["drops"]["default_policy"].as_u64().unwrap() >= 2, "{report}");
+    let server = result(server);
+    assert!(server.contains("served=17"), "{server}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// User-mode networking: the guest's flows meet the same rules. Outbound UDP is
+/// denied by a rule while ICMP and TCP to the host pass with their replies, and a connection
+/// through a forwarded port is refused by the default inbound policy.
+#[test]
+fn user_mode_networking_applies_the_rules_to_the_guests_flows() {
+    use std::io::Read;
+    let dir = scratch_dir("firewall-user");
+    let rules = dir.join("rules.toml");
+    std::fs::write(
+        &rules,
+        "[[rules]]\nname = \"no-udp\"\ndirection = \"out\"\nprotocol = \"udp\"\naction = \"deny\"\n",
+    )
+    .unwrap();
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = tcp.local_addr().unwrap().port();
+    let accepted = std::thread::spawn(move || {
+        let (mut conn, _) = tcp.accept().unwrap();
+        conn.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let mut line = [0u8; 17];
+        conn.read_exact(&mut line).map(|()| line.to_vec()).unwrap_or_default()
+    });
+    // A UDP echo server on the same port number: were a datagram to get out, it would answer.
+    let udp = std::net::UdpSocket::bind(("127.0.0.1", port)).unwrap();
+    udp.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
+    let udp_seen = std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        match udp.recv_from(&mut buf) {
+            Ok((n, from)) => {
+                let _ = udp.send_to(&buf[..n], from);
+                n
+            }
+            Err(_) => 0,
+        }
+    });
+    let forwarded = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let cmdline = format!(
+        "console=ttyS0 probe.test=virtio-net probe.virtio-net.mode=ip probe.virtio-net.ip=10.0.2.15 \
+         probe.virtio-net.gw=10.0.2.2 probe.virtio-net.port={port} probe.virtio-net.wait=1500000000 \
+         probe.virtio-net.listen=8080 probe.virtio-net.serve=8000000000"
+    );
+    let mut cmd = common::ferrovisor();
+    cmd.args(["run", "--kernel", common::probe_elf(), "--memory", "64", "--cmdline", &cmdline])
+        .args(["--net", &format!("user,hostfwd=tcp:127.0.0.1:{forwarded}-:8080,firewall={}", rules.display())]);
+    let mut vm = Running::start(cmd);
+    assert!(vm.wait_for_output("PROBE virtio-net listening port=8080", TIMEOUT), "{}\n{}", vm.stdout(), vm.stderr());
+    assert_eq!(accepted.join().unwrap(), b"ferrovisor-probe\n", "the guest's connection to the host passed");
+    // The forwarded port connects on the host side, but nothing reaches the guest: its
+    // firewall drops the SYN, and the host's connection gets no data back.
+    let mut client = std::net::TcpStream::connect(("127.0.0.1", forwarded)).unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    std::io::Write::write_all(&mut client, b"hello, guest\n").unwrap();
+    let mut echo = [0u8; 13];
+    assert!(client.read_exact(&mut echo).is_err(), "the guest echoed through its firewall");
+    let out = vm.finish(TIMEOUT);
+    let line = probe_result(&out.stdout, "virtio-net").unwrap_or_else(|| panic!("{}", out.describe()));
+    assert!(line.contains("icmp=reply udp=none tcp=open served=0"), "{line}");
+    assert_eq!(udp_seen.join().unwrap(), 0, "a datagram left the guest despite its rule");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -1,0 +1,187 @@
+//! Firewall benchmark:
+//!
+//!     cargo bench --bench firewall          (FERROVISOR_BENCH_RUNS=N, default 3)
+//!
+//! 1. The engine alone: nanoseconds per frame of an established UDP flow through a port's
+//!    firewall that is off, with an empty rule set, with 10 rules and with 100 (none of which
+//!    matches the flow, so that a new flow would scan them all).
+//! 2. VM to VM through `ferrovisor switch`: UDP datagrams per second from a probe that floods
+//!    another (which counts them), the sender's port with an empty rule set, 10 rules and 100.
+//!
+//! Medians, each relative to the empty rule set's.
+
+use std::io::{BufRead, BufReader};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use net::firewall::{Firewall, PortIdentity, RuleSetSpec};
+
+const DATAGRAMS: u64 = 50_000;
+const ENGINE_FRAMES: u32 = 2_000_000;
+
+fn runs() -> usize {
+    std::env::var("FERROVISOR_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// A rule set of `count` rules that never match an outbound UDP flow (inbound TCP ports), all
+/// traffic otherwise allowed, no storm control.
+fn rules(count: u16) -> RuleSetSpec {
+    let rules: Vec<serde_json::Value> = (0..count)
+        .map(|i| {
+            serde_json::json!({"name": format!("r{i}"), "direction": "in", "protocol": "tcp",
+                               "ports": (1000 + i).to_string(), "peer": "192.168.0.0/16", "action": "allow"})
+        })
+        .collect();
+    serde_json::from_value(serde_json::json!({"default_in": "allow", "storm_pps": 0, "rules": rules})).unwrap()
+}
+
+/// An IPv4 UDP frame from 10.0.0.1:40000 (MAC 02:..:01) to 10.0.0.2:9999.
+fn udp_frame() -> Vec<u8> {
+    let mut f = vec![0u8; 60];
+    f[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
+    f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+    f[12..14].copy_from_slice(&[8, 0]);
+    f[14] = 0x45;
+    f[16..18].copy_from_slice(&46u16.to_be_bytes());
+    f[23] = 17;
+    f[26..30].copy_from_slice(&[10, 0, 0, 1]);
+    f[30..34].copy_from_slice(&[10, 0, 0, 2]);
+    f[34..36].copy_from_slice(&40000u16.to_be_bytes());
+    f[36..38].copy_from_slice(&9999u16.to_be_bytes());
+    f
+}
+
+/// Nanoseconds per frame through `firewall`, outbound, on one established flow.
+fn engine(firewall: &Firewall) -> f64 {
+    let frame = udp_frame();
+    assert!(firewall.outbound(&frame));
+    let start = Instant::now();
+    for _ in 0..ENGINE_FRAMES {
+        std::hint::black_box(firewall.outbound(std::hint::black_box(&frame)));
+    }
+    start.elapsed().as_nanos() as f64 / f64::from(ENGINE_FRAMES)
+}
+
+fn identity() -> PortIdentity {
+    PortIdentity { mac: [2, 0, 0, 0, 0, 1], ip: Some(Ipv4Addr::new(10, 0, 0, 1)), anti_spoofing: true }
+}
+
+fn probe(switch: &Path, host: u8, firewall: Option<&Path>, tests: &str) -> Child {
+    let firewall = firewall.map(|f| format!(",firewall={}", f.display())).unwrap_or_default();
+    Command::new(env!("CARGO_BIN_EXE_ferrovisor"))
+        .args(["--log-level", "error", "run", "--kernel", env!("FERROVISOR_PROBE_ELF"), "--memory", "64"])
+        .arg("--net")
+        .arg(format!("switch={},mac=02:00:00:00:00:{host:02x},ip=10.0.0.{host}{firewall}", switch.display()))
+        .args(["--cmdline", &format!("console=ttyS0 probe.test=virtio-net {tests}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ferrovisor runs")
+}
+
+fn line_with(child: &mut Child, needle: &str) -> String {
+    let mut reader = BufReader::new(child.stdout.as_mut().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            panic!("the probe ended before '{needle}'");
+        }
+        if line.contains(needle) {
+            return line;
+        }
+    }
+}
+
+fn field(line: &str, key: &str) -> f64 {
+    line.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok()).unwrap_or(0.0)
+}
+
+/// Datagrams per second the receiver counted from a sender whose port has `rules`.
+fn vm_to_vm(switch: &Path, rules_file: &Path) -> f64 {
+    let mut sink = probe(switch, 2, None, &format!("probe.virtio-net.mode=sink probe.virtio-net.frames={DATAGRAMS}"));
+    line_with(&mut sink, "sink ready");
+    // No router; the receiver does not answer ARP, so the datagrams go to the broadcast MAC
+    // (storm control is off in every rule set here).
+    let mut sender = probe(
+        switch,
+        1,
+        Some(rules_file),
+        &format!(
+            "probe.virtio-net.mode=ip probe.virtio-net.ip=10.0.0.1 probe.virtio-net.gw=10.0.0.1 \
+             probe.virtio-net.dst=10.0.0.2 probe.virtio-net.wait=100000000 probe.virtio-net.port=9999 \
+             probe.virtio-net.broadcast=on probe.virtio-net.flood={DATAGRAMS}"
+        ),
+    );
+    let result = line_with(&mut sink, "PROBE virtio-net ok mode=sink");
+    let _ = sender.kill();
+    let _ = sender.wait();
+    let _ = sink.wait();
+    field(&result, "rx_pps")
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let mut engines: Vec<(&str, Vec<f64>)> =
+        vec![("off", vec![]), ("empty rule set", vec![]), ("10 rules", vec![]), ("100 rules", vec![])];
+    for _ in 0..runs() {
+        engines[0].1.push(engine(&Firewall::inactive(identity())));
+        for (i, count) in [(1, 0), (2, 10), (3, 100)] {
+            engines[i].1.push(engine(&Firewall::new(rules(count).check().unwrap(), identity())));
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("fvfwbench{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let files: Vec<(&str, PathBuf)> = [("empty rule set", 0), ("10 rules", 10), ("100 rules", 100)]
+        .into_iter()
+        .map(|(name, count)| {
+            let path = dir.join(format!("rules{count}.json"));
+            std::fs::write(&path, serde_json::to_string(&rules(count)).unwrap()).unwrap();
+            (name, path)
+        })
+        .collect();
+    let switch_path = dir.join("switch.sock");
+    let mut switch = Command::new(env!("CARGO_BIN_EXE_ferrovisor"))
+        .arg("switch")
+        .arg(&switch_path)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !switch_path.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut switched: Vec<Vec<f64>> = vec![Vec::new(); files.len()];
+    for _ in 0..runs() {
+        for (i, (_, file)) in files.iter().enumerate() {
+            switched[i].push(vm_to_vm(&switch_path, file));
+        }
+    }
+    let _ = switch.kill();
+    let _ = switch.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+
+    println!("firewall engine, one established UDP flow, medians of {} x {ENGINE_FRAMES} frames:", runs());
+    let base = median(engines[1].1.clone());
+    for (name, samples) in engines {
+        let ns = median(samples);
+        println!("  {name:<16} {ns:>7.1} ns/frame   {:.2}x the empty rule set's time", ns / base);
+    }
+    println!("VM -> VM through the switch, {DATAGRAMS} datagrams, medians of {}:", runs());
+    let base = median(switched[0].clone());
+    for ((name, _), samples) in files.iter().zip(switched) {
+        let pps = median(samples);
+        println!("  {name:<16} {pps:>9.0} datagrams/s   {:.2}x the empty rule set's rate", pps / base);
+    }
+}
