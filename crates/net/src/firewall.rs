@@ -508,6 +508,9 @@ struct State {
     identity: PortIdentity,
     storm: StormBucket,
     drops: HashMap<DropReason, u64>,
+    /// When expired flows were last swept out of a full table: at most once a second, so
+    /// that a guest opening flows without end cannot make every frame pay for a sweep.
+    swept: Option<Instant>,
 }
 
 /// The firewall of one port; shared by the port's worker and the API. An inactive one (a port
@@ -569,6 +572,7 @@ impl Firewall {
                 identity,
                 storm,
                 drops: HashMap::new(),
+                swept: None,
             }),
         }
     }
@@ -792,8 +796,11 @@ impl State {
         let port = ports.map(|p| p.1);
         let (action, rule) = decide(&self.rules, direction, proto, remote.0, port);
         if action == Action::Allow && ports.is_some() {
-            if self.flows.len() >= MAX_FLOWS {
+            if self.flows.len() >= MAX_FLOWS
+                && self.swept.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+            {
                 self.flows.retain(|_, f| f.expires > now);
+                self.swept = Some(now);
             }
             if self.flows.len() >= MAX_FLOWS {
                 return self.drop(DropReason::FlowTableFull, direction, Some(&packet));
