@@ -385,3 +385,41 @@ fn user_mode_networking_applies_the_rules_to_the_guests_flows() {
     assert_eq!(udp_seen.join().unwrap(), 0, "a datagram left the guest despite its rule");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A managed-network port's guards are in the kernel too, in an nftables table of the port's
+/// own bound to its TAP, from the moment it joins; a SIGKILL of the VMM leaves no table behind
+/// (a keeper process deletes it when the VMM is gone).
+#[test]
+fn a_managed_ports_guards_are_kernel_rules_that_go_with_the_vmm_even_on_sigkill() {
+    let lab = common::NetLab::new("fvgd");
+    let created = lab.network(&["create", "lab", "--mode", "isolated", "--subnet", "10.82.0.0/24"]);
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let cmdline = "console=ttyS0 probe.test=virtio-net probe.virtio-net.mode=ip probe.virtio-net.ip=10.82.0.7 \
+                   probe.virtio-net.gw=10.82.0.1 probe.virtio-net.checks=icmp probe.virtio-net.listen=9 \
+                   probe.virtio-net.serve=100000000000";
+    let mut cmd = lab.ferrovisor();
+    cmd.args(["run", "--kernel", common::probe_elf(), "--memory", "64", "--cmdline", cmdline])
+        .args(["--net", "network=lab,ip=10.82.0.7,mac=02:00:00:00:82:07"]);
+    let mut vm = Running::start(cmd);
+    assert!(vm.wait_for_output("PROBE virtio-net listening", TIMEOUT), "{}\n{}", vm.stdout(), vm.stderr());
+    // The VMM runs in the lab's namespace through `ip netns exec`, which execs it: its pid
+    // names the TAP.
+    let table = format!("fv_fv{}n0", vm.child.id());
+    let rules = lab.host_sh("nft", &["list", "table", "netdev", &table]);
+    for line in [
+        "ether saddr != 02:00:00:00:82:07 counter",
+        "ip saddr != { 0.0.0.0, 10.82.0.7 } counter",
+        "udp sport 67 counter",
+        "limit rate over 1000/second",
+    ] {
+        assert!(rules.contains(line), "{line}: {rules}");
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(vm.child.id() as i32, libc::SIGKILL) };
+    let _ = vm.finish(TIMEOUT);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while lab.host_sh("nft", &["list", "tables"]).contains(&table) {
+        assert!(std::time::Instant::now() < deadline, "{table} outlived its VMM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

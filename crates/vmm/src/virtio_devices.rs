@@ -45,6 +45,8 @@ pub struct AttachedDevices {
     pub memory_hotplug: Option<Arc<virtio::mem::MemControl>>,
     /// Each network interface's ID and firewall, in configuration order.
     pub firewalls: Vec<(String, Arc<net::firewall::Firewall>)>,
+    /// The kernel's guards on managed-network ports; they go with the VMM.
+    pub guards: Vec<net::network::PortGuard>,
 }
 
 /// The virtio-pci functions in slot order, and the root they hang off.
@@ -87,6 +89,7 @@ pub fn attach_all(
         devices.push((format!("virtio-blk{i}"), Box::new(block)));
     }
     for (i, nic) in config.nets.iter().enumerate() {
+        let mut managed_tap = None;
         let host = match &nic.attachment {
             NetAttachment::Tap(name) => virtio::net::NetHost::Tap(
                 net::Tap::open(name, virtio::net::VNET_HDR_LEN as i32).map_err(|e| Error::Device(e.to_string()))?,
@@ -101,6 +104,7 @@ pub fn attach_all(
                 net::network::attach(&network, &tap_name, *isolated)
                     .map_err(|e| Error::Device(format!("cannot attach {tap_name} to network {name}: {e}")))?;
                 tracing::info!("virtio-net{i}: {tap_name} on network {name} (bridge {})", network.bridge);
+                managed_tap = Some(tap_name);
                 virtio::net::NetHost::Tap(tap)
             }
             NetAttachment::User { forwards } => {
@@ -123,6 +127,15 @@ pub fn attach_all(
         };
         let mac = nic.mac.unwrap_or_else(|| default_mac(config.id.as_deref(), i));
         let firewall = port_firewall(nic, mac).map_err(|e| Error::Device(format!("virtio-net{i}: {e}")))?;
+        let rules = nic.firewall.as_ref();
+        if let Some(tap) = managed_tap
+            && rules.and_then(|r| r.anti_spoofing).unwrap_or(true)
+        {
+            let storm = rules.and_then(|r| r.storm_pps).unwrap_or(net::firewall::DEFAULT_STORM_PPS);
+            let guard = net::network::guard_port(&tap, mac, nic.ip, storm)
+                .map_err(|e| Error::Device(format!("virtio-net{i}: the port's guards cannot be set ({e})")))?;
+            attached.guards.push(guard);
+        }
         let id = nic.id.clone().unwrap_or_else(|| format!("net{i}"));
         attached.firewalls.push((id, firewall.clone()));
         let net = virtio::net::Net::new(host, mac)
