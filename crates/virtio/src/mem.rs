@@ -208,7 +208,8 @@ impl MemControl {
     /// and are marked dirty so that a diff snapshot records that.
     fn discard(&self, mem: &GuestMemory, gpa: u64, len: u64) {
         if !crate::balloon::release(mem, gpa, len) {
-            tracing::warn!("virtio-mem: the host kept {} MiB at {gpa:#x} the guest unplugged", len >> 20);
+            // Guest-triggered, so rate-limited like the rest.
+            crate::guest_fault!("virtio-mem: the host kept {} MiB at {gpa:#x} the guest unplugged", len >> 20);
         }
         crate::mark_dirty(mem, gpa, len);
     }
