@@ -127,6 +127,13 @@ pub struct NetConfig {
     pub ip: Option<std::net::Ipv4Addr>,
 }
 
+impl NetConfig {
+    /// The id the API knows interface `index` by: its own, or `net<index>`.
+    pub fn api_id(&self, index: usize) -> String {
+        self.id.clone().unwrap_or_else(|| format!("net{index}"))
+    }
+}
+
 fn parse_mac(text: &str) -> Option<[u8; 6]> {
     let mut mac = [0u8; 6];
     let mut parts = text.split(':');

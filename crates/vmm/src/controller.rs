@@ -72,8 +72,7 @@ fn static_template(m: &models::MachineConfig) -> Result<Option<String>, String> 
 /// snapshot's devices. The error names the override and the fix.
 fn apply_overrides(config: &mut VmConfig, params: &models::SnapshotLoad) -> Result<(), String> {
     for o in &params.network_overrides {
-        let ids: Vec<String> =
-            config.nets.iter().enumerate().map(|(i, n)| n.id.clone().unwrap_or_else(|| format!("net{i}"))).collect();
+        let ids: Vec<String> = config.nets.iter().enumerate().map(|(i, n)| n.api_id(i)).collect();
         let Some(index) = ids.iter().position(|id| *id == o.iface_id) else {
             return Err(format!(
                 "network_overrides: the snapshot has no interface {}; name one of [{}].",
@@ -801,8 +800,7 @@ impl Controller {
         };
         firewall.replace(checked);
         tracing::info!("firewall {iface}: {} rules now", rules.rules.len());
-        let ids = config.nets.iter().enumerate().map(|(i, n)| n.id.clone().unwrap_or_else(|| format!("net{i}")));
-        if let Some(index) = ids.collect::<Vec<_>>().iter().position(|id| *id == iface) {
+        if let Some(index) = config.nets.iter().enumerate().position(|(i, n)| n.api_id(i) == iface) {
             config.nets[index].firewall = Some(rules.clone());
         }
         self.resources.firewalls.insert(iface, rules);
@@ -1249,7 +1247,7 @@ fn config_file_of(c: &VmConfig) -> VmConfigFile {
             .enumerate()
             .filter_map(|(i, n)| match &n.attachment {
                 NetAttachment::Tap(tap) => Some(models::NetworkInterface {
-                    iface_id: n.id.clone().unwrap_or_else(|| format!("net{i}")),
+                    iface_id: n.api_id(i),
                     mtu: n.mtu.map(u32::from),
                     host_dev_name: tap.clone(),
                     guest_mac: n.mac.map(|m| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")),
@@ -1283,12 +1281,7 @@ fn config_file_of(c: &VmConfig) -> VmConfigFile {
             shared: c.memory.shared,
             prefault: c.memory.prefault,
         }),
-        firewall: c
-            .nets
-            .iter()
-            .enumerate()
-            .filter_map(|(i, n)| Some((n.id.clone().unwrap_or_else(|| format!("net{i}")), n.firewall.clone()?)))
-            .collect(),
+        firewall: c.nets.iter().enumerate().filter_map(|(i, n)| Some((n.api_id(i), n.firewall.clone()?))).collect(),
         ..Default::default()
     }
 }

@@ -136,7 +136,7 @@ pub fn attach_all(
                 .map_err(|e| Error::Device(format!("virtio-net{i}: the port's guards cannot be set ({e})")))?;
             attached.guards.push(guard);
         }
-        let id = nic.id.clone().unwrap_or_else(|| format!("net{i}"));
+        let id = nic.api_id(i);
         attached.firewalls.push((id, firewall.clone()));
         let net = virtio::net::Net::new(host, mac)
             .with_firewall(Some(firewall))
