@@ -5,6 +5,7 @@ mod dhcp_socket;
 pub mod firewall;
 pub mod mmds;
 pub mod network;
+pub mod port_rules;
 pub mod switch;
 pub mod tap;
 pub mod usernet;

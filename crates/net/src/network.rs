@@ -559,73 +559,6 @@ pub fn attach(network: &Network, tap: &str, isolated: bool) -> Result<(), String
     run("ip", &["link", "set", tap, "up"])
 }
 
-/// The kernel's copy of a VM port's guards on a managed network: a netdev table bound to the
-/// port's TAP that drops frames from another MAC (and, when the VM's address is given, another
-/// IPv4 source or ARP sender), DHCP server answers and broadcasts over the storm rate, before
-/// they reach the bridge. A keeper process holds the table's life: when the VMM ends, however
-/// it ends (SIGKILL included), its end of the keeper's stdin closes and the keeper deletes the
-/// table, as the kernel deletes the TAP.
-pub struct PortGuard {
-    keeper: std::process::Child,
-}
-
-impl Drop for PortGuard {
-    fn drop(&mut self) {
-        // Closing its stdin is the keeper's signal; it is not waited for.
-        drop(self.keeper.stdin.take());
-    }
-}
-
-/// The table that guards `tap`.
-pub fn guard_table(tap: &str) -> String {
-    format!("fv_{tap}")
-}
-
-/// The nftables script of `tap`'s guards.
-pub fn guard_script(tap: &str, mac: [u8; 6], ip: Option<Ipv4Addr>, storm_pps: u32) -> String {
-    let mac = mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
-    let table = guard_table(tap);
-    let mut rules = vec![
-        format!("ether saddr != {mac} counter drop"),
-        format!("arp saddr ether != {mac} counter drop"),
-        "udp sport 67 counter drop".to_string(),
-    ];
-    if let Some(ip) = ip {
-        rules.push(format!("arp saddr ip != {{ 0.0.0.0, {ip} }} counter drop"));
-        rules.push(format!("ip saddr != {{ 0.0.0.0, {ip} }} counter drop"));
-        // From 0.0.0.0 only a DHCP request.
-        rules.push("ip saddr 0.0.0.0 udp dport != 67 counter drop".to_string());
-    }
-    if storm_pps > 0 {
-        rules.push(format!(
-            "ether daddr & 01:00:00:00:00:00 == 01:00:00:00:00:00 limit rate over {storm_pps}/second burst {storm_pps} packets counter drop"
-        ));
-    }
-    let body = rules.iter().map(|r| format!("    {r}\n")).collect::<String>();
-    format!(
-        "table netdev {table} {{\n  chain from_vm {{\n    type filter hook ingress device \"{tap}\" priority -10; policy accept;\n{body}  }}\n}}\n"
-    )
-}
-
-/// Puts the guards on `tap` (which must exist) and starts their keeper.
-pub fn guard_port(tap: &str, mac: [u8; 6], ip: Option<Ipv4Addr>, storm_pps: u32) -> Result<PortGuard, String> {
-    let table = guard_table(tap);
-    // A table left by a VMM whose keeper was killed too goes first.
-    let _ = run("nft", &["delete", "table", "netdev", &table]);
-    nft(&guard_script(tap, mac, ip, storm_pps))?;
-    // The keeper ignores the signals a terminal sends to the VMM's whole group.
-    let keeper = sandbox::helper_command("sh")
-        .args(["-c", "trap '' INT TERM HUP; cat >/dev/null; exec nft delete table netdev \"$1\"", "sh", &table])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .map_err(|e| {
-            let _ = run("nft", &["delete", "table", "netdev", &table]);
-            format!("the keeper of {table} cannot start ({e})")
-        })?;
-    Ok(PortGuard { keeper })
-}
-
 /// What the DHCP server of `network` hands out.
 pub fn dhcp_pool(network: &Network) -> Option<crate::dhcp::Pool> {
     let subnet = network.subnet?;
@@ -710,24 +643,6 @@ fn bridge_port_of(bridge: &str, mac: &[u8; 6]) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn port_guards_drop_foreign_sources_and_rogue_dhcp_and_hold_broadcasts() {
-        let script = guard_script("fv42n0", [2, 0xfe, 0, 0, 0, 1], Some(Ipv4Addr::new(10, 1, 0, 5)), 500);
-        for line in [
-            "table netdev fv_fv42n0 {",
-            "type filter hook ingress device \"fv42n0\" priority -10; policy accept;",
-            "ether saddr != 02:fe:00:00:00:01 counter drop",
-            "arp saddr ip != { 0.0.0.0, 10.1.0.5 } counter drop",
-            "ip saddr != { 0.0.0.0, 10.1.0.5 } counter drop",
-            "udp sport 67 counter drop",
-            "limit rate over 500/second burst 500 packets counter drop",
-        ] {
-            assert!(script.contains(line), "{line}: {script}");
-        }
-        let bare = guard_script("fv42n0", [2, 0xfe, 0, 0, 0, 1], None, 0);
-        assert!(!bare.contains("ip saddr") && !bare.contains("limit"), "{bare}");
-    }
 
     #[test]
     fn subnets_parse_and_overlap() {

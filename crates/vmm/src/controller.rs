@@ -798,6 +798,9 @@ impl Controller {
             Ok(checked) => checked,
             Err(e) => return Response::error(400, format!("firewall {iface}: {e}.")),
         };
+        if let Some(Err(e)) = vm.update_port_rules(&iface, &checked) {
+            tracing::warn!("firewall {iface}: the kernel's copy of the rules was not updated ({e})");
+        }
         firewall.replace(checked);
         tracing::info!("firewall {iface}: {} rules now", rules.rules.len());
         if let Some(index) = config.nets.iter().enumerate().position(|(i, n)| n.api_id(i) == iface) {

@@ -45,8 +45,9 @@ pub struct AttachedDevices {
     pub memory_hotplug: Option<Arc<virtio::mem::MemControl>>,
     /// Each network interface's ID and firewall, in configuration order.
     pub firewalls: Vec<(String, Arc<net::firewall::Firewall>)>,
-    /// The kernel's guards on managed-network ports; they go with the VMM.
-    pub guards: Vec<net::network::PortGuard>,
+    /// The kernel's copy of managed-network ports' firewalls, by interface ID and TAP; they go
+    /// with the VMM.
+    pub port_rules: Vec<(String, String, Mutex<net::port_rules::PortRules>)>,
 }
 
 /// The virtio-pci functions in slot order, and the root they hang off.
@@ -127,16 +128,20 @@ pub fn attach_all(
         };
         let mac = nic.mac.unwrap_or_else(|| default_mac(config.id.as_deref(), i));
         let firewall = port_firewall(nic, mac).map_err(|e| Error::Device(format!("virtio-net{i}: {e}")))?;
-        let rules = nic.firewall.as_ref();
-        if let Some(tap) = managed_tap
-            && rules.and_then(|r| r.anti_spoofing).unwrap_or(true)
-        {
-            let storm = rules.and_then(|r| r.storm_pps).unwrap_or(net::firewall::DEFAULT_STORM_PPS);
-            let guard = net::network::guard_port(&tap, mac, nic.ip, storm)
-                .map_err(|e| Error::Device(format!("virtio-net{i}: the port's guards cannot be set ({e})")))?;
-            attached.guards.push(guard);
-        }
         let id = nic.api_id(i);
+        if let Some(tap) = managed_tap {
+            let spec = nic.firewall.clone().unwrap_or_else(guards_only);
+            let guards = net::port_rules::Guards {
+                mac,
+                ip: nic.ip,
+                anti_spoofing: spec.anti_spoofing.unwrap_or(true),
+                storm_pps: spec.storm_pps.unwrap_or(net::firewall::DEFAULT_STORM_PPS),
+            };
+            let rules = spec.check().map_err(|e| Error::Device(format!("virtio-net{i}: {e}")))?;
+            let kernel = net::port_rules::PortRules::install(&tap, &guards, &rules)
+                .map_err(|e| Error::Device(format!("virtio-net{i}: the port's kernel rules cannot be set ({e})")))?;
+            attached.port_rules.push((id.clone(), tap, Mutex::new(kernel)));
+        }
         attached.firewalls.push((id, firewall.clone()));
         let net = virtio::net::Net::new(host, mac)
             .with_firewall(Some(firewall))
@@ -246,16 +251,21 @@ pub fn attach_all(
 /// The firewall of interface `nic` (MAC `mac`): its rules, or none; anti-spoofing and storm
 /// control by default on the switch and managed networks, where VMs share a segment.
 fn port_firewall(nic: &crate::config::NetConfig, mac: [u8; 6]) -> Result<Arc<net::firewall::Firewall>, String> {
-    use net::firewall::{Action, Firewall, PortIdentity, RuleSetSpec};
+    use net::firewall::{Firewall, PortIdentity};
     let shared_segment = matches!(nic.attachment, NetAttachment::Switch { .. } | NetAttachment::Network { .. });
     let identity = PortIdentity { mac, ip: nic.ip, anti_spoofing: shared_segment };
     let spec = match (&nic.firewall, shared_segment) {
         (Some(spec), _) => spec.clone(),
-        // Guards only: all traffic is allowed.
-        (None, true) => RuleSetSpec { default_in: Action::Allow, default_out: Action::Allow, ..Default::default() },
+        (None, true) => guards_only(),
         (None, false) => return Ok(Arc::new(Firewall::inactive(identity))),
     };
     Ok(Arc::new(Firewall::new(spec.check()?, identity)))
+}
+
+/// The rules of a port given none where guards are on by default: all traffic allowed.
+fn guards_only() -> net::firewall::RuleSetSpec {
+    use net::firewall::{Action, RuleSetSpec};
+    RuleSetSpec { default_in: Action::Allow, default_out: Action::Allow, ..Default::default() }
 }
 
 /// A locally administered unicast MAC for interface `index`: derived from the VM's id when it

@@ -101,6 +101,13 @@ impl RunningVm {
         self.devices.balloon.as_ref()
     }
 
+    /// Hands `rules` to the kernel's copy of interface `id`'s firewall, if it has one (ports
+    /// of managed networks).
+    pub fn update_port_rules(&self, id: &str, rules: &net::firewall::RuleSet) -> Option<Result<(), String>> {
+        let (_, tap, kernel) = self.devices.port_rules.iter().find(|(i, _, _)| i == id)?;
+        Some(kernel.lock().unwrap_or_else(|p| p.into_inner()).update(tap, rules))
+    }
+
     /// The firewall of network interface `id`.
     pub fn firewall(&self, id: &str) -> Option<&Arc<net::firewall::Firewall>> {
         self.devices.firewalls.iter().find(|(i, _)| i == id).map(|(_, f)| f)
