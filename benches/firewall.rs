@@ -10,6 +10,10 @@
 //!    an empty rule set, 10 rules and 100 (the neighbour is there to receive them; the switch
 //!    drops what its socket cannot take, so the sender's rate is what is measured).
 //!
+//! 3. A VM on a managed network (isolated, in a network namespace of its own; root): the same
+//!    flood into the bridge from a port with its nftables table (an empty rule set, and 100
+//!    rules) and from a plain TAP on the same bridge with no table and no firewall.
+//!
 //! Medians, each relative to the empty rule set's.
 
 use std::io::{BufRead, BufReader};
@@ -77,10 +81,26 @@ fn identity() -> PortIdentity {
 
 fn probe(switch: &Path, host: u8, firewall: Option<&Path>, tests: &str) -> Child {
     let firewall = firewall.map(|f| format!(",firewall={}", f.display())).unwrap_or_default();
-    Command::new(env!("CARGO_BIN_EXE_ferrovisor"))
-        .args(["--log-level", "error", "run", "--kernel", env!("FERROVISOR_PROBE_ELF"), "--memory", "64"])
-        .arg("--net")
-        .arg(format!("switch={},mac=02:00:00:00:00:{host:02x},ip=10.0.0.{host}{firewall}", switch.display()))
+    let net = format!("switch={},mac=02:00:00:00:00:{host:02x},ip=10.0.0.{host}{firewall}", switch.display());
+    probe_on(None, &net, tests, None)
+}
+
+/// A probe with `--net net`, in network namespace `ns` and with managed networks' state in
+/// `state`, if given.
+fn probe_on(ns: Option<&str>, net: &str, tests: &str, state: Option<&Path>) -> Child {
+    let mut cmd = match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_ferrovisor")]);
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_ferrovisor")),
+    };
+    if let Some(state) = state {
+        cmd.env("FERROVISOR_STATE_DIR", state);
+    }
+    cmd.args(["--log-level", "error", "run", "--kernel", env!("FERROVISOR_PROBE_ELF"), "--memory", "64"])
+        .args(["--net", net])
         .args(["--cmdline", &format!("console=ttyS0 probe.test=virtio-net {tests}")])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -130,6 +150,66 @@ fn vm_to_vm(switch: &Path, rules_file: &Path) -> f64 {
     field(&result, "flood_pps")
 }
 
+/// The flood's rate from a probe at 10.93.0.1 with `--net net` in namespace `ns`.
+fn flood_rate(ns: &str, net: &str, state: &Path) -> f64 {
+    let mut sender = probe_on(
+        Some(ns),
+        net,
+        &format!(
+            "probe.virtio-net.mode=ip probe.virtio-net.ip=10.93.0.1 probe.virtio-net.gw=10.93.0.1 \
+             probe.virtio-net.dst=10.93.0.2 probe.virtio-net.wait=100000000 probe.virtio-net.port=9999 \
+             probe.virtio-net.broadcast=on probe.virtio-net.flood={DATAGRAMS}"
+        ),
+        Some(state),
+    );
+    let result = line_with(&mut sender, "PROBE virtio-net ok mode=ip");
+    let _ = sender.wait();
+    field(&result, "flood_pps")
+}
+
+fn sh(args: &[&str]) {
+    let ok = Command::new(args[0]).args(&args[1..]).status().map(|s| s.success()).unwrap_or(false);
+    assert!(ok, "{args:?} failed");
+}
+
+/// Managed network: medians for an empty rule set, 100 rules, and no table.
+fn managed(dir: &Path, files: &[(&str, PathBuf)]) -> Vec<(String, f64)> {
+    let ns = format!("fvfwb{}", std::process::id() % 10000);
+    let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+    sh(&["ip", "netns", "add", &ns]);
+    let state = dir.join("state");
+    let network = |args: &[&str]| {
+        let ok = Command::new("ip")
+            .args(["netns", "exec", &ns, env!("CARGO_BIN_EXE_ferrovisor"), "network"])
+            .args(args)
+            .env("FERROVISOR_STATE_DIR", &state)
+            .stdout(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "network {args:?}");
+    };
+    network(&["create", "fwb", "--mode", "isolated", "--subnet", "10.93.0.0/24"]);
+    sh(&["ip", "-n", &ns, "tuntap", "add", "fvbplain", "mode", "tap"]);
+    sh(&["ip", "-n", &ns, "link", "set", "fvbplain", "master", "fv-fwb", "up"]);
+    let mut samples: Vec<(String, Vec<f64>)> = Vec::new();
+    let mut add = |label: String, rate: f64| match samples.iter_mut().find(|(l, _)| *l == label) {
+        Some((_, v)) => v.push(rate),
+        None => samples.push((label, vec![rate])),
+    };
+    for _ in 0..runs() {
+        for (name, file) in files.iter().filter(|(n, _)| *n != "10 rules") {
+            let net = format!("network=fwb,mac=02:00:00:00:93:01,ip=10.93.0.1,firewall={}", file.display());
+            add(format!("nftables, {name}"), flood_rate(&ns, &net, &state));
+        }
+        add("plain TAP, no table".into(), flood_rate(&ns, "tap=fvbplain,mac=02:00:00:00:93:01", &state));
+    }
+    sh(&["ip", "-n", &ns, "link", "del", "fvbplain"]);
+    network(&["delete", "fwb"]);
+    let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+    samples.into_iter().map(|(l, v)| (l, median(v))).collect()
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -172,6 +252,7 @@ fn main() {
     }
     let _ = switch.kill();
     let _ = switch.wait();
+    let managed = managed(&dir, &files);
     let _ = std::fs::remove_dir_all(&dir);
 
     println!("firewall engine, one established UDP flow, medians of {} x {ENGINE_FRAMES} frames:", runs());
@@ -185,5 +266,10 @@ fn main() {
     for ((name, _), samples) in files.iter().zip(switched) {
         let pps = median(samples);
         println!("  {name:<16} {pps:>9.0} datagrams/s   {:.2}x the empty rule set's rate", pps / base);
+    }
+    println!("a VM's datagrams into a managed network's bridge, {DATAGRAMS} each run, medians of {}:", runs());
+    let base = managed.iter().find(|(l, _)| l == "nftables, empty rule set").map_or(1.0, |(_, v)| *v);
+    for (name, pps) in managed {
+        println!("  {name:<28} {pps:>9.0} datagrams/s   {:.2}x the empty rule set's rate", pps / base);
     }
 }

@@ -317,6 +317,15 @@ fn nat_network_ports_enforce_rules_and_keep_state() {
     };
     let to_server = result(vm("10.81.0.10", "10.81.0.20", &client_rules, "probe.virtio-net.port=9", None));
     assert!(to_server.contains("peer=arp icmp=none udp=none tcp=open"), "{to_server}");
+    // A port the server's rules do not open: silence, where the host would refuse with RST.
+    let closed = result(vm(
+        "10.81.0.10",
+        "10.81.0.20",
+        &client_rules,
+        "probe.virtio-net.checks=tcp probe.virtio-net.port=10",
+        None,
+    ));
+    assert!(closed.contains(" tcp=none "), "{closed}");
     let outside = result(vm("10.81.0.10", "192.0.2.1", &client_rules, "", None));
     assert!(outside.contains("icmp=reply udp=reply tcp=open"), "replies pass the client's firewall: {outside}");
     let report = report(&server_api, "net0");
@@ -329,7 +338,7 @@ fn nat_network_ports_enforce_rules_and_keep_state() {
         .find(|l| l.contains("comment \"default in\""))
         .and_then(|l| l.split("packets ").nth(1)?.split(' ').next()?.parse::<u64>().ok())
         .unwrap_or_else(|| panic!("{kernel}"));
-    assert!(dropped >= 2, "{kernel}");
+    assert!(dropped >= 3, "{kernel}");
     assert_eq!(report["drops"]["default_policy"], 0, "{report}");
     // UDP let in on the running VM: both copies of the rules change at once.
     let with_udp = serde_json::json!({"rules": [
