@@ -205,6 +205,15 @@ impl RuleSetSpec {
         let mut rules = Vec::with_capacity(self.rules.len());
         for (i, r) in self.rules.iter().enumerate() {
             let name = r.name.clone().unwrap_or_else(|| format!("rule{}", i + 1));
+            // Names go into logs, reports and the kernel's rule comments: plain text only.
+            let plain = |c: char| c.is_ascii_alphanumeric() || " _-.:".contains(c);
+            if name.is_empty() || name.len() > 64 || !name.chars().all(plain) {
+                return Err(format!(
+                    "rule {} name '{}' must be 1 to 64 letters, digits, spaces, '_', '-', '.' or ':'",
+                    i + 1,
+                    name.escape_default()
+                ));
+            }
             let what = format!("rule {} ({name})", i + 1);
             let protocol = match r.protocol.as_str() {
                 "tcp" => Protocol::Tcp,
@@ -1197,6 +1206,10 @@ mod tests {
                 .unwrap_err()
                 .contains("up")
         );
+        let injected =
+            r#"{"rules": [{"name": "x\"\nflush ruleset\n", "direction": "in", "protocol": "tcp", "action": "allow"}]}"#;
+        let e = check(injected).unwrap_err();
+        assert!(e.contains(r#"rule 1 name 'x\"\nflush ruleset\n' must be"#), "{e}");
         let e = RuleSetSpec::from_file_text("{\"rules\": [", false).unwrap_err();
         assert!(e.starts_with("is not a valid rules file"), "{e}");
         let toml = "default_in = \"deny\"\n[[rules]]\nname = \"ssh\"\ndirection = \"in\"\nprotocol = \"tcp\"\nports = \"22\"\naction = \"allow\"\n";

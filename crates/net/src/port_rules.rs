@@ -149,7 +149,10 @@ fn direction_rules(rules: &RuleSet, direction: Direction) -> Vec<String> {
         format!("icmp type echo-reply {ping} @pings accept"),
     ];
     for rule in rules.rules.iter().filter(|r| r.direction == direction) {
-        let comment = format!(" comment \"{}\"", rule.name.replace('"', "'"));
+        // Checked names are plain text; anything else is dropped all the same, since the
+        // comment goes into a script nft reads.
+        let name: String = rule.name.chars().filter(|c| c.is_ascii_alphanumeric() || " _-.:".contains(*c)).collect();
+        let comment = format!(" comment \"{name}\"");
         match rule.action {
             Action::Allow => out.extend(allow(direction, &matcher(rule), rule.protocol, &comment)),
             Action::Deny => out.push(format!("{}counter drop{comment}", matcher(rule))),
