@@ -16,7 +16,6 @@
 //!
 //! Medians, each relative to the empty rule set's.
 
-use std::io::{BufRead, BufReader};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -24,17 +23,12 @@ use std::time::{Duration, Instant};
 
 use net::firewall::{Firewall, PortIdentity, RuleSetSpec};
 
+mod common;
+
+use common::{field, line_with, median, probe, runs, sh};
+
 const DATAGRAMS: u64 = 50_000;
 const ENGINE_FRAMES: u32 = 2_000_000;
-
-fn runs() -> usize {
-    std::env::var("FERROVISOR_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
 
 /// A rule set of `count` rules that never match an outbound UDP flow (inbound TCP ports), all
 /// traffic otherwise allowed, no storm control.
@@ -79,61 +73,20 @@ fn identity() -> PortIdentity {
     PortIdentity { mac: [2, 0, 0, 0, 0, 1], ip: Some(Ipv4Addr::new(10, 0, 0, 1)), anti_spoofing: true }
 }
 
-fn probe(switch: &Path, host: u8, firewall: Option<&Path>, tests: &str) -> Child {
+fn switch_probe(switch: &Path, host: u8, firewall: Option<&Path>, tests: &str) -> Child {
     let firewall = firewall.map(|f| format!(",firewall={}", f.display())).unwrap_or_default();
     let net = format!("switch={},mac=02:00:00:00:00:{host:02x},ip=10.0.0.{host}{firewall}", switch.display());
-    probe_on(None, &net, tests, None)
-}
-
-/// A probe with `--net net`, in network namespace `ns` and with managed networks' state in
-/// `state`, if given.
-fn probe_on(ns: Option<&str>, net: &str, tests: &str, state: Option<&Path>) -> Child {
-    let mut cmd = match ns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_ferrovisor")]);
-            c
-        }
-        None => Command::new(env!("CARGO_BIN_EXE_ferrovisor")),
-    };
-    if let Some(state) = state {
-        cmd.env("FERROVISOR_STATE_DIR", state);
-    }
-    cmd.args(["--log-level", "error", "run", "--kernel", env!("FERROVISOR_PROBE_ELF"), "--memory", "64"])
-        .args(["--net", net])
-        .args(["--cmdline", &format!("console=ttyS0 probe.test=virtio-net {tests}")])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("ferrovisor runs")
-}
-
-fn line_with(child: &mut Child, needle: &str) -> String {
-    let mut reader = BufReader::new(child.stdout.as_mut().unwrap());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-            panic!("the probe ended before '{needle}'");
-        }
-        if line.contains(needle) {
-            return line;
-        }
-    }
-}
-
-fn field(line: &str, key: &str) -> f64 {
-    line.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok()).unwrap_or(0.0)
+    probe(None, None, &net, tests)
 }
 
 /// Datagrams per second a sender whose port has `rules` got out.
 fn vm_to_vm(switch: &Path, rules_file: &Path) -> f64 {
-    let mut sink = probe(switch, 2, None, &format!("probe.virtio-net.mode=sink probe.virtio-net.frames={DATAGRAMS}"));
+    let mut sink =
+        switch_probe(switch, 2, None, &format!("probe.virtio-net.mode=sink probe.virtio-net.frames={DATAGRAMS}"));
     line_with(&mut sink, "sink ready");
     // No router; the receiver does not answer ARP, so the datagrams go to the broadcast MAC
     // (storm control is off in every rule set here).
-    let mut sender = probe(
+    let mut sender = switch_probe(
         switch,
         1,
         Some(rules_file),
@@ -152,24 +105,19 @@ fn vm_to_vm(switch: &Path, rules_file: &Path) -> f64 {
 
 /// The flood's rate from a probe at 10.93.0.1 with `--net net` in namespace `ns`.
 fn flood_rate(ns: &str, net: &str, state: &Path) -> f64 {
-    let mut sender = probe_on(
+    let mut sender = probe(
         Some(ns),
+        Some(state),
         net,
         &format!(
             "probe.virtio-net.mode=ip probe.virtio-net.ip=10.93.0.1 probe.virtio-net.gw=10.93.0.1 \
              probe.virtio-net.dst=10.93.0.2 probe.virtio-net.wait=100000000 probe.virtio-net.port=9999 \
              probe.virtio-net.broadcast=on probe.virtio-net.flood={DATAGRAMS}"
         ),
-        Some(state),
     );
     let result = line_with(&mut sender, "PROBE virtio-net ok mode=ip");
     let _ = sender.wait();
     field(&result, "flood_pps")
-}
-
-fn sh(args: &[&str]) {
-    let ok = Command::new(args[0]).args(&args[1..]).status().map(|s| s.success()).unwrap_or(false);
-    assert!(ok, "{args:?} failed");
 }
 
 /// Managed network: medians for an empty rule set, 100 rules, and no table.

@@ -8,11 +8,14 @@
 //! user-mode networking and to an outside server through a nat network (64-byte payloads;
 //! counted where they arrive). Medians, with each path's rate relative to the bridge's.
 
-use std::io::{BufRead, BufReader};
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+mod common;
+
+use common::{field, line_with, median, probe, runs, sh};
 
 const FRAMES: u64 = 100_000;
 
@@ -20,70 +23,21 @@ fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_ferrovisor"))
 }
 
-fn runs() -> usize {
-    std::env::var("FERROVISOR_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
-fn sh(args: &[&str]) {
-    let ok = Command::new(args[0]).args(&args[1..]).status().map(|s| s.success()).unwrap_or(false);
-    assert!(ok, "{args:?} failed");
-}
-
-/// A probe run in namespace `ns` (None: here) with `net` and `tests`; stdout piped.
-fn probe(ns: Option<&str>, state: &Path, net: &str, tests: &str) -> Child {
-    let mut cmd = match ns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns]).arg(bin());
-            c
-        }
-        None => Command::new(bin()),
-    };
-    cmd.env("FERROVISOR_STATE_DIR", state)
-        .args(["--log-level", "error", "run", "--kernel", env!("FERROVISOR_PROBE_ELF"), "--memory", "64"])
-        .args(["--net", net, "--cmdline", &format!("console=ttyS0 probe.test=virtio-net {tests}")])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    cmd.spawn().expect("ferrovisor runs")
-}
-
-/// Reads the child's lines until one contains `needle`; returns it.
-fn line_with(child: &mut Child, needle: &str) -> String {
-    let out = child.stdout.as_mut().unwrap();
-    let mut reader = BufReader::new(out);
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-            panic!("the probe ended before '{needle}'");
-        }
-        if line.contains(needle) {
-            return line;
-        }
-    }
-}
-
-fn field(line: &str, key: &str) -> f64 {
-    line.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok()).unwrap_or(0.0)
-}
-
 /// Frames per second from a sender probe to a receiver probe, both on `net`.
 fn vm_to_vm(ns: Option<&str>, state: &Path, net: &str) -> f64 {
-    let mut sink = probe(ns, state, net, &format!("probe.virtio-net.mode=sink probe.virtio-net.frames={FRAMES}"));
+    let mut sink = probe(ns, Some(state), net, &format!("probe.virtio-net.mode=sink probe.virtio-net.frames={FRAMES}"));
     line_with(&mut sink, "sink ready");
     // The sender's frames are broadcasts: its port's storm control (on by default on switch
     // and managed-network ports) would hold them to 1000 a second.
     let unlimited = state.join("no-storm-control.json");
     std::fs::write(&unlimited, r#"{"default_in": "allow", "storm_pps": 0}"#).unwrap();
     let sender_net = format!("{net},firewall={}", unlimited.display());
-    let mut sender =
-        probe(ns, state, &sender_net, &format!("probe.virtio-net.mode=throughput probe.virtio-net.frames={FRAMES}"));
+    let mut sender = probe(
+        ns,
+        Some(state),
+        &sender_net,
+        &format!("probe.virtio-net.mode=throughput probe.virtio-net.frames={FRAMES}"),
+    );
     let result = line_with(&mut sink, "PROBE virtio-net ok mode=sink");
     let _ = sender.kill();
     let _ = sender.wait();
@@ -120,7 +74,7 @@ fn user_nat(state: &Path) -> f64 {
         "probe.virtio-net.mode=ip probe.virtio-net.ip=10.0.2.15 probe.virtio-net.gw=10.0.2.2 \
          probe.virtio-net.checks=icmp probe.virtio-net.port={port} probe.virtio-net.flood={FRAMES}"
     );
-    let mut vm = probe(None, state, "user", &tests);
+    let mut vm = probe(None, Some(state), "user", &tests);
     let rate = count_udp(&socket, FRAMES);
     let _ = vm.wait();
     rate
@@ -151,7 +105,7 @@ fn nat(lab: &str, state: &Path) -> f64 {
         "probe.virtio-net.mode=ip probe.virtio-net.ip=10.91.0.10 probe.virtio-net.gw=10.91.0.1 \
          probe.virtio-net.dst=192.0.2.1 probe.virtio-net.checks=icmp probe.virtio-net.port=9999 probe.virtio-net.flood={FRAMES}"
     );
-    let mut vm = probe(Some(&format!("{lab}h")), state, "network=nat", &tests);
+    let mut vm = probe(Some(&format!("{lab}h")), Some(state), "network=nat", &tests);
     let out = counter.wait_with_output().unwrap();
     let _ = vm.wait();
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0.0)

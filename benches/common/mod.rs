@@ -1,0 +1,65 @@
+//! What the probe-driving benchmarks share: run counts, medians, shell steps, and probes whose
+//! result lines they read.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+/// Runs per measurement: FERROVISOR_BENCH_RUNS, default 3.
+pub fn runs() -> usize {
+    std::env::var("FERROVISOR_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3)
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+pub fn sh(args: &[&str]) {
+    let ok = Command::new(args[0]).args(&args[1..]).status().map(|s| s.success()).unwrap_or(false);
+    assert!(ok, "{args:?} failed");
+}
+
+/// A 64 MiB probe running the virtio-net test with `tests`, on `--net net`, in network
+/// namespace `ns` (None: here) and with managed networks' state in `state`, if given; its
+/// stdout piped.
+pub fn probe(ns: Option<&str>, state: Option<&Path>, net: &str, tests: &str) -> Child {
+    let bin = env!("CARGO_BIN_EXE_ferrovisor");
+    let mut cmd = match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, bin]);
+            c
+        }
+        None => Command::new(bin),
+    };
+    if let Some(state) = state {
+        cmd.env("FERROVISOR_STATE_DIR", state);
+    }
+    cmd.args(["--log-level", "error", "run", "--kernel", env!("FERROVISOR_PROBE_ELF"), "--memory", "64"])
+        .args(["--net", net, "--cmdline", &format!("console=ttyS0 probe.test=virtio-net {tests}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    cmd.spawn().expect("ferrovisor runs")
+}
+
+/// Reads the child's lines until one contains `needle`; returns it.
+pub fn line_with(child: &mut Child, needle: &str) -> String {
+    let mut reader = BufReader::new(child.stdout.as_mut().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            panic!("the probe ended before '{needle}'");
+        }
+        if line.contains(needle) {
+            return line;
+        }
+    }
+}
+
+/// The number after `key=` in a probe's result line (0 without one).
+pub fn field(line: &str, key: &str) -> f64 {
+    line.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok()).unwrap_or(0.0)
+}
