@@ -315,12 +315,7 @@ pub fn test(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str>
     let dev = Device::begin(slot, 0, F_MAC).map_err(|_| "the device could not be set up")?;
     let rxq = dev.queue(RX_QUEUE, RX_BUFFERS as u16).map_err(|_| "the receive queue could not be set up")?;
     let txq = dev.queue(TX_QUEUE, 16).map_err(|_| "the transmit queue could not be set up")?;
-    let mut mac = [0x02, 0, 0, 0, 0, 1];
-    if dev.features & F_MAC != 0 {
-        for (i, byte) in mac.iter_mut().enumerate() {
-            *byte = (dev.config_read32(i as u64 & !3) >> ((i % 4) * 8)) as u8;
-        }
-    }
+    let mac = super::net::device_mac(&dev);
     let rx_area = alloc(RX_BUFFERS * (HEADER + MAX_FRAME), 64).ok_or("out of probe memory")?;
     let tx_buf = alloc(HEADER + MAX_FRAME, 64).ok_or("out of probe memory")?;
     // Each transmission gets the whole timeout: a host may serve for longer than one.

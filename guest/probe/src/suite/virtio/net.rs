@@ -43,6 +43,18 @@ impl core::fmt::Display for Mac {
 
 const TX_IN_FLIGHT: usize = 16;
 
+/// The device's MAC when it offers one (F_MAC negotiated), else 02:00:00:00:00:01: honest
+/// frames come from it, as a port's anti-spoofing guard wants.
+pub fn device_mac(dev: &Device) -> [u8; 6] {
+    let mut mac = [0x02, 0, 0, 0, 0, 1];
+    if dev.features & F_MAC != 0 {
+        for (i, byte) in mac.iter_mut().enumerate() {
+            *byte = (dev.config_read32(i as u64 & !3) >> ((i % 4) * 8)) as u8;
+        }
+    }
+    mac
+}
+
 pub fn throughput(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str> {
     let dev = Device::begin(slot, 0, F_MAC | F_MTU).map_err(|_| "the device could not be set up")?;
     dev.queue(RX_QUEUE, 8).map_err(|_| "the receive queue could not be set up")?;
@@ -53,8 +65,9 @@ pub fn throughput(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'stati
     let in_flight = usize::from(txq.size).min(TX_IN_FLIGHT);
     let area = alloc(in_flight * (HEADER + MAX_FRAME), 64).ok_or("out of probe memory")?;
     let buffer = |i: usize| area + (i * (HEADER + MAX_FRAME)) as u64;
+    let mac = device_mac(&dev);
     for i in 0..in_flight {
-        fill_frame(1, i as u64, [2, 0, 0, 0, 0, 1], bytes(buffer(i) + HEADER as u64, size));
+        fill_frame(1, i as u64, mac, bytes(buffer(i) + HEADER as u64, size));
     }
     let mut heads = [u16::MAX; TX_IN_FLIGHT];
     let start = crate::hw::rdtsc();
@@ -139,12 +152,7 @@ pub fn test(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str>
     let dev = Device::begin(slot, 0, F_MAC).map_err(|_| "the device could not be set up")?;
     let mut rxq = dev.queue(RX_QUEUE, RX_BUFFERS as u16).map_err(|_| "the receive queue could not be set up")?;
     let mut txq = dev.queue(TX_QUEUE, 16).map_err(|_| "the transmit queue could not be set up")?;
-    let mut mac = [0x02, 0, 0, 0, 0, 1];
-    if dev.features & F_MAC != 0 {
-        for (i, byte) in mac.iter_mut().enumerate() {
-            *byte = (dev.config_read32(i as u64 & !3) >> ((i % 4) * 8)) as u8;
-        }
-    }
+    let mac = device_mac(&dev);
     let rx_area = alloc(RX_BUFFERS * (HEADER + MAX_FRAME), 64).ok_or("out of probe memory")?;
     let buffer = |i: usize| rx_area + (i * (HEADER + MAX_FRAME)) as u64;
     let mut heads = [0u16; RX_BUFFERS];
