@@ -568,7 +568,7 @@ pub struct Report {
 impl Firewall {
     pub fn new(rules: RuleSet, identity: PortIdentity) -> Firewall {
         let now = Instant::now();
-        let storm = StormBucket::new(rules.storm_pps.unwrap_or(DEFAULT_STORM_PPS), now);
+        let storm = StormBucket::new(rules.storm_pps(), now);
         let counters = vec![Counters::default(); rules.rules.len()];
         Firewall {
             active: AtomicBool::new(true),
@@ -613,7 +613,7 @@ impl Firewall {
     pub fn replace(&self, rules: RuleSet) {
         let mut s = self.lock();
         self.active.store(true, Ordering::Relaxed);
-        s.storm = StormBucket::new(rules.storm_pps.unwrap_or(DEFAULT_STORM_PPS), Instant::now());
+        s.storm = StormBucket::new(rules.storm_pps(), Instant::now());
         s.counters = vec![Counters::default(); rules.rules.len()];
         s.rules = rules;
         let State { flows, rules, .. } = &mut *s;
@@ -719,6 +719,11 @@ impl Rule {
 }
 
 impl RuleSet {
+    /// Broadcast and multicast frames a second the port may send (0: no limit).
+    pub fn storm_pps(&self) -> u32 {
+        self.storm_pps.unwrap_or(DEFAULT_STORM_PPS)
+    }
+
     pub fn spec(&self) -> RuleSetSpec {
         RuleSetSpec {
             default_in: self.default_in,

@@ -90,7 +90,8 @@ pub fn attach_all(
         devices.push((format!("virtio-blk{i}"), Box::new(block)));
     }
     for (i, nic) in config.nets.iter().enumerate() {
-        let mut managed_tap = None;
+        let mac = nic.mac.unwrap_or_else(|| default_mac(config.id.as_deref(), i));
+        let id = nic.api_id(i);
         let host = match &nic.attachment {
             NetAttachment::Tap(name) => virtio::net::NetHost::Tap(
                 net::Tap::open(name, virtio::net::VNET_HDR_LEN as i32).map_err(|e| Error::Device(e.to_string()))?,
@@ -102,10 +103,15 @@ pub fn attach_all(
                 let tap_name = format!("fv{}n{i}", std::process::id());
                 let tap = net::Tap::open(&tap_name, virtio::net::VNET_HDR_LEN as i32)
                     .map_err(|e| Error::Device(e.to_string()))?;
+                // The kernel's rules go on before the port joins the bridge, so that nothing
+                // reaches the VM unfiltered in between.
+                let kernel = kernel_rules(nic, mac, &tap_name).map_err(|e| {
+                    Error::Device(format!("virtio-net{i}: the port's kernel rules cannot be set ({e})"))
+                })?;
+                attached.port_rules.push((id.clone(), tap_name.clone(), Mutex::new(kernel)));
                 net::network::attach(&network, &tap_name, *isolated)
                     .map_err(|e| Error::Device(format!("cannot attach {tap_name} to network {name}: {e}")))?;
                 tracing::info!("virtio-net{i}: {tap_name} on network {name} (bridge {})", network.bridge);
-                managed_tap = Some(tap_name);
                 virtio::net::NetHost::Tap(tap)
             }
             NetAttachment::User { forwards } => {
@@ -126,22 +132,7 @@ pub fn attach_all(
                 virtio::net::NetHost::Switch(port)
             }
         };
-        let mac = nic.mac.unwrap_or_else(|| default_mac(config.id.as_deref(), i));
         let firewall = port_firewall(nic, mac).map_err(|e| Error::Device(format!("virtio-net{i}: {e}")))?;
-        let id = nic.api_id(i);
-        if let Some(tap) = managed_tap {
-            let spec = nic.firewall.clone().unwrap_or_else(guards_only);
-            let guards = net::port_rules::Guards {
-                mac,
-                ip: nic.ip,
-                anti_spoofing: spec.anti_spoofing.unwrap_or(true),
-                storm_pps: spec.storm_pps.unwrap_or(net::firewall::DEFAULT_STORM_PPS),
-            };
-            let rules = spec.check().map_err(|e| Error::Device(format!("virtio-net{i}: {e}")))?;
-            let kernel = net::port_rules::PortRules::install(&tap, &guards, &rules)
-                .map_err(|e| Error::Device(format!("virtio-net{i}: the port's kernel rules cannot be set ({e})")))?;
-            attached.port_rules.push((id.clone(), tap, Mutex::new(kernel)));
-        }
         attached.firewalls.push((id, firewall.clone()));
         let net = virtio::net::Net::new(host, mac)
             .with_firewall(Some(firewall))
@@ -260,6 +251,19 @@ fn port_firewall(nic: &crate::config::NetConfig, mac: [u8; 6]) -> Result<Arc<net
         (None, false) => return Ok(Arc::new(Firewall::inactive(identity))),
     };
     Ok(Arc::new(Firewall::new(spec.check()?, identity)))
+}
+
+/// The kernel's copy of a managed-network port's firewall, on `tap`: its rules (or guards only),
+/// anti-spoofing on unless they say otherwise, as on the VMM's side.
+fn kernel_rules(nic: &crate::config::NetConfig, mac: [u8; 6], tap: &str) -> Result<net::port_rules::PortRules, String> {
+    let rules = nic.firewall.clone().unwrap_or_else(guards_only).check()?;
+    let guards = net::port_rules::Guards {
+        mac,
+        ip: nic.ip,
+        anti_spoofing: rules.anti_spoofing.unwrap_or(true),
+        storm_pps: rules.storm_pps(),
+    };
+    net::port_rules::PortRules::install(tap, &guards, &rules)
 }
 
 /// The rules of a port given none where guards are on by default: all traffic allowed.
