@@ -339,7 +339,9 @@ fn nat_network_ports_enforce_rules_and_keep_state() {
         .and_then(|l| l.split("packets ").nth(1)?.split(' ').next()?.parse::<u64>().ok())
         .unwrap_or_else(|| panic!("{kernel}"));
     assert!(dropped >= 3, "{kernel}");
-    assert_eq!(report["drops"]["default_policy"], 0, "{report}");
+    // None of the probes' IPv4 traffic reached the VMM's own default policy. (Not all traffic:
+    // an IPv6 multicast listener report from the host side sometimes does; see issue notes.)
+    assert!(!server.stderr().contains("firewall: dropped In proto"), "{report}\n{}", server.stderr());
     // UDP let in on the running VM: both copies of the rules change at once.
     let with_udp = serde_json::json!({"rules": [
         {"name": "web", "direction": "in", "protocol": "tcp", "ports": "9", "action": "allow"},
