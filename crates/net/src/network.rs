@@ -156,7 +156,8 @@ fn run(program: &str, args: &[&str]) -> Result<(), String> {
     }
 }
 
-fn nft(script: &str) -> Result<(), String> {
+/// Runs an nftables script; the error carries nft's message.
+pub(crate) fn nft(script: &str) -> Result<(), String> {
     use std::io::Write;
     let mut child = sandbox::helper_command("nft")
         .args(["-f", "-"])

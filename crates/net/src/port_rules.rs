@@ -15,6 +15,7 @@ use std::net::Ipv4Addr;
 use std::process::{Child, Stdio};
 
 use crate::firewall::{Action, Direction, Protocol, Rule, RuleSet};
+use crate::network::nft;
 
 const TCP_TIMEOUT_S: u32 = 600;
 const UDP_TIMEOUT_S: u32 = 60;
@@ -211,21 +212,6 @@ pub fn update_script(tap: &str, rules: &RuleSet) -> String {
         }
     }
     script
-}
-
-fn nft(script: &str) -> Result<(), String> {
-    let mut child = sandbox::helper_command("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("`nft` cannot run ({e}); install nftables"))?;
-    child.stdin.take().expect("piped").write_all(script.as_bytes()).map_err(|e| e.to_string())?;
-    let out = child.wait_with_output().map_err(|e| e.to_string())?;
-    match out.status.success() {
-        true => Ok(()),
-        false => Err(format!("nftables refused the rules: {}", String::from_utf8_lossy(&out.stderr).trim())),
-    }
 }
 
 fn base64(bytes: &[u8]) -> String {
