@@ -123,6 +123,14 @@ enum Command {
         #[arg(long)]
         sticky_macs: bool,
     },
+    /// Serve the test DMA engine, a small PCI device, over vfio-user on the Unix socket PATH,
+    /// for VMs started with --device vfio-user=PATH. Runs until killed.
+    DeviceServer {
+        socket: PathBuf,
+        /// The size of BAR 2, the memory the VMM maps into the guest: a power of two, in KiB.
+        #[arg(long, default_value_t = 64)]
+        shared_bar_kib: u64,
+    },
     /// Managed networks (nat, routed, isolated, bridge) that VMs join with --net network=NAME.
     Network {
         #[command(subcommand)]
@@ -286,6 +294,10 @@ struct RunArgs {
     /// must be a multiple of 2 MiB.
     #[arg(long)]
     pmem: Vec<vmm::config::PmemConfig>,
+    /// An assigned PCI device: vfio=/sys/bus/pci/devices/DDDD:BB:DD.F (kernel VFIO) or
+    /// vfio-user=SOCKET (a device served by another process), with an optional id=; repeatable.
+    #[arg(long = "device")]
+    devices: Vec<vmm::config::PassthroughConfig>,
     /// Hotpluggable memory (virtio-mem), in MiB: total=N[,block=2][,slot=128][,requested=0].
     /// It lies above RAM; the guest plugs blocks of it as `PATCH /hotplug/memory` asks.
     #[arg(long)]
@@ -354,6 +366,15 @@ fn main() -> ExitCode {
         Some(Command::Firewall { action }) => firewall(action),
         Some(Command::Network { action }) => network(action, &policy),
         Some(Command::Switch { path, sticky_macs }) => switch(&path, sticky_macs, &policy),
+        Some(Command::DeviceServer { socket, shared_bar_kib }) => {
+            match vfio::test_device::serve(&socket, shared_bar_kib.saturating_mul(1024)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}.");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
         Some(Command::Ctl { socket, action }) => ctl(&socket, action),
         Some(Command::Stats { socket }) => ctl(&socket, CtlAction::Stats),
         Some(Command::SnapshotMerge { base, diff }) => match vmm::snapshot::merge_memory(&base, &diff) {
@@ -523,6 +544,7 @@ fn run(args: RunArgs, id: String, launched: Instant, logger: logging::Logger) ->
         vsock: args.vsock,
         pmem: args.pmem,
         memory_hotplug: args.memory_hotplug,
+        passthrough: args.devices,
         transport: args.virtio_transport,
         memory: args.memory.options,
         stats_on_exit: args.stats_on_exit,

@@ -229,6 +229,18 @@ pub struct Pmem {
     pub rate_limiter: Option<RateLimiter>,
 }
 
+/// `PUT /ferrovisor/devices/{id}` (Ferrovisor's extra): an assigned PCI device, given by
+/// exactly one of `vfio` (a host device's sysfs directory) and `vfio_user` (a server's socket).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PassthroughDevice {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vfio: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vfio_user: Option<String>,
+}
+
 /// `PATCH /pmem/{id}`: the rate limiter of a running VM's pmem device; left out, it stays.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -588,6 +600,9 @@ pub struct VmConfigFile {
     /// Ferrovisor's extra: memory options.
     #[serde(rename = "ferrovisor-memory", default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<MemoryOptions>,
+    /// Ferrovisor's extra: assigned PCI devices.
+    #[serde(rename = "ferrovisor-devices", default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<PassthroughDevice>,
     /// Ferrovisor's extra: firewall rules by interface ID.
     #[serde(rename = "ferrovisor-firewall", default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub firewall: std::collections::BTreeMap<String, net::firewall::RuleSetSpec>,

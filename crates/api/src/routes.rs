@@ -32,6 +32,8 @@ pub enum Request {
     /// Ferrovisor's: an interface's firewall rules.
     PutFirewall(String, net::firewall::RuleSetSpec),
     GetFirewall(String),
+    /// Ferrovisor's: an assigned PCI device, before boot.
+    PutDevice(PassthroughDevice),
     GetMmds,
     PutMmds(serde_json::Value),
     PatchMmds(serde_json::Value),
@@ -105,6 +107,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/ferrovisor/stop"),
     ("PUT", "/ferrovisor/firewall/{iface_id}"),
     ("GET", "/ferrovisor/firewall/{iface_id}"),
+    ("PUT", "/ferrovisor/devices/{id}"),
 ];
 
 /// Parses one request. `path` may carry a query string (only `/ferrovisor/metrics` reads it).
@@ -205,6 +208,11 @@ pub fn parse(method: &str, target: &str, body: &[u8]) -> Result<Request, Respons
             Request::PutFirewall(segments[2].to_string(), rules)
         }
         ("GET", "/ferrovisor/firewall/{iface_id}") => Request::GetFirewall(segments[2].to_string()),
+        ("PUT", "/ferrovisor/devices/{id}") => {
+            let device: PassthroughDevice = body_of(&what, body)?;
+            same_id(&what, "id", segments[2], &device.id)?;
+            Request::PutDevice(device)
+        }
         ("GET", "/ferrovisor/metrics") => match query {
             "" | "format=json" => Request::GetMetrics { prometheus: false },
             "format=prometheus" => Request::GetMetrics { prometheus: true },

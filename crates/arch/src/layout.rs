@@ -53,6 +53,9 @@ pub const VIRTIO_MAX_DEVICES: u32 = IOAPIC_PINS as u32 - VIRTIO_FIRST_IRQ;
 /// BAR 0 of each virtio-pci function, 64 KiB apart (assigned here, as firmware would).
 pub const PCI_BAR_START: u64 = 0xe000_0000;
 pub const PCI_BAR_STRIDE: u64 = 0x1_0000;
+/// The BARs of assigned devices (VFIO, vfio-user), each naturally aligned, below the IOAPIC.
+pub const PASSTHROUGH_MMIO_START: u64 = 0xe100_0000;
+pub const PASSTHROUGH_MMIO_END: u64 = 0xfe00_0000;
 /// KVM's real-mode TSS (three pages) and identity-map page, at the top of the hole.
 pub const KVM_TSS_START: u64 = 0xfffb_d000;
 pub const KVM_IDENTITY_MAP_START: u64 = 0xfffb_c000;

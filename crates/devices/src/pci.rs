@@ -13,6 +13,13 @@ pub trait PciDevice: Send {
     fn config_write(&mut self, offset: u16, data: &[u8]);
 }
 
+/// Where the VMM routes MSI messages: the KVM GSI of each vector.
+pub trait MsiRouter: Send + Sync {
+    /// Routes each `gsi` to its `msi` (address, data), or removes its route, all at once: one
+    /// routing-table update for the lot (KVM's is costly, and a guest sets how often).
+    fn set_routes(&self, routes: &[(u32, Option<(u64, u32)>)]);
+}
+
 pub const CONFIG_PORT: u16 = 0xcf8;
 pub const CONFIG_PORT_LEN: u64 = 8;
 pub const SLOTS: usize = 32;

@@ -75,6 +75,18 @@ const SOCKETS: &[i64] = &[
     libc::SYS_getpeername,
 ];
 
+/// An assigned device: messages to its vfio-user server on the connected socket, or reads and
+/// writes of its kernel VFIO regions; from the vCPUs (BARs, configuration space) and from the
+/// main thread (detaching it when the VM stops).
+const ASSIGNED_DEVICES: &[i64] = &[
+    libc::SYS_sendto,
+    libc::SYS_recvfrom,
+    libc::SYS_sendmsg,
+    libc::SYS_recvmsg,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+];
+
 /// The main thread after the VM is built: snapshots, drive swaps, logger and metrics files,
 /// pausing vCPUs, stopping.
 const VMM: &[i64] = &[
@@ -117,6 +129,9 @@ const VMM_IOCTLS: &[Ioctl] = &[
     ioctls::KVM_SIGNAL_MSI,
     ioctls::TUNSETOFFLOAD,
     ioctls::FIONBIO,
+    ioctls::VFIO_DEVICE_SET_IRQS,
+    ioctls::VFIO_DEVICE_RESET,
+    ioctls::VFIO_IOMMU_UNMAP_DMA,
 ];
 
 /// A vCPU runs the guest and its port and MMIO accesses; a driver's DRIVER_OK activates a
@@ -134,6 +149,8 @@ const VCPU_IOCTLS: &[Ioctl] = &[
     ioctls::KVM_KVMCLOCK_CTRL,
     ioctls::TUNSETOFFLOAD,
     ioctls::FIONBIO,
+    ioctls::VFIO_DEVICE_SET_IRQS,
+    ioctls::VFIO_DEVICE_RESET,
 ];
 
 /// The thread that starts every other thread once filters are on.
@@ -199,8 +216,8 @@ fn allowed(kind: ThreadKind) -> (Vec<i64>, Vec<Ioctl>) {
         return (syscalls, ioctls);
     }
     let groups: &[&[i64]] = match kind {
-        ThreadKind::Vmm => &[VMM, EVENTS],
-        ThreadKind::Vcpu => &[EVENTS],
+        ThreadKind::Vmm => &[VMM, EVENTS, ASSIGNED_DEVICES],
+        ThreadKind::Vcpu => &[EVENTS, ASSIGNED_DEVICES],
         ThreadKind::Launcher => &[],
         ThreadKind::Api => &[API, EVENTS],
         ThreadKind::Block => &[BLOCK, EVENTS],

@@ -7,6 +7,8 @@ use vmm_sys_util::ioctl::{_IOC_NONE, _IOC_READ, _IOC_WRITE};
 
 const KVMIO: u32 = 0xAE;
 const TUNTAP: u32 = b'T' as u32;
+const VFIO: u32 = b';' as u32;
+const VFIO_BASE: u32 = 100;
 
 const fn io(ty: u32, nr: u32) -> u64 {
     ioctl_expr(_IOC_NONE, ty, nr, 0) as u64
@@ -82,6 +84,10 @@ ioctls! {
     // TAP devices.
     TUNSETIFF = iow::<libc::c_int>(TUNTAP, 202);
     TUNSETOFFLOAD = iow::<libc::c_uint>(TUNTAP, 208);
+    // An assigned device under kernel VFIO: its interrupts, reset, and DMA unmapping at detach.
+    VFIO_DEVICE_SET_IRQS = io(VFIO, VFIO_BASE + 10);
+    VFIO_DEVICE_RESET = io(VFIO, VFIO_BASE + 11);
+    VFIO_IOMMU_UNMAP_DMA = io(VFIO, VFIO_BASE + 14);
     TUNSETVNETHDRSZ = iow::<libc::c_int>(TUNTAP, 216);
     TUNGETIFF = ior::<libc::c_uint>(TUNTAP, 210);
     // Interfaces (a datagram socket's SIOC* requests) and terminals.

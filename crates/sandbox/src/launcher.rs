@@ -95,10 +95,16 @@ fn start(kind: ThreadKind, name: String, stack: Option<usize>, body: Body) -> io
     if let Some(stack) = stack {
         builder = builder.stack_size(stack);
     }
-    builder.spawn(move || {
+    // Wait until the thread has its name and filter, so whoever looks at /proc once spawn
+    // returns (Kata finds vCPU threads by name right after InstanceStart) sees them.
+    let (started, wait_started) = sync_channel(1);
+    let handle = builder.spawn(move || {
         crate::policy::apply_or_exit(kind);
+        let _ = started.send(());
         body()
-    })
+    })?;
+    let _ = wait_started.recv();
+    Ok(handle)
 }
 
 /// Starts the launcher, which then applies its own filter. Called once, before any thread has

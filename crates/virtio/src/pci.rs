@@ -38,12 +38,7 @@ const MSIX_FUNCTION_MASK: u16 = 1 << 14;
 const COMMAND_WRITABLE: u16 = 0x0407; // I/O, memory, bus master, INTx disable
 const STATUS_CAP_LIST: u16 = 1 << 4;
 
-/// Where the VMM routes MSI messages: the KVM GSI of each vector.
-pub trait MsiRouter: Send + Sync {
-    /// Routes each `gsi` to its `msi` (address, data), or removes its route, all at once: one
-    /// routing-table update for the lot (KVM's is costly, and a guest sets how often).
-    fn set_routes(&self, routes: &[(u32, Option<(u64, u32)>)]);
-}
+pub use devices::pci::MsiRouter;
 
 /// Absolute offsets of the notification area: what the VMM attaches ioeventfds to.
 /// A virtio-pci function in a snapshot: its configuration space, MSI-X table and vectors, and

@@ -363,6 +363,56 @@ impl FromStr for PmemConfig {
     }
 }
 
+/// An assigned PCI device: `--device vfio=/sys/bus/pci/devices/DDDD:BB:DD.F[,id=ID]` (kernel
+/// VFIO) or `--device vfio-user=SOCKET[,id=ID]` (a device served by another process).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PassthroughConfig {
+    /// The API's id for it (`dev<N>` from the command line).
+    #[serde(default)]
+    pub id: String,
+    pub backend: PassthroughBackend,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PassthroughBackend {
+    /// A host device bound to vfio-pci, by its sysfs directory.
+    Vfio(PathBuf),
+    /// A vfio-user server's socket.
+    VfioUser(PathBuf),
+}
+
+impl PassthroughConfig {
+    /// The id the API knows device `index` by: its own, or `dev<index>`.
+    pub fn api_id(&self, index: usize) -> String {
+        match self.id.is_empty() {
+            true => format!("dev{index}"),
+            false => self.id.clone(),
+        }
+    }
+}
+
+impl FromStr for PassthroughConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (mut backend, mut id) = (None, String::new());
+        for (key, value) in key_values("--device", s)? {
+            match key {
+                "vfio" if !value.is_empty() => backend = Some(PassthroughBackend::Vfio(PathBuf::from(value))),
+                "vfio-user" if !value.is_empty() => backend = Some(PassthroughBackend::VfioUser(PathBuf::from(value))),
+                "id" if !value.is_empty() => id = value.to_string(),
+                _ => {
+                    return Err(format!(
+                        "--device has no option '{key}' (or it is empty); use vfio=, vfio-user= and id="
+                    ));
+                }
+            }
+        }
+        let backend = backend.ok_or("--device needs vfio=/sys/bus/pci/devices/DDDD:BB:DD.F or vfio-user=SOCKET")?;
+        Ok(PassthroughConfig { id, backend })
+    }
+}
+
 /// Hotpluggable memory (virtio-mem), in MiB: `--memory-hotplug total=N[,block=N][,slot=N]
 /// [,requested=N]` or `PUT /hotplug/memory`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -602,6 +652,9 @@ pub struct VmConfig {
     /// Hotpluggable memory (virtio-mem).
     #[serde(default)]
     pub memory_hotplug: Option<MemoryHotplugConfig>,
+    /// Assigned PCI devices (VFIO, vfio-user).
+    #[serde(default)]
+    pub passthrough: Vec<PassthroughConfig>,
     pub transport: VirtioTransport,
     pub memory: MemoryOptions,
     /// Print the memory statistics when the VM stops.
@@ -885,6 +938,7 @@ mod tests {
             balloon: None,
             vsock: None,
             pmem: Vec::new(),
+            passthrough: Vec::new(),
             memory_hotplug: None,
             transport: VirtioTransport::Mmio,
             memory: MemoryOptions::default(),

@@ -127,6 +127,8 @@ struct Resources {
     pmem: Vec<models::Pmem>,
     memory_hotplug: Option<models::MemoryHotplugConfig>,
     memory: models::MemoryOptions,
+    /// Assigned PCI devices (`PUT /ferrovisor/devices/{id}`).
+    devices: Vec<models::PassthroughDevice>,
     /// Firewall rules per interface (`PUT /ferrovisor/firewall/{iface_id}`).
     firewalls: std::collections::BTreeMap<String, net::firewall::RuleSetSpec>,
 }
@@ -362,6 +364,14 @@ impl Controller {
                 Ok(())
             }),
             Request::PatchPmem(p) => self.patch_pmem(p),
+            Request::PutDevice(d) => self.pre_boot("PUT /ferrovisor/devices", |c| {
+                passthrough_config(&d)?;
+                match c.resources.devices.iter_mut().find(|o| o.id == d.id) {
+                    Some(old) => *old = d,
+                    None => c.resources.devices.push(d),
+                }
+                Ok(())
+            }),
             Request::PutFirewall(iface, rules) => self.put_firewall(iface, rules),
             Request::GetFirewall(iface) => self.get_firewall(&iface),
             Request::PutMemoryHotplug(h) => self.pre_boot("PUT /hotplug/memory", |c| {
@@ -707,6 +717,7 @@ impl Controller {
                 })
                 .collect::<Result<Vec<_>, String>>()?,
             memory_hotplug: r.memory_hotplug.as_ref().map(|h| hotplug_config(h, 0)).transpose()?,
+            passthrough: r.devices.iter().map(passthrough_config).collect::<Result<Vec<_>, String>>()?,
             vsock: r
                 .vsock
                 .as_ref()
@@ -756,6 +767,7 @@ impl Controller {
             mmds_config: r.mmds.clone(),
             memory: Some(r.memory.clone()),
             firewall: r.firewalls.clone(),
+            devices: r.devices.clone(),
             ..Default::default()
         }
     }
@@ -1130,6 +1142,7 @@ impl Controller {
         requests.extend(file.memory_hotplug.map(Request::PutMemoryHotplug));
         requests.extend(file.network_interfaces.into_iter().map(Request::PutNetworkInterface));
         requests.extend(file.firewall.into_iter().map(|(iface, rules)| Request::PutFirewall(iface, rules)));
+        requests.extend(file.devices.into_iter().map(Request::PutDevice));
         requests.extend(file.mmds_config.map(Request::PutMmdsConfig));
         requests.extend(file.vsock.map(Request::PutVsock));
         requests.extend(file.balloon.map(Request::PutBalloon));
@@ -1144,6 +1157,28 @@ impl Controller {
         }
         Ok(())
     }
+}
+
+/// An assigned device in the VMM's terms: exactly one back-end, named by a path that exists.
+fn passthrough_config(d: &models::PassthroughDevice) -> Result<crate::config::PassthroughConfig, String> {
+    use crate::config::{PassthroughBackend, PassthroughConfig};
+    let what = format!("device {}", d.id);
+    let backend = match (&d.vfio, &d.vfio_user) {
+        (Some(path), None) => {
+            must_exist(&what, "vfio", path)?;
+            PassthroughBackend::Vfio(PathBuf::from(path))
+        }
+        (None, Some(path)) => {
+            must_exist(&what, "vfio_user", path)?;
+            PassthroughBackend::VfioUser(PathBuf::from(path))
+        }
+        _ => {
+            return Err(format!(
+                "{what}: give exactly one of vfio (a sysfs device directory) and vfio_user (a socket)."
+            ));
+        }
+    };
+    Ok(PassthroughConfig { id: d.id.clone(), backend })
 }
 
 fn must_exist(what: &str, field: &str, path: &str) -> Result<(), String> {
@@ -1273,6 +1308,18 @@ fn config_file_of(c: &VmConfig) -> VmConfigFile {
             free_page_hinting: b.free_page_hinting,
         }),
         entropy: c.rng.then(models::Entropy::default),
+        devices: c
+            .passthrough
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let (vfio, vfio_user) = match &d.backend {
+                    crate::config::PassthroughBackend::Vfio(p) => (Some(p.display().to_string()), None),
+                    crate::config::PassthroughBackend::VfioUser(p) => (None, Some(p.display().to_string())),
+                };
+                models::PassthroughDevice { id: d.api_id(i), vfio, vfio_user }
+            })
+            .collect(),
         memory_hotplug: c.memory_hotplug.map(|h| models::MemoryHotplugConfig {
             total_size_mib: h.total_mib,
             slot_size_mib: h.slot_mib,

@@ -8,6 +8,7 @@ pub mod fault;
 mod gsi;
 pub mod memory;
 pub mod metrics;
+mod passthrough;
 pub mod snapshot;
 mod vcpu;
 mod virtio_devices;

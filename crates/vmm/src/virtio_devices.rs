@@ -43,15 +43,14 @@ pub struct AttachedDevices {
     /// Each pmem device's ID and how to change it while the VM runs.
     pub pmem: Vec<(String, DeviceUpdater)>,
     pub memory_hotplug: Option<Arc<virtio::mem::MemControl>>,
+    /// Assigned PCI devices (VFIO, vfio-user).
+    pub passthrough: crate::passthrough::AttachedPassthrough,
     /// Each network interface's ID and firewall, in configuration order.
     pub firewalls: Vec<(String, Arc<net::firewall::Firewall>)>,
     /// The kernel's copy of managed-network ports' firewalls, by interface ID and TAP; they go
     /// with the VMM.
     pub port_rules: Vec<(String, String, Mutex<net::port_rules::PortRules>)>,
 }
-
-/// The virtio-pci functions in slot order, and the root they hang off.
-type PciFunctions = (Vec<Arc<Mutex<PciTransport>>>, Arc<Mutex<PciRoot>>);
 
 /// A change to a running device: a disk's image or rate limit, a network interface's rate
 /// limits (None: that direction stays as it is).
@@ -212,6 +211,10 @@ pub fn attach_all(
             virtio::metrics::register(name, device_kind(device.device_type()), metrics);
         }
     }
+    // One PCI root and one routing table for virtio-pci functions and assigned devices.
+    let mut root = PciRoot::new();
+    let router = Arc::new(GsiRouter::new(vm.clone()));
+    let virtio_count = devices.len();
     // Devices were added disks first, then network interfaces, then pmem devices: their
     // transports come in the same order.
     let updaters: Vec<DeviceUpdater> = match config.transport {
@@ -223,15 +226,31 @@ pub fn attach_all(
             attached.mmio.iter().cloned().map(updater).collect()
         }
         VirtioTransport::Pci => {
-            let (transports, root) = attach_pci(vm, mem, devices, pio, mmio)?;
+            let transports = attach_pci(vm, mem, devices, &mut root, router.clone(), mmio)?;
             attached.pci = transports.clone();
-            attached.pci_root = Some(root);
             let updater = |t: Arc<Mutex<PciTransport>>| -> DeviceUpdater {
                 Box::new(move |change| apply(t.lock().unwrap_or_else(|p| p.into_inner()).virtio_state(), change))
             };
             transports.into_iter().map(updater).collect()
         }
     };
+    if !config.passthrough.is_empty() {
+        let bases = crate::passthrough::Bases {
+            first_gsi: FIRST_MSI_GSI + arch::layout::VIRTIO_MAX_DEVICES * virtio::pci::VECTORS as u32,
+            first_slot: (vm_memory::GuestMemoryBackend::num_regions(mem) + config.pmem.len()) as u32,
+            lowest_line: match config.transport {
+                VirtioTransport::Mmio => VIRTIO_FIRST_IRQ as u8 + virtio_count as u8,
+                VirtioTransport::Pci => VIRTIO_FIRST_IRQ as u8,
+            },
+        };
+        attached.passthrough = crate::passthrough::attach(vm, mem, config, mmio, &mut root, router, bases)?;
+    }
+    if config.transport == VirtioTransport::Pci || !config.passthrough.is_empty() {
+        let root = Arc::new(Mutex::new(root));
+        pio.insert(u64::from(devices::pci::CONFIG_PORT), devices::pci::CONFIG_PORT_LEN, root.clone())
+            .map_err(|e| Error::Device(format!("PCI root: {e}")))?;
+        attached.pci_root = Some(root);
+    }
     let mut updaters = updaters.into_iter();
     attached.disks = config.disks.iter().map(|d| d.id.clone()).zip(updaters.by_ref()).collect();
     attached.nets = updaters.by_ref().take(config.nets.len()).collect();
@@ -342,12 +361,11 @@ fn attach_pci(
     vm: &Arc<VmFd>,
     mem: &GuestMemory,
     devices: Vec<(String, Box<dyn VirtioDevice>)>,
-    pio: &mut Bus,
+    root: &mut PciRoot,
+    router: Arc<GsiRouter>,
     mmio: &mut Bus,
-) -> Result<PciFunctions, Error> {
-    let router = Arc::new(GsiRouter::new(vm.clone()));
+) -> Result<Vec<Arc<Mutex<PciTransport>>>, Error> {
     let mut transports = Vec::new();
-    let mut root = PciRoot::new();
     for (i, (name, device)) in devices.into_iter().enumerate() {
         let err = device_err(&name);
         let bar = PCI_BAR_START + i as u64 * PCI_BAR_STRIDE;
@@ -372,10 +390,7 @@ fn attach_pci(
         let slot = root.add(transport).ok_or_else(|| err("the PCI bus is full".into()))?;
         tracing::info!("{name} at PCI 00:{slot:02x}.0, BAR 0 at {bar:#x}");
     }
-    let root = Arc::new(Mutex::new(root));
-    pio.insert(u64::from(devices::pci::CONFIG_PORT), devices::pci::CONFIG_PORT_LEN, root.clone())
-        .map_err(|e| Error::Device(format!("PCI root: {e}")))?;
-    Ok((transports, root))
+    Ok(transports)
 }
 
 #[cfg(test)]

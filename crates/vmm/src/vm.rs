@@ -193,6 +193,12 @@ impl RunningVm {
         if !self.paused {
             return Err("the VM is running; pause it first (PATCH /vm with state Paused)".into());
         }
+        if !self.devices.passthrough.functions.is_empty() {
+            return Err(
+                "the VM has assigned PCI devices, whose state lives outside the VMM; a snapshot cannot hold them"
+                    .into(),
+            );
+        }
         if diff && !config.track_dirty_pages {
             return Err("a diff snapshot needs dirty page tracking; set track_dirty_pages in machine-config".into());
         }
@@ -302,7 +308,12 @@ pub fn start(
     let vm = create_vm(kvm)?;
     let mem_size = config.memory_bytes();
     let ram = memory::ram_regions(mem_size).len();
-    let mem = crate::memory::create(&config.memory_regions(), ram, &config.memory)
+    let mut memory_options = config.memory;
+    if config.passthrough.iter().any(|d| matches!(d.backend, crate::config::PassthroughBackend::VfioUser(_))) {
+        // A vfio-user server reaches guest memory by mapping its file.
+        memory_options.shared = true;
+    }
+    let mem = crate::memory::create(&config.memory_regions(), ram, &memory_options)
         .map_err(|e| Error::Memory { mib: mem_size >> 20, reason: e.to_string() })?;
     register_memory(&vm, &mem, config.track_dirty_pages)?;
     let (mut pio, mut mmio, legacy) = create_devices(&vm, config, launched, latch, None)?;

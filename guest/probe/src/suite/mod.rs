@@ -1,6 +1,7 @@
 //! The tests the probe offers, by name.
 
 mod cpuid;
+mod dma_engine;
 mod fault;
 mod hostile;
 mod hostile_net;
@@ -27,6 +28,7 @@ pub fn run(name: &str, cmdline: Cmdline, info: &StartInfo) {
         "hostile" => hostile::run(cmdline),
         "hostile-net" => hostile_net::run(cmdline),
         "hostile-pci" => hostile_pci::run(cmdline),
+        "dma-engine" => dma_engine::run(cmdline),
         "hostile-vsock" | "hostile-balloon" | "hostile-console" | "hostile-rng" => hostile_queues::run(name, cmdline),
         "i8042" => i8042::run(cmdline),
         "tsc" => match crate::tsc::khz(cmdline) {
