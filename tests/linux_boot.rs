@@ -58,16 +58,26 @@ fn assert_started_init(out: &common::Outcome, line: &str) {
 fn linux_vmlinux_boots_to_init() {
     let guest = linux_guest();
     let cmdline = format!("console=ttyS0 reboot=k panic=-1 {LINUX_HOST_CMDLINE}");
+    // An assigned device on the PCI root, served by another process: Linux enumerates it.
+    let server = common::DeviceServer::start(&common::scratch_dir("linux-vmlinux"), &[]);
     let out = boot_reaching("Run /init as init process", || {
         let mut cmd = ferrovisor();
         cmd.arg("run")
             .args(["--kernel", guest.join("vmlinux").to_str().unwrap()])
             .args(["--initrd", guest.join("initramfs.cpio").to_str().unwrap()])
-            .args(["--memory", "256", "--cmdline", &cmdline]);
+            .args(["--memory", "256", "--cmdline", &cmdline, "--device", &server.device_arg()]);
         Running::start(cmd).finish(BOOT_TIMEOUT)
     });
     let log = out.describe();
     assert!(out.stdout.contains("Linux version 6.1"), "{log}");
+    // Linux sized the BARs where the VMM placed them, the 64-bit prefetchable one included.
+    for line in [
+        "pci 0000:00:01.0: [1b36:1fe0] type 00 class 0xff0000",
+        "pci 0000:00:01.0: BAR 0 [mem 0xe1000000-0xe1000fff]",
+        "pci 0000:00:01.0: BAR 2 [mem 0xe1010000-0xe101ffff 64bit pref]",
+    ] {
+        assert!(out.stdout.contains(line), "'{line}' in {log}");
+    }
     // 256 MiB requested: usable RAM from 1 MiB to 256 MiB - 1, as the e820 map says.
     assert!(out.stdout.contains("BIOS-e820: [mem 0x0000000000100000-0x000000000fffffff] usable"), "{log}");
     assert!(out.stdout.contains("MPTABLE: OEM ID: FERROVSR"), "{log}");

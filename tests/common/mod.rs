@@ -783,3 +783,46 @@ pub fn mkfifo(path: &Path) {
     // SAFETY: a NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o666) }, 0, "mkfifo {}", path.display());
 }
+
+/// `ferrovisor device-server` on DIR/dma.sock, killed when dropped.
+pub struct DeviceServer {
+    pub child: Child,
+    pub socket: PathBuf,
+}
+
+impl DeviceServer {
+    pub fn start(dir: &Path, extra: &[&str]) -> DeviceServer {
+        let socket = dir.join("dma.sock");
+        let _ = std::fs::remove_file(&socket);
+        let child = ferrovisor()
+            .arg("device-server")
+            .arg(&socket)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "the device server never listened");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        DeviceServer { child, socket }
+    }
+
+    pub fn device_arg(&self) -> String {
+        format!("vfio-user={}", self.socket.display())
+    }
+
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for DeviceServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+

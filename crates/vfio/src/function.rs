@@ -687,6 +687,85 @@ impl BusDevice for BarWindow {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_device::InProcess;
+
+    /// What a VMM would hand out, and every route the function asked for.
+    #[derive(Default)]
+    struct Fake {
+        next_mmio: u64,
+        next_gsi: u32,
+        routes: Mutex<Vec<(u32, Option<(u64, u32)>)>>,
+    }
+
+    impl Resources for Fake {
+        fn mmio(&mut self, size: u64) -> Option<u64> {
+            let at = (0xe100_0000 + self.next_mmio).next_multiple_of(size);
+            self.next_mmio = at + size - 0xe100_0000;
+            Some(at)
+        }
+        fn msi_vector(&mut self) -> Result<(u32, EventFd), String> {
+            self.next_gsi += 1;
+            Ok((100 + self.next_gsi, EventFd::new(0).unwrap()))
+        }
+        fn intx(&mut self) -> Result<(u8, EventFd, EventFd), String> {
+            Ok((23, EventFd::new(0).unwrap(), EventFd::new(0).unwrap()))
+        }
+    }
+
+    impl MsiRouter for Fake {
+        fn set_routes(&self, routes: &[(u32, Option<(u64, u32)>)]) {
+            self.routes.lock().unwrap().extend_from_slice(routes);
+        }
+    }
+
+    fn function() -> (Function, Arc<Fake>) {
+        let router = Arc::new(Fake::default());
+        let mut resources = Fake::default();
+        let f = Function::new("dev0", Box::new(InProcess::new().unwrap()), &mut resources, router.clone(), &[]).unwrap();
+        (f, router)
+    }
+
+    #[test]
+    fn bars_are_placed_sized_and_kept_where_the_vmm_put_them() {
+        let (mut f, _) = function();
+        assert_eq!(f.read_config(0), 0x1fe0_1b36);
+        let bar0 = f.read_config(0x10);
+        assert_eq!(bar0, 0xe100_0000);
+        f.write_config(0x10, &u32::MAX.to_le_bytes());
+        assert_eq!(f.read_config(0x10), 0xffff_f000, "a 4 KiB memory BAR");
+        f.write_config(0x10, &0x1234_0000u32.to_le_bytes());
+        assert_eq!(f.read_config(0x10), bar0, "the guest cannot move it");
+        // BAR 2 is 64-bit and prefetchable; its upper half sizes too.
+        assert_eq!(f.read_config(0x18) & 0xf, 0xc);
+        f.write_config(0x1c, &u32::MAX.to_le_bytes());
+        assert_eq!(f.read_config(0x1c), u32::MAX);
+        assert_eq!(f.read_config(0x30), 0, "no ROM");
+        assert_eq!(f.read_config(0x3c) & 0xffff, 0x0117, "INTA on line 23");
+    }
+
+    #[test]
+    fn msix_is_routed_as_the_guest_programs_it_and_reset_clears_it() {
+        let (mut f, router) = function();
+        for (offset, value) in [(0u64, 0xfee0_0000u32), (8, 0x45), (12, 0)] {
+            f.bar_write(1, offset, &value.to_le_bytes());
+        }
+        let mut entry = [0u8; 4];
+        f.bar_read(1, 8, &mut entry);
+        assert_eq!(u32::from_le_bytes(entry), 0x45, "the table reads back");
+        assert!(router.routes.lock().unwrap().iter().all(|r| r.1.is_none()), "nothing routes before MSI-X is on");
+        let control = f.read_config(0x40) >> 16;
+        assert_eq!(control & 0x7ff, 3, "four vectors");
+        f.write_config(0x42, &0x8000u16.to_le_bytes());
+        assert_eq!(f.read_config(0x40) >> 16, 0x8003);
+        assert!(router.routes.lock().unwrap().contains(&(101, Some((0xfee0_0000, 0x45)))));
+        // The added reset capability comes first in the list and resets MSI-X with the device.
+        assert_eq!(f.read_config(0x34), 0xf8);
+        assert_eq!(f.read_config(0xf8) & 0xffff, 0x4013);
+        f.write_config(0x10 + 0xe8 + 4, &[1]);
+        assert_eq!(f.read_config(0x40) >> 16, 3, "MSI-X off after the reset");
+        let routes = router.routes.lock().unwrap();
+        assert!(routes[routes.len() - 5..].contains(&(101, None)), "vector 0 unrouted: {routes:?}");
+    }
 
     #[test]
     fn msix_pages_are_cut_out_of_mapped_areas() {

@@ -102,3 +102,28 @@ pub fn dma_plan<M: vm_memory::GuestMemoryBackend>(mem: &M) -> Vec<DmaMapping> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+
+    #[test]
+    fn dma_covers_every_region_with_its_file_and_offset() {
+        // RAM below the MMIO hole, RAM above it, and hotpluggable memory: one memfd, as the
+        // VMM lays out shared guest memory.
+        let file = vmm_sys_util::tempfile::TempFile::new().unwrap().into_file();
+        file.set_len(0x7000).unwrap();
+        let ranges = [(0u64, 0x2000u64, 0u64), (0x1_0000_0000, 0x1000, 0x2000), (0x2_0000_0000, 0x4000, 0x3000)];
+        let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges_with_files(ranges.iter().map(|&(gpa, len, off)| {
+            (GuestAddress(gpa), len as usize, Some(FileOffset::new(file.try_clone().unwrap(), off)))
+        }))
+        .unwrap();
+        let plan = dma_plan(&mem);
+        let got: Vec<(u64, u64, u64)> = plan.iter().map(|m| (m.iova, m.size, m.file.unwrap().1)).collect();
+        assert_eq!(got, ranges);
+        assert!(plan.iter().all(|m| m.host_addr != 0));
+        let anonymous: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        assert_eq!(dma_plan(&anonymous)[0].file, None, "only kernel VFIO can map memory without a file");
+    }
+}

@@ -386,3 +386,85 @@ pub fn serve(socket: &Path, shared_size: u64) -> Result<(), String> {
         }
     }
 }
+
+/// The test device behind [`crate::Backend`] in this process, with nothing mapped (every
+/// access is a call): for unit tests and fuzzing of the VMM's side without a socket.
+pub struct InProcess {
+    device: TestDevice,
+    regions: Vec<crate::Region>,
+    irq_counts: Vec<u32>,
+}
+
+impl InProcess {
+    pub fn new() -> std::io::Result<InProcess> {
+        let device = TestDevice::new(SHARED_SIZE)?;
+        let (regions, irqs) = device.layout();
+        let regions = regions
+            .iter()
+            .map(|r| crate::Region {
+                index: r.region_info.index,
+                size: r.region_info.size,
+                readable: r.region_info.flags & VFIO_REGION_INFO_FLAG_READ != 0,
+                writable: r.region_info.flags & VFIO_REGION_INFO_FLAG_WRITE != 0,
+                mmap: None,
+            })
+            .collect();
+        Ok(InProcess { device, regions, irq_counts: irqs.iter().map(|i| i.count).collect() })
+    }
+}
+
+impl crate::Backend for InProcess {
+    fn describe(&self) -> String {
+        "the in-process test device".into()
+    }
+    fn region(&self, index: u32) -> Option<&crate::Region> {
+        self.regions.get(index as usize)
+    }
+    fn irq_count(&self, index: u32) -> u32 {
+        self.irq_counts.get(index as usize).copied().unwrap_or(0)
+    }
+    fn resettable(&self) -> bool {
+        true
+    }
+    fn read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> Result<(), crate::Error> {
+        Ok(self.device.region_read(region, offset, data)?)
+    }
+    fn write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), crate::Error> {
+        Ok(self.device.region_write(region, offset, data)?)
+    }
+    fn set_irqs(&mut self, index: u32, fds: &[&vmm_sys_util::eventfd::EventFd]) -> Result<(), crate::Error> {
+        use vfio_bindings::bindings::vfio::VFIO_IRQ_SET_DATA_NONE;
+        let files = fds
+            .iter()
+            .map(|f| {
+                // SAFETY: into_raw_fd hands over the clone's fd, which the File owns from here on.
+                f.try_clone().map(|e| unsafe { File::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(e)) })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let data = if files.is_empty() { VFIO_IRQ_SET_DATA_NONE } else { VFIO_IRQ_SET_DATA_EVENTFD };
+        let count = files.len() as u32;
+        Ok(self.device.set_irqs(index, data | VFIO_IRQ_SET_ACTION_TRIGGER, 0, count, files)?)
+    }
+    fn set_intx_unmask(&mut self, _fd: &vmm_sys_util::eventfd::EventFd) -> Result<(), crate::Error> {
+        Ok(())
+    }
+    fn reset(&mut self) -> Result<(), crate::Error> {
+        Ok(self.device.reset()?)
+    }
+    fn dma_map(&mut self, map: &crate::DmaMapping) -> Result<(), crate::Error> {
+        let Some((fd, offset)) = map.file else {
+            return Err(crate::Error::Unsupported("memory without a file".into()));
+        };
+        // SAFETY: F_DUPFD_CLOEXEC on the caller's live fd returns a new fd or -1.
+        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        // SAFETY: `dup` is new and owned by the File from here on.
+        let file = unsafe { File::from_raw_fd(dup) };
+        Ok(self.device.dma_map(DmaMapFlags::READ_WRITE, offset, map.iova, map.size, Some(file))?)
+    }
+    fn dma_unmap(&mut self, iova: u64, size: u64) -> Result<(), crate::Error> {
+        Ok(self.device.dma_unmap(DmaUnmapFlags::empty(), iova, size)?)
+    }
+}

@@ -186,6 +186,11 @@ impl UserDevice {
                 path.display()
             ))
         })?;
+        UserDevice::over(stream, path)
+    }
+
+    /// Speaks vfio-user over `stream`, already connected to the server at `path`.
+    pub fn over(stream: UnixStream, path: &Path) -> Result<UserDevice, Error> {
         stream.set_read_timeout(Some(REPLY_DEADLINE))?;
         stream.set_write_timeout(Some(REPLY_DEADLINE))?;
         let mut device = UserDevice {
