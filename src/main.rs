@@ -367,7 +367,12 @@ fn main() -> ExitCode {
         Some(Command::Network { action }) => network(action, &policy),
         Some(Command::Switch { path, sticky_macs }) => switch(&path, sticky_macs, &policy),
         Some(Command::DeviceServer { socket, shared_bar_kib }) => {
-            match vfio::test_device::serve(&socket, shared_bar_kib.saturating_mul(1024)) {
+            let confine = || {
+                sandbox::init(&policy)
+                    .and_then(|()| sandbox::apply(sandbox::ThreadKind::DeviceServer))
+                    .map_err(|e| e.to_string())
+            };
+            match vfio::test_device::serve(&socket, shared_bar_kib.saturating_mul(1024), confine) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e}.");

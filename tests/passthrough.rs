@@ -83,6 +83,29 @@ fn a_dead_device_server_reads_all_ones_and_the_vm_runs_on() {
 }
 
 #[test]
+fn a_stalled_device_server_costs_the_vcpu_one_deadline_not_the_vm() {
+    let dir = scratch_dir("passthrough-stalled");
+    let server = DeviceServer::start(&dir, &[]);
+    let mut cmd = probe_command(1, "probe.test=dma-engine,tsc probe.dma-engine.mode=gone");
+    cmd.args(["--device", &server.device_arg()]);
+    let mut vm = Running::start(cmd);
+    assert!(vm.wait_for_output("PROBE dma-engine ok", TIMEOUT), "{}", vm.stderr());
+    // Stopped, not dead: the socket stays open and nothing answers.
+    // SAFETY: kill with the server's own pid.
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGSTOP) };
+    let stopped = std::time::Instant::now();
+    let out = vm.finish(TIMEOUT);
+    // SAFETY: as above; the server is killed when dropped.
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGCONT) };
+    let gone = probe_result(&out.stdout, "dma-engine-gone").unwrap_or_default();
+    assert!(gone.contains("id=0xffffffff"), "{}", out.describe());
+    assert!(probe_result(&out.stdout, "tsc").is_some_and(|l| l.contains(" ok ")), "{}", out.describe());
+    assert!(out.stderr.contains("is gone"), "{}", out.describe());
+    assert!(stopped.elapsed() < Duration::from_secs(20), "the VM waited {:?}", stopped.elapsed());
+    assert!(out.status.success(), "{}", out.describe());
+}
+
+#[test]
 fn assignment_mistakes_are_refused_with_their_fix() {
     let dir = scratch_dir("passthrough-mistakes");
     let refused = |device: &str| {

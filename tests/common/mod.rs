@@ -825,4 +825,3 @@ impl Drop for DeviceServer {
         let _ = self.child.wait();
     }
 }
-

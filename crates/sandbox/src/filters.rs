@@ -199,7 +199,10 @@ const LEASE_FILES: &[i64] = &[
 /// the switch and DHCP processes). A thread keeps its creator's filter beneath its own, so the
 /// launcher's filter allows all that theirs do (it handles no untrusted input).
 fn launched(kind: ThreadKind) -> bool {
-    !matches!(kind, ThreadKind::Vmm | ThreadKind::Launcher | ThreadKind::Switch | ThreadKind::Dhcp)
+    !matches!(
+        kind,
+        ThreadKind::Vmm | ThreadKind::Launcher | ThreadKind::Switch | ThreadKind::Dhcp | ThreadKind::DeviceServer
+    )
 }
 
 /// The system calls and ioctl requests `kind` may make.
@@ -231,6 +234,8 @@ fn allowed(kind: ThreadKind) -> (Vec<i64>, Vec<Ioctl>) {
         ThreadKind::SerialInput => &[EVENTS],
         ThreadKind::Switch => &[EVENTS, SOCKETS, &[libc::SYS_unlink]],
         ThreadKind::Dhcp => &[EVENTS, SOCKETS, LEASE_FILES],
+        // Accepting VMMs one after another, mapping the guest memory they share.
+        ThreadKind::DeviceServer => &[EVENTS, SOCKETS, &[libc::SYS_unlink, libc::SYS_statx, libc::SYS_newfstatat]],
     };
     let ioctls: &'static [Ioctl] = match kind {
         ThreadKind::Vmm => VMM_IOCTLS,

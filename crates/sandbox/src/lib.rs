@@ -48,10 +48,12 @@ pub enum ThreadKind {
     Switch,
     /// `ferrovisor network dhcp`.
     Dhcp,
+    /// `ferrovisor device-server`: a vfio-user device in its own process.
+    DeviceServer,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 16] = [
+    pub const ALL: [ThreadKind; 17] = [
         ThreadKind::Vmm,
         ThreadKind::Api,
         ThreadKind::Vcpu,
@@ -68,6 +70,7 @@ impl ThreadKind {
         ThreadKind::SerialInput,
         ThreadKind::Switch,
         ThreadKind::Dhcp,
+        ThreadKind::DeviceServer,
     ];
 
     /// The filter's name in a filter file (Firecracker's files name `vmm`, `api` and `vcpu`).
@@ -89,6 +92,7 @@ impl ThreadKind {
             ThreadKind::SerialInput => "serial-input",
             ThreadKind::Switch => "switch",
             ThreadKind::Dhcp => "dhcp",
+            ThreadKind::DeviceServer => "device-server",
         }
     }
 }

@@ -689,12 +689,15 @@ mod tests {
     use super::*;
     use crate::test_device::InProcess;
 
+    /// A GSI and where it routes to, if anywhere.
+    type Route = (u32, Option<(u64, u32)>);
+
     /// What a VMM would hand out, and every route the function asked for.
     #[derive(Default)]
     struct Fake {
         next_mmio: u64,
         next_gsi: u32,
-        routes: Mutex<Vec<(u32, Option<(u64, u32)>)>>,
+        routes: Mutex<Vec<Route>>,
     }
 
     impl Resources for Fake {
@@ -721,7 +724,8 @@ mod tests {
     fn function() -> (Function, Arc<Fake>) {
         let router = Arc::new(Fake::default());
         let mut resources = Fake::default();
-        let f = Function::new("dev0", Box::new(InProcess::new().unwrap()), &mut resources, router.clone(), &[]).unwrap();
+        let f =
+            Function::new("dev0", Box::new(InProcess::new().unwrap()), &mut resources, router.clone(), &[]).unwrap();
         (f, router)
     }
 

@@ -368,13 +368,15 @@ impl ServerBackend for TestDevice {
     }
 }
 
-/// Serves the test device at `socket`, one VMM after another, until killed.
-pub fn serve(socket: &Path, shared_size: u64) -> Result<(), String> {
+/// Serves the test device at `socket`, one VMM after another, until killed; `confine` runs
+/// once the device and its socket exist (to put the process under its seccomp filter).
+pub fn serve(socket: &Path, shared_size: u64, confine: impl FnOnce() -> Result<(), String>) -> Result<(), String> {
     let mut device = TestDevice::new(shared_size).map_err(|e| format!("the test device cannot be made ({e})"))?;
     let (regions, irqs) = device.layout();
     let server = Server::new(socket, true, irqs, regions).map_err(|e| {
         format!("cannot serve at {} ({e}); remove a stale socket or pick another path", socket.display())
     })?;
+    confine()?;
     tracing::info!("test DMA engine served at {}", socket.display());
     loop {
         server.run(&mut device).map_err(|e| format!("the vfio-user connection failed ({e})"))?;
