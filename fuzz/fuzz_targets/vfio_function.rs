@@ -1,6 +1,8 @@
 //! An assigned PCI function as the guest drives it: configuration-space and BAR sequences over
 //! the test DMA engine in this process (BAR sizing, MSI-X and MSI capabilities and table, the
-//! added reset capability, and the device's own registers with guest-chosen DMA addresses).
+//! added reset capability, and the device's own registers with guest-chosen DMA addresses);
+//! or, when the first byte is odd, over a device whose configuration space (the next 256
+//! bytes) and region sizes (8 more, as powers of two) are the input's.
 #![no_main]
 
 use std::sync::{Arc, Mutex};
@@ -18,17 +20,101 @@ struct Fake {
 
 impl vfio::Resources for Fake {
     fn mmio(&mut self, size: u64) -> Option<u64> {
-        let at = self.next_mmio.next_multiple_of(size);
-        self.next_mmio = at + size;
+        let at = self.next_mmio.checked_next_multiple_of(size)?;
+        self.next_mmio = at.checked_add(size).filter(|&end| end <= 0xfe00_0000)?;
         Some(at)
     }
     fn msi_vector(&mut self) -> Result<(u32, EventFd), String> {
+        if self.next_gsi > 4096 {
+            return Err("no GSI left".into());
+        }
         self.next_gsi += 1;
         EventFd::new(libc::EFD_NONBLOCK).map(|e| (self.next_gsi, e)).map_err(|e| e.to_string())
     }
     fn intx(&mut self) -> Result<(u8, EventFd, EventFd), String> {
         let fd = || EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string());
         Ok((23, fd()?, fd()?))
+    }
+}
+
+/// A device that is whatever the input says it is.
+struct Hostile {
+    config: [u8; 256],
+    regions: Vec<vfio::Region>,
+}
+
+impl vfio::Backend for Hostile {
+    fn describe(&self) -> String {
+        "hostile".into()
+    }
+    fn region(&self, index: u32) -> Option<&vfio::Region> {
+        self.regions.get(index as usize)
+    }
+    fn irq_count(&self, index: u32) -> u32 {
+        [1, 1, 2048][index.min(2) as usize]
+    }
+    fn resettable(&self) -> bool {
+        self.config[0] & 1 != 0
+    }
+    fn read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> Result<(), vfio::Error> {
+        for (i, out) in data.iter_mut().enumerate() {
+            *out = if region == vfio::CONFIG_REGION {
+                self.config.get(offset as usize + i).copied().unwrap_or(0)
+            } else {
+                0
+            };
+        }
+        Ok(())
+    }
+    fn write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), vfio::Error> {
+        if region == vfio::CONFIG_REGION {
+            for (i, &b) in data.iter().enumerate() {
+                if let Some(slot) = self.config.get_mut(offset as usize + i) {
+                    *slot = b;
+                }
+            }
+        }
+        Ok(())
+    }
+    fn set_irqs(&mut self, _index: u32, _fds: &[&EventFd]) -> Result<(), vfio::Error> {
+        Ok(())
+    }
+    fn set_intx_unmask(&mut self, _fd: &EventFd) -> Result<(), vfio::Error> {
+        Ok(())
+    }
+    fn reset(&mut self) -> Result<(), vfio::Error> {
+        Ok(())
+    }
+    fn dma_map(&mut self, _map: &vfio::DmaMapping) -> Result<(), vfio::Error> {
+        Ok(())
+    }
+    fn dma_unmap(&mut self, _iova: u64, _size: u64) -> Result<(), vfio::Error> {
+        Ok(())
+    }
+}
+
+fn device(data: &[u8]) -> Option<(Box<dyn vfio::Backend>, &[u8])> {
+    match data.split_first() {
+        Some((kind, rest)) if kind & 1 == 1 && rest.len() >= 264 => {
+            let mut config = [0u8; 256];
+            config.copy_from_slice(&rest[..256]);
+            let regions = (0..8u32)
+                .map(|i| vfio::Region {
+                    index: i,
+                    size: if i == vfio::CONFIG_REGION {
+                        256
+                    } else {
+                        1u64.checked_shl(u32::from(rest[256 + i as usize] & 63)).unwrap_or(0)
+                    },
+                    readable: true,
+                    writable: true,
+                    mmap: None,
+                })
+                .collect();
+            Some((Box::new(Hostile { config, regions }), &rest[264..]))
+        }
+        Some((_, rest)) => Some((Box::new(vfio::test_device::InProcess::new().ok()?), rest)),
+        None => None,
     }
 }
 
@@ -41,9 +127,9 @@ impl devices::pci::MsiRouter for NoRoutes {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(device) = vfio::test_device::InProcess::new() else { return };
+    let Some((device, data)) = device(data) else { return };
     let mut resources = Fake { next_mmio: 0xe100_0000, next_gsi: 100 };
-    let Ok(function) = vfio::Function::new("fuzz", Box::new(device), &mut resources, Arc::new(NoRoutes), &[]) else {
+    let Ok(function) = vfio::Function::new("fuzz", device, &mut resources, Arc::new(NoRoutes), &[]) else {
         return;
     };
     let function = Arc::new(Mutex::new(function));

@@ -270,7 +270,7 @@ impl Function {
         let mut can_reset = false;
         for &(id, at) in &caps {
             match id {
-                CAP_MSIX => self.msix = self.msix_at(header, at, resources)?,
+                CAP_MSIX if at + 12 <= 256 => self.msix = self.msix_at(header, at, resources)?,
                 CAP_MSI if at + 24 <= 256 => self.msi = self.msi_at(header, at, resources)?,
                 CAP_PCIE if at + 8 <= 256 => can_reset |= dword(header, at + 4) & PCIE_DEVCAP_FLR != 0,
                 CAP_AF if at + 4 <= 256 => can_reset |= header[at + 3] & AF_FLR != 0,
@@ -702,8 +702,9 @@ mod tests {
 
     impl Resources for Fake {
         fn mmio(&mut self, size: u64) -> Option<u64> {
-            let at = (0xe100_0000 + self.next_mmio).next_multiple_of(size);
-            self.next_mmio = at + size - 0xe100_0000;
+            let at = (0xe100_0000 + self.next_mmio).checked_next_multiple_of(size)?;
+            let end = at.checked_add(size).filter(|&end| end <= 0xfe00_0000)?;
+            self.next_mmio = end - 0xe100_0000;
             Some(at)
         }
         fn msi_vector(&mut self) -> Result<(u32, EventFd), String> {
@@ -769,6 +770,86 @@ mod tests {
         assert_eq!(f.read_config(0x40) >> 16, 3, "MSI-X off after the reset");
         let routes = router.routes.lock().unwrap();
         assert!(routes[routes.len() - 5..].contains(&(101, None)), "vector 0 unrouted: {routes:?}");
+    }
+
+    /// A device whose configuration space and region sizes are whatever a test says.
+    struct Hostile {
+        config: [u8; 256],
+        regions: Vec<crate::Region>,
+    }
+
+    impl Backend for Hostile {
+        fn describe(&self) -> String {
+            "a hostile device".into()
+        }
+        fn region(&self, index: u32) -> Option<&crate::Region> {
+            self.regions.get(index as usize)
+        }
+        fn irq_count(&self, _index: u32) -> u32 {
+            u32::MAX
+        }
+        fn resettable(&self) -> bool {
+            true
+        }
+        fn read(&mut self, _region: u32, offset: u64, data: &mut [u8]) -> Result<(), crate::Error> {
+            for (i, out) in data.iter_mut().enumerate() {
+                *out = self.config.get(offset as usize + i).copied().unwrap_or(0xff);
+            }
+            Ok(())
+        }
+        fn write(&mut self, _region: u32, _offset: u64, _data: &[u8]) -> Result<(), crate::Error> {
+            Ok(())
+        }
+        fn set_irqs(&mut self, _index: u32, _fds: &[&EventFd]) -> Result<(), crate::Error> {
+            Ok(())
+        }
+        fn set_intx_unmask(&mut self, _fd: &EventFd) -> Result<(), crate::Error> {
+            Ok(())
+        }
+        fn reset(&mut self) -> Result<(), crate::Error> {
+            Ok(())
+        }
+        fn dma_map(&mut self, _map: &DmaMapping) -> Result<(), crate::Error> {
+            Ok(())
+        }
+        fn dma_unmap(&mut self, _iova: u64, _size: u64) -> Result<(), crate::Error> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_hostile_configuration_space_is_refused_or_tamed_never_a_panic() {
+        let region = |index, size| crate::Region { index, size, readable: true, writable: true, mmap: None };
+        let mut cases: Vec<([u8; 256], u64)> = Vec::new();
+        let mut with_cap = |at: usize, id: u8, next: u8, bar_size: u64| {
+            let mut c = [0u8; 256];
+            c[6] = 0x10; // capability list
+            c[0x34] = at as u8;
+            c[at] = id;
+            c[at + 1] = next;
+            c[0x3d] = 1;
+            cases.push((c, bar_size));
+        };
+        with_cap(0xfc, CAP_MSIX, 0, 0x1000); // MSI-X at the very end
+        with_cap(0xf0, CAP_MSI, 0, 0x1000); // MSI with no room for its fields
+        with_cap(0x40, CAP_MSIX, 0x40, 0x1000); // a list that loops
+        with_cap(0xfc, CAP_PCIE, 0, 0x1000);
+        with_cap(0x40, CAP_MSIX, 0, u64::MAX); // a BAR no window holds
+        let mut last_bar_64 = [0u8; 256];
+        last_bar_64[0x24] = 0x4;
+        cases.push((last_bar_64, 0x1000));
+        for (config, bar_size) in cases {
+            let mut regions: Vec<crate::Region> = (0..8).map(|i| region(i, bar_size)).collect();
+            regions[7].size = 256;
+            let backend = Box::new(Hostile { config, regions });
+            let router = Arc::new(Fake::default());
+            if let Ok(mut f) = Function::new("dev", backend, &mut Fake::default(), router, &[]) {
+                for offset in (0..256u16).step_by(4) {
+                    f.read_config(offset);
+                    f.write_config(offset, &[0xff; 4]);
+                }
+            }
+        }
     }
 
     #[test]

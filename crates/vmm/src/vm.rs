@@ -357,6 +357,9 @@ pub fn restore(
     let restore_err = |e: String| Error::Device(format!("the snapshot cannot be restored: {e}"));
     // The file is untrusted: its regions must be the ones its memory size lays out (no
     // overlaps, no wrap), and the memory file a regular file (not a FIFO to hang on).
+    if !config.passthrough.is_empty() {
+        return Err(restore_err("it names assigned PCI devices, which snapshots cannot hold".into()));
+    }
     if saved.regions != config.memory_regions() {
         return Err(restore_err(format!(
             "its memory regions do not match its {} MiB of memory; take the snapshot again",
