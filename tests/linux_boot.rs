@@ -258,7 +258,9 @@ fn linux_on_virtio_mmio_devices_mounts_root_gets_dhcp_answers_pings_and_logs_to_
             .args(["--memory", "256", "--rng", "--cmdline", &cmdline])
             .args(["--disk", &format!("path={}", root.display())])
             .args(["--disk", &format!("path={},readonly=on", data_disk.display())])
-            .args(["--net", &format!("tap={tap}")])
+            // One MAC for both boots: dnsmasq has one address to lease, and a second boot (after
+            // the fwait gap) must get it again.
+            .args(["--net", &format!("tap={tap},mac=02:fc:00:00:02:0f")])
             .args(["--console", &format!("file:{}", hvc0.display())])
             .args(["--balloon", "size=8"])
             .args(["--vsock", &format!("cid=3,uds={}", dir.join("vsock.sock").display())]);

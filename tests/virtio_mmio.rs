@@ -429,9 +429,18 @@ fn vsock_connects_both_ways_through_the_host_socket() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// With the worker polling and without: the guest kicks only when the device asks (EVENT_IDX),
+/// so a frame the device misses while it stops polling would stay in the ring.
 #[test]
 fn net_under_load_loses_and_duplicates_no_frame_either_way() {
+    for poll_us in [0, 200] {
+        net_under_load(poll_us);
+    }
+}
+
+fn net_under_load(poll_us: u32) {
     let tap = common::TestTap::new("fvq");
+    let net = format!("tap={},poll_us={poll_us}", tap.name);
     let far_side = common::PacketSocket::bind(&tap.name);
     const OUT: u64 = 5000;
     const IN: u64 = 2000;
@@ -440,7 +449,7 @@ fn net_under_load_loses_and_duplicates_no_frame_either_way() {
     );
     // First the guest blasts OUT frames; every sequence number must arrive exactly once.
     let mut cmd = probe_command(1, &tests);
-    cmd.args(["--net", &format!("tap={}", tap.name)]);
+    cmd.args(["--net", &net]);
     let out = Running::start(cmd).finish(TIMEOUT);
     assert!(out.stdout.contains(&format!("frames={OUT}")), "{}", out.describe());
     far_side.set_timeout(Duration::from_secs(1));
@@ -452,11 +461,11 @@ fn net_under_load_loses_and_duplicates_no_frame_either_way() {
     }
     let lost = seen.iter().filter(|&&n| n == 0).count();
     let doubled = seen.iter().filter(|&&n| n > 1).count();
-    assert_eq!((lost, doubled), (0, 0), "frames lost or duplicated on the way out");
+    assert_eq!((lost, doubled), (0, 0), "frames lost or duplicated on the way out (poll_us={poll_us})");
 
     // Then the host sends IN frames in bursts; the guest must count every one, bytes intact.
     let mut cmd = probe_command(1, &format!("probe.test=virtio-net probe.virtio-net.tx=0 probe.virtio-net.rx={IN}"));
-    cmd.args(["--net", &format!("tap={}", tap.name)]);
+    cmd.args(["--net", &net]);
     let mut vm = Running::start(cmd);
     assert!(vm.wait_for_output("PROBE virtio-net ready", TIMEOUT), "{}", vm.stdout());
     let mut checksum = pattern::FNV_OFFSET;
@@ -474,7 +483,44 @@ fn net_under_load_loses_and_duplicates_no_frame_either_way() {
     }
     let out = vm.finish(TIMEOUT);
     let line = probe_result(&out.stdout, "virtio-net").unwrap_or_else(|| panic!("{}", out.describe()));
-    assert!(line.ends_with(&format!("rx={IN} rx_bytes={bytes} rx_checksum={checksum:#x}")), "{line}");
+    assert!(
+        line.ends_with(&format!("rx={IN} rx_bytes={bytes} rx_checksum={checksum:#x}")),
+        "poll_us={poll_us}: {line}"
+    );
+}
+
+/// Every read of the throughput mode checked against the pattern the disk holds, at depths 1,
+/// 8 and 32, with the worker polling and without, kicks and interrupts suppressed by EVENT_IDX.
+#[test]
+fn blk_reads_are_exact_at_every_depth_with_polling_on_and_off() {
+    let dir = scratch_dir("blk-depths");
+    let image = dir.join("disk.img");
+    let mut content = vec![0u8; 4 << 20];
+    for (sector, chunk) in content.chunks_exact_mut(512).enumerate() {
+        pattern::fill_sector(7, sector as u64, chunk);
+    }
+    std::fs::write(&image, &content).unwrap();
+    for depth in [1, 8, 32] {
+        for poll_us in [0, 200] {
+            let mut cmd = probe_command(
+                1,
+                &format!(
+                    "probe.test=virtio-blk probe.virtio-blk.mode=throughput probe.virtio-blk.mib=4 \
+                     probe.virtio-blk.ops=2048 probe.virtio-blk.depth={depth} probe.virtio-blk.verify=7 \
+                     probe.tsc.khz=1000000"
+                ),
+            );
+            cmd.args(["--disk", &format!("path={},poll_us={poll_us}", image.display())]);
+            let out = Running::start(cmd).finish(TIMEOUT);
+            let line = probe_result(&out.stdout, "virtio-blk").unwrap_or_else(|| panic!("{}", out.describe()));
+            assert!(
+                line.starts_with(&format!("PROBE virtio-blk ok mode=throughput depth={depth} event_idx=on ")),
+                "poll_us={poll_us}: {line}"
+            );
+            assert!(line.contains(" seq_bytes=4194304 ") && line.contains(" rand_ops=2048 "), "{line}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]

@@ -91,6 +91,7 @@ pub struct Net {
     metrics: Arc<DeviceMetrics>,
     rx_limit: Option<RateLimit>,
     tx_limit: Option<RateLimit>,
+    poll: std::time::Duration,
     worker: Option<Worker>,
 }
 
@@ -105,6 +106,7 @@ impl Net {
             metrics: Arc::default(),
             rx_limit: None,
             tx_limit: None,
+            poll: std::time::Duration::ZERO,
             worker: None,
         }
     }
@@ -114,6 +116,12 @@ impl Net {
     /// Tells the guest its MTU (VIRTIO_NET_F_MTU).
     pub fn with_mtu(mut self, mtu: Option<u16>) -> Net {
         self.mtu = mtu;
+        self
+    }
+
+    /// Has the worker poll the queues and the host side for up to `poll_us` after work.
+    pub fn with_polling(mut self, poll_us: u32) -> Net {
+        self.poll = std::time::Duration::from_micros(u64::from(poll_us));
         self
     }
 
@@ -183,8 +191,10 @@ impl VirtioDevice for Net {
             mmds: self.mmds.map(MmdsStack::new),
             firewall: self.firewall.clone(),
         };
-        self.worker =
-            Some(Worker::spawn(sandbox::ThreadKind::Net, backend, activation).map_err(ActivateError::Worker)?);
+        self.worker = Some(
+            Worker::spawn_polling(sandbox::ThreadKind::Net, backend, activation, self.poll)
+                .map_err(ActivateError::Worker)?,
+        );
         Ok(())
     }
     fn quiesce(&mut self) -> Option<Vec<Queue>> {

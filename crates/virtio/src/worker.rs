@@ -1,8 +1,10 @@
 //! The thread an active device runs on: it waits on the queues' notification eventfds (and any
 //! back-end fds), lets the device's back-end serve them, and raises the interrupt.
 
+use std::cell::Cell;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use virtio_queue::Queue;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -43,9 +45,50 @@ pub struct Worker {
 const KILL_TOKEN: u64 = u64::MAX;
 const FD_TOKEN_BASE: u64 = 1 << 32;
 
+thread_local! {
+    /// Set while the worker polls: queues keep their notifications off after serving (see
+    /// serve_queue_limited), so that the driver need not kick a device that is looking.
+    static POLLING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Adaptive polling, in the spirit of QEMU's `poll-max-ns`: after work, the worker keeps
+/// looking at its rings and fds for `window` before it sleeps. The window grows (up to `max`)
+/// when work came soon after the worker went to sleep, and shrinks when a sleep outlasted `max`,
+/// so that an idle device stops polling altogether.
+#[derive(Clone, Copy, Debug)]
+struct Polling {
+    max: Duration,
+    window: Duration,
+}
+
+const MIN_POLL_WINDOW: Duration = Duration::from_micros(4);
+
+impl Polling {
+    fn after_sleep(&mut self, slept: Duration) {
+        if slept > self.max {
+            self.window /= 2;
+            if self.window < MIN_POLL_WINDOW {
+                self.window = Duration::ZERO;
+            }
+        } else if self.window < self.max && slept > self.window {
+            self.window = (self.window * 2).clamp(MIN_POLL_WINDOW, self.max);
+        }
+    }
+}
+
 impl Worker {
     /// Starts `backend` on a thread named after `kind`, under its filter.
-    pub fn spawn(kind: ThreadKind, mut backend: impl Backend, activation: Activation) -> std::io::Result<Worker> {
+    pub fn spawn(kind: ThreadKind, backend: impl Backend, activation: Activation) -> std::io::Result<Worker> {
+        Worker::spawn_polling(kind, backend, activation, Duration::ZERO)
+    }
+
+    /// As spawn, polling for up to `poll_max` after work (zero: never).
+    pub fn spawn_polling(
+        kind: ThreadKind,
+        mut backend: impl Backend,
+        activation: Activation,
+        poll_max: Duration,
+    ) -> std::io::Result<Worker> {
         let kill = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         let kill_in_thread = kill.try_clone()?;
         let epoll = Epoll::new()?;
@@ -55,7 +98,8 @@ impl Worker {
         }
         let extra = ExtraFds { registered: Vec::new() };
         epoll.ctl(ControlOperation::Add, kill.as_raw_fd(), EpollEvent::new(EventSet::IN, KILL_TOKEN))?;
-        let mut event_loop = EventLoop { epoll, queue_events, kill: kill_in_thread, interrupt, mem, extra };
+        let polling = Polling { max: poll_max, window: Duration::ZERO };
+        let mut event_loop = EventLoop { epoll, queue_events, kill: kill_in_thread, interrupt, mem, extra, polling };
         let thread = sandbox::spawn(kind, kind.name(), move || {
             // The driver may have notified before DRIVER_OK: serve what is already there.
             let mut used = false;
@@ -140,12 +184,20 @@ struct EventLoop {
     interrupt: Arc<dyn VirtioInterrupt>,
     mem: GuestMemory,
     extra: ExtraFds,
+    polling: Polling,
+}
+
+/// What one look at the worker's events found.
+enum Handled {
+    Used(bool),
+    Killed,
 }
 
 impl EventLoop {
     fn run(&mut self, backend: &mut impl Backend, queues: &mut [Queue]) {
         let mut events = vec![EpollEvent::default(); 64];
         loop {
+            let slept = Instant::now();
             let n = match self.epoll.wait(-1, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -154,28 +206,92 @@ impl EventLoop {
                     return;
                 }
             };
-            let mut used = false;
-            for event in &events[..n] {
-                match event.data() {
-                    KILL_TOKEN => {
-                        let _ = self.kill.read();
-                        return;
-                    }
-                    token if token >= FD_TOKEN_BASE => {
-                        used |= backend.process_fd((token - FD_TOKEN_BASE) as RawFd, queues, &self.mem);
-                    }
-                    token => {
-                        let index = token as usize;
-                        let _ = self.queue_events[index].read();
-                        used |= backend.process_queue(index, queues, &self.mem);
-                    }
-                }
+            if !self.polling.max.is_zero() {
+                self.polling.after_sleep(slept.elapsed());
             }
+            let used = match self.handle(&events[..n], backend, queues) {
+                Handled::Killed => return,
+                Handled::Used(used) => used,
+            };
             if used {
                 self.interrupt.signal_used_queue();
             }
             self.extra.sync(&self.epoll, backend);
+            if !self.polling.window.is_zero() && self.poll(backend, queues, &mut events) {
+                return;
+            }
         }
+    }
+
+    fn handle(&mut self, events: &[EpollEvent], backend: &mut impl Backend, queues: &mut [Queue]) -> Handled {
+        let mut used = false;
+        for event in events {
+            match event.data() {
+                KILL_TOKEN => {
+                    let _ = self.kill.read();
+                    return Handled::Killed;
+                }
+                token if token >= FD_TOKEN_BASE => {
+                    used |= backend.process_fd((token - FD_TOKEN_BASE) as RawFd, queues, &self.mem);
+                }
+                token => {
+                    let index = token as usize;
+                    let _ = self.queue_events[index].read();
+                    used |= backend.process_queue(index, queues, &self.mem);
+                }
+            }
+        }
+        Handled::Used(used)
+    }
+
+    /// Looks at the rings and fds until nothing has come for the polling window, with the
+    /// queues' notifications left off; then turns them back on and serves what slipped in
+    /// meanwhile. True when the worker was told to stop.
+    fn poll(&mut self, backend: &mut impl Backend, queues: &mut [Queue], events: &mut [EpollEvent]) -> bool {
+        use virtio_queue::QueueT;
+        POLLING.with(|p| p.set(true));
+        let mut last_work = Instant::now();
+        let killed = loop {
+            let mut used = false;
+            for i in 0..queues.len() {
+                let q = &queues[i];
+                let pending = q.ready()
+                    && q.avail_idx(&self.mem, std::sync::atomic::Ordering::Acquire)
+                        .is_ok_and(|idx| idx.0 != q.next_avail());
+                if pending {
+                    used |= backend.process_queue(i, queues, &self.mem);
+                }
+            }
+            let n = self.epoll.wait(0, events).unwrap_or(0);
+            match self.handle(&events[..n], backend, queues) {
+                Handled::Killed => break true,
+                Handled::Used(u) => used |= u,
+            }
+            if used {
+                self.interrupt.signal_used_queue();
+                self.extra.sync(&self.epoll, backend);
+                last_work = Instant::now();
+            } else if last_work.elapsed() >= self.polling.window {
+                break false;
+            }
+            std::hint::spin_loop();
+        };
+        POLLING.with(|p| p.set(false));
+        if killed {
+            return true;
+        }
+        // Notifications on again; a chain made available just before is served now, since no
+        // kick will come for it.
+        let mut used = false;
+        for i in 0..queues.len() {
+            if queues[i].ready() && queues[i].enable_notification(&self.mem).unwrap_or(false) {
+                used |= backend.process_queue(i, queues, &self.mem);
+            }
+        }
+        if used {
+            self.interrupt.signal_used_queue();
+        }
+        false
     }
 }
 
@@ -232,6 +348,10 @@ where
                 crate::guest_fault!("{name}: cannot return descriptor {head} ({e})");
             }
             used = true;
+        }
+        // A polling worker looks again soon: notifications stay off.
+        if POLLING.with(Cell::get) {
+            break;
         }
         // More chains arrived while notifications were off: serve them too, if there is
         // anything to put in them.

@@ -46,6 +46,9 @@ pub struct DiskConfig {
     /// Firecracker's `rate_limiter` (set through the API or a config file).
     #[serde(default)]
     pub rate_limit: Option<virtio::rate_limiter::RateLimit>,
+    /// How long the device's worker polls after work, in µs (None: the default; 0: never).
+    #[serde(default)]
+    pub poll_us: Option<u32>,
 }
 
 /// Splits `key=value,key=value` option lists; an error names the option.
@@ -68,21 +71,35 @@ fn on_off(option: &str, key: &str, value: &str) -> Result<bool, String> {
 impl FromStr for DiskConfig {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (mut path, mut readonly, mut id) = (None, false, None);
+        let (mut path, mut readonly, mut id, mut poll_us) = (None, false, None, None);
         for (key, value) in key_values("--disk", s)? {
             match key {
                 "path" if !value.is_empty() => path = Some(PathBuf::from(value)),
                 "readonly" => readonly = on_off("--disk", key, value)?,
                 "id" if value.len() <= 20 => id = Some(value.to_string()),
                 "id" => return Err(format!("--disk id= is at most 20 bytes, not {}", value.len())),
-                _ => return Err(format!("--disk has no option '{key}'; use path=, readonly= and id=")),
+                "poll_us" => poll_us = Some(parse_poll_us("--disk", value)?),
+                _ => return Err(format!("--disk has no option '{key}'; use path=, readonly=, id= and poll_us=")),
             }
         }
         let path = path.ok_or("--disk needs path=IMAGE")?;
         let id = id.unwrap_or_else(|| {
             path.file_name().map(|n| n.to_string_lossy().chars().take(20).collect()).unwrap_or_default()
         });
-        Ok(DiskConfig { path, readonly, id, rate_limit: None })
+        Ok(DiskConfig { path, readonly, id, rate_limit: None, poll_us })
+    }
+}
+
+/// How long a disk's or network interface's worker polls after work unless told otherwise.
+pub const DEFAULT_POLL_US: u32 = 50;
+
+/// The most a worker may poll: beyond a millisecond polling costs more than a wake-up saves.
+pub const MAX_POLL_US: u32 = 1000;
+
+fn parse_poll_us(option: &str, value: &str) -> Result<u32, String> {
+    match value.parse::<u32>() {
+        Ok(n) if n <= MAX_POLL_US => Ok(n),
+        _ => Err(format!("{option} poll_us= takes microseconds from 0 (no polling) to {MAX_POLL_US}, not '{value}'")),
     }
 }
 
@@ -125,6 +142,9 @@ pub struct NetConfig {
     /// The VM's address on this port, for anti-spoofing before (or without) a DHCP lease.
     #[serde(default)]
     pub ip: Option<std::net::Ipv4Addr>,
+    /// How long the device's worker polls after work, in µs (None: the default; 0: never).
+    #[serde(default)]
+    pub poll_us: Option<u32>,
 }
 
 impl NetConfig {
@@ -157,34 +177,43 @@ pub fn parse_unicast_mac(text: &str) -> Result<[u8; 6], String> {
 }
 
 /// `--net user[,hostfwd=tcp:ADDR:HPORT-:GPORT]...[,mac=..]`.
-/// The options every `--net` port takes: `firewall=FILE|@NAME` and `ip=A.B.C.D`. Some(())
-/// when `key` was one of them.
-fn port_option(
-    key: &str,
-    value: &str,
-    firewall: &mut Option<net::firewall::RuleSetSpec>,
-    ip: &mut Option<std::net::Ipv4Addr>,
-) -> Result<Option<()>, String> {
+/// The options every `--net` port takes: `firewall=FILE|@NAME`, `ip=A.B.C.D` and
+/// `poll_us=N`.
+#[derive(Default)]
+struct PortOptions {
+    firewall: Option<net::firewall::RuleSetSpec>,
+    ip: Option<std::net::Ipv4Addr>,
+    poll_us: Option<u32>,
+}
+
+/// Takes `key` into `options` when it is one of theirs: Some(()) then.
+fn port_option(key: &str, value: &str, options: &mut PortOptions) -> Result<Option<()>, String> {
     match key {
-        "firewall" => *firewall = Some(net::firewall::load(value).map_err(|e| format!("--net firewall=: {e}"))?),
-        "ip" => *ip = Some(value.parse().map_err(|_| format!("--net ip= takes the VM's IPv4 address, not '{value}'"))?),
+        "firewall" => options.firewall = Some(net::firewall::load(value).map_err(|e| format!("--net firewall=: {e}"))?),
+        "ip" => {
+            options.ip =
+                Some(value.parse().map_err(|_| format!("--net ip= takes the VM's IPv4 address, not '{value}'"))?)
+        }
+        "poll_us" => options.poll_us = Some(parse_poll_us("--net", value)?),
         _ => return Ok(None),
     }
     Ok(Some(()))
 }
 
 fn parse_user_net(rest: &str) -> Result<NetConfig, String> {
-    let (mut forwards, mut mac, mut firewall, mut ip) = (Vec::new(), None, None, None);
+    let (mut forwards, mut mac, mut port) = (Vec::new(), None, PortOptions::default());
     if !rest.is_empty() {
         for (key, value) in key_values("--net user", rest)? {
-            if let Some(()) = port_option(key, value, &mut firewall, &mut ip)? {
+            if let Some(()) = port_option(key, value, &mut port)? {
                 continue;
             }
             match key {
                 "hostfwd" => forwards.push(value.parse().map_err(|e| format!("--net user,{e}"))?),
                 "mac" => mac = Some(parse_unicast_mac(value).map_err(|e| format!("--net mac= {e}"))?),
                 _ => {
-                    return Err(format!("--net user has no option '{key}'; use hostfwd=, mac=, firewall= and ip="));
+                    return Err(format!(
+                        "--net user has no option '{key}'; use hostfwd=, mac=, firewall=, ip= and poll_us="
+                    ));
                 }
             }
         }
@@ -197,8 +226,9 @@ fn parse_user_net(rest: &str) -> Result<NetConfig, String> {
         mmds: None,
         id: None,
         mtu: None,
-        firewall,
-        ip,
+        firewall: port.firewall,
+        ip: port.ip,
+        poll_us: port.poll_us,
     })
 }
 
@@ -209,9 +239,9 @@ impl FromStr for NetConfig {
             return parse_user_net(rest.trim_start_matches(','));
         }
         let (mut tap, mut switch, mut network, mut vlan, mut isolated, mut mac) = (None, None, None, None, None, None);
-        let (mut firewall, mut ip) = (None, None);
+        let mut port = PortOptions::default();
         for (key, value) in key_values("--net", s)? {
-            if let Some(()) = port_option(key, value, &mut firewall, &mut ip)? {
+            if let Some(()) = port_option(key, value, &mut port)? {
                 continue;
             }
             match key {
@@ -227,8 +257,8 @@ impl FromStr for NetConfig {
                 "mac" => mac = Some(parse_unicast_mac(value).map_err(|e| format!("--net mac= {e}"))?),
                 _ => {
                     return Err(format!(
-                        "--net has no option '{key}'; use tap=, switch=, vlan=, network=, isolated=, mac=, firewall= \
-                         and ip="
+                        "--net has no option '{key}'; use tap=, switch=, vlan=, network=, isolated=, mac=, firewall=, \
+                         ip= and poll_us="
                     ));
                 }
             }
@@ -257,8 +287,9 @@ impl FromStr for NetConfig {
             mmds: None,
             id: None,
             mtu: None,
-            firewall,
-            ip,
+            firewall: port.firewall,
+            ip: port.ip,
+            poll_us: port.poll_us,
         })
     }
 }
@@ -986,7 +1017,16 @@ mod tests {
     #[test]
     fn disk_option_parses_and_names_its_mistakes() {
         let d: DiskConfig = "path=/tmp/a.img,readonly=on,id=root".parse().unwrap();
-        assert_eq!(d, DiskConfig { path: "/tmp/a.img".into(), readonly: true, id: "root".into(), rate_limit: None });
+        assert_eq!(
+            d,
+            DiskConfig {
+                path: "/tmp/a.img".into(),
+                readonly: true,
+                id: "root".into(),
+                rate_limit: None,
+                poll_us: None
+            }
+        );
         let d: DiskConfig = "path=/images/rootfs.ext4".parse().unwrap();
         assert_eq!((d.readonly, d.id.as_str()), (false, "rootfs.ext4"));
         assert_eq!("readonly=on".parse::<DiskConfig>().unwrap_err(), "--disk needs path=IMAGE");
@@ -994,13 +1034,20 @@ mod tests {
         assert!("path=/x,cache=none".parse::<DiskConfig>().unwrap_err().contains("no option 'cache'"));
         assert!("/x".parse::<DiskConfig>().unwrap_err().contains("key=value"));
         assert!("path=/x,id=123456789012345678901".parse::<DiskConfig>().unwrap_err().contains("at most 20"));
+        assert_eq!("path=/x,poll_us=0".parse::<DiskConfig>().unwrap().poll_us, Some(0));
+        for bad in ["path=/x,poll_us=1001", "path=/x,poll_us=-1", "path=/x,poll_us=fast"] {
+            assert!(bad.parse::<DiskConfig>().unwrap_err().contains("poll_us= takes microseconds from 0"), "{bad}");
+        }
+        assert!("tap=fv0,poll_us=x".parse::<NetConfig>().unwrap_err().contains("--net poll_us= takes microseconds"));
+        assert_eq!("user,poll_us=20".parse::<NetConfig>().unwrap().poll_us, Some(20));
     }
 
     #[test]
     fn disks_are_checked_before_boot() {
         let elf = temp_file("elf-disk", b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
         let odd = temp_file("odd.img", &[0u8; 1000]);
-        let disk = |path: PathBuf, readonly| DiskConfig { path, readonly, id: String::new(), rate_limit: None };
+        let disk =
+            |path: PathBuf, readonly| DiskConfig { path, readonly, id: String::new(), rate_limit: None, poll_us: None };
         let c = VmConfig { disks: vec![disk(odd.clone(), false)], ..config(elf.clone()) };
         assert_eq!(c.validate(&LIMITS), Err(ConfigError::DiskSize { path: odd.clone(), size: 1000 }));
         let c = VmConfig { disks: vec![disk("/nonexistent/disk.img".into(), true)], ..config(elf.clone()) };
@@ -1028,6 +1075,7 @@ mod tests {
                 mtu: None,
                 firewall: None,
                 ip: None,
+                poll_us: None,
             }
         );
         assert_eq!("tap=fv0".parse::<NetConfig>().unwrap().mac, None);

@@ -670,6 +670,7 @@ impl Controller {
                     mtu: n.mtu.and_then(|m| u16::try_from(m).ok()),
                     firewall: r.firewalls.get(&n.iface_id).cloned(),
                     ip: None,
+                    poll_us: None,
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
@@ -688,6 +689,7 @@ impl Controller {
                         readonly: d.is_read_only,
                         id: d.drive_id.clone(),
                         rate_limit: rate_limit(&format!("drive {}", d.drive_id), &d.rate_limiter)?,
+                        poll_us: None,
                     })
                 })
                 .collect::<Result<Vec<_>, String>>()?,

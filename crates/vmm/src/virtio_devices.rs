@@ -85,7 +85,8 @@ pub fn attach_all(
     for (i, disk) in config.disks.iter().enumerate() {
         let block = Block::open(&disk.path, disk.readonly, &disk.id)
             .map_err(|e| Error::Device(e.to_string()))?
-            .with_rate_limit(disk.rate_limit);
+            .with_rate_limit(disk.rate_limit)
+            .with_polling(disk.poll_us.unwrap_or(crate::config::DEFAULT_POLL_US));
         devices.push((format!("virtio-blk{i}"), Box::new(block)));
     }
     for (i, nic) in config.nets.iter().enumerate() {
@@ -137,7 +138,8 @@ pub fn attach_all(
             .with_firewall(Some(firewall))
             .with_rate_limits(nic.rx_rate_limit, nic.tx_rate_limit)
             .with_mmds(nic.mmds)
-            .with_mtu(nic.mtu);
+            .with_mtu(nic.mtu)
+            .with_polling(nic.poll_us.unwrap_or(crate::config::DEFAULT_POLL_US));
         devices.push((format!("virtio-net{i}"), Box::new(net)));
     }
     let ram_end = vm_memory::GuestMemoryBackend::last_addr(mem).raw_value() + 1;

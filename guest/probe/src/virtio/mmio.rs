@@ -153,10 +153,13 @@ impl Device {
     pub fn wait_used(&self, q: &mut Virtqueue, deadline: u64) -> Option<(u16, u32)> {
         loop {
             if let Some(done) = q.pop_used() {
-                // Interrupts are off: acknowledge so that the device does not keep the line up.
-                let pending = self.read(REG_INTERRUPT_STATUS);
-                if pending != 0 {
-                    self.write(REG_INTERRUPT_ACK, pending);
+                // Interrupts are off: acknowledge so that the device does not keep the line up
+                // (a driver that suppressed interrupts has none to acknowledge).
+                if !q.event_idx {
+                    let pending = self.read(REG_INTERRUPT_STATUS);
+                    if pending != 0 {
+                        self.write(REG_INTERRUPT_ACK, pending);
+                    }
                 }
                 return Some(done);
             }

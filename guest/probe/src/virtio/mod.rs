@@ -9,7 +9,7 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 /// Memory for rings and buffers. Guest-physical equals virtual in the probe's identity map.
 #[repr(C, align(4096))]
 struct Arena([u8; ARENA_SIZE]);
-const ARENA_SIZE: usize = 4 << 20;
+const ARENA_SIZE: usize = 8 << 20;
 static mut ARENA: Arena = Arena([0; ARENA_SIZE]);
 static ARENA_USED: AtomicUsize = AtomicUsize::new(0);
 

@@ -34,6 +34,14 @@ pub struct Virtqueue {
     chain_len: [u16; MAX_SIZE],
     avail_idx: u16,
     last_used: u16,
+    /// VIRTIO_F_RING_EVENT_IDX was negotiated: kicks follow the device's avail_event.
+    pub event_idx: bool,
+}
+
+/// Whether an index moving from `old` to `new` passed `event` (virtio 1.2, 2.7.10: the
+/// driver's and the device's `vring_need_event`).
+pub fn need_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
 }
 
 /// The largest queue the probe sets up.
@@ -88,6 +96,7 @@ impl Virtqueue {
             chain_len: [0; MAX_SIZE],
             avail_idx: 0,
             last_used: 0,
+            event_idx: false,
         })
     }
 
@@ -119,6 +128,36 @@ impl Virtqueue {
         fence(Ordering::SeqCst);
         self.avail_idx = self.avail_idx.wrapping_add(1);
         write16(self.avail + 2, self.avail_idx);
+        fence(Ordering::SeqCst);
+    }
+
+    /// The available index as the driver last published it: note it before a batch and pass
+    /// it to `kick_needed` after.
+    pub fn avail_index(&self) -> u16 {
+        self.avail_idx
+    }
+
+    /// Whether the device asked to be told of what was published since `old`: with EVENT_IDX
+    /// by its avail_event (the device moves it when it stops looking), else by the used ring's
+    /// NO_NOTIFY flag. This is how Linux's drivers decide to kick.
+    pub fn kick_needed(&self, old: u16) -> bool {
+        fence(Ordering::SeqCst);
+        if self.event_idx {
+            let avail_event = read16(self.used + 4 + 8 * u64::from(self.size));
+            need_event(avail_event, self.avail_idx, old)
+        } else {
+            read16(self.used) & 1 == 0
+        }
+    }
+
+    /// Asks for no interrupts: the driver takes completions from the used ring (with EVENT_IDX
+    /// a used_event of 0, as Linux writes it; else the NO_INTERRUPT flag).
+    pub fn suppress_interrupts(&self) {
+        if self.event_idx {
+            write16(self.avail + 4 + 2 * u64::from(self.size), 0);
+        } else {
+            write16(self.avail, 1);
+        }
         fence(Ordering::SeqCst);
     }
 
