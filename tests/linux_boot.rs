@@ -256,7 +256,8 @@ fn linux_on_virtio_mmio_devices_mounts_root_gets_dhcp_answers_pings_and_logs_to_
         cmd.arg("run")
             .args(["--kernel", guest.join("vmlinux").to_str().unwrap()])
             .args(["--memory", "256", "--rng", "--cmdline", &cmdline])
-            .args(["--disk", &format!("path={}", root.display())])
+            // The root through io_uring and O_DIRECT: ext4's journal writes and flushes too.
+            .args(["--disk", &format!("path={},io_engine=async,cache=none", root.display())])
             .args(["--disk", &format!("path={},readonly=on", data_disk.display())])
             // One MAC for both boots: dnsmasq has one address to lease, and a second boot (after
             // the fwait gap) must get it again.
@@ -290,6 +291,8 @@ fn linux_on_virtio_mmio_devices_mounts_root_gets_dhcp_answers_pings_and_logs_to_
     ] {
         assert!(out.stdout.contains(line), "'{line}': {log}");
     }
+    assert!(!out.stderr.contains("io_uring is unavailable"), "{log}");
+    assert_ne!(std::fs::read(&root).unwrap(), pristine, "the read-write mount wrote the image through io_uring");
     assert_started_init(&out, "Run /sbin/init as init process");
     // The balloon driver probed and gave the 8 MiB the host asked for; the vsock driver probed.
     assert!(out.stderr.contains("virtio-balloon: the guest holds 8 MiB in the balloon"), "{log}");
@@ -487,7 +490,8 @@ fn linux_lifecycle_from_a_firecracker_config_file() {
         },
         // Linux reports free memory only above its low watermark plus 64 MiB: 256 MiB leaves room.
         "machine-config": {"vcpu_count": 1, "mem_size_mib": 256, "track_dirty_pages": true},
-        "drives": [{"drive_id": "rootfs", "path_on_host": root, "is_root_device": true, "is_read_only": true}],
+        "drives": [{"drive_id": "rootfs", "path_on_host": root, "is_root_device": true, "is_read_only": true,
+                    "io_engine": "Async"}],
         "balloon": {"amount_mib": 0, "deflate_on_oom": true, "free_page_reporting": true},
         "metrics": {"metrics_path": metrics},
         "ferrovisor-memory": {"prefault": true},

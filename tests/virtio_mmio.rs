@@ -17,16 +17,21 @@ fn image(dir: &Path, name: &str, bytes: Vec<u8>) -> String {
     path.display().to_string()
 }
 
+/// With each way a disk's requests reach its file: preadv/pwritev through the page cache,
+/// io_uring, O_DIRECT, and both.
 #[test]
 fn blk_writes_reach_the_image_and_rng_gives_bytes() {
-    let dir = scratch_dir("vmmio-blk");
-    let disk = image(&dir, "disk.img", vec![0; 1 << 20]);
-    let mut cmd = probe_command(1, common::RNG_AND_BLK_TESTS);
-    cmd.args(["--rng", "--disk", &format!("path={disk},id=probe-disk")]);
-    let out = Running::start(cmd).finish(TIMEOUT);
-    common::assert_rng_and_blk_results(&out, Path::new(&disk));
-    assert!(out.status.success(), "{}", out.describe());
-    let _ = std::fs::remove_dir_all(dir);
+    for options in ["", ",io_engine=async", ",cache=none", ",io_engine=async,cache=none"] {
+        let dir = scratch_dir("vmmio-blk");
+        let disk = image(&dir, "disk.img", vec![0; 1 << 20]);
+        let mut cmd = probe_command(1, common::RNG_AND_BLK_TESTS);
+        cmd.args(["--rng", "--disk", &format!("path={disk},id=probe-disk{options}")]);
+        let out = Running::start(cmd).finish(TIMEOUT);
+        common::assert_rng_and_blk_results(&out, Path::new(&disk));
+        assert!(out.status.success(), "{options}: {}", out.describe());
+        assert!(!out.stderr.contains("io_uring is unavailable"), "{}", out.describe());
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 #[test]
@@ -490,9 +495,10 @@ fn net_under_load(poll_us: u32) {
 }
 
 /// Every read of the throughput mode checked against the pattern the disk holds, at depths 1,
-/// 8 and 32, with the worker polling and without, kicks and interrupts suppressed by EVENT_IDX.
+/// 8 and 32, with the worker polling and without, through io_uring and O_DIRECT, kicks and
+/// interrupts suppressed by EVENT_IDX.
 #[test]
-fn blk_reads_are_exact_at_every_depth_with_polling_on_and_off() {
+fn blk_reads_are_exact_at_every_depth_polling_or_not_on_every_engine() {
     let dir = scratch_dir("blk-depths");
     let image = dir.join("disk.img");
     let mut content = vec![0u8; 4 << 20];
@@ -500,8 +506,9 @@ fn blk_reads_are_exact_at_every_depth_with_polling_on_and_off() {
         pattern::fill_sector(7, sector as u64, chunk);
     }
     std::fs::write(&image, &content).unwrap();
+    let engines = ["poll_us=0", "poll_us=200", "io_engine=async", "cache=none", "io_engine=async,cache=none"];
     for depth in [1, 8, 32] {
-        for poll_us in [0, 200] {
+        for options in engines {
             let mut cmd = probe_command(
                 1,
                 &format!(
@@ -510,12 +517,12 @@ fn blk_reads_are_exact_at_every_depth_with_polling_on_and_off() {
                      probe.tsc.khz=1000000"
                 ),
             );
-            cmd.args(["--disk", &format!("path={},poll_us={poll_us}", image.display())]);
+            cmd.args(["--disk", &format!("path={},{options}", image.display())]);
             let out = Running::start(cmd).finish(TIMEOUT);
             let line = probe_result(&out.stdout, "virtio-blk").unwrap_or_else(|| panic!("{}", out.describe()));
             assert!(
                 line.starts_with(&format!("PROBE virtio-blk ok mode=throughput depth={depth} event_idx=on ")),
-                "poll_us={poll_us}: {line}"
+                "{options}: {line}"
             );
             assert!(line.contains(" seq_bytes=4194304 ") && line.contains(" rand_ops=2048 "), "{line}");
         }

@@ -158,7 +158,12 @@ const VCPU_IOCTLS: &[Ioctl] = &[
 const LAUNCHER: &[i64] =
     &[libc::SYS_clone, libc::SYS_clone3, libc::SYS_set_robust_list, libc::SYS_rseq, libc::SYS_prctl, libc::SYS_seccomp];
 
+/// A disk's worker; io_uring for the Async engine (its ring restricted to reads and writes
+/// before it is enabled).
 const BLOCK: &[i64] = &[
+    libc::SYS_io_uring_setup,
+    libc::SYS_io_uring_enter,
+    libc::SYS_io_uring_register,
     libc::SYS_pread64,
     libc::SYS_pwrite64,
     libc::SYS_preadv,

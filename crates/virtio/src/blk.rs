@@ -15,7 +15,7 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::device::{ActivateError, Activation, VirtioDevice, read_config_bytes};
 use crate::metrics::DeviceMetrics;
 use crate::rate_limiter::{RateLimit, RateLimiter};
-use crate::worker::{Backend, Worker, serve_queue_limited};
+use crate::worker::{Backend, Taken, Worker, serve_queue_limited};
 use crate::{F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, GuestMemory, TYPE_BLOCK};
 
 pub const SECTOR_SIZE: u64 = 512;
@@ -32,10 +32,39 @@ fn bit(b: u32) -> u64 {
     1 << b
 }
 
+/// How a disk's reads and writes reach its file: one system call each on the worker (`Sync`),
+/// or many in flight at once through io_uring (`Async`, Firecracker's name for it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum IoEngine {
+    #[default]
+    Sync,
+    Async,
+}
+
+/// Whether the host's page cache holds the disk's data (`Writeback`) or the file is opened
+/// with O_DIRECT and reads and writes go to the storage itself (`None`). Flushes are honoured
+/// either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum CacheMode {
+    #[default]
+    Writeback,
+    None,
+}
+
+/// The alignment O_DIRECT transfers get: buffers and lengths on 4 KiB serve every device.
+const DIRECT_ALIGN: usize = 4096;
+/// Reads and writes one io_uring submission holds.
+const RING_ENTRIES: u32 = 128;
+
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
     #[error("cannot open disk image {path}: {source}")]
     Open { path: String, source: std::io::Error },
+    #[error(
+        "cannot open disk image {path} with cache=none ({source}); its file system has no O_DIRECT (tmpfs has \
+         none): use cache=writeback or put the image elsewhere"
+    )]
+    Direct { path: String, source: std::io::Error },
     #[error("disk image {path} is {size} bytes, not a whole number of 512-byte sectors")]
     Size { path: String, size: u64 },
 }
@@ -49,17 +78,29 @@ pub struct Block {
     metrics: Arc<DeviceMetrics>,
     rate_limit: Option<RateLimit>,
     poll: std::time::Duration,
+    cache: CacheMode,
+    engine: IoEngine,
     worker: Option<Worker>,
 }
 
 impl Block {
     /// Opens `path`; `id` is what GET_ID answers (at most 20 bytes are kept).
     pub fn open(path: &Path, readonly: bool, id: &str) -> Result<Block, BlockError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!readonly)
-            .open(path)
-            .map_err(|source| BlockError::Open { path: path.display().to_string(), source })?;
+        Block::open_cached(path, readonly, id, CacheMode::Writeback)
+    }
+
+    /// As open, with `cache=none` opening the file for direct I/O.
+    pub fn open_cached(path: &Path, readonly: bool, id: &str, cache: CacheMode) -> Result<Block, BlockError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let direct = if cache == CacheMode::None { libc::O_DIRECT } else { 0 };
+        let file = OpenOptions::new().read(true).write(!readonly).custom_flags(direct).open(path).map_err(
+            |source| match (cache, source.raw_os_error()) {
+                (CacheMode::None, Some(libc::EINVAL)) => {
+                    BlockError::Direct { path: path.display().to_string(), source }
+                }
+                _ => BlockError::Open { path: path.display().to_string(), source },
+            },
+        )?;
         let size =
             file.metadata().map_err(|source| BlockError::Open { path: path.display().to_string(), source })?.len();
         if !size.is_multiple_of(SECTOR_SIZE) {
@@ -78,6 +119,8 @@ impl Block {
             metrics: Arc::default(),
             rate_limit: None,
             poll: std::time::Duration::ZERO,
+            cache,
+            engine: IoEngine::Sync,
             worker: None,
         })
     }
@@ -85,6 +128,12 @@ impl Block {
     /// Limits the requests the device serves (Firecracker's `rate_limiter`).
     pub fn with_rate_limit(mut self, limit: Option<RateLimit>) -> Block {
         self.rate_limit = limit;
+        self
+    }
+
+    /// Serves reads and writes with `engine`.
+    pub fn with_engine(mut self, engine: IoEngine) -> Block {
+        self.engine = engine;
         self
     }
 
@@ -151,6 +200,9 @@ impl VirtioDevice for Block {
             bounce: Vec::new(),
             metrics: self.metrics.clone(),
             limiter: RateLimiter::for_limit(self.rate_limit).map_err(ActivateError::Worker)?,
+            direct: self.cache == CacheMode::None,
+            engine: self.engine,
+            ring: None,
         };
         self.worker = Some(
             Worker::spawn_polling(sandbox::ThreadKind::Block, backend, activation, self.poll)
@@ -163,7 +215,7 @@ impl VirtioDevice for Block {
         Ok(())
     }
     fn update_backing(&mut self, path: &Path) -> Result<(), String> {
-        let updated = Block::open(path, self.readonly, "").map_err(|e| e.to_string())?;
+        let updated = Block::open_cached(path, self.readonly, "", self.cache).map_err(|e| e.to_string())?;
         self.file = updated.file;
         self.capacity = updated.capacity;
         self.config = updated.config;
@@ -250,6 +302,11 @@ struct BlockBackend {
     bounce: Vec<u8>,
     metrics: Arc<DeviceMetrics>,
     limiter: Option<RateLimiter>,
+    /// The file is open with O_DIRECT: transfers must be aligned.
+    direct: bool,
+    engine: IoEngine,
+    /// The io_uring of the Async engine, made on the worker when it first serves.
+    ring: Option<Box<BlockRing>>,
 }
 
 impl BlockBackend {
@@ -273,43 +330,18 @@ impl BlockBackend {
                 if req.kind == VIRTIO_BLK_T_OUT && self.readonly {
                     return (VIRTIO_BLK_S_IOERR as u8, 0);
                 }
-                // Straight between the file and guest memory where the buffers allow it.
-                if let Some(mut iovs) = guest_iovecs(mem, &req.data, len) {
-                    return if req.kind == VIRTIO_BLK_T_IN {
-                        match transfer(&self.file, &mut iovs, offset, false) {
-                            Ok(()) => {
-                                for &(addr, n) in &req.data {
-                                    crate::mark_dirty(mem, addr, u64::from(n));
-                                }
-                                (VIRTIO_BLK_S_OK as u8, len as u32)
-                            }
-                            Err(_) => (VIRTIO_BLK_S_IOERR as u8, 0),
-                        }
-                    } else {
-                        match transfer(&self.file, &mut iovs, offset, true) {
-                            Ok(()) => (VIRTIO_BLK_S_OK as u8, 0),
-                            Err(_) => (VIRTIO_BLK_S_IOERR as u8, 0),
-                        }
-                    };
-                }
-                self.bounce.resize(len, 0);
-                if req.kind == VIRTIO_BLK_T_IN {
-                    if self.file.read_exact_at(&mut self.bounce[..len], offset).is_err() {
-                        return (VIRTIO_BLK_S_IOERR as u8, 0);
-                    }
-                    match scatter(mem, &req.data, &self.bounce[..len]) {
-                        Some(()) => (VIRTIO_BLK_S_OK as u8, len as u32),
-                        None => (VIRTIO_BLK_S_IOERR as u8, 0),
-                    }
-                } else {
-                    if gather(mem, &req.data, &mut self.bounce[..len]).is_none() {
-                        return (VIRTIO_BLK_S_IOERR as u8, 0);
-                    }
-                    match self.file.write_all_at(&self.bounce[..len], offset) {
-                        Ok(()) => (VIRTIO_BLK_S_OK as u8, 0),
-                        Err(_) => (VIRTIO_BLK_S_IOERR as u8, 0),
+                // Straight between the file and guest memory where the buffers allow it (and,
+                // for O_DIRECT, are aligned; the kernel may still refuse, and then the aligned
+                // bounce buffer serves).
+                if let Some(mut iovs) = guest_iovecs(mem, &req.data, len).filter(|i| !self.direct || aligned(i)) {
+                    let write = req.kind == VIRTIO_BLK_T_OUT;
+                    match transfer(&self.file, &mut iovs, offset, write) {
+                        Ok(()) => return rw_done(mem, req),
+                        Err(e) if self.direct && e.raw_os_error() == Some(libc::EINVAL) => {}
+                        Err(_) => return (VIRTIO_BLK_S_IOERR as u8, 0),
                     }
                 }
+                self.bounce_rw(mem, req, offset)
             }
             VIRTIO_BLK_T_FLUSH => match self.file.sync_data() {
                 Ok(()) => (VIRTIO_BLK_S_OK as u8, 0),
@@ -327,6 +359,32 @@ impl BlockBackend {
             }
             VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => (VIRTIO_BLK_S_IOERR as u8, 0),
             _ => (VIRTIO_BLK_S_UNSUPP as u8, 0),
+        }
+    }
+
+    /// A read or write through the bounce buffer (aligned for O_DIRECT): for buffers that
+    /// span guest memory regions, or that direct I/O refused.
+    fn bounce_rw(&mut self, mem: &GuestMemory, req: &Request, offset: u64) -> (u8, u32) {
+        let len = req.data_len as usize;
+        self.bounce.resize(len + DIRECT_ALIGN, 0);
+        let skip = self.bounce.as_ptr().align_offset(DIRECT_ALIGN);
+        let buffer = &mut self.bounce[skip..skip + len];
+        if req.kind == VIRTIO_BLK_T_IN {
+            if self.file.read_exact_at(buffer, offset).is_err() {
+                return (VIRTIO_BLK_S_IOERR as u8, 0);
+            }
+            match scatter(mem, &req.data, buffer) {
+                Some(()) => (VIRTIO_BLK_S_OK as u8, len as u32),
+                None => (VIRTIO_BLK_S_IOERR as u8, 0),
+            }
+        } else {
+            if gather(mem, &req.data, buffer).is_none() {
+                return (VIRTIO_BLK_S_IOERR as u8, 0);
+            }
+            match self.file.write_all_at(buffer, offset) {
+                Ok(()) => (VIRTIO_BLK_S_OK as u8, 0),
+                Err(_) => (VIRTIO_BLK_S_IOERR as u8, 0),
+            }
         }
     }
 
@@ -357,6 +415,23 @@ impl BlockBackend {
         }
         VIRTIO_BLK_S_OK
     }
+}
+
+/// A read or write that went straight into guest memory is done: what the guest reads is
+/// marked dirty (for diff snapshots), and the status and bytes written are returned.
+fn rw_done(mem: &GuestMemory, req: &Request) -> (u8, u32) {
+    if req.kind != VIRTIO_BLK_T_IN {
+        return (VIRTIO_BLK_S_OK as u8, 0);
+    }
+    for &(addr, n) in &req.data {
+        crate::mark_dirty(mem, addr, u64::from(n));
+    }
+    (VIRTIO_BLK_S_OK as u8, req.data_len)
+}
+
+/// Whether every iovec suits O_DIRECT: aligned start and length.
+fn aligned(iovs: &[libc::iovec]) -> bool {
+    iovs.iter().all(|i| (i.iov_base as usize).is_multiple_of(DIRECT_ALIGN) && i.iov_len.is_multiple_of(512))
 }
 
 /// The first `total` bytes of the guest buffers as host iovecs, for preadv and pwritev
@@ -450,8 +525,214 @@ fn gather(mem: &GuestMemory, buffers: &[(u64, u32)], dst: &mut [u8]) -> Option<(
     Some(())
 }
 
+impl BlockBackend {
+    /// Whether a request the rate limiter cannot pay for yet must wait (it goes back to the ring).
+    fn must_wait(&mut self, parsed: &Result<Request, ParseError>) -> bool {
+        if let (Ok(req), Some(limiter)) = (parsed, self.limiter.as_mut())
+            && !limiter.consume(u64::from(req.data_len))
+        {
+            DeviceMetrics::add(&self.metrics.rate_limited, 1);
+            return true;
+        }
+        false
+    }
+
+    fn count(&self, req: &Request, code: u8, written: u32) {
+        let from_guest = if req.kind == VIRTIO_BLK_T_OUT { u64::from(req.data_len) } else { 0 };
+        if u32::from(code) == VIRTIO_BLK_S_OK {
+            self.metrics.request(u64::from(written), from_guest);
+        } else {
+            self.metrics.error();
+        }
+    }
+
+    /// Serves a request (or answers its parse error) now; the bytes written into the chain,
+    /// status byte included.
+    fn answer(&mut self, mem: &GuestMemory, parsed: Result<Request, ParseError>, status: Option<u64>) -> u32 {
+        let (code, written) = match parsed {
+            Ok(req) => {
+                let (code, written) = self.execute(mem, &req);
+                self.count(&req, code, written);
+                (code, written)
+            }
+            Err(e) => {
+                crate::guest_fault!("virtio-blk: bad request from the driver: {e}");
+                self.metrics.error();
+                (VIRTIO_BLK_S_IOERR as u8, 0)
+            }
+        };
+        with_status(mem, status, code, written)
+    }
+
+    /// A read or write the ring can take: its file offset and its buffers as iovecs.
+    fn ring_transfer(&self, mem: &GuestMemory, req: &Request) -> Option<(u64, Vec<libc::iovec>)> {
+        let len = req.data_len as usize;
+        let rw = matches!(req.kind, VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT) && len > 0;
+        if !rw || !(len as u64).is_multiple_of(SECTOR_SIZE) || (req.kind == VIRTIO_BLK_T_OUT && self.readonly) {
+            return None;
+        }
+        let offset = self.range(req.sector, len as u64)?;
+        let iovs = guest_iovecs(mem, &req.data, len).filter(|i| !self.direct || aligned(i))?;
+        Some((offset, iovs))
+    }
+
+    /// Waits for every read and write in flight and answers them; a short or refused one is
+    /// done again without the ring (the bounce buffer takes what direct I/O refused).
+    fn drain(&mut self, mem: &GuestMemory) {
+        let Some(ring) = self.ring.as_mut() else { return };
+        let in_flight = std::mem::take(&mut ring.in_flight);
+        if in_flight.is_empty() {
+            return;
+        }
+        let results = ring.wait(in_flight.len());
+        for (flight, result) in in_flight.into_iter().zip(results) {
+            let (code, written) = if result == i64::from(flight.req.data_len) {
+                rw_done(mem, &flight.req)
+            } else {
+                self.execute(mem, &flight.req)
+            };
+            self.count(&flight.req, code, written);
+            let written = with_status(mem, Some(flight.req.status), code, written);
+            if let Some(ring) = self.ring.as_mut() {
+                ring.done.push((flight.head, written));
+            }
+        }
+    }
+}
+
+/// Writes the status byte, when the chain has one: the bytes written into the chain.
+fn with_status(mem: &GuestMemory, status: Option<u64>, code: u8, written: u32) -> u32 {
+    match status {
+        Some(addr) if mem.write_obj(code, GuestAddress(addr)).is_ok() => written + 1,
+        _ => written,
+    }
+}
+
+/// A read or write on the ring, with the iovecs the kernel uses until it completes.
+struct InFlight {
+    head: u16,
+    req: Request,
+    iovs: Vec<libc::iovec>,
+}
+
+/// The Async engine's io_uring, restricted before it is enabled to reads and writes of
+/// iovecs: a ring's operations bypass seccomp, so it may do nothing else.
+struct BlockRing {
+    ring: io_uring::IoUring,
+    in_flight: Vec<InFlight>,
+    done: Vec<(u16, u32)>,
+}
+
+// SAFETY: the iovecs point into guest memory, which lives as long as the VM; the ring and its
+// requests move with the worker thread and are used by it alone.
+unsafe impl Send for BlockRing {}
+
+impl BlockRing {
+    fn new() -> std::io::Result<BlockRing> {
+        use io_uring::{opcode, register::Restriction};
+        let ring = io_uring::IoUring::builder().setup_r_disabled().build(RING_ENTRIES)?;
+        let mut allowed = [Restriction::sqe_op(opcode::Readv::CODE), Restriction::sqe_op(opcode::Writev::CODE)];
+        ring.submitter().register_restrictions(&mut allowed)?;
+        ring.submitter().register_enable_rings()?;
+        Ok(BlockRing { ring, in_flight: Vec::new(), done: Vec::new() })
+    }
+
+    /// Queues `flight` on `fd`; gives it back when the submission queue is full.
+    fn push(&mut self, fd: RawFd, offset: u64, flight: InFlight) -> Result<(), InFlight> {
+        use io_uring::{opcode, types};
+        let index = self.in_flight.len() as u64;
+        let (iovs, count) = (flight.iovs.as_ptr(), flight.iovs.len() as u32);
+        let entry = if flight.req.kind == VIRTIO_BLK_T_IN {
+            opcode::Readv::new(types::Fd(fd), iovs, count).offset(offset).build()
+        } else {
+            opcode::Writev::new(types::Fd(fd), iovs, count).offset(offset).build()
+        }
+        .user_data(index);
+        // SAFETY: the iovecs (and the guest memory they name) stay alive in `in_flight` until
+        // `wait` has reaped this entry's completion.
+        if unsafe { self.ring.submission().push(&entry) }.is_err() {
+            return Err(flight);
+        }
+        self.in_flight.push(flight);
+        Ok(())
+    }
+
+    /// Submits what is queued and waits for all `count` completions: each one's result
+    /// (bytes moved, or a negative errno), in submission order.
+    fn wait(&mut self, count: usize) -> Vec<i64> {
+        let mut results = vec![None; count];
+        let mut reaped = 0;
+        while reaped < count {
+            match self.ring.submit_and_wait(count - reaped) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    crate::guest_fault!("virtio-blk: io_uring failed ({e}); the requests in flight are redone");
+                    break;
+                }
+            }
+            for cqe in self.ring.completion() {
+                if let Some(slot) = results.get_mut(cqe.user_data() as usize).filter(|r| r.is_none()) {
+                    *slot = Some(i64::from(cqe.result()));
+                    reaped += 1;
+                }
+            }
+        }
+        results.into_iter().map(|r| r.unwrap_or(-i64::from(libc::EIO))).collect()
+    }
+}
+
+impl crate::worker::Batch for BlockBackend {
+    fn take(&mut self, mem: &GuestMemory, chain: DescriptorChain<&GuestMemory>) -> Taken {
+        let head = chain.head_index();
+        let (parsed, status) = parse_request(mem, chain);
+        if self.must_wait(&parsed) {
+            return Taken::NotNow;
+        }
+        let fd = self.file.as_raw_fd();
+        let parsed = match parsed {
+            Ok(req) => match (self.ring_transfer(mem, &req), self.ring.as_mut()) {
+                (Some((offset, iovs)), Some(ring)) => match ring.push(fd, offset, InFlight { head, req, iovs }) {
+                    Ok(()) if ring.in_flight.len() >= RING_ENTRIES as usize => return Taken::Full,
+                    Ok(()) => return Taken::Queued,
+                    Err(flight) => Ok(flight.req),
+                },
+                _ => Ok(req),
+            },
+            Err(e) => Err(e),
+        };
+        // Anything else waits for what is in flight (a flush covers the writes before it) and
+        // is answered now, in order.
+        self.drain(mem);
+        let written = self.answer(mem, parsed, status);
+        if let Some(ring) = self.ring.as_mut() {
+            ring.done.push((head, written));
+        }
+        Taken::Queued
+    }
+
+    fn complete(&mut self, mem: &GuestMemory) -> Vec<(u16, u32)> {
+        self.drain(mem);
+        self.ring.as_mut().map(|r| std::mem::take(&mut r.done)).unwrap_or_default()
+    }
+}
+
 impl Backend for BlockBackend {
     fn process_queue(&mut self, _index: usize, queues: &mut [Queue], mem: &GuestMemory) -> bool {
+        if self.engine == IoEngine::Async && self.ring.is_none() {
+            match BlockRing::new() {
+                Ok(ring) => self.ring = Some(Box::new(ring)),
+                Err(e) => {
+                    tracing::warn!(
+                        "virtio-blk: io_uring is unavailable ({e}); reads and writes use preadv and pwritev"
+                    );
+                    self.engine = IoEngine::Sync;
+                }
+            }
+        }
+        if self.ring.is_some() {
+            return crate::worker::serve_queue_batched("virtio-blk", &mut queues[0], mem, self);
+        }
         serve_queue_limited(
             "virtio-blk",
             &mut queues[0],
@@ -459,34 +740,10 @@ impl Backend for BlockBackend {
             || true,
             |chain| {
                 let (parsed, status) = parse_request(mem, chain);
-                // A request the rate limiter cannot pay for yet goes back to the ring.
-                if let (Ok(req), Some(limiter)) = (&parsed, self.limiter.as_mut())
-                    && !limiter.consume(u64::from(req.data_len))
-                {
-                    DeviceMetrics::add(&self.metrics.rate_limited, 1);
+                if self.must_wait(&parsed) {
                     return None;
                 }
-                let (code, written) = match parsed {
-                    Ok(req) => {
-                        let (code, written) = self.execute(mem, &req);
-                        let from_guest = if req.kind == VIRTIO_BLK_T_OUT { u64::from(req.data_len) } else { 0 };
-                        if u32::from(code) == VIRTIO_BLK_S_OK {
-                            self.metrics.request(u64::from(written), from_guest);
-                        } else {
-                            self.metrics.error();
-                        }
-                        (code, written)
-                    }
-                    Err(e) => {
-                        crate::guest_fault!("virtio-blk: bad request from the driver: {e}");
-                        self.metrics.error();
-                        (VIRTIO_BLK_S_IOERR as u8, 0)
-                    }
-                };
-                Some(match status {
-                    Some(addr) if mem.write_obj(code, GuestAddress(addr)).is_ok() => written + 1,
-                    _ => written,
-                })
+                Some(self.answer(mem, parsed, status))
             },
         )
     }
@@ -588,6 +845,9 @@ mod tests {
                 bounce: Vec::new(),
                 metrics: Arc::default(),
                 limiter: None,
+                direct: false,
+                engine: IoEngine::Sync,
+                ring: None,
             },
             path,
         )

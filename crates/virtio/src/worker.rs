@@ -362,3 +362,76 @@ where
     }
     used && queue.needs_notification(mem).unwrap_or(true)
 }
+
+/// What a batched back-end did with a chain it was handed.
+pub enum Taken {
+    /// Queued (or already answered); more may follow in this batch.
+    Queued,
+    /// Queued, and the batch is full: it is completed before more are handed over.
+    Full,
+    /// Not now (a rate limiter is waiting): the chain goes back to the ring.
+    NotNow,
+}
+
+/// Puts every completed chain (head, bytes written) on the used ring; true when there was one.
+fn add_all(name: &str, queue: &mut Queue, mem: &GuestMemory, done: Vec<(u16, u32)>) -> bool {
+    use virtio_queue::QueueT;
+    let any = !done.is_empty();
+    for (head, written) in done {
+        if let Err(e) = queue.add_used(mem, head, written) {
+            crate::guest_fault!("{name}: cannot return descriptor {head} ({e})");
+        }
+    }
+    any
+}
+
+/// A back-end that completes chains later, many at once (io_uring).
+pub trait Batch {
+    /// Takes an available chain.
+    fn take(&mut self, mem: &GuestMemory, chain: virtio_queue::DescriptorChain<&GuestMemory>) -> Taken;
+    /// Finishes everything taken so far: each chain's head and the bytes written into it.
+    fn complete(&mut self, mem: &GuestMemory) -> Vec<(u16, u32)>;
+}
+
+/// As serve_queue_limited, for a [`Batch`] back-end: chains are taken until the ring is empty
+/// or the batch full, then completed together.
+pub fn serve_queue_batched(name: &str, queue: &mut Queue, mem: &GuestMemory, batch: &mut impl Batch) -> bool {
+    use virtio_queue::{QueueOwnedT, QueueT};
+    if !queue.ready() {
+        return false;
+    }
+    let mut used = false;
+    loop {
+        let _ = queue.disable_notification(mem);
+        loop {
+            let chain = match queue.iter(mem) {
+                Ok(mut iter) => iter.next(),
+                Err(e) => {
+                    crate::guest_fault!("{name}: the driver corrupted a queue ({e}); it is ignored until a reset");
+                    used |= add_all(name, queue, mem, batch.complete(mem));
+                    queue.set_ready(false);
+                    return used;
+                }
+            };
+            let Some(chain) = chain else { break };
+            match batch.take(mem, chain) {
+                Taken::Queued => {}
+                Taken::Full => used |= add_all(name, queue, mem, batch.complete(mem)),
+                Taken::NotNow => {
+                    queue.go_to_previous_position();
+                    used |= add_all(name, queue, mem, batch.complete(mem));
+                    return used && queue.needs_notification(mem).unwrap_or(true);
+                }
+            }
+        }
+        used |= add_all(name, queue, mem, batch.complete(mem));
+        if POLLING.with(Cell::get) {
+            break;
+        }
+        match queue.enable_notification(mem) {
+            Ok(true) => continue,
+            _ => break,
+        }
+    }
+    used && queue.needs_notification(mem).unwrap_or(true)
+}

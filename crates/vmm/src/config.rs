@@ -49,6 +49,12 @@ pub struct DiskConfig {
     /// How long the device's worker polls after work, in µs (None: the default; 0: never).
     #[serde(default)]
     pub poll_us: Option<u32>,
+    /// The host's page cache for the image, or O_DIRECT (`cache=writeback|none`).
+    #[serde(default)]
+    pub cache: virtio::blk::CacheMode,
+    /// One system call per request, or io_uring (`io_engine=sync|async`).
+    #[serde(default)]
+    pub io_engine: virtio::blk::IoEngine,
 }
 
 /// Splits `key=value,key=value` option lists; an error names the option.
@@ -72,6 +78,7 @@ impl FromStr for DiskConfig {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let (mut path, mut readonly, mut id, mut poll_us) = (None, false, None, None);
+        let (mut cache, mut io_engine) = (virtio::blk::CacheMode::Writeback, virtio::blk::IoEngine::Sync);
         for (key, value) in key_values("--disk", s)? {
             match key {
                 "path" if !value.is_empty() => path = Some(PathBuf::from(value)),
@@ -79,14 +86,32 @@ impl FromStr for DiskConfig {
                 "id" if value.len() <= 20 => id = Some(value.to_string()),
                 "id" => return Err(format!("--disk id= is at most 20 bytes, not {}", value.len())),
                 "poll_us" => poll_us = Some(parse_poll_us("--disk", value)?),
-                _ => return Err(format!("--disk has no option '{key}'; use path=, readonly=, id= and poll_us=")),
+                "cache" => {
+                    cache = match value {
+                        "writeback" => virtio::blk::CacheMode::Writeback,
+                        "none" => virtio::blk::CacheMode::None,
+                        _ => return Err(format!("--disk cache= takes writeback or none, not '{value}'")),
+                    }
+                }
+                "io_engine" => {
+                    io_engine = match value {
+                        "sync" => virtio::blk::IoEngine::Sync,
+                        "async" => virtio::blk::IoEngine::Async,
+                        _ => return Err(format!("--disk io_engine= takes sync or async (io_uring), not '{value}'")),
+                    }
+                }
+                _ => {
+                    return Err(format!(
+                        "--disk has no option '{key}'; use path=, readonly=, id=, poll_us=, cache= and io_engine="
+                    ));
+                }
             }
         }
         let path = path.ok_or("--disk needs path=IMAGE")?;
         let id = id.unwrap_or_else(|| {
             path.file_name().map(|n| n.to_string_lossy().chars().take(20).collect()).unwrap_or_default()
         });
-        Ok(DiskConfig { path, readonly, id, rate_limit: None, poll_us })
+        Ok(DiskConfig { path, readonly, id, rate_limit: None, poll_us, cache, io_engine })
     }
 }
 
@@ -1024,14 +1049,22 @@ mod tests {
                 readonly: true,
                 id: "root".into(),
                 rate_limit: None,
-                poll_us: None
+                poll_us: None,
+                cache: virtio::blk::CacheMode::Writeback,
+                io_engine: virtio::blk::IoEngine::Sync,
             }
         );
         let d: DiskConfig = "path=/images/rootfs.ext4".parse().unwrap();
         assert_eq!((d.readonly, d.id.as_str()), (false, "rootfs.ext4"));
         assert_eq!("readonly=on".parse::<DiskConfig>().unwrap_err(), "--disk needs path=IMAGE");
         assert!("path=/x,readonly=yes".parse::<DiskConfig>().unwrap_err().contains("readonly= takes on or off"));
-        assert!("path=/x,cache=none".parse::<DiskConfig>().unwrap_err().contains("no option 'cache'"));
+        assert!("path=/x,cache=off".parse::<DiskConfig>().unwrap_err().contains("cache= takes writeback or none"));
+        assert!(
+            "path=/x,io_engine=uring".parse::<DiskConfig>().unwrap_err().contains("io_engine= takes sync or async")
+        );
+        assert!("path=/x,aio=native".parse::<DiskConfig>().unwrap_err().contains("no option 'aio'"));
+        let d: DiskConfig = "path=/x,cache=none,io_engine=async".parse().unwrap();
+        assert_eq!((d.cache, d.io_engine), (virtio::blk::CacheMode::None, virtio::blk::IoEngine::Async));
         assert!("/x".parse::<DiskConfig>().unwrap_err().contains("key=value"));
         assert!("path=/x,id=123456789012345678901".parse::<DiskConfig>().unwrap_err().contains("at most 20"));
         assert_eq!("path=/x,poll_us=0".parse::<DiskConfig>().unwrap().poll_us, Some(0));
@@ -1046,8 +1079,15 @@ mod tests {
     fn disks_are_checked_before_boot() {
         let elf = temp_file("elf-disk", b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
         let odd = temp_file("odd.img", &[0u8; 1000]);
-        let disk =
-            |path: PathBuf, readonly| DiskConfig { path, readonly, id: String::new(), rate_limit: None, poll_us: None };
+        let disk = |path: PathBuf, readonly| DiskConfig {
+            path,
+            readonly,
+            id: String::new(),
+            rate_limit: None,
+            poll_us: None,
+            cache: Default::default(),
+            io_engine: Default::default(),
+        };
         let c = VmConfig { disks: vec![disk(odd.clone(), false)], ..config(elf.clone()) };
         assert_eq!(c.validate(&LIMITS), Err(ConfigError::DiskSize { path: odd.clone(), size: 1000 }));
         let c = VmConfig { disks: vec![disk("/nonexistent/disk.img".into(), true)], ..config(elf.clone()) };

@@ -498,8 +498,8 @@ impl Controller {
         if d.socket.is_some() {
             return Err(format!("drive {}: vhost-user (socket) is not supported; give path_on_host.", d.drive_id));
         }
-        if d.io_engine.as_deref().is_some_and(|e| e != "Sync") {
-            return Err(format!("drive {}: io_engine must be Sync; Ferrovisor has no Async engine.", d.drive_id));
+        if d.io_engine.as_deref().is_some_and(|e| e != "Sync" && e != "Async") {
+            return Err(format!("drive {}: io_engine is Sync or Async.", d.drive_id));
         }
         if d.cache_type.as_deref().is_some_and(|c| c != "Unsafe" && c != "Writeback") {
             return Err(format!("drive {}: cache_type is Unsafe or Writeback.", d.drive_id));
@@ -690,6 +690,11 @@ impl Controller {
                         id: d.drive_id.clone(),
                         rate_limit: rate_limit(&format!("drive {}", d.drive_id), &d.rate_limiter)?,
                         poll_us: None,
+                        cache: virtio::blk::CacheMode::Writeback,
+                        io_engine: match d.io_engine.as_deref() {
+                            Some("Async") => virtio::blk::IoEngine::Async,
+                            _ => virtio::blk::IoEngine::Sync,
+                        },
                     })
                 })
                 .collect::<Result<Vec<_>, String>>()?,
@@ -1276,7 +1281,7 @@ fn config_file_of(c: &VmConfig) -> VmConfigFile {
                 is_read_only: d.readonly,
                 partuuid: None,
                 cache_type: None,
-                io_engine: None,
+                io_engine: (d.io_engine == virtio::blk::IoEngine::Async).then(|| "Async".into()),
                 rate_limiter: None,
                 socket: None,
             })

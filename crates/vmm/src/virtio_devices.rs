@@ -83,8 +83,9 @@ pub fn attach_all(
     let mut attached = AttachedDevices::default();
     let mut devices: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
     for (i, disk) in config.disks.iter().enumerate() {
-        let block = Block::open(&disk.path, disk.readonly, &disk.id)
+        let block = Block::open_cached(&disk.path, disk.readonly, &disk.id, disk.cache)
             .map_err(|e| Error::Device(e.to_string()))?
+            .with_engine(disk.io_engine)
             .with_rate_limit(disk.rate_limit)
             .with_polling(disk.poll_us.unwrap_or(crate::config::DEFAULT_POLL_US));
         devices.push((format!("virtio-blk{i}"), Box::new(block)));
