@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use net::firewall::{Firewall, PortIdentity, RuleSetSpec};
 
+#[allow(dead_code)]
 mod common;
 
 use common::{field, line_with, median, probe, runs, sh};

@@ -102,12 +102,12 @@ fn a_forbidden_system_call_stops_the_vmm_with_status_148_and_names_it() {
     let out = probe_under_filters(
         &dir,
         r#"{"virtio-blk": {"default_action": "allow", "filter_action": "trap",
-            "filter": [{"syscall": "pread64"}, {"syscall": "pwrite64"}]}}"#,
+            "filter": [{"syscall": "preadv"}, {"syscall": "pwritev"}]}}"#,
     );
     assert_eq!(out.status.code(), Some(148), "{}", out.describe());
     let line = out.stderr.lines().find(|l| l.contains("seccomp:")).unwrap_or_else(|| panic!("{}", out.describe()));
     assert!(line.contains("thread 'virtio-blk' (virtio-blk filter) made system call"), "{line}");
-    assert!(line.contains("(pwrite64)") || line.contains("(pread64)"), "{line}");
+    assert!(line.contains("(pwritev)") || line.contains("(preadv)"), "{line}");
     assert!(!out.stdout.contains("PROBE virtio-blk ok"), "{}", out.describe());
 
     // A vCPU that may not run.

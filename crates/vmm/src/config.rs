@@ -115,8 +115,10 @@ impl FromStr for DiskConfig {
     }
 }
 
-/// How long a disk's or network interface's worker polls after work unless told otherwise.
-pub const DEFAULT_POLL_US: u32 = 50;
+/// How long a disk's or network interface's worker polls after work unless told otherwise:
+/// not at all, since a polling worker takes CPU that the guest's vCPUs need on a host with no
+/// core to spare (`poll_us=50` where one is).
+pub const DEFAULT_POLL_US: u32 = 0;
 
 /// The most a worker may poll: beyond a millisecond polling costs more than a wake-up saves.
 pub const MAX_POLL_US: u32 = 1000;

@@ -90,6 +90,15 @@ pub fn attach_all(
             .with_polling(disk.poll_us.unwrap_or(crate::config::DEFAULT_POLL_US));
         devices.push((format!("virtio-blk{i}"), Box::new(block)));
     }
+    if config.nets.iter().any(|n| !matches!(n.attachment, NetAttachment::User { .. } | NetAttachment::Switch { .. })) {
+        // vhost-net would move the TAP's datapath into the kernel; the user-space one serves.
+        match std::path::Path::new("/dev/vhost-net").exists() {
+            true => {
+                tracing::info!("/dev/vhost-net exists, but virtio-net runs in its own worker (vhost-net is not used)")
+            }
+            false => tracing::info!("no /dev/vhost-net on this host: virtio-net runs in its own worker"),
+        }
+    }
     for (i, nic) in config.nets.iter().enumerate() {
         let mac = nic.mac.unwrap_or_else(|| default_mac(config.id.as_deref(), i));
         let id = nic.api_id(i);
