@@ -74,7 +74,7 @@ fn receive_rate(mut cmd: Command) -> Option<f64> {
         if line.contains("sink ready") && sending.is_none() {
             let stop = stop.clone();
             sending = Some(std::thread::spawn(move || {
-                let fd = common::packet_sender(TAP);
+                let fd = common::raw_socket::bind(TAP);
                 let mut frame = [0u8; 60];
                 frame[..6].fill(0xff);
                 frame[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 0x42]);

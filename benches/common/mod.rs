@@ -64,31 +64,5 @@ pub fn field(line: &str, key: &str) -> f64 {
     line.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok()).unwrap_or(0.0)
 }
 
-/// A raw socket on `interface` for sending whole Ethernet frames into it (root).
-pub fn packet_sender(interface: &str) -> std::os::fd::OwnedFd {
-    use std::os::fd::FromRawFd;
-    let proto = (libc::ETH_P_ALL as u16).to_be();
-    // SAFETY: socket(2) returns a new fd or -1.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, i32::from(proto)) };
-    assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
-    // SAFETY: fd is new and owned from here on.
-    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-    let name = std::ffi::CString::new(interface).unwrap();
-    // SAFETY: a NUL-terminated interface name.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    // SAFETY: zeroed sockaddr_ll, then the fields bind needs.
-    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    addr.sll_family = libc::AF_PACKET as u16;
-    addr.sll_protocol = proto;
-    addr.sll_ifindex = index as i32;
-    // SAFETY: binding our socket to a valid sockaddr_ll of its size.
-    let rc = unsafe {
-        libc::bind(
-            std::os::fd::AsRawFd::as_raw_fd(&fd),
-            (&raw const addr).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        )
-    };
-    assert_eq!(rc, 0, "bind to {interface}: {}", std::io::Error::last_os_error());
-    fd
-}
+#[path = "../../tests/common/raw_socket.rs"]
+pub mod raw_socket;

@@ -40,18 +40,15 @@ impl vfio::Resources for Fake {
 /// A device that is whatever the input says it is.
 struct Hostile {
     config: [u8; 256],
-    regions: Vec<vfio::Region>,
+    info: vfio::DeviceInfo,
 }
 
 impl vfio::Backend for Hostile {
     fn describe(&self) -> String {
         "hostile".into()
     }
-    fn region(&self, index: u32) -> Option<&vfio::Region> {
-        self.regions.get(index as usize)
-    }
-    fn irq_count(&self, index: u32) -> u32 {
-        [1, 1, 2048][index.min(2) as usize]
+    fn info(&self) -> &vfio::DeviceInfo {
+        &self.info
     }
     fn resettable(&self) -> bool {
         self.config[0] & 1 != 0
@@ -111,7 +108,8 @@ fn device(data: &[u8]) -> Option<(Box<dyn vfio::Backend>, &[u8])> {
                     mmap: None,
                 })
                 .collect();
-            Some((Box::new(Hostile { config, regions }), &rest[264..]))
+            let info = vfio::DeviceInfo { regions, irq_counts: vec![1, 1, 2048] };
+            Some((Box::new(Hostile { config, info }), &rest[264..]))
         }
         Some((_, rest)) => Some((Box::new(vfio::test_device::InProcess::new().ok()?), rest)),
         None => None,

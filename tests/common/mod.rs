@@ -6,6 +6,7 @@
 /// The probe's data patterns, shared with the host side of the tests.
 #[path = "../../guest/probe/src/pattern.rs"]
 pub mod pattern;
+pub mod raw_socket;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -331,26 +332,7 @@ pub struct PacketSocket {
 
 impl PacketSocket {
     pub fn bind(interface: &str) -> PacketSocket {
-        use std::os::fd::FromRawFd;
-        let proto = (libc::ETH_P_ALL as u16).to_be();
-        // SAFETY: socket(2) returns a new fd or -1.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, i32::from(proto)) };
-        assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
-        // SAFETY: fd is new and owned from here on.
-        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-        let name = std::ffi::CString::new(interface).unwrap();
-        // SAFETY: a NUL-terminated interface name.
-        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-        assert!(index != 0, "interface {interface} exists");
-        // SAFETY: zeroed sockaddr_ll, then the fields bind needs.
-        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_protocol = proto;
-        addr.sll_ifindex = index as i32;
-        let len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
-        // SAFETY: binding our socket to a valid sockaddr_ll of `len` bytes.
-        let rc = unsafe { libc::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), (&raw const addr).cast(), len) };
-        assert_eq!(rc, 0, "bind to {interface}: {}", std::io::Error::last_os_error());
+        let fd = raw_socket::bind(interface);
         // Room for thousands of frames: the test reads them after the burst.
         let rcvbuf: libc::c_int = 64 << 20;
         // SAFETY: SO_RCVBUFFORCE takes an int; it needs CAP_NET_ADMIN, which the TAP tests have.

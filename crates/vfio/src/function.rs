@@ -775,18 +775,15 @@ mod tests {
     /// A device whose configuration space and region sizes are whatever a test says.
     struct Hostile {
         config: [u8; 256],
-        regions: Vec<crate::Region>,
+        info: crate::DeviceInfo,
     }
 
     impl Backend for Hostile {
         fn describe(&self) -> String {
             "a hostile device".into()
         }
-        fn region(&self, index: u32) -> Option<&crate::Region> {
-            self.regions.get(index as usize)
-        }
-        fn irq_count(&self, _index: u32) -> u32 {
-            u32::MAX
+        fn info(&self) -> &crate::DeviceInfo {
+            &self.info
         }
         fn resettable(&self) -> bool {
             true
@@ -841,7 +838,8 @@ mod tests {
         for (config, bar_size) in cases {
             let mut regions: Vec<crate::Region> = (0..8).map(|i| region(i, bar_size)).collect();
             regions[7].size = 256;
-            let backend = Box::new(Hostile { config, regions });
+            let info = crate::DeviceInfo { regions, irq_counts: vec![u32::MAX; 3] };
+            let backend = Box::new(Hostile { config, info });
             let router = Arc::new(Fake::default());
             if let Ok(mut f) = Function::new("dev", backend, &mut Fake::default(), router, &[]) {
                 for offset in (0..256u16).step_by(4) {

@@ -21,8 +21,7 @@ pub struct KernelDevice {
     path: PathBuf,
     container: Arc<VfioContainer>,
     device: VfioDevice,
-    regions: Vec<Region>,
-    irq_counts: Vec<u32>,
+    info: crate::DeviceInfo,
 }
 
 impl KernelDevice {
@@ -41,7 +40,8 @@ impl KernelDevice {
             regions.push(region_of(&device, index).map_err(|e| fail("its regions", &e))?);
         }
         let irq_counts = (0..5).map(|i| device.get_irq_info(i).map_or(0, |irq| irq.count)).collect();
-        Ok(KernelDevice { path: sysfs.to_path_buf(), container, device, regions, irq_counts })
+        let info = crate::DeviceInfo { regions, irq_counts };
+        Ok(KernelDevice { path: sysfs.to_path_buf(), container, device, info })
     }
 }
 
@@ -94,12 +94,8 @@ impl Backend for KernelDevice {
         format!("host device {}", self.path.display())
     }
 
-    fn region(&self, index: u32) -> Option<&Region> {
-        self.regions.get(index as usize)
-    }
-
-    fn irq_count(&self, index: u32) -> u32 {
-        self.irq_counts.get(index as usize).copied().unwrap_or(0)
+    fn info(&self) -> &crate::DeviceInfo {
+        &self.info
     }
 
     fn resettable(&self) -> bool {

@@ -58,14 +58,27 @@ pub enum Error {
     Unsupported(String),
 }
 
+/// What a device told of itself: its regions by index, and how many interrupts it has at each
+/// VFIO interrupt index.
+#[derive(Clone, Debug, Default)]
+pub struct DeviceInfo {
+    pub regions: Vec<Region>,
+    pub irq_counts: Vec<u32>,
+}
+
 /// One way of reaching an assigned device. Calls may block on the device (a vfio-user server
 /// answers over a socket, with a deadline); a back-end whose device is gone fails every call.
 pub trait Backend: Send {
     /// A name for logs: the socket or the sysfs path.
     fn describe(&self) -> String;
-    fn region(&self, index: u32) -> Option<&Region>;
+    fn info(&self) -> &DeviceInfo;
+    fn region(&self, index: u32) -> Option<&Region> {
+        self.info().regions.get(index as usize)
+    }
     /// How many interrupts of VFIO index `index` (INTx, MSI, MSI-X) the device has.
-    fn irq_count(&self, index: u32) -> u32;
+    fn irq_count(&self, index: u32) -> u32 {
+        self.info().irq_counts.get(index as usize).copied().unwrap_or(0)
+    }
     fn resettable(&self) -> bool;
     fn read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> Result<(), Error>;
     fn write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), Error>;

@@ -393,8 +393,7 @@ pub fn serve(socket: &Path, shared_size: u64, confine: impl FnOnce() -> Result<(
 /// access is a call): for unit tests and fuzzing of the VMM's side without a socket.
 pub struct InProcess {
     device: TestDevice,
-    regions: Vec<crate::Region>,
-    irq_counts: Vec<u32>,
+    info: crate::DeviceInfo,
 }
 
 impl InProcess {
@@ -411,7 +410,8 @@ impl InProcess {
                 mmap: None,
             })
             .collect();
-        Ok(InProcess { device, regions, irq_counts: irqs.iter().map(|i| i.count).collect() })
+        let info = crate::DeviceInfo { regions, irq_counts: irqs.iter().map(|i| i.count).collect() };
+        Ok(InProcess { device, info })
     }
 }
 
@@ -419,11 +419,8 @@ impl crate::Backend for InProcess {
     fn describe(&self) -> String {
         "the in-process test device".into()
     }
-    fn region(&self, index: u32) -> Option<&crate::Region> {
-        self.regions.get(index as usize)
-    }
-    fn irq_count(&self, index: u32) -> u32 {
-        self.irq_counts.get(index as usize).copied().unwrap_or(0)
+    fn info(&self) -> &crate::DeviceInfo {
+        &self.info
     }
     fn resettable(&self) -> bool {
         true

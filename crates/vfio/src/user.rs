@@ -171,8 +171,7 @@ pub struct UserDevice {
     next_id: u16,
     max_fds: usize,
     max_transfer: usize,
-    regions: Vec<Region>,
-    irq_counts: Vec<u32>,
+    info: crate::DeviceInfo,
     resettable: bool,
     gone: bool,
 }
@@ -199,8 +198,7 @@ impl UserDevice {
             next_id: 0,
             max_fds: 1,
             max_transfer: DEFAULT_MAX_TRANSFER,
-            regions: Vec::new(),
-            irq_counts: Vec::new(),
+            info: crate::DeviceInfo::default(),
             resettable: false,
             gone: false,
         };
@@ -255,7 +253,7 @@ impl UserDevice {
         self.resettable = flags & vfio_bindings::bindings::vfio::VFIO_DEVICE_FLAGS_RESET != 0;
         for index in 0..regions {
             let region = self.region_info(index)?;
-            self.regions.push(region);
+            self.info.regions.push(region);
         }
         for index in 0..irqs {
             let mut body = Vec::new();
@@ -263,7 +261,7 @@ impl UserDevice {
                 body.extend_from_slice(&v.to_le_bytes());
             }
             let (reply, _) = self.call(Command::GetIrqInfo, &body, &[], 16)?;
-            self.irq_counts.push(u32_at(&reply, 12).min(MAX_VECTORS));
+            self.info.irq_counts.push(u32_at(&reply, 12).min(MAX_VECTORS));
         }
         Ok(())
     }
@@ -416,12 +414,8 @@ impl Backend for UserDevice {
         format!("vfio-user device at {}", self.path.display())
     }
 
-    fn region(&self, index: u32) -> Option<&Region> {
-        self.regions.get(index as usize)
-    }
-
-    fn irq_count(&self, index: u32) -> u32 {
-        self.irq_counts.get(index as usize).copied().unwrap_or(0)
+    fn info(&self) -> &crate::DeviceInfo {
+        &self.info
     }
 
     fn resettable(&self) -> bool {
