@@ -281,7 +281,8 @@ impl ServerBackend for TestDevice {
                     reg::CMD => {
                         let ok = self.run(value);
                         self.regs[reg::STATUS as usize / 4] = if ok { STATUS_DONE } else { STATUS_DONE | STATUS_ERROR };
-                        self.regs[reg::COMPLETED as usize / 4] += 1;
+                        let completed = &mut self.regs[reg::COMPLETED as usize / 4];
+                        *completed = completed.wrapping_add(1);
                         self.signal();
                     }
                     _ => {}

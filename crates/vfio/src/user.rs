@@ -324,17 +324,20 @@ impl UserDevice {
         if self.gone {
             return Err(Error::Gone);
         }
-        let result = self.exchange(command, body, fds, max_payload);
-        if let Err(e) = &result
-            && !matches!(e, Error::Refused { .. })
-        {
-            self.gone = true;
-            tracing::error!(
-                "the vfio-user device at {} is gone ({e}); its accesses now read all ones",
-                self.path.display()
-            );
+        match self.exchange(command, body, fds, max_payload) {
+            Err(e) if !matches!(e, Error::Refused { .. }) => Err(self.broken(e)),
+            result => result,
         }
-        result
+    }
+
+    /// Marks the device gone after `e` broke an exchange, and says so once.
+    fn broken(&mut self, e: Error) -> Error {
+        self.gone = true;
+        tracing::error!(
+            "the vfio-user device at {} is gone ({e}); its accesses now read all ones",
+            self.path.display()
+        );
+        e
     }
 
     fn exchange(
@@ -428,11 +431,14 @@ impl Backend for UserDevice {
             let at = offset + (i * step) as u64;
             let (reply, _) =
                 self.call(Command::RegionRead, &Self::access_body(region, at, chunk.len()), &[], 16 + chunk.len())?;
-            let bytes = reply.get(16..).filter(|b| b.len() == chunk.len()).ok_or_else(|| {
-                self.gone = true;
-                Error::Protocol(format!("a read of {} bytes was answered with {}", chunk.len(), reply.len()))
-            })?;
-            chunk.copy_from_slice(bytes);
+            match reply.get(16..).filter(|b| b.len() == chunk.len()) {
+                Some(bytes) => chunk.copy_from_slice(bytes),
+                None => {
+                    let e =
+                        Error::Protocol(format!("a read of {} bytes was answered with {}", chunk.len(), reply.len()));
+                    return Err(self.broken(e));
+                }
+            }
         }
         Ok(())
     }
