@@ -203,6 +203,7 @@ impl VirtioDevice for Block {
             direct: self.cache == CacheMode::None,
             engine: self.engine,
             ring: None,
+            finished: Vec::new(),
         };
         self.worker = Some(
             Worker::spawn_polling(sandbox::ThreadKind::Block, backend, activation, self.poll)
@@ -307,6 +308,8 @@ struct BlockBackend {
     engine: IoEngine,
     /// The io_uring of the Async engine, made on the worker when it first serves.
     ring: Option<Box<BlockRing>>,
+    /// Chains answered in the current batch: head and bytes written.
+    finished: Vec<(u16, u32)>,
 }
 
 impl BlockBackend {
@@ -585,17 +588,22 @@ impl BlockBackend {
             return;
         }
         let results = ring.wait(in_flight.len());
-        for (flight, result) in in_flight.into_iter().zip(results) {
-            let (code, written) = if result == i64::from(flight.req.data_len) {
-                rw_done(mem, &flight.req)
-            } else {
-                self.execute(mem, &flight.req)
+        if results.is_none() {
+            // Entries the kernel did not take would be submitted later with freed iovecs: the
+            // ring goes, and the sync engine serves from now on.
+            tracing::warn!("virtio-blk: io_uring failed; reads and writes use preadv and pwritev from now on");
+            self.ring = None;
+            self.engine = IoEngine::Sync;
+        }
+        let results = results.unwrap_or_default();
+        for (i, flight) in in_flight.into_iter().enumerate() {
+            let (code, written) = match results.get(i) {
+                Some(&result) if result == i64::from(flight.req.data_len) => rw_done(mem, &flight.req),
+                _ => self.execute(mem, &flight.req),
             };
             self.count(&flight.req, code, written);
             let written = with_status(mem, Some(flight.req.status), code, written);
-            if let Some(ring) = self.ring.as_mut() {
-                ring.done.push((flight.head, written));
-            }
+            self.finished.push((flight.head, written));
         }
     }
 }
@@ -620,7 +628,6 @@ struct InFlight {
 struct BlockRing {
     ring: io_uring::IoUring,
     in_flight: Vec<InFlight>,
-    done: Vec<(u16, u32)>,
 }
 
 // SAFETY: the iovecs point into guest memory, which lives as long as the VM; the ring and its
@@ -634,7 +641,7 @@ impl BlockRing {
         let mut allowed = [Restriction::sqe_op(opcode::Readv::CODE), Restriction::sqe_op(opcode::Writev::CODE)];
         ring.submitter().register_restrictions(&mut allowed)?;
         ring.submitter().register_enable_rings()?;
-        Ok(BlockRing { ring, in_flight: Vec::new(), done: Vec::new() })
+        Ok(BlockRing { ring, in_flight: Vec::new() })
     }
 
     /// Queues `flight` on `fd`; gives it back when the submission queue is full.
@@ -658,18 +665,15 @@ impl BlockRing {
     }
 
     /// Submits what is queued and waits for all `count` completions: each one's result
-    /// (bytes moved, or a negative errno), in submission order.
-    fn wait(&mut self, count: usize) -> Vec<i64> {
+    /// (bytes moved, or a negative errno), in submission order; None when the ring failed.
+    fn wait(&mut self, count: usize) -> Option<Vec<i64>> {
         let mut results = vec![None; count];
         let mut reaped = 0;
         while reaped < count {
             match self.ring.submit_and_wait(count - reaped) {
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    crate::guest_fault!("virtio-blk: io_uring failed ({e}); the requests in flight are redone");
-                    break;
-                }
+                Err(_) => return None,
             }
             for cqe in self.ring.completion() {
                 if let Some(slot) = results.get_mut(cqe.user_data() as usize).filter(|r| r.is_none()) {
@@ -678,7 +682,7 @@ impl BlockRing {
                 }
             }
         }
-        results.into_iter().map(|r| r.unwrap_or(-i64::from(libc::EIO))).collect()
+        Some(results.into_iter().map(|r| r.unwrap_or(-i64::from(libc::EIO))).collect())
     }
 }
 
@@ -705,15 +709,13 @@ impl crate::worker::Batch for BlockBackend {
         // is answered now, in order.
         self.drain(mem);
         let written = self.answer(mem, parsed, status);
-        if let Some(ring) = self.ring.as_mut() {
-            ring.done.push((head, written));
-        }
+        self.finished.push((head, written));
         Taken::Queued
     }
 
     fn complete(&mut self, mem: &GuestMemory) -> Vec<(u16, u32)> {
         self.drain(mem);
-        self.ring.as_mut().map(|r| std::mem::take(&mut r.done)).unwrap_or_default()
+        std::mem::take(&mut self.finished)
     }
 }
 
@@ -848,6 +850,7 @@ mod tests {
                 direct: false,
                 engine: IoEngine::Sync,
                 ring: None,
+                finished: Vec::new(),
             },
             path,
         )
