@@ -87,16 +87,7 @@ fn vm_to_vm(switch: &Path, rules_file: &Path) -> f64 {
     line_with(&mut sink, "sink ready");
     // No router; the receiver does not answer ARP, so the datagrams go to the broadcast MAC
     // (storm control is off in every rule set here).
-    let mut sender = switch_probe(
-        switch,
-        1,
-        Some(rules_file),
-        &format!(
-            "probe.virtio-net.mode=ip probe.virtio-net.ip=10.0.0.1 probe.virtio-net.gw=10.0.0.1 \
-             probe.virtio-net.dst=10.0.0.2 probe.virtio-net.wait=100000000 probe.virtio-net.port=9999 \
-             probe.virtio-net.broadcast=on probe.virtio-net.flood={DATAGRAMS}"
-        ),
-    );
+    let mut sender = switch_probe(switch, 1, Some(rules_file), &common::flood_tests("10.0.0", DATAGRAMS));
     let result = line_with(&mut sender, "PROBE virtio-net ok mode=ip");
     let _ = sender.wait();
     let _ = sink.kill();
@@ -106,16 +97,7 @@ fn vm_to_vm(switch: &Path, rules_file: &Path) -> f64 {
 
 /// The flood's rate from a probe at 10.93.0.1 with `--net net` in namespace `ns`.
 fn flood_rate(ns: &str, net: &str, state: &Path) -> f64 {
-    let mut sender = probe(
-        Some(ns),
-        Some(state),
-        net,
-        &format!(
-            "probe.virtio-net.mode=ip probe.virtio-net.ip=10.93.0.1 probe.virtio-net.gw=10.93.0.1 \
-             probe.virtio-net.dst=10.93.0.2 probe.virtio-net.wait=100000000 probe.virtio-net.port=9999 \
-             probe.virtio-net.broadcast=on probe.virtio-net.flood={DATAGRAMS}"
-        ),
-    );
+    let mut sender = probe(Some(ns), Some(state), net, &common::flood_tests("10.93.0", DATAGRAMS));
     let result = line_with(&mut sender, "PROBE virtio-net ok mode=ip");
     let _ = sender.wait();
     field(&result, "flood_pps")
@@ -127,17 +109,7 @@ fn managed(dir: &Path, files: &[(&str, PathBuf)]) -> Vec<(String, f64)> {
     let _ = Command::new("ip").args(["netns", "del", &ns]).status();
     sh(&["ip", "netns", "add", &ns]);
     let state = dir.join("state");
-    let network = |args: &[&str]| {
-        let ok = Command::new("ip")
-            .args(["netns", "exec", &ns, env!("CARGO_BIN_EXE_ferrovisor"), "network"])
-            .args(args)
-            .env("FERROVISOR_STATE_DIR", &state)
-            .stdout(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(ok, "network {args:?}");
-    };
+    let network = |args: &[&str]| common::network(&ns, &state, args);
     network(&["create", "fwb", "--mode", "isolated", "--subnet", "10.93.0.0/24"]);
     sh(&["ip", "-n", &ns, "tuntap", "add", "fvbplain", "mode", "tap"]);
     sh(&["ip", "-n", &ns, "link", "set", "fvbplain", "master", "fv-fwb", "up"]);

@@ -131,19 +131,7 @@ fn main() {
         sh(&["ip", "-n", ns, "link", "set", dev, "up"]);
         sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
     }
-    let network = |args: &[&str]| {
-        let ok = Command::new("ip")
-            .args(["netns", "exec", &host])
-            .arg(bin())
-            .arg("network")
-            .args(args)
-            .env("FERROVISOR_STATE_DIR", &state)
-            .stdout(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(ok, "network {args:?}");
-    };
+    let network = |args: &[&str]| common::network(&host, &state, args);
     network(&["create", "br", "--mode", "isolated", "--subnet", "10.90.0.0/24"]);
     network(&["create", "nat", "--mode", "nat", "--subnet", "10.91.0.0/24", "--uplink", "fvbvh"]);
     let switch_path = state.join("switch.sock");

@@ -44,6 +44,30 @@ pub fn probe(ns: Option<&str>, state: Option<&Path>, net: &str, tests: &str) -> 
     cmd.spawn().expect("ferrovisor runs")
 }
 
+/// `ferrovisor network ARGS` in network namespace `ns`, managed networks' state in `state`;
+/// it must succeed.
+pub fn network(ns: &str, state: &Path, args: &[&str]) {
+    let ok = Command::new("ip")
+        .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_ferrovisor"), "network"])
+        .args(args)
+        .env("FERROVISOR_STATE_DIR", state)
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "network {args:?}");
+}
+
+/// The probe's arguments for a broadcast UDP flood of `datagrams` from `subnet`.1 to
+/// `subnet`.2 (port 9999), counted by the sender.
+pub fn flood_tests(subnet: &str, datagrams: u64) -> String {
+    format!(
+        "probe.virtio-net.mode=ip probe.virtio-net.ip={subnet}.1 probe.virtio-net.gw={subnet}.1 \
+         probe.virtio-net.dst={subnet}.2 probe.virtio-net.wait=100000000 probe.virtio-net.port=9999 \
+         probe.virtio-net.broadcast=on probe.virtio-net.flood={datagrams}"
+    )
+}
+
 /// Reads the child's lines until one contains `needle`; returns it.
 pub fn line_with(child: &mut Child, needle: &str) -> String {
     let mut reader = BufReader::new(child.stdout.as_mut().unwrap());
