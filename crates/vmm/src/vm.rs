@@ -286,15 +286,23 @@ impl RunningVm {
     }
 }
 
-/// A VM with its irqchip and PIT, no memory yet.
+/// A VM with no memory and no irqchip yet.
 fn create_vm(kvm: &Kvm) -> Result<Arc<VmFd>, Error> {
     let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create a VM"))?);
     vm.set_tss_address(KVM_TSS_START as usize).map_err(kvm_err("set the TSS address"))?;
     vm.set_identity_map_address(KVM_IDENTITY_MAP_START).map_err(kvm_err("set the identity map address"))?;
+    Ok(vm)
+}
+
+/// Registers guest RAM, then creates the irqchip and PIT. In this order on purpose: once a VM
+/// has an irqchip, every memory-slot change waits for an SRCU grace period (5-10 ms measured
+/// on this host, about half the launch), while before it the same call takes 0.1 ms.
+fn add_memory_and_irqchip(vm: &VmFd, mem: &GuestMemory, track_dirty_pages: bool) -> Result<(), Error> {
+    register_memory(vm, mem, track_dirty_pages)?;
     vm.create_irq_chip().map_err(kvm_err("create the in-kernel irqchip"))?;
     let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
     vm.create_pit2(pit).map_err(kvm_err("create the in-kernel PIT"))?;
-    Ok(vm)
+    Ok(())
 }
 
 /// Builds the VM of `config` and starts its vCPUs; stop reasons arrive through `latch`.
@@ -315,7 +323,7 @@ pub fn start(
     }
     let mem = crate::memory::create(&config.memory_regions(), ram, &memory_options)
         .map_err(|e| Error::Memory { mib: mem_size >> 20, reason: e.to_string() })?;
-    register_memory(&vm, &mem, config.track_dirty_pages)?;
+    add_memory_and_irqchip(&vm, &mem, config.track_dirty_pages)?;
     let (mut pio, mut mmio, legacy) = create_devices(&vm, config, launched, latch, None)?;
     let mut cmdline = boot::cmdline(&config.cmdline)?;
     let devices = crate::virtio_devices::attach_all(&vm, &mem, config, &mut pio, &mut mmio, &mut cmdline)?;
@@ -377,7 +385,7 @@ pub fn restore(
     }
     let mem = crate::memory::restore(&saved.regions, &file, &config.memory)
         .map_err(|e| Error::Memory { mib: total >> 20, reason: e.to_string() })?;
-    register_memory(&vm, &mem, config.track_dirty_pages)?;
+    add_memory_and_irqchip(&vm, &mem, config.track_dirty_pages)?;
     snapshot::restore_vm(&vm, &saved.vm, how.clock_realtime).map_err(restore_err)?;
     let (mut pio, mut mmio, legacy) = create_devices(&vm, &config, launched, latch, Some(&saved.devices))?;
     let mut cmdline = boot::cmdline(&config.cmdline)?;

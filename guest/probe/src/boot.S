@@ -30,6 +30,7 @@
     .code32
     .globl pvh_entry
 pvh_entry:                         # 32-bit protected mode, paging off, %ebx = hvm_start_info
+    movb $123, 0xc0000000          # boot timer (Firecracker's magic): marks the first instruction
     movl $CR4_BITS, %eax
     movl %eax, %cr4
     movl $pml4, %eax
