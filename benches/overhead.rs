@@ -157,7 +157,9 @@ fn launch(vmm: Vmm, image: &Path) -> Launch {
     loop {
         match rx.recv_timeout(TIMEOUT) {
             Ok(Seen::FirstByte(at)) => first_byte_ms = Some((at - started).as_secs_f64() * 1000.0),
-            Ok(Seen::BootTimer(at)) => first_instruction_ms = Some((at - time_of_day(wall)).rem_euclid(86400.0) * 1000.0),
+            Ok(Seen::BootTimer(at)) => {
+                first_instruction_ms = Some((at - time_of_day(wall)).rem_euclid(86400.0) * 1000.0)
+            }
             Ok(Seen::Done) => break,
             Err(_) => panic!("no 'PROBE done' within {TIMEOUT:?}"),
         }

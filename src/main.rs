@@ -281,7 +281,8 @@ struct RunArgs {
     #[arg(long)]
     console: Option<ConsoleConfig>,
     /// A virtio-net interface: tap=NAME (created if absent), switch=PATH[,vlan=N],
-    /// network=NAME[,isolated=on] or user[,hostfwd=tcp:127.0.0.1:HPORT-:GPORT]; [,mac=02:..].
+    /// network=NAME[,isolated=on] or user[,hostfwd=tcp:127.0.0.1:HPORT-:GPORT]; [,mac=02:..];
+    /// on a TAP [,queues=N] queue pairs (default: one per vCPU).
     #[arg(long = "net")]
     nets: Vec<NetConfig>,
     /// A virtio-balloon: size=MiB (the target)[,deflate_on_oom=on][,stats=on][,free_page_reporting=on].

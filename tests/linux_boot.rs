@@ -538,14 +538,16 @@ fn linux_lifecycle_from_a_firecracker_config_file() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// Linux on a managed network, `ip=dhcp`: its lease comes from the network's DHCP server.
-fn linux_on_network(lab: &common::NetLab, net: &str) -> common::Outcome {
+/// Linux on a managed network with `cpus` vCPUs, `ip=dhcp`: its lease comes from the
+/// network's DHCP server.
+fn linux_on_network(lab: &common::NetLab, net: &str, cpus: u32) -> common::Outcome {
     let guest = linux_guest();
     let cmdline = format!("console=ttyS0 reboot=k panic=-1 {LINUX_HOST_CMDLINE} ip=dhcp");
     boot_reaching("Run /init as init process", || {
         let mut cmd = lab.ferrovisor();
         cmd.args(["run", "--kernel", guest.join("vmlinux").to_str().unwrap()])
             .args(["--initrd", guest.join("initramfs.cpio").to_str().unwrap()])
+            .args(["--cpus", &cpus.to_string()])
             .args(["--memory", "128", "--net", net, "--cmdline", &cmdline]);
         Running::start(cmd).finish(BOOT_TIMEOUT)
     })
@@ -556,8 +558,10 @@ fn linux_gets_its_address_from_a_nat_networks_dhcp_server() {
     let lab = common::NetLab::new("fvld");
     let out = lab.network(&["create", "lab", "--mode", "nat", "--subnet", "10.85.0.0/24", "--uplink", "vh"]);
     assert!(out.status.success(), "{out:?}");
-    let out = linux_on_network(&lab, "network=lab,mac=02:fc:00:00:00:07");
+    // Two vCPUs: the network's TAP gets two queues, and Linux's driver takes both pairs.
+    let out = linux_on_network(&lab, "network=lab,mac=02:fc:00:00:00:07", 2);
     let log = out.describe();
+    assert!(out.stderr.contains("virtio-net: the driver uses 2 queue pairs"), "{log}");
     assert!(out.stdout.contains("IP-Config: Got DHCP answer from 10.85.0.1, my address is 10.85.0.2"), "{log}");
     assert!(out.stdout.contains("gw=10.85.0.1"), "the router option: {log}");
     // The lease is kept: the same MAC gets the same address next time.
@@ -587,7 +591,7 @@ fn linux_on_a_bridge_network_gets_its_address_from_the_uplinks_segment() {
     let _dhcp = common::KillOnDrop(dnsmasq.spawn().expect("dnsmasq starts (apt-get install dnsmasq-base)"));
     let out = lab.network(&["create", "seg", "--mode", "bridge", "--uplink", "vh"]);
     assert!(out.status.success(), "{out:?}");
-    let out = linux_on_network(&lab, "network=seg");
+    let out = linux_on_network(&lab, "network=seg", 1);
     let log = out.describe();
     assert!(out.stdout.contains("IP-Config: Got DHCP answer from 192.0.2.1, my address is 192.0.2.50"), "{log}");
     assert_ended_after_init(&out);

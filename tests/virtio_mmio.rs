@@ -530,6 +530,95 @@ fn blk_reads_are_exact_at_every_depth_polling_or_not_on_every_engine() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// An IPv4/UDP frame to the probe's multi-queue port from source port `port`: the TAP hashes
+/// flows by addresses and ports, so that different ports spread over its queues.
+fn udp_frame_to_probe(mac: [u8; 6], port: u16, payload_seed: u64) -> Vec<u8> {
+    let mut frame = vec![0u8; 42 + 64];
+    frame[0..6].copy_from_slice(&mac);
+    frame[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 9]);
+    frame[12..14].copy_from_slice(&[0x08, 0x00]);
+    let ip_len = (frame.len() - 14) as u16;
+    frame[14..34].copy_from_slice(&[0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0, 10, 9, 0, 1, 10, 9, 0, 2]);
+    frame[16..18].copy_from_slice(&ip_len.to_be_bytes());
+    frame[34..36].copy_from_slice(&port.to_be_bytes());
+    frame[36..38].copy_from_slice(&7777u16.to_be_bytes());
+    frame[38..40].copy_from_slice(&(ip_len - 20).to_be_bytes());
+    let mut payload = vec![0u8; 64 + 14];
+    pattern::fill_frame(payload_seed, u64::from(port), [0; 6], &mut payload);
+    frame[42..].copy_from_slice(&payload[14..]);
+    frame
+}
+
+/// Multi-queue virtio-net: on a multi-queue TAP a 2-vCPU VM offers two queue pairs; the device
+/// refuses a third through the control queue and takes two; frames sent on both transmit queues
+/// reach the TAP byte for byte, and 64 UDP flows from the host arrive whole, spread by the
+/// kernel over both receive queues.
+#[test]
+fn net_multi_queue_spreads_flows_over_the_pairs_the_driver_set() {
+    let tap = common::TestTap::multi_queue("fvmq");
+    let far_side = common::PacketSocket::bind(&tap.name);
+    const FLOWS: u16 = 64;
+    let mut cmd = probe_command(
+        2,
+        &format!(
+            "probe.test=virtio-net probe.virtio-net.mode=mq probe.virtio-net.tx=8 probe.virtio-net.rx={FLOWS} \
+             probe.virtio-net.seed=3"
+        ),
+    );
+    cmd.args(["--net", &format!("tap={}", tap.name)]);
+    let mut vm = Running::start(cmd);
+    // The line ends with the pair count the driver set.
+    assert!(vm.wait_for_output(" pairs=2", TIMEOUT), "{}", vm.stdout());
+    let stdout = vm.stdout();
+    let ready = stdout.lines().find(|l| l.starts_with("PROBE virtio-net ready")).unwrap().trim_end().to_string();
+    let mac: Vec<u8> =
+        ready.split("mac=").nth(1).unwrap()[..17].split(':').map(|b| u8::from_str_radix(b, 16).unwrap()).collect();
+    let mac: [u8; 6] = mac.try_into().unwrap();
+    far_side.set_timeout(Duration::from_secs(10));
+    for i in 0..8u64 {
+        let frame = far_side.recv_ethertype(pattern::ETHERTYPE_PROBE).expect("a frame from the guest");
+        let mut expected = vec![0u8; 60 + (i as usize * 97) % (1514 - 60)];
+        pattern::fill_frame(3, i, mac, &mut expected);
+        assert_eq!(frame, expected, "frame {i}, sent on transmit queue {}", i % 2);
+    }
+    let (mut sum, mut bytes) = (0u64, 0);
+    for flow in 0..FLOWS {
+        let frame = udp_frame_to_probe(mac, 20000 + flow, 3);
+        far_side.send(&frame);
+        sum = sum.wrapping_add(pattern::fnv1a(pattern::FNV_OFFSET, &frame));
+        bytes += frame.len();
+    }
+    let out = vm.finish(TIMEOUT);
+    let line = probe_result(&out.stdout, "virtio-net").unwrap_or_else(|| panic!("{}", out.describe()));
+    assert!(line.contains(&format!(" rx={FLOWS} rx_bytes={bytes} rx_sum={sum:#x} ")), "{line}");
+    let per_queue: Vec<u64> =
+        line.split("rx_per_queue=").nth(1).unwrap().split(',').map(|n| n.trim().parse().unwrap()).collect();
+    assert!(per_queue[0] > 0 && per_queue[1] > 0, "both receive queues get flows: {line}");
+    assert!(out.stderr.contains("virtio-net: the driver uses 2 queue pairs"), "{}", out.describe());
+    assert!(out.stderr.contains("the driver asked for 3 queue pairs where the device has 2"), "{}", out.describe());
+}
+
+/// A TAP made without multi_queue (as `ip tuntap add` makes them) gives one pair: the VMM says
+/// so, offers no multi-queue, and the interface works.
+#[test]
+fn net_on_a_single_queue_tap_offers_one_pair_and_says_why() {
+    let tap = common::TestTap::new("fvsq");
+    let mut cmd = probe_command(2, "probe.test=virtio-net probe.virtio-net.mode=mq");
+    cmd.args(["--net", &format!("tap={}", tap.name)]);
+    let out = Running::start(cmd).finish(TIMEOUT);
+    assert_eq!(
+        probe_result(&out.stdout, "virtio-net"),
+        Some("PROBE virtio-net FAIL the device offers no multi-queue"),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        out.stderr.contains("was created without multi-queue support: it gets one queue pair"),
+        "{}",
+        out.describe()
+    );
+}
+
 #[test]
 fn net_refuses_frames_over_the_mtu_and_says_so() {
     let tap = common::TestTap::new("fvm");

@@ -310,9 +310,18 @@ pub struct TestTap {
 
 impl TestTap {
     pub fn new(prefix: &str) -> TestTap {
+        TestTap::create(prefix, &[])
+    }
+
+    /// A TAP with several queues (IFF_MULTI_QUEUE), for multi-queue virtio-net.
+    pub fn multi_queue(prefix: &str) -> TestTap {
+        TestTap::create(prefix, &["multi_queue"])
+    }
+
+    fn create(prefix: &str, flags: &[&str]) -> TestTap {
         let name = format!("{prefix}{}", std::process::id() % 100_000);
         let _ = Command::new("ip").args(["link", "del", &name]).output();
-        sh("ip", &["tuntap", "add", &name, "mode", "tap"]);
+        sh("ip", &[&["tuntap", "add", &name, "mode", "tap"], flags].concat());
         sh("sysctl", &["-qw", &format!("net.ipv6.conf.{name}.disable_ipv6=1")]);
         sh("ip", &["link", "set", &name, "up"]);
         TestTap { name }

@@ -8,8 +8,12 @@ use std::os::unix::fs::OpenOptionsExt;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
+const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
+const IFF_ATTACH_QUEUE: libc::c_short = 0x0200;
+const IFF_DETACH_QUEUE: libc::c_short = 0x0400;
 // _IOW('T', n, int)
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETQUEUE: libc::c_ulong = 0x4004_54d9;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 /// The kernel may hand over packets whose checksum the receiver completes.
@@ -59,6 +63,34 @@ impl Tap {
     /// Attaches to TAP `name`, creating it if absent (a TAP the VMM creates disappears with
     /// it), with virtio-net headers of `vnet_hdr_len` bytes, and brings its link up.
     pub fn open(name: &str, vnet_hdr_len: i32) -> Result<Tap, TapError> {
+        Tap::open_with(name, vnet_hdr_len, 0)
+    }
+
+    /// Up to `queues` queues of TAP `name` (IFF_MULTI_QUEUE), each its own fd, all attached.
+    /// A TAP that exists without multi-queue support gives one queue, and says so.
+    pub fn open_queues(name: &str, vnet_hdr_len: i32, queues: usize) -> Result<Vec<Tap>, TapError> {
+        if queues <= 1 {
+            return Ok(vec![Tap::open(name, vnet_hdr_len)?]);
+        }
+        let first = match Tap::open_with(name, vnet_hdr_len, IFF_MULTI_QUEUE) {
+            Ok(tap) => tap,
+            Err(TapError::Attach { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::info!(
+                    "TAP device {name} was created without multi-queue support: it gets one queue pair \
+                     (create it with `ip tuntap add {name} mode tap multi_queue` for {queues})"
+                );
+                return Ok(vec![Tap::open(name, vnet_hdr_len)?]);
+            }
+            Err(e) => return Err(e),
+        };
+        let mut taps = vec![first];
+        for _ in 1..queues {
+            taps.push(Tap::open_with(name, vnet_hdr_len, IFF_MULTI_QUEUE)?);
+        }
+        Ok(taps)
+    }
+
+    fn open_with(name: &str, vnet_hdr_len: i32, extra_flags: libc::c_short) -> Result<Tap, TapError> {
         let ifname = name_bytes(name)?;
         let file = OpenOptions::new()
             .read(true)
@@ -66,7 +98,8 @@ impl Tap {
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open("/dev/net/tun")
             .map_err(TapError::OpenTun)?;
-        let mut req = IfReq { name: ifname, flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, _pad: [0; 22] };
+        let flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | extra_flags;
+        let mut req = IfReq { name: ifname, flags, _pad: [0; 22] };
         // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is laid out as.
         if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
             let source = io::Error::last_os_error();
@@ -94,6 +127,18 @@ impl Tap {
     pub fn set_offload(&self, flags: u32) -> io::Result<()> {
         // SAFETY: TUNSETOFFLOAD takes the flags by value.
         if unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETOFFLOAD, flags as libc::c_ulong) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Attaches this queue to its multi-queue TAP, or detaches it: the kernel steers received
+    /// packets only to attached queues, and drops what a detached queue held.
+    pub fn set_queue_attached(&self, attached: bool) -> io::Result<()> {
+        let flags = if attached { IFF_ATTACH_QUEUE } else { IFF_DETACH_QUEUE };
+        let mut req = IfReq { name: [0; libc::IFNAMSIZ], flags, _pad: [0; 22] };
+        // SAFETY: TUNSETQUEUE reads an ifreq's flags, which `req` is laid out as.
+        if unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETQUEUE, &mut req) } < 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(())

@@ -128,6 +128,8 @@ const VMM_IOCTLS: &[Ioctl] = &[
     ioctls::KVM_IRQ_LINE,
     ioctls::KVM_SIGNAL_MSI,
     ioctls::TUNSETOFFLOAD,
+    // A multi-queue TAP's queues follow the pairs the driver uses.
+    ioctls::TUNSETQUEUE,
     ioctls::FIONBIO,
     ioctls::VFIO_DEVICE_SET_IRQS,
     ioctls::VFIO_DEVICE_RESET,
@@ -148,6 +150,8 @@ const VCPU_IOCTLS: &[Ioctl] = &[
     ioctls::KVM_IOEVENTFD,
     ioctls::KVM_KVMCLOCK_CTRL,
     ioctls::TUNSETOFFLOAD,
+    // A multi-queue TAP's queues follow the pairs the driver uses.
+    ioctls::TUNSETQUEUE,
     ioctls::FIONBIO,
     ioctls::VFIO_DEVICE_SET_IRQS,
     ioctls::VFIO_DEVICE_RESET,
@@ -246,9 +250,9 @@ fn allowed(kind: ThreadKind) -> (Vec<i64>, Vec<Ioctl>) {
         ThreadKind::Vmm => VMM_IOCTLS,
         ThreadKind::Vcpu => VCPU_IOCTLS,
         ThreadKind::Console | ThreadKind::SerialInput => TERMINAL_IOCTLS,
-        ThreadKind::Net | ThreadKind::Vsock | ThreadKind::Usernet | ThreadKind::Switch | ThreadKind::Api => {
-            &[ioctls::FIONBIO]
-        }
+        // The driver's control queue attaches and detaches a multi-queue TAP's queues.
+        ThreadKind::Net => &[ioctls::FIONBIO, ioctls::TUNSETQUEUE],
+        ThreadKind::Vsock | ThreadKind::Usernet | ThreadKind::Switch | ThreadKind::Api => &[ioctls::FIONBIO],
         _ => &[],
     };
     let mut syscalls: Vec<i64> = BASE.iter().chain(groups.iter().flat_map(|g| g.iter())).copied().collect();

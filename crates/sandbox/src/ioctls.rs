@@ -84,6 +84,7 @@ ioctls! {
     // TAP devices.
     TUNSETIFF = iow::<libc::c_int>(TUNTAP, 202);
     TUNSETOFFLOAD = iow::<libc::c_uint>(TUNTAP, 208);
+    TUNSETQUEUE = iow::<libc::c_int>(TUNTAP, 217);
     // An assigned device under kernel VFIO: its interrupts, reset, and DMA unmapping at detach.
     VFIO_DEVICE_SET_IRQS = io(VFIO, VFIO_BASE + 10);
     VFIO_DEVICE_RESET = io(VFIO, VFIO_BASE + 11);
@@ -121,6 +122,7 @@ mod tests {
         assert_eq!(KVM_GET_XSAVE.request, 0x9000_aea4);
         assert_eq!(TUNSETIFF.request, 0x4004_54ca);
         assert_eq!(TUNSETOFFLOAD.request, 0x4004_54d0);
+        assert_eq!(TUNSETQUEUE.request, 0x4004_54d9);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::io::{Read, Write};
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use net::firewall::Firewall;
 use net::mmds::MmdsStack;
@@ -15,19 +16,24 @@ use net::tap::{TUN_F_CSUM, Tap};
 use virtio_bindings::virtio_net::*;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{ActivateError, Activation, VirtioDevice, read_config_bytes};
 use crate::metrics::DeviceMetrics;
 use crate::rate_limiter::{RateLimit, RateLimiter, timer_fired, waiting_timer};
-use crate::worker::{Backend, Worker, serve_queue_limited};
+use crate::worker::{Backend, Worker, serve_queue, serve_queue_limited};
 use crate::{F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, GuestMemory, TYPE_NET};
 
 /// struct virtio_net_hdr_v1: its size whenever VERSION_1 is negotiated.
 pub const VNET_HDR_LEN: usize = 12;
 const NUM_BUFFERS_OFFSET: usize = 10;
+// A worker's queues: its pair's receive and transmit queues, and for the first pair the
+// control queue when the driver uses one.
 const RX_QUEUE: usize = 0;
 const TX_QUEUE: usize = 1;
-const QUEUE_SIZES: [u16; 2] = [256, 256];
+const CTRL_QUEUE: usize = 2;
+const QUEUE_SIZE: u16 = 256;
+const CTRL_QUEUE_SIZE: u16 = 64;
 /// Ethernet header plus the default MTU: the largest frame without segmentation offload.
 const MAX_FRAME: usize = 14 + 1500;
 /// The TAP never hands over more than this (64 KiB packets plus the header).
@@ -82,7 +88,9 @@ impl NetHost {
 }
 
 pub struct Net {
-    host: NetHost,
+    /// The host side of each queue pair: one, or a multi-queue TAP's queues.
+    hosts: Vec<NetHost>,
+    queue_sizes: Vec<u16>,
     mac: [u8; 6],
     /// MMDS's address, when MMDS answers on this interface.
     mmds: Option<Ipv4Addr>,
@@ -92,13 +100,32 @@ pub struct Net {
     rx_limit: Option<RateLimit>,
     tx_limit: Option<RateLimit>,
     poll: std::time::Duration,
-    worker: Option<Worker>,
+    /// The running workers, one per queue pair, with the device queue indices each serves.
+    workers: Vec<(Vec<usize>, Worker)>,
+    /// Queues no worker serves (pairs the driver did not negotiate), kept for quiesce.
+    idle: Vec<(usize, Queue)>,
+    /// The pairs in use, while the driver has negotiated VIRTIO_NET_F_MQ.
+    pairs: Option<Arc<QueuePairs>>,
+    /// The pairs in use when the snapshot was taken, for the next activation.
+    restored_pairs: Option<usize>,
 }
 
 impl Net {
     pub fn new(host: NetHost, mac: [u8; 6]) -> Net {
+        Net::with_queue_pairs(vec![host], mac)
+    }
+
+    /// An interface with one queue pair per host side in `hosts` (more than one: a multi-queue
+    /// TAP's queues), offering VIRTIO_NET_F_MQ when there are several.
+    pub fn with_queue_pairs(hosts: Vec<NetHost>, mac: [u8; 6]) -> Net {
+        assert!(!hosts.is_empty(), "an interface has a host side");
+        let mut queue_sizes = vec![QUEUE_SIZE; 2 * hosts.len()];
+        if hosts.len() > 1 {
+            queue_sizes.push(CTRL_QUEUE_SIZE);
+        }
         Net {
-            host,
+            hosts,
+            queue_sizes,
             mac,
             mmds: None,
             mtu: None,
@@ -107,7 +134,10 @@ impl Net {
             rx_limit: None,
             tx_limit: None,
             poll: std::time::Duration::ZERO,
-            worker: None,
+            workers: Vec::new(),
+            idle: Vec::new(),
+            pairs: None,
+            restored_pairs: None,
         }
     }
 
@@ -154,60 +184,122 @@ impl VirtioDevice for Net {
         if self.mtu.is_some() {
             base |= bit(VIRTIO_NET_F_MTU);
         }
-        match self.host {
+        if self.hosts.len() > 1 {
+            base |= bit(VIRTIO_NET_F_CTRL_VQ) | bit(VIRTIO_NET_F_MQ);
+        }
+        match self.hosts[0] {
             // The TAP completes partial checksums both ways; the switch moves bare frames.
             NetHost::Tap(_) => base | bit(VIRTIO_NET_F_CSUM) | bit(VIRTIO_NET_F_GUEST_CSUM),
             NetHost::Switch(_) => base,
         }
     }
     fn queue_max_sizes(&self) -> &[u16] {
-        &QUEUE_SIZES
+        &self.queue_sizes
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // mac, then status (unused: no VIRTIO_NET_F_STATUS), max_virtqueue_pairs and mtu.
         let mut config = [0u8; 12];
         config[..6].copy_from_slice(&self.mac);
-        config[8] = 1;
+        config[8..10].copy_from_slice(&(self.hosts.len() as u16).to_le_bytes());
         config[10..12].copy_from_slice(&self.mtu.unwrap_or(0).to_le_bytes());
         read_config_bytes(&config, offset, data);
     }
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
         let acked = activation.acked_features;
-        if let NetHost::Tap(tap) = &self.host {
-            // The guest completes partial checksums only if it said so.
-            let offload = if acked & bit(VIRTIO_NET_F_GUEST_CSUM) != 0 { TUN_F_CSUM } else { 0 };
-            tap.set_offload(offload).map_err(|e| ActivateError::Backend(format!("TAP offload: {e}")))?;
+        for host in &self.hosts {
+            if let NetHost::Tap(tap) = host {
+                // The guest completes partial checksums only if it said so.
+                let offload = if acked & bit(VIRTIO_NET_F_GUEST_CSUM) != 0 { TUN_F_CSUM } else { 0 };
+                tap.set_offload(offload).map_err(|e| ActivateError::Backend(format!("TAP offload: {e}")))?;
+            }
         }
-        let backend = NetBackend {
-            host: self.host.try_clone().map_err(ActivateError::Worker)?,
-            mergeable: acked & bit(VIRTIO_NET_F_MRG_RXBUF) != 0,
-            frame: vec![0; MAX_TAP_READ],
-            tx_frame: vec![0; VNET_HDR_LEN + MAX_FRAME],
-            deferred: None,
-            rx_waiting: false,
-            metrics: self.metrics.clone(),
-            rx_limiter: RateLimiter::for_limit(self.rx_limit).map_err(ActivateError::Worker)?,
-            tx_limiter: RateLimiter::for_limit(self.tx_limit).map_err(ActivateError::Worker)?,
-            mmds: self.mmds.map(MmdsStack::new),
-            firewall: self.firewall.clone(),
-        };
-        self.worker = Some(
-            Worker::spawn_polling(sandbox::ThreadKind::Net, backend, activation, self.poll)
-                .map_err(ActivateError::Worker)?,
-        );
+        let offered = self.hosts.len();
+        let multi_queue = offered > 1 && acked & bit(VIRTIO_NET_F_MQ) != 0;
+        let control = offered > 1 && acked & bit(VIRTIO_NET_F_CTRL_VQ) != 0;
+        // The control queue follows the pairs the driver negotiated: 2N with MQ, else 2.
+        let control_index = if multi_queue { 2 * offered } else { 2 };
+        let serving = if multi_queue { offered } else { 1 };
+        let Activation { mem, queues, queue_events, interrupt, acked_features } = activation;
+        if queues.len() != self.queue_sizes.len() || queue_events.len() != queues.len() {
+            return Err(ActivateError::QueueCount { want: self.queue_sizes.len(), got: queues.len() });
+        }
+        self.pairs = None;
+        if multi_queue {
+            let pairs = QueuePairs::new(&self.hosts, &queue_events).map_err(ActivateError::Worker)?;
+            // Until the driver says otherwise (VQ_PAIRS_SET), it uses the first pair only.
+            let active = self.restored_pairs.take().unwrap_or(1).clamp(1, offered);
+            pairs.set_active(active).map_err(|e| ActivateError::Backend(format!("TAP queues: {e}")))?;
+            self.pairs = Some(Arc::new(pairs));
+        }
+        let mut queues: Vec<Option<Queue>> = queues.into_iter().map(Some).collect();
+        let mut events: Vec<Option<EventFd>> = queue_events.into_iter().map(Some).collect();
+        for pair in 0..serving {
+            let mut indices = vec![2 * pair, 2 * pair + 1];
+            if pair == 0 && control {
+                indices.push(control_index);
+            }
+            let own_queues: Vec<Queue> = indices.iter().filter_map(|&i| queues[i].take()).collect();
+            let own_events: Vec<EventFd> = indices.iter().filter_map(|&i| events[i].take()).collect();
+            let backend = NetBackend {
+                host: self.hosts[pair].try_clone().map_err(ActivateError::Worker)?,
+                pair,
+                pairs: self.pairs.clone(),
+                mergeable: acked & bit(VIRTIO_NET_F_MRG_RXBUF) != 0,
+                frame: vec![0; MAX_TAP_READ],
+                tx_frame: vec![0; VNET_HDR_LEN + MAX_FRAME],
+                deferred: None,
+                rx_waiting: false,
+                metrics: self.metrics.clone(),
+                rx_limiter: RateLimiter::for_limit(self.rx_limit).map_err(ActivateError::Worker)?,
+                tx_limiter: RateLimiter::for_limit(self.tx_limit).map_err(ActivateError::Worker)?,
+                mmds: self.mmds.map(MmdsStack::new),
+                firewall: self.firewall.clone(),
+            };
+            let activation = Activation {
+                mem: mem.clone(),
+                queues: own_queues,
+                queue_events: own_events,
+                interrupt: interrupt.clone(),
+                acked_features,
+            };
+            let worker = Worker::spawn_polling(sandbox::ThreadKind::Net, backend, activation, self.poll)
+                .map_err(ActivateError::Worker)?;
+            self.workers.push((indices, worker));
+        }
+        self.idle = queues.into_iter().enumerate().filter_map(|(i, q)| Some((i, q?))).collect();
         Ok(())
     }
     fn quiesce(&mut self) -> Option<Vec<Queue>> {
-        self.worker.take().and_then(|mut w| w.stop())
+        if self.workers.is_empty() {
+            return None;
+        }
+        let mut all = std::mem::take(&mut self.idle);
+        let mut complete = true;
+        for (indices, mut worker) in self.workers.drain(..) {
+            match worker.stop() {
+                Some(queues) => all.extend(indices.into_iter().zip(queues)),
+                None => complete = false,
+            }
+        }
+        all.sort_by_key(|(i, _)| *i);
+        complete.then(|| all.into_iter().map(|(_, q)| q).collect())
     }
     fn reset(&mut self) {
-        self.worker = None;
+        self.workers.clear();
+        self.idle.clear();
+        self.pairs = None;
     }
     fn update_rate_limits(
         &mut self,
         rx: Option<Option<RateLimit>>,
         tx: Option<Option<RateLimit>>,
     ) -> Result<(), String> {
+        if self.hosts.len() > 1 && (rx.flatten().is_some() || tx.flatten().is_some()) {
+            return Err(format!(
+                "this interface has {} queue pairs, and rate limits need the whole interface in one (queues=1)",
+                self.hosts.len()
+            ));
+        }
         if let Some(rx) = rx {
             self.rx_limit = rx;
         }
@@ -219,10 +311,103 @@ impl VirtioDevice for Net {
     fn metrics(&self) -> Option<Arc<DeviceMetrics>> {
         Some(self.metrics.clone())
     }
+    fn save_state(&self) -> serde_json::Value {
+        match &self.pairs {
+            Some(pairs) => serde_json::json!({ "queue_pairs": pairs.active() }),
+            None => serde_json::Value::Null,
+        }
+    }
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        // Checked against the pairs offered when the device activates.
+        self.restored_pairs = state.get("queue_pairs").and_then(serde_json::Value::as_u64).map(|n| n as usize);
+        Ok(())
+    }
+}
+
+/// The queue pairs of a multi-queue TAP, shared by the pairs' workers: how many the driver
+/// uses, each pair's TAP queue (attached only while its pair is in use, so that the kernel
+/// steers nothing to a pair the driver does not read), and each pair's receive notifier (to
+/// wake a worker whose TAP queue was attached while it slept).
+struct QueuePairs {
+    active: AtomicUsize,
+    taps: Vec<Tap>,
+    wake: Vec<EventFd>,
+}
+
+impl QueuePairs {
+    fn new(hosts: &[NetHost], queue_events: &[EventFd]) -> std::io::Result<QueuePairs> {
+        let mut taps = Vec::with_capacity(hosts.len());
+        let mut wake = Vec::with_capacity(hosts.len());
+        for (pair, host) in hosts.iter().enumerate() {
+            let NetHost::Tap(tap) = host else {
+                return Err(std::io::Error::other("only a TAP has several queue pairs"));
+            };
+            taps.push(tap.try_clone()?);
+            wake.push(queue_events[2 * pair].try_clone()?);
+        }
+        Ok(QueuePairs { active: AtomicUsize::new(1), taps, wake })
+    }
+
+    fn active(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    /// Uses the first `n` pairs: their TAP queues attached, the others' detached.
+    fn set_active(&self, n: usize) -> std::io::Result<()> {
+        for (pair, tap) in self.taps.iter().enumerate() {
+            match tap.set_queue_attached(pair < n) {
+                // EINVAL: it already was.
+                Err(e) if e.raw_os_error() != Some(libc::EINVAL) => return Err(e),
+                _ => {}
+            }
+        }
+        let before = self.active.swap(n, Ordering::SeqCst);
+        for wake in self.wake.iter().take(n).skip(before) {
+            let _ = wake.write(1);
+        }
+        Ok(())
+    }
+}
+
+/// Answers a control queue command (class, command, data) with VIRTIO_NET_OK or
+/// VIRTIO_NET_ERR. `offered` is the pair count when the driver negotiated multi-queue, and
+/// `use_pairs` puts a valid VQ_PAIRS_SET into effect.
+fn control_command(command: &[u8], offered: Option<usize>, use_pairs: impl FnOnce(usize) -> std::io::Result<()>) -> u8 {
+    let (mq, set) = (VIRTIO_NET_CTRL_MQ as u8, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET as u8);
+    match (command, offered) {
+        ([class, cmd, lo, hi, ..], Some(offered)) if (*class, *cmd) == (mq, set) => {
+            let n = usize::from(u16::from_le_bytes([*lo, *hi]));
+            if !(1..=offered).contains(&n) {
+                crate::guest_fault!("virtio-net: the driver asked for {n} queue pairs where the device has {offered}");
+                return VIRTIO_NET_ERR as u8;
+            }
+            match use_pairs(n) {
+                Ok(()) => {
+                    crate::guest_event!("virtio-net: the driver uses {n} queue pairs");
+                    VIRTIO_NET_OK as u8
+                }
+                Err(e) => {
+                    tracing::warn!("virtio-net: the TAP's queues cannot follow the driver's {n} pairs ({e})");
+                    VIRTIO_NET_ERR as u8
+                }
+            }
+        }
+        _ => {
+            let (class, cmd) = (command.first().copied(), command.get(1).copied());
+            crate::guest_fault!(
+                "virtio-net: refused control command {class:?}/{cmd:?}, which the device does not offer"
+            );
+            VIRTIO_NET_ERR as u8
+        }
+    }
 }
 
 struct NetBackend {
     host: NetHost,
+    /// Which queue pair this worker serves.
+    pair: usize,
+    /// The pairs in use, with a multi-queue TAP.
+    pairs: Option<Arc<QueuePairs>>,
     mergeable: bool,
     /// The frame being moved, header included.
     frame: Vec<u8>,
@@ -356,7 +541,50 @@ impl NetBackend {
         true
     }
 
+    /// Whether the driver uses this worker's pair: a pair it does not has its TAP queue
+    /// detached, which is neither read nor watched.
+    fn pair_in_use(&self) -> bool {
+        self.pairs.as_ref().is_none_or(|p| self.pair < p.active())
+    }
+
+    /// Answers the driver's control commands (only VQ_PAIRS_SET is offered).
+    fn control(&mut self, queues: &mut [Queue], mem: &GuestMemory) -> bool {
+        let Some(queue) = queues.get_mut(CTRL_QUEUE) else { return false };
+        let pairs = self.pairs.clone();
+        serve_queue("virtio-net", queue, mem, |chain| {
+            // class, command and a 16-bit argument; the status goes in the first writable byte.
+            let (mut command, mut got, mut status_at) = ([0u8; 4], 0usize, None);
+            for desc in chain {
+                if desc.is_write_only() {
+                    status_at = status_at.or((desc.len() > 0).then(|| desc.addr()));
+                } else if got < command.len() {
+                    let n = (desc.len() as usize).min(command.len() - got);
+                    if mem.read_slice(&mut command[got..got + n], desc.addr()).is_err() {
+                        crate::guest_fault!("virtio-net: a control command lies outside guest RAM");
+                        return 0;
+                    }
+                    got += n;
+                }
+            }
+            let offered = pairs.as_ref().map(|p| p.taps.len());
+            let status = control_command(&command[..got], offered, |n| match &pairs {
+                Some(pairs) => pairs.set_active(n),
+                None => Ok(()),
+            });
+            match status_at.map(|at| mem.write_obj(status, at)) {
+                Some(Ok(())) => 1,
+                _ => {
+                    crate::guest_fault!("virtio-net: a control command has no writable status byte in guest RAM");
+                    0
+                }
+            }
+        })
+    }
+
     fn receive(&mut self, queues: &mut [Queue], mem: &GuestMemory) -> bool {
+        if !self.pair_in_use() {
+            return false;
+        }
         let rx = &mut queues[RX_QUEUE];
         if !rx.ready() {
             // Nowhere to put a frame: leave the host side unread until the driver sets the
@@ -469,6 +697,7 @@ impl Backend for NetBackend {
     fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemory) -> bool {
         match index {
             TX_QUEUE => self.transmit(queues, mem),
+            CTRL_QUEUE => self.control(queues, mem),
             _ => {
                 // New receive buffers: deliver what waited, and read the TAP again.
                 self.rx_waiting = false;
@@ -482,7 +711,7 @@ impl Backend for NetBackend {
         let mut fds: Vec<RawFd> = rx_blocked.into_iter().chain(waiting_timer(&self.tx_limiter)).collect();
         // With no receive buffers, or receiving rate-limited, the TAP is left unread: frames
         // wait in its queue.
-        if !self.rx_waiting && rx_blocked.is_none() {
+        if !self.rx_waiting && rx_blocked.is_none() && self.pair_in_use() {
             fds.push(self.host.raw_fd());
         }
         fds
@@ -504,8 +733,9 @@ impl Backend for NetBackend {
 /// The worker's work for the fuzzer, over a receive and a transmit queue in `mem`. The first
 /// `script` byte says whether mergeable buffers were negotiated (bit 0) and MMDS answers on the
 /// interface (bit 1); each next byte notifies the
-/// receive queue (0), the transmit queue (1), or (2) brings a frame from the host side whose
-/// length (times 6) and content the following bytes give.
+/// receive queue (0), the transmit queue (1), the control queue (3, when `queues` has a third),
+/// or (2) brings a frame from the host side whose length (times 6) and content the following
+/// bytes give.
 #[doc(hidden)]
 pub fn fuzz_queues(mem: &GuestMemory, queues: &mut [Queue], script: &[u8]) {
     let Ok((vm_side, outside)) = SwitchPort::pair() else { return };
@@ -513,6 +743,8 @@ pub fn fuzz_queues(mem: &GuestMemory, queues: &mut [Queue], script: &[u8]) {
     let host_fd = vm_side.as_raw_fd();
     let mut backend = NetBackend {
         host: NetHost::Switch(vm_side),
+        pair: 0,
+        pairs: None,
         mergeable: options & 1 != 0,
         frame: vec![0; MAX_TAP_READ],
         tx_frame: vec![0; VNET_HDR_LEN + MAX_FRAME],
@@ -528,9 +760,10 @@ pub fn fuzz_queues(mem: &GuestMemory, queues: &mut [Queue], script: &[u8]) {
     let mut sent = vec![0u8; MAX_TAP_READ];
     while let [op, tail @ ..] = rest {
         rest = tail;
-        match op % 3 {
+        match op % 4 {
             0 => backend.process_queue(RX_QUEUE, queues, mem),
             1 => backend.process_queue(TX_QUEUE, queues, mem),
+            3 => backend.process_queue(CTRL_QUEUE, queues, mem),
             _ => {
                 let [len, content @ ..] = rest else { break };
                 let frame: Vec<u8> =
@@ -554,6 +787,8 @@ mod tests {
     fn backend(host: NetHost) -> NetBackend {
         NetBackend {
             host,
+            pair: 0,
+            pairs: None,
             mergeable: false,
             frame: vec![0; MAX_TAP_READ],
             tx_frame: vec![0; VNET_HDR_LEN + MAX_FRAME],
@@ -602,6 +837,33 @@ mod tests {
         let mut got = [0u8; 60];
         mem.read_slice(&mut got, GuestAddress(0x9_0000 + VNET_HDR_LEN as u64)).unwrap();
         assert_eq!(got, [0xaa; 60]);
+    }
+
+    /// VQ_PAIRS_SET takes 1 to the pairs offered and nothing else; other commands, short ones
+    /// and commands without multi-queue are refused, and none of those touch the TAP.
+    #[test]
+    fn control_commands_set_only_the_pairs_the_device_has() {
+        let (ok, err) = (VIRTIO_NET_OK as u8, VIRTIO_NET_ERR as u8);
+        let mut applied = Vec::new();
+        let mut run = |command: &[u8], offered| {
+            control_command(command, offered, |n| {
+                applied.push(n);
+                Ok(())
+            })
+        };
+        assert_eq!(run(&[4, 0, 2, 0], Some(4)), ok);
+        assert_eq!(run(&[4, 0, 4, 0], Some(4)), ok);
+        assert_eq!(run(&[4, 0, 5, 0], Some(4)), err);
+        assert_eq!(run(&[4, 0, 0, 0], Some(4)), err);
+        assert_eq!(run(&[4, 0, 0, 1], Some(4)), err, "256 pairs");
+        assert_eq!(run(&[4, 0, 2], Some(4)), err, "a command cut short");
+        assert_eq!(run(&[4, 1, 2, 0], Some(4)), err, "RSS configuration is not offered");
+        assert_eq!(run(&[0, 0, 1, 0], Some(4)), err, "receive filtering is not offered");
+        assert_eq!(run(&[4, 0, 1, 0], None), err, "no multi-queue negotiated");
+        assert_eq!(run(&[], Some(4)), err);
+        assert_eq!(applied, [2, 4]);
+        let failing = control_command(&[4, 0, 2, 0], Some(2), |_| Err(std::io::Error::other("detached")));
+        assert_eq!(failing, err, "a TAP that cannot follow is the driver's error too");
     }
 
     /// A driver that starts the device without a ready receive queue: a frame waiting on the

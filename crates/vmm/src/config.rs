@@ -172,9 +172,43 @@ pub struct NetConfig {
     /// How long the device's worker polls after work, in µs (None: the default; 0: never).
     #[serde(default)]
     pub poll_us: Option<u32>,
+    /// Queue pairs (`queues=N`) on a TAP; None: one per vCPU, where the interface allows.
+    #[serde(default)]
+    pub queues: Option<u16>,
 }
 
+/// The most queue pairs a virtio-net interface offers.
+pub const MAX_QUEUE_PAIRS: u16 = 16;
+
 impl NetConfig {
+    /// The queue pairs this interface offers on a VM of `cpus` vCPUs: `queues=` or one per
+    /// vCPU on a TAP; one where the interface cannot spread (a switch port, the user network,
+    /// and MMDS or rate limits, which see the whole interface).
+    pub fn queue_pairs(&self, cpus: u32) -> u16 {
+        let spreads = matches!(self.attachment, NetAttachment::Tap(_) | NetAttachment::Network { .. })
+            && self.mmds.is_none()
+            && self.rx_rate_limit.is_none()
+            && self.tx_rate_limit.is_none();
+        match self.queues {
+            Some(n) => n,
+            None if spreads => cpus.clamp(1, u32::from(MAX_QUEUE_PAIRS)) as u16,
+            None => 1,
+        }
+    }
+
+    /// What `queues=` asks that the interface cannot give, as an error naming the fix.
+    pub fn check_queues(&self, index: usize) -> Result<(), String> {
+        let Some(n) = self.queues.filter(|&n| n > 1) else { return Ok(()) };
+        if !matches!(self.attachment, NetAttachment::Tap(_) | NetAttachment::Network { .. }) {
+            return Err(format!("net{index}: queues={n} needs a TAP (tap= or network=); use queues=1 here"));
+        }
+        if self.mmds.is_some() || self.rx_rate_limit.is_some() || self.tx_rate_limit.is_some() {
+            return Err(format!(
+                "net{index}: queues={n} cannot be combined with MMDS or rate limits, which see the whole interface; use queues=1"
+            ));
+        }
+        Ok(())
+    }
     /// The id the API knows interface `index` by: its own, or `net<index>`.
     pub fn api_id(&self, index: usize) -> String {
         self.id.clone().unwrap_or_else(|| format!("net{index}"))
@@ -211,6 +245,7 @@ struct PortOptions {
     firewall: Option<net::firewall::RuleSetSpec>,
     ip: Option<std::net::Ipv4Addr>,
     poll_us: Option<u32>,
+    queues: Option<u16>,
 }
 
 /// Takes `key` into `options` when it is one of theirs: Some(()) then.
@@ -222,6 +257,10 @@ fn port_option(key: &str, value: &str, options: &mut PortOptions) -> Result<Opti
                 Some(value.parse().map_err(|_| format!("--net ip= takes the VM's IPv4 address, not '{value}'"))?)
         }
         "poll_us" => options.poll_us = Some(parse_poll_us("--net", value)?),
+        "queues" => match value.parse::<u16>() {
+            Ok(n @ 1..=MAX_QUEUE_PAIRS) => options.queues = Some(n),
+            _ => return Err(format!("--net queues= takes queue pairs from 1 to {MAX_QUEUE_PAIRS}, not '{value}'")),
+        },
         _ => return Ok(None),
     }
     Ok(Some(()))
@@ -239,7 +278,7 @@ fn parse_user_net(rest: &str) -> Result<NetConfig, String> {
                 "mac" => mac = Some(parse_unicast_mac(value).map_err(|e| format!("--net mac= {e}"))?),
                 _ => {
                     return Err(format!(
-                        "--net user has no option '{key}'; use hostfwd=, mac=, firewall=, ip= and poll_us="
+                        "--net user has no option '{key}'; use hostfwd=, mac=, firewall=, ip=, poll_us= and queues="
                     ));
                 }
             }
@@ -256,6 +295,7 @@ fn parse_user_net(rest: &str) -> Result<NetConfig, String> {
         firewall: port.firewall,
         ip: port.ip,
         poll_us: port.poll_us,
+        queues: port.queues,
     })
 }
 
@@ -285,7 +325,7 @@ impl FromStr for NetConfig {
                 _ => {
                     return Err(format!(
                         "--net has no option '{key}'; use tap=, switch=, vlan=, network=, isolated=, mac=, firewall=, \
-                         ip= and poll_us="
+                         ip=, poll_us= and queues="
                     ));
                 }
             }
@@ -317,6 +357,7 @@ impl FromStr for NetConfig {
             firewall: port.firewall,
             ip: port.ip,
             poll_us: port.poll_us,
+            queues: port.queues,
         })
     }
 }
@@ -860,6 +901,8 @@ pub enum ConfigError {
     Hotplug(String),
     #[error("{count} virtio devices are more than the {max} this machine has interrupt lines for; use fewer.")]
     TooManyDevices { count: usize, max: u32 },
+    #[error("{0}.")]
+    Queues(String),
 }
 
 impl VmConfig {
@@ -904,6 +947,9 @@ impl VmConfig {
         }
         for disk in &self.disks {
             check_disk(disk)?;
+        }
+        for (i, nic) in self.nets.iter().enumerate() {
+            nic.check_queues(i).map_err(ConfigError::Queues)?;
         }
         if let Some(balloon) = self.balloon.filter(|b| u64::from(b.target_mib) > self.memory_mib) {
             return Err(ConfigError::BalloonTooLarge { target: balloon.target_mib, memory: self.memory_mib });
@@ -1118,6 +1164,7 @@ mod tests {
                 firewall: None,
                 ip: None,
                 poll_us: None,
+                queues: None,
             }
         );
         assert_eq!("tap=fv0".parse::<NetConfig>().unwrap().mac, None);
@@ -1142,6 +1189,27 @@ mod tests {
         assert!("tap=fv0,mac=02:00:00:00:00:01:02".parse::<NetConfig>().unwrap_err().contains("six hex bytes"));
         assert!("tap=a-very-long-tap-name".parse::<NetConfig>().unwrap_err().contains("1 to 15 bytes"));
         assert!("tap=fv0,vhost=on".parse::<NetConfig>().unwrap_err().contains("no option 'vhost'"));
+        assert_eq!("tap=fv0,queues=4".parse::<NetConfig>().unwrap().queues, Some(4));
+        for bad in ["tap=fv0,queues=0", "tap=fv0,queues=17", "tap=fv0,queues=many"] {
+            assert!(bad.parse::<NetConfig>().unwrap_err().contains("queues= takes queue pairs from 1 to 16"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn queue_pairs_follow_the_vcpus_where_the_interface_can_spread() {
+        let tap: NetConfig = "tap=fv0".parse().unwrap();
+        assert_eq!((tap.queue_pairs(1), tap.queue_pairs(4), tap.queue_pairs(64)), (1, 4, MAX_QUEUE_PAIRS));
+        let mmds = NetConfig { mmds: Some(net::mmds::DEFAULT_IPV4), ..tap.clone() };
+        assert_eq!(mmds.queue_pairs(4), 1, "MMDS answers one interface-wide stack");
+        let switch: NetConfig = "switch=/x".parse().unwrap();
+        assert_eq!(switch.queue_pairs(4), 1);
+        let asked: NetConfig = "tap=fv0,queues=3".parse().unwrap();
+        assert_eq!(asked.queue_pairs(1), 3);
+        assert!(asked.check_queues(0).is_ok());
+        let limited = NetConfig { mmds: Some(net::mmds::DEFAULT_IPV4), ..asked };
+        assert!(limited.check_queues(2).unwrap_err().starts_with("net2: queues=3 cannot be combined with MMDS"));
+        let on_switch: NetConfig = "switch=/x,queues=2".parse().unwrap();
+        assert!(on_switch.check_queues(0).unwrap_err().contains("needs a TAP"));
     }
 
     #[test]

@@ -199,7 +199,11 @@ impl Controller {
     }
 
     /// Boots `config`, which [`VmConfig::validate`] already accepted as a `format` kernel.
-    pub fn boot(&mut self, config: VmConfig, format: arch::boot::KernelFormat) -> Result<(), String> {
+    pub fn boot(&mut self, mut config: VmConfig, format: arch::boot::KernelFormat) -> Result<(), String> {
+        // Each interface's queue pairs are fixed now, so that a snapshot restores as many.
+        for nic in &mut config.nets {
+            nic.queues = Some(nic.queue_pairs(config.cpus));
+        }
         let vm = crate::vm::start(&self.kvm, &config, format, self.launched, &self.latch).map_err(|e| e.to_string())?;
         self.vm = Some((vm, config));
         self.sandbox()
@@ -671,6 +675,7 @@ impl Controller {
                     firewall: r.firewalls.get(&n.iface_id).cloned(),
                     ip: None,
                     poll_us: None,
+                    queues: None,
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;

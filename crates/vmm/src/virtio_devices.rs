@@ -102,17 +102,20 @@ pub fn attach_all(
     for (i, nic) in config.nets.iter().enumerate() {
         let mac = nic.mac.unwrap_or_else(|| default_mac(config.id.as_deref(), i));
         let id = nic.api_id(i);
-        let host = match &nic.attachment {
-            NetAttachment::Tap(name) => virtio::net::NetHost::Tap(
-                net::Tap::open(name, virtio::net::VNET_HDR_LEN as i32).map_err(|e| Error::Device(e.to_string()))?,
-            ),
+        let pairs = usize::from(nic.queue_pairs(config.cpus));
+        let open_queues = |name: &str| {
+            let taps = net::Tap::open_queues(name, virtio::net::VNET_HDR_LEN as i32, pairs)
+                .map_err(|e| Error::Device(e.to_string()))?;
+            Ok::<_, Error>(taps.into_iter().map(virtio::net::NetHost::Tap).collect::<Vec<_>>())
+        };
+        let hosts = match &nic.attachment {
+            NetAttachment::Tap(name) => open_queues(name)?,
             NetAttachment::Network { name, isolated } => {
                 let network = net::network::load(name).map_err(Error::Device)?;
                 // Unique per VMM and interface; the kernel removes it when the VMM exits,
                 // however it exits, since the VMM does not make it persistent.
                 let tap_name = format!("fv{}n{i}", std::process::id());
-                let tap = net::Tap::open(&tap_name, virtio::net::VNET_HDR_LEN as i32)
-                    .map_err(|e| Error::Device(e.to_string()))?;
+                let taps = open_queues(&tap_name)?;
                 // The kernel's rules go on before the port joins the bridge, so that nothing
                 // reaches the VM unfiltered in between.
                 let kernel = kernel_rules(nic, mac, &tap_name).map_err(|e| {
@@ -122,14 +125,14 @@ pub fn attach_all(
                 net::network::attach(&network, &tap_name, *isolated)
                     .map_err(|e| Error::Device(format!("cannot attach {tap_name} to network {name}: {e}")))?;
                 tracing::info!("virtio-net{i}: {tap_name} on network {name} (bridge {})", network.bridge);
-                virtio::net::NetHost::Tap(tap)
+                taps
             }
             NetAttachment::User { forwards } => {
                 let port = net::usernet::spawn(forwards).map_err(|e| {
                     Error::Device(format!("the user network cannot start ({e}); is a forwarded host port in use?"))
                 })?;
                 tracing::info!("virtio-net{i}: user network, guest 10.0.2.15, router 10.0.2.2 (the host's loopback)");
-                virtio::net::NetHost::Switch(port)
+                vec![virtio::net::NetHost::Switch(port)]
             }
             NetAttachment::Switch { path, vlan } => {
                 let port = net::switch::SwitchPort::connect(path, *vlan).map_err(|e| {
@@ -139,12 +142,12 @@ pub fn attach_all(
                         path.display()
                     ))
                 })?;
-                virtio::net::NetHost::Switch(port)
+                vec![virtio::net::NetHost::Switch(port)]
             }
         };
         let firewall = port_firewall(nic, mac).map_err(|e| Error::Device(format!("virtio-net{i}: {e}")))?;
         attached.firewalls.push((id, firewall.clone()));
-        let net = virtio::net::Net::new(host, mac)
+        let net = virtio::net::Net::with_queue_pairs(hosts, mac)
             .with_firewall(Some(firewall))
             .with_rate_limits(nic.rx_rate_limit, nic.tx_rate_limit)
             .with_mmds(nic.mmds)

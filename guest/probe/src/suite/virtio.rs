@@ -70,6 +70,11 @@ pub fn run(test: &str, id: u32, cmdline: Cmdline, info: &StartInfo) {
                 report::fail(test, format_args!("{reason}"));
             }
         }
+        "virtio-net" if cmdline.param(test, "mode") == Some("mq") => {
+            if let Err(reason) = net::multi_queue(&slot, cmdline) {
+                report::fail(test, format_args!("{reason}"));
+            }
+        }
         "virtio-net" if cmdline.param(test, "mode") == Some("ip") => {
             if let Err(reason) = ip::test(&slot, cmdline) {
                 report::fail(test, format_args!("{reason}"));

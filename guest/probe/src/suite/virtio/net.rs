@@ -256,3 +256,133 @@ pub fn test(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str>
     );
     Ok(())
 }
+
+const F_CTRL_VQ: u64 = 1 << 17;
+const F_MQ: u64 = 1 << 22;
+/// The most pairs the probe drives.
+const MQ_MAX_PAIRS: usize = 4;
+const MQ_RX_BUFFERS: usize = 16;
+/// The UDP port of the frames the host sends in multi-queue mode (IPv4, so that the TAP's
+/// flow hash spreads them over its queues).
+const MQ_UDP_PORT: u16 = 7777;
+
+/// One control command (class, command, 16-bit argument) on `ctrl`; returns the device's
+/// status byte (0: VIRTIO_NET_OK).
+fn control(dev: &Device, ctrl: &mut crate::virtio::queue::Virtqueue, index: u16, command: [u8; 4], cmdline: Cmdline) -> Result<u8, &'static str> {
+    let area = alloc(8, 8).ok_or("out of probe memory")?;
+    bytes(area, 4).copy_from_slice(&command);
+    bytes(area + 4, 1)[0] = 0xff;
+    ctrl.push(&[Buffer::readable(area, 2), Buffer::readable(area + 2, 2), Buffer::writable(area + 4, 1)])
+        .ok_or("control ring full")?;
+    dev.notify(index);
+    dev.wait_used(ctrl, super::request_deadline(cmdline)).ok_or("a control command was not answered")?;
+    Ok(bytes(area + 4, 1)[0])
+}
+
+/// `probe.virtio-net.mode=mq`: negotiates VIRTIO_NET_F_MQ, asks for one pair more than the
+/// device has (which it must refuse), then for all it has (up to 4); sends `.tx` frames spread
+/// over the transmit queues (frame i on queue i mod pairs) and receives `.rx` IPv4/UDP frames
+/// to port 7777 on whichever receive queue the device puts them. It reports the wrapping sum
+/// of the frames' FNV-1a checksums and how many frames each receive queue got, so that the
+/// host can check that its frames arrived whole and spread.
+pub fn multi_queue(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str> {
+    let dev = Device::begin(slot, F_CTRL_VQ | F_MQ, F_MAC).map_err(|_| "the device offers no multi-queue")?;
+    let offered = (dev.config_read32(8) & 0xffff) as usize;
+    if offered < 2 {
+        return Err("the device offers multi-queue with fewer than 2 pairs");
+    }
+    let pairs = offered.min(MQ_MAX_PAIRS);
+    let mut rxqs = [const { None }; MQ_MAX_PAIRS];
+    let mut txqs = [const { None }; MQ_MAX_PAIRS];
+    for pair in 0..pairs {
+        rxqs[pair] = Some(dev.queue(2 * pair as u16, MQ_RX_BUFFERS as u16).map_err(|_| "a receive queue could not be set up")?);
+        txqs[pair] = Some(dev.queue(2 * pair as u16 + 1, 16).map_err(|_| "a transmit queue could not be set up")?);
+    }
+    let ctrl_index = 2 * offered as u16;
+    let mut ctrl = dev.queue(ctrl_index, 8).map_err(|_| "the control queue could not be set up")?;
+    let mac = device_mac(&dev);
+    let area = alloc(pairs * MQ_RX_BUFFERS * (HEADER + MAX_FRAME), 64).ok_or("out of probe memory")?;
+    let buffer = |pair: usize, i: usize| area + ((pair * MQ_RX_BUFFERS + i) * (HEADER + MAX_FRAME)) as u64;
+    let mut heads = [[0u16; MQ_RX_BUFFERS]; MQ_MAX_PAIRS];
+    for pair in 0..pairs {
+        let rxq = rxqs[pair].as_mut().ok_or("no receive queue")?;
+        for (i, head) in heads[pair].iter_mut().enumerate().take(usize::from(rxq.size).min(MQ_RX_BUFFERS)) {
+            *head = rxq.push(&[Buffer::writable(buffer(pair, i), (HEADER + MAX_FRAME) as u32)]).ok_or("receive ring full")?;
+        }
+    }
+    dev.driver_ok();
+    for pair in 0..pairs {
+        dev.notify(2 * pair as u16);
+    }
+    let too_many = (offered as u16 + 1).to_le_bytes();
+    let refused = control(&dev, &mut ctrl, ctrl_index, [4, 0, too_many[0], too_many[1]], cmdline)?;
+    let wanted = (pairs as u16).to_le_bytes();
+    let accepted = control(&dev, &mut ctrl, ctrl_index, [4, 0, wanted[0], wanted[1]], cmdline)?;
+    if (refused, accepted) != (1, 0) {
+        crate::println!("PROBE virtio-net control answers: {refused} for {} pairs, {accepted} for {pairs}", offered + 1);
+        return Err("the device answered VQ_PAIRS_SET wrongly");
+    }
+    crate::println!("PROBE virtio-net ready mac={} pairs={pairs}", Mac(mac));
+
+    let tx_count = cmdline.number(TEST, "tx", 8);
+    let seed = cmdline.number(TEST, "seed", 1);
+    let tx_buf = alloc(HEADER + MAX_FRAME, 64).ok_or("out of probe memory")?;
+    let (mut tx_bytes, mut tx_checksum) = (0usize, FNV_OFFSET);
+    for index in 0..tx_count {
+        let len = 60 + (index as usize * 97) % (MAX_FRAME - 60);
+        bytes(tx_buf, HEADER).fill(0);
+        let frame = bytes(tx_buf + HEADER as u64, len);
+        fill_frame(seed, index, mac, frame);
+        tx_checksum = fnv1a(tx_checksum, frame);
+        tx_bytes += len;
+        let pair = index as usize % pairs;
+        let txq = txqs[pair].as_mut().ok_or("no transmit queue")?;
+        txq.push(&[Buffer::readable(tx_buf, (HEADER + len) as u32)]).ok_or("transmit ring full")?;
+        dev.notify(2 * pair as u16 + 1);
+        dev.wait_used(txq, super::request_deadline(cmdline)).ok_or("a transmission did not complete")?;
+    }
+
+    let rx_want = cmdline.number(TEST, "rx", 0);
+    // Queues deliver in their own order: the frames' checksums are summed, not chained.
+    let (mut rx, mut rx_bytes, mut rx_sum) = (0u64, 0usize, 0u64);
+    let mut per_queue = [0u64; MQ_MAX_PAIRS];
+    let deadline = super::request_deadline(cmdline);
+    while rx < rx_want {
+        if crate::hw::rdtsc() > deadline {
+            return Err("frames did not arrive");
+        }
+        for pair in 0..pairs {
+            let rxq = rxqs[pair].as_mut().ok_or("no receive queue")?;
+            let Some((head, len)) = rxq.pop_used() else { continue };
+            let slot = heads[pair].iter().position(|&h| h == head).ok_or("the device returned an unknown buffer")?;
+            let len = len as usize;
+            if !(HEADER..=HEADER + MAX_FRAME).contains(&len) {
+                return Err("the device reported an impossible frame length");
+            }
+            let frame = bytes(buffer(pair, slot) + HEADER as u64, len - HEADER);
+            let udp_to_probe = frame.len() >= 42
+                && frame[12..14] == [0x08, 0x00]
+                && frame[23] == 17
+                && frame[36..38] == MQ_UDP_PORT.to_be_bytes();
+            if udp_to_probe {
+                rx_sum = rx_sum.wrapping_add(fnv1a(FNV_OFFSET, frame));
+                rx_bytes += frame.len();
+                rx += 1;
+                per_queue[pair] += 1;
+            }
+            heads[pair][slot] =
+                rxq.push(&[Buffer::writable(buffer(pair, slot), (HEADER + MAX_FRAME) as u32)]).ok_or("receive ring full")?;
+            dev.notify(2 * pair as u16);
+        }
+    }
+    dev.reset();
+    let q = |i: usize| per_queue[i];
+    report::ok(
+        TEST,
+        format_args!(
+            "mode=mq pairs={pairs} tx={tx_count} tx_bytes={tx_bytes} tx_checksum={tx_checksum:#x} rx={rx} rx_bytes={rx_bytes} rx_sum={rx_sum:#x} rx_per_queue={},{},{},{}",
+            q(0), q(1), q(2), q(3)
+        ),
+    );
+    Ok(())
+}
