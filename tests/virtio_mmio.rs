@@ -530,25 +530,6 @@ fn blk_reads_are_exact_at_every_depth_polling_or_not_on_every_engine() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// An IPv4/UDP frame to the probe's multi-queue port from source port `port`: the TAP hashes
-/// flows by addresses and ports, so that different ports spread over its queues.
-fn udp_frame_to_probe(mac: [u8; 6], port: u16, payload_seed: u64) -> Vec<u8> {
-    let mut frame = vec![0u8; 42 + 64];
-    frame[0..6].copy_from_slice(&mac);
-    frame[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 9]);
-    frame[12..14].copy_from_slice(&[0x08, 0x00]);
-    let ip_len = (frame.len() - 14) as u16;
-    frame[14..34].copy_from_slice(&[0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0, 10, 9, 0, 1, 10, 9, 0, 2]);
-    frame[16..18].copy_from_slice(&ip_len.to_be_bytes());
-    frame[34..36].copy_from_slice(&port.to_be_bytes());
-    frame[36..38].copy_from_slice(&7777u16.to_be_bytes());
-    frame[38..40].copy_from_slice(&(ip_len - 20).to_be_bytes());
-    let mut payload = vec![0u8; 64 + 14];
-    pattern::fill_frame(payload_seed, u64::from(port), [0; 6], &mut payload);
-    frame[42..].copy_from_slice(&payload[14..]);
-    frame
-}
-
 /// Multi-queue virtio-net: on a multi-queue TAP a 2-vCPU VM offers two queue pairs; the device
 /// refuses a third through the control queue and takes two; frames sent on both transmit queues
 /// reach the TAP byte for byte, and 64 UDP flows from the host arrive whole, spread by the
@@ -569,11 +550,7 @@ fn net_multi_queue_spreads_flows_over_the_pairs_the_driver_set() {
     let mut vm = Running::start(cmd);
     // The line ends with the pair count the driver set.
     assert!(vm.wait_for_output(" pairs=2", TIMEOUT), "{}", vm.stdout());
-    let stdout = vm.stdout();
-    let ready = stdout.lines().find(|l| l.starts_with("PROBE virtio-net ready")).unwrap().trim_end().to_string();
-    let mac: Vec<u8> =
-        ready.split("mac=").nth(1).unwrap()[..17].split(':').map(|b| u8::from_str_radix(b, 16).unwrap()).collect();
-    let mac: [u8; 6] = mac.try_into().unwrap();
+    let mac = common::probe_net_mac(&vm.stdout());
     far_side.set_timeout(Duration::from_secs(10));
     for i in 0..8u64 {
         let frame = far_side.recv_ethertype(pattern::ETHERTYPE_PROBE).expect("a frame from the guest");
@@ -583,7 +560,7 @@ fn net_multi_queue_spreads_flows_over_the_pairs_the_driver_set() {
     }
     let (mut sum, mut bytes) = (0u64, 0);
     for flow in 0..FLOWS {
-        let frame = udp_frame_to_probe(mac, 20000 + flow, 3);
+        let frame = common::udp_frame_to_probe(mac, 20000 + flow, 3);
         far_side.send(&frame);
         sum = sum.wrapping_add(pattern::fnv1a(pattern::FNV_OFFSET, &frame));
         bytes += frame.len();

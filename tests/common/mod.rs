@@ -816,3 +816,32 @@ impl Drop for DeviceServer {
         let _ = self.child.wait();
     }
 }
+
+/// An IPv4/UDP frame to the probe's multi-queue port from source port `port`: the TAP hashes
+/// flows by addresses and ports, so that different ports spread over its queues.
+pub fn udp_frame_to_probe(mac: [u8; 6], port: u16, payload_seed: u64) -> Vec<u8> {
+    let mut frame = vec![0u8; 42 + 64];
+    frame[0..6].copy_from_slice(&mac);
+    frame[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 9]);
+    frame[12..14].copy_from_slice(&[0x08, 0x00]);
+    let ip_len = (frame.len() - 14) as u16;
+    frame[14..34].copy_from_slice(&[0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0, 10, 9, 0, 1, 10, 9, 0, 2]);
+    frame[16..18].copy_from_slice(&ip_len.to_be_bytes());
+    frame[34..36].copy_from_slice(&port.to_be_bytes());
+    frame[36..38].copy_from_slice(&7777u16.to_be_bytes());
+    frame[38..40].copy_from_slice(&(ip_len - 20).to_be_bytes());
+    let mut payload = vec![0u8; 64 + 14];
+    pattern::fill_frame(payload_seed, u64::from(port), [0; 6], &mut payload);
+    frame[42..].copy_from_slice(&payload[14..]);
+    frame
+}
+
+/// The MAC in the probe's `PROBE virtio-net ready mac=...` line.
+pub fn probe_net_mac(stdout: &str) -> [u8; 6] {
+    let ready = stdout.lines().find(|l| l.starts_with("PROBE virtio-net ready mac=")).expect("the ready line");
+    let mac: Vec<u8> = ready["PROBE virtio-net ready mac=".len()..][..17]
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).unwrap())
+        .collect();
+    mac.try_into().unwrap()
+}
