@@ -1,7 +1,8 @@
 //! The virtual firewall on switch ports, with probe guests as IPv4 hosts on an unprivileged
 //! `ferrovisor switch`: rules by protocol and port, default policies, stateful replies, rules
 //! changed through the API while the VMs run (their counters checked against what the probes
-//! counted), anti-spoofing, no rogue DHCP, storm control, and bad rules refused whole.
+//! counted), anti-spoofing, no rogue DHCP, storm control, and bad rules refused whole. On a
+//! TAP, where frames leave from guest memory past their copied headers, the same guards hold.
 
 mod common;
 
@@ -461,4 +462,44 @@ fn a_managed_ports_guards_are_kernel_rules_that_go_with_the_vmm_even_on_sigkill(
         assert!(std::time::Instant::now() < deadline, "{table} outlived its VMM");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// On a TAP a frame past its headers leaves straight from guest memory, judged on its copied
+/// headers: 300-byte DHCP server answers (sent by reference) and forged sources are stopped,
+/// and the VM's honest datagram passes.
+#[test]
+fn a_tap_port_judges_frames_sent_from_guest_memory_on_copied_headers() {
+    let tap = common::TestTap::new("fvzc");
+    common::sh("ip", &["addr", "add", "10.77.0.9/24", "dev", &tap.name]);
+    // A TAP is the user's own: its guards come on with a rule set that asks for them.
+    let dir = scratch_dir("tap-guards");
+    let rules = dir.join("guards.json");
+    std::fs::write(&rules, r#"{"default_in": "allow", "anti_spoofing": true}"#).unwrap();
+    let far_side = common::PacketSocket::bind(&tap.name);
+    far_side.set_timeout(Duration::from_secs(2));
+    let tests = "probe.test=virtio-net probe.virtio-net.mode=ip probe.virtio-net.ip=10.77.0.5 \
+                 probe.virtio-net.gw=10.77.0.5 probe.virtio-net.dst=10.77.0.9 probe.virtio-net.prefix=24 \
+                 probe.virtio-net.checks=udp probe.virtio-net.forge=3 probe.virtio-net.rogue=3 \
+                 probe.virtio-net.wait=1000000000";
+    let mut cmd = probe_command(1, tests);
+    cmd.args(["--net", &format!("tap={},ip=10.77.0.5,firewall={}", tap.name, rules.display())]);
+    let out = Running::start(cmd).finish(TIMEOUT);
+    let line = probe_result(&out.stdout, "virtio-net").unwrap_or_else(|| panic!("{}", out.describe()));
+    assert!(line.contains(" peer=arp"), "the host answered ARP: {line}");
+    assert!(out.stderr.contains("(rogue_dhcp)"), "{}", out.describe());
+    let (mut honest, mut rogue, mut forged) = (0, 0, 0);
+    while let Some(frame) = far_side.recv_ethertype(0x0800) {
+        let udp_to_probe_port = frame.len() >= 42 && frame[23] == 17 && frame[36..38] == 7777u16.to_be_bytes();
+        if !udp_to_probe_port {
+            continue;
+        }
+        match (u16::from_be_bytes([frame[34], frame[35]]), &frame[6..12], &frame[26..30]) {
+            (67, ..) => rogue += 1,
+            (_, [0x02, 0x66, 0x66, 0x66, 0x66, 0x66], _) => forged += 1,
+            (_, _, [10, 77, 0, 5]) => honest += 1,
+            _ => forged += 1,
+        }
+    }
+    assert_eq!((honest, rogue, forged), (1, 0, 0), "{}", out.describe());
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -28,7 +28,8 @@
 //!
 //! For firewall checks: a `.gw` equal to `.ip` means no router (nothing to resolve first);
 //! `.forge=N` first sends N datagrams to dst:port from a forged MAC and N from a forged IPv4
-//! address; `.rogue=N` sends N from UDP port 67 (as a DHCP server answers); `.broadcast=on`
+//! address; `.rogue=N` sends N datagrams of 300 bytes from UDP port 67 (as a DHCP server
+//! answers); `.broadcast=on`
 //! sends the flood to the broadcast MAC. When serving, UDP to the port is echoed back and
 //! counted (`echoed=N`; with `.tally=on` also a line `PROBE virtio-net echoed=N` after each),
 //! and a SYN to another port is answered with RST, as a host does.
@@ -384,9 +385,14 @@ pub fn test(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str>
         host.ip(PROTO_UDP, dst, &body[..len], Some(6))?;
         host.ip = own_ip;
     }
+    // A DHCP server's answer is a BOOTP message of 300 bytes or more.
+    const BOOTP_DATAGRAM: usize = 8 + 300;
+    let mut bootp = [0u8; BOOTP_DATAGRAM];
     for _ in 0..cmdline.number(TEST, "rogue", 0) {
         let len = udp_to(&mut body, 67);
-        host.ip(PROTO_UDP, dst, &body[..len], Some(6))?;
+        bootp[..len].copy_from_slice(&body[..len]);
+        bootp[4..6].copy_from_slice(&(BOOTP_DATAGRAM as u16).to_be_bytes());
+        host.ip(PROTO_UDP, dst, &bootp, Some(6))?;
     }
     let mut results: [(&str, &str); 3] = [("icmp", "-"), ("udp", "-"), ("tcp", "-")];
 
