@@ -1,8 +1,8 @@
 //! The virtual firewall on switch ports, with probe guests as IPv4 hosts on an unprivileged
 //! `ferrovisor switch`: rules by protocol and port, default policies, stateful replies, rules
 //! changed through the API while the VMs run (their counters checked against what the probes
-//! counted), anti-spoofing, no rogue DHCP, storm control, and bad rules refused whole. On a
-//! TAP, where frames leave from guest memory past their copied headers, the same guards hold.
+//! counted), anti-spoofing, no rogue DHCP, storm control, and bad rules refused whole; the same
+//! guards on a TAP.
 
 mod common;
 
@@ -464,11 +464,10 @@ fn a_managed_ports_guards_are_kernel_rules_that_go_with_the_vmm_even_on_sigkill(
     }
 }
 
-/// On a TAP a frame past its headers leaves straight from guest memory, judged on its copied
-/// headers: 300-byte DHCP server answers (sent by reference) and forged sources are stopped,
-/// and the VM's honest datagram passes.
+/// The guards on a TAP port whose rule set asks for them: 300-byte DHCP server answers and
+/// forged sources never reach the TAP, and the VM's honest datagram does.
 #[test]
-fn a_tap_port_judges_frames_sent_from_guest_memory_on_copied_headers() {
+fn a_tap_port_with_guards_stops_forged_frames_and_dhcp_answers() {
     let tap = common::TestTap::new("fvzc");
     common::sh("ip", &["addr", "add", "10.77.0.9/24", "dev", &tap.name]);
     // A TAP is the user's own: its guards come on with a rule set that asks for them.

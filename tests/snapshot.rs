@@ -288,20 +288,42 @@ fn a_snapshot_resets_vsock_connections_and_tells_the_guest() {
     assert_eq!(second.finish(TIMEOUT).status.code(), Some(0));
 }
 
+/// Sends 64 UDP flows to the probe at `mac` on `tap` and checks its report in `out`: all
+/// arrived whole, spread over both receive queues.
+fn send_flows_and_check(tap: &str, mac: [u8; 6], first_port: u16) -> impl FnOnce(&common::Outcome) {
+    let far_side = common::PacketSocket::bind(tap);
+    let (mut sum, mut bytes) = (0u64, 0);
+    for flow in 0..MQ_FLOWS {
+        let frame = common::udp_frame_to_probe(mac, first_port + flow, 5);
+        far_side.send(&frame);
+        sum = sum.wrapping_add(common::pattern::fnv1a(common::pattern::FNV_OFFSET, &frame));
+        bytes += frame.len();
+    }
+    move |out: &common::Outcome| {
+        let log = out.describe();
+        let line = common::probe_result(&out.stdout, "virtio-net").unwrap_or_else(|| panic!("{log}"));
+        assert!(line.contains(&format!(" rx={MQ_FLOWS} rx_bytes={bytes} rx_sum={sum:#x} ")), "{line}");
+        let per_queue: Vec<u64> =
+            line.split("rx_per_queue=").nth(1).unwrap().split(',').map(|n| n.trim().parse().unwrap()).collect();
+        assert!(per_queue[0] > 0 && per_queue[1] > 0, "both receive queues get flows: {line}");
+    }
+}
+
+const MQ_FLOWS: u16 = 64;
+
 /// A probe that set two queue pairs on a multi-queue TAP is snapshotted while it waits for
-/// frames and restored in a new process: the restored device uses both pairs again (both TAP
-/// queues attached) without the driver asking, so the host's flows still spread over both
-/// receive queues and all arrive.
+/// frames. The VM it came from resumes, and a new process restores it: both keep using both
+/// pairs (both TAP queues attached) without the driver asking again, so the host's flows
+/// spread over both receive queues and all arrive, in each.
 #[test]
 fn a_multi_queue_interface_is_restored_with_the_pairs_its_driver_set() {
     let dir = scratch_dir("snapshot-mq");
     let tap = common::TestTap::multi_queue("fvsmq");
     let (mut first, socket) = api_vmm(&dir, "first.sock");
-    const FLOWS: u16 = 64;
     let boot = serde_json::json!({
         "kernel_image_path": probe_elf(),
         "boot_args": format!("console=ttyS0 probe.test=virtio-net probe.virtio-net.mode=mq probe.virtio-net.tx=0 \
-                              probe.virtio-net.rx={FLOWS} probe.virtio.timeout=100000000000"),
+                              probe.virtio-net.rx={MQ_FLOWS} probe.virtio.timeout=100000000000"),
     });
     expect(&socket, "PUT", "/boot-source", &boot.to_string(), 204);
     expect(&socket, "PUT", "/machine-config", r#"{"vcpu_count": 2, "mem_size_mib": 64}"#, 204);
@@ -313,27 +335,21 @@ fn a_multi_queue_interface_is_restored_with_the_pairs_its_driver_set() {
     let (state, mem) = (dir.join("vm.snap"), dir.join("vm.mem"));
     expect(&socket, "PATCH", "/vm", r#"{"state": "Paused"}"#, 204);
     expect(&socket, "PUT", "/snapshot/create", &snapshot_body(&state, &mem, "Full"), 204);
-    expect(&socket, "PUT", "/ferrovisor/stop", "", 204);
+    expect(&socket, "PATCH", "/vm", r#"{"state": "Resumed"}"#, 204);
+    let check = send_flows_and_check(&tap.name, mac, 20000);
     let first = first.finish(TIMEOUT);
+    check(&first);
     assert!(first.stderr.contains("virtio-net: the driver uses 2 queue pairs"), "{}", first.describe());
 
     let (second, socket) = api_vmm(&dir, "second.sock");
     expect(&socket, "PUT", "/snapshot/load", &load_body(&state, &mem, true), 204);
-    let far_side = common::PacketSocket::bind(&tap.name);
-    let (mut sum, mut bytes) = (0u64, 0);
-    for flow in 0..FLOWS {
-        let frame = common::udp_frame_to_probe(mac, 30000 + flow, 5);
-        far_side.send(&frame);
-        sum = sum.wrapping_add(common::pattern::fnv1a(common::pattern::FNV_OFFSET, &frame));
-        bytes += frame.len();
-    }
+    let check = send_flows_and_check(&tap.name, mac, 30000);
     let second = second.finish(TIMEOUT);
-    let log = second.describe();
-    let line = common::probe_result(&second.stdout, "virtio-net").unwrap_or_else(|| panic!("{log}"));
-    assert!(line.contains(&format!(" rx={FLOWS} rx_bytes={bytes} rx_sum={sum:#x} ")), "{line}");
-    let per_queue: Vec<u64> =
-        line.split("rx_per_queue=").nth(1).unwrap().split(',').map(|n| n.trim().parse().unwrap()).collect();
-    assert!(per_queue[0] > 0 && per_queue[1] > 0, "both receive queues get flows after the restore: {line}");
-    assert!(!second.stderr.contains("the driver uses"), "the restored device did not need asking: {log}");
+    check(&second);
+    assert!(
+        !second.stderr.contains("the driver uses"),
+        "the restored device did not need asking: {}",
+        second.describe()
+    );
     let _ = std::fs::remove_dir_all(dir);
 }

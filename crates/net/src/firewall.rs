@@ -27,9 +27,6 @@ const UDP_TIMEOUT: Duration = Duration::from_secs(60);
 const OTHER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Broadcast and multicast frames a port may send per second (and in one burst).
 pub const DEFAULT_STORM_PPS: u32 = 1000;
-/// The bytes of a leaving frame its verdict reads: Ethernet with a VLAN tag (18), IPv4 with
-/// options (60), and TCP up to its flags (14), rounded up.
-pub const HEADERS_LEN: usize = 128;
 
 const ETH_IPV4: u16 = 0x0800;
 const ETH_ARP: u16 = 0x0806;
@@ -643,21 +640,12 @@ impl Firewall {
 
     /// A frame from the VM: true if it may leave.
     pub fn outbound(&self, frame: &[u8]) -> bool {
-        !self.is_active() || self.lock().filter(Direction::Out, frame, frame.len(), Instant::now())
-    }
-
-    /// A frame from the VM of `frame_len` bytes judged on its first bytes, `headers` (at least
-    /// [`HEADERS_LEN`] of them, or the whole frame): true if it may leave. What leaving frames
-    /// are judged on (addresses, ports, TCP flags: the guards and the rules) lies in the
-    /// headers, and only arriving DHCP answers are read further, so a frame sent as these
-    /// copied headers plus the rest straight from guest memory is judged on what is sent.
-    pub fn outbound_headers(&self, headers: &[u8], frame_len: usize) -> bool {
-        !self.is_active() || self.lock().filter(Direction::Out, headers, frame_len, Instant::now())
+        !self.is_active() || self.lock().filter(Direction::Out, frame, Instant::now())
     }
 
     /// A frame for the VM: true if it may arrive.
     pub fn inbound(&self, frame: &[u8]) -> bool {
-        !self.is_active() || self.lock().filter(Direction::In, frame, frame.len(), Instant::now())
+        !self.is_active() || self.lock().filter(Direction::In, frame, Instant::now())
     }
 
     pub fn report(&self) -> Report {
@@ -786,8 +774,7 @@ impl State {
         false
     }
 
-    /// Judges `frame` (a frame of `len` bytes, or its first bytes) going `direction`.
-    fn filter(&mut self, direction: Direction, frame: &[u8], len: usize, now: Instant) -> bool {
+    fn filter(&mut self, direction: Direction, frame: &[u8], now: Instant) -> bool {
         let Some(packet) = parse(frame) else { return self.drop(DropReason::Default, direction, None) };
         if direction == Direction::In {
             self.learn(&packet);
@@ -800,7 +787,7 @@ impl State {
             Kind::Arp { .. } => return true,
             Kind::Other | Kind::Broken => {
                 let (action, rule) = self.decide_other(direction);
-                return self.count(action, rule, direction, len, &packet);
+                return self.count(action, rule, direction, frame.len(), &packet);
             }
         };
         let (vm, remote) = match direction {
@@ -815,7 +802,7 @@ impl State {
             if flow.origin == direction
                 && let Some(counter) = flow.rule.and_then(|i| self.counters.get_mut(i))
             {
-                counter.add(len);
+                counter.add(frame.len());
             }
             return true;
         }
@@ -835,7 +822,7 @@ impl State {
             self.flows
                 .insert(key, Flow { origin: direction, rule, expires: now + timeout(proto, closing), packets: 1 });
         }
-        self.count(action, rule, direction, len, &packet)
+        self.count(action, rule, direction, frame.len(), &packet)
     }
 
     fn decide_other(&self, direction: Direction) -> (Action, Option<usize>) {
@@ -1100,33 +1087,6 @@ mod tests {
         assert_eq!(report.rules[3].packets, 1);
         assert_eq!(report.drops["default_policy"], 2);
         assert_eq!(report.drops["rule"], 2);
-    }
-
-    /// A leaving frame judged on its copied headers gets the verdict the whole frame gets, and
-    /// its rule counts the whole frame's bytes.
-    #[test]
-    fn headers_decide_like_the_whole_frame() {
-        let fw = firewall(
-            r#"{"rules": [{"name": "no-ssh", "direction": "out", "protocol": "tcp", "ports": "22", "action": "deny"},
-                          {"name": "web", "direction": "out", "protocol": "tcp", "ports": "443", "action": "allow"}]}"#,
-        );
-        let padded = |mut f: Vec<u8>, len: usize| {
-            f.resize(len, 0xab);
-            f
-        };
-        let big = padded(out(PROTO_TCP, 40000, 443), 1514);
-        assert!(fw.outbound_headers(&big[..HEADERS_LEN], big.len()));
-        assert_eq!(fw.report().rules[1].bytes, 1514, "the rule counts the frame, not the headers");
-        let ssh = padded(out(PROTO_TCP, 40001, 22), 1514);
-        assert!(!fw.outbound_headers(&ssh[..HEADERS_LEN], ssh.len()));
-        let spoofed = padded(frame(VM_MAC, PEER_MAC, PEER, VM, PROTO_TCP, 1, 443), 1514);
-        assert!(!fw.outbound_headers(&spoofed[..HEADERS_LEN], spoofed.len()), "anti-spoofing");
-        // A DHCP server's answer, 600 bytes: the guard stops it on its ports.
-        let rogue = padded(out(PROTO_UDP, 67, 68), 600);
-        assert!(!fw.outbound_headers(&rogue[..HEADERS_LEN], rogue.len()));
-        assert_eq!(fw.report().drops["rogue_dhcp"], 1);
-        let short = out(PROTO_TCP, 40000, 443);
-        assert!(fw.outbound_headers(&short, short.len()));
     }
 
     #[test]

@@ -336,9 +336,7 @@ impl BlockBackend {
                 // Straight between the file and guest memory where the buffers allow it (and,
                 // for O_DIRECT, are aligned; the kernel may still refuse, and then the aligned
                 // bounce buffer serves).
-                if let Some(mut iovs) =
-                    crate::guest_iovecs(mem, &req.data, 0, len).filter(|i| !self.direct || aligned(i))
-                {
+                if let Some(mut iovs) = guest_iovecs(mem, &req.data, len).filter(|i| !self.direct || aligned(i)) {
                     let write = req.kind == VIRTIO_BLK_T_OUT;
                     match transfer(&self.file, &mut iovs, offset, write) {
                         Ok(()) => return rw_done(mem, req),
@@ -437,6 +435,25 @@ fn rw_done(mem: &GuestMemory, req: &Request) -> (u8, u32) {
 /// Whether every iovec suits O_DIRECT: aligned start and length.
 fn aligned(iovs: &[libc::iovec]) -> bool {
     iovs.iter().all(|i| (i.iov_base as usize).is_multiple_of(DIRECT_ALIGN) && i.iov_len.is_multiple_of(512))
+}
+
+/// The first `total` bytes of the guest buffers as host iovecs, for preadv and pwritev
+/// straight into and out of guest memory; None when a buffer is not wholly inside one guest
+/// memory region (the bounce buffer serves those).
+fn guest_iovecs(mem: &GuestMemory, buffers: &[(u64, u32)], total: usize) -> Option<Vec<libc::iovec>> {
+    use vm_memory::GuestMemoryBackend;
+    let mut iovs = Vec::with_capacity(buffers.len());
+    let mut left = total;
+    for &(addr, len) in buffers {
+        if left == 0 {
+            break;
+        }
+        let n = (len as usize).min(left);
+        let slice = mem.get_slice(GuestAddress(addr), n).ok()?;
+        iovs.push(libc::iovec { iov_base: slice.ptr_guard_mut().as_ptr().cast(), iov_len: n });
+        left -= n;
+    }
+    (left == 0).then_some(iovs)
 }
 
 /// Reads the file at `offset` into `iovs` (or writes them there), to the last byte.
@@ -558,7 +575,7 @@ impl BlockBackend {
             return None;
         }
         let offset = self.range(req.sector, len as u64)?;
-        let iovs = crate::guest_iovecs(mem, &req.data, 0, len).filter(|i| !self.direct || aligned(i))?;
+        let iovs = guest_iovecs(mem, &req.data, len).filter(|i| !self.direct || aligned(i))?;
         Some((offset, iovs))
     }
 

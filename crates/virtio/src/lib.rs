@@ -43,36 +43,6 @@ pub fn mark_dirty(mem: &GuestMemory, gpa: u64, len: u64) {
     }
 }
 
-/// Bytes [skip, skip + total) of the guest buffers (address, length) as host iovecs, for system
-/// calls that read or write guest memory in place; None when a buffer is not wholly inside one
-/// guest memory region, or the buffers hold fewer bytes (the caller copies instead).
-pub(crate) fn guest_iovecs(
-    mem: &GuestMemory,
-    buffers: &[(u64, u32)],
-    mut skip: usize,
-    total: usize,
-) -> Option<Vec<libc::iovec>> {
-    use vm_memory::{GuestAddress, GuestMemoryBackend};
-    let mut iovs = Vec::with_capacity(buffers.len());
-    let mut left = total;
-    for &(addr, len) in buffers {
-        if left == 0 {
-            break;
-        }
-        let len = len as usize;
-        if skip >= len {
-            skip -= len;
-            continue;
-        }
-        let n = (len - skip).min(left);
-        let slice = mem.get_slice(GuestAddress(addr.checked_add(skip as u64)?), n).ok()?;
-        iovs.push(libc::iovec { iov_base: slice.ptr_guard_mut().as_ptr().cast(), iov_len: n });
-        skip = 0;
-        left -= n;
-    }
-    (left == 0).then_some(iovs)
-}
-
 /// Device IDs (virtio 1.2 section 5).
 pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
