@@ -7,7 +7,9 @@
 //! virtio-net TAP. For each VMM, medians of:
 //! - launch to the guest's first instruction: the probe's first instruction writes the boot
 //!   timer and Ferrovisor logs it (QEMU has no boot timer, so it has no figure here); measured
-//!   from the bench's spawn to the log line's timestamp, so exec and dynamic loading count;
+//!   from the bench's spawn to the log line's timestamp, so exec and dynamic loading count; and
+//!   the part of it from the VMM's `main` on, which the log line gives; and for scale, what
+//!   spawning `/bin/true` (to its exit) costs on this host;
 //! - launch to the probe's first serial byte (both VMMs);
 //! - non-guest RSS once the probe is done and idle: RSS less the resident part of the guest RAM
 //!   mapping; and its anonymous part (heap, stacks, device buffers: what each more VM costs;
@@ -95,6 +97,8 @@ fn time_of_day(at: SystemTime) -> f64 {
 
 struct Launch {
     first_instruction_ms: Option<f64>,
+    /// From the VMM's `main` to the first instruction, as it logs.
+    from_main_ms: Option<f64>,
     first_byte_ms: f64,
     overhead_kib: u64,
     anonymous_kib: u64,
@@ -120,7 +124,13 @@ fn anonymous_kib(pid: u32) -> u64 {
 enum Seen {
     FirstByte(Instant),
     Done,
-    BootTimer(f64),
+    /// The log line's time of day, and the microseconds since `main` it gives.
+    BootTimer(f64, Option<f64>),
+}
+
+/// The microseconds in `guest boot time: N ms after launch (M us)`.
+fn logged_us(line: &str) -> Option<f64> {
+    line.rsplit_once('(')?.1.strip_suffix(" us)")?.parse().ok()
 }
 
 fn launch(vmm: Vmm, image: &Path) -> Launch {
@@ -149,16 +159,18 @@ fn launch(vmm: Vmm, image: &Path) -> Launch {
             if line.contains("guest boot time:")
                 && let Some(at) = log_time_of_day(&line)
             {
-                let _ = tx.send(Seen::BootTimer(at));
+                let _ = tx.send(Seen::BootTimer(at, logged_us(&line)));
             }
         }
     });
-    let (mut first_byte_ms, mut first_instruction_ms) = (None, None);
+    let (mut first_byte_ms, mut first_instruction_ms, mut from_main_ms) = (None, None, None);
+    let since_spawn_ms = |at: f64| Some((at - time_of_day(wall)).rem_euclid(86400.0) * 1000.0);
     loop {
         match rx.recv_timeout(TIMEOUT) {
             Ok(Seen::FirstByte(at)) => first_byte_ms = Some((at - started).as_secs_f64() * 1000.0),
-            Ok(Seen::BootTimer(at)) => {
-                first_instruction_ms = Some((at - time_of_day(wall)).rem_euclid(86400.0) * 1000.0)
+            Ok(Seen::BootTimer(at, us)) => {
+                first_instruction_ms = since_spawn_ms(at);
+                from_main_ms = us.map(|us| us / 1000.0);
             }
             Ok(Seen::Done) => break,
             Err(_) => panic!("no 'PROBE done' within {TIMEOUT:?}"),
@@ -167,8 +179,9 @@ fn launch(vmm: Vmm, image: &Path) -> Launch {
     // The log line may come after the serial output: give it a moment.
     if vmm == Vmm::Ferrovisor && first_instruction_ms.is_none() {
         while let Ok(seen) = rx.recv_timeout(Duration::from_secs(2)) {
-            if let Seen::BootTimer(at) = seen {
-                first_instruction_ms = Some((at - time_of_day(wall)).rem_euclid(86400.0) * 1000.0);
+            if let Seen::BootTimer(at, us) = seen {
+                first_instruction_ms = since_spawn_ms(at);
+                from_main_ms = us.map(|us| us / 1000.0);
                 break;
             }
         }
@@ -178,6 +191,7 @@ fn launch(vmm: Vmm, image: &Path) -> Launch {
     let pid = child.id();
     let launch = Launch {
         first_instruction_ms,
+        from_main_ms,
         first_byte_ms: first_byte_ms.expect("serial output before PROBE done"),
         overhead_kib: overhead_kib(pid),
         anonymous_kib: anonymous_kib(pid),
@@ -185,6 +199,20 @@ fn launch(vmm: Vmm, image: &Path) -> Launch {
     let _ = child.kill();
     let _ = child.wait();
     launch
+}
+
+/// Milliseconds to spawn `/bin/true` with piped output and see it exit, the median of 21: the
+/// floor under any launch figure on this host.
+fn spawn_floor_ms() -> f64 {
+    let times = (0..21)
+        .map(|_| {
+            let started = Instant::now();
+            let status = Command::new("true").stdout(Stdio::piped()).stderr(Stdio::piped()).status();
+            assert!(status.is_ok_and(|s| s.success()), "/bin/true runs");
+            started.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect();
+    median(times)
 }
 
 /// CPU seconds (user + system) the waited-for children have used so far.
@@ -341,6 +369,9 @@ fn main() {
     let both = |f: &dyn Fn(&Launch) -> Option<f64>| (figure(0, f), if have_qemu { figure(1, f) } else { None });
     let (a, b) = both(&|l| l.first_instruction_ms);
     print("launch to first instruction ms", a, b, true);
+    let (a, b) = both(&|l| l.from_main_ms);
+    print("  of it from the VMM's main ms", a, b, true);
+    print("spawning /bin/true ms", Some(spawn_floor_ms()), None, true);
     let (a, b) = both(&|l| Some(l.first_byte_ms));
     print("launch to first serial byte ms", a, b, true);
     let (a, b) = both(&|l| Some(l.overhead_kib as f64 / 1024.0));
