@@ -14,14 +14,14 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{median, overhead_kib};
+use support::{api_vmm, http, median, ok, overhead_kib, wait_socket};
 
 fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_ferrovisor"))
@@ -33,25 +33,6 @@ fn probe() -> PathBuf {
 
 fn runs() -> usize {
     std::env::var("FERROVISOR_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3)
-}
-
-fn http(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = UnixStream::connect(socket).expect("the API socket");
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).unwrap();
-    let status = answer.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (status, answer.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
-}
-
-fn ok(socket: &Path, method: &str, path: &str, body: &str) {
-    let (status, answer) = http(socket, method, path, body);
-    assert!(status < 300, "{method} {path}: {status} {answer}");
 }
 
 fn wait_for(child: &mut Child, needle: &str) {
@@ -66,29 +47,6 @@ fn wait_for(child: &mut Child, needle: &str) {
     }
     // Keep draining so that the guest never blocks on a full pipe.
     std::thread::spawn(move || lines.for_each(drop));
-}
-
-fn wait_socket(socket: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while UnixStream::connect(socket).is_err() {
-        assert!(Instant::now() < deadline, "no socket {socket:?}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-fn api_vmm(socket: &Path) -> Child {
-    let _ = std::fs::remove_file(socket);
-    let child = Command::new(bin())
-        .arg("--api-sock")
-        .arg(socket)
-        .args(["--log-level", "error"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_socket(socket);
-    child
 }
 
 fn fill_cmdline(mib: u64) -> String {

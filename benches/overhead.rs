@@ -23,14 +23,13 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use support::{median, overhead_kib};
+use support::{api_vmm, median, ok, overhead_kib};
 
 const TAP: &str = "fvbench-ov0";
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -242,39 +241,6 @@ fn churn(vmm: Vmm, image: &Path) -> f64 {
     f64::from(CHURN_VMS) / (children_cpu_s() - before)
 }
 
-fn http(socket: &Path, method: &str, path: &str, body: &str) {
-    let mut s = UnixStream::connect(socket).expect("the API socket");
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).unwrap();
-    let status: u16 = answer.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    assert!(status < 300, "{method} {path}: {answer}");
-}
-
-fn api_vmm(socket: &Path) -> Child {
-    let _ = std::fs::remove_file(socket);
-    let child = Command::new(env!("CARGO_BIN_EXE_ferrovisor"))
-        .arg("--api-sock")
-        .arg(socket)
-        .args(["--log-level", "error"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while UnixStream::connect(socket).is_err() {
-        assert!(Instant::now() < deadline, "no socket {socket:?}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    child
-}
-
 /// Milliseconds from sending PUT /snapshot/load (resume_vm) to its answer.
 fn snapshot_load_ms(dir: &Path) -> f64 {
     let socket = dir.join("fv.sock");
@@ -283,17 +249,17 @@ fn snapshot_load_ms(dir: &Path) -> f64 {
         r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0 probe.test=memfill probe.memfill.mib=64 probe.idle=on"}}"#,
         probe()
     );
-    http(&socket, "PUT", "/boot-source", &boot);
-    http(&socket, "PUT", "/machine-config", r#"{"vcpu_count": 1, "mem_size_mib": 128}"#);
-    http(&socket, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    ok(&socket, "PUT", "/boot-source", &boot);
+    ok(&socket, "PUT", "/machine-config", r#"{"vcpu_count": 1, "mem_size_mib": 128}"#);
+    ok(&socket, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
     let mut lines = BufReader::new(vm.stdout.take().unwrap()).lines();
     assert!(lines.any(|l| l.unwrap_or_default().contains("PROBE done")), "the memfill probe finished");
     std::thread::spawn(move || lines.for_each(drop));
-    http(&socket, "PATCH", "/vm", r#"{"state": "Paused"}"#);
+    ok(&socket, "PATCH", "/vm", r#"{"state": "Paused"}"#);
     let (state, mem) = (dir.join("fv.snap"), dir.join("fv.mem"));
     let body = format!(r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#, state.display(), mem.display());
-    http(&socket, "PUT", "/snapshot/create", &body);
-    http(&socket, "PUT", "/ferrovisor/stop", "");
+    ok(&socket, "PUT", "/snapshot/create", &body);
+    ok(&socket, "PUT", "/ferrovisor/stop", "");
     let _ = vm.wait();
     let socket = dir.join("fv2.sock");
     let mut second = api_vmm(&socket);
@@ -303,9 +269,9 @@ fn snapshot_load_ms(dir: &Path) -> f64 {
         mem.display()
     );
     let started = Instant::now();
-    http(&socket, "PUT", "/snapshot/load", &body);
+    ok(&socket, "PUT", "/snapshot/load", &body);
     let ms = started.elapsed().as_secs_f64() * 1000.0;
-    http(&socket, "PUT", "/ferrovisor/stop", "");
+    ok(&socket, "PUT", "/ferrovisor/stop", "");
     let _ = second.wait();
     ms
 }

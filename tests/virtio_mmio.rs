@@ -575,6 +575,36 @@ fn net_multi_queue_spreads_flows_over_the_pairs_the_driver_set() {
     assert!(out.stderr.contains("the driver asked for 3 queue pairs where the device has 2"), "{}", out.describe());
 }
 
+/// A driver without multi-queue on a multi-queue TAP reads one receive queue: the device keeps
+/// the TAP's other queues detached, so that all 64 flows arrive there rather than half of them
+/// in a queue nobody reads.
+#[test]
+fn net_a_driver_without_multi_queue_gets_every_flow_on_a_multi_queue_tap() {
+    let tap = common::TestTap::multi_queue("fvnm");
+    let far_side = common::PacketSocket::bind(&tap.name);
+    const FLOWS: u16 = 64;
+    let mut cmd = probe_command(
+        2,
+        &format!(
+            "probe.test=virtio-net probe.virtio-net.mode=mq probe.virtio-net.mq=off probe.virtio-net.tx=0 \
+             probe.virtio-net.rx={FLOWS}"
+        ),
+    );
+    cmd.args(["--net", &format!("tap={}", tap.name)]);
+    let mut vm = Running::start(cmd);
+    assert!(vm.wait_for_output(" pairs=1", TIMEOUT), "{}", vm.stdout());
+    let mac = common::probe_net_mac(&vm.stdout());
+    for flow in 0..FLOWS {
+        far_side.send(&common::udp_frame_to_probe(mac, 40000 + flow, 9));
+    }
+    let out = vm.finish(TIMEOUT);
+    let line = probe_result(&out.stdout, "virtio-net").unwrap_or_else(|| panic!("{}", out.describe()));
+    assert!(
+        line.contains(&format!(" rx={FLOWS} ")) && line.ends_with(&format!("rx_per_queue={FLOWS},0,0,0")),
+        "{line}"
+    );
+}
+
 /// A TAP made without multi_queue (as `ip tuntap add` makes them) gives one pair: the VMM says
 /// so, offers no multi-queue, and the interface works.
 #[test]

@@ -1,6 +1,12 @@
-//! What the benchmarks share: medians and the VMM's own memory.
+//! What the benchmarks share: medians, the VMM's own memory, and driving a VMM through its API.
 
 #![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -31,4 +37,51 @@ pub fn overhead_kib(pid: u32) -> u64 {
         }
     }
     rss - guest
+}
+
+/// One API request on `socket`: the status and the body.
+pub fn http(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = UnixStream::connect(socket).expect("the API socket");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    let status = answer.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, answer.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+/// An API request that must succeed.
+pub fn ok(socket: &Path, method: &str, path: &str, body: &str) {
+    let (status, answer) = http(socket, method, path, body);
+    assert!(status < 300, "{method} {path}: {status} {answer}");
+}
+
+/// Waits until a VMM listens on `socket`.
+pub fn wait_socket(socket: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while UnixStream::connect(socket).is_err() {
+        assert!(Instant::now() < deadline, "no socket {socket:?}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// A VMM serving its API on `socket` (errors only in its log), its stdout piped; returned once
+/// it listens.
+pub fn api_vmm(socket: &Path) -> Child {
+    let _ = std::fs::remove_file(socket);
+    let child = Command::new(env!("CARGO_BIN_EXE_ferrovisor"))
+        .arg("--api-sock")
+        .arg(socket)
+        .args(["--log-level", "error"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_socket(socket);
+    child
 }

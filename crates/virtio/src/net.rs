@@ -231,12 +231,14 @@ impl VirtioDevice for Net {
             return Err(ActivateError::QueueCount { want: self.queue_sizes.len(), got: queues.len() });
         }
         self.pairs = None;
-        if multi_queue {
+        let restored = self.restored_pairs.take();
+        if offered > 1 {
             let pairs = QueuePairs::new(&self.hosts, &queue_events).map_err(ActivateError::Worker)?;
-            // Until the driver says otherwise (VQ_PAIRS_SET), it uses the first pair only.
-            let active = self.restored_pairs.take().unwrap_or(1).clamp(1, offered);
+            // Until the driver says otherwise (VQ_PAIRS_SET) it uses the first pair only, and a
+            // driver without multi-queue never uses another: the kernel must steer to it alone.
+            let active = if multi_queue { restored.unwrap_or(1).clamp(1, offered) } else { 1 };
             pairs.set_active(active).map_err(|e| ActivateError::Backend(format!("TAP queues: {e}")))?;
-            self.pairs = Some(Arc::new(pairs));
+            self.pairs = multi_queue.then(|| Arc::new(pairs));
         }
         let mut queues: Vec<Option<Queue>> = queues.into_iter().map(Some).collect();
         let mut events: Vec<Option<EventFd>> = queue_events.into_iter().map(Some).collect();

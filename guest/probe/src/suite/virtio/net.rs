@@ -285,10 +285,15 @@ fn control(dev: &Device, ctrl: &mut crate::virtio::queue::Virtqueue, index: u16,
 /// to port 7777 on whichever receive queue the device puts them. It reports the wrapping sum
 /// of the frames' FNV-1a checksums and how many frames each receive queue got, so that the
 /// host can check that its frames arrived whole and spread.
+///
+/// With `.mq=off` it is a driver without multi-queue on the same device: one pair, no control
+/// queue, and every frame must still arrive on its receive queue.
 pub fn multi_queue(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str> {
-    let dev = Device::begin(slot, F_CTRL_VQ | F_MQ, F_MAC).map_err(|_| "the device offers no multi-queue")?;
-    let offered = (dev.config_read32(8) & 0xffff) as usize;
-    if offered < 2 {
+    let negotiate = cmdline.param(TEST, "mq") != Some("off");
+    let required = if negotiate { F_CTRL_VQ | F_MQ } else { 0 };
+    let dev = Device::begin(slot, required, F_MAC).map_err(|_| "the device offers no multi-queue")?;
+    let offered = if negotiate { (dev.config_read32(8) & 0xffff) as usize } else { 1 };
+    if negotiate && offered < 2 {
         return Err("the device offers multi-queue with fewer than 2 pairs");
     }
     let pairs = offered.min(MQ_MAX_PAIRS);
@@ -299,7 +304,10 @@ pub fn multi_queue(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'stat
         txqs[pair] = Some(dev.queue(2 * pair as u16 + 1, 16).map_err(|_| "a transmit queue could not be set up")?);
     }
     let ctrl_index = 2 * offered as u16;
-    let mut ctrl = dev.queue(ctrl_index, 8).map_err(|_| "the control queue could not be set up")?;
+    let mut ctrl = match negotiate {
+        true => Some(dev.queue(ctrl_index, 8).map_err(|_| "the control queue could not be set up")?),
+        false => None,
+    };
     let mac = device_mac(&dev);
     let area = alloc(pairs * MQ_RX_BUFFERS * (HEADER + MAX_FRAME), 64).ok_or("out of probe memory")?;
     let buffer = |pair: usize, i: usize| area + ((pair * MQ_RX_BUFFERS + i) * (HEADER + MAX_FRAME)) as u64;
@@ -314,13 +322,15 @@ pub fn multi_queue(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'stat
     for pair in 0..pairs {
         dev.notify(2 * pair as u16);
     }
-    let too_many = (offered as u16 + 1).to_le_bytes();
-    let refused = control(&dev, &mut ctrl, ctrl_index, [4, 0, too_many[0], too_many[1]], cmdline)?;
-    let wanted = (pairs as u16).to_le_bytes();
-    let accepted = control(&dev, &mut ctrl, ctrl_index, [4, 0, wanted[0], wanted[1]], cmdline)?;
-    if (refused, accepted) != (1, 0) {
-        crate::println!("PROBE virtio-net control answers: {refused} for {} pairs, {accepted} for {pairs}", offered + 1);
-        return Err("the device answered VQ_PAIRS_SET wrongly");
+    if let Some(ctrl) = ctrl.as_mut() {
+        let too_many = (offered as u16 + 1).to_le_bytes();
+        let refused = control(&dev, ctrl, ctrl_index, [4, 0, too_many[0], too_many[1]], cmdline)?;
+        let wanted = (pairs as u16).to_le_bytes();
+        let accepted = control(&dev, ctrl, ctrl_index, [4, 0, wanted[0], wanted[1]], cmdline)?;
+        if (refused, accepted) != (1, 0) {
+            crate::println!("PROBE virtio-net control answers: {refused} for {} pairs, {accepted} for {pairs}", offered + 1);
+            return Err("the device answered VQ_PAIRS_SET wrongly");
+        }
     }
     crate::println!("PROBE virtio-net ready mac={} pairs={pairs}", Mac(mac));
 
