@@ -605,6 +605,29 @@ fn net_a_driver_without_multi_queue_gets_every_flow_on_a_multi_queue_tap() {
     );
 }
 
+/// One pair on a TAP made with multi_queue (a 1-vCPU VM, as CNI plugins may make TAPs): the
+/// TAP takes only multi-queue opens, so the device opens one queue of it, and frames flow.
+#[test]
+fn net_one_pair_on_a_multi_queue_tap() {
+    let tap = common::TestTap::multi_queue("fvoq");
+    let far_side = common::PacketSocket::bind(&tap.name);
+    let mut cmd = probe_command(
+        1,
+        "probe.test=virtio-net probe.virtio-net.mode=mq probe.virtio-net.mq=off probe.virtio-net.tx=2 \
+         probe.virtio-net.rx=8",
+    );
+    cmd.args(["--net", &format!("tap={}", tap.name)]);
+    let mut vm = Running::start(cmd);
+    assert!(vm.wait_for_output(" pairs=1", TIMEOUT), "{}", vm.stdout());
+    let mac = common::probe_net_mac(&vm.stdout());
+    for flow in 0..8 {
+        far_side.send(&common::udp_frame_to_probe(mac, 50000 + flow, 2));
+    }
+    let out = vm.finish(TIMEOUT);
+    let line = probe_result(&out.stdout, "virtio-net").unwrap_or_else(|| panic!("{}", out.describe()));
+    assert!(line.contains(" tx=2 ") && line.ends_with("rx_per_queue=8,0,0,0"), "{line}");
+}
+
 /// A TAP made without multi_queue (as `ip tuntap add` makes them) gives one pair: the VMM says
 /// so, offers no multi-queue, and the interface works.
 #[test]

@@ -69,12 +69,18 @@ impl Tap {
     /// Up to `queues` queues of TAP `name` (IFF_MULTI_QUEUE), each its own fd, all attached.
     /// A TAP that exists without multi-queue support gives one queue, and says so.
     pub fn open_queues(name: &str, vnet_hdr_len: i32, queues: usize) -> Result<Vec<Tap>, TapError> {
+        let refused =
+            |e: &TapError| matches!(e, TapError::Attach { source, .. } if source.raw_os_error() == Some(libc::EINVAL));
         if queues <= 1 {
-            return Ok(vec![Tap::open(name, vnet_hdr_len)?]);
+            // A TAP made with multi_queue takes only multi-queue opens: one queue of it, then.
+            return match Tap::open(name, vnet_hdr_len) {
+                Err(e) if refused(&e) => Ok(vec![Tap::open_with(name, vnet_hdr_len, IFF_MULTI_QUEUE)?]),
+                other => Ok(vec![other?]),
+            };
         }
         let first = match Tap::open_with(name, vnet_hdr_len, IFF_MULTI_QUEUE) {
             Ok(tap) => tap,
-            Err(TapError::Attach { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
+            Err(e) if refused(&e) => {
                 tracing::info!(
                     "TAP device {name} was created without multi-queue support: it gets one queue pair \
                      (create it with `ip tuntap add {name} mode tap multi_queue` for {queues})"
