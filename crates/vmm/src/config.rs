@@ -181,17 +181,23 @@ pub struct NetConfig {
 pub const MAX_QUEUE_PAIRS: u16 = 16;
 
 impl NetConfig {
+    /// Whether the host side is a TAP, which alone has several queues.
+    fn on_tap(&self) -> bool {
+        matches!(self.attachment, NetAttachment::Tap(_) | NetAttachment::Network { .. })
+    }
+
+    /// Whether something must see the whole interface in one worker: MMDS or a rate limit.
+    fn needs_one_worker(&self) -> bool {
+        self.mmds.is_some() || self.rx_rate_limit.is_some() || self.tx_rate_limit.is_some()
+    }
+
     /// The queue pairs this interface offers on a VM of `cpus` vCPUs: `queues=` or one per
     /// vCPU on a TAP; one where the interface cannot spread (a switch port, the user network,
     /// and MMDS or rate limits, which see the whole interface).
     pub fn queue_pairs(&self, cpus: u32) -> u16 {
-        let spreads = matches!(self.attachment, NetAttachment::Tap(_) | NetAttachment::Network { .. })
-            && self.mmds.is_none()
-            && self.rx_rate_limit.is_none()
-            && self.tx_rate_limit.is_none();
         match self.queues {
             Some(n) => n,
-            None if spreads => cpus.clamp(1, u32::from(MAX_QUEUE_PAIRS)) as u16,
+            None if self.on_tap() && !self.needs_one_worker() => cpus.clamp(1, u32::from(MAX_QUEUE_PAIRS)) as u16,
             None => 1,
         }
     }
@@ -199,16 +205,17 @@ impl NetConfig {
     /// What `queues=` asks that the interface cannot give, as an error naming the fix.
     pub fn check_queues(&self, index: usize) -> Result<(), String> {
         let Some(n) = self.queues.filter(|&n| n > 1) else { return Ok(()) };
-        if !matches!(self.attachment, NetAttachment::Tap(_) | NetAttachment::Network { .. }) {
+        if !self.on_tap() {
             return Err(format!("net{index}: queues={n} needs a TAP (tap= or network=); use queues=1 here"));
         }
-        if self.mmds.is_some() || self.rx_rate_limit.is_some() || self.tx_rate_limit.is_some() {
+        if self.needs_one_worker() {
             return Err(format!(
                 "net{index}: queues={n} cannot be combined with MMDS or rate limits, which see the whole interface; use queues=1"
             ));
         }
         Ok(())
     }
+
     /// The id the API knows interface `index` by: its own, or `net<index>`.
     pub fn api_id(&self, index: usize) -> String {
         self.id.clone().unwrap_or_else(|| format!("net{index}"))
