@@ -37,59 +37,6 @@ impl vfio::Resources for Fake {
     }
 }
 
-/// A device that is whatever the input says it is.
-struct Hostile {
-    config: [u8; 256],
-    info: vfio::DeviceInfo,
-}
-
-impl vfio::Backend for Hostile {
-    fn describe(&self) -> String {
-        "hostile".into()
-    }
-    fn info(&self) -> &vfio::DeviceInfo {
-        &self.info
-    }
-    fn resettable(&self) -> bool {
-        self.config[0] & 1 != 0
-    }
-    fn read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> Result<(), vfio::Error> {
-        for (i, out) in data.iter_mut().enumerate() {
-            *out = if region == vfio::CONFIG_REGION {
-                self.config.get(offset as usize + i).copied().unwrap_or(0)
-            } else {
-                0
-            };
-        }
-        Ok(())
-    }
-    fn write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), vfio::Error> {
-        if region == vfio::CONFIG_REGION {
-            for (i, &b) in data.iter().enumerate() {
-                if let Some(slot) = self.config.get_mut(offset as usize + i) {
-                    *slot = b;
-                }
-            }
-        }
-        Ok(())
-    }
-    fn set_irqs(&mut self, _index: u32, _fds: &[&EventFd]) -> Result<(), vfio::Error> {
-        Ok(())
-    }
-    fn set_intx_unmask(&mut self, _fd: &EventFd) -> Result<(), vfio::Error> {
-        Ok(())
-    }
-    fn reset(&mut self) -> Result<(), vfio::Error> {
-        Ok(())
-    }
-    fn dma_map(&mut self, _map: &vfio::DmaMapping) -> Result<(), vfio::Error> {
-        Ok(())
-    }
-    fn dma_unmap(&mut self, _iova: u64, _size: u64) -> Result<(), vfio::Error> {
-        Ok(())
-    }
-}
-
 fn device(data: &[u8]) -> Option<(Box<dyn vfio::Backend>, &[u8])> {
     match data.split_first() {
         Some((kind, rest)) if kind & 1 == 1 && rest.len() >= 264 => {
@@ -109,7 +56,8 @@ fn device(data: &[u8]) -> Option<(Box<dyn vfio::Backend>, &[u8])> {
                 })
                 .collect();
             let info = vfio::DeviceInfo { regions, irq_counts: vec![1, 1, 2048] };
-            Some((Box::new(Hostile { config, info }), &rest[264..]))
+            let resettable = config[0] & 1 != 0;
+            Some((Box::new(vfio::test_device::ConfigOnly { config, info, resettable }), &rest[264..]))
         }
         Some((_, rest)) => Some((Box::new(vfio::test_device::InProcess::new().ok()?), rest)),
         None => None,

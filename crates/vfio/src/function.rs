@@ -772,48 +772,6 @@ mod tests {
         assert!(routes[routes.len() - 5..].contains(&(101, None)), "vector 0 unrouted: {routes:?}");
     }
 
-    /// A device whose configuration space and region sizes are whatever a test says.
-    struct Hostile {
-        config: [u8; 256],
-        info: crate::DeviceInfo,
-    }
-
-    impl Backend for Hostile {
-        fn describe(&self) -> String {
-            "a hostile device".into()
-        }
-        fn info(&self) -> &crate::DeviceInfo {
-            &self.info
-        }
-        fn resettable(&self) -> bool {
-            true
-        }
-        fn read(&mut self, _region: u32, offset: u64, data: &mut [u8]) -> Result<(), crate::Error> {
-            for (i, out) in data.iter_mut().enumerate() {
-                *out = self.config.get(offset as usize + i).copied().unwrap_or(0xff);
-            }
-            Ok(())
-        }
-        fn write(&mut self, _region: u32, _offset: u64, _data: &[u8]) -> Result<(), crate::Error> {
-            Ok(())
-        }
-        fn set_irqs(&mut self, _index: u32, _fds: &[&EventFd]) -> Result<(), crate::Error> {
-            Ok(())
-        }
-        fn set_intx_unmask(&mut self, _fd: &EventFd) -> Result<(), crate::Error> {
-            Ok(())
-        }
-        fn reset(&mut self) -> Result<(), crate::Error> {
-            Ok(())
-        }
-        fn dma_map(&mut self, _map: &DmaMapping) -> Result<(), crate::Error> {
-            Ok(())
-        }
-        fn dma_unmap(&mut self, _iova: u64, _size: u64) -> Result<(), crate::Error> {
-            Ok(())
-        }
-    }
-
     #[test]
     fn a_hostile_configuration_space_is_refused_or_tamed_never_a_panic() {
         let region = |index, size| crate::Region { index, size, readable: true, writable: true, mmap: None };
@@ -839,7 +797,7 @@ mod tests {
             let mut regions: Vec<crate::Region> = (0..8).map(|i| region(i, bar_size)).collect();
             regions[7].size = 256;
             let info = crate::DeviceInfo { regions, irq_counts: vec![u32::MAX; 3] };
-            let backend = Box::new(Hostile { config, info });
+            let backend = Box::new(crate::test_device::ConfigOnly { config, info, resettable: true });
             let router = Arc::new(Fake::default());
             if let Ok(mut f) = Function::new("dev", backend, &mut Fake::default(), router, &[]) {
                 for offset in (0..256u16).step_by(4) {

@@ -468,3 +468,59 @@ impl crate::Backend for InProcess {
         Ok(self.device.dma_unmap(DmaUnmapFlags::empty(), iova, size)?)
     }
 }
+
+/// A device that is only what a test or the fuzzer says: a configuration space of these bytes
+/// (writes kept; other regions read as zeros) and regions of these sizes, to build hostile
+/// devices from.
+#[doc(hidden)]
+pub struct ConfigOnly {
+    pub config: [u8; 256],
+    pub info: crate::DeviceInfo,
+    pub resettable: bool,
+}
+
+impl crate::Backend for ConfigOnly {
+    fn describe(&self) -> String {
+        "a configuration-space-only device".into()
+    }
+    fn info(&self) -> &crate::DeviceInfo {
+        &self.info
+    }
+    fn resettable(&self) -> bool {
+        self.resettable
+    }
+    fn read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> Result<(), crate::Error> {
+        for (i, out) in data.iter_mut().enumerate() {
+            *out = match region {
+                crate::CONFIG_REGION => self.config.get(offset as usize + i).copied().unwrap_or(0),
+                _ => 0,
+            };
+        }
+        Ok(())
+    }
+    fn write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), crate::Error> {
+        if region == crate::CONFIG_REGION {
+            for (i, &b) in data.iter().enumerate() {
+                if let Some(slot) = self.config.get_mut(offset as usize + i) {
+                    *slot = b;
+                }
+            }
+        }
+        Ok(())
+    }
+    fn set_irqs(&mut self, _index: u32, _fds: &[&vmm_sys_util::eventfd::EventFd]) -> Result<(), crate::Error> {
+        Ok(())
+    }
+    fn set_intx_unmask(&mut self, _fd: &vmm_sys_util::eventfd::EventFd) -> Result<(), crate::Error> {
+        Ok(())
+    }
+    fn reset(&mut self) -> Result<(), crate::Error> {
+        Ok(())
+    }
+    fn dma_map(&mut self, _map: &crate::DmaMapping) -> Result<(), crate::Error> {
+        Ok(())
+    }
+    fn dma_unmap(&mut self, _iova: u64, _size: u64) -> Result<(), crate::Error> {
+        Ok(())
+    }
+}
