@@ -249,20 +249,15 @@ impl VirtioDevice for Net {
             }
             let own_queues: Vec<Queue> = indices.iter().filter_map(|&i| queues[i].take()).collect();
             let own_events: Vec<EventFd> = indices.iter().filter_map(|&i| events[i].take()).collect();
+            let host = self.hosts[pair].try_clone().map_err(ActivateError::Worker)?;
             let backend = NetBackend {
-                host: self.hosts[pair].try_clone().map_err(ActivateError::Worker)?,
                 pair,
                 pairs: self.pairs.clone(),
-                mergeable: acked & bit(VIRTIO_NET_F_MRG_RXBUF) != 0,
-                frame: vec![0; MAX_TAP_READ],
-                tx_frame: vec![0; VNET_HDR_LEN + MAX_FRAME],
-                deferred: None,
-                rx_waiting: false,
-                metrics: self.metrics.clone(),
                 rx_limiter: RateLimiter::for_limit(self.rx_limit).map_err(ActivateError::Worker)?,
                 tx_limiter: RateLimiter::for_limit(self.tx_limit).map_err(ActivateError::Worker)?,
                 mmds: self.mmds.map(MmdsStack::new),
                 firewall: self.firewall.clone(),
+                ..NetBackend::new(host, acked & bit(VIRTIO_NET_F_MRG_RXBUF) != 0, self.metrics.clone())
             };
             let activation = Activation {
                 mem: mem.clone(),
@@ -464,6 +459,25 @@ fn write_chain(mem: &GuestMemory, chain: DescriptorChain<&GuestMemory>, data: &[
 }
 
 impl NetBackend {
+    /// A back-end for the first pair, with no limits, MMDS or firewall.
+    fn new(host: NetHost, mergeable: bool, metrics: Arc<DeviceMetrics>) -> NetBackend {
+        NetBackend {
+            host,
+            pair: 0,
+            pairs: None,
+            mergeable,
+            frame: vec![0; MAX_TAP_READ],
+            tx_frame: vec![0; VNET_HDR_LEN + MAX_FRAME],
+            deferred: None,
+            rx_waiting: false,
+            metrics,
+            rx_limiter: None,
+            tx_limiter: None,
+            mmds: None,
+            firewall: None,
+        }
+    }
+
     fn transmit(&mut self, queues: &mut [Queue], mem: &GuestMemory) -> bool {
         let (host, frame, metrics, limiter) = (&mut self.host, &mut self.tx_frame, &self.metrics, &mut self.tx_limiter);
         let mmds = &mut self.mmds;
@@ -755,20 +769,9 @@ pub fn fuzz_queues(mem: &GuestMemory, queues: &mut [Queue], script: &[u8]) {
     let Some((&options, mut rest)) = script.split_first() else { return };
     let host_fd = vm_side.as_raw_fd();
     let mut backend = NetBackend {
-        host: NetHost::Switch(vm_side),
-        pair: 0,
-        pairs: None,
-        mergeable: options & 1 != 0,
-        frame: vec![0; MAX_TAP_READ],
-        tx_frame: vec![0; VNET_HDR_LEN + MAX_FRAME],
-        deferred: None,
-        rx_waiting: false,
-        metrics: Arc::default(),
-        rx_limiter: None,
-        tx_limiter: None,
         // MMDS on the interface for half of the inputs: its stack takes what the guest sends it.
         mmds: (options & 2 != 0).then(|| MmdsStack::new(net::mmds::DEFAULT_IPV4)),
-        firewall: None,
+        ..NetBackend::new(NetHost::Switch(vm_side), options & 1 != 0, Arc::default())
     };
     let mut sent = vec![0u8; MAX_TAP_READ];
     while let [op, tail @ ..] = rest {
@@ -798,21 +801,7 @@ mod tests {
     use super::*;
 
     fn backend(host: NetHost) -> NetBackend {
-        NetBackend {
-            host,
-            pair: 0,
-            pairs: None,
-            mergeable: false,
-            frame: vec![0; MAX_TAP_READ],
-            tx_frame: vec![0; VNET_HDR_LEN + MAX_FRAME],
-            deferred: None,
-            rx_waiting: false,
-            metrics: Arc::new(DeviceMetrics::default()),
-            rx_limiter: None,
-            tx_limiter: None,
-            mmds: None,
-            firewall: None,
-        }
+        NetBackend::new(host, false, Arc::default())
     }
 
     /// A frame from the host side that waits for guest receive buffers is delivered as it
