@@ -288,27 +288,6 @@ fn a_snapshot_resets_vsock_connections_and_tells_the_guest() {
     assert_eq!(second.finish(TIMEOUT).status.code(), Some(0));
 }
 
-/// Sends 64 UDP flows to the probe at `mac` on `tap` and checks its report in `out`: all
-/// arrived whole, spread over both receive queues.
-fn send_flows_and_check(tap: &str, mac: [u8; 6], first_port: u16) -> impl FnOnce(&common::Outcome) {
-    let far_side = common::PacketSocket::bind(tap);
-    let (mut sum, mut bytes) = (0u64, 0);
-    for flow in 0..MQ_FLOWS {
-        let frame = common::udp_frame_to_probe(mac, first_port + flow, 5);
-        far_side.send(&frame);
-        sum = sum.wrapping_add(common::pattern::fnv1a(common::pattern::FNV_OFFSET, &frame));
-        bytes += frame.len();
-    }
-    move |out: &common::Outcome| {
-        let log = out.describe();
-        let line = common::probe_result(&out.stdout, "virtio-net").unwrap_or_else(|| panic!("{log}"));
-        assert!(line.contains(&format!(" rx={MQ_FLOWS} rx_bytes={bytes} rx_sum={sum:#x} ")), "{line}");
-        let per_queue: Vec<u64> =
-            line.split("rx_per_queue=").nth(1).unwrap().split(',').map(|n| n.trim().parse().unwrap()).collect();
-        assert!(per_queue[0] > 0 && per_queue[1] > 0, "both receive queues get flows: {line}");
-    }
-}
-
 const MQ_FLOWS: u16 = 64;
 
 /// A probe that set two queue pairs on a multi-queue TAP is snapshotted while it waits for
@@ -336,14 +315,14 @@ fn a_multi_queue_interface_is_restored_with_the_pairs_its_driver_set() {
     expect(&socket, "PATCH", "/vm", r#"{"state": "Paused"}"#, 204);
     expect(&socket, "PUT", "/snapshot/create", &snapshot_body(&state, &mem, "Full"), 204);
     expect(&socket, "PATCH", "/vm", r#"{"state": "Resumed"}"#, 204);
-    let check = send_flows_and_check(&tap.name, mac, 20000);
+    let check = common::send_flows_to_probe(&common::PacketSocket::bind(&tap.name), mac, 20000, MQ_FLOWS, 5);
     let first = first.finish(TIMEOUT);
     check(&first);
     assert!(first.stderr.contains("virtio-net: the driver uses 2 queue pairs"), "{}", first.describe());
 
     let (second, socket) = api_vmm(&dir, "second.sock");
     expect(&socket, "PUT", "/snapshot/load", &load_body(&state, &mem, true), 204);
-    let check = send_flows_and_check(&tap.name, mac, 30000);
+    let check = common::send_flows_to_probe(&common::PacketSocket::bind(&tap.name), mac, 30000, MQ_FLOWS, 5);
     let second = second.finish(TIMEOUT);
     check(&second);
     assert!(

@@ -845,3 +845,29 @@ pub fn probe_net_mac(stdout: &str) -> [u8; 6] {
         .collect();
     mac.try_into().unwrap()
 }
+
+/// Sends `count` UDP flows (source ports from `first_port`, payloads from `seed`) to the probe's
+/// multi-queue mode at `mac` through `far_side`; returns the check of the probe's report: every
+/// frame arrived whole, and both of the first two receive queues got some.
+pub fn send_flows_to_probe(
+    far_side: &PacketSocket,
+    mac: [u8; 6],
+    first_port: u16,
+    count: u16,
+    seed: u64,
+) -> impl FnOnce(&Outcome) + use<> {
+    let (mut sum, mut bytes) = (0u64, 0);
+    for flow in 0..count {
+        let frame = udp_frame_to_probe(mac, first_port + flow, seed);
+        far_side.send(&frame);
+        sum = sum.wrapping_add(pattern::fnv1a(pattern::FNV_OFFSET, &frame));
+        bytes += frame.len();
+    }
+    move |out: &Outcome| {
+        let line = probe_result(&out.stdout, "virtio-net").unwrap_or_else(|| panic!("{}", out.describe()));
+        assert!(line.contains(&format!(" rx={count} rx_bytes={bytes} rx_sum={sum:#x} ")), "{line}");
+        let per_queue: Vec<u64> =
+            line.split("rx_per_queue=").nth(1).unwrap().split(',').map(|n| n.trim().parse().unwrap()).collect();
+        assert!(per_queue[0] > 0 && per_queue[1] > 0, "both receive queues get flows: {line}");
+    }
+}
