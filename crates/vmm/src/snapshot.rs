@@ -227,6 +227,22 @@ pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState) -> Result<(), String> {
     Ok(())
 }
 
+/// How far, in seconds, the restored vCPU's TSC reads from the snapshot's (positive: ahead).
+/// KVM sets it by offsetting the host's TSC; a KVM that cannot offset it (nested PVM) leaves
+/// the guest on the host's TSC, so a guest clocked by the TSC jumps by the time since the
+/// snapshot. None when KVM cannot tell.
+pub fn tsc_drift_seconds(vcpu: &VcpuFd, state: &VcpuState) -> Option<f64> {
+    const MSR_IA32_TSC: u32 = 0x10;
+    let saved = state.msrs.iter().find(|m| m.index == MSR_IA32_TSC)?;
+    let mut now = Msrs::from_entries(&[kvm_msr_entry { index: MSR_IA32_TSC, ..Default::default() }]).ok()?;
+    if vcpu.get_msrs(&mut now) != Ok(1) {
+        return None;
+    }
+    let khz = u64::from(vcpu.get_tsc_khz().ok()?);
+    let cycles = now.as_slice()[0].data.wrapping_sub(saved.data) as i64;
+    (khz != 0).then(|| cycles as f64 / (khz as f64 * 1000.0))
+}
+
 fn irqchip(vm: &VmFd, id: u32) -> Result<kvm_irqchip, String> {
     let mut chip = kvm_irqchip { chip_id: id, ..Default::default() };
     vm.get_irqchip(&mut chip).map_err(kvm_fail("read the irqchip"))?;
@@ -386,4 +402,26 @@ pub fn merge_memory(base: &Path, diff: &Path) -> Result<u64, String> {
         at = end;
     }
     Ok(merged)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tsc_drift_is_how_far_the_vcpus_tsc_reads_past_the_saved_one() {
+        let kvm = Kvm::new().expect("/dev/kvm opens");
+        let vm = kvm.create_vm().unwrap();
+        vm.create_irq_chip().unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        let mut state = save_vcpu(&vcpu, &kvm, &msr_list(&kvm).unwrap()).unwrap();
+        let khz = u64::from(vcpu.get_tsc_khz().unwrap());
+        // A snapshot whose TSC was ten seconds behind this vCPU's.
+        let tsc = state.msrs.iter_mut().find(|m| m.index == 0x10).expect("KVM saves the TSC");
+        tsc.data = tsc.data.wrapping_sub(10 * khz * 1000);
+        let drift = tsc_drift_seconds(&vcpu, &state).unwrap();
+        assert!((10.0..10.5).contains(&drift), "{drift}");
+        state.msrs.retain(|m| m.index != 0x10);
+        assert_eq!(tsc_drift_seconds(&vcpu, &state), None, "no saved TSC, nothing to tell");
+    }
 }

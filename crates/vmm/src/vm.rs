@@ -409,6 +409,14 @@ pub fn restore(
     for (vcpu, state) in vcpus.iter().zip(&saved.vcpus) {
         snapshot::restore_vcpu(vcpu, state).map_err(restore_err)?;
     }
+    if let Some(drift) = vcpus.first().zip(saved.vcpus.first()).and_then(|(v, s)| snapshot::tsc_drift_seconds(v, s))
+        && drift.abs() > 1.0
+    {
+        tracing::warn!(
+            "KVM did not give the vCPUs the snapshot's TSC: it reads {drift:.1} s from it, so a guest clocked by \
+             its TSC sees its time jump by as much (this host's KVM cannot offset a guest's TSC)"
+        );
+    }
     tracing::info!(
         "restored a VM with {} vCPU(s) and {} MiB from {}",
         config.cpus,
