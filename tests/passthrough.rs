@@ -24,17 +24,19 @@ fn the_probe_drives_a_dma_engine_served_by_another_process() {
     let line = probe_result(&out.stdout, "dma-engine").unwrap();
     // BAR 0 sized as firmware sizes it; registers; 64 KiB copied each way and checksummed;
     // the completion as MSI-X vector 0 pending in the local APIC and the device saying it
-    // signalled MSI-X; the probe's writes to the mapped BAR read by the device; a DMA outside
-    // guest memory failed in the device; the reset capability cleared the device.
+    // signalled MSI-X; a completion signalled while vector 0 was masked held in the PBA and
+    // delivered once unmasked; the probe's writes to the mapped BAR read by the device; a DMA
+    // outside guest memory failed in the device; the reset capability cleared the device.
     for part in [
         "bar0_size=0x1000 ",
         "regs=ok ",
         "dma=65536 ",
         "msix=pending ",
         "signalled=3 ",
+        "masked=held ",
         "mapped=ok ",
         "bad_dma=refused ",
-        "completed=5 ",
+        "completed=6 ",
         "reset=ok ",
         // After the reset: a completion as MSI, then as INTx through the IOAPIC.
         "msi=pending/2 ",

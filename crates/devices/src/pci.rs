@@ -18,6 +18,14 @@ pub trait MsiRouter: Send + Sync {
     /// Routes each `gsi` to its `msi` (address, data), or removes its route, all at once: one
     /// routing-table update for the lot (KVM's is costly, and a guest sets how often).
     fn set_routes(&self, routes: &[(u32, Option<(u64, u32)>)]);
+
+    /// Attaches `irqfd` to `gsi`, so that KVM injects what it signals, or detaches it, so that
+    /// the signals stay in the eventfd for the VMM to find: how an assigned device's masked
+    /// MSI-X vector keeps its pending interrupt. Only assigned devices ask for it.
+    fn attach_irqfd(&self, gsi: u32, irqfd: &vmm_sys_util::eventfd::EventFd, attached: bool) -> Result<(), String> {
+        let _ = (gsi, irqfd, attached);
+        Err("this interrupt router cannot hold interrupts".into())
+    }
 }
 
 pub const CONFIG_PORT: u16 = 0xcf8;

@@ -107,9 +107,37 @@ struct Msix {
     masked: bool,
     gsis: Vec<u32>,
     irqfds: Vec<EventFd>,
+    /// Whether each vector's irqfd is attached to KVM; a held vector's is not (see `held`).
+    attached: Vec<bool>,
+    /// The PBA: a held vector the device signalled.
+    pending: Vec<bool>,
 }
 
 impl Msix {
+    /// A vector masked while MSI-X is on: what the device signals waits in its eventfd,
+    /// detached from KVM, and is delivered once the guest unmasks it.
+    fn held(&self, v: usize) -> bool {
+        self.enabled && (self.masked || self.table[v].masked)
+    }
+
+    /// Moves what the device signalled on held vector `v` into its pending bit.
+    fn collect(&mut self, v: usize) {
+        if !self.attached[v] && self.irqfds[v].read().is_ok_and(|n| n > 0) {
+            self.pending[v] = true;
+        }
+    }
+
+    fn pba(&mut self) -> Vec<u8> {
+        for v in 0..self.table.len() {
+            self.collect(v);
+        }
+        let mut bits = vec![0u8; self.pba_len() as usize];
+        for (v, _) in self.pending.iter().enumerate().filter(|(_, pending)| **pending) {
+            bits[v / 8] |= 1 << (v % 8);
+        }
+        bits
+    }
+
     fn table_len(&self) -> u64 {
         self.table.len() as u64 * 16
     }
@@ -300,6 +328,8 @@ impl Function {
             masked: false,
             gsis: Vec::new(),
             irqfds: Vec::new(),
+            attached: vec![true; count],
+            pending: vec![false; count],
         };
         let inside = |bar: usize, offset: u64, len: u64| {
             self.bars.get(bar).copied().flatten().is_some_and(|b| offset.checked_add(len).is_some_and(|e| e <= b.size))
@@ -533,9 +563,19 @@ impl Function {
         }
     }
 
-    /// Points each vector's GSI at its message, or nowhere while it cannot be delivered.
-    fn route_msix(&self) {
-        let Some(m) = &self.msix else { return };
+    /// Points each vector's GSI at its message, or nowhere while it cannot be delivered; holds
+    /// the interrupts of masked vectors and delivers those of vectors the guest unmasked.
+    fn route_msix(&mut self) {
+        let Some(m) = self.msix.as_mut() else { return };
+        // A newly held vector's irqfd leaves KVM first, so that nothing signalled is lost.
+        for v in 0..m.table.len() {
+            if m.held(v) && m.attached[v] {
+                match self.router.attach_irqfd(m.gsis[v], &m.irqfds[v], false) {
+                    Ok(()) => m.attached[v] = false,
+                    Err(e) => devices::guest_fault!("{}: MSI-X vector {v} cannot be masked ({e})", self.name),
+                }
+            }
+        }
         let routes: Vec<(u32, Option<(u64, u32)>)> = m
             .table
             .iter()
@@ -543,6 +583,23 @@ impl Function {
             .map(|(e, &gsi)| (gsi, (m.enabled && !m.masked && !e.masked).then_some((e.addr, e.data))))
             .collect();
         self.router.set_routes(&routes);
+        for v in 0..m.table.len() {
+            if m.held(v) || m.attached[v] {
+                continue;
+            }
+            m.collect(v);
+            match self.router.attach_irqfd(m.gsis[v], &m.irqfds[v], true) {
+                Ok(()) => m.attached[v] = true,
+                Err(e) => devices::guest_fault!("{}: MSI-X vector {v} cannot be unmasked ({e})", self.name),
+            }
+        }
+        // What was held goes out once the vector can deliver it (MSI-X on, nothing masked).
+        for v in 0..m.table.len() {
+            if m.pending[v] && m.enabled && m.attached[v] {
+                m.pending[v] = false;
+                let _ = m.irqfds[v].write(1);
+            }
+        }
     }
 
     /// A function-level reset, as the guest asked through the reset capability.
@@ -551,6 +608,7 @@ impl Function {
             m.enabled = false;
             m.masked = false;
             m.table.fill(MsixEntry { masked: true, ..Default::default() });
+            m.pending.fill(false);
         }
         self.route_msix();
         if let Some(msi) = self.msi.as_mut() {
@@ -585,8 +643,14 @@ impl Function {
                     *out = bytes.get(at + i).copied().unwrap_or(0);
                 }
             }
-            // Interrupts held while masked are not kept, so none is ever pending.
-            Some(MsixAccess::Pba) => data.fill(0),
+            Some(MsixAccess::Pba) => {
+                let Some(m) = self.msix.as_mut() else { return data.fill(0) };
+                let at = (offset - m.pba_offset) as usize;
+                let bits = m.pba();
+                for (i, out) in data.iter_mut().enumerate() {
+                    *out = bits.get(at + i).copied().unwrap_or(0);
+                }
+            }
             None => {
                 if let Err(e) = self.backend.read(bar as u32, offset, data) {
                     data.fill(0xff);
@@ -698,6 +762,8 @@ mod tests {
         next_mmio: u64,
         next_gsi: u32,
         routes: Mutex<Vec<Route>>,
+        /// Every irqfd attached (true) to or detached from its GSI.
+        irqfds: Mutex<Vec<(u32, bool)>>,
     }
 
     impl Resources for Fake {
@@ -709,7 +775,7 @@ mod tests {
         }
         fn msi_vector(&mut self) -> Result<(u32, EventFd), String> {
             self.next_gsi += 1;
-            Ok((100 + self.next_gsi, EventFd::new(0).unwrap()))
+            Ok((100 + self.next_gsi, EventFd::new(libc::EFD_NONBLOCK).unwrap()))
         }
         fn intx(&mut self) -> Result<(u8, EventFd, EventFd), String> {
             Ok((23, EventFd::new(0).unwrap(), EventFd::new(0).unwrap()))
@@ -719,6 +785,10 @@ mod tests {
     impl MsiRouter for Fake {
         fn set_routes(&self, routes: &[(u32, Option<(u64, u32)>)]) {
             self.routes.lock().unwrap().extend_from_slice(routes);
+        }
+        fn attach_irqfd(&self, gsi: u32, _irqfd: &EventFd, attached: bool) -> Result<(), String> {
+            self.irqfds.lock().unwrap().push((gsi, attached));
+            Ok(())
         }
     }
 
@@ -770,6 +840,43 @@ mod tests {
         assert_eq!(f.read_config(0x40) >> 16, 3, "MSI-X off after the reset");
         let routes = router.routes.lock().unwrap();
         assert!(routes[routes.len() - 5..].contains(&(101, None)), "vector 0 unrouted: {routes:?}");
+    }
+
+    #[test]
+    fn a_masked_vector_holds_what_the_device_signals_in_the_pba_until_unmasked() {
+        let (mut f, router) = function();
+        for (offset, value) in [(0u64, 0xfee0_0000u32), (8, 0x45), (12, 0)] {
+            f.bar_write(1, offset, &value.to_le_bytes());
+        }
+        f.write_config(0x42, &0x8000u16.to_le_bytes());
+        // Vectors 1-3 are masked (as after reset): their irqfds leave KVM; vector 0's stays.
+        let taken: Vec<(u32, bool)> = std::mem::take(&mut *router.irqfds.lock().unwrap());
+        assert_eq!(taken, [(102, false), (103, false), (104, false)]);
+        let pba = |f: &mut Function| {
+            let mut bits = [0u8; 8];
+            f.bar_read(1, 0x800, &mut bits);
+            u64::from_le_bytes(bits)
+        };
+        f.bar_write(1, 12, &1u32.to_le_bytes());
+        assert_eq!(*router.irqfds.lock().unwrap(), [(101, false)], "vector 0's irqfd leaves KVM when masked");
+        assert_eq!(router.routes.lock().unwrap().last(), Some(&(104, None)));
+        assert_eq!(pba(&mut f), 0, "nothing signalled yet");
+        // The device signals vector 0 (its eventfd) while the guest has it masked.
+        f.msix.as_ref().unwrap().irqfds[0].write(1).unwrap();
+        assert_eq!(pba(&mut f), 1, "pending while masked");
+        assert_eq!(pba(&mut f), 1, "and still pending on a second read");
+        f.bar_write(1, 12, &0u32.to_le_bytes());
+        assert_eq!(*router.irqfds.lock().unwrap(), [(101, false), (101, true)], "back with KVM once unmasked");
+        assert_eq!(f.msix.as_ref().unwrap().irqfds[0].read().ok(), Some(1), "the held interrupt is delivered");
+        assert_eq!(pba(&mut f), 0, "and no longer pending");
+        // Masking the whole function holds every vector; a reset forgets what was held.
+        f.write_config(0x42, &0xc000u16.to_le_bytes());
+        assert_eq!(router.irqfds.lock().unwrap().last(), Some(&(101, false)), "vector 0 held with the rest");
+        f.msix.as_ref().unwrap().irqfds[3].write(1).unwrap();
+        assert_eq!(pba(&mut f), 1 << 3);
+        f.write_config(0x10 + 0xe8 + 4, &[1]);
+        assert_eq!(pba(&mut f), 0, "a reset clears the PBA");
+        assert!(f.msix.as_ref().unwrap().irqfds[3].read().is_err(), "and delivers nothing");
     }
 
     #[test]

@@ -81,6 +81,13 @@ impl virtio::pci::MsiRouter for GsiRouter {
             self.apply(&table);
         }
     }
+
+    fn attach_irqfd(&self, gsi: u32, irqfd: &vmm_sys_util::eventfd::EventFd, attached: bool) -> Result<(), String> {
+        let result = if attached { self.vm.register_irqfd(irqfd, gsi) } else { self.vm.unregister_irqfd(irqfd, gsi) };
+        result.map_err(|e| {
+            format!("KVM refused to {} the irqfd of GSI {gsi} ({e})", if attached { "attach" } else { "detach" })
+        })
+    }
 }
 
 #[cfg(test)]

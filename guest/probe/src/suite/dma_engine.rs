@@ -6,11 +6,14 @@
 //! checksums what it wrote into the BAR the VMM mapped into the guest, and resets the
 //! function through the reset capability.
 //!
+//! A completion signalled while its MSI-X vector is masked must wait: its PBA bit set, nothing
+//! in the local APIC, then delivered once the vector is unmasked (`masked=held`; otherwise
+//! `lost`, `leaked`, `undelivered` or `stuck`, the PBA bit left set).
 //! After the reset it takes a completion as MSI, then as INTx through the IOAPIC.
 //!
-//! `PROBE dma-engine ok slot=S bar0_size=N regs=ok dma=N msix=pending signalled=3 mapped=ok
-//! bad_dma=refused completed=5 reset=ok msi=pending/2 intx=pending/1` (the numbers after the
-//! slashes are how the device says it signalled: 3 MSI-X, 2 MSI, 1 INTx).
+//! `PROBE dma-engine ok slot=S bar0_size=N regs=ok dma=N msix=pending signalled=3 masked=held
+//! mapped=ok bad_dma=refused completed=6 reset=ok msi=pending/2 intx=pending/1` (the numbers
+//! after the slashes are how the device says it signalled: 3 MSI-X, 2 MSI, 1 INTx).
 //! `probe.dma-engine.mode=gone`: afterwards, polls the ID register until the device reads as
 //! all ones (its server was killed), then `PROBE dma-engine-gone ok id=... config=...`.
 //! `probe.dma-engine.mode=bench`: trapped BAR reads and writes, mapped BAR reads, DMA throughput
@@ -49,6 +52,7 @@ struct Engine {
     slot: u8,
     regs: u64,
     msix_table: u64,
+    msix_pba: u64,
     shared: u64,
     msix_cap: Option<u8>,
     msi_cap: Option<u8>,
@@ -75,7 +79,11 @@ impl Engine {
             }
             at = ((head >> 8) & 0xfc) as u8;
         }
-        Some(Engine { slot, regs: bar(0), msix_table: bar(1), shared, msix_cap, msi_cap, reset_cap })
+        let msix_pba = msix_cap.map_or(0, |cap| {
+            let pba = pci::config_read(slot, cap + 8);
+            bar((pba & 7) as u8) + u64::from(pba & !7)
+        });
+        Some(Engine { slot, regs: bar(0), msix_table: bar(1), msix_pba, shared, msix_cap, msi_cap, reset_cap })
     }
 
     fn reg(&self, offset: u64) -> u32 {
@@ -146,6 +154,40 @@ fn signal_check(engine: &Engine, vector: u32, deadline: u64) -> (&'static str, u
     (if irr_pending(vector) && !before { "pending" } else { "none" }, engine.reg(SIGNALLED))
 }
 
+/// Masks MSI-X vector 0, has the device signal it, and sees whether the interrupt waits in the
+/// PBA and reaches the local APIC only once the vector is unmasked.
+fn masked_check(engine: &Engine, deadline: u64) -> &'static str {
+    let vector = FIRST_VECTOR + 0x30;
+    engine.route_vector0(vector);
+    hw::mmio_write32(engine.msix_table + 12, 1);
+    if engine.run(CMD_COPY, 0, 0, 0, deadline).is_none() {
+        return "no-completion";
+    }
+    // The device signals after it completes: give the signal time to land, wherever it lands.
+    let limit = hw::rdtsc() + 100_000_000;
+    while hw::mmio_read32(engine.msix_pba) & 1 == 0 && !irr_pending(vector) && hw::rdtsc() < limit {
+        core::hint::spin_loop();
+    }
+    if irr_pending(vector) {
+        return "leaked";
+    }
+    if hw::mmio_read32(engine.msix_pba) & 1 == 0 {
+        return "lost";
+    }
+    hw::mmio_write32(engine.msix_table + 12, 0);
+    let limit = hw::rdtsc() + 100_000_000;
+    while !irr_pending(vector) && hw::rdtsc() < limit {
+        core::hint::spin_loop();
+    }
+    if !irr_pending(vector) {
+        "undelivered"
+    } else if hw::mmio_read32(engine.msix_pba) & 1 != 0 {
+        "stuck"
+    } else {
+        "held"
+    }
+}
+
 fn irr_pending(vector: u32) -> bool {
     hw::mmio_read32(LAPIC_IRR + u64::from(vector / 32) * 0x10) & (1 << (vector % 32)) != 0
 }
@@ -202,6 +244,7 @@ fn check(engine: &Engine, cmdline: Cmdline, deadline: impl Fn() -> u64) {
     if status & 2 != 0 || bytes(a, len) != bytes(b, len) {
         return report::fail(TEST, format_args!("the copy to the second buffer differs (status {status:#x})"));
     }
+    let masked = masked_check(engine, deadline());
     // The other way, with other bytes.
     for (i, byte) in bytes(b, len).iter_mut().enumerate() {
         *byte = (crate::pattern::mix(i as u64 ^ 0xdead) >> 3) as u8;
@@ -258,8 +301,9 @@ fn check(engine: &Engine, cmdline: Cmdline, deadline: impl Fn() -> u64) {
     report::ok(
         TEST,
         format_args!(
-            "slot={} bar0_size={bar0_size:#x} regs=ok dma={len} msix={msix} signalled={signalled} mapped={mapped} \
-             bad_dma={} completed={completed} reset={reset} msi={msi}/{msi_signalled} intx={intx}/{intx_signalled}",
+            "slot={} bar0_size={bar0_size:#x} regs=ok dma={len} msix={msix} signalled={signalled} masked={masked} \
+             mapped={mapped} bad_dma={} completed={completed} reset={reset} msi={msi}/{msi_signalled} \
+             intx={intx}/{intx_signalled}",
             engine.slot,
             if refused { "refused" } else { "accepted" }
         ),
