@@ -333,6 +333,50 @@ fn a_multi_queue_interface_is_restored_with_the_pairs_its_driver_set() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A snapshot written before interfaces had several queue pairs has no `queues` in its
+/// configuration; each interface had one pair then, whatever the vCPUs. A VM of two vCPUs (which
+/// would now get two pairs) restores from such a file with its one pair, and frames flow.
+#[test]
+fn a_snapshot_from_before_multi_queue_restores_its_interfaces_with_one_pair() {
+    let dir = scratch_dir("snapshot-one-pair");
+    let tap = common::TestTap::multi_queue("fvsop");
+    let socket = dir.join("first.sock");
+    let mut cmd = common::probe_command(
+        2,
+        "probe.test=virtio-net probe.virtio-net.mode=mq probe.virtio-net.mq=off probe.virtio-net.tx=0 \
+         probe.virtio-net.rx=8 probe.virtio.timeout=100000000000",
+    );
+    cmd.args(["--net", &format!("tap={},queues=1", tap.name)]).arg("--api-sock").arg(&socket);
+    let mut first = Running::start(cmd);
+    assert!(first.wait_for_output(" pairs=1", TIMEOUT), "{}", first.stdout());
+    let mac = common::probe_net_mac(&first.stdout());
+    let (state, mem) = (dir.join("vm.snap"), dir.join("vm.mem"));
+    expect(&socket, "PATCH", "/vm", r#"{"state": "Paused"}"#, 204);
+    expect(&socket, "PUT", "/snapshot/create", &snapshot_body(&state, &mem, "Full"), 204);
+    expect(&socket, "PUT", "/ferrovisor/stop", "", 204);
+    first.finish(TIMEOUT);
+
+    // The state file as the earlier Ferrovisor wrote it: no `queues`, signed again.
+    let data = std::fs::read(&state).unwrap();
+    let split = data.iter().position(|&b| b == b'\n').unwrap();
+    let mut body: serde_json::Value = serde_json::from_slice(&data[split + 1..]).unwrap();
+    for nic in body["config"]["nets"].as_array_mut().unwrap() {
+        assert_eq!(nic.as_object_mut().unwrap().remove("queues"), Some(serde_json::json!(1)));
+    }
+    std::fs::write(&state, vmm::snapshot::signed(&serde_json::to_vec(&body).unwrap())).unwrap();
+
+    let (second, socket) = api_vmm(&dir, "second.sock");
+    expect(&socket, "PUT", "/snapshot/load", &load_body(&state, &mem, true), 204);
+    let far_side = common::PacketSocket::bind(&tap.name);
+    for flow in 0..8 {
+        far_side.send(&common::udp_frame_to_probe(mac, 41000 + flow, 4));
+    }
+    let out = second.finish(TIMEOUT);
+    let line = common::probe_result(&out.stdout, "virtio-net").unwrap_or_else(|| panic!("{}", out.describe()));
+    assert!(line.contains(" rx=8 ") && line.ends_with("rx_per_queue=8,0,0,0"), "{line}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// A snapshot taken while the guest keeps 32 reads in flight through io_uring: the worker
 /// finishes what the ring holds before it stops, so in the new process the guest goes on
 /// where it was, and every one of its reads (checked against the disk's pattern) is right.

@@ -145,7 +145,13 @@ impl Snapshot {
         if format!("{:016x}", fnv1a(body)) != header.checksum {
             return Err(format!("{what} is corrupt (its checksum does not match); take the snapshot again"));
         }
-        serde_json::from_slice(body).map_err(|e| format!("{what} is corrupt ({e}); take the snapshot again"))
+        let mut snapshot: Snapshot =
+            serde_json::from_slice(body).map_err(|e| format!("{what} is corrupt ({e}); take the snapshot again"))?;
+        // Written before interfaces could have several queue pairs, when each had one.
+        for nic in &mut snapshot.config.nets {
+            nic.queues.get_or_insert(1);
+        }
+        Ok(snapshot)
     }
 }
 
