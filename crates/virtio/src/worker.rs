@@ -317,11 +317,85 @@ where
 
 /// The general form: `serve` may also answer None, "not now" (a rate limiter is waiting), and
 /// the chain goes back to the ring to be served later.
-pub fn serve_queue_limited<F, M>(name: &str, queue: &mut Queue, mem: &GuestMemory, mut more: M, mut serve: F) -> bool
+pub fn serve_queue_limited<F, M>(name: &str, queue: &mut Queue, mem: &GuestMemory, more: M, serve: F) -> bool
 where
     F: FnMut(virtio_queue::DescriptorChain<&GuestMemory>) -> Option<u32>,
     M: FnMut() -> bool,
 {
+    serve_ring(name, queue, mem, &mut AtOnce { name, mem, more, serve, used: false })
+}
+
+/// How [`serve_ring`] hands over the chains it takes and puts finished ones on the used ring.
+trait Answer {
+    /// Whether a chain could be filled now.
+    fn more(&mut self) -> bool;
+    fn take(&mut self, queue: &mut Queue, chain: virtio_queue::DescriptorChain<&GuestMemory>) -> Taken;
+    /// Puts what is finished on the used ring; true when there was anything.
+    fn complete(&mut self, queue: &mut Queue) -> bool;
+}
+
+/// Each chain answered as it is taken (serve_queue_limited).
+struct AtOnce<'a, F, M> {
+    name: &'a str,
+    mem: &'a GuestMemory,
+    more: M,
+    serve: F,
+    /// A chain went on the used ring since the last `complete`.
+    used: bool,
+}
+
+impl<F, M> Answer for AtOnce<'_, F, M>
+where
+    F: FnMut(virtio_queue::DescriptorChain<&GuestMemory>) -> Option<u32>,
+    M: FnMut() -> bool,
+{
+    fn more(&mut self) -> bool {
+        (self.more)()
+    }
+
+    fn take(&mut self, queue: &mut Queue, chain: virtio_queue::DescriptorChain<&GuestMemory>) -> Taken {
+        use virtio_queue::QueueT;
+        let head = chain.head_index();
+        let Some(written) = (self.serve)(chain) else { return Taken::NotNow };
+        if let Err(e) = queue.add_used(self.mem, head, written) {
+            crate::guest_fault!("{}: cannot return descriptor {head} ({e})", self.name);
+        }
+        self.used = true;
+        Taken::Queued
+    }
+
+    fn complete(&mut self, _queue: &mut Queue) -> bool {
+        std::mem::take(&mut self.used)
+    }
+}
+
+/// Chains taken into a [`Batch`] and completed together (serve_queue_batched).
+struct InBatches<'a, B> {
+    name: &'a str,
+    mem: &'a GuestMemory,
+    batch: &'a mut B,
+}
+
+impl<B: Batch> Answer for InBatches<'_, B> {
+    fn more(&mut self) -> bool {
+        true
+    }
+
+    fn take(&mut self, _queue: &mut Queue, chain: virtio_queue::DescriptorChain<&GuestMemory>) -> Taken {
+        self.batch.take(self.mem, chain)
+    }
+
+    fn complete(&mut self, queue: &mut Queue) -> bool {
+        add_all(self.name, queue, self.mem, self.batch.complete(self.mem))
+    }
+}
+
+/// Serves `queue` through `answer` until the ring is empty, a chain cannot be filled yet, or
+/// the back-end says "not now" (that chain goes back to the ring). Notifications are off while
+/// it works and, unless the worker polls, on again at the end, looking once more for chains
+/// made available meanwhile. Returns whether the driver should be interrupted. A ring the
+/// driver corrupted (an available index too far ahead) stops the queue until reset.
+fn serve_ring(name: &str, queue: &mut Queue, mem: &GuestMemory, answer: &mut impl Answer) -> bool {
     use virtio_queue::{QueueOwnedT, QueueT};
     if !queue.ready() {
         return false;
@@ -329,26 +403,28 @@ where
     let mut used = false;
     loop {
         let _ = queue.disable_notification(mem);
-        while more() {
+        while answer.more() {
             let chain = match queue.iter(mem) {
                 Ok(mut iter) => iter.next(),
                 Err(e) => {
                     crate::guest_fault!("{name}: the driver corrupted a queue ({e}); it is ignored until a reset");
+                    used |= answer.complete(queue);
                     queue.set_ready(false);
                     return used;
                 }
             };
             let Some(chain) = chain else { break };
-            let head = chain.head_index();
-            let Some(written) = serve(chain) else {
-                queue.go_to_previous_position();
-                return used && queue.needs_notification(mem).unwrap_or(true);
-            };
-            if let Err(e) = queue.add_used(mem, head, written) {
-                crate::guest_fault!("{name}: cannot return descriptor {head} ({e})");
+            match answer.take(queue, chain) {
+                Taken::Queued => {}
+                Taken::Full => used |= answer.complete(queue),
+                Taken::NotNow => {
+                    queue.go_to_previous_position();
+                    used |= answer.complete(queue);
+                    return used && queue.needs_notification(mem).unwrap_or(true);
+                }
             }
-            used = true;
         }
+        used |= answer.complete(queue);
         // A polling worker looks again soon: notifications stay off.
         if POLLING.with(Cell::get) {
             break;
@@ -356,7 +432,7 @@ where
         // More chains arrived while notifications were off: serve them too, if there is
         // anything to put in them.
         match queue.enable_notification(mem) {
-            Ok(true) if more() => continue,
+            Ok(true) if answer.more() => continue,
             _ => break,
         }
     }
@@ -396,42 +472,5 @@ pub trait Batch {
 /// As serve_queue_limited, for a [`Batch`] back-end: chains are taken until the ring is empty
 /// or the batch full, then completed together.
 pub fn serve_queue_batched(name: &str, queue: &mut Queue, mem: &GuestMemory, batch: &mut impl Batch) -> bool {
-    use virtio_queue::{QueueOwnedT, QueueT};
-    if !queue.ready() {
-        return false;
-    }
-    let mut used = false;
-    loop {
-        let _ = queue.disable_notification(mem);
-        loop {
-            let chain = match queue.iter(mem) {
-                Ok(mut iter) => iter.next(),
-                Err(e) => {
-                    crate::guest_fault!("{name}: the driver corrupted a queue ({e}); it is ignored until a reset");
-                    used |= add_all(name, queue, mem, batch.complete(mem));
-                    queue.set_ready(false);
-                    return used;
-                }
-            };
-            let Some(chain) = chain else { break };
-            match batch.take(mem, chain) {
-                Taken::Queued => {}
-                Taken::Full => used |= add_all(name, queue, mem, batch.complete(mem)),
-                Taken::NotNow => {
-                    queue.go_to_previous_position();
-                    used |= add_all(name, queue, mem, batch.complete(mem));
-                    return used && queue.needs_notification(mem).unwrap_or(true);
-                }
-            }
-        }
-        used |= add_all(name, queue, mem, batch.complete(mem));
-        if POLLING.with(Cell::get) {
-            break;
-        }
-        match queue.enable_notification(mem) {
-            Ok(true) => continue,
-            _ => break,
-        }
-    }
-    used && queue.needs_notification(mem).unwrap_or(true)
+    serve_ring(name, queue, mem, &mut InBatches { name, mem, batch })
 }
