@@ -13,18 +13,23 @@ struct NoRoutes;
 
 impl virtio::pci::MsiRouter for NoRoutes {
     fn set_routes(&self, routes: &[(u32, Option<(u64, u32)>)]) {
-        assert!(routes.len() <= virtio::pci::VECTORS);
+        assert!(routes.len() <= vectors());
     }
+}
+
+/// The fake device's vectors: one per queue and one for configuration.
+fn vectors() -> usize {
+    use virtio::device::VirtioDevice;
+    virtio::pci::vectors_for(ferrovisor_fuzz::FakeDevice.queue_max_sizes().len())
 }
 
 fuzz_target!(|data: &[u8]| {
     let (mem, _) = ferrovisor_fuzz::guest_with_queue(&[]);
-    let irqfds: Vec<EventFd> =
-        (0..virtio::pci::VECTORS).filter_map(|_| EventFd::new(libc::EFD_NONBLOCK).ok()).collect();
-    if irqfds.len() != virtio::pci::VECTORS {
+    let irqfds: Vec<EventFd> = (0..vectors()).filter_map(|_| EventFd::new(libc::EFD_NONBLOCK).ok()).collect();
+    if irqfds.len() != vectors() {
         return;
     }
-    let gsis = (24..24 + virtio::pci::VECTORS as u32).collect();
+    let gsis = (24..24 + vectors() as u32).collect();
     let Ok(mut transport) = virtio::pci::PciTransport::new(
         "fuzz",
         Box::new(ferrovisor_fuzz::FakeDevice),

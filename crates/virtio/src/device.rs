@@ -12,11 +12,43 @@ use crate::GuestMemory;
 pub const INT_USED_RING: u32 = 1;
 pub const INT_CONFIG_CHANGE: u32 = 2;
 
+/// Queues by index, bit i for queue i (a device has fewer than 64).
+pub type QueueSet = u64;
+
+/// The set of queue `index` alone (empty past 63).
+pub fn queue_bit(index: usize) -> QueueSet {
+    1u64.checked_shl(index as u32).unwrap_or(0)
+}
+
 /// How a device tells the driver that it used buffers or changed its config; each transport
-/// has its own way (an IRQ line and a status word, or MSI-X vectors).
+/// has its own way (an IRQ line and a status word, or an MSI-X vector per queue).
 pub trait VirtioInterrupt: Send + Sync {
-    fn signal_used_queue(&self);
+    /// The driver should look at the used rings of `queues`.
+    fn signal_used_queues(&self, queues: QueueSet);
     fn signal_config_change(&self);
+}
+
+/// A device's interrupt as a worker that serves some of its queues sees it: the worker's
+/// queue i is the device's queue `indices[i]`.
+pub struct SubsetInterrupt {
+    pub device: Arc<dyn VirtioInterrupt>,
+    pub indices: Vec<usize>,
+}
+
+impl VirtioInterrupt for SubsetInterrupt {
+    fn signal_used_queues(&self, queues: QueueSet) {
+        let device = self
+            .indices
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| queues & queue_bit(i) != 0)
+            .fold(0, |set, (_, &index)| set | queue_bit(index));
+        self.device.signal_used_queues(device);
+    }
+
+    fn signal_config_change(&self) {
+        self.device.signal_config_change();
+    }
 }
 
 /// The virtio-mmio interrupt: a status word the driver reads and acknowledges, and the irqfd
@@ -58,7 +90,8 @@ impl Interrupt {
 }
 
 impl VirtioInterrupt for Interrupt {
-    fn signal_used_queue(&self) {
+    /// One line for the whole device.
+    fn signal_used_queues(&self, _queues: QueueSet) {
         self.raise(INT_USED_RING);
     }
 
@@ -173,7 +206,7 @@ mod tests {
     #[test]
     fn interrupt_status_is_raised_and_acknowledged() {
         let irq = Interrupt::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap());
-        irq.signal_used_queue();
+        irq.signal_used_queues(queue_bit(0));
         irq.signal_config_change();
         assert_eq!(irq.status(), 3);
         irq.acknowledge(INT_USED_RING);

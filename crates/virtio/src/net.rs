@@ -25,7 +25,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::device::{ActivateError, Activation, VirtioDevice, read_config_bytes};
+use crate::device::{ActivateError, Activation, SubsetInterrupt, VirtioDevice, read_config_bytes};
 use crate::metrics::DeviceMetrics;
 use crate::rate_limiter::{RateLimit, RateLimiter, timer_fired, waiting_timer};
 use crate::worker::{Backend, Worker, serve_queue, serve_queue_limited};
@@ -259,11 +259,13 @@ impl VirtioDevice for Net {
                 firewall: self.firewall.clone(),
                 ..NetBackend::new(host, acked & bit(VIRTIO_NET_F_MRG_RXBUF) != 0, self.metrics.clone())
             };
+            // The worker's queues are some of the device's: its interrupts name theirs.
+            let interrupt = Arc::new(SubsetInterrupt { device: interrupt.clone(), indices: indices.clone() });
             let activation = Activation {
                 mem: mem.clone(),
                 queues: own_queues,
                 queue_events: own_events,
-                interrupt: interrupt.clone(),
+                interrupt,
                 acked_features,
             };
             let worker = Worker::spawn_polling(sandbox::ThreadKind::Net, backend, activation, self.poll)

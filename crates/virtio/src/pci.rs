@@ -1,7 +1,7 @@
 //! The virtio-pci transport, modern only (virtio 1.2 section 4.1): a PCI function whose BAR 0
 //! holds the common configuration, ISR, device configuration, notification area and an MSI-X
-//! table of two vectors (one for configuration changes, one shared by the queues, which is how
-//! Linux lays them out when there are fewer vectors than queues plus one).
+//! table with a vector per queue plus one for configuration changes, so that a driver can give
+//! each queue its own (Linux does, and spreads them over CPUs) or share them as it likes.
 
 use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,7 +11,7 @@ use devices::pci::PciDevice;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::GuestMemory;
-use crate::device::{VirtioDevice, VirtioInterrupt};
+use crate::device::{QueueSet, VirtioDevice, VirtioInterrupt, queue_bit};
 use crate::transport::{QueueField, VirtioState};
 
 pub const BAR_SIZE: u64 = 0x8000;
@@ -22,7 +22,6 @@ const NOTIFY_OFFSET: u64 = 0x3000;
 const NOTIFY_MULTIPLIER: u32 = 4;
 const MSIX_TABLE_OFFSET: u64 = 0x4000;
 const MSIX_PBA_OFFSET: u64 = 0x5000;
-pub const VECTORS: usize = 2;
 const NO_VECTOR: u16 = 0xffff;
 
 const VENDOR_ID: u16 = 0x1af4;
@@ -59,6 +58,11 @@ pub struct SavedPciTransport {
     pub msix_function_masked: bool,
 }
 
+/// The MSI-X vectors of a function whose device has `queues` queues.
+pub fn vectors_for(queues: usize) -> usize {
+    queues + 1
+}
+
 pub fn notify_offset(queue: usize) -> u64 {
     NOTIFY_OFFSET + queue as u64 * u64::from(NOTIFY_MULTIPLIER)
 }
@@ -73,8 +77,8 @@ struct MsixEntry {
 /// MSI-X state shared by the transport (which the guest programs) and the interrupt (which the
 /// device's worker raises).
 struct Msix {
-    table: [MsixEntry; VECTORS],
-    pending: [bool; VECTORS],
+    table: Vec<MsixEntry>,
+    pending: Vec<bool>,
     enabled: bool,
     function_masked: bool,
     irqfds: Vec<EventFd>,
@@ -90,11 +94,11 @@ impl Msix {
     /// Re-routes every vector after the guest changed the table or the enable bits, and
     /// delivers what was held while masked.
     fn update(&mut self) {
-        let routes: Vec<(u32, Option<(u64, u32)>)> = (0..VECTORS)
+        let routes: Vec<(u32, Option<(u64, u32)>)> = (0..self.table.len())
             .map(|v| (self.gsis[v], self.deliverable(v).then_some((self.table[v].addr, self.table[v].data))))
             .collect();
         self.router.set_routes(&routes);
-        for v in 0..VECTORS {
+        for v in 0..self.table.len() {
             if self.deliverable(v) && self.pending[v] {
                 self.pending[v] = false;
                 let _ = self.irqfds[v].write(1);
@@ -104,7 +108,7 @@ impl Msix {
 
     fn fire(&mut self, vector: u16) {
         let v = usize::from(vector);
-        if v >= VECTORS {
+        if v >= self.table.len() {
             return;
         }
         if self.deliverable(v) {
@@ -120,14 +124,24 @@ impl Msix {
 pub struct PciInterrupt {
     isr: AtomicU32,
     config_vector: AtomicU16,
-    queue_vector: AtomicU16,
+    /// The vector the driver gave each queue.
+    queue_vectors: Vec<AtomicU16>,
     msix: Arc<Mutex<Msix>>,
 }
 
 impl VirtioInterrupt for PciInterrupt {
-    fn signal_used_queue(&self) {
+    /// Each vector the driver gave one of `queues`, once.
+    fn signal_used_queues(&self, queues: QueueSet) {
         self.isr.fetch_or(1, Ordering::SeqCst);
-        self.msix.lock().unwrap_or_else(|p| p.into_inner()).fire(self.queue_vector.load(Ordering::SeqCst));
+        let mut msix = self.msix.lock().unwrap_or_else(|p| p.into_inner());
+        let mut fired: QueueSet = 0;
+        for (_, vector) in self.queue_vectors.iter().enumerate().filter(|&(q, _)| queues & queue_bit(q) != 0) {
+            let vector = vector.load(Ordering::SeqCst);
+            if fired & queue_bit(usize::from(vector)) == 0 {
+                fired |= queue_bit(usize::from(vector));
+                msix.fire(vector);
+            }
+        }
     }
     fn signal_config_change(&self) {
         self.isr.fetch_or(2, Ordering::SeqCst);
@@ -143,7 +157,6 @@ pub struct PciTransport {
     bar_addr: u64,
     /// The BAR value the guest wrote last (all ones while it sizes the BAR).
     bar_written: [u32; 2],
-    queue_vectors: Vec<u16>,
 }
 
 impl PciTransport {
@@ -157,10 +170,12 @@ impl PciTransport {
         irqfds: Vec<EventFd>,
         router: Arc<dyn MsiRouter>,
     ) -> std::io::Result<PciTransport> {
-        assert_eq!((gsis.len(), irqfds.len()), (VECTORS, VECTORS), "one GSI and irqfd per vector");
+        let queues = device.queue_max_sizes().len();
+        let vectors = vectors_for(queues);
+        assert_eq!((gsis.len(), irqfds.len()), (vectors, vectors), "one GSI and irqfd per vector");
         let msix = Arc::new(Mutex::new(Msix {
-            table: [MsixEntry { masked: true, ..Default::default() }; VECTORS],
-            pending: [false; VECTORS],
+            table: vec![MsixEntry { masked: true, ..Default::default() }; vectors],
+            pending: vec![false; vectors],
             enabled: false,
             function_masked: false,
             irqfds,
@@ -170,12 +185,11 @@ impl PciTransport {
         let interrupt = Arc::new(PciInterrupt {
             isr: AtomicU32::new(0),
             config_vector: AtomicU16::new(NO_VECTOR),
-            queue_vector: AtomicU16::new(NO_VECTOR),
+            queue_vectors: (0..queues).map(|_| AtomicU16::new(NO_VECTOR)).collect(),
             msix: msix.clone(),
         });
         let device_type = device.device_type();
         let state = VirtioState::new(name, device, mem, interrupt.clone())?;
-        let queues = state.num_queues();
         let mut t = PciTransport {
             state,
             interrupt,
@@ -183,9 +197,8 @@ impl PciTransport {
             config: [0; 256],
             bar_addr,
             bar_written: [bar_addr as u32, (bar_addr >> 32) as u32],
-            queue_vectors: vec![NO_VECTOR; queues],
         };
-        t.build_config(device_type);
+        t.build_config(device_type, vectors);
         Ok(t)
     }
 
@@ -201,9 +214,9 @@ impl PciTransport {
             transport,
             config: self.config.to_vec(),
             bar_written: self.bar_written,
-            queue_vectors: self.queue_vectors.clone(),
+            queue_vectors: self.queue_vectors(),
             config_vector: self.interrupt.config_vector.load(Ordering::SeqCst),
-            queue_vector: self.interrupt.queue_vector.load(Ordering::SeqCst),
+            queue_vector: self.queue_vectors().first().copied().unwrap_or(NO_VECTOR),
             isr: self.interrupt.isr.load(Ordering::SeqCst),
             msix_table: msix.table.iter().map(|e| (e.addr, e.data, e.masked)).collect(),
             msix_pending: msix.pending.to_vec(),
@@ -216,20 +229,52 @@ impl PciTransport {
         self.state.resume();
     }
 
+    /// The vectors the driver chose, once it starts the device: how it spread the interrupts.
+    fn log_vectors(&self) {
+        let show = |v: u16| if v == NO_VECTOR { "none".to_string() } else { v.to_string() };
+        let queues: Vec<String> = self.queue_vectors().into_iter().map(show).collect();
+        crate::guest_event!(
+            "{}: MSI-X vectors: configuration {}, queues {}",
+            self.state.name,
+            show(self.interrupt.config_vector.load(Ordering::SeqCst)),
+            queues.join(" ")
+        );
+    }
+
+    /// The vectors the function's MSI-X capability offers.
+    fn table_size(&self) -> usize {
+        usize::from(u16::from_le_bytes([self.config[0x42], self.config[0x43]]) & 0x7ff) + 1
+    }
+
+    fn queue_vectors(&self) -> Vec<u16> {
+        self.interrupt.queue_vectors.iter().map(|v| v.load(Ordering::SeqCst)).collect()
+    }
+
     /// Puts a saved function back on a fresh transport of the same device: configuration
-    /// space, MSI-X table (its KVM routes set again), vectors, then the device itself.
+    /// space, MSI-X table (its KVM routes set again), vectors, then the device itself. A
+    /// function saved with fewer vectors (before each queue had one: two) keeps its table
+    /// size, which its saved configuration space tells the driver.
     pub fn restore(&mut self, saved: &SavedPciTransport) -> Result<(), String> {
+        let vectors = self.interrupt.queue_vectors.len() + 1;
         if saved.config.len() != self.config.len()
-            || saved.msix_table.len() != VECTORS
-            || saved.queue_vectors.len() != self.queue_vectors.len()
+            || saved.msix_table.is_empty()
+            || saved.msix_table.len() > vectors
+            || saved.msix_pending.len() > vectors
+            || saved.queue_vectors.len() != self.interrupt.queue_vectors.len()
         {
             return Err(format!("{}: the snapshot holds a different PCI function here", self.state.name));
         }
+        let table_size = saved.msix_table.len() as u16 - 1;
+        let in_table = |v: u16| if v < table_size + 1 { v } else { NO_VECTOR };
         self.config.copy_from_slice(&saved.config);
+        // The table size is read-only: what the saved table holds, whatever the file says.
+        let control = u16::from_le_bytes([self.config[0x42], self.config[0x43]]);
+        self.put16(0x42, (control & (MSIX_ENABLE | MSIX_FUNCTION_MASK)) | table_size);
         self.bar_written = saved.bar_written;
-        self.queue_vectors.clone_from(&saved.queue_vectors);
-        self.interrupt.config_vector.store(saved.config_vector, Ordering::SeqCst);
-        self.interrupt.queue_vector.store(saved.queue_vector, Ordering::SeqCst);
+        for (vector, &saved) in self.interrupt.queue_vectors.iter().zip(&saved.queue_vectors) {
+            vector.store(in_table(saved), Ordering::SeqCst);
+        }
+        self.interrupt.config_vector.store(in_table(saved.config_vector), Ordering::SeqCst);
         self.interrupt.isr.store(saved.isr, Ordering::SeqCst);
         {
             let mut msix = self.msix.lock().unwrap_or_else(|p| p.into_inner());
@@ -257,7 +302,7 @@ impl PciTransport {
         self.config[at..at + 4].copy_from_slice(&v.to_le_bytes());
     }
 
-    fn build_config(&mut self, device_type: u32) {
+    fn build_config(&mut self, device_type: u32, vectors: usize) {
         self.put16(0x00, VENDOR_ID);
         self.put16(0x02, DEVICE_ID_BASE + device_type as u16);
         self.put16(0x06, STATUS_CAP_LIST);
@@ -276,7 +321,7 @@ impl PciTransport {
         // MSI-X: table and PBA in BAR 0.
         self.config[0x40] = CAP_MSIX;
         self.config[0x41] = 0x4c;
-        self.put16(0x42, VECTORS as u16 - 1);
+        self.put16(0x42, vectors as u16 - 1);
         self.put32(0x44, MSIX_TABLE_OFFSET as u32);
         self.put32(0x48, MSIX_PBA_OFFSET as u32);
         // virtio capabilities: type, then offset and length in BAR 0.
@@ -323,7 +368,7 @@ impl PciTransport {
             21 => s.config_generation(),
             22 => s.queue_sel,
             24 => u32::from(s.queue_size()),
-            26 => u32::from(self.queue_vectors.get(sel).copied().unwrap_or(NO_VECTOR)),
+            26 => u32::from(self.interrupt.queue_vectors.get(sel).map_or(NO_VECTOR, |v| v.load(Ordering::SeqCst))),
             28 => u32::from(s.queue_ready()),
             30 => s.queue_sel, // queue_notify_off: queue q notifies at q * multiplier
             32 => s.queue_addresses().0 as u32,
@@ -351,29 +396,31 @@ impl PciTransport {
         if let Some(field) = field {
             return self.state.write_queue(field, value);
         }
-        let vector = |v: u32| if (v as usize) < VECTORS { v as u16 } else { NO_VECTOR };
+        let vectors = self.table_size();
+        let vector = |v: u32| if (v as usize) < vectors { v as u16 } else { NO_VECTOR };
         match offset {
             0 => self.state.device_features_sel = value,
             8 => self.state.driver_features_sel = value,
             12 => self.state.write_driver_features(value),
             16 => self.interrupt.config_vector.store(vector(value), Ordering::SeqCst),
             20 => {
+                let driver_ok = |status: u32| status & crate::transport::STATUS_DRIVER_OK != 0;
+                let was_started = driver_ok(self.state.status());
                 if self.state.write_status(value) {
                     self.interrupt.isr.store(0, Ordering::SeqCst);
                     self.interrupt.config_vector.store(NO_VECTOR, Ordering::SeqCst);
-                    self.interrupt.queue_vector.store(NO_VECTOR, Ordering::SeqCst);
-                    self.queue_vectors.fill(NO_VECTOR);
+                    for v in &self.interrupt.queue_vectors {
+                        v.store(NO_VECTOR, Ordering::SeqCst);
+                    }
+                } else if !was_started && driver_ok(self.state.status()) {
+                    self.log_vectors();
                 }
             }
             22 => self.state.queue_sel = value & 0xffff,
             26 => {
                 let sel = self.state.queue_sel as usize;
-                if let Some(slot) = self.queue_vectors.get_mut(sel) {
-                    *slot = vector(value);
-                    // One vector serves every queue: the one the driver gave queue 0.
-                    if sel == 0 {
-                        self.interrupt.queue_vector.store(*slot, Ordering::SeqCst);
-                    }
+                if let Some(slot) = self.interrupt.queue_vectors.get(sel) {
+                    slot.store(vector(value), Ordering::SeqCst);
                 }
             }
             _ => crate::guest_fault!("{}: ignored a write to common configuration offset {offset:#x}", self.state.name),
@@ -383,11 +430,10 @@ impl PciTransport {
     fn read_msix(&self, offset: u64) -> u32 {
         let msix = self.msix.lock().unwrap_or_else(|p| p.into_inner());
         if offset >= MSIX_PBA_OFFSET {
-            return if offset == MSIX_PBA_OFFSET {
-                msix.pending.iter().enumerate().fold(0, |acc, (i, &p)| acc | (u32::from(p) << i))
-            } else {
-                0
-            };
+            // Each dword holds the pending bits of 32 vectors.
+            let first = ((offset - MSIX_PBA_OFFSET) / 4 * 32) as usize;
+            let pending = msix.pending.iter().skip(first).take(32);
+            return pending.enumerate().fold(0, |acc, (i, &p)| acc | (u32::from(p) << i));
         }
         let (v, field) = (((offset - MSIX_TABLE_OFFSET) / 16) as usize, (offset - MSIX_TABLE_OFFSET) % 16);
         let Some(e) = msix.table.get(v) else { return 0 };
@@ -512,7 +558,8 @@ mod tests {
     /// Where the fake device keeps the interrupt it was activated with.
     type Captured = Arc<Mutex<Option<Arc<dyn VirtioInterrupt>>>>;
 
-    struct FakeBlock(Captured);
+    /// The interrupt it was activated with, and its queues (given back when quiesced).
+    struct FakeBlock(Captured, Option<Vec<virtio_queue::Queue>>);
     impl VirtioDevice for FakeBlock {
         fn device_type(&self) -> u32 {
             TYPE_BLOCK
@@ -528,9 +575,13 @@ mod tests {
         }
         fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
             *self.0.lock().unwrap() = Some(activation.interrupt);
+            self.1 = Some(activation.queues);
             Ok(())
         }
         fn reset(&mut self) {}
+        fn quiesce(&mut self) -> Option<Vec<virtio_queue::Queue>> {
+            self.1.take()
+        }
     }
 
     struct Rig {
@@ -543,12 +594,13 @@ mod tests {
     fn rig() -> Rig {
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let routes = Arc::new(Routes::default());
+        // Two queues: three vectors.
         let irqfds: Vec<EventFd> =
-            (0..VECTORS).map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap()).collect();
+            (0..3).map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap()).collect();
         let clones = irqfds.iter().map(|e| e.try_clone().unwrap()).collect();
         let interrupt = Arc::new(Mutex::new(None));
-        let device = Box::new(FakeBlock(interrupt.clone()));
-        let t = PciTransport::new("fake", device, mem, 0xe000_0000, vec![24, 25], clones, routes.clone()).unwrap();
+        let device = Box::new(FakeBlock(interrupt.clone(), None));
+        let t = PciTransport::new("fake", device, mem, 0xe000_0000, vec![24, 25, 26], clones, routes.clone()).unwrap();
         Rig { t, routes, irqfds, interrupt }
     }
 
@@ -603,7 +655,7 @@ mod tests {
         // Enabling re-routes every vector in one update, not one per vector.
         assert_eq!(r.routes.1.load(Ordering::SeqCst), updates + 1);
         let routes = r.routes.0.lock().unwrap().clone();
-        assert_eq!(routes.last(), Some(&(25, Some((0xfee0_0000, 0x41)))));
+        assert!(routes.iter().rev().take(3).any(|r| *r == (25, Some((0xfee0_0000, 0x41)))), "{routes:?}");
         assert!(routes.iter().any(|&(gsi, msi)| gsi == 24 && msi.is_none()), "vector 0 stays masked");
         assert_eq!(bar_read(&mut r.t, MSIX_TABLE_OFFSET + 16 + 8, 4), 0x41);
     }
@@ -635,22 +687,88 @@ mod tests {
         bar_write(&mut r.t, 22, 0, 2);
         bar_write(&mut r.t, 26, 7, 2);
         assert_eq!(bar_read(&mut r.t, 26, 2), u32::from(NO_VECTOR), "a vector beyond the table is refused");
+        bar_write(&mut r.t, 26, 3, 2);
+        assert_eq!(bar_read(&mut r.t, 26, 2), u32::from(NO_VECTOR), "three vectors: 0 to 2");
         bar_write(&mut r.t, 26, 1, 2);
         bar_write(&mut r.t, 20, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK, 1);
         let interrupt = r.interrupt.lock().unwrap().clone().expect("activated");
         // MSI-X is off: the ISR records it, nothing fires.
-        interrupt.signal_used_queue();
+        interrupt.signal_used_queues(queue_bit(0));
         assert!(r.irqfds[1].read().is_err());
         assert_eq!(bar_read(&mut r.t, ISR_OFFSET, 1), 1);
         assert_eq!(bar_read(&mut r.t, ISR_OFFSET, 1), 0, "reading the ISR clears it");
         bar_write(&mut r.t, MSIX_TABLE_OFFSET + 16 + 12, 0, 4);
         r.t.config_write(0x42, &MSIX_ENABLE.to_le_bytes());
         assert_eq!(r.irqfds[1].read().unwrap(), 1, "the interrupt held while MSI-X was off is delivered");
-        interrupt.signal_used_queue();
+        interrupt.signal_used_queues(queue_bit(0));
         assert_eq!(r.irqfds[1].read().unwrap(), 1);
         // Device configuration and notifications.
         assert_eq!(bar_read(&mut r.t, DEVICE_OFFSET + 1, 2), 0x0708);
         bar_write(&mut r.t, NOTIFY_OFFSET + 4, 1, 2);
         assert_eq!(r.t.queue_events()[1].read().unwrap(), 1);
+    }
+
+    /// Drives the rig's function to DRIVER_OK with MSI-X on and `vectors[q]` given to queue q;
+    /// returns the device's interrupt.
+    fn started(r: &mut Rig, vectors: [u32; 2]) -> Arc<dyn VirtioInterrupt> {
+        for status in [STATUS_ACKNOWLEDGE, STATUS_ACKNOWLEDGE | STATUS_DRIVER] {
+            bar_write(&mut r.t, 20, status, 1);
+        }
+        bar_write(&mut r.t, 8, 1, 4);
+        bar_write(&mut r.t, 12, 1, 4);
+        bar_write(&mut r.t, 20, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK, 1);
+        for (q, base) in [(0u32, 0x1_0000u32), (1, 0x2_0000)] {
+            bar_write(&mut r.t, 22, q, 2);
+            bar_write(&mut r.t, 26, vectors[q as usize], 2);
+            bar_write(&mut r.t, 32, base, 4);
+            bar_write(&mut r.t, 40, base + 0x1000, 4);
+            bar_write(&mut r.t, 48, base + 0x2000, 4);
+            bar_write(&mut r.t, 28, 1, 2);
+        }
+        bar_write(&mut r.t, 20, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK, 1);
+        for v in 0..3 {
+            bar_write(&mut r.t, MSIX_TABLE_OFFSET + 16 * v + 12, 0, 4);
+        }
+        r.t.config_write(0x42, &MSIX_ENABLE.to_le_bytes());
+        r.interrupt.lock().unwrap().clone().expect("activated")
+    }
+
+    #[test]
+    fn each_queue_fires_the_vector_its_driver_gave_it() {
+        let mut r = rig();
+        assert_eq!(r.t.config_read(0x40) >> 16 & 0x7ff, 2, "a vector per queue and one for configuration");
+        let interrupt = started(&mut r, [1, 2]);
+        interrupt.signal_used_queues(queue_bit(1));
+        assert_eq!((r.irqfds[1].read().ok(), r.irqfds[2].read().ok()), (None, Some(1)), "queue 1's own vector");
+        interrupt.signal_used_queues(queue_bit(0) | queue_bit(1));
+        assert_eq!((r.irqfds[1].read().ok(), r.irqfds[2].read().ok()), (Some(1), Some(1)));
+        // Queues sharing a vector (as a driver short of vectors sets them) fire it once.
+        let mut shared = rig();
+        let interrupt = started(&mut shared, [1, 1]);
+        interrupt.signal_used_queues(queue_bit(0) | queue_bit(1));
+        assert_eq!(shared.irqfds[1].read().ok(), Some(1));
+        assert!(shared.irqfds[2].read().is_err());
+    }
+
+    #[test]
+    fn a_function_saved_with_two_vectors_keeps_its_table_size_when_restored() {
+        let mut r = rig();
+        started(&mut r, [1, 1]);
+        let mut saved = r.t.save().unwrap();
+        // As Ferrovisor wrote it when every function had two vectors.
+        saved.msix_table.truncate(2);
+        saved.msix_pending.truncate(2);
+        saved.config[0x42] = 1;
+        let mut fresh = rig();
+        fresh.t.restore(&saved).unwrap();
+        assert_eq!(fresh.t.config_read(0x40) >> 16, u32::from(MSIX_ENABLE) | 1, "two vectors, MSI-X on");
+        bar_write(&mut fresh.t, 22, 1, 2);
+        assert_eq!(bar_read(&mut fresh.t, 26, 2), 1, "queue 1 keeps the shared vector");
+        bar_write(&mut fresh.t, 26, 2, 2);
+        assert_eq!(bar_read(&mut fresh.t, 26, 2), u32::from(NO_VECTOR), "vector 2 is past its table");
+        // A table larger than the function's is refused.
+        let mut bigger = r.t.save().unwrap();
+        bigger.msix_table.push((0, 0, true));
+        assert!(rig().t.restore(&bigger).unwrap_err().contains("a different PCI function"));
     }
 }

@@ -13,7 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 use sandbox::ThreadKind;
 
 use crate::GuestMemory;
-use crate::device::{Activation, VirtioInterrupt};
+use crate::device::{Activation, QueueSet, VirtioInterrupt, queue_bit};
 
 /// A device's request handling, run on its worker thread.
 pub trait Backend: Send + 'static {
@@ -99,16 +99,17 @@ impl Worker {
         let extra = ExtraFds { registered: Vec::new() };
         epoll.ctl(ControlOperation::Add, kill.as_raw_fd(), EpollEvent::new(EventSet::IN, KILL_TOKEN))?;
         let polling = Polling { max: poll_max, window: Duration::ZERO };
-        let mut event_loop = EventLoop { epoll, queue_events, kill: kill_in_thread, interrupt, mem, extra, polling };
+        let used_before = Vec::with_capacity(queues.len());
+        let mut event_loop =
+            EventLoop { epoll, queue_events, kill: kill_in_thread, interrupt, mem, extra, polling, used_before };
         let thread = sandbox::spawn(kind, kind.name(), move || {
             // The driver may have notified before DRIVER_OK: serve what is already there.
+            event_loop.mark_used(&queues);
             let mut used = false;
             for i in 0..queues.len() {
                 used |= backend.process_queue(i, &mut queues, &event_loop.mem);
             }
-            if used {
-                event_loop.interrupt.signal_used_queue();
-            }
+            event_loop.signal(used, &queues);
             event_loop.extra.sync(&event_loop.epoll, &backend);
             event_loop.run(&mut backend, &mut queues);
             queues
@@ -185,6 +186,8 @@ struct EventLoop {
     mem: GuestMemory,
     extra: ExtraFds,
     polling: Polling,
+    /// Each queue's used index when the work now being done began (see `signal`).
+    used_before: Vec<u16>,
 }
 
 /// What one look at the worker's events found.
@@ -194,6 +197,31 @@ enum Handled {
 }
 
 impl EventLoop {
+    /// Notes where each queue's used ring stands before serving.
+    fn mark_used(&mut self, queues: &[Queue]) {
+        use virtio_queue::QueueT;
+        self.used_before.clear();
+        self.used_before.extend(queues.iter().map(|q| q.next_used()));
+    }
+
+    /// Interrupts the driver, when serving said it wants that (its EVENT_IDX allowing), for the
+    /// queues whose used ring moved since `mark_used`: with MSI-X each has its own vector.
+    fn signal(&self, wanted: bool, queues: &[Queue]) {
+        use virtio_queue::QueueT;
+        if !wanted {
+            return;
+        }
+        let moved = queues
+            .iter()
+            .zip(&self.used_before)
+            .enumerate()
+            .filter(|(_, (q, before))| q.next_used() != **before)
+            .fold(0, |set: QueueSet, (i, _)| set | queue_bit(i));
+        // Asked for with no ring moved (not expected): tell about them all rather than nothing.
+        let all = (0..queues.len()).fold(0, |set, i| set | queue_bit(i));
+        self.interrupt.signal_used_queues(if moved == 0 { all } else { moved });
+    }
+
     fn run(&mut self, backend: &mut impl Backend, queues: &mut [Queue]) {
         let mut events = vec![EpollEvent::default(); 64];
         loop {
@@ -209,13 +237,12 @@ impl EventLoop {
             if !self.polling.max.is_zero() {
                 self.polling.after_sleep(slept.elapsed());
             }
+            self.mark_used(queues);
             let used = match self.handle(&events[..n], backend, queues) {
                 Handled::Killed => return,
                 Handled::Used(used) => used,
             };
-            if used {
-                self.interrupt.signal_used_queue();
-            }
+            self.signal(used, queues);
             self.extra.sync(&self.epoll, backend);
             if !self.polling.window.is_zero() && self.poll(backend, queues, &mut events) {
                 return;
@@ -252,6 +279,7 @@ impl EventLoop {
         POLLING.with(|p| p.set(true));
         let mut last_work = Instant::now();
         let killed = loop {
+            self.mark_used(queues);
             let mut used = false;
             for i in 0..queues.len() {
                 let q = &queues[i];
@@ -268,7 +296,7 @@ impl EventLoop {
                 Handled::Used(u) => used |= u,
             }
             if used {
-                self.interrupt.signal_used_queue();
+                self.signal(true, queues);
                 self.extra.sync(&self.epoll, backend);
                 last_work = Instant::now();
             } else if last_work.elapsed() >= self.polling.window {
@@ -282,15 +310,14 @@ impl EventLoop {
         }
         // Notifications on again; a chain made available just before is served now, since no
         // kick will come for it.
+        self.mark_used(queues);
         let mut used = false;
         for i in 0..queues.len() {
             if queues[i].ready() && queues[i].enable_notification(&self.mem).unwrap_or(false) {
                 used |= backend.process_queue(i, queues, &self.mem);
             }
         }
-        if used {
-            self.interrupt.signal_used_queue();
-        }
+        self.signal(used, queues);
         false
     }
 }

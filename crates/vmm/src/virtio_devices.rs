@@ -230,6 +230,8 @@ pub fn attach_all(
     let mut root = PciRoot::new();
     let router = Arc::new(GsiRouter::new(vm.clone()));
     let virtio_count = devices.len();
+    // MSI vectors, virtio-pci's then assigned devices', take the GSIs above the IOAPIC's pins.
+    let mut next_gsi = FIRST_MSI_GSI;
     // Devices were added disks first, then network interfaces, then pmem devices: their
     // transports come in the same order.
     let updaters: Vec<DeviceUpdater> = match config.transport {
@@ -241,7 +243,7 @@ pub fn attach_all(
             attached.mmio.iter().cloned().map(updater).collect()
         }
         VirtioTransport::Pci => {
-            let transports = attach_pci(vm, mem, devices, &mut root, router.clone(), mmio)?;
+            let transports = attach_pci(vm, mem, devices, &mut root, router.clone(), mmio, &mut next_gsi)?;
             attached.pci = transports.clone();
             let updater = |t: Arc<Mutex<PciTransport>>| -> DeviceUpdater {
                 Box::new(move |change| apply(t.lock().unwrap_or_else(|p| p.into_inner()).virtio_state(), change))
@@ -251,7 +253,7 @@ pub fn attach_all(
     };
     if !config.passthrough.is_empty() {
         let bases = crate::passthrough::Bases {
-            first_gsi: FIRST_MSI_GSI + arch::layout::VIRTIO_MAX_DEVICES * virtio::pci::VECTORS as u32,
+            first_gsi: next_gsi,
             first_slot: (vm_memory::GuestMemoryBackend::num_regions(mem) + config.pmem.len()) as u32,
             lowest_line: match config.transport {
                 VirtioTransport::Mmio => VIRTIO_FIRST_IRQ as u8 + virtio_count as u8,
@@ -372,6 +374,7 @@ fn attach_mmio(
 }
 
 /// virtio-pci: a function on the PCI root each, BAR 0 assigned here, MSI-X through KVM routes.
+/// The MSI-X vectors take GSIs from `next_gsi` on, which is left at the first one free.
 fn attach_pci(
     vm: &Arc<VmFd>,
     mem: &GuestMemory,
@@ -379,6 +382,7 @@ fn attach_pci(
     root: &mut PciRoot,
     router: Arc<GsiRouter>,
     mmio: &mut Bus,
+    next_gsi: &mut u32,
 ) -> Result<Vec<Arc<Mutex<PciTransport>>>, Error> {
     let mut transports = Vec::new();
     for (i, (name, device)) in devices.into_iter().enumerate() {
@@ -386,8 +390,9 @@ fn attach_pci(
         let bar = PCI_BAR_START + i as u64 * PCI_BAR_STRIDE;
         let mut gsis = Vec::new();
         let mut irqfds = Vec::new();
-        for v in 0..virtio::pci::VECTORS {
-            let gsi = FIRST_MSI_GSI + (i * virtio::pci::VECTORS + v) as u32;
+        for v in 0..virtio::pci::vectors_for(device.queue_max_sizes().len()) {
+            let gsi = *next_gsi;
+            *next_gsi += 1;
             let irqfd = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| err(e.to_string()))?;
             vm.register_irqfd(&irqfd, gsi).map_err(|e| err(format!("MSI-X vector {v}: {e}")))?;
             gsis.push(gsi);
