@@ -608,9 +608,12 @@ impl Function {
             m.enabled = false;
             m.masked = false;
             m.table.fill(MsixEntry { masked: true, ..Default::default() });
-            m.pending.fill(false);
         }
         self.route_msix();
+        // After the irqfds are back with KVM: what they held until then is forgotten too.
+        if let Some(m) = self.msix.as_mut() {
+            m.pending.fill(false);
+        }
         if let Some(msi) = self.msi.as_mut() {
             msi.shadow[2] &= !1;
             self.router.set_routes(&[(msi.gsi, None)]);
@@ -874,9 +877,12 @@ mod tests {
         assert_eq!(router.irqfds.lock().unwrap().last(), Some(&(101, false)), "vector 0 held with the rest");
         f.msix.as_ref().unwrap().irqfds[3].write(1).unwrap();
         assert_eq!(pba(&mut f), 1 << 3);
+        // Signalled again after the guest last looked: the reset forgets that too.
+        f.msix.as_ref().unwrap().irqfds[2].write(1).unwrap();
         f.write_config(0x10 + 0xe8 + 4, &[1]);
         assert_eq!(pba(&mut f), 0, "a reset clears the PBA");
-        assert!(f.msix.as_ref().unwrap().irqfds[3].read().is_err(), "and delivers nothing");
+        let irqfds = &f.msix.as_ref().unwrap().irqfds;
+        assert!(irqfds[3].read().is_err() && irqfds[2].read().is_err(), "and delivers nothing");
     }
 
     #[test]
