@@ -384,11 +384,7 @@ fn a_snapshot_from_before_multi_queue_restores_its_interfaces_with_one_pair() {
 fn a_snapshot_with_reads_in_flight_resumes_with_every_read_exact() {
     let dir = scratch_dir("snapshot-in-flight");
     let image = dir.join("disk.img");
-    let mut content = vec![0u8; 4 << 20];
-    for (sector, chunk) in content.chunks_exact_mut(512).enumerate() {
-        common::pattern::fill_sector(7, sector as u64, chunk);
-    }
-    std::fs::write(&image, &content).unwrap();
+    std::fs::write(&image, common::patterned_image(7, 4 << 20)).unwrap();
     const OPS: u32 = 400_000;
     let (mut first, socket) = api_vmm(&dir, "first.sock");
     let boot = serde_json::json!({

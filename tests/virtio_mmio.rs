@@ -501,11 +501,7 @@ fn net_under_load(poll_us: u32) {
 fn blk_reads_are_exact_at_every_depth_polling_or_not_on_every_engine() {
     let dir = scratch_dir("blk-depths");
     let image = dir.join("disk.img");
-    let mut content = vec![0u8; 4 << 20];
-    for (sector, chunk) in content.chunks_exact_mut(512).enumerate() {
-        pattern::fill_sector(7, sector as u64, chunk);
-    }
-    std::fs::write(&image, &content).unwrap();
+    std::fs::write(&image, common::patterned_image(7, 4 << 20)).unwrap();
     let engines = ["poll_us=0", "poll_us=200", "io_engine=async", "cache=none", "io_engine=async,cache=none"];
     for depth in [1, 8, 32] {
         for options in engines {

@@ -448,6 +448,16 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// A disk image of `len` bytes whose every sector holds the probe's pattern for `seed`, as its
+/// blk throughput mode verifies (`probe.virtio-blk.verify=SEED`).
+pub fn patterned_image(seed: u64, len: usize) -> Vec<u8> {
+    let mut content = vec![0u8; len];
+    for (sector, chunk) in content.chunks_exact_mut(512).enumerate() {
+        pattern::fill_sector(seed, sector as u64, chunk);
+    }
+    content
+}
+
 /// Checks that sectors [first, first + count) of `disk` hold the probe's pattern for `seed` and
 /// the rest are zero; returns the checksum the probe reports for the pattern.
 pub fn check_blk_pattern(disk: &[u8], seed: u64, first: u64, count: u64) -> u64 {

@@ -12,7 +12,7 @@ use crate::layout::*;
 use crate::paging::write_identity_tables;
 use crate::{Error, GuestMemory, Result, cpuid};
 
-const MSR_IA32_TSC: u32 = 0x10;
+pub const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
 const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
 const MSR_IA32_SYSENTER_EIP: u32 = 0x176;

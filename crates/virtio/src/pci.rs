@@ -209,14 +209,15 @@ impl PciTransport {
     /// Quiesces the device and returns the function's state (see [`VirtioState::save`]).
     pub fn save(&mut self) -> Result<SavedPciTransport, String> {
         let transport = self.state.save()?;
+        let queue_vectors = self.queue_vectors();
         let msix = self.msix.lock().unwrap_or_else(|p| p.into_inner());
         Ok(SavedPciTransport {
             transport,
             config: self.config.to_vec(),
             bar_written: self.bar_written,
-            queue_vectors: self.queue_vectors(),
+            queue_vector: queue_vectors.first().copied().unwrap_or(NO_VECTOR),
+            queue_vectors,
             config_vector: self.interrupt.config_vector.load(Ordering::SeqCst),
-            queue_vector: self.queue_vectors().first().copied().unwrap_or(NO_VECTOR),
             isr: self.interrupt.isr.load(Ordering::SeqCst),
             msix_table: msix.table.iter().map(|e| (e.addr, e.data, e.masked)).collect(),
             msix_pending: msix.pending.to_vec(),

@@ -218,8 +218,11 @@ impl EventLoop {
             .filter(|(_, (q, before))| q.next_used() != **before)
             .fold(0, |set: QueueSet, (i, _)| set | queue_bit(i));
         // Asked for with no ring moved (not expected): tell about them all rather than nothing.
-        let all = (0..queues.len()).fold(0, |set, i| set | queue_bit(i));
-        self.interrupt.signal_used_queues(if moved == 0 { all } else { moved });
+        let queues = match moved {
+            0 => (0..queues.len()).fold(0, |set, i| set | queue_bit(i)),
+            moved => moved,
+        };
+        self.interrupt.signal_used_queues(queues);
     }
 
     fn run(&mut self, backend: &mut impl Backend, queues: &mut [Queue]) {

@@ -238,7 +238,7 @@ pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState) -> Result<(), String> {
 /// the guest on the host's TSC, so a guest clocked by the TSC jumps by the time since the
 /// snapshot. None when KVM cannot tell.
 pub fn tsc_drift_seconds(vcpu: &VcpuFd, state: &VcpuState) -> Option<f64> {
-    const MSR_IA32_TSC: u32 = 0x10;
+    use arch::vcpu::MSR_IA32_TSC;
     let saved = state.msrs.iter().find(|m| m.index == MSR_IA32_TSC)?;
     let mut now = Msrs::from_entries(&[kvm_msr_entry { index: MSR_IA32_TSC, ..Default::default() }]).ok()?;
     if vcpu.get_msrs(&mut now) != Ok(1) {
@@ -423,11 +423,11 @@ mod tests {
         let mut state = save_vcpu(&vcpu, &kvm, &msr_list(&kvm).unwrap()).unwrap();
         let khz = u64::from(vcpu.get_tsc_khz().unwrap());
         // A snapshot whose TSC was ten seconds behind this vCPU's.
-        let tsc = state.msrs.iter_mut().find(|m| m.index == 0x10).expect("KVM saves the TSC");
+        let tsc = state.msrs.iter_mut().find(|m| m.index == arch::vcpu::MSR_IA32_TSC).expect("KVM saves the TSC");
         tsc.data = tsc.data.wrapping_sub(10 * khz * 1000);
         let drift = tsc_drift_seconds(&vcpu, &state).unwrap();
         assert!((10.0..10.5).contains(&drift), "{drift}");
-        state.msrs.retain(|m| m.index != 0x10);
+        state.msrs.retain(|m| m.index != arch::vcpu::MSR_IA32_TSC);
         assert_eq!(tsc_drift_seconds(&vcpu, &state), None, "no saved TSC, nothing to tell");
     }
 }

@@ -147,10 +147,7 @@ fn route_ioapic(line: u32, vector: u32) {
 fn signal_check(engine: &Engine, vector: u32, deadline: u64) -> (&'static str, u32) {
     let before = irr_pending(vector);
     engine.run(CMD_COPY, 0, 0, 0, deadline);
-    let limit = hw::rdtsc() + 100_000_000;
-    while !irr_pending(vector) && hw::rdtsc() < limit {
-        core::hint::spin_loop();
-    }
+    wait_until(|| irr_pending(vector));
     (if irr_pending(vector) && !before { "pending" } else { "none" }, engine.reg(SIGNALLED))
 }
 
@@ -164,10 +161,7 @@ fn masked_check(engine: &Engine, deadline: u64) -> &'static str {
         return "no-completion";
     }
     // The device signals after it completes: give the signal time to land, wherever it lands.
-    let limit = hw::rdtsc() + 100_000_000;
-    while hw::mmio_read32(engine.msix_pba) & 1 == 0 && !irr_pending(vector) && hw::rdtsc() < limit {
-        core::hint::spin_loop();
-    }
+    wait_until(|| hw::mmio_read32(engine.msix_pba) & 1 != 0 || irr_pending(vector));
     if irr_pending(vector) {
         return "leaked";
     }
@@ -175,16 +169,21 @@ fn masked_check(engine: &Engine, deadline: u64) -> &'static str {
         return "lost";
     }
     hw::mmio_write32(engine.msix_table + 12, 0);
-    let limit = hw::rdtsc() + 100_000_000;
-    while !irr_pending(vector) && hw::rdtsc() < limit {
-        core::hint::spin_loop();
-    }
+    wait_until(|| irr_pending(vector));
     if !irr_pending(vector) {
         "undelivered"
     } else if hw::mmio_read32(engine.msix_pba) & 1 != 0 {
         "stuck"
     } else {
         "held"
+    }
+}
+
+/// Spins until `done` or for about 100 M TSC cycles, what a signal takes to land at most.
+fn wait_until(done: impl Fn() -> bool) {
+    let limit = hw::rdtsc() + 100_000_000;
+    while !done() && hw::rdtsc() < limit {
+        core::hint::spin_loop();
     }
 }
 
