@@ -17,8 +17,18 @@ pub mod syscalls;
 pub use filters::{allows, default_filter};
 pub use helper::helper_command;
 pub use launcher::{Thread, spawn, spawn_with_stack};
-pub use policy::{Error, Policy, apply, init, parse as parse_filter_file};
+pub use policy::{Error, Policy, apply, parse as parse_filter_file};
 pub use sigsys::{EXIT_BAD_SYSCALL, report_to};
+
+/// Chooses the filters and, unless disabled, starts the SIGSYS report and the thread launcher
+/// (which needs the filters chosen). Call before any other thread starts.
+pub fn init(policy: &Policy) -> Result<(), Error> {
+    if policy::choose(policy)? {
+        sigsys::install().map_err(|e| Error::Install { kind: "SIGSYS", reason: e.to_string() })?;
+        launcher::run().map_err(Error::Launcher)?;
+    }
+    Ok(())
+}
 
 /// The kinds of thread, each with a filter of its own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -81,9 +81,8 @@ impl Filters {
     }
 }
 
-/// Chooses the filters and, unless disabled, starts the thread launcher and the SIGSYS report.
-/// Call before any other thread starts.
-pub fn init(policy: &Policy) -> Result<(), Error> {
+/// Chooses the filters, once; true when they are on.
+pub(crate) fn choose(policy: &Policy) -> Result<bool, Error> {
     let filters = match policy {
         Policy::Disabled => None,
         Policy::Default => Some(Filters::new(BTreeMap::new())),
@@ -93,10 +92,8 @@ pub fn init(policy: &Policy) -> Result<(), Error> {
     FILTERS.set(filters).map_err(|_| Error::AlreadyChosen)?;
     if on {
         single_malloc_arena();
-        crate::sigsys::install().map_err(|e| Error::Install { kind: "SIGSYS", reason: e.to_string() })?;
-        crate::launcher::run().map_err(Error::Launcher)?;
     }
-    Ok(())
+    Ok(on)
 }
 
 /// glibc's malloc opens files behind a filtered thread's back when it runs more than one

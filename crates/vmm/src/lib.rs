@@ -3,12 +3,14 @@
 
 pub mod config;
 pub mod controller;
+mod error;
 pub mod exit;
 pub mod fault;
 mod gsi;
 pub mod memory;
 pub mod metrics;
 mod passthrough;
+mod resources;
 pub mod snapshot;
 mod vcpu;
 mod virtio_devices;
@@ -18,5 +20,6 @@ pub use config::{
     ConfigError, ConsoleConfig, DiskConfig, HostLimits, HugePages, MemoryOptions, MemorySpec, NetConfig, SerialConfig,
     VirtioTransport, VmConfig, VsockConfig,
 };
+pub use error::Error;
 pub use exit::VmExit;
-pub use vm::{Error, RunningVm, start};
+pub use vm::{RunningVm, start};

@@ -17,7 +17,7 @@ use vfio::function::{BarWindow, ConfigSpace};
 use vfio::{Backend, Function};
 
 use crate::config::{PassthroughBackend, VmConfig};
-use crate::vm::Error;
+use crate::error::Error;
 
 /// KVM's routing table holds GSIs below this.
 const GSI_LIMIT: u32 = 4096;

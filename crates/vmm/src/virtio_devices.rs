@@ -24,8 +24,8 @@ use virtio::rate_limiter::RateLimit;
 use virtio::rng::Rng;
 
 use crate::config::{ConsoleConfig, NetAttachment, VirtioTransport, VmConfig};
+use crate::error::Error;
 use crate::gsi::{FIRST_MSI_GSI, GsiRouter};
-use crate::vm::Error;
 
 /// What the VMM keeps of the devices it attached, to control them later.
 #[derive(Default)]

@@ -23,44 +23,13 @@ use devices::serial::{self, SerialDevice};
 use devices::{Bus, SharedDevice};
 
 use crate::config::{SerialConfig, VmConfig};
+pub use crate::error::Error;
+use crate::error::{host_err, kvm_err};
 use crate::exit::{ExitLatch, VmExit};
 use crate::snapshot;
 use crate::vcpu::{self, SharedVcpu, VcpuShared};
 use crate::virtio_devices::AttachedDevices;
 use virtio::rate_limiter::RateLimit;
-
-/// Failures while building or starting a VM; each message says what to check.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("Cannot open /dev/kvm ({0}); check that the kvm module is loaded and that you may use /dev/kvm.")]
-    OpenKvm(kvm_ioctls::Error),
-    #[error("KVM refused to {what}: {source}.")]
-    Kvm { what: &'static str, source: kvm_ioctls::Error },
-    #[error("Cannot allocate {mib} MiB of guest memory: {reason}.")]
-    Memory { mib: u64, reason: String },
-    #[error("Cannot open {what} {path}: {source}.")]
-    Open { what: &'static str, path: String, source: std::io::Error },
-    #[error("{0}")]
-    Boot(#[from] arch::Error),
-    #[error("Cannot set up the {what}: {source}.")]
-    Host { what: &'static str, source: std::io::Error },
-    #[error("Cannot set up a virtio device: {0}.")]
-    Device(String),
-    #[error("Cannot pause the VM: {0}.")]
-    Pause(String),
-    #[error("The CPU template cannot be applied: {0}.")]
-    CpuTemplate(String),
-    #[error("The kernel command line has no room for the virtio devices ({0}); shorten --cmdline.")]
-    Cmdline(#[from] linux_loader::cmdline::Error),
-}
-
-fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
-    move |source| Error::Kvm { what, source }
-}
-
-fn host_err(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
-    move |source| Error::Host { what, source }
-}
 
 /// Opens KVM; separate so that callers can read its limits before validating a config.
 pub fn open_kvm() -> Result<Kvm, Error> {

@@ -1,0 +1,84 @@
+//! `ferrovisor ctl SOCKET ACTION` (and `ferrovisor stats SOCKET`): one or a few API requests to a
+//! running VMM, the answers printed.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::Subcommand;
+
+use super::failure;
+
+#[derive(Subcommand)]
+pub enum CtlAction {
+    /// The VM's state and version.
+    Info,
+    /// Stop the vCPUs.
+    Pause,
+    /// Run the vCPUs again.
+    Resume,
+    /// Stop the VM and its VMM (exit status 0).
+    Stop,
+    /// Pause, write a full snapshot to PATH and the memory to PATH.mem, resume.
+    Snapshot { path: PathBuf },
+    /// Set the balloon's target size in MiB.
+    Balloon { mib: u32 },
+    /// The metrics as JSON, or Prometheus text with --prometheus.
+    Metrics {
+        #[arg(long)]
+        prometheus: bool,
+    },
+    /// The memory statistics.
+    Stats,
+}
+
+pub fn ctl(socket: &Path, action: CtlAction) -> ExitCode {
+    let state = |s: &str| format!(r#"{{"state": "{s}"}}"#);
+    let steps: Vec<(&str, String, Option<String>)> = match &action {
+        CtlAction::Info => vec![("GET", "/".into(), None)],
+        CtlAction::Pause => vec![("PATCH", "/vm".into(), Some(state("Paused")))],
+        CtlAction::Resume => vec![("PATCH", "/vm".into(), Some(state("Resumed")))],
+        CtlAction::Stop => vec![("PUT", "/ferrovisor/stop".into(), None)],
+        CtlAction::Snapshot { path } => {
+            let body = serde_json::json!({
+                "snapshot_type": "Full",
+                "snapshot_path": path,
+                "mem_file_path": format!("{}.mem", path.display()),
+            });
+            vec![
+                ("PATCH", "/vm".into(), Some(state("Paused"))),
+                ("PUT", "/snapshot/create".into(), Some(body.to_string())),
+                ("PATCH", "/vm".into(), Some(state("Resumed"))),
+            ]
+        }
+        CtlAction::Balloon { mib } => vec![("PATCH", "/balloon".into(), Some(format!(r#"{{"amount_mib": {mib}}}"#)))],
+        CtlAction::Metrics { prometheus } => {
+            let format = if *prometheus { "prometheus" } else { "json" };
+            vec![("GET", format!("/ferrovisor/metrics?format={format}"), None)]
+        }
+        CtlAction::Stats => vec![("GET", "/ferrovisor/stats".into(), None)],
+    };
+    for (method, path, body) in steps {
+        match api::client::request(socket, method, &path, body.as_deref()) {
+            Ok((status, body)) if status < 300 => {
+                if !body.is_empty() {
+                    println!("{}", body.trim_end());
+                }
+            }
+            Ok((status, body)) => {
+                let message = serde_json::from_str::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v.get("fault_message").and_then(|m| m.as_str()).map(str::to_string))
+                    .unwrap_or(body);
+                return failure(format!("{method} {path} answered {status}: {message}"));
+            }
+            Err(e) => {
+                return failure(format!(
+                    "cannot reach the VMM at {} ({e}); is `ferrovisor --api-sock {}` running?",
+                    socket.display(),
+                    socket.display()
+                ));
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
