@@ -29,7 +29,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use support::{api_vmm, median, ok, overhead_kib};
+use support::{Footprint, api_vmm, median, ok, overhead_kib};
 
 const TAP: &str = "fvbench-ov0";
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -101,23 +101,6 @@ struct Launch {
     first_byte_ms: f64,
     overhead_kib: u64,
     anonymous_kib: u64,
-}
-
-/// Anonymous KiB outside the guest RAM mapping (mappings under 64 MiB).
-fn anonymous_kib(pid: u32) -> u64 {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).expect("the VMM's smaps");
-    let (mut size, mut anonymous) = (0u64, 0u64);
-    for line in smaps.lines() {
-        let kib = |v: &str| v.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0);
-        if let Some(v) = line.strip_prefix("Size:") {
-            size = kib(v);
-        } else if size < 64 * 1024
-            && let Some(v) = line.strip_prefix("Anonymous:")
-        {
-            anonymous += kib(v);
-        }
-    }
-    anonymous
 }
 
 enum Seen {
@@ -193,7 +176,7 @@ fn launch(vmm: Vmm, image: &Path) -> Launch {
         from_main_ms,
         first_byte_ms: first_byte_ms.expect("serial output before PROBE done"),
         overhead_kib: overhead_kib(pid),
-        anonymous_kib: anonymous_kib(pid),
+        anonymous_kib: Footprint::of(pid, "ferrovisor").anonymous,
     };
     let _ = child.kill();
     let _ = child.wait();
@@ -280,14 +263,8 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let have_qemu = Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success());
-    if !have_qemu {
-        eprintln!("qemu-system-x86_64 is missing (apt-get install qemu-system-x86): measuring Ferrovisor alone");
-    }
-    let ok = Command::new("ip").args(["tuntap", "add", TAP, "mode", "tap"]).status().is_ok_and(|s| s.success());
-    assert!(ok, "cannot create TAP {TAP}: this benchmark runs as root");
-    let dir = std::env::temp_dir().join(format!("ferrovisor-overhead-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let have_qemu = support::qemu_available();
+    let dir = support::tap_and_scratch(TAP, "overhead");
     let image: PathBuf = dir.join("disk.img");
     std::fs::write(&image, vec![0u8; 64 << 20]).unwrap();
     let vmms: &[Vmm] = if have_qemu { &[Vmm::Ferrovisor, Vmm::Qemu] } else { &[Vmm::Ferrovisor] };

@@ -39,6 +39,83 @@ pub fn overhead_kib(pid: u32) -> u64 {
     rss - guest
 }
 
+/// A VMM's memory from `/proc/PID/smaps`, guest RAM (mappings of 64 MiB or more) left out, in
+/// KiB: what it has resident, what of that is anonymous (what each more VM costs: heap, stacks,
+/// copied pages), and its proportional share (pages shared with other processes divided among
+/// them), by kind of mapping.
+#[derive(Clone, Debug, Default)]
+pub struct Footprint {
+    pub rss: u64,
+    pub anonymous: u64,
+    pub pss: u64,
+    /// Proportional share of everything, guest RAM included.
+    pub pss_with_guest: u64,
+    /// (kind, resident, anonymous): the binary, shared libraries, [heap], [stack], other.
+    pub kinds: Vec<(String, u64, u64)>,
+}
+
+impl Footprint {
+    /// Reads `pid`'s smaps; `binary` names the VMM's own executable in it. Panics when the
+    /// process cannot be read, so that a crashed VMM never shows up as one that costs nothing.
+    pub fn of(pid: u32, binary: &str) -> Footprint {
+        let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+            .unwrap_or_else(|e| panic!("the VMM (pid {pid}) cannot be read ({e}); did it crash?"));
+        let mut f = Footprint::default();
+        let (mut kind, mut size) = (String::new(), 0u64);
+        let add = |f: &mut Footprint, kind: &str, rss: u64, anonymous: u64| match f
+            .kinds
+            .iter_mut()
+            .find(|(k, _, _)| k == kind)
+        {
+            Some(entry) => {
+                entry.1 += rss;
+                entry.2 += anonymous;
+            }
+            None => f.kinds.push((kind.to_string(), rss, anonymous)),
+        };
+        let mut rss = 0;
+        for line in smaps.lines() {
+            let mut words = line.split_whitespace();
+            let first = words.next().unwrap_or_default();
+            if first.contains('-') && !first.ends_with(':') {
+                // A mapping's header: range, permissions, offset, device, inode, name.
+                let name = words.nth(4).unwrap_or_default();
+                kind = match name {
+                    "" => "anonymous".to_string(),
+                    n if n.ends_with(binary) => "binary".to_string(),
+                    n if n.starts_with('[') => n.to_string(),
+                    n if n.contains(".so") => "shared libraries".to_string(),
+                    _ => "other".to_string(),
+                };
+                continue;
+            }
+            let mut value = || kib(words.next().unwrap_or_default());
+            match first {
+                "Size:" => size = value(),
+                "Rss:" => rss = value(),
+                "Pss:" => {
+                    let pss = value();
+                    f.pss_with_guest += pss;
+                    if size < 64 * 1024 {
+                        f.pss += pss;
+                    }
+                }
+                "Anonymous:" => {
+                    let anonymous = value();
+                    if size < 64 * 1024 {
+                        f.rss += rss;
+                        f.anonymous += anonymous;
+                        let k = kind.clone();
+                        add(&mut f, &k, rss, anonymous);
+                    }
+                }
+                _ => {}
+            }
+        }
+        f
+    }
+}
+
 /// One API request on `socket`: the status and the body.
 pub fn http(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
     let mut s = UnixStream::connect(socket).expect("the API socket");
@@ -84,4 +161,23 @@ pub fn api_vmm(socket: &Path) -> Child {
         .unwrap();
     wait_socket(socket);
     child
+}
+
+/// Whether QEMU is installed; says so when it is not (the benchmark then measures Ferrovisor
+/// alone).
+pub fn qemu_available() -> bool {
+    let have = Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !have {
+        eprintln!("qemu-system-x86_64 is missing (apt-get install qemu-system-x86): measuring Ferrovisor alone");
+    }
+    have
+}
+
+/// Creates the TAP `name` (root only) and a scratch directory named after `bench`.
+pub fn tap_and_scratch(name: &str, bench: &str) -> std::path::PathBuf {
+    let ok = Command::new("ip").args(["tuntap", "add", name, "mode", "tap"]).status().is_ok_and(|s| s.success());
+    assert!(ok, "cannot create TAP {name}: this benchmark runs as root");
+    let dir = std::env::temp_dir().join(format!("ferrovisor-{bench}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }

@@ -108,11 +108,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn this_test_binarys_loader_and_libc_are_found() {
-        let me = std::env::current_exe().unwrap();
-        let files = closure(&me).unwrap();
+    fn a_dynamic_binarys_loader_and_libc_are_found() {
+        // The host's shell is dynamically linked; Ferrovisor's own binaries are static.
+        let files = closure(Path::new("/bin/sh")).unwrap();
         assert!(files.iter().any(|f| f.to_string_lossy().contains("ld-linux")), "{files:?}");
         assert!(files.iter().any(|f| f.file_name().is_some_and(|n| n == "libc.so.6")), "{files:?}");
+    }
+
+    #[test]
+    fn a_static_binary_needs_nothing() {
+        let me = std::env::current_exe().unwrap();
+        assert_eq!(dynamic(&std::fs::read(&me).unwrap()), Some(Dynamic::default()), "this test binary is static");
+        assert!(closure(&me).unwrap().is_empty());
     }
 
     #[test]

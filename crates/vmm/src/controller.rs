@@ -152,8 +152,10 @@ impl Controller {
     }
 
     /// Puts the main thread under its filter once the VM is built, as Firecracker does: from
-    /// here on it serves requests for a running guest.
+    /// here on it serves requests for a running guest. What start-up used and freed goes back
+    /// to the host first.
     fn sandbox(&self) -> Result<(), String> {
+        crate::footprint::release_startup_memory();
         sandbox::apply(sandbox::ThreadKind::Vmm).map_err(|e| e.to_string())
     }
 

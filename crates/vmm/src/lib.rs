@@ -6,6 +6,7 @@ pub mod controller;
 mod error;
 pub mod exit;
 pub mod fault;
+mod footprint;
 mod gsi;
 pub mod memory;
 pub mod metrics;
