@@ -405,7 +405,8 @@ fn serial_output_goes_to_serial_out_path_within_its_rate_limit() {
 
 /// What Firecracker's definition refuses is refused with a sentence naming the field: arrays
 /// where objects belong (serde would take a struct's fields in order), at the top and nested,
-/// and empty paths; what real clients send (a null or empty rate limiter) is still taken.
+/// MMDS contents that are not objects, and empty or missing paths; what real clients send (a
+/// null or empty rate limiter) is still taken.
 #[test]
 fn arrays_for_objects_and_empty_paths_are_refused() {
     let dir = scratch_dir("api-strict");
@@ -431,6 +432,34 @@ fn arrays_for_objects_and_empty_paths_are_refused() {
         ("PUT", "/logger", r#"{"log_path": ""}"#, "log_path is empty; give a path"),
         ("PUT", "/metrics", r#"{"metrics_path": ""}"#, "metrics_path is empty; give a path"),
         ("PUT", "/serial", r#"{"serial_out_path": ""}"#, "serial_out_path is empty"),
+        ("PUT", "/mmds", "[null, null]", "PUT /mmds: the body must be a JSON object, not an array"),
+        ("PATCH", "/mmds", "[null, null]", "PATCH /mmds: the body must be a JSON object, not an array"),
+        ("PUT", "/mmds", "\"metadata\"", "the body must be a JSON object, not a string"),
+        ("PATCH", "/mmds", "null", "the body must be a JSON object, not null"),
+        (
+            "PUT",
+            "/vsock",
+            r#"{"guest_cid": 3, "uds_path": "/nonexistent/dir/v.sock"}"#,
+            "vsock uds_path /nonexistent/dir/v.sock: the directory /nonexistent/dir does not exist",
+        ),
+        (
+            "PUT",
+            "/serial",
+            r#"{"serial_out_path": "/nonexistent/dir/serial.log"}"#,
+            "serial serial_out_path /nonexistent/dir/serial.log: the directory /nonexistent/dir does not exist",
+        ),
+        (
+            "PUT",
+            "/ferrovisor/devices/dma",
+            r#"{"id": "dma", "vfio_user": "/nonexistent.sock"}"#,
+            "device dma vfio_user /nonexistent.sock cannot be reached",
+        ),
+        (
+            "PUT",
+            "/pmem/p",
+            r#"{"id": "p", "path_on_host": "/nonexistent.img"}"#,
+            "pmem p path_on_host /nonexistent.img cannot be opened",
+        ),
         (
             "PUT",
             "/snapshot/load",

@@ -56,6 +56,41 @@ fn bad_arguments_are_named_with_a_fix_and_exit_2() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// A missing or wrong path in any device option is refused the same way before the VM starts:
+/// exit 2 and one sentence naming the option, the path and the fix.
+#[test]
+fn every_bad_device_path_is_refused_before_the_vm_starts() {
+    let dir = scratch_dir("cli-paths");
+    let kernel = write_file(&dir, "tiny.elf", &elf_kernel(&[0xf4]));
+    let kernel = kernel.to_str().unwrap();
+    let odd = write_file(&dir, "odd.img", &[0u8; 4096]);
+    let odd = odd.to_str().unwrap();
+    let cases: [(&str, String, &str); 9] = [
+        ("--disk", "path=/nonexistent.img".into(), "error: --disk path=/nonexistent.img cannot be opened for writing"),
+        ("--pmem", "path=/nonexistent".into(), "error: --pmem path=/nonexistent cannot be opened"),
+        ("--pmem", format!("path={odd},readonly=on"), "is 4096 bytes; its size must be a non-zero multiple of 2 MiB"),
+        (
+            "--vsock",
+            "cid=3,uds=/nonexistent/dir/v.sock".into(),
+            "error: --vsock uds=/nonexistent/dir/v.sock: the directory /nonexistent/dir does not exist; create it",
+        ),
+        (
+            "--device",
+            "vfio-user=/nonexistent.sock".into(),
+            "error: --device vfio-user=/nonexistent.sock cannot be reached (No such file or directory (os error 2)); \
+             start the device's vfio-user server first",
+        ),
+        ("--device", format!("vfio={odd}"), "is not a directory; give a device's directory under /sys/bus/pci/devices"),
+        ("--net", "switch=/nonexistent.sock".into(), "start `ferrovisor switch /nonexistent.sock` first."),
+        ("--serial", "file:/nonexistent/dir/out".into(), "error: --serial file:/nonexistent/dir/out: the directory"),
+        ("--console", "file:/nonexistent/dir/out".into(), "error: --console file:/nonexistent/dir/out: the directory"),
+    ];
+    for (option, value, expected) in cases {
+        assert_usage_error(&["run", "--kernel", kernel, option, &value], expected);
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 #[test]
 fn missing_kernel_option_and_unknown_flags_are_refused_by_the_parser() {
     for args in [&["run"][..], &["run", "--kernel", "/x", "--no-such-flag"], &["fly"]] {

@@ -273,8 +273,14 @@ fn bad_disk_options_are_refused_with_a_sentence() {
     let dir = scratch_dir("vmmio-cli");
     let odd = image(&dir, "odd.img", vec![0; 1000]);
     for (disk, expected) in [
-        (format!("path={odd}"), format!("error: --disk {odd} is 1000 bytes, not a whole number of 512-byte sectors")),
-        ("path=/nonexistent/disk.img".to_string(), "error: --disk /nonexistent/disk.img cannot be opened".to_string()),
+        (
+            format!("path={odd}"),
+            format!("error: --disk path={odd} is 1000 bytes, not a whole number of 512-byte sectors"),
+        ),
+        (
+            "path=/nonexistent/disk.img".to_string(),
+            "error: --disk path=/nonexistent/disk.img cannot be opened".to_string(),
+        ),
         ("readonly=on".to_string(), "--disk needs path=IMAGE".to_string()),
     ] {
         let mut cmd = probe_command(1, "");

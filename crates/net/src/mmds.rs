@@ -86,15 +86,18 @@ impl Store {
         self.limit
     }
 
-    /// Replaces the contents.
+    /// Replaces the contents, which must be a JSON object (as Firecracker's API defines them).
     pub fn put(&mut self, data: Value) -> Result<(), String> {
+        must_be_object(&data)?;
         self.fits(&data)?;
         self.data = data;
         Ok(())
     }
 
-    /// Applies a JSON merge patch (RFC 7396) to the contents.
+    /// Applies a JSON merge patch (RFC 7396) to the contents; the patch too must be an object
+    /// (any other value would replace the contents whole).
     pub fn patch(&mut self, patch: &Value) -> Result<(), String> {
+        must_be_object(patch)?;
         let mut data = self.data.clone();
         merge_patch(&mut data, patch);
         self.fits(&data)?;
@@ -137,6 +140,19 @@ impl Store {
     fn token_valid(&self, token: &str, now: Instant) -> bool {
         self.tokens.get(token).is_some_and(|expiry| *expiry > now)
     }
+}
+
+/// The contents and their patches are JSON objects: their top level names the data.
+fn must_be_object(value: &Value) -> Result<(), String> {
+    let kind = match value {
+        Value::Object(_) => return Ok(()),
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+    };
+    Err(format!("the body must be a JSON object, not {kind}; send one like {{\"latest\": {{\"meta-data\": {{}}}}}}"))
 }
 
 /// RFC 7396: objects merge key by key, null removes, anything else replaces.
@@ -497,6 +513,11 @@ mod tests {
         let err = s.put(serde_json::json!({"big": "x".repeat(100)})).unwrap_err();
         assert!(err.contains("more than its limit of 64"), "{err}");
         assert_eq!(s.data()["latest"]["meta-data"]["new"], "x", "a refused put changes nothing");
+        for not_an_object in [serde_json::json!([null, null]), serde_json::json!(null), serde_json::json!("x")] {
+            assert!(s.put(not_an_object.clone()).unwrap_err().starts_with("the body must be a JSON object, not "));
+            assert!(s.patch(&not_an_object).unwrap_err().starts_with("the body must be a JSON object, not "));
+        }
+        assert_eq!(s.data()["latest"]["meta-data"]["new"], "x", "a refused patch changes nothing");
     }
 
     #[test]

@@ -18,6 +18,8 @@ pub enum Error {
     Host { what: &'static str, source: std::io::Error },
     #[error("Cannot set up a virtio device: {0}.")]
     Device(String),
+    #[error("Cannot set up an assigned device: {0}.")]
+    Passthrough(String),
     #[error("Cannot pause the VM: {0}.")]
     Pause(String),
     #[error("The CPU template cannot be applied: {0}.")]

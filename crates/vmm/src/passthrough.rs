@@ -118,32 +118,33 @@ pub fn attach(
         let id = device.api_id(i);
         let name = format!("device {id}");
         let backend: Box<dyn Backend> = match &device.backend {
-            PassthroughBackend::Vfio(path) => {
-                Box::new(vfio::kernel::KernelDevice::open(path, vm).map_err(|e| Error::Device(format!("{name}: {e}")))?)
-            }
+            PassthroughBackend::Vfio(path) => Box::new(
+                vfio::kernel::KernelDevice::open(path, vm).map_err(|e| Error::Passthrough(format!("{name}: {e}")))?,
+            ),
             PassthroughBackend::VfioUser(path) => {
-                Box::new(vfio::user::UserDevice::connect(path).map_err(|e| Error::Device(format!("{name}: {e}")))?)
+                Box::new(vfio::user::UserDevice::connect(path).map_err(|e| Error::Passthrough(format!("{name}: {e}")))?)
             }
         };
-        let function = Function::new(&name, backend, &mut resources, router.clone(), &plan).map_err(Error::Device)?;
+        let function =
+            Function::new(&name, backend, &mut resources, router.clone(), &plan).map_err(Error::Passthrough)?;
         let (bars, areas) = (function.bars(), function.mappable());
         let function = Arc::new(Mutex::new(function));
         for (bar, placed) in bars.iter().enumerate() {
             if let Some(placed) = placed {
                 let window = Arc::new(Mutex::new(BarWindow { function: function.clone(), bar }));
                 mmio.insert(placed.addr, placed.size, window)
-                    .map_err(|e| Error::Device(format!("{name}: BAR {bar}: {e}")))?;
+                    .map_err(|e| Error::Passthrough(format!("{name}: BAR {bar}: {e}")))?;
             }
         }
         for area in areas {
             attached.mappings.push(map_area(vm, slot, &area).map_err(|e| {
-                Error::Device(format!("{name}: the BAR area at {:#x} cannot be mapped ({e})", area.gpa))
+                Error::Passthrough(format!("{name}: the BAR area at {:#x} cannot be mapped ({e})", area.gpa))
             })?);
             slot += 1;
         }
         let pci_slot = root
             .add(Arc::new(Mutex::new(ConfigSpace(function.clone()))))
-            .ok_or_else(|| Error::Device(format!("{name}: the PCI bus is full")))?;
+            .ok_or_else(|| Error::Passthrough(format!("{name}: the PCI bus is full")))?;
         tracing::info!("{name} at PCI 00:{pci_slot:02x}.0");
         attached.functions.push((id, function));
     }

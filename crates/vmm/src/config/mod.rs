@@ -6,6 +6,7 @@ mod devices;
 mod disk;
 mod memory;
 mod nic;
+pub mod paths;
 
 pub use cpu::cpu_template;
 pub use devices::{
@@ -163,9 +164,9 @@ pub enum ConfigError {
     Cpus { given: u32, max: u32 },
     #[error("--cmdline is {len} bytes, but the kernel accepts at most {max}; shorten it.")]
     CmdlineTooLong { len: usize, max: usize },
-    #[error("--disk {path} cannot be opened{mode} ({reason}); check the path and its permissions.")]
+    #[error("--disk path={path} cannot be opened{mode} ({reason}); check the path and its permissions.")]
     DiskUnusable { path: PathBuf, mode: &'static str, reason: String },
-    #[error("--disk {path} is {size} bytes, not a whole number of 512-byte sectors; resize the image.")]
+    #[error("--disk path={path} is {size} bytes, not a whole number of 512-byte sectors; resize the image.")]
     DiskSize { path: PathBuf, size: u64 },
     #[error("{0}")]
     DiskKind(String),
@@ -177,6 +178,8 @@ pub enum ConfigError {
     TooManyDevices { count: usize, max: u32 },
     #[error("{0}.")]
     Queues(String),
+    #[error("{0}")]
+    Path(String),
 }
 
 impl VmConfig {
@@ -222,6 +225,7 @@ impl VmConfig {
         for disk in &self.disks {
             disk::check(disk)?;
         }
+        self.check_paths().map_err(ConfigError::Path)?;
         for (i, nic) in self.nets.iter().enumerate() {
             nic.check_queues(i).map_err(ConfigError::Queues)?;
         }

@@ -1,11 +1,11 @@
 //! `PUT /ferrovisor/devices/{id}`: assigned PCI devices (kernel VFIO or a vfio-user server).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use api::models;
 
-use super::{Resources, must_exist, put_by_id};
-use crate::config::{PassthroughBackend, PassthroughConfig};
+use super::{Resources, put_by_id};
+use crate::config::{PassthroughBackend, PassthroughConfig, paths};
 
 pub fn put(r: &mut Resources, d: models::PassthroughDevice) -> Result<(), String> {
     config(&d)?;
@@ -18,11 +18,13 @@ pub fn config(d: &models::PassthroughDevice) -> Result<PassthroughConfig, String
     let what = format!("device {}", d.id);
     let backend = match (&d.vfio, &d.vfio_user) {
         (Some(path), None) => {
-            must_exist(&what, "vfio", path)?;
+            let fix = "give a device's directory under /sys/bus/pci/devices, bound to vfio-pci";
+            paths::existing_directory(Path::new(path), &format!("{what} vfio "), fix)?;
             PassthroughBackend::Vfio(PathBuf::from(path))
         }
         (None, Some(path)) => {
-            must_exist(&what, "vfio_user", path)?;
+            let fix = "start the device's vfio-user server first (such as `ferrovisor device-server PATH`)";
+            paths::socket_to_connect(Path::new(path), &format!("{what} vfio_user "), fix)?;
             PassthroughBackend::VfioUser(PathBuf::from(path))
         }
         _ => {

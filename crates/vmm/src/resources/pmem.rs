@@ -1,22 +1,16 @@
 //! `PUT` and `PATCH /pmem/{id}`: files as persistent memory (virtio-pmem).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use api::models;
 
-use super::{Resources, Running, must_exist, put_by_id, rate_limit};
+use super::{Resources, Running, put_by_id, rate_limit};
 use crate::config::PmemConfig;
 use crate::virtio_devices::DeviceChange;
 
 pub fn put(r: &mut Resources, p: models::Pmem) -> Result<(), String> {
     let what = format!("pmem {}", p.id);
-    must_exist(&what, "path_on_host", &p.path_on_host)?;
-    let len = std::fs::metadata(&p.path_on_host).map(|m| m.len()).unwrap_or(0);
-    if len == 0 || !len.is_multiple_of(virtio::pmem::ALIGNMENT) {
-        return Err(format!(
-            "{what} path_on_host is {len} bytes; its size must be a non-zero multiple of 2 MiB (truncate -s)."
-        ));
-    }
+    crate::config::paths::pmem_file(Path::new(&p.path_on_host), p.read_only, &format!("{what} path_on_host "))?;
     rate_limit(&what, &p.rate_limiter)?;
     if p.root_device && r.pmem.iter().any(|o| o.root_device && o.id != p.id) {
         return Err(format!("{what}: another pmem device is the root already; only one can be."));

@@ -9,7 +9,9 @@ use super::Resources;
 use crate::config::SerialConfig;
 
 pub fn put(r: &mut Resources, s: models::Serial) -> Result<(), String> {
-    serial_config(Some(&s))?;
+    if let (SerialConfig::Path(path), _) = serial_config(Some(&s))? {
+        crate::config::paths::output_file(&path, "serial serial_out_path ")?;
+    }
     r.serial = Some(s);
     Ok(())
 }

@@ -13,7 +13,7 @@ pub fn put(r: &mut Resources, v: models::Vsock) -> Result<(), String> {
     if v.guest_cid == 1 || v.guest_cid == 2 {
         return Err(format!("vsock guest_cid {} is reserved; use 3 or more.", v.guest_cid));
     }
-    sandbox::files::check_socket_path(Path::new(&v.uds_path), "vsock uds_path")?;
+    crate::config::paths::socket_to_create(Path::new(&v.uds_path), "vsock uds_path ")?;
     r.vsock = Some(v);
     Ok(())
 }
