@@ -18,7 +18,9 @@
 //! - VMs per second per core: probe VMs launched one after another, one process each, booted
 //!   to `PROBE done` and stopped, divided by the CPU time the processes took (user + system);
 //! - snapshot load to running (Ferrovisor): a probe that filled 64 MiB of its 128 MiB, restored
-//!   by `PUT /snapshot/load` with `resume_vm: true`, from sending the request to the answer.
+//!   by `PUT /snapshot/load` with `resume_vm: true`, from sending the request to the answer;
+//! - snapshot creation (Ferrovisor): the distribution of 20 `PUT /snapshot/create` of that
+//!   paused probe, one after another onto the same files.
 //!   QEMU's restore (which copies the memory) is in `cargo bench --bench memory`.
 
 mod support;
@@ -35,6 +37,8 @@ const TAP: &str = "fvbench-ov0";
 const TIMEOUT: Duration = Duration::from_secs(60);
 /// VMs per run of the VMs-per-second figure.
 const CHURN_VMS: u32 = 20;
+/// Snapshots taken one after another for the creation figures.
+const SNAPSHOTS: usize = 20;
 
 fn runs() -> usize {
     std::env::var("FERROVISOR_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(5)
@@ -224,24 +228,53 @@ fn churn(vmm: Vmm, image: &Path) -> f64 {
     f64::from(CHURN_VMS) / (children_cpu_s() - before)
 }
 
-/// Milliseconds from sending PUT /snapshot/load (resume_vm) to its answer.
-fn snapshot_load_ms(dir: &Path) -> f64 {
-    let socket = dir.join("fv.sock");
-    let mut vm = api_vmm(&socket);
+/// A VMM on `socket` running the probe that filled 64 MiB of its 128 MiB, paused.
+fn paused_memfill_probe(socket: &Path) -> std::process::Child {
+    let mut vm = api_vmm(socket);
     let boot = format!(
         r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0 probe.test=memfill probe.memfill.mib=64 probe.idle=on"}}"#,
         probe()
     );
-    ok(&socket, "PUT", "/boot-source", &boot);
-    ok(&socket, "PUT", "/machine-config", r#"{"vcpu_count": 1, "mem_size_mib": 128}"#);
-    ok(&socket, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    ok(socket, "PUT", "/boot-source", &boot);
+    ok(socket, "PUT", "/machine-config", r#"{"vcpu_count": 1, "mem_size_mib": 128}"#);
+    ok(socket, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
     let mut lines = BufReader::new(vm.stdout.take().unwrap()).lines();
     assert!(lines.any(|l| l.unwrap_or_default().contains("PROBE done")), "the memfill probe finished");
     std::thread::spawn(move || lines.for_each(drop));
-    ok(&socket, "PATCH", "/vm", r#"{"state": "Paused"}"#);
+    ok(socket, "PATCH", "/vm", r#"{"state": "Paused"}"#);
+    vm
+}
+
+fn snapshot_body(state: &Path, mem: &Path) -> String {
+    format!(r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#, state.display(), mem.display())
+}
+
+/// Milliseconds each of SNAPSHOTS `PUT /snapshot/create` of the paused memfill probe took, one
+/// after another onto the same files, as a VM snapshotted periodically is.
+fn snapshot_create_ms(dir: &Path) -> Vec<f64> {
+    let socket = dir.join("create.sock");
+    let mut vm = paused_memfill_probe(&socket);
+    let body = snapshot_body(&dir.join("create.snap"), &dir.join("create.mem"));
+    let times = (0..SNAPSHOTS)
+        .map(|_| {
+            let started = Instant::now();
+            ok(&socket, "PUT", "/snapshot/create", &body);
+            let ms = started.elapsed().as_secs_f64() * 1000.0;
+            std::thread::sleep(Duration::from_millis(200));
+            ms
+        })
+        .collect();
+    ok(&socket, "PUT", "/ferrovisor/stop", "");
+    let _ = vm.wait();
+    times
+}
+
+/// Milliseconds from sending PUT /snapshot/load (resume_vm) to its answer.
+fn snapshot_load_ms(dir: &Path) -> f64 {
+    let socket = dir.join("fv.sock");
+    let mut vm = paused_memfill_probe(&socket);
     let (state, mem) = (dir.join("fv.snap"), dir.join("fv.mem"));
-    let body = format!(r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#, state.display(), mem.display());
-    ok(&socket, "PUT", "/snapshot/create", &body);
+    ok(&socket, "PUT", "/snapshot/create", &snapshot_body(&state, &mem));
     ok(&socket, "PUT", "/ferrovisor/stop", "");
     let _ = vm.wait();
     let socket = dir.join("fv2.sock");
@@ -269,7 +302,7 @@ fn main() {
     std::fs::write(&image, vec![0u8; 64 << 20]).unwrap();
     let vmms: &[Vmm] = if have_qemu { &[Vmm::Ferrovisor, Vmm::Qemu] } else { &[Vmm::Ferrovisor] };
     let (mut launches, mut churns) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
-    let mut loads = Vec::new();
+    let (mut loads, mut creates) = (Vec::new(), Vec::new());
     for run in 0..runs() {
         for &vmm in vmms {
             let i = vmm as usize;
@@ -290,6 +323,11 @@ fn main() {
         let ms = snapshot_load_ms(&dir);
         eprintln!("run {}: snapshot load to running {ms:.2} ms", run + 1);
         loads.push(ms);
+        if run == 0 {
+            creates = snapshot_create_ms(&dir);
+            let shown: Vec<String> = creates.iter().map(|ms| format!("{ms:.0}")).collect();
+            eprintln!("snapshot create ms, {SNAPSHOTS} in a row: {}", shown.join(" "));
+        }
     }
     let _ = Command::new("ip").args(["link", "del", TAP]).status();
     let _ = std::fs::remove_dir_all(&dir);
@@ -324,4 +362,13 @@ fn main() {
     let churn_median = |i: usize| (!churns[i].is_empty()).then(|| median(churns[i].clone()));
     print("VMs per second per core", churn_median(0), churn_median(1), false);
     print("snapshot load to running ms", Some(median(loads)), None, true);
+    creates.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let at = |q: f64| creates[((creates.len() - 1) as f64 * q).round() as usize];
+    println!(
+        "snapshot create ms, {SNAPSHOTS} in a row (64 MiB written): min {:.1}, median {:.1}, p90 {:.1}, max {:.1}",
+        at(0.0),
+        at(0.5),
+        at(0.9),
+        at(1.0)
+    );
 }

@@ -114,7 +114,7 @@ impl Snapshot {
     pub fn write(&self, path: &Path) -> Result<(), String> {
         let body = serde_json::to_vec(self).map_err(|e| format!("the snapshot cannot be encoded: {e}"))?;
         let out = signed(&body);
-        let mut file = sandbox::files::create_output(path, "snapshot_path")?;
+        let mut file = sandbox::files::replace_output(path, "snapshot_path")?;
         std::io::Write::write_all(&mut file, &out)
             .map_err(|e| format!("snapshot_path {} cannot be written ({e})", path.display()))
     }
@@ -306,7 +306,7 @@ pub struct Written {
 /// device-write bitmap so that the next diff starts here.
 pub fn write_memory(mem: &GuestMemory, path: &Path, pages: Pages) -> Result<Written, String> {
     let what = || format!("mem_file_path {}", path.display());
-    let file = sandbox::files::create_output(path, "mem_file_path")?;
+    let file = sandbox::files::replace_output(path, "mem_file_path")?;
     let total: u64 = mem.iter().map(|r| r.len()).sum();
     let mut written = Written { pages: 0, bytes: 0 };
     let mut offset = 0u64;
