@@ -169,7 +169,6 @@ impl Controller {
 
     /// Serves one request.
     pub fn handle(&mut self, request: Request) -> Response {
-        let max_cpus = self.host_limits().max_cpus();
         let running = self.vm.as_ref();
         match request {
             Request::GetInfo => Response::json(&models::InstanceInfo {
@@ -186,8 +185,12 @@ impl Controller {
                 Response::json(&res::config_file::export(&self.resources, running.map(|(_, config)| config)))
             }
             Request::GetMachineConfig => Response::json(&self.resources.machine),
-            Request::PutMachineConfig(m) => self.pre_boot("PUT /machine-config", |r| res::machine::put(r, m, max_cpus)),
+            Request::PutMachineConfig(m) => {
+                let max_cpus = self.host_limits().max_cpus();
+                self.pre_boot("PUT /machine-config", |r| res::machine::put(r, m, max_cpus))
+            }
             Request::PatchMachineConfig(u) => {
+                let max_cpus = self.host_limits().max_cpus();
                 self.pre_boot("PATCH /machine-config", |r| res::machine::patch(r, u, max_cpus))
             }
             Request::PutBootSource(b) => self.pre_boot("PUT /boot-source", |r| res::boot::put(r, b)),
