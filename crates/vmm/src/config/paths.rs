@@ -11,7 +11,7 @@ use super::{ConsoleConfig, NetAttachment, PassthroughBackend, SerialConfig, VmCo
 /// A file the VMM creates or writes to (serial and console output): its directory must exist,
 /// and it must not be a directory.
 pub fn output_file(path: &Path, what: &str) -> Result<(), String> {
-    sandbox::files::not_empty(path, what).map_err(|e| format!("{e}."))?;
+    sandbox::files::not_empty(path, bare(what)).map_err(|e| format!("{e}."))?;
     directory_exists(path, what)?;
     match std::fs::metadata(path) {
         Ok(meta) if meta.is_dir() => {
@@ -24,13 +24,13 @@ pub fn output_file(path: &Path, what: &str) -> Result<(), String> {
 /// A Unix socket the VMM creates (vsock's host side): its directory must exist, and the path
 /// must be free or a stale socket.
 pub fn socket_to_create(path: &Path, what: &str) -> Result<(), String> {
-    sandbox::files::check_socket_path(path, what.trim_end_matches(['=', ':', ' ']))?;
+    sandbox::files::check_socket_path(path, bare(what))?;
     directory_exists(path, what)
 }
 
 /// A Unix socket another process serves (a switch, a vfio-user server): it must be there.
 pub fn socket_to_connect(path: &Path, what: &str, fix: &str) -> Result<(), String> {
-    sandbox::files::not_empty(path, what).map_err(|e| format!("{e}."))?;
+    sandbox::files::not_empty(path, bare(what)).map_err(|e| format!("{e}."))?;
     match std::fs::metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => Ok(()),
         Ok(_) => Err(format!("{what}{} is not a Unix socket; {fix}.", path.display())),
@@ -40,7 +40,7 @@ pub fn socket_to_connect(path: &Path, what: &str, fix: &str) -> Result<(), Strin
 
 /// A directory that must exist (a VFIO device's sysfs directory).
 pub fn existing_directory(path: &Path, what: &str, fix: &str) -> Result<(), String> {
-    sandbox::files::not_empty(path, what).map_err(|e| format!("{e}."))?;
+    sandbox::files::not_empty(path, bare(what)).map_err(|e| format!("{e}."))?;
     match std::fs::metadata(path) {
         Ok(meta) if meta.is_dir() => Ok(()),
         Ok(_) => Err(format!("{what}{} is not a directory; {fix}.", path.display())),
@@ -51,7 +51,7 @@ pub fn existing_directory(path: &Path, what: &str, fix: &str) -> Result<(), Stri
 /// A file the guest sees as memory (virtio-pmem): a regular file whose size is a non-zero
 /// multiple of 2 MiB, opened for writing unless read-only.
 pub fn pmem_file(path: &Path, readonly: bool, what: &str) -> Result<(), String> {
-    sandbox::files::not_empty(path, what).map_err(|e| format!("{e}."))?;
+    sandbox::files::not_empty(path, bare(what)).map_err(|e| format!("{e}."))?;
     let shown = path.display();
     let file = std::fs::OpenOptions::new().read(true).write(!readonly).open(path).map_err(|e| {
         let mode = if readonly { "" } else { " for writing (or make it readonly)" };
@@ -68,6 +68,12 @@ pub fn pmem_file(path: &Path, readonly: bool, what: &str) -> Result<(), String> 
         ));
     }
     Ok(())
+}
+
+/// The option without what joins it to its path (`--vsock uds=` -> `--vsock uds`), for
+/// sentences that put the path elsewhere.
+fn bare(what: &str) -> &str {
+    what.trim_end_matches(['=', ':', ' '])
 }
 
 fn directory_exists(path: &Path, what: &str) -> Result<(), String> {
@@ -159,6 +165,8 @@ mod tests {
         assert!(existing_directory(&file, "--device vfio=", "fix").unwrap_err().contains("is not a directory"));
 
         assert!(pmem_file(Path::new("/nonexistent"), true, "--pmem path=").unwrap_err().contains("cannot be opened"));
+        let e = pmem_file(Path::new(""), true, "pmem p1 path_on_host ").unwrap_err();
+        assert_eq!(e, "pmem p1 path_on_host is empty; give a path.");
         assert!(pmem_file(&file, false, "--pmem path=").unwrap_err().contains("is 1 bytes"));
         let two_mib = dir.join("pmem");
         std::fs::File::create(&two_mib).unwrap().set_len(2 << 20).unwrap();
