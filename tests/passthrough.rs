@@ -117,8 +117,13 @@ fn assignment_mistakes_are_refused_with_their_fix() {
         assert!(!out.status.success(), "{device}: {}", out.describe());
         out.stderr
     };
-    let missing = refused(&format!("vfio-user={}", dir.join("none.sock").display()));
-    assert!(missing.contains("is its device server running?"), "{missing}");
+    // A socket that is not there is refused before the VM starts, as every missing path is.
+    let mut cmd = probe_command(1, "probe.test=dma-engine");
+    cmd.args(["--device", &format!("vfio-user={}", dir.join("none.sock").display())]);
+    let out = Running::start(cmd).finish(TIMEOUT);
+    assert_eq!(out.status.code(), Some(2), "{}", out.describe());
+    assert!(out.stderr.contains("cannot be reached (No such file or directory"), "{}", out.describe());
+    assert!(out.stderr.contains("start the device's vfio-user server first"), "{}", out.describe());
 
     // A socket whose server speaks something else.
     let not_vfio = dir.join("http.sock");
