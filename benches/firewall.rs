@@ -71,7 +71,7 @@ fn engine(firewall: &Firewall) -> f64 {
 }
 
 fn identity() -> PortIdentity {
-    PortIdentity { mac: [2, 0, 0, 0, 0, 1], ip: Some(Ipv4Addr::new(10, 0, 0, 1)), anti_spoofing: true }
+    PortIdentity { mac: [2, 0, 0, 0, 0, 1], ip: Some(Ipv4Addr::new(10, 0, 0, 1)), ip6: None, anti_spoofing: true }
 }
 
 fn switch_probe(switch: &Path, host: u8, firewall: Option<&Path>, tests: &str) -> Child {

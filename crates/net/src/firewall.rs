@@ -1,15 +1,22 @@
 //! The virtual firewall on a VM's network port: security-group rules (ordered, per direction,
-//! by protocol, port range and peer CIDR, with a default policy each way), stateful (replies to
-//! an allowed connection pass; flows are tracked with timeouts in a bounded table, so that an
-//! established flow costs one lookup), and port guards: anti-spoofing (the port's own MAC and,
-//! once known, IPv4 address), no DHCP server answers from the VM, and storm control for its
-//! broadcast and multicast frames.
+//! by protocol, port range and peer CIDR, IPv4 or IPv6, with a default policy each way),
+//! stateful (replies to an allowed connection pass; flows are tracked with timeouts in a bounded
+//! table, so that an established flow costs one lookup), and port guards: anti-spoofing (the
+//! port's own MAC; once known its IPv4 address; its IPv6 link-local address and those it was
+//! given or learned from DHCPv6 and router advertisements; neighbour advertisements for its own
+//! addresses only), no DHCP or DHCPv6 server answers and no router advertisements from the VM,
+//! and storm control for its broadcast and multicast frames (ND and MLD among them).
+//!
+//! IPv6 extension headers are walked up to MAX_EXTENSION_HEADERS; a longer chain is dropped.
+//! A fragment after the first (IPv4 or IPv6) follows the verdict its first fragment got, as
+//! Linux's conntrack reassembles before it decides; one whose first fragment was not seen
+//! within FRAGMENT_TIMEOUT is dropped.
 //!
 //! "in" is traffic to the VM, "out" traffic from it; a rule's `peer` is the other end and its
 //! `ports` the destination port of the packet in the rule's direction.
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,11 +36,31 @@ const OTHER_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_STORM_PPS: u32 = 1000;
 
 const ETH_IPV4: u16 = 0x0800;
+const ETH_IPV6: u16 = 0x86dd;
 const ETH_ARP: u16 = 0x0806;
 const ETH_VLAN: u16 = 0x8100;
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
+/// IPv6 extension headers a packet may carry before its upper-layer header.
+pub const MAX_EXTENSION_HEADERS: usize = 8;
+/// Fragmented packets whose first fragment's verdict a port remembers at most.
+pub const MAX_FRAGMENTED: usize = 1024;
+/// How long later fragments may follow their first, as Linux's reassembly timeout.
+pub const FRAGMENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// IPv6 addresses a port learns for its VM at most (from DHCPv6 and router advertisements).
+pub const MAX_LEARNED_IPV6: usize = 8;
+const ICMPV6_ECHO_REQUEST: u8 = 128;
+const ICMPV6_ECHO_REPLY: u8 = 129;
+const ICMPV6_MLD_QUERY: u8 = 130;
+const ICMPV6_MLD_REPORT: u8 = 131;
+const ICMPV6_ROUTER_SOLICIT: u8 = 133;
+const ICMPV6_ROUTER_ADVERT: u8 = 134;
+const ICMPV6_NEIGHBOR_SOLICIT: u8 = 135;
+const ICMPV6_NEIGHBOR_ADVERT: u8 = 136;
+const ICMPV6_REDIRECT: u8 = 137;
+const ICMPV6_MLD2_REPORT: u8 = 143;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -55,6 +82,7 @@ pub enum Protocol {
     Tcp,
     Udp,
     Icmp,
+    Icmpv6,
     Any,
 }
 
@@ -64,40 +92,59 @@ impl Protocol {
             Protocol::Tcp => proto == PROTO_TCP,
             Protocol::Udp => proto == PROTO_UDP,
             Protocol::Icmp => proto == PROTO_ICMP,
+            Protocol::Icmpv6 => proto == PROTO_ICMPV6,
             Protocol::Any => true,
         }
     }
 }
 
-/// An IPv4 network: `10.0.0.0/8`, or one address.
+/// An IPv4 or IPv6 network: `10.0.0.0/8`, `2001:db8::/32`, or one address. It matches only
+/// addresses of its own family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Cidr {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub prefix: u8,
 }
 
 impl Cidr {
-    fn mask(self) -> u32 {
-        u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0)
+    /// The address as a 128-bit number, IPv4 in the low 32 bits, and its family's width.
+    fn bits(ip: IpAddr) -> (u128, u8) {
+        match ip {
+            IpAddr::V4(a) => (u128::from(u32::from(a)), 32),
+            IpAddr::V6(a) => (u128::from(a), 128),
+        }
     }
 
-    pub fn contains(self, ip: Ipv4Addr) -> bool {
-        u32::from(ip) & self.mask() == u32::from(self.addr) & self.mask()
+    fn mask(self) -> u128 {
+        let width = Self::bits(self.addr).1;
+        let ones = u128::MAX.checked_shl(u32::from(width - self.prefix)).unwrap_or(0);
+        ones & (u128::MAX >> (128 - u32::from(width)))
+    }
+
+    pub fn contains(self, ip: IpAddr) -> bool {
+        self.addr.is_ipv4() == ip.is_ipv4() && Self::bits(ip).0 & self.mask() == Self::bits(self.addr).0 & self.mask()
     }
 }
 
 impl std::str::FromStr for Cidr {
     type Err = String;
     fn from_str(s: &str) -> Result<Cidr, String> {
-        let (addr, prefix) = s.split_once('/').unwrap_or((s, "32"));
-        let addr: Ipv4Addr = addr.parse().map_err(|_| format!("'{s}' is not an IPv4 address or network"))?;
-        let prefix: u8 = prefix
-            .parse()
-            .ok()
-            .filter(|p| *p <= 32)
-            .ok_or_else(|| format!("'{s}' has a prefix length that is not 0 to 32"))?;
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr.parse().map_err(|_| format!("'{s}' is not an IPv4 or IPv6 address or network"))?;
+        let width = Self::bits(addr).1;
+        let prefix: u8 = match prefix {
+            None => width,
+            Some(p) => p
+                .parse()
+                .ok()
+                .filter(|p| *p <= width)
+                .ok_or_else(|| format!("'{s}' has a prefix length that is not 0 to {width}"))?,
+        };
         let cidr = Cidr { addr, prefix };
-        if u32::from(addr) & !cidr.mask() != 0 {
+        if Self::bits(addr).0 & !cidr.mask() & (u128::MAX >> (128 - u32::from(width))) != 0 {
             return Err(format!("'{s}' has host bits set; write the network, such as {}", Cidr::network(cidr)));
         }
         Ok(cidr)
@@ -106,7 +153,12 @@ impl std::str::FromStr for Cidr {
 
 impl Cidr {
     fn network(self) -> String {
-        format!("{}/{}", Ipv4Addr::from(u32::from(self.addr) & self.mask()), self.prefix)
+        let network = Self::bits(self.addr).0 & self.mask();
+        let addr = match self.addr {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::from(network as u32)),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::from(network)),
+        };
+        format!("{addr}/{}", self.prefix)
     }
 }
 
@@ -219,8 +271,11 @@ impl RuleSetSpec {
                 "tcp" => Protocol::Tcp,
                 "udp" => Protocol::Udp,
                 "icmp" => Protocol::Icmp,
+                "icmpv6" => Protocol::Icmpv6,
                 "any" => Protocol::Any,
-                other => return Err(format!("{what} protocol '{other}' is unknown; use tcp, udp, icmp or any")),
+                other => {
+                    return Err(format!("{what} protocol '{other}' is unknown; use tcp, udp, icmp, icmpv6 or any"));
+                }
             };
             let ports = match &r.ports {
                 None => None,
@@ -232,6 +287,17 @@ impl RuleSetSpec {
                 Some(text) => Some(parse_ports(text).map_err(|e| format!("{what} ports {e}"))?),
             };
             let peer = r.peer.as_deref().map(str::parse::<Cidr>).transpose().map_err(|e| format!("{what} peer {e}"))?;
+            // ICMP is IPv4's and ICMPv6 IPv6's: a peer of the other family would match nothing.
+            match (protocol, peer.map(|p| p.addr)) {
+                (Protocol::Icmp, Some(IpAddr::V6(_))) | (Protocol::Icmpv6, Some(IpAddr::V4(_))) => {
+                    return Err(format!(
+                        "{what} peer {} is of the other IP family than protocol {}; use icmp with IPv4 and icmpv6 with IPv6",
+                        r.peer.as_deref().unwrap_or_default(),
+                        r.protocol
+                    ));
+                }
+                _ => {}
+            }
             rules.push(Rule { name, direction: r.direction, protocol, ports, peer, action: r.action });
         }
         Ok(RuleSet {
@@ -274,11 +340,12 @@ fn parse_ports(text: &str) -> Result<(u16, u16), String> {
     Ok((low, high))
 }
 
-/// What the port is: its MAC and, once known, its IPv4 address.
+/// What the port is: its MAC and, once known, its IPv4 address; the IPv6 address it was given.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PortIdentity {
     pub mac: [u8; 6],
     pub ip: Option<Ipv4Addr>,
+    pub ip6: Option<Ipv6Addr>,
     /// Whether anti-spoofing is on when the rule set does not say.
     pub anti_spoofing: bool,
 }
@@ -294,10 +361,18 @@ pub enum DropReason {
     RogueDhcp,
     Storm,
     FlowTableFull,
+    /// A router advertisement or redirect from the VM.
+    RogueRouterAdvert,
+    /// A neighbour advertisement for an address the VM does not own.
+    SpoofedNeighborAdvert,
+    /// More IPv6 extension headers than MAX_EXTENSION_HEADERS, or a truncated chain.
+    HeaderChain,
+    /// A later fragment whose first fragment was not seen (or was dropped).
+    OrphanFragment,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 12] = [
         DropReason::Rule,
         DropReason::Default,
         DropReason::SpoofedMac,
@@ -306,6 +381,10 @@ impl DropReason {
         DropReason::RogueDhcp,
         DropReason::Storm,
         DropReason::FlowTableFull,
+        DropReason::RogueRouterAdvert,
+        DropReason::SpoofedNeighborAdvert,
+        DropReason::HeaderChain,
+        DropReason::OrphanFragment,
     ];
 
     pub fn name(self) -> &'static str {
@@ -318,6 +397,10 @@ impl DropReason {
             DropReason::RogueDhcp => "rogue_dhcp",
             DropReason::Storm => "storm_control",
             DropReason::FlowTableFull => "flow_table_full",
+            DropReason::RogueRouterAdvert => "rogue_router_advert",
+            DropReason::SpoofedNeighborAdvert => "spoofed_neighbor_advert",
+            DropReason::HeaderChain => "ipv6_header_chain",
+            DropReason::OrphanFragment => "orphan_fragment",
         }
     }
 }
@@ -326,9 +409,12 @@ impl DropReason {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct FlowKey {
     proto: u8,
-    vm: (Ipv4Addr, u16),
-    remote: (Ipv4Addr, u16),
+    vm: (IpAddr, u16),
+    remote: (IpAddr, u16),
 }
+
+/// A fragmented packet: source, destination, identification and protocol.
+type FragmentKey = (IpAddr, IpAddr, u32, u8);
 
 #[derive(Clone, Copy, Debug)]
 struct Flow {
@@ -350,22 +436,50 @@ struct Packet {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
-    Ipv4 {
-        src: Ipv4Addr,
-        dst: Ipv4Addr,
+    /// IPv4 or IPv6, with the upper-layer protocol past any extension headers.
+    Ip {
+        src: IpAddr,
+        dst: IpAddr,
         proto: u8,
         ports: Option<(u16, u16)>,
         tcp_flags: u8,
+        fragment: Fragment,
         dhcp: Option<Dhcp>,
+        icmpv6: Option<Icmpv6>,
+        /// The first address a DHCPv6 Reply hands out (IA_NA).
+        dhcpv6_address: Option<Ipv6Addr>,
     },
     Arp {
         sender_mac: [u8; 6],
         sender_ip: Ipv4Addr,
     },
-    /// IPv6 and everything else: only protocol `any` rules without a peer match it.
+    /// Everything else: only protocol `any` rules without a peer match it.
     Other,
+    /// IPv6 with more extension headers than MAX_EXTENSION_HEADERS.
+    HeaderChain,
     /// Too short or malformed to be what it says.
     Broken,
+}
+
+/// Where a packet stands among fragments.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fragment {
+    Whole,
+    /// The first fragment (offset 0, more to come), with the packet's identification.
+    First(u32),
+    /// A later fragment: no upper-layer header.
+    Later(u32),
+}
+
+/// What the firewall reads of an ICMPv6 message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Icmpv6 {
+    kind: u8,
+    /// A neighbour solicitation's or advertisement's target.
+    target: Option<Ipv6Addr>,
+    /// A router advertisement's first prefix for address autoconfiguration (a /64 with the
+    /// autonomous flag).
+    slaac_prefix: Option<Ipv6Addr>,
 }
 
 /// A DHCP message's type and the address it hands out, from a BOOTP reply.
@@ -392,6 +506,7 @@ fn parse(frame: &[u8]) -> Option<Packet> {
     let payload = &frame[at..];
     let kind = match ethertype {
         ETH_IPV4 => parse_ipv4(payload),
+        ETH_IPV6 => parse_ipv6(payload),
         ETH_ARP if payload.len() >= 28 => Kind::Arp {
             sender_mac: payload[8..14].try_into().expect("six bytes"),
             sender_ip: Ipv4Addr::new(payload[14], payload[15], payload[16], payload[17]),
@@ -413,20 +528,19 @@ fn parse_ipv4(p: &[u8]) -> Kind {
     }
     let (src, dst) = (Ipv4Addr::new(p[12], p[13], p[14], p[15]), Ipv4Addr::new(p[16], p[17], p[18], p[19]));
     let proto = p[9];
-    let first_fragment = u16::from_be_bytes([p[6], p[7]]) & 0x1fff == 0;
+    let flags_offset = u16::from_be_bytes([p[6], p[7]]);
+    let id = u32::from(u16::from_be_bytes([p[4], p[5]]));
+    let fragment = match (flags_offset & 0x1fff, flags_offset & 0x2000 != 0) {
+        (0, false) => Fragment::Whole,
+        (0, true) => Fragment::First(id),
+        _ => Fragment::Later(id),
+    };
     let l4 = &p[header..total.min(p.len())];
     let (mut ports, mut tcp_flags, mut dhcp) = (None, 0, None);
-    if first_fragment {
+    if fragment != Fragment::Later(id) {
+        (ports, tcp_flags) = transport(proto, l4);
         match proto {
-            PROTO_TCP | PROTO_UDP if l4.len() >= 4 => {
-                ports = Some((u16::from_be_bytes([l4[0], l4[1]]), u16::from_be_bytes([l4[2], l4[3]])));
-                if proto == PROTO_TCP && l4.len() >= 14 {
-                    tcp_flags = l4[13];
-                }
-                if proto == PROTO_UDP && l4.len() >= 8 + 240 {
-                    dhcp = parse_dhcp(&l4[8..]);
-                }
-            }
+            PROTO_UDP if l4.len() >= 8 + 240 => dhcp = parse_dhcp(&l4[8..]),
             // An ICMP echo's identifier stands in for a port, so that replies find their flow.
             PROTO_ICMP if l4.len() >= 8 && matches!(l4[0], 0 | 8) => {
                 let id = u16::from_be_bytes([l4[4], l4[5]]);
@@ -435,7 +549,165 @@ fn parse_ipv4(p: &[u8]) -> Kind {
             _ => {}
         }
     }
-    Kind::Ipv4 { src, dst, proto, ports, tcp_flags, dhcp }
+    let (src, dst) = (IpAddr::V4(src), IpAddr::V4(dst));
+    Kind::Ip { src, dst, proto, ports, tcp_flags, fragment, dhcp, icmpv6: None, dhcpv6_address: None }
+}
+
+/// TCP's and UDP's ports, and TCP's flags.
+fn transport(proto: u8, l4: &[u8]) -> (Option<(u16, u16)>, u8) {
+    match proto {
+        PROTO_TCP | PROTO_UDP if l4.len() >= 4 => {
+            let ports = Some((u16::from_be_bytes([l4[0], l4[1]]), u16::from_be_bytes([l4[2], l4[3]])));
+            (ports, if proto == PROTO_TCP && l4.len() >= 14 { l4[13] } else { 0 })
+        }
+        _ => (None, 0),
+    }
+}
+
+fn ipv6_at(b: &[u8], at: usize) -> Option<Ipv6Addr> {
+    let bytes: [u8; 16] = b.get(at..at + 16)?.try_into().ok()?;
+    Some(Ipv6Addr::from(bytes))
+}
+
+fn parse_ipv6(p: &[u8]) -> Kind {
+    if p.len() < 40 || p[0] >> 4 != 6 {
+        return Kind::Broken;
+    }
+    let end = (40 + usize::from(u16::from_be_bytes([p[4], p[5]]))).min(p.len());
+    let (src, dst) = (ipv6_at(p, 8).expect("40 bytes"), ipv6_at(p, 24).expect("40 bytes"));
+    let (mut next, mut at, mut fragment) = (p[6], 40, Fragment::Whole);
+    let mut headers = 0;
+    // Walk the extension headers to the upper-layer one.
+    loop {
+        let length = match next {
+            // Hop-by-hop, routing, destination options, mobility, HIP, shim6: 8-octet units.
+            0 | 43 | 60 | 135 | 139 | 140 => p.get(at + 1).map(|&l| (usize::from(l) + 1) * 8),
+            // The authentication header counts 4-octet units, less two.
+            51 => p.get(at + 1).map(|&l| (usize::from(l) + 2) * 4),
+            44 => {
+                let Some(h) = p.get(at..at + 8) else { return Kind::Broken };
+                let offset = u16::from_be_bytes([h[2], h[3]]) >> 3;
+                let id = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+                fragment = match (offset, h[3] & 1 != 0) {
+                    (0, false) => Fragment::Whole,
+                    (0, true) => Fragment::First(id),
+                    _ => Fragment::Later(id),
+                };
+                Some(8)
+            }
+            _ => break,
+        };
+        let Some(length) = length.filter(|l| at + l <= end) else { return Kind::Broken };
+        headers += 1;
+        if headers > MAX_EXTENSION_HEADERS {
+            return Kind::HeaderChain;
+        }
+        next = p[at];
+        at += length;
+        if matches!(fragment, Fragment::Later(_)) {
+            break;
+        }
+    }
+    let proto = next;
+    let l4 = &p[at..end];
+    let (mut ports, mut tcp_flags, mut icmpv6, mut dhcpv6_address) = (None, 0, None, None);
+    if !matches!(fragment, Fragment::Later(_)) {
+        (ports, tcp_flags) = transport(proto, l4);
+        match proto {
+            PROTO_UDP if ports == Some((547, 546)) => dhcpv6_address = parse_dhcpv6_reply(l4.get(8..).unwrap_or(&[])),
+            PROTO_ICMPV6 if !l4.is_empty() => {
+                let kind = l4[0];
+                if matches!(kind, ICMPV6_ECHO_REQUEST | ICMPV6_ECHO_REPLY) && l4.len() >= 8 {
+                    let id = u16::from_be_bytes([l4[4], l4[5]]);
+                    ports = Some((id, id));
+                }
+                let target =
+                    matches!(kind, ICMPV6_NEIGHBOR_SOLICIT | ICMPV6_NEIGHBOR_ADVERT).then(|| ipv6_at(l4, 8)).flatten();
+                let slaac_prefix = (kind == ICMPV6_ROUTER_ADVERT).then(|| slaac_prefix(l4)).flatten();
+                icmpv6 = Some(Icmpv6 { kind, target, slaac_prefix });
+            }
+            _ => {}
+        }
+    }
+    let (src, dst) = (IpAddr::V6(src), IpAddr::V6(dst));
+    Kind::Ip { src, dst, proto, ports, tcp_flags, fragment, dhcp: None, icmpv6, dhcpv6_address }
+}
+
+/// ICMPv6's neighbour discovery (router and neighbour solicitations and advertisements,
+/// redirects) and multicast listener messages.
+fn is_neighbor_discovery(kind: u8) -> bool {
+    matches!(kind, ICMPV6_MLD_QUERY | ICMPV6_MLD_REPORT | 132 | ICMPV6_MLD2_REPORT) || (133..=137).contains(&kind)
+}
+
+/// A router advertisement's first prefix information option with the autonomous flag and a
+/// /64 prefix, the one a host forms its address from.
+fn slaac_prefix(ra: &[u8]) -> Option<Ipv6Addr> {
+    let mut at = 16;
+    // Options are at least 8 octets: the loop ends within the message's length.
+    while let (Some(&kind), Some(&units)) = (ra.get(at), ra.get(at + 1)) {
+        let length = usize::from(units) * 8;
+        if length == 0 {
+            return None;
+        }
+        if kind == 3 && length == 32 && ra.get(at + 2) == Some(&64) && ra.get(at + 3).is_some_and(|f| f & 0x40 != 0) {
+            return ipv6_at(ra, at + 16);
+        }
+        at += length;
+    }
+    None
+}
+
+/// The first address of a DHCPv6 Reply's IA_NA, if the message is one.
+fn parse_dhcpv6_reply(m: &[u8]) -> Option<Ipv6Addr> {
+    const REPLY: u8 = 7;
+    const IA_NA: u16 = 3;
+    const IAADDR: u16 = 5;
+    if m.first() != Some(&REPLY) {
+        return None;
+    }
+    let option = |b: &[u8], at: usize| -> Option<(u16, usize)> {
+        let h = b.get(at..at + 4)?;
+        Some((u16::from_be_bytes([h[0], h[1]]), usize::from(u16::from_be_bytes([h[2], h[3]]))))
+    };
+    let mut at = 4;
+    while let Some((code, length)) = option(m, at) {
+        let body = m.get(at + 4..at + 4 + length)?;
+        if code == IA_NA && body.len() >= 12 {
+            let mut inner = 12;
+            while let Some((code, length)) = option(body, inner) {
+                if code == IAADDR && length >= 24 {
+                    return ipv6_at(body, inner + 4);
+                }
+                inner += 4 + length;
+            }
+        }
+        at += 4 + length;
+    }
+    None
+}
+
+/// The link-local address a host forms from its MAC (modified EUI-64), and its interface
+/// identifier on any /64.
+fn eui64(prefix: Ipv6Addr, mac: [u8; 6]) -> Ipv6Addr {
+    let p = prefix.octets();
+    Ipv6Addr::from([
+        p[0],
+        p[1],
+        p[2],
+        p[3],
+        p[4],
+        p[5],
+        p[6],
+        p[7],
+        mac[0] ^ 2,
+        mac[1],
+        mac[2],
+        0xff,
+        0xfe,
+        mac[3],
+        mac[4],
+        mac[5],
+    ])
 }
 
 fn parse_dhcp(b: &[u8]) -> Option<Dhcp> {
@@ -520,6 +792,10 @@ struct State {
     /// When expired flows were last swept out of a full table: at most once a second, so
     /// that a guest opening flows without end cannot make every frame pay for a sweep.
     swept: Option<Instant>,
+    /// Fragmented packets whose first fragment was seen: whether it passed, until when.
+    fragments: HashMap<FragmentKey, (bool, Instant)>,
+    /// IPv6 addresses learned for the VM, newest last.
+    learned6: Vec<Ipv6Addr>,
 }
 
 /// The firewall of one port; shared by the port's worker and the API. An inactive one (a port
@@ -582,6 +858,8 @@ impl Firewall {
                 storm,
                 drops: HashMap::new(),
                 swept: None,
+                fragments: HashMap::new(),
+                learned6: Vec::new(),
             }),
         }
     }
@@ -664,8 +942,8 @@ impl Firewall {
             .filter(|(_, f)| f.expires > now)
             .map(|(k, f)| FlowReport {
                 protocol: k.proto,
-                vm: format!("{}:{}", k.vm.0, k.vm.1),
-                remote: format!("{}:{}", k.remote.0, k.remote.1),
+                vm: std::net::SocketAddr::new(k.vm.0, k.vm.1).to_string(),
+                remote: std::net::SocketAddr::new(k.remote.0, k.remote.1).to_string(),
                 origin: f.origin,
                 rule: f.rule.and_then(|i| s.rules.rules.get(i)).map(|r| r.name.clone()),
                 packets: f.packets,
@@ -699,7 +977,7 @@ impl Firewall {
 }
 
 impl Rule {
-    fn matches(&self, direction: Direction, proto: u8, remote: Ipv4Addr, port: Option<u16>) -> bool {
+    fn matches(&self, direction: Direction, proto: u8, remote: IpAddr, port: Option<u16>) -> bool {
         self.direction == direction
             && self.protocol.matches(proto)
             && self.peer.is_none_or(|c| c.contains(remote))
@@ -740,7 +1018,7 @@ fn decide(
     rules: &RuleSet,
     direction: Direction,
     proto: u8,
-    remote: Ipv4Addr,
+    remote: IpAddr,
     port: Option<u16>,
 ) -> (Action, Option<usize>) {
     match rules.rules.iter().position(|r| r.matches(direction, proto, remote, port)) {
@@ -763,12 +1041,13 @@ impl State {
     fn drop(&mut self, reason: DropReason, direction: Direction, packet: Option<&Packet>) -> bool {
         *self.drops.entry(reason).or_default() += 1;
         let what = match packet.map(|p| p.kind) {
-            Some(Kind::Ipv4 { src, dst, proto, ports, .. }) => {
+            Some(Kind::Ip { src, dst, proto, ports, .. }) => {
                 let (sp, dp) = ports.unwrap_or((0, 0));
-                format!("proto {proto} {src}:{sp} -> {dst}:{dp}")
+                let (src, dst) = (std::net::SocketAddr::new(src, sp), std::net::SocketAddr::new(dst, dp));
+                format!("proto {proto} {src} -> {dst}")
             }
             Some(Kind::Arp { sender_ip, .. }) => format!("ARP from {sender_ip}"),
-            _ => "a non-IPv4 frame".into(),
+            _ => "a frame that is neither IP nor ARP".into(),
         };
         devices::guest_event!("firewall: dropped {direction:?} {what} ({})", reason.name());
         false
@@ -781,15 +1060,47 @@ impl State {
         } else if let Some(reason) = self.guard(&packet, now) {
             return self.drop(reason, direction, Some(&packet));
         }
-        let (src, dst, proto, ports, tcp_flags) = match packet.kind {
-            Kind::Ipv4 { src, dst, proto, ports, tcp_flags, .. } => (src, dst, proto, ports, tcp_flags),
+        let (src, dst, proto, fragment) = match packet.kind {
+            // Neighbour discovery and multicast listening are IPv6's ARP: without them nothing
+            // reaches the VM, so they pass as ARP does (security groups allow them too).
+            Kind::Ip { icmpv6: Some(Icmpv6 { kind, .. }), .. } if is_neighbor_discovery(kind) => return true,
+            Kind::Ip { src, dst, proto, fragment, .. } => (src, dst, proto, fragment),
             // ARP resolves addresses both ways; the guard checked the VM's.
             Kind::Arp { .. } => return true,
+            Kind::HeaderChain => return self.drop(DropReason::HeaderChain, direction, Some(&packet)),
             Kind::Other | Kind::Broken => {
                 let (action, rule) = self.decide_other(direction);
                 return self.count(action, rule, direction, frame.len(), &packet);
             }
         };
+        match fragment {
+            Fragment::Whole => self.filter_ip(direction, frame.len(), &packet, now),
+            Fragment::First(id) => {
+                let passed = self.filter_ip(direction, frame.len(), &packet, now);
+                self.remember_fragment((src, dst, id, proto), passed, now);
+                passed
+            }
+            Fragment::Later(id) => match self.fragments.get(&(src, dst, id, proto)).filter(|f| f.1 > now) {
+                Some(&(true, _)) => true,
+                _ => self.drop(DropReason::OrphanFragment, direction, Some(&packet)),
+            },
+        }
+    }
+
+    /// Keeps a first fragment's verdict for the fragments after it, in a bounded table (a full
+    /// one keeps nothing more: the later fragments are dropped).
+    fn remember_fragment(&mut self, key: FragmentKey, passed: bool, now: Instant) {
+        if self.fragments.len() >= MAX_FRAGMENTED {
+            self.fragments.retain(|_, f| f.1 > now);
+        }
+        if self.fragments.len() < MAX_FRAGMENTED || self.fragments.contains_key(&key) {
+            self.fragments.insert(key, (passed, now + FRAGMENT_TIMEOUT));
+        }
+    }
+
+    /// A whole IP packet or a first fragment: its flow, or the rules for a new one.
+    fn filter_ip(&mut self, direction: Direction, len: usize, packet: &Packet, now: Instant) -> bool {
+        let Kind::Ip { src, dst, proto, ports, tcp_flags, .. } = packet.kind else { return false };
         let (vm, remote) = match direction {
             Direction::Out => ((src, ports.map_or(0, |p| p.0)), (dst, ports.map_or(0, |p| p.1))),
             Direction::In => ((dst, ports.map_or(0, |p| p.1)), (src, ports.map_or(0, |p| p.0))),
@@ -802,7 +1113,7 @@ impl State {
             if flow.origin == direction
                 && let Some(counter) = flow.rule.and_then(|i| self.counters.get_mut(i))
             {
-                counter.add(frame.len());
+                counter.add(len);
             }
             return true;
         }
@@ -817,12 +1128,12 @@ impl State {
                 self.swept = Some(now);
             }
             if self.flows.len() >= MAX_FLOWS {
-                return self.drop(DropReason::FlowTableFull, direction, Some(&packet));
+                return self.drop(DropReason::FlowTableFull, direction, Some(packet));
             }
             self.flows
                 .insert(key, Flow { origin: direction, rule, expires: now + timeout(proto, closing), packets: 1 });
         }
-        self.count(action, rule, direction, frame.len(), &packet)
+        self.count(action, rule, direction, len, packet)
     }
 
     fn decide_other(&self, direction: Direction) -> (Action, Option<usize>) {
@@ -881,7 +1192,7 @@ impl State {
                 let ip_ok = sender_ip.is_unspecified() || own.ip.is_none_or(|ip| ip == sender_ip);
                 (sender_mac != own.mac || !ip_ok).then_some(DropReason::SpoofedArp)
             }
-            Kind::Ipv4 { src, proto, ports, .. } => {
+            Kind::Ip { src: IpAddr::V4(src), proto, ports, .. } => {
                 if proto == PROTO_UDP && ports.is_some_and(|(sp, _)| sp == 67) {
                     return Some(DropReason::RogueDhcp);
                 }
@@ -889,13 +1200,64 @@ impl State {
                 let dhcp_request = src.is_unspecified() && proto == PROTO_UDP && ports == Some((68, 67));
                 (own.ip.is_some_and(|ip| ip != src) && !dhcp_request).then_some(DropReason::SpoofedIp)
             }
-            Kind::Other | Kind::Broken => None,
+            Kind::Ip { src: IpAddr::V6(src), proto, ports, icmpv6, .. } => {
+                if proto == PROTO_UDP && ports.is_some_and(|(sp, _)| sp == 547) {
+                    return Some(DropReason::RogueDhcp);
+                }
+                let kind = icmpv6.map(|m| m.kind);
+                if matches!(kind, Some(ICMPV6_ROUTER_ADVERT | ICMPV6_REDIRECT)) {
+                    return Some(DropReason::RogueRouterAdvert);
+                }
+                if kind == Some(ICMPV6_NEIGHBOR_ADVERT)
+                    && !icmpv6.and_then(|m| m.target).is_some_and(|t| self.owns_ipv6(t))
+                {
+                    return Some(DropReason::SpoofedNeighborAdvert);
+                }
+                // Before it has an address, a VM sends from :: its duplicate address detection,
+                // its router solicitations and its multicast listener reports alone.
+                let unspecified_ok = matches!(
+                    kind,
+                    Some(ICMPV6_NEIGHBOR_SOLICIT | ICMPV6_ROUTER_SOLICIT | ICMPV6_MLD_REPORT | ICMPV6_MLD2_REPORT)
+                );
+                let ok = if src.is_unspecified() { unspecified_ok } else { self.owns_ipv6(src) };
+                (!ok).then_some(DropReason::SpoofedIp)
+            }
+            Kind::Other | Kind::HeaderChain | Kind::Broken => None,
         }
     }
 
-    /// Learns the VM's address from a DHCP ACK for its MAC.
+    /// Whether the VM may send from `ip`: its link-local address, the address it was given, or
+    /// one it learned.
+    fn owns_ipv6(&self, ip: Ipv6Addr) -> bool {
+        let own = self.identity;
+        ip == eui64(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), own.mac)
+            || own.ip6 == Some(ip)
+            || self.learned6.contains(&ip)
+    }
+
+    fn learn_ipv6(&mut self, ip: Ipv6Addr, from: &str) {
+        if self.owns_ipv6(ip) || ip.is_unspecified() || ip.is_multicast() {
+            return;
+        }
+        if self.learned6.len() >= MAX_LEARNED_IPV6 {
+            self.learned6.remove(0);
+        }
+        tracing::info!("firewall: the VM's IPv6 address {ip} ({from})");
+        self.learned6.push(ip);
+    }
+
+    /// Learns the VM's addresses: IPv4 from a DHCP ACK for its MAC, IPv6 from a DHCPv6 Reply
+    /// and from the prefix a router advertisement offers for autoconfiguration.
     fn learn(&mut self, p: &Packet) {
-        if let Kind::Ipv4 { proto: PROTO_UDP, ports: Some((67, 68)), dhcp: Some(d), .. } = p.kind
+        match p.kind {
+            Kind::Ip { dhcpv6_address: Some(ip), .. } => self.learn_ipv6(ip, "its DHCPv6 lease"),
+            Kind::Ip { icmpv6: Some(Icmpv6 { slaac_prefix: Some(prefix), .. }), .. } => {
+                let ip = eui64(prefix, self.identity.mac);
+                self.learn_ipv6(ip, "autoconfigured from a router advertisement");
+            }
+            _ => {}
+        }
+        if let Kind::Ip { proto: PROTO_UDP, ports: Some((67, 68)), dhcp: Some(d), .. } = p.kind
             && d.op == 2
             && d.message_type == Some(5)
             && d.chaddr == self.identity.mac
@@ -988,12 +1350,29 @@ pub fn fuzz_frames(data: &[u8]) {
                 peer: None,
                 action: Action::Deny,
             },
+            RuleSpec {
+                name: None,
+                direction: Direction::In,
+                protocol: "udp".into(),
+                ports: Some("5000-6000".into()),
+                peer: Some("2001:db8::/32".into()),
+                action: Action::Allow,
+            },
+            RuleSpec {
+                name: None,
+                direction: Direction::In,
+                protocol: "icmpv6".into(),
+                ports: None,
+                peer: None,
+                action: Action::Allow,
+            },
         ],
         storm_pps: Some(5),
         ..Default::default()
     };
     let Ok(rules) = spec.check() else { return };
-    let fw = Firewall::new(rules, PortIdentity { mac: [2, 0, 0, 0, 0, 1], ip: None, anti_spoofing: true });
+    let identity = PortIdentity { mac: [2, 0, 0, 0, 0, 1], ip: None, ip6: None, anti_spoofing: true };
+    let fw = Firewall::new(rules, identity);
     let mut rest = data;
     while let Some((&len, tail)) = rest.split_first() {
         let n = usize::from(len).min(tail.len());
@@ -1061,7 +1440,187 @@ mod tests {
 
     fn firewall(json: &str) -> Firewall {
         let spec: RuleSetSpec = serde_json::from_str(json).unwrap();
-        Firewall::new(spec.check().unwrap(), PortIdentity { mac: VM_MAC, ip: Some(VM), anti_spoofing: true })
+        Firewall::new(spec.check().unwrap(), PortIdentity { mac: VM_MAC, ip: Some(VM), ip6: None, anti_spoofing: true })
+    }
+
+    /// The VM's link-local address, from VM_MAC.
+    fn vm_link_local() -> Ipv6Addr {
+        "fe80::ff:fe00:1".parse().unwrap()
+    }
+
+    const PEER6: &str = "2001:db8::2";
+
+    /// An IPv6 frame: `headers` are extension headers (next-header, bytes) before `l4`.
+    fn frame6(
+        src_mac: [u8; 6],
+        dst_mac: [u8; 6],
+        src: Ipv6Addr,
+        dst: Ipv6Addr,
+        headers: &[(u8, Vec<u8>)],
+        proto: u8,
+        l4: &[u8],
+    ) -> Vec<u8> {
+        let mut body = Vec::new();
+        let mut next = proto;
+        for (i, (kind, bytes)) in headers.iter().enumerate().rev() {
+            let mut h = bytes.clone();
+            h[0] = next;
+            next = *kind;
+            body.splice(0..0, h);
+            let _ = i;
+        }
+        body.extend_from_slice(l4);
+        let mut f = vec![0u8; 14 + 40];
+        f[0..6].copy_from_slice(&dst_mac);
+        f[6..12].copy_from_slice(&src_mac);
+        f[12..14].copy_from_slice(&ETH_IPV6.to_be_bytes());
+        f[14] = 0x60;
+        f[18..20].copy_from_slice(&(body.len() as u16).to_be_bytes());
+        f[20] = next;
+        f[22..38].copy_from_slice(&src.octets());
+        f[38..54].copy_from_slice(&dst.octets());
+        f.extend_from_slice(&body);
+        f
+    }
+
+    fn udp6(sport: u16, dport: u16) -> Vec<u8> {
+        let mut l4 = vec![0u8; 8];
+        l4[0..2].copy_from_slice(&sport.to_be_bytes());
+        l4[2..4].copy_from_slice(&dport.to_be_bytes());
+        l4
+    }
+
+    fn icmp6(kind: u8, rest: &[u8]) -> Vec<u8> {
+        let mut l4 = vec![kind, 0, 0, 0, 0, 7, 0, 1];
+        l4.extend_from_slice(rest);
+        l4
+    }
+
+    fn fragment_header(offset: u16, more: bool, id: u32) -> (u8, Vec<u8>) {
+        let mut h = vec![0u8; 8];
+        h[2..4].copy_from_slice(&(offset << 3 | u16::from(more)).to_be_bytes());
+        h[4..8].copy_from_slice(&id.to_be_bytes());
+        (44, h)
+    }
+
+    #[test]
+    fn ipv6_rules_match_their_family_and_flows_are_stateful() {
+        let fw = firewall(
+            r#"{"rules": [{"direction": "in", "protocol": "udp", "ports": "5000", "peer": "2001:db8::/32", "action": "allow"},
+                          {"direction": "in", "protocol": "icmpv6", "action": "allow"},
+                          {"direction": "in", "protocol": "udp", "ports": "6000", "peer": "10.0.0.0/8", "action": "allow"}]}"#,
+        );
+        let (vm, peer) = (vm_link_local(), PEER6.parse().unwrap());
+        let inbound = |dport| frame6(PEER_MAC, VM_MAC, peer, vm, &[], PROTO_UDP, &udp6(4000, dport));
+        assert!(fw.inbound(&inbound(5000)), "an IPv6 peer rule lets its network in");
+        assert!(!fw.inbound(&inbound(6000)), "an IPv4 peer rule does not match IPv6");
+        let other: Ipv6Addr = "2001:db9::2".parse().unwrap();
+        assert!(!fw.inbound(&frame6(PEER_MAC, VM_MAC, other, vm, &[], PROTO_UDP, &udp6(4000, 5000))));
+        assert!(fw.inbound(&frame6(PEER_MAC, VM_MAC, other, vm, &[], PROTO_ICMPV6, &icmp6(ICMPV6_ECHO_REQUEST, &[]))));
+        // The VM's own connection out: its reply comes back though inbound UDP 7000 is denied.
+        assert!(fw.outbound(&frame6(VM_MAC, PEER_MAC, vm, peer, &[], PROTO_UDP, &udp6(7000, 53))));
+        assert!(fw.inbound(&frame6(PEER_MAC, VM_MAC, peer, vm, &[], PROTO_UDP, &udp6(53, 7000))), "a reply");
+        assert!(!fw.inbound(&frame6(PEER_MAC, VM_MAC, peer, vm, &[], PROTO_UDP, &udp6(54, 7000))), "not a reply");
+        let report = fw.report();
+        assert!(report.flows.iter().any(|f| f.remote == "[2001:db8::2]:53"), "{:?}", report.flows);
+    }
+
+    #[test]
+    fn extension_headers_are_walked_and_a_long_chain_is_dropped() {
+        let fw = firewall(r#"{"rules": [{"direction": "in", "protocol": "udp", "ports": "5000", "action": "allow"}]}"#);
+        let (vm, peer) = (vm_link_local(), PEER6.parse().unwrap());
+        let options = |n: usize| -> Vec<(u8, Vec<u8>)> { (0..n).map(|_| (60, vec![0u8; 8])).collect() };
+        let udp = udp6(4000, 5000);
+        assert!(fw.inbound(&frame6(PEER_MAC, VM_MAC, peer, vm, &options(MAX_EXTENSION_HEADERS), PROTO_UDP, &udp)));
+        assert!(!fw.inbound(&frame6(PEER_MAC, VM_MAC, peer, vm, &options(MAX_EXTENSION_HEADERS + 1), PROTO_UDP, &udp)));
+        assert_eq!(fw.report().drops["ipv6_header_chain"], 1);
+        // A header that claims more than the packet holds is broken, not followed.
+        let mut truncated = frame6(PEER_MAC, VM_MAC, peer, vm, &options(1), PROTO_UDP, &udp);
+        truncated[54 + 1] = 200;
+        assert!(!fw.inbound(&truncated));
+    }
+
+    #[test]
+    fn later_fragments_follow_their_first_and_orphans_are_dropped() {
+        let fw = firewall(r#"{"rules": [{"direction": "in", "protocol": "udp", "ports": "5000", "action": "allow"}]}"#);
+        let (vm, peer) = (vm_link_local(), PEER6.parse().unwrap());
+        let piece = |offset, more, id, l4: &[u8]| {
+            frame6(PEER_MAC, VM_MAC, peer, vm, &[fragment_header(offset, more, id)], PROTO_UDP, l4)
+        };
+        assert!(fw.inbound(&piece(0, true, 1, &udp6(4000, 5000))), "a first fragment the rules allow");
+        assert!(fw.inbound(&piece(1, false, 1, &[0u8; 8])), "its later fragment follows");
+        assert!(!fw.inbound(&piece(0, true, 2, &udp6(4000, 5001))), "a first fragment the rules deny");
+        assert!(!fw.inbound(&piece(1, false, 2, &[0u8; 8])), "its later fragment is dropped too");
+        assert!(!fw.inbound(&piece(1, false, 3, &[0u8; 8])), "a fragment without its first");
+        assert_eq!(fw.report().drops["orphan_fragment"], 2);
+        // IPv4 the same way: a later fragment carries no ports of its own.
+        let mut first = into_vm(PROTO_UDP, 4000, 5000);
+        first[14 + 4..14 + 8].copy_from_slice(&[0, 9, 0x20, 0]);
+        let mut later = into_vm(PROTO_UDP, 0, 0);
+        later[14 + 4..14 + 8].copy_from_slice(&[0, 9, 0, 3]);
+        assert!(!fw.inbound(&later), "before its first fragment");
+        assert!(fw.inbound(&first) && fw.inbound(&later), "after it");
+    }
+
+    #[test]
+    fn ipv6_anti_spoofing_keeps_the_vm_to_its_addresses_and_stops_router_advertisements() {
+        let fw = firewall("{}");
+        let (vm, peer): (Ipv6Addr, Ipv6Addr) = (vm_link_local(), PEER6.parse().unwrap());
+        let from = |src: Ipv6Addr, proto, l4: &[u8]| fw.outbound(&frame6(VM_MAC, PEER_MAC, src, peer, &[], proto, l4));
+        assert!(from(vm, PROTO_UDP, &udp6(1, 2)), "the link-local address derived from its MAC");
+        let global: Ipv6Addr = "2001:db8::1:ff:fe00:1".parse().unwrap();
+        assert!(!from(global, PROTO_UDP, &udp6(1, 2)), "an address it was not given");
+        assert!(from(Ipv6Addr::UNSPECIFIED, PROTO_ICMPV6, &icmp6(ICMPV6_NEIGHBOR_SOLICIT, &global.octets())), "DAD");
+        assert!(!from(Ipv6Addr::UNSPECIFIED, PROTO_UDP, &udp6(1, 2)), "from :: only ND, RS and MLD");
+        assert!(!from(vm, PROTO_ICMPV6, &icmp6(ICMPV6_ROUTER_ADVERT, &[0u8; 8])), "RA guard");
+        assert!(!from(vm, PROTO_UDP, &udp6(547, 546)), "no DHCPv6 server");
+        assert!(from(vm, PROTO_ICMPV6, &icmp6(ICMPV6_NEIGHBOR_ADVERT, &vm.octets())), "an NA for its own address");
+        assert!(!from(vm, PROTO_ICMPV6, &icmp6(ICMPV6_NEIGHBOR_ADVERT, &peer.octets())), "an NA for another's");
+        let drops = fw.report().drops;
+        assert_eq!((drops["rogue_router_advert"], drops["spoofed_neighbor_advert"]), (1, 1));
+        assert_eq!((drops["spoofed_ip"], drops["rogue_dhcp"]), (2, 1));
+
+        // A router's advertisement of 2001:db8:0:1::/64 for autoconfiguration: the VM's
+        // EUI-64 address on it becomes its own.
+        let mut ra = vec![0u8; 8];
+        let mut prefix_option = vec![3, 4, 64, 0xc0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        prefix_option.extend_from_slice(&"2001:db8:0:1::".parse::<Ipv6Addr>().unwrap().octets());
+        ra.extend_from_slice(&prefix_option);
+        let router: Ipv6Addr = "fe80::1".parse().unwrap();
+        let all_nodes: Ipv6Addr = "ff02::1".parse().unwrap();
+        assert!(fw.inbound(&frame6(
+            PEER_MAC,
+            [0x33, 0x33, 0, 0, 0, 1],
+            router,
+            all_nodes,
+            &[],
+            PROTO_ICMPV6,
+            &icmp6(ICMPV6_ROUTER_ADVERT, &ra)
+        )));
+        let slaac: Ipv6Addr = "2001:db8:0:1:0:ff:fe00:1".parse().unwrap();
+        assert!(from(slaac, PROTO_UDP, &udp6(1, 2)), "its autoconfigured address");
+
+        // A DHCPv6 Reply's IA_NA address becomes its own too.
+        let leased: Ipv6Addr = "2001:db8::100".parse().unwrap();
+        let mut reply = vec![7, 0, 0, 1];
+        let mut iaaddr = vec![0, 5, 0, 24];
+        iaaddr.extend_from_slice(&leased.octets());
+        iaaddr.extend_from_slice(&[0u8; 8]);
+        let mut ia_na = vec![0, 3, 0, (12 + iaaddr.len()) as u8];
+        ia_na.extend_from_slice(&[0u8; 12]);
+        ia_na.extend_from_slice(&iaaddr);
+        reply.extend_from_slice(&ia_na);
+        let mut l4 = udp6(547, 546);
+        l4.extend_from_slice(&reply);
+        assert!(!from(leased, PROTO_UDP, &udp6(1, 2)), "before the lease");
+        fw.inbound(&frame6(PEER_MAC, VM_MAC, router, vm, &[], PROTO_UDP, &l4));
+        assert!(from(leased, PROTO_UDP, &udp6(1, 2)), "after it");
+
+        let given = Firewall::new(
+            RuleSetSpec::default().check().unwrap(),
+            PortIdentity { mac: VM_MAC, ip: None, ip6: Some(global), anti_spoofing: true },
+        );
+        assert!(given.outbound(&frame6(VM_MAC, PEER_MAC, global, peer, &[], PROTO_UDP, &udp6(1, 2))), "ip6= given");
     }
 
     #[test]
@@ -1160,7 +1719,7 @@ mod tests {
     fn the_vm_address_is_learned_from_its_dhcp_ack() {
         let fw = Firewall::new(
             RuleSetSpec::default().check().unwrap(),
-            PortIdentity { mac: VM_MAC, ip: None, anti_spoofing: true },
+            PortIdentity { mac: VM_MAC, ip: None, ip6: None, anti_spoofing: true },
         );
         assert!(fw.outbound(&frame(VM_MAC, PEER_MAC, PEER, VM, PROTO_UDP, 1, 2)), "any address before a lease");
         let mut ack = frame(PEER_MAC, VM_MAC, PEER, VM, PROTO_UDP, 67, 68);
@@ -1201,7 +1760,14 @@ mod tests {
             (r#""protocol": "icmp", "ports": "1""#, "only tcp and udp rules have ports"),
             (r#""protocol": "tcp", "peer": "10.0.0.0/33""#, "rule 1 (r) peer '10.0.0.0/33' has a prefix length"),
             (r#""protocol": "tcp", "peer": "10.0.0.1/8""#, "host bits set; write the network, such as 10.0.0.0/8"),
-            (r#""protocol": "tcp", "peer": "ten""#, "not an IPv4 address"),
+            (r#""protocol": "tcp", "peer": "ten""#, "not an IPv4 or IPv6 address"),
+            (r#""protocol": "tcp", "peer": "2001:db8::/129""#, "has a prefix length that is not 0 to 128"),
+            (
+                r#""protocol": "tcp", "peer": "2001:db8::1/32""#,
+                "host bits set; write the network, such as 2001:db8::/32",
+            ),
+            (r#""protocol": "icmp", "peer": "2001:db8::/32""#, "of the other IP family than protocol icmp"),
+            (r#""protocol": "icmpv6", "peer": "10.0.0.0/8""#, "use icmp with IPv4 and icmpv6 with IPv6"),
         ] {
             let e = check(&rule(fields)).unwrap_err();
             assert!(e.contains(needle), "{fields}: {e}");

@@ -20,6 +20,9 @@ use crate::network::nft;
 const TCP_TIMEOUT_S: u32 = 600;
 const UDP_TIMEOUT_S: u32 = 60;
 const ICMP_TIMEOUT_S: u32 = 30;
+/// ICMPv6's neighbour discovery and multicast listener messages, as the VMM's table lets them.
+const NEIGHBOR_DISCOVERY: &str = "{ nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, \
+     nd-redirect, mld-listener-query, mld-listener-report, mld-listener-done, mld2-listener-report }";
 /// Flows a port's sets hold at most, as in the VMM's table.
 const MAX_FLOWS: usize = crate::firewall::MAX_FLOWS;
 
@@ -71,6 +74,8 @@ fn guard_rules(g: &Guards) -> Vec<String> {
     rules.push(format!("ether saddr != {mac} counter drop comment \"spoofed MAC\""));
     rules.push(format!("arp saddr ether != {mac} counter drop comment \"spoofed ARP\""));
     rules.push("udp sport 67 counter drop comment \"DHCP server answer\"".into());
+    rules.push("udp sport 547 counter drop comment \"DHCPv6 server answer\"".into());
+    rules.push("icmpv6 type { nd-router-advert, nd-redirect } counter drop comment \"router advertisement\"".into());
     if let Some(ip) = g.ip {
         rules.push(format!("arp saddr ip != {{ 0.0.0.0, {ip} }} counter drop comment \"spoofed ARP\""));
         rules.push(format!("ip saddr != {{ 0.0.0.0, {ip} }} counter drop comment \"spoofed IP\""));
@@ -80,42 +85,81 @@ fn guard_rules(g: &Guards) -> Vec<String> {
     rules
 }
 
-/// Keys of the flows sets, with the VM's side first: in the chain of frames from the VM its
-/// side is the source; in the chain of frames to it, the destination.
-fn keys(direction: Direction) -> (&'static str, &'static str) {
-    match direction {
-        Direction::Out => ("ip saddr . meta l4proto . th sport . ip daddr . th dport", "ip saddr . ip daddr . icmp id"),
-        Direction::In => ("ip daddr . meta l4proto . th dport . ip saddr . th sport", "ip daddr . ip saddr . icmp id"),
+/// IPv4 or IPv6: each has its own flows sets, keyed by its own addresses.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// The families a rule applies to: its peer's, its ICMP's, or both.
+    fn of(rule_protocol: Protocol, peer: Option<crate::firewall::Cidr>) -> &'static [Family] {
+        match (rule_protocol, peer.map(|p| p.addr.is_ipv4())) {
+            (Protocol::Icmp, _) | (_, Some(true)) => &[Family::V4],
+            (Protocol::Icmpv6, _) | (_, Some(false)) => &[Family::V6],
+            _ => &[Family::V4, Family::V6],
+        }
+    }
+
+    /// `meta protocol`'s name, the address selector, the flows and pings sets, and the echo's.
+    fn names(self) -> (&'static str, &'static str, &'static str, &'static str, &'static str) {
+        match self {
+            Family::V4 => ("ip", "ip", "flows", "pings", "icmp"),
+            Family::V6 => ("ip6", "ip6", "flows6", "pings6", "icmpv6"),
+        }
     }
 }
 
+/// Keys of the flows sets, with the VM's side first: in the chain of frames from the VM its
+/// side is the source; in the chain of frames to it, the destination.
+fn keys(direction: Direction, family: Family) -> (String, String) {
+    let (_, ip, _, _, icmp) = family.names();
+    let (vm, remote, vm_port, remote_port) = match direction {
+        Direction::Out => ("saddr", "daddr", "sport", "dport"),
+        Direction::In => ("daddr", "saddr", "dport", "sport"),
+    };
+    (
+        format!("{ip} {vm} . meta l4proto . th {vm_port} . {ip} {remote} . th {remote_port}"),
+        format!("{ip} {vm} . {ip} {remote} . {icmp} id"),
+    )
+}
+
 /// The nft rules that let a new flow matching `matcher` open (and remember it), with the rule's
-/// name as comment and counter.
-fn allow(direction: Direction, matcher: &str, protocol: Protocol, comment: &str) -> Vec<String> {
-    let (flow, ping) = keys(direction);
-    // A tcp or udp rule's matcher names its protocol already.
-    let only = |name: &str| if protocol == Protocol::Any { format!("meta l4proto {name} ") } else { String::new() };
+/// name as comment and counter, for each IP family the rule applies to.
+fn allow(direction: Direction, matcher: &str, protocol: Protocol, families: &[Family], comment: &str) -> Vec<String> {
     let mut rules = Vec::new();
-    if matches!(protocol, Protocol::Tcp | Protocol::Any) {
-        rules.push(format!(
-            "{matcher}{}update @flows {{ {flow} timeout {TCP_TIMEOUT_S}s }} counter accept{comment}",
-            only("tcp")
-        ));
+    for &family in families {
+        let (flow, ping) = keys(direction, family);
+        let (ethertype, _, flows, pings, icmp) = family.names();
+        let only = format!("meta protocol {ethertype} ");
+        // A tcp or udp rule's matcher names its protocol already.
+        let l4 = |name: &str| if protocol == Protocol::Any { format!("meta l4proto {name} ") } else { String::new() };
+        if matches!(protocol, Protocol::Tcp | Protocol::Any) {
+            rules.push(format!(
+                "{only}{matcher}{}update @{flows} {{ {flow} timeout {TCP_TIMEOUT_S}s }} counter accept{comment}",
+                l4("tcp")
+            ));
+        }
+        if matches!(protocol, Protocol::Udp | Protocol::Any) {
+            rules.push(format!(
+                "{only}{matcher}{}update @{flows} {{ {flow} timeout {UDP_TIMEOUT_S}s }} counter accept{comment}",
+                l4("udp")
+            ));
+        }
+        let echo = match family {
+            Family::V4 => matches!(protocol, Protocol::Icmp | Protocol::Any),
+            Family::V6 => matches!(protocol, Protocol::Icmpv6 | Protocol::Any),
+        };
+        if echo {
+            rules.push(format!(
+                "{only}{matcher}{icmp} type echo-request update @{pings} {{ {ping} timeout {ICMP_TIMEOUT_S}s }} counter accept{comment}"
+            ));
+        }
     }
-    if matches!(protocol, Protocol::Udp | Protocol::Any) {
-        rules.push(format!(
-            "{matcher}{}update @flows {{ {flow} timeout {UDP_TIMEOUT_S}s }} counter accept{comment}",
-            only("udp")
-        ));
-    }
-    if matches!(protocol, Protocol::Icmp | Protocol::Any) {
-        rules.push(format!(
-            "{matcher}icmp type echo-request update @pings {{ {ping} timeout {ICMP_TIMEOUT_S}s }} counter accept{comment}"
-        ));
-    }
-    // The rest of an icmp or any rule's traffic passes untracked (an icmp rule's matcher names
-    // icmp already).
-    if matches!(protocol, Protocol::Icmp | Protocol::Any) {
+    // The rest of an icmp, icmpv6 or any rule's traffic passes untracked (an icmp rule's
+    // matcher names its protocol already).
+    if matches!(protocol, Protocol::Icmp | Protocol::Icmpv6 | Protocol::Any) {
         rules.push(format!("{matcher}counter accept{comment}"));
     }
     rules
@@ -127,11 +171,13 @@ fn matcher(rule: &Rule) -> String {
         Protocol::Tcp => m.push_str("meta l4proto tcp "),
         Protocol::Udp => m.push_str("meta l4proto udp "),
         Protocol::Icmp => m.push_str("meta l4proto icmp "),
+        Protocol::Icmpv6 => m.push_str("meta l4proto ipv6-icmp "),
         Protocol::Any => {}
     }
     if let Some(peer) = rule.peer {
         let side = if rule.direction == Direction::Out { "daddr" } else { "saddr" };
-        m.push_str(&format!("ip {side} {peer} "));
+        let family = if peer.addr.is_ipv4() { "ip" } else { "ip6" };
+        m.push_str(&format!("{family} {side} {peer} "));
     }
     if let Some((low, high)) = rule.ports {
         m.push_str(&if low == high { format!("th dport {low} ") } else { format!("th dport {low}-{high} ") });
@@ -142,20 +188,25 @@ fn matcher(rule: &Rule) -> String {
 /// The rules of one direction's chain: replies to known flows, then the rules in order, then
 /// the default policy.
 fn direction_rules(rules: &RuleSet, direction: Direction) -> Vec<String> {
-    let (flow, ping) = keys(direction);
-    let mut out = vec![
-        // ARP resolves addresses both ways; the guards checked the VM's.
-        "meta protocol arp accept".to_string(),
-        format!("meta l4proto {{ tcp, udp }} {flow} @flows accept"),
-        format!("icmp type echo-reply {ping} @pings accept"),
-    ];
+    // ARP resolves addresses both ways, and neighbour discovery and multicast listening are
+    // IPv6's ARP; the guards checked the VM's.
+    let mut out = vec!["meta protocol arp accept".to_string(), format!("icmpv6 type {NEIGHBOR_DISCOVERY} accept")];
+    for family in [Family::V4, Family::V6] {
+        let (flow, ping) = keys(direction, family);
+        let (ethertype, _, flows, pings, icmp) = family.names();
+        out.push(format!("meta protocol {ethertype} meta l4proto {{ tcp, udp }} {flow} @{flows} accept"));
+        out.push(format!("meta protocol {ethertype} {icmp} type echo-reply {ping} @{pings} accept"));
+    }
     for rule in rules.rules.iter().filter(|r| r.direction == direction) {
         // Checked names are plain text; anything else is dropped all the same, since the
         // comment goes into a script nft reads.
         let name: String = rule.name.chars().filter(|c| c.is_ascii_alphanumeric() || " _-.:".contains(*c)).collect();
         let comment = format!(" comment \"{name}\"");
         match rule.action {
-            Action::Allow => out.extend(allow(direction, &matcher(rule), rule.protocol, &comment)),
+            Action::Allow => {
+                let families = Family::of(rule.protocol, rule.peer);
+                out.extend(allow(direction, &matcher(rule), rule.protocol, families, &comment))
+            }
             Action::Deny => out.push(format!("{}counter drop{comment}", matcher(rule))),
         }
     }
@@ -165,7 +216,7 @@ fn direction_rules(rules: &RuleSet, direction: Direction) -> Vec<String> {
     };
     let comment = format!(" comment \"default {}\"", if direction == Direction::In { "in" } else { "out" });
     match default {
-        Action::Allow => out.extend(allow(direction, "", Protocol::Any, &comment)),
+        Action::Allow => out.extend(allow(direction, "", Protocol::Any, &[Family::V4, Family::V6], &comment)),
         Action::Deny => out.push(format!("counter drop{comment}")),
     }
     out
@@ -184,6 +235,8 @@ pub fn script(tap: &str, guards: &Guards, rules: &RuleSet) -> String {
         "table netdev {table} {{\n\
          \x20 set flows {{ type ipv4_addr . inet_proto . inet_service . ipv4_addr . inet_service; flags dynamic, timeout; size {MAX_FLOWS}; }}\n\
          \x20 set pings {{ typeof ip saddr . ip daddr . icmp id; flags dynamic, timeout; size {MAX_FLOWS}; }}\n\
+         \x20 set flows6 {{ type ipv6_addr . inet_proto . inet_service . ipv6_addr . inet_service; flags dynamic, timeout; size {MAX_FLOWS}; }}\n\
+         \x20 set pings6 {{ typeof ip6 saddr . ip6 daddr . icmpv6 id; flags dynamic, timeout; size {MAX_FLOWS}; }}\n\
          \x20 chain rules_out {{\n{}  }}\n\
          \x20 chain rules_in {{\n{}  }}\n\
          \x20 chain from_vm {{\n    type filter hook ingress device \"{tap}\" priority -10; policy accept;\n{}  }}\n\
@@ -203,7 +256,7 @@ pub fn update_script(tap: &str, rules: &RuleSet) -> String {
     for chain in ["rules_out", "rules_in"] {
         script.push_str(&format!("flush chain netdev {table} {chain}\n"));
     }
-    for set in ["flows", "pings"] {
+    for set in ["flows", "pings", "flows6", "pings6"] {
         script.push_str(&format!("flush set netdev {table} {set}\n"));
     }
     for (chain, direction) in [("rules_out", Direction::Out), ("rules_in", Direction::In)] {
@@ -291,7 +344,8 @@ mod tests {
         };
         let rules = rules(
             r#"{"rules": [{"name": "web", "direction": "in", "protocol": "tcp", "ports": "80-90", "peer": "10.0.0.0/8", "action": "allow"},
-                          {"name": "no-dns", "direction": "out", "protocol": "udp", "ports": "53", "action": "deny"}]}"#,
+                          {"name": "no-dns", "direction": "out", "protocol": "udp", "ports": "53", "action": "deny"},
+                          {"name": "ping6", "direction": "in", "protocol": "icmpv6", "peer": "2001:db8::/32", "action": "allow"}]}"#,
         );
         let script = script("fv42n0", &guards, &rules);
         for line in [
@@ -302,12 +356,17 @@ mod tests {
             "ip saddr != { 0.0.0.0, 10.1.0.5 } counter drop",
             "udp sport 67 counter drop",
             "limit rate over 500/second burst 500 packets counter drop",
-            "meta l4proto tcp ip saddr 10.0.0.0/8 th dport 80-90 update @flows { ip daddr . meta l4proto . th dport . ip saddr . th sport timeout 600s } counter accept comment \"web\"",
+            "meta protocol ip meta l4proto tcp ip saddr 10.0.0.0/8 th dport 80-90 update @flows { ip daddr . meta l4proto . th dport . ip saddr . th sport timeout 600s } counter accept comment \"web\"",
             "meta l4proto udp th dport 53 counter drop comment \"no-dns\"",
-            "meta l4proto { tcp, udp } ip saddr . meta l4proto . th sport . ip daddr . th dport @flows accept",
+            "meta protocol ip meta l4proto { tcp, udp } ip saddr . meta l4proto . th sport . ip daddr . th dport @flows accept",
+            "meta protocol ip6 meta l4proto { tcp, udp } ip6 saddr . meta l4proto . th sport . ip6 daddr . th dport @flows6 accept",
+            "meta protocol ip6 meta l4proto ipv6-icmp ip6 saddr 2001:db8::/32 icmpv6 type echo-request update @pings6 { ip6 daddr . ip6 saddr . icmpv6 id timeout 30s } counter accept comment \"ping6\"",
             "counter drop comment \"default in\"",
         ] {
             assert!(script.contains(line), "{line}:\n{script}");
+        }
+        if let Some(path) = std::env::var_os("FERROVISOR_DUMP_NFT") {
+            std::fs::write(path, &script).unwrap();
         }
         let update = update_script("fv42n0", &rules);
         assert!(update.starts_with("flush chain netdev fv_fv42n0 rules_out\n"), "{update}");

@@ -280,7 +280,7 @@ pub fn attach_all(
 fn port_firewall(nic: &crate::config::NetConfig, mac: [u8; 6]) -> Result<Arc<net::firewall::Firewall>, String> {
     use net::firewall::{Firewall, PortIdentity};
     let shared_segment = matches!(nic.attachment, NetAttachment::Switch { .. } | NetAttachment::Network { .. });
-    let identity = PortIdentity { mac, ip: nic.ip, anti_spoofing: shared_segment };
+    let identity = PortIdentity { mac, ip: nic.ip, ip6: nic.ip6, anti_spoofing: shared_segment };
     let spec = match (&nic.firewall, shared_segment) {
         (Some(spec), _) => spec.clone(),
         (None, true) => guards_only(),

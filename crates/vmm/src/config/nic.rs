@@ -45,6 +45,10 @@ pub struct NetConfig {
     /// The VM's address on this port, for anti-spoofing before (or without) a DHCP lease.
     #[serde(default)]
     pub ip: Option<std::net::Ipv4Addr>,
+    /// The VM's IPv6 address on this port (`ip6=`), besides its link-local one and those it
+    /// learns from DHCPv6 and router advertisements.
+    #[serde(default)]
+    pub ip6: Option<std::net::Ipv6Addr>,
     /// How long the device's worker polls after work, in µs (None: the default; 0: never).
     #[serde(default)]
     pub poll_us: Option<u32>,
@@ -126,6 +130,7 @@ pub fn parse_unicast_mac(text: &str) -> Result<[u8; 6], String> {
 struct PortOptions {
     firewall: Option<net::firewall::RuleSetSpec>,
     ip: Option<std::net::Ipv4Addr>,
+    ip6: Option<std::net::Ipv6Addr>,
     poll_us: Option<u32>,
     queues: Option<u16>,
 }
@@ -137,6 +142,10 @@ fn port_option(key: &str, value: &str, options: &mut PortOptions) -> Result<Opti
         "ip" => {
             options.ip =
                 Some(value.parse().map_err(|_| format!("--net ip= takes the VM's IPv4 address, not '{value}'"))?)
+        }
+        "ip6" => {
+            options.ip6 =
+                Some(value.parse().map_err(|_| format!("--net ip6= takes the VM's IPv6 address, not '{value}'"))?)
         }
         "poll_us" => options.poll_us = Some(parse_poll_us("--net", value)?),
         "queues" => match value.parse::<u16>() {
@@ -161,7 +170,7 @@ fn parse_user_net(rest: &str) -> Result<NetConfig, String> {
                 "mac" => mac = Some(parse_unicast_mac(value).map_err(|e| format!("--net mac= {e}"))?),
                 _ => {
                     return Err(format!(
-                        "--net user has no option '{key}'; use hostfwd=, mac=, firewall=, ip=, poll_us= and queues="
+                        "--net user has no option '{key}'; use hostfwd=, mac=, firewall=, ip=, ip6=, poll_us= and queues="
                     ));
                 }
             }
@@ -177,6 +186,7 @@ fn parse_user_net(rest: &str) -> Result<NetConfig, String> {
         mtu: None,
         firewall: port.firewall,
         ip: port.ip,
+        ip6: port.ip6,
         poll_us: port.poll_us,
         queues: port.queues,
     })
@@ -208,7 +218,7 @@ impl FromStr for NetConfig {
                 _ => {
                     return Err(format!(
                         "--net has no option '{key}'; use tap=, switch=, vlan=, network=, isolated=, mac=, firewall=, \
-                         ip=, poll_us= and queues="
+                         ip=, ip6=, poll_us= and queues="
                     ));
                 }
             }
@@ -239,6 +249,7 @@ impl FromStr for NetConfig {
             mtu: None,
             firewall: port.firewall,
             ip: port.ip,
+            ip6: port.ip6,
             poll_us: port.poll_us,
             queues: port.queues,
         })
@@ -264,6 +275,7 @@ mod tests {
                 mtu: None,
                 firewall: None,
                 ip: None,
+                ip6: None,
                 poll_us: None,
                 queues: None,
             }

@@ -38,6 +38,7 @@ pub fn net_config(n: &models::NetworkInterface, r: &Resources) -> Result<NetConf
         mtu: n.mtu.and_then(|m| u16::try_from(m).ok()),
         firewall: r.firewalls.get(&n.iface_id).cloned(),
         ip: None,
+        ip6: None,
         poll_us: None,
         queues: None,
     })

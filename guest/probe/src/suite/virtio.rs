@@ -4,6 +4,7 @@ mod balloon;
 mod blk;
 mod console;
 mod ip;
+mod ip6;
 mod mem;
 mod net;
 mod pmem;
@@ -77,6 +78,11 @@ pub fn run(test: &str, id: u32, cmdline: Cmdline, info: &StartInfo) {
         }
         "virtio-net" if cmdline.param(test, "mode") == Some("ip") => {
             if let Err(reason) = ip::test(&slot, cmdline) {
+                report::fail(test, format_args!("{reason}"));
+            }
+        }
+        "virtio-net" if cmdline.param(test, "mode") == Some("ip6") => {
+            if let Err(reason) = ip6::test(&slot, cmdline) {
                 report::fail(test, format_args!("{reason}"));
             }
         }

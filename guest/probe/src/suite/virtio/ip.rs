@@ -42,10 +42,10 @@ use crate::virtio::{alloc, bytes};
 
 const TEST: &str = "virtio-net";
 const F_MAC: u64 = 1 << 5;
-const HEADER: usize = 12;
-const MAX_FRAME: usize = 1514;
-const RX_BUFFERS: usize = 16;
-const RX_QUEUE: u16 = 0;
+pub(super) const HEADER: usize = 12;
+pub(super) const MAX_FRAME: usize = 1514;
+pub(super) const RX_BUFFERS: usize = 16;
+pub(super) const RX_QUEUE: u16 = 0;
 const TX_QUEUE: u16 = 1;
 
 const ETH_IP: u16 = 0x0800;
@@ -53,14 +53,14 @@ const ETH_ARP: u16 = 0x0806;
 const PROTO_ICMP: u8 = 1;
 const PROTO_TCP: u8 = 6;
 const PROTO_UDP: u8 = 17;
-const TCP_FIN: u8 = 0x01;
-const TCP_SYN: u8 = 0x02;
-const TCP_RST: u8 = 0x04;
+pub(super) const TCP_FIN: u8 = 0x01;
+pub(super) const TCP_SYN: u8 = 0x02;
+pub(super) const TCP_RST: u8 = 0x04;
 const TCP_PSH: u8 = 0x08;
-const TCP_ACK: u8 = 0x10;
+pub(super) const TCP_ACK: u8 = 0x10;
 const UDP_SRC_PORT: u16 = 40000;
 const TCP_SRC_PORT: u16 = 40001;
-const PAYLOAD: &[u8] = b"ferrovisor-probe\n";
+pub(super) const PAYLOAD: &[u8] = b"ferrovisor-probe\n";
 /// The most of a packet's transport part kept: a full frame's.
 const BODY: usize = MAX_FRAME - 34;
 /// Each HTTP request takes a connection of its own, from ports counting up from here.
@@ -77,7 +77,7 @@ fn parse_ip(text: &str) -> Option<Ip> {
     parts.next().is_none().then_some(ip)
 }
 
-fn checksum(sum: u32, data: &[u8]) -> u32 {
+pub(super) fn checksum(sum: u32, data: &[u8]) -> u32 {
     let mut sum = sum;
     for pair in data.chunks(2) {
         let word = if pair.len() == 2 { u16::from_be_bytes([pair[0], pair[1]]) } else { u16::from(pair[0]) << 8 };
@@ -86,29 +86,29 @@ fn checksum(sum: u32, data: &[u8]) -> u32 {
     sum
 }
 
-fn fold(mut sum: u32) -> u16 {
+pub(super) fn fold(mut sum: u32) -> u16 {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     !(sum as u16)
 }
 
-struct Host {
-    dev: Device,
-    rxq: Virtqueue,
-    txq: Virtqueue,
-    rx_area: u64,
-    heads: [u16; RX_BUFFERS],
-    tx_buf: u64,
-    mac: [u8; 6],
-    ip: Ip,
-    gw_mac: [u8; 6],
+pub(super) struct Host {
+    pub(super) dev: Device,
+    pub(super) rxq: Virtqueue,
+    pub(super) txq: Virtqueue,
+    pub(super) rx_area: u64,
+    pub(super) heads: [u16; RX_BUFFERS],
+    pub(super) tx_buf: u64,
+    pub(super) mac: [u8; 6],
+    pub(super) ip: Ip,
+    pub(super) gw_mac: [u8; 6],
     /// How long one transmission may take, in TSC cycles (`probe.virtio.timeout`).
-    tx_timeout: u64,
+    pub(super) tx_timeout: u64,
     /// Where packets to dst go: the router, or dst itself on the same subnet.
-    next_hop: [u8; 6],
+    pub(super) next_hop: [u8; 6],
     /// Frames received from anyone but the router (port isolation checks count them).
-    others: u64,
+    pub(super) others: u64,
 }
 
 /// A received IPv4 packet, as far as the checks need it.
@@ -122,11 +122,11 @@ struct Packet {
 }
 
 impl Host {
-    fn rx_buffer(&self, i: usize) -> u64 {
+    pub(super) fn rx_buffer(&self, i: usize) -> u64 {
         self.rx_area + (i * (HEADER + MAX_FRAME)) as u64
     }
 
-    fn send(&mut self, frame_len: usize) -> Result<(), &'static str> {
+    pub(super) fn send(&mut self, frame_len: usize) -> Result<(), &'static str> {
         bytes(self.tx_buf, HEADER).fill(0);
         self.txq.push(&[Buffer::readable(self.tx_buf, (HEADER + frame_len.max(60)) as u32)]).ok_or("transmit ring full")?;
         self.dev.notify(TX_QUEUE);
@@ -135,13 +135,13 @@ impl Host {
         Ok(())
     }
 
-    fn frame(&self) -> &'static mut [u8] {
+    pub(super) fn frame(&self) -> &'static mut [u8] {
         let f = bytes(self.tx_buf + HEADER as u64, MAX_FRAME);
         f[..60].fill(0);
         f
     }
 
-    fn ethernet(&self, f: &mut [u8], dst: [u8; 6], ethertype: u16) {
+    pub(super) fn ethernet(&self, f: &mut [u8], dst: [u8; 6], ethertype: u16) {
         f[0..6].copy_from_slice(&dst);
         f[6..12].copy_from_slice(&self.mac);
         f[12..14].copy_from_slice(&ethertype.to_be_bytes());
@@ -188,22 +188,27 @@ impl Host {
         self.send(14 + total)
     }
 
+    /// The next frame received before `deadline`, copied into `copy` (its buffer goes back to
+    /// the device): its length.
+    pub(super) fn next_frame(&mut self, deadline: u64, copy: &mut [u8; MAX_FRAME]) -> Result<Option<usize>, &'static str> {
+        let Some((head, len)) = self.dev.wait_used(&mut self.rxq, deadline) else { return Ok(None) };
+        let slot = self.heads.iter().position(|&h| h == head).ok_or("the device returned an unknown buffer")?;
+        let len = (len as usize).clamp(HEADER, HEADER + MAX_FRAME) - HEADER;
+        let frame = bytes(self.rx_buffer(slot) + HEADER as u64, len);
+        let n = len.min(copy.len());
+        copy[..n].copy_from_slice(&frame[..n]);
+        self.heads[slot] =
+            self.rxq.push(&[Buffer::writable(self.rx_buffer(slot), (HEADER + MAX_FRAME) as u32)]).ok_or("receive ring full")?;
+        self.dev.notify(RX_QUEUE);
+        Ok(Some(n))
+    }
+
     /// The next IPv4 packet for us before `deadline`; ARP requests for our address are
     /// answered on the way, ARP replies reported through `arp_reply`.
     fn receive(&mut self, deadline: u64, arp_reply: &mut Option<([u8; 6], Ip)>) -> Result<Option<Packet>, &'static str> {
+        let mut copy = [0u8; MAX_FRAME];
         loop {
-            let Some((head, len)) = self.dev.wait_used(&mut self.rxq, deadline) else { return Ok(None) };
-            let slot = self.heads.iter().position(|&h| h == head).ok_or("the device returned an unknown buffer")?;
-            let len = (len as usize).clamp(HEADER, HEADER + MAX_FRAME) - HEADER;
-            let frame = bytes(self.rx_buffer(slot) + HEADER as u64, len);
-            let mut copy = [0u8; MAX_FRAME];
-            let n = len.min(copy.len());
-            copy[..n].copy_from_slice(&frame[..n]);
-            self.heads[slot] = self
-                .rxq
-                .push(&[Buffer::writable(self.rx_buffer(slot), (HEADER + MAX_FRAME) as u32)])
-                .ok_or("receive ring full")?;
-            self.dev.notify(RX_QUEUE);
+            let Some(n) = self.next_frame(deadline, &mut copy)? else { return Ok(None) };
             let f = &copy[..n];
             if f.len() < 42 {
                 continue;
@@ -284,7 +289,42 @@ impl Host {
     }
 }
 
-fn tcp_segment(src_port: u16, dst_port: u16, seq: u32, ack: u32, flags: u8, data: &[u8], out: &mut [u8]) -> usize {
+impl Host {
+    /// Sets up the device with its receive ring full, as a host at `ip`.
+    pub(super) fn open(slot: &VirtioMmioSlot, cmdline: Cmdline, ip: Ip) -> Result<Host, &'static str> {
+        let dev = Device::begin(slot, 0, F_MAC).map_err(|_| "the device could not be set up")?;
+        let rxq = dev.queue(RX_QUEUE, RX_BUFFERS as u16).map_err(|_| "the receive queue could not be set up")?;
+        let txq = dev.queue(TX_QUEUE, 16).map_err(|_| "the transmit queue could not be set up")?;
+        let mac = super::net::device_mac(&dev);
+        let rx_area = alloc(RX_BUFFERS * (HEADER + MAX_FRAME), 64).ok_or("out of probe memory")?;
+        let tx_buf = alloc(HEADER + MAX_FRAME, 64).ok_or("out of probe memory")?;
+        // Each transmission gets the whole timeout: a host may serve for longer than one.
+        let tx_timeout = super::request_deadline(cmdline) - crate::hw::rdtsc();
+        let mut host = Host {
+            dev,
+            rxq,
+            txq,
+            rx_area,
+            heads: [0; RX_BUFFERS],
+            tx_buf,
+            mac,
+            ip,
+            gw_mac: [0; 6],
+            tx_timeout,
+            next_hop: [0; 6],
+            others: 0,
+        };
+        for i in 0..usize::from(host.rxq.size).min(RX_BUFFERS) {
+            let b = host.rx_buffer(i);
+            host.heads[i] = host.rxq.push(&[Buffer::writable(b, (HEADER + MAX_FRAME) as u32)]).ok_or("receive ring full")?;
+        }
+        host.dev.driver_ok();
+        host.dev.notify(RX_QUEUE);
+        Ok(host)
+    }
+}
+
+pub(super) fn tcp_segment(src_port: u16, dst_port: u16, seq: u32, ack: u32, flags: u8, data: &[u8], out: &mut [u8]) -> usize {
     out[0..2].copy_from_slice(&src_port.to_be_bytes());
     out[2..4].copy_from_slice(&dst_port.to_be_bytes());
     out[4..8].copy_from_slice(&seq.to_be_bytes());
@@ -313,34 +353,8 @@ pub fn test(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str>
         }
     }
 
-    let dev = Device::begin(slot, 0, F_MAC).map_err(|_| "the device could not be set up")?;
-    let rxq = dev.queue(RX_QUEUE, RX_BUFFERS as u16).map_err(|_| "the receive queue could not be set up")?;
-    let txq = dev.queue(TX_QUEUE, 16).map_err(|_| "the transmit queue could not be set up")?;
-    let mac = super::net::device_mac(&dev);
-    let rx_area = alloc(RX_BUFFERS * (HEADER + MAX_FRAME), 64).ok_or("out of probe memory")?;
-    let tx_buf = alloc(HEADER + MAX_FRAME, 64).ok_or("out of probe memory")?;
-    // Each transmission gets the whole timeout: a host may serve for longer than one.
-    let tx_timeout = super::request_deadline(cmdline) - crate::hw::rdtsc();
-    let mut host = Host {
-        dev,
-        rxq,
-        txq,
-        rx_area,
-        heads: [0; RX_BUFFERS],
-        tx_buf,
-        mac,
-        ip,
-        gw_mac: [0; 6],
-        tx_timeout,
-        next_hop: [0; 6],
-        others: 0,
-    };
-    for i in 0..usize::from(host.rxq.size).min(RX_BUFFERS) {
-        let b = host.rx_buffer(i);
-        host.heads[i] = host.rxq.push(&[Buffer::writable(b, (HEADER + MAX_FRAME) as u32)]).ok_or("receive ring full")?;
-    }
-    host.dev.driver_ok();
-    host.dev.notify(RX_QUEUE);
+    let mut host = Host::open(slot, cmdline, ip)?;
+    let mac = host.mac;
 
     if gw != ip {
         let Some(gw_mac) = host.resolve(gw, wait)? else {
