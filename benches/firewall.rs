@@ -2,9 +2,9 @@
 //!
 //!     cargo bench --bench firewall          (FERROVISOR_BENCH_RUNS=N, default 3)
 //!
-//! 1. The engine alone: nanoseconds per frame of an established UDP flow through a port's
-//!    firewall that is off, with an empty rule set, with 10 rules and with 100 (none of which
-//!    matches the flow, so that a new flow would scan them all).
+//! 1. The engine alone: nanoseconds per frame of an established UDP flow, IPv4 and IPv6,
+//!    through a port's firewall that is off, with an empty rule set, with 10 rules and with 100
+//!    (none of which matches the flow, so that a new flow would scan them all).
 //! 2. A VM on `ferrovisor switch`: UDP datagrams per second a probe floods to a neighbour
 //!    through its VMM's transmit path, its port's firewall and into the switch, the port with
 //!    an empty rule set, 10 rules and 100 (the neighbour is there to receive them; the switch
@@ -59,13 +59,30 @@ fn udp_frame() -> Vec<u8> {
     f
 }
 
+/// The same datagram over IPv6, from the VM's link-local address (fe80::ff:fe00:1, from its MAC)
+/// to 2001:db8::2.
+fn udp6_frame() -> Vec<u8> {
+    let mut f = vec![0u8; 14 + 40 + 8 + 10];
+    f[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
+    f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+    f[12..14].copy_from_slice(&[0x86, 0xdd]);
+    f[14] = 0x60;
+    f[18..20].copy_from_slice(&18u16.to_be_bytes());
+    f[20] = 17;
+    f[21] = 64;
+    f[22..38].copy_from_slice(&"fe80::ff:fe00:1".parse::<std::net::Ipv6Addr>().unwrap().octets());
+    f[38..54].copy_from_slice(&"2001:db8::2".parse::<std::net::Ipv6Addr>().unwrap().octets());
+    f[54..56].copy_from_slice(&40000u16.to_be_bytes());
+    f[56..58].copy_from_slice(&9999u16.to_be_bytes());
+    f
+}
+
 /// Nanoseconds per frame through `firewall`, outbound, on one established flow.
-fn engine(firewall: &Firewall) -> f64 {
-    let frame = udp_frame();
-    assert!(firewall.outbound(&frame));
+fn engine(firewall: &Firewall, frame: &[u8]) -> f64 {
+    assert!(firewall.outbound(frame));
     let start = Instant::now();
     for _ in 0..ENGINE_FRAMES {
-        std::hint::black_box(firewall.outbound(std::hint::black_box(&frame)));
+        std::hint::black_box(firewall.outbound(std::hint::black_box(frame)));
     }
     start.elapsed().as_nanos() as f64 / f64::from(ENGINE_FRAMES)
 }
@@ -135,12 +152,17 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let mut engines: Vec<(&str, Vec<f64>)> =
-        vec![("off", vec![]), ("empty rule set", vec![]), ("10 rules", vec![]), ("100 rules", vec![])];
+    // Per rule set: IPv4's samples, then IPv6's.
+    let mut engines: Vec<(&str, [Vec<f64>; 2])> = ["off", "empty rule set", "10 rules", "100 rules"]
+        .into_iter()
+        .map(|name| (name, [Vec::new(), Vec::new()]))
+        .collect();
     for _ in 0..runs() {
-        engines[0].1.push(engine(&Firewall::inactive(identity())));
-        for (i, count) in [(1, 0), (2, 10), (3, 100)] {
-            engines[i].1.push(engine(&Firewall::new(rules(count).check().unwrap(), identity())));
+        for (family, frame) in [udp_frame(), udp6_frame()].iter().enumerate() {
+            engines[0].1[family].push(engine(&Firewall::inactive(identity()), frame));
+            for (i, count) in [(1, 0), (2, 10), (3, 100)] {
+                engines[i].1[family].push(engine(&Firewall::new(rules(count).check().unwrap(), identity()), frame));
+            }
         }
     }
     let dir = std::env::temp_dir().join(format!("fvfwbench{}", std::process::id()));
@@ -177,10 +199,14 @@ fn main() {
     let _ = std::fs::remove_dir_all(&dir);
 
     println!("firewall engine, one established UDP flow, medians of {} x {ENGINE_FRAMES} frames:", runs());
-    let base = median(engines[1].1.clone());
-    for (name, samples) in engines {
-        let ns = median(samples);
-        println!("  {name:<16} {ns:>7.1} ns/frame   {:.2}x the empty rule set's time", ns / base);
+    let base = median(engines[1].1[0].clone());
+    for (name, [v4, v6]) in engines {
+        let (ns4, ns6) = (median(v4), median(v6));
+        println!(
+            "  {name:<16} IPv4 {ns4:>7.1} ns/frame ({:.2}x the empty rule set's), IPv6 {ns6:>7.1} ns/frame ({:.2}x IPv4's)",
+            ns4 / base,
+            ns6 / ns4
+        );
     }
     println!("a VM's datagrams into the switch, {DATAGRAMS} each run, medians of {}:", runs());
     let base = median(switched[0].clone());
