@@ -93,8 +93,9 @@ fn a_counting_probe_resumes_in_a_new_process_where_it_was_with_its_disk_intact()
     let ticks = wait_for_ticks(&mut second, 30);
     // The count goes on from the snapshot: tick at_snapshot + 1 may have been cut in half.
     assert!(ticks[0] == at_snapshot + 1 || ticks[0] == at_snapshot + 2, "{at_snapshot} then {ticks:?}");
-    // A restored VM snapshots again (its memory now comes from the first file).
-    let (state2, mem2) = (dir.join("vm2.snap"), dir.join("vm2.mem"));
+    // A restored VM snapshots again, onto the very files it was restored from and still maps
+    // its memory from: they are replaced by new files, not truncated under it.
+    let (state2, mem2) = (state.clone(), mem.clone());
     expect(&socket, "PATCH", "/vm", r#"{"state": "Paused"}"#, 204);
     expect(&socket, "PUT", "/snapshot/create", &snapshot_body(&state2, &mem2, "Full"), 204);
     expect(&socket, "PUT", "/ferrovisor/stop", "", 204);
