@@ -365,9 +365,6 @@ mod tests {
         ] {
             assert!(script.contains(line), "{line}:\n{script}");
         }
-        if let Some(path) = std::env::var_os("FERROVISOR_DUMP_NFT") {
-            std::fs::write(path, &script).unwrap();
-        }
         let update = update_script("fv42n0", &rules);
         assert!(update.starts_with("flush chain netdev fv_fv42n0 rules_out\n"), "{update}");
         assert!(update.contains("add rule netdev fv_fv42n0 rules_in meta protocol arp accept\n"), "{update}");

@@ -184,6 +184,8 @@ struct State {
     /// When expired flows were last swept out of a full table: at most once a second, so
     /// that a guest opening flows without end cannot make every frame pay for a sweep.
     swept: Option<Instant>,
+    /// When expired fragments were last swept out of a full table, on the same terms.
+    fragments_swept: Option<Instant>,
     /// Fragmented packets whose first fragment was seen: whether it passed, until when.
     fragments: HashMap<FragmentKey, (bool, Instant)>,
     /// IPv6 addresses learned for the VM, newest last.
@@ -250,6 +252,7 @@ impl Firewall {
                 storm,
                 drops: HashMap::new(),
                 swept: None,
+                fragments_swept: None,
                 fragments: HashMap::new(),
                 learned6: Vec::new(),
             }),
@@ -445,7 +448,7 @@ impl State {
     /// Keeps a first fragment's verdict for the fragments after it, in a bounded table (a full
     /// one keeps nothing more: the later fragments are dropped).
     fn remember_fragment(&mut self, key: FragmentKey, passed: bool, now: Instant) {
-        if self.fragments.len() >= MAX_FRAGMENTED {
+        if self.fragments.len() >= MAX_FRAGMENTED && sweep_due(&mut self.fragments_swept, now) {
             self.fragments.retain(|_, f| f.1 > now);
         }
         if self.fragments.len() < MAX_FRAGMENTED || self.fragments.contains_key(&key) {
@@ -476,11 +479,8 @@ impl State {
         let port = ports.map(|p| p.1);
         let (action, rule) = decide(&self.rules, direction, proto, remote.0, port);
         if action == Action::Allow && ports.is_some() {
-            if self.flows.len() >= MAX_FLOWS
-                && self.swept.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
-            {
+            if self.flows.len() >= MAX_FLOWS && sweep_due(&mut self.swept, now) {
                 self.flows.retain(|_, f| f.expires > now);
-                self.swept = Some(now);
             }
             if self.flows.len() >= MAX_FLOWS {
                 return self.drop(DropReason::FlowTableFull, direction, Some(packet));
@@ -623,6 +623,16 @@ impl State {
             self.identity.ip = Some(d.yiaddr);
         }
     }
+}
+
+/// Whether a full table may be swept of its expired entries now: at most once a second (and
+/// then `last` says so), so that a guest keeping it full cannot make every frame pay for a sweep.
+fn sweep_due(last: &mut Option<Instant>, now: Instant) -> bool {
+    let due = last.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1));
+    if due {
+        *last = Some(now);
+    }
+    due
 }
 
 fn timeout(proto: u8, closing: bool) -> Duration {
@@ -865,6 +875,15 @@ mod tests {
         later[14 + 4..14 + 8].copy_from_slice(&[0, 9, 0, 3]);
         assert!(!fw.inbound(&later), "before its first fragment");
         assert!(fw.inbound(&first) && fw.inbound(&later), "after it");
+        // The table is bounded: once full of fresh entries, a new first fragment passes on its
+        // own merits but its later fragments are not remembered for it.
+        for id in 100..100 + MAX_FRAGMENTED as u32 {
+            assert!(fw.inbound(&piece(0, true, id, &udp6(4000, 5000))));
+        }
+        let overflow = 100 + MAX_FRAGMENTED as u32;
+        assert!(fw.inbound(&piece(0, true, overflow, &udp6(4000, 5000))));
+        assert!(!fw.inbound(&piece(1, false, overflow, &[0u8; 8])), "not remembered: the table is full");
+        assert!(fw.inbound(&piece(1, false, 100, &[0u8; 8])), "an earlier one still is");
     }
 
     #[test]
