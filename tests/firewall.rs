@@ -254,7 +254,8 @@ fn switch_ports_enforce_ipv6_rules_and_guards() {
     let (client, client_api) =
         lab.vm6(1, "dst6=2001:db8::2 port=7777 forge=3 ra=2 na=2 dhcp=2 idle", Some(&client_rules));
     let mut client = client;
-    assert!(client.wait_for_output("PROBE virtio-net ok", TIMEOUT), "{}", client.stdout());
+    // The whole result line: the probe says it is done after it.
+    assert!(client.wait_for_output("PROBE done", TIMEOUT), "{}", client.stdout());
     let line = probe_result(&client.stdout(), "virtio-net").unwrap().to_string();
     // ND found the server through both default policies; echo and TCP pass their rules and
     // come back as replies; UDP meets the server's default (its rule is for IPv4 peers).
