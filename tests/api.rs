@@ -670,7 +670,9 @@ fn free_page_hinting_returns_hinted_pages_to_the_host() {
 
 /// Memory hotplug (virtio-mem) through the API: the probe plugs the 64 MiB PATCH asks for,
 /// writes all of it, and unplugs 48 MiB of it when asked for 16; the VMM's RSS rises and falls
-/// with it, and GET /hotplug/memory follows. Bad sizes are refused with sentences naming the
+/// with it, and GET /hotplug/memory follows. The probe then stores to every page it unplugged:
+/// every store is dropped, counted and logged with its block, and the RSS stays down (without
+/// enforcement each store would have mapped a page: 48 MiB). Bad sizes are refused with sentences naming the
 /// field, and the region survives a snapshot and load (what was plugged stays plugged).
 #[test]
 fn memory_hotplug_plugs_and_unplugs_blocks_and_rss_follows() {
@@ -726,11 +728,14 @@ fn memory_hotplug_plugs_and_unplugs_blocks_and_rss_follows() {
     assert_eq!(status["requested_size_mib"], 64, "{status}");
     expect(s, "PATCH", "/hotplug/memory", r#"{"requested_size_mib": 16}"#, 204);
     assert!(vm.wait_for_output("PROBE virtio-mem ok plugged_mib=64 unplugged_mib=48", TIMEOUT), "{}", vm.stdout());
+    assert!(vm.stdout().contains("stores_dropped=12288"), "{}", vm.stdout());
     let unplugged = rss_kib(vm.child.id());
     let status: serde_json::Value = serde_json::from_str(&expect(s, "GET", "/hotplug/memory", "", 200)).unwrap();
     assert_eq!(status["plugged_size_mib"], 16, "{status}");
     let stats: serde_json::Value = serde_json::from_str(&expect(s, "GET", "/ferrovisor/stats", "", 200)).unwrap();
     assert_eq!(stats["memory_hotplug"]["plugged_mib"], 16, "{stats}");
+    // Each page was stored to once and read back once.
+    assert_eq!(stats["memory_hotplug"]["unplugged_accesses"], 2 * 12288, "{stats}");
 
     // A snapshot keeps the plugged blocks and the requested size.
     expect(s, "PATCH", "/vm", r#"{"state": "Paused"}"#, 204);
@@ -741,6 +746,8 @@ fn memory_hotplug_plugs_and_unplugs_blocks_and_rss_follows() {
     let out = vm.finish(TIMEOUT);
     assert!(out.status.success(), "{}", out.describe());
     assert!(out.stderr.contains("virtio-mem: the guest plugged"), "{}", out.stderr);
+    // The first dropped store names the first unplugged block: 16 MiB into 2 MiB blocks.
+    assert!(out.stderr.contains("the guest wrote 8 bytes to unplugged block 8 (at 0x"), "{}", out.stderr);
     let (restored, socket) = common::api_vmm(&dir, "restored.sock", &[]);
     let s = socket.as_path();
     let load = serde_json::json!({"snapshot_path": state, "mem_file_path": mem, "resume_vm": true});

@@ -238,7 +238,9 @@ fn allowed(kind: ThreadKind) -> (Vec<i64>, Vec<Ioctl>) {
         ThreadKind::Rng => &[EVENTS],
         ThreadKind::Console => &[EVENTS],
         ThreadKind::Vsock => &[EVENTS, SOCKETS],
-        ThreadKind::Balloon | ThreadKind::Mem => &[EVENTS],
+        ThreadKind::Balloon => &[EVENTS],
+        // Plugging maps a block's memory again; unplugging punches it out of a shared memfd.
+        ThreadKind::Mem => &[EVENTS, &[libc::SYS_fallocate]],
         ThreadKind::Usernet => &[EVENTS, SOCKETS, &[libc::SYS_bind, libc::SYS_listen]],
         ThreadKind::SerialInput => &[EVENTS],
         ThreadKind::Switch => &[EVENTS, SOCKETS, &[libc::SYS_unlink]],
@@ -253,6 +255,8 @@ fn allowed(kind: ThreadKind) -> (Vec<i64>, Vec<Ioctl>) {
         // The driver's control queue attaches and detaches a multi-queue TAP's queues.
         ThreadKind::Net => &[ioctls::FIONBIO, ioctls::TUNSETQUEUE],
         ThreadKind::Vsock | ThreadKind::Usernet | ThreadKind::Switch | ThreadKind::Api => &[ioctls::FIONBIO],
+        // Each plugged block of hotpluggable memory is a KVM memory slot.
+        ThreadKind::Mem => &[ioctls::KVM_SET_USER_MEMORY_REGION],
         _ => &[],
     };
     let mut syscalls: Vec<i64> = BASE.iter().chain(groups.iter().flat_map(|g| g.iter())).copied().collect();

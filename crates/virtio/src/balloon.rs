@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::device::{ActivateError, Activation, VirtioDevice, VirtioInterrupt, read_config_bytes};
@@ -352,8 +352,9 @@ pub fn release(mem: &GuestMemory, gpa: u64, len: u64) -> bool {
         return false;
     }
     let Ok(host) = mem.get_host_address(GuestAddress(gpa)) else { return false };
-    // Shared memory (a memfd) keeps its pages in the file: they must be punched out of it.
-    let shared = mem.find_region(GuestAddress(gpa)).is_some_and(|r| r.file_offset().is_some());
+    // Shared memory (a memfd) keeps its pages in the file: they must be punched out of it. A
+    // private file mapping (a restored snapshot) only drops its own copies.
+    let shared = mem.find_region(GuestAddress(gpa)).is_some_and(|r| r.flags() & libc::MAP_SHARED != 0);
     let advice = if shared { libc::MADV_REMOVE } else { libc::MADV_DONTNEED };
     // SAFETY: [host, host + len) is guest RAM mapped by this process (checked above): the
     // advice drops its pages and the guest reads zeroes if it touches them again, which is

@@ -1,12 +1,14 @@
 //! virtio-mem: a region of guest physical memory beside RAM that the guest plugs and unplugs
-//! block by block, following the size the host requests. Unplugged blocks go back to the host
-//! (their pages are dropped), so the VMM's RSS follows what the guest has plugged.
+//! block by block, following the size the host requests. Unplugged blocks go back to the host,
+//! so the VMM's RSS follows what the guest has plugged.
 //!
-//! The whole region is one KVM memory slot and one guest memory region, so that devices may
-//! DMA into plugged memory and snapshots and dirty logging cover it like RAM. The device does
-//! not offer VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE: a guest that writes to blocks it did not plug
-//! makes the host back them, up to the region's size, which the user allowed.
+//! The device offers VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE and enforces it through a
+//! [`BlockMapper`]: the VMM's gives KVM a memory slot for each plugged block and none for an
+//! unplugged one, so the guest's loads and stores to unplugged blocks exit to the VMM
+//! ([`UnpluggedGuard`]: loads read zeroes, stores are dropped, each is counted and logged with
+//! its block) and never map host memory.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::Queue;
@@ -18,6 +20,8 @@ use crate::worker::{Backend, Worker, serve_queue};
 use crate::{F_VERSION_1, GuestMemory, TYPE_MEM};
 
 const QUEUE_SIZES: [u16; 1] = [128];
+/// The guest must not touch unplugged memory (virtio 1.2, 5.15.3).
+pub const F_UNPLUGGED_INACCESSIBLE: u64 = 1 << 1;
 // Requests, responses and block states (virtio 1.2, 5.15.6).
 const REQ_PLUG: u16 = 0;
 const REQ_UNPLUG: u16 = 1;
@@ -87,12 +91,43 @@ fn check_requested(r: &MemRegion, bytes: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// Makes blocks of the region guest memory (plug) or takes them away (unplug). Block numbers
+/// count from the region's start and always lie within it.
+pub trait BlockMapper: Send + Sync {
+    /// Blocks [first, first + count) become guest memory; on an error none of them is.
+    fn plug(&self, first: u64, count: u64) -> Result<(), String>;
+    /// Blocks [first, first + count) stop being guest memory, and the host takes their pages.
+    fn unplug(&self, first: u64, count: u64) -> Result<(), String>;
+}
+
+/// A mapper that only drops unplugged pages, for tests and the fuzzer.
+pub struct ReleasingMapper {
+    pub mem: GuestMemory,
+    pub region: MemRegion,
+}
+
+impl BlockMapper for ReleasingMapper {
+    fn plug(&self, _first: u64, _count: u64) -> Result<(), String> {
+        Ok(())
+    }
+    fn unplug(&self, first: u64, count: u64) -> Result<(), String> {
+        let bs = self.region.block_size;
+        match crate::balloon::release(&self.mem, self.region.addr + first * bs, count * bs) {
+            true => Ok(()),
+            false => Err("the pages were not released".into()),
+        }
+    }
+}
+
 /// The device's handle for the VMM: set the requested size and read what is plugged.
 pub struct MemControl {
     region: MemRegion,
     plugged: Mutex<Plugged>,
     /// Set once the driver is up, so that a new requested size can be announced.
     interrupt: Mutex<Option<Arc<dyn VirtioInterrupt>>>,
+    mapper: Arc<dyn BlockMapper>,
+    /// The guest's loads and stores that reached unplugged blocks.
+    unplugged_accesses: AtomicU64,
 }
 
 /// What `GET /hotplug/memory` reports.
@@ -101,12 +136,59 @@ pub struct MemStatus {
     pub region: MemRegion,
     pub plugged_bytes: u64,
     pub requested_bytes: u64,
+    pub unplugged_accesses: u64,
 }
 
 impl MemControl {
     pub fn status(&self) -> MemStatus {
         let p = self.lock();
-        MemStatus { region: self.region, plugged_bytes: p.count * self.region.block_size, requested_bytes: p.requested }
+        MemStatus {
+            region: self.region,
+            plugged_bytes: p.count * self.region.block_size,
+            requested_bytes: p.requested,
+            unplugged_accesses: self.unplugged_accesses.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn region(&self) -> MemRegion {
+        self.region
+    }
+
+    /// Whether each block of the region is plugged, in order.
+    pub fn plugged_blocks(&self) -> Vec<bool> {
+        let p = self.lock();
+        (0..self.region.blocks()).map(|b| p.get(b)).collect()
+    }
+
+    /// The unplugged runs of blocks as (guest address, length).
+    pub fn unplugged_ranges(&self) -> Vec<(u64, u64)> {
+        let bs = self.region.block_size;
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for (block, plugged) in self.plugged_blocks().into_iter().enumerate() {
+            let gpa = self.region.addr + block as u64 * bs;
+            match ranges.last_mut() {
+                _ if plugged => {}
+                Some((start, len)) if *start + *len == gpa => *len += bs,
+                _ => ranges.push((gpa, bs)),
+            }
+        }
+        ranges
+    }
+
+    /// Counts and reports (rate-limited) a guest access that reached an unplugged block.
+    fn unplugged_access(&self, offset: u64, len: usize, write: bool) {
+        self.unplugged_accesses.fetch_add(1, Ordering::Relaxed);
+        let block = offset / self.region.block_size;
+        let gpa = self.region.addr + offset;
+        if write {
+            crate::guest_fault!(
+                "virtio-mem: the guest wrote {len} bytes to unplugged block {block} (at {gpa:#x}); the write was dropped"
+            );
+        } else {
+            crate::guest_fault!(
+                "virtio-mem: the guest read {len} bytes from unplugged block {block} (at {gpa:#x}); it read zeroes"
+            );
+        }
     }
 
     /// Asks the guest for `bytes` of plugged memory (a whole number of blocks, at most the
@@ -143,9 +225,17 @@ impl MemControl {
         let mut p = self.lock();
         match kind {
             REQ_UNPLUG_ALL => {
-                self.discard(mem, self.region.addr, self.region.size);
-                p.bits.fill(0);
-                p.count = 0;
+                let mut block = 0;
+                while block < self.region.blocks() {
+                    let start = block;
+                    while block < self.region.blocks() && p.get(block) {
+                        block += 1;
+                    }
+                    if block > start && !self.unplug(mem, &mut p, start..block) {
+                        return (RESP_NACK, 0);
+                    }
+                    block += 1;
+                }
                 crate::guest_event!("virtio-mem: the guest unplugged all its memory");
                 (RESP_ACK, 0)
             }
@@ -173,6 +263,10 @@ impl MemControl {
                     }
                     REQ_PLUG if (p.count + len) * block_size > p.requested => (RESP_NACK, 0),
                     REQ_PLUG => {
+                        if let Err(e) = self.mapper.plug(blocks.start, len) {
+                            crate::guest_fault!("virtio-mem: blocks at {addr:#x} cannot be plugged: {e}");
+                            return (RESP_NACK, 0);
+                        }
                         blocks.for_each(|b| p.set(b, true));
                         crate::guest_event!(
                             "virtio-mem: the guest plugged {} MiB at {addr:#x}; {} MiB plugged",
@@ -186,8 +280,9 @@ impl MemControl {
                         (RESP_ERROR, 0)
                     }
                     _ => {
-                        self.discard(mem, addr, len * block_size);
-                        blocks.for_each(|b| p.set(b, false));
+                        if !self.unplug(mem, &mut p, blocks) {
+                            return (RESP_NACK, 0);
+                        }
                         crate::guest_event!(
                             "virtio-mem: the guest unplugged {} MiB at {addr:#x}; {} MiB plugged",
                             (len * block_size) >> 20,
@@ -204,14 +299,39 @@ impl MemControl {
         }
     }
 
-    /// Gives the pages of [gpa, gpa + len) back to the host; they read as zeroes afterwards,
-    /// and are marked dirty so that a diff snapshot records that.
-    fn discard(&self, mem: &GuestMemory, gpa: u64, len: u64) {
-        if !crate::balloon::release(mem, gpa, len) {
+    /// Takes `blocks` from the guest and gives their pages back to the host. They are marked
+    /// dirty, so that a diff snapshot records them as zeroes. False when the mapper failed.
+    fn unplug(&self, mem: &GuestMemory, p: &mut Plugged, blocks: std::ops::Range<u64>) -> bool {
+        let bs = self.region.block_size;
+        let (gpa, len) = (self.region.addr + blocks.start * bs, (blocks.end - blocks.start) * bs);
+        if let Err(e) = self.mapper.unplug(blocks.start, blocks.end - blocks.start) {
             // Guest-triggered, so rate-limited like the rest.
-            crate::guest_fault!("virtio-mem: the host kept {} MiB at {gpa:#x} the guest unplugged", len >> 20);
+            crate::guest_fault!("virtio-mem: the host cannot take back {} MiB at {gpa:#x}: {e}", len >> 20);
+            return false;
         }
+        blocks.for_each(|b| p.set(b, false));
         crate::mark_dirty(mem, gpa, len);
+        true
+    }
+
+    /// What the guest sees where it has no memory: the region on the MMIO bus.
+    pub fn guard(self: &Arc<Self>) -> UnpluggedGuard {
+        UnpluggedGuard(self.clone())
+    }
+}
+
+/// The region as a device on the MMIO bus. Plugged blocks are KVM memory slots, so only the
+/// guest's loads and stores to unplugged blocks arrive here: loads read zeroes, stores are
+/// dropped, and each is counted and reported with its block.
+pub struct UnpluggedGuard(Arc<MemControl>);
+
+impl devices::BusDevice for UnpluggedGuard {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        self.0.unplugged_access(offset, data.len(), false);
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.0.unplugged_access(offset, data.len(), true);
     }
 }
 
@@ -223,8 +343,8 @@ pub struct Mem {
 
 impl Mem {
     /// A device for `region` (block size a power of two of pages dividing the size) asking for
-    /// `requested` bytes from the start.
-    pub fn new(region: MemRegion, requested: u64) -> Result<Mem, String> {
+    /// `requested` bytes from the start; `mapper` plugs and unplugs its blocks.
+    pub fn new(region: MemRegion, requested: u64, mapper: Arc<dyn BlockMapper>) -> Result<Mem, String> {
         if !region.block_size.is_power_of_two()
             || region.block_size < MIN_BLOCK_SIZE
             || region.size == 0
@@ -239,6 +359,8 @@ impl Mem {
             region,
             plugged: Mutex::new(Plugged { requested, bits: vec![0; words], count: 0 }),
             interrupt: Mutex::new(None),
+            mapper,
+            unplugged_accesses: AtomicU64::new(0),
         });
         Ok(Mem { control, metrics: Arc::default(), worker: None })
     }
@@ -253,7 +375,7 @@ impl VirtioDevice for Mem {
         TYPE_MEM
     }
     fn features(&self) -> u64 {
-        F_VERSION_1
+        F_VERSION_1 | F_UNPLUGGED_INACCESSIBLE
     }
     fn queue_max_sizes(&self) -> &[u16] {
         &QUEUE_SIZES
@@ -381,7 +503,8 @@ pub fn fuzz_queues(mem: &GuestMemory, queues: &mut [Queue], kicks: usize) {
     use vm_memory::GuestMemoryBackend;
     let size = mem.last_addr().0.div_ceil(2);
     let region = MemRegion { addr: size, size, block_size: MIN_BLOCK_SIZE };
-    let Ok(device) = Mem::new(region, 0) else { return };
+    let mapper = Arc::new(ReleasingMapper { mem: mem.clone(), region });
+    let Ok(device) = Mem::new(region, 0, mapper) else { return };
     let mut backend = MemBackend { control: device.control(), metrics: Arc::default() };
     for kick in 0..kicks {
         let _ = backend.control.set_requested((kick as u64 + 1) % 3 * size / 2);
@@ -400,8 +523,28 @@ mod tests {
         GuestMemory::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap()
     }
 
+    const REGION: MemRegion = MemRegion { addr: 8 * MIB, size: 8 * MIB, block_size: 2 * MIB };
+
+    /// Records what it was asked to do; refuses to plug block 3.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(bool, u64, u64)>>);
+
+    impl BlockMapper for Recorder {
+        fn plug(&self, first: u64, count: u64) -> Result<(), String> {
+            if (first..first + count).contains(&3) {
+                return Err("no slot left".into());
+            }
+            self.0.lock().unwrap().push((true, first, count));
+            Ok(())
+        }
+        fn unplug(&self, first: u64, count: u64) -> Result<(), String> {
+            self.0.lock().unwrap().push((false, first, count));
+            Ok(())
+        }
+    }
+
     fn device() -> Mem {
-        Mem::new(MemRegion { addr: 8 * MIB, size: 8 * MIB, block_size: 2 * MIB }, 4 * MIB).unwrap()
+        Mem::new(REGION, 4 * MIB, Arc::new(ReleasingMapper { mem: memory(), region: REGION })).unwrap()
     }
 
     #[test]
@@ -438,7 +581,8 @@ mod tests {
 
     #[test]
     fn unplugged_memory_reads_zero_and_the_requested_size_is_checked() {
-        let (mem, dev) = (memory(), device());
+        let mem = memory();
+        let dev = Mem::new(REGION, 4 * MIB, Arc::new(ReleasingMapper { mem: mem.clone(), region: REGION })).unwrap();
         let c = dev.control();
         assert_eq!(c.serve(&mem, REQ_PLUG, 8 * MIB, 1), (RESP_ACK, 0));
         mem.write_obj(0xfeed_u64, GuestAddress(8 * MIB + 4096)).unwrap();
@@ -467,5 +611,40 @@ mod tests {
         assert_eq!(other.control().status().plugged_bytes, 8 * MIB);
         dev.reset();
         assert_eq!(dev.control().status().plugged_bytes, 4 * MIB, "a reset keeps plugged blocks");
+    }
+
+    #[test]
+    fn the_mapper_sees_every_plug_and_unplug_and_a_refused_plug_is_a_nack() {
+        let mem = memory();
+        let recorder = Arc::new(Recorder::default());
+        let dev = Mem::new(REGION, 8 * MIB, recorder.clone()).unwrap();
+        let c = dev.control();
+        assert_eq!(c.serve(&mem, REQ_PLUG, 8 * MIB, 2), (RESP_ACK, 0));
+        assert_eq!(c.serve(&mem, REQ_PLUG, 12 * MIB, 2), (RESP_NACK, 0), "the mapper has no slot for block 3");
+        assert_eq!(c.serve(&mem, REQ_STATE, 12 * MIB, 2), (RESP_ACK, STATE_UNPLUGGED), "a refused plug plugs nothing");
+        assert_eq!(c.serve(&mem, REQ_PLUG, 12 * MIB, 1), (RESP_ACK, 0));
+        assert_eq!(c.plugged_blocks(), [true, true, true, false]);
+        assert_eq!(c.unplugged_ranges(), [(14 * MIB, 2 * MIB)]);
+        assert_eq!(c.serve(&mem, REQ_UNPLUG, 10 * MIB, 1), (RESP_ACK, 0));
+        assert_eq!(c.unplugged_ranges(), [(10 * MIB, 2 * MIB), (14 * MIB, 2 * MIB)]);
+        assert_eq!(c.serve(&mem, REQ_UNPLUG_ALL, 0, 0), (RESP_ACK, 0));
+        assert_eq!(
+            *recorder.0.lock().unwrap(),
+            [(true, 0, 2), (true, 2, 1), (false, 1, 1), (false, 0, 1), (false, 2, 1)],
+            "UNPLUG_ALL unplugs each plugged run"
+        );
+        assert_eq!(dev.features() & F_UNPLUGGED_INACCESSIBLE, F_UNPLUGGED_INACCESSIBLE);
+    }
+
+    #[test]
+    fn guest_accesses_to_unplugged_blocks_read_zeroes_and_are_counted() {
+        use devices::BusDevice;
+        let dev = device();
+        let mut guard = dev.control().guard();
+        let mut data = [0xaau8; 8];
+        guard.read(2 * MIB + 8, &mut data);
+        assert_eq!(data, [0; 8]);
+        guard.write(6 * MIB, &[1, 2, 3, 4]);
+        assert_eq!(dev.control().status().unplugged_accesses, 2);
     }
 }

@@ -8,6 +8,7 @@ pub mod exit;
 pub mod fault;
 mod footprint;
 mod gsi;
+mod hotplug;
 pub mod memory;
 pub mod metrics;
 mod passthrough;

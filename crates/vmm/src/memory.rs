@@ -158,7 +158,11 @@ fn guest_region(
 }
 
 fn advise(region: &MmapRegion<AtomicBitmap>, options: &MemoryOptions, prefault: bool) {
-    let (addr, len) = (region.as_ptr().cast::<libc::c_void>(), region.size());
+    advise_range(region.as_ptr().cast(), region.size(), options, prefault);
+}
+
+/// Advises [addr, addr + len), guest memory mapped by this process, as `options` say.
+pub(crate) fn advise_range(addr: *mut libc::c_void, len: usize, options: &MemoryOptions, prefault: bool) {
     let mut advice = Vec::new();
     if options.hugepages == HugePages::Thp {
         advice.push((libc::MADV_HUGEPAGE, "MADV_HUGEPAGE"));

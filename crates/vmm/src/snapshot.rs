@@ -303,8 +303,9 @@ pub struct Written {
 }
 
 /// Writes guest RAM to `path` (regions in order, holes for pages not written) and clears the
-/// device-write bitmap so that the next diff starts here.
-pub fn write_memory(mem: &GuestMemory, path: &Path, pages: Pages) -> Result<Written, String> {
+/// device-write bitmap so that the next diff starts here. The `unplugged` ranges (guest address,
+/// length) hold nothing of the guest's: they are holes, or zeroes where a diff must say so.
+pub fn write_memory(mem: &GuestMemory, path: &Path, pages: Pages, unplugged: &[(u64, u64)]) -> Result<Written, String> {
     let what = || format!("mem_file_path {}", path.display());
     let file = sandbox::files::replace_output(path, "mem_file_path")?;
     let total: u64 = mem.iter().map(|r| r.len()).sum();
@@ -326,15 +327,20 @@ pub fn write_memory(mem: &GuestMemory, path: &Path, pages: Pages) -> Result<Writ
         };
         // Consecutive pages go out in one write: a run is [run_start, page).
         let mut run_start = None;
-        let mut flush_run = |from: usize, to: usize| -> Result<(), String> {
-            let data = &bytes[from * PAGE..(to * PAGE).min(len)];
+        // Pages [from, to) with `data` (the region's own bytes unless given).
+        let mut flush_run = |from: usize, to: usize, data: Option<&[u8]>| -> Result<(), String> {
+            let data = data.unwrap_or(&bytes[from * PAGE..(to * PAGE).min(len)]);
             file.write_all_at(data, offset + (from * PAGE) as u64)
                 .map_err(|e| format!("{} cannot be written ({e})", what()))?;
             written.pages += (to - from) as u64;
             written.bytes += data.len() as u64;
             Ok(())
         };
+        let start = region.start_addr().raw_value();
         for (page, data) in bytes.chunks(PAGE).enumerate() {
+            let gpa = start + (page * PAGE) as u64;
+            let dropped = unplugged.iter().any(|&(at, len)| gpa >= at && gpa - at < len);
+            let data = if dropped { &ZERO_PAGE[..data.len()] } else { data };
             let take = match &pages {
                 Pages::All => data.iter().any(|&b| b != 0),
                 Pages::AllResident => {
@@ -347,17 +353,26 @@ pub fn write_memory(mem: &GuestMemory, path: &Path, pages: Pages) -> Result<Writ
                     in_kvm_log || bitmap.is_addr_set(page * PAGE)
                 }
             };
+            if dropped {
+                if let Some(from) = run_start.take() {
+                    flush_run(from, page, None)?;
+                }
+                if take {
+                    flush_run(page, page + 1, Some(data))?;
+                }
+                continue;
+            }
             match (take, run_start) {
                 (true, None) => run_start = Some(page),
                 (false, Some(from)) => {
-                    flush_run(from, page)?;
+                    flush_run(from, page, None)?;
                     run_start = None;
                 }
                 _ => {}
             }
         }
         if let Some(from) = run_start {
-            flush_run(from, len.div_ceil(PAGE))?;
+            flush_run(from, len.div_ceil(PAGE), None)?;
         }
         bitmap.reset();
         offset += len as u64;
@@ -366,6 +381,8 @@ pub fn write_memory(mem: &GuestMemory, path: &Path, pages: Pages) -> Result<Writ
     file.set_len(total).map_err(|e| format!("{} cannot be sized ({e})", what()))?;
     Ok(written)
 }
+
+static ZERO_PAGE: [u8; PAGE] = [0; PAGE];
 
 /// One byte per page, bit 0 set when the page is resident; None if mincore fails.
 fn residency(host: *mut u8, len: usize) -> Option<Vec<u8>> {
@@ -429,5 +446,28 @@ mod tests {
         assert!((10.0..10.5).contains(&drift), "{drift}");
         state.msrs.retain(|m| m.index != arch::vcpu::MSR_IA32_TSC);
         assert_eq!(tsc_drift_seconds(&vcpu, &state), None, "no saved TSC, nothing to tell");
+    }
+
+    #[test]
+    fn unplugged_memory_is_a_hole_in_a_full_file_and_zeroes_in_a_diff() {
+        use vm_memory::{Bytes, GuestAddress};
+        let mem = crate::memory::create(&[(0, 1 << 20)], 1, &crate::config::MemoryOptions::default()).unwrap();
+        // What an unplugged block's mapping holds is not the guest's: it must not be saved.
+        for page in 0..4u64 {
+            mem.write_obj(0xab_u8, GuestAddress(page * 4096)).unwrap();
+        }
+        let unplugged = [(4096, 8192)];
+        let path = std::env::temp_dir().join(format!("ferrovisor-unplugged-{}", std::process::id()));
+        let full = write_memory(&mem, &path, Pages::All, &unplugged).unwrap();
+        assert_eq!(full.pages, 2, "pages 0 and 3");
+        let file = std::fs::read(&path).unwrap();
+        assert_eq!((file[0], file[4096], file[8192], file[3 * 4096]), (0xab, 0, 0, 0xab));
+        mem.write_obj(0xcd_u8, GuestAddress(4096)).unwrap();
+        let log = vec![vec![0b1010u64]];
+        let diff = write_memory(&mem, &path, Pages::Dirty(&log), &unplugged).unwrap();
+        assert_eq!(diff.pages, 2, "pages 1 (as zeroes) and 3");
+        let file = std::fs::read(&path).unwrap();
+        assert_eq!((file[4096], file[3 * 4096]), (0, 0xab));
+        std::fs::remove_file(path).unwrap();
     }
 }

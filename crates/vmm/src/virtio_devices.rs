@@ -42,7 +42,7 @@ pub struct AttachedDevices {
     pub nets: Vec<DeviceUpdater>,
     /// Each pmem device's ID and how to change it while the VM runs.
     pub pmem: Vec<(String, DeviceUpdater)>,
-    pub memory_hotplug: Option<Arc<virtio::mem::MemControl>>,
+    pub memory_hotplug: Option<(Arc<virtio::mem::MemControl>, Arc<crate::hotplug::PluggableMemory>)>,
     /// Assigned PCI devices (VFIO, vfio-user).
     pub passthrough: crate::passthrough::AttachedPassthrough,
     /// Each network interface's ID and firewall, in configuration order.
@@ -50,6 +50,19 @@ pub struct AttachedDevices {
     /// The kernel's copy of managed-network ports' firewalls, by interface ID and TAP; they go
     /// with the VMM.
     pub port_rules: Vec<(String, String, Mutex<net::port_rules::PortRules>)>,
+}
+
+impl AttachedDevices {
+    /// Gives KVM the plugged blocks of hotpluggable memory and the sink the unplugged ones,
+    /// once the virtio-mem device has its state (new, or restored from a snapshot).
+    pub fn sync_hotplug(&self) -> Result<(), Error> {
+        match &self.memory_hotplug {
+            Some((control, blocks)) => {
+                blocks.sync(&control.plugged_blocks()).map_err(|e| Error::Device(format!("virtio-mem: {e}")))
+            }
+            None => Ok(()),
+        }
+    }
 }
 
 /// A change to a running device: a disk's image or rate limit, a network interface's rate
@@ -190,10 +203,17 @@ pub fn attach_all(
     }
     if let (Some(hotplug), Some((addr, size))) = (config.memory_hotplug, config.hotplug_region()) {
         let region = virtio::mem::MemRegion { addr, size, block_size: hotplug.block_mib << 20 };
-        let device = virtio::mem::Mem::new(region, hotplug.requested_mib << 20)
-            .map_err(|e| Error::Device(format!("virtio-mem: {e}")))?;
+        let err = |e: String| Error::Device(format!("virtio-mem: {e}"));
+        let blocks = Arc::new(
+            crate::hotplug::PluggableMemory::new(vm.clone(), mem, region, config.memory, config.track_dirty_pages)
+                .map_err(err)?,
+        );
+        let device = virtio::mem::Mem::new(region, hotplug.requested_mib << 20, blocks.clone()).map_err(err)?;
+        // Only unplugged blocks have no KVM slot, so only they reach the bus.
+        let guard: devices::SharedDevice = Arc::new(Mutex::new(device.control().guard()));
+        mmio.insert(addr, size, guard).map_err(|e| err(e.to_string()))?;
         tracing::info!("virtio-mem: {} MiB of hotpluggable memory at {addr:#x}", size >> 20);
-        attached.memory_hotplug = Some(device.control());
+        attached.memory_hotplug = Some((device.control(), blocks));
         devices.push(("virtio-mem".into(), Box::new(device)));
     }
     if let Some(vsock) = &config.vsock {

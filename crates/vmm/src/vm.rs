@@ -83,7 +83,7 @@ impl RunningVm {
     }
 
     pub fn memory_hotplug(&self) -> Option<&Arc<virtio::mem::MemControl>> {
-        self.devices.memory_hotplug.as_ref()
+        self.devices.memory_hotplug.as_ref().map(|(control, _)| control)
     }
 
     pub fn memory(&self) -> &GuestMemory {
@@ -221,27 +221,35 @@ impl RunningVm {
                 .map_or(0, |r| r.lock().unwrap_or_else(|p| p.into_inner()).address()),
         };
         let mem = &self.shared.mem;
+        let hotplug = self.devices.memory_hotplug.as_ref().map(|(control, blocks)| (control.plugged_blocks(), blocks));
         // Reading KVM's dirty log also clears it: every snapshot starts the next diff.
         let logs = if config.track_dirty_pages {
             let mut logs = Vec::new();
             for (slot, region) in mem.iter().enumerate() {
-                logs.push(
-                    self.vm
+                let log = match &hotplug {
+                    // The hotpluggable region is always the last, and its slots are its blocks'.
+                    Some((plugged, blocks)) if slot + 1 == mem.num_regions() => blocks.dirty_log(plugged)?,
+                    _ => self
+                        .vm
                         .get_dirty_log(slot as u32, region.len() as usize)
                         .map_err(|e| format!("KVM refused to report dirty pages: {e}"))?,
-                );
+                };
+                logs.push(log);
             }
             logs
         } else {
             Vec::new()
         };
+        // Unplugged blocks are written as zeroes: their mapping is the sink, not guest memory.
+        let unplugged: Vec<(u64, u64)> =
+            self.devices.memory_hotplug.as_ref().map(|(control, _)| control.unplugged_ranges()).unwrap_or_default();
         let pages = match (diff, self.restored) {
             (true, _) => snapshot::Pages::Dirty(&logs),
             // A restored VM's absent pages are the old memory file's, not zeroes.
             (false, true) => snapshot::Pages::All,
             (false, false) => snapshot::Pages::AllResident,
         };
-        let written = snapshot::write_memory(mem, mem_path, pages)?;
+        let written = snapshot::write_memory(mem, mem_path, pages, &unplugged)?;
         let state = snapshot::Snapshot {
             config: config.clone(),
             regions: mem.iter().map(|r| (r.start_addr().raw_value(), r.len())).collect(),
@@ -266,8 +274,8 @@ fn create_vm(kvm: &Kvm) -> Result<Arc<VmFd>, Error> {
 /// Registers guest RAM, then creates the irqchip and PIT. In this order on purpose: once a VM
 /// has an irqchip, every memory-slot change waits for an SRCU grace period (5-10 ms measured
 /// on this host, about half the launch), while before it the same call takes 0.1 ms.
-fn add_memory_and_irqchip(vm: &VmFd, mem: &GuestMemory, track_dirty_pages: bool) -> Result<(), Error> {
-    register_memory(vm, mem, track_dirty_pages)?;
+fn add_memory_and_irqchip(vm: &VmFd, mem: &GuestMemory, config: &VmConfig) -> Result<(), Error> {
+    register_memory(vm, mem, config)?;
     vm.create_irq_chip().map_err(kvm_err("create the in-kernel irqchip"))?;
     let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
     vm.create_pit2(pit).map_err(kvm_err("create the in-kernel PIT"))?;
@@ -292,10 +300,11 @@ pub fn start(
     }
     let mem = crate::memory::create(&config.memory_regions(), ram, &memory_options)
         .map_err(|e| Error::Memory { mib: mem_size >> 20, reason: e.to_string() })?;
-    add_memory_and_irqchip(&vm, &mem, config.track_dirty_pages)?;
+    add_memory_and_irqchip(&vm, &mem, config)?;
     let (mut pio, mut mmio, legacy) = create_devices(&vm, config, launched, latch, None)?;
     let mut cmdline = boot::cmdline(&config.cmdline)?;
     let devices = crate::virtio_devices::attach_all(&vm, &mem, config, &mut pio, &mut mmio, &mut cmdline)?;
+    devices.sync_hotplug()?;
     let kernel = load_guest(&mem, config, format, mem_size, &cmdline)?;
 
     let vcpus = create_vcpus(kvm, &vm, config)?;
@@ -354,7 +363,7 @@ pub fn restore(
     }
     let mem = crate::memory::restore(&saved.regions, &file, &config.memory)
         .map_err(|e| Error::Memory { mib: total >> 20, reason: e.to_string() })?;
-    add_memory_and_irqchip(&vm, &mem, config.track_dirty_pages)?;
+    add_memory_and_irqchip(&vm, &mem, &config)?;
     snapshot::restore_vm(&vm, &saved.vm, how.clock_realtime).map_err(restore_err)?;
     let (mut pio, mut mmio, legacy) = create_devices(&vm, &config, launched, latch, Some(&saved.devices))?;
     let mut cmdline = boot::cmdline(&config.cmdline)?;
@@ -371,6 +380,7 @@ pub fn restore(
     if let Some(root) = &devices.pci_root {
         root.lock().unwrap_or_else(|p| p.into_inner()).set_address(saved.devices.pci_address);
     }
+    devices.sync_hotplug()?;
     if saved.vcpus.len() != config.cpus as usize {
         return Err(restore_err("its vCPU count differs from its configuration".into()));
     }
@@ -482,10 +492,15 @@ fn open(path: &std::path::Path, what: &'static str) -> Result<File, Error> {
     File::open(path).map_err(|source| Error::Open { what, path: path.display().to_string(), source })
 }
 
-/// Hands guest RAM to KVM, one slot per region, logging dirty pages when asked.
-fn register_memory(vm: &VmFd, mem: &GuestMemory, track_dirty_pages: bool) -> Result<(), Error> {
-    let flags = if track_dirty_pages { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+/// Hands guest RAM to KVM, one slot per region, logging dirty pages when asked. Hotpluggable
+/// memory gets its slots block by block as the guest plugs them (see `hotplug`).
+fn register_memory(vm: &VmFd, mem: &GuestMemory, config: &VmConfig) -> Result<(), Error> {
+    let flags = if config.track_dirty_pages { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+    let hotplug_start = config.hotplug_region().map(|(start, _)| start);
     for (slot, region) in mem.iter().enumerate() {
+        if Some(region.start_addr().raw_value()) == hotplug_start {
+            continue;
+        }
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
             .map_err(|e| Error::Memory { mib: region.len() >> 20, reason: e.to_string() })?;

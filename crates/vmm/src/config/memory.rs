@@ -43,6 +43,9 @@ impl MemoryHotplugConfig {
     /// 1 TiB: far above what a guest on one host plugs, and within any guest's physical
     /// address width.
     pub const MAX_TOTAL_MIB: u64 = 1 << 20;
+    /// Each block is a KVM memory slot once plugged: KVM's 32,764 slots on x86 less 256 kept
+    /// for RAM, pmem and assigned devices.
+    pub const MAX_BLOCKS: u64 = 32_764 - 256;
 
     /// Checks the sizes; the error names the field and the fix.
     pub fn check(&self) -> Result<(), (HotplugField, String)> {
@@ -62,6 +65,19 @@ impl MemoryHotplugConfig {
                     self.total_mib,
                     self.slot_mib,
                     Self::MAX_TOTAL_MIB
+                ),
+            ));
+        }
+        if self.total_mib / self.block_mib > Self::MAX_BLOCKS {
+            let least = (self.total_mib.div_ceil(Self::MAX_BLOCKS)).next_power_of_two();
+            return Err((
+                Block,
+                format!(
+                    "is {}, which cuts {} MiB into {} blocks, each a KVM memory slot, where at most {} fit; give at least {least}",
+                    self.block_mib,
+                    self.total_mib,
+                    self.total_mib / self.block_mib,
+                    Self::MAX_BLOCKS
                 ),
             ));
         }

@@ -208,6 +208,13 @@ impl VmConfig {
         }
         if let Some(h) = &self.memory_hotplug {
             h.check().map_err(|(field, problem)| ConfigError::Hotplug(format!("{}= {problem}", field.key())))?;
+            if !self.passthrough.is_empty() {
+                return Err(ConfigError::Hotplug(
+                    "cannot be combined with assigned devices (--device), which reach guest memory where unplugged \
+                     blocks cannot be fenced off; drop one of the two"
+                        .into(),
+                ));
+            }
         }
         if self.memory.hugepages == HugePages::On {
             // Plugged memory faults huge pages in as the guest touches it: they must be there.
@@ -318,6 +325,23 @@ mod tests {
             static_cpu_template: None,
             mmds: None,
         }
+    }
+
+    #[test]
+    fn hotplugged_memory_needs_blocks_kvm_can_slot_and_no_assigned_devices() {
+        let elf = temp_file("elf-hotplug", b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+        let hotplug = MemoryHotplugConfig { total_mib: 128 << 10, block_mib: 2, slot_mib: 128, requested_mib: 0 };
+        let c = VmConfig { memory_hotplug: Some(hotplug), ..config(elf.clone()) };
+        let e = c.validate(&LIMITS).unwrap_err().to_string();
+        assert!(e.starts_with("--memory-hotplug block= is 2") && e.ends_with("give at least 8."), "{e}");
+        let c = VmConfig { memory_hotplug: Some(MemoryHotplugConfig { block_mib: 8, ..hotplug }), ..c };
+        assert_eq!(c.validate(&LIMITS), Ok(KernelFormat::Elf));
+        let device =
+            PassthroughConfig { id: "dev0".into(), backend: PassthroughBackend::VfioUser("/tmp/d.sock".into()) };
+        let c = VmConfig { passthrough: vec![device], ..c };
+        let e = c.validate(&LIMITS).unwrap_err().to_string();
+        assert!(e.contains("cannot be combined with assigned devices (--device)"), "{e}");
+        std::fs::remove_file(elf).unwrap();
     }
 
     #[test]

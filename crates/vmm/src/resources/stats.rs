@@ -20,6 +20,7 @@ pub fn stats(vm: &RunningVm) -> serde_json::Value {
         value["memory_hotplug"] = serde_json::json!({
             "plugged_mib": status.plugged_bytes >> 20,
             "requested_mib": status.requested_bytes >> 20,
+            "unplugged_accesses": status.unplugged_accesses,
         });
     }
     if let Some(b) = vm.balloon() {
