@@ -455,6 +455,29 @@ pub struct MemBackend {
     pub backend_path: String,
 }
 
+/// `PUT /ferrovisor/migration/receive`: wait for a VM on `receiver_url` (`unix:PATH` or
+/// `tcp:HOST:PORT`).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationReceive {
+    pub receiver_url: String,
+}
+
+/// `PUT /ferrovisor/migration/send`: move the running VM to `destination_url`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationSend {
+    pub destination_url: String,
+    /// The pause the guest may see at the switch-over (default 300).
+    pub downtime_ms: Option<u64>,
+    /// Give up (or, with `timeout_action` "switch", switch over at once) after this long.
+    pub timeout_s: Option<u64>,
+    /// "cancel" (default) or "switch".
+    pub timeout_action: Option<String>,
+    /// The most rounds of dirty pages before the switch-over (default 30).
+    pub max_rounds: Option<u32>,
+}
+
 /// `PUT /snapshot/load`.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -59,6 +59,10 @@ pub enum Request {
     },
     /// Stops the VMM cleanly (exit status 0), like SIGTERM.
     Stop,
+    MigrationReceive(MigrationReceive),
+    MigrationSend(MigrationSend),
+    MigrationCancel,
+    GetMigration,
 }
 
 /// The routes, as (method, path template): what the OpenAPI document must list.
@@ -108,6 +112,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/ferrovisor/firewall/{iface_id}"),
     ("GET", "/ferrovisor/firewall/{iface_id}"),
     ("PUT", "/ferrovisor/devices/{id}"),
+    ("PUT", "/ferrovisor/migration/receive"),
+    ("PUT", "/ferrovisor/migration/send"),
+    ("PUT", "/ferrovisor/migration/cancel"),
+    ("GET", "/ferrovisor/migration"),
 ];
 
 /// Parses one request. `path` may carry a query string (only `/ferrovisor/metrics` reads it).
@@ -201,6 +209,15 @@ pub fn parse(method: &str, target: &str, body: &[u8]) -> Result<Request, Respons
         ("PUT", "/ferrovisor/memory") => Request::PutMemory(body_of(&what, body)?),
         ("GET", "/ferrovisor/stats") => Request::GetStats,
         ("PUT", "/ferrovisor/stop") => Request::Stop,
+        ("PUT", "/ferrovisor/migration/receive") => Request::MigrationReceive(body_of(&what, body)?),
+        ("PUT", "/ferrovisor/migration/send") => Request::MigrationSend(body_of(&what, body)?),
+        ("PUT", "/ferrovisor/migration/cancel") => {
+            if !body.iter().all(u8::is_ascii_whitespace) {
+                body_of::<NoFields>(&what, body)?;
+            }
+            Request::MigrationCancel
+        }
+        ("GET", "/ferrovisor/migration") => Request::GetMigration,
         ("PUT", "/ferrovisor/firewall/{iface_id}") => {
             let rules: net::firewall::RuleSetSpec = body_of(&what, body)?;
             // Checked here, so that a bad rule is answered before anything changes.

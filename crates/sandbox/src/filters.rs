@@ -75,6 +75,18 @@ const SOCKETS: &[i64] = &[
     libc::SYS_getpeername,
 ];
 
+/// Live migration: the destination listens and accepts (a Unix socket path is unlinked when it
+/// goes) and makes guest memory (a memfd when it is shared); the source reads which pages are
+/// resident.
+const MIGRATION: &[i64] = &[
+    libc::SYS_bind,
+    libc::SYS_listen,
+    libc::SYS_unlink,
+    libc::SYS_memfd_create,
+    libc::SYS_ftruncate,
+    libc::SYS_mincore,
+];
+
 /// An assigned device: messages to its vfio-user server on the connected socket, or reads and
 /// writes of its kernel VFIO regions; from the vCPUs (BARs, configuration space) and from the
 /// main thread (detaching it when the VM stops).
@@ -122,6 +134,12 @@ const VMM_IOCTLS: &[Ioctl] = &[
     ioctls::KVM_GET_PIT2,
     ioctls::KVM_GET_CLOCK,
     ioctls::KVM_GET_DIRTY_LOG,
+    // A migration turns dirty logging on for every memory slot, with KVM's manual protection.
+    ioctls::KVM_SET_USER_MEMORY_REGION,
+    ioctls::KVM_ENABLE_CAP,
+    ioctls::KVM_CLEAR_DIRTY_LOG,
+    // ...and has each paused vCPU reload its MMU context once the log is on.
+    ioctls::KVM_SET_SREGS,
     ioctls::KVM_GET_MSR_INDEX_LIST,
     ioctls::KVM_CHECK_EXTENSION,
     ioctls::KVM_SET_GSI_ROUTING,
@@ -247,6 +265,7 @@ fn allowed(kind: ThreadKind) -> (Vec<i64>, Vec<Ioctl>) {
         ThreadKind::Dhcp => &[EVENTS, SOCKETS, LEASE_FILES],
         // Accepting VMMs one after another, mapping the guest memory they share.
         ThreadKind::DeviceServer => &[EVENTS, SOCKETS, &[libc::SYS_unlink, libc::SYS_statx, libc::SYS_newfstatat]],
+        ThreadKind::Migration => &[EVENTS, SOCKETS, MIGRATION],
     };
     let ioctls: &'static [Ioctl] = match kind {
         ThreadKind::Vmm => VMM_IOCTLS,
@@ -257,6 +276,8 @@ fn allowed(kind: ThreadKind) -> (Vec<i64>, Vec<Ioctl>) {
         ThreadKind::Vsock | ThreadKind::Usernet | ThreadKind::Switch | ThreadKind::Api => &[ioctls::FIONBIO],
         // Each plugged block of hotpluggable memory is a KVM memory slot.
         ThreadKind::Mem => &[ioctls::KVM_SET_USER_MEMORY_REGION],
+        // The source reads and clears KVM's dirty log round after round.
+        ThreadKind::Migration => &[ioctls::KVM_GET_DIRTY_LOG, ioctls::KVM_CLEAR_DIRTY_LOG, ioctls::FIONBIO],
         _ => &[],
     };
     let mut syscalls: Vec<i64> = BASE.iter().chain(groups.iter().flat_map(|g| g.iter())).copied().collect();

@@ -52,6 +52,8 @@ ioctls! {
     KVM_SET_PIT2 = iow::<kvm_pit_state2>(KVMIO, 0xa0);
     KVM_SIGNAL_MSI = iow::<kvm_msi>(KVMIO, 0xa5);
     KVM_GET_DIRTY_LOG = iow::<kvm_dirty_log>(KVMIO, 0x42);
+    KVM_CLEAR_DIRTY_LOG = iowr::<kvm_clear_dirty_log>(KVMIO, 0xc0);
+    KVM_ENABLE_CAP = iow::<kvm_enable_cap>(KVMIO, 0xa3);
     KVM_SET_USER_MEMORY_REGION = iow::<kvm_userspace_memory_region>(KVMIO, 0x46);
     KVM_CHECK_EXTENSION = io(KVMIO, 0x03);
     KVM_GET_MSR_INDEX_LIST = iowr::<kvm_msr_list>(KVMIO, 0x02);

@@ -60,10 +60,12 @@ pub enum ThreadKind {
     Dhcp,
     /// `ferrovisor device-server`: a vfio-user device in its own process.
     DeviceServer,
+    /// Live migration: sends a running VM's memory and state, or receives them.
+    Migration,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 17] = [
+    pub const ALL: [ThreadKind; 18] = [
         ThreadKind::Vmm,
         ThreadKind::Api,
         ThreadKind::Vcpu,
@@ -81,6 +83,7 @@ impl ThreadKind {
         ThreadKind::Switch,
         ThreadKind::Dhcp,
         ThreadKind::DeviceServer,
+        ThreadKind::Migration,
     ];
 
     /// The filter's name in a filter file (Firecracker's files name `vmm`, `api` and `vcpu`).
@@ -103,6 +106,7 @@ impl ThreadKind {
             ThreadKind::Switch => "switch",
             ThreadKind::Dhcp => "dhcp",
             ThreadKind::DeviceServer => "device-server",
+            ThreadKind::Migration => "migration",
         }
     }
 }

@@ -20,6 +20,8 @@ pub enum VmExit {
     Signal(i32),
     /// A stop was asked for through the API.
     Requested,
+    /// The VM moved to another VMM (the destination's URL) and runs there now.
+    Migrated(String),
     /// The guest did something the VM cannot go on from.
     Fault(GuestFault),
     /// KVM failed a vCPU.
@@ -32,7 +34,7 @@ impl VmExit {
     /// 0 for a stop the guest or the user asked for, 1 for a failure.
     pub fn exit_code(&self) -> i32 {
         match self {
-            VmExit::Reset | VmExit::PowerOff | VmExit::Signal(_) | VmExit::Requested => 0,
+            VmExit::Reset | VmExit::PowerOff | VmExit::Signal(_) | VmExit::Requested | VmExit::Migrated(_) => 0,
             VmExit::Fault(_) | VmExit::VcpuError { .. } | VmExit::Sandbox(_) => 1,
         }
     }
@@ -45,6 +47,7 @@ impl std::fmt::Display for VmExit {
             VmExit::PowerOff => write!(f, "the guest powered off; the VM stopped"),
             VmExit::Signal(sig) => write!(f, "stopped the VM on signal {sig} ({})", signal_name(*sig)),
             VmExit::Requested => write!(f, "stopped the VM as the API asked"),
+            VmExit::Migrated(to) => write!(f, "the VM moved to {to} and runs there; it stopped here"),
             VmExit::Fault(fault) => write!(f, "{fault}"),
             VmExit::VcpuError { vcpu, message } => write!(f, "vCPU {vcpu} failed: {message}"),
             VmExit::Sandbox(message) => write!(f, "the VM stopped: {message}"),

@@ -11,7 +11,8 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::VmFd;
@@ -47,7 +48,9 @@ pub struct PluggableMemory {
     backing: Backing,
     sink: File,
     options: MemoryOptions,
-    dirty_log: bool,
+    dirty_log: AtomicBool,
+    /// Which blocks have a KVM slot; held across every slot change.
+    slotted: Mutex<Vec<bool>>,
 }
 
 impl PluggableMemory {
@@ -79,7 +82,18 @@ impl PluggableMemory {
         // SAFETY: fd is new and owned by the File from here on.
         let sink = unsafe { File::from_raw_fd(fd) };
         sink.set_len(region.block_size).map_err(|e| format!("the sink for unplugged blocks cannot be sized ({e})"))?;
-        Ok(PluggableMemory { vm, region, host, _mem: mem.clone(), backing, sink, options, dirty_log })
+        let slotted = Mutex::new(vec![false; (region.size / region.block_size) as usize]);
+        Ok(PluggableMemory {
+            vm,
+            region,
+            host,
+            _mem: mem.clone(),
+            backing,
+            sink,
+            options,
+            dirty_log: AtomicBool::new(dirty_log),
+            slotted,
+        })
     }
 
     /// Brings KVM and the mapping in line with `plugged` (one flag per block), for a new VM (all
@@ -92,16 +106,30 @@ impl PluggableMemory {
         Ok(())
     }
 
+    /// Turns KVM's dirty log on for every plugged block's slot, and for those plugged later.
+    pub fn log_dirty_pages(&self) -> Result<(), String> {
+        let slotted = self.lock_slots();
+        self.dirty_log.store(true, Ordering::Relaxed);
+        for (block, _) in slotted.iter().enumerate().filter(|(_, on)| **on) {
+            self.register(block as u64, true)?;
+        }
+        Ok(())
+    }
+
+    fn lock_slots(&self) -> std::sync::MutexGuard<'_, Vec<bool>> {
+        self.slotted.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// KVM's dirty log of the region (one bit per page, in u64 words), read and cleared from
     /// the plugged blocks' slots; unplugged blocks read as clean.
-    pub fn dirty_log(&self, plugged: &[bool]) -> Result<Vec<u64>, String> {
+    pub fn dirty_log(&self, manual: bool) -> Result<Vec<u64>, String> {
         let words_per_block = (self.region.block_size / PAGE / 64) as usize;
-        let mut log = vec![0u64; plugged.len() * words_per_block];
-        for (block, _) in plugged.iter().enumerate().filter(|(_, on)| **on) {
-            let words = self
-                .vm
-                .get_dirty_log(FIRST_BLOCK_SLOT + block as u32, self.region.block_size as usize)
-                .map_err(|e| format!("KVM refused to report dirty pages of hotplugged block {block}: {e}"))?;
+        let slotted = self.lock_slots();
+        let mut log = vec![0u64; slotted.len() * words_per_block];
+        for (block, _) in slotted.iter().enumerate().filter(|(_, on)| **on) {
+            let slot = FIRST_BLOCK_SLOT + block as u32;
+            let words = crate::migration::take_dirty_log(&self.vm, slot, self.region.block_size as usize, manual)
+                .map_err(|e| format!("hotplugged block {block}: {e}"))?;
             let at = block * words_per_block;
             for (to, from) in log[at..at + words_per_block].iter_mut().zip(words) {
                 *to |= from;
@@ -116,10 +144,20 @@ impl PluggableMemory {
 
     /// Gives block `block` a KVM slot over its host mapping, or takes the slot away.
     fn set_slot(&self, block: u64, on: bool) -> Result<(), String> {
+        let mut slotted = self.lock_slots();
+        self.register(block, on)?;
+        if let Some(flag) = slotted.get_mut(block as usize) {
+            *flag = on;
+        }
+        Ok(())
+    }
+
+    /// KVM_SET_USER_MEMORY_REGION for block `block`; the caller holds `slotted`.
+    fn register(&self, block: u64, on: bool) -> Result<(), String> {
         let bs = self.region.block_size;
         let slot = kvm_userspace_memory_region {
             slot: FIRST_BLOCK_SLOT + block as u32,
-            flags: if self.dirty_log { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+            flags: if self.dirty_log.load(Ordering::Relaxed) { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
             guest_phys_addr: self.region.addr + block * bs,
             memory_size: if on { bs } else { 0 },
             userspace_addr: self.block_host(block),

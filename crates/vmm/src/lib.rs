@@ -11,6 +11,7 @@ mod gsi;
 mod hotplug;
 pub mod memory;
 pub mod metrics;
+pub mod migration;
 mod passthrough;
 mod resources;
 pub mod snapshot;

@@ -27,7 +27,7 @@ pub const FORMAT_VERSION: u32 = 1;
 const MAGIC: &str = "ferrovisor-snapshot";
 pub const PAGE: usize = 4096;
 /// A state file larger than this is refused unread: a VM with the most vCPUs has a few MiB.
-const MAX_STATE_FILE: u64 = 64 << 20;
+pub const MAX_STATE_FILE: u64 = 64 << 20;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct VcpuState {

@@ -47,6 +47,8 @@ pub struct RunningVm {
     paused: bool,
     /// Memory mapped from a snapshot's file rather than anonymous.
     restored: bool,
+    /// KVM's manual dirty-log protection is on (a migration turned it on).
+    manual_dirty_log: bool,
 }
 
 /// The legacy devices whose state a snapshot keeps.
@@ -162,45 +164,36 @@ impl RunningVm {
         if !self.paused {
             return Err("the VM is running; pause it first (PATCH /vm with state Paused)".into());
         }
+        self.check_movable()?;
+        if diff && !config.track_dirty_pages {
+            return Err("a diff snapshot needs dirty page tracking; set track_dirty_pages in machine-config".into());
+        }
+        let result = self.capture_state(kvm, config).and_then(|state| self.write_snapshot(state, mem_path, diff));
+        // The devices serve again whatever happened: the VM goes on.
+        self.resume_devices();
+        let state = result?;
+        state.0.write(state_path)?;
+        Ok(state.1)
+    }
+
+    /// Refuses a VM whose state a snapshot or a migration cannot hold.
+    pub fn check_movable(&self) -> Result<(), String> {
         if !self.devices.passthrough.functions.is_empty() {
             return Err(
                 "the VM has assigned PCI devices, whose state lives outside the VMM; a snapshot cannot hold them"
                     .into(),
             );
         }
-        if diff && !config.track_dirty_pages {
-            return Err("a diff snapshot needs dirty page tracking; set track_dirty_pages in machine-config".into());
-        }
-        let saved = self.save_devices();
-        let result = saved.and_then(|virtio| self.write_snapshot(kvm, config, state_path, mem_path, diff, virtio));
-        // The devices serve again whatever happened: the VM goes on.
-        for transport in &self.devices.mmio {
-            transport.lock().unwrap_or_else(|p| p.into_inner()).resume();
-        }
-        for transport in &self.devices.pci {
-            transport.lock().unwrap_or_else(|p| p.into_inner()).resume();
-        }
-        result
+        Ok(())
     }
 
-    /// Quiesces every virtio device and returns its state, MMIO and PCI alike.
-    fn save_devices(&self) -> Result<SavedVirtio, String> {
-        let mmio: Result<Vec<_>, String> =
-            self.devices.mmio.iter().map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).save()).collect();
-        let pci: Result<Vec<_>, String> =
-            self.devices.pci.iter().map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).save()).collect();
-        Ok((mmio?, pci?))
-    }
-
-    fn write_snapshot(
-        &self,
-        kvm: &Kvm,
-        config: &VmConfig,
-        state_path: &Path,
-        mem_path: &Path,
-        diff: bool,
-        (virtio, virtio_pci): SavedVirtio,
-    ) -> Result<SnapshotWritten, String> {
+    /// Quiesces the devices of this paused VM and captures everything but its memory. The
+    /// devices stay quiesced until [`Self::resume_devices`].
+    pub fn capture_state(&self, kvm: &Kvm, config: &VmConfig) -> Result<snapshot::Snapshot, String> {
+        if !self.paused {
+            return Err("the VM is running; pause it first".into());
+        }
+        let (virtio, virtio_pci) = self.save_devices()?;
         let msrs = snapshot::msr_list(kvm)?;
         let mut vcpus = Vec::new();
         for vcpu in &self.vcpus {
@@ -220,19 +213,105 @@ impl RunningVm {
                 .as_ref()
                 .map_or(0, |r| r.lock().unwrap_or_else(|p| p.into_inner()).address()),
         };
+        Ok(snapshot::Snapshot {
+            config: config.clone(),
+            regions: self.shared.mem.iter().map(|r| (r.start_addr().raw_value(), r.len())).collect(),
+            vm: snapshot::save_vm(&self.vm)?,
+            vcpus,
+            devices,
+            mmds_data: config.mmds.map(|_| net::mmds::with_store(|s| s.data().clone())),
+        })
+    }
+
+    /// Lets the virtio devices serve again after [`Self::capture_state`].
+    pub fn resume_devices(&self) {
+        for transport in &self.devices.mmio {
+            transport.lock().unwrap_or_else(|p| p.into_inner()).resume();
+        }
+        for transport in &self.devices.pci {
+            transport.lock().unwrap_or_else(|p| p.into_inner()).resume();
+        }
+    }
+
+    /// Turns KVM's dirty log on for all guest memory, whatever the configuration said, and
+    /// returns what reads it (with the devices' writes) round after round.
+    pub fn track_dirty_pages(&mut self, config: &VmConfig) -> Result<crate::migration::DirtyPages, String> {
+        if !self.manual_dirty_log {
+            self.manual_dirty_log = crate::migration::enable_manual_protect(&self.vm);
+        }
+        // With the vCPUs stopped, so that none writes through a translation made before the
+        // log was on: each reloads its MMU context (KVM_SET_SREGS resets it) before it runs
+        // again. Without that, nested KVM here (kvm_pvm) missed writes of its ring-0 emulation
+        // in 2 of 6 tries; with it, in none of 12.
+        vcpu::pause_all(&self.shared, &self.threads)?;
+        let logging =
+            register_memory(&self.vm, &self.shared.mem, config, true).map_err(|e| e.to_string()).and_then(|()| {
+                self.vcpus.iter().try_for_each(|vcpu| {
+                    let vcpu = vcpu.lock().unwrap_or_else(|p| p.into_inner());
+                    let sregs = vcpu.get_sregs().map_err(|e| format!("KVM refused a vCPU's registers: {e}"))?;
+                    vcpu.set_sregs(&sregs).map_err(|e| format!("KVM refused a vCPU's registers: {e}"))
+                })
+            });
+        if !self.paused {
+            vcpu::resume_all(&self.shared);
+        }
+        logging?;
+        let hotplug = self.devices.memory_hotplug.as_ref().map(|(_, blocks)| blocks.clone());
+        if let Some(blocks) = &hotplug {
+            blocks.log_dirty_pages()?;
+        }
+        let dirty =
+            crate::migration::DirtyPages::new(self.vm.clone(), self.shared.mem.clone(), hotplug, self.manual_dirty_log);
+        // The log starts all set under manual protection: this read protects every page, and
+        // the copy that follows reads all of memory anyway.
+        dirty.take()?;
+        Ok(dirty)
+    }
+
+    /// The guest-address runs of hotpluggable memory the guest has not plugged: they hold
+    /// nothing of its own.
+    pub fn unplugged_ranges(&self) -> Vec<(u64, u64)> {
+        self.devices.memory_hotplug.as_ref().map(|(control, _)| control.unplugged_ranges()).unwrap_or_default()
+    }
+
+    /// Whether guest memory is mapped from a snapshot's file (a page not resident still holds
+    /// data).
+    pub fn is_restored(&self) -> bool {
+        self.restored
+    }
+
+    /// Quiesces every virtio device and returns its state, MMIO and PCI alike.
+    fn save_devices(&self) -> Result<SavedVirtio, String> {
+        let mmio: Result<Vec<_>, String> =
+            self.devices.mmio.iter().map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).save()).collect();
+        let pci: Result<Vec<_>, String> =
+            self.devices.pci.iter().map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).save()).collect();
+        Ok((mmio?, pci?))
+    }
+
+    /// Writes the memory of this paused VM, whose `state` was captured; returns them both.
+    fn write_snapshot(
+        &self,
+        state: snapshot::Snapshot,
+        mem_path: &Path,
+        diff: bool,
+    ) -> Result<(snapshot::Snapshot, SnapshotWritten), String> {
+        let config = &state.config;
         let mem = &self.shared.mem;
-        let hotplug = self.devices.memory_hotplug.as_ref().map(|(control, blocks)| (control.plugged_blocks(), blocks));
+        let hotplug = self.devices.memory_hotplug.as_ref().map(|(_, blocks)| blocks);
         // Reading KVM's dirty log also clears it: every snapshot starts the next diff.
         let logs = if config.track_dirty_pages {
             let mut logs = Vec::new();
             for (slot, region) in mem.iter().enumerate() {
                 let log = match &hotplug {
                     // The hotpluggable region is always the last, and its slots are its blocks'.
-                    Some((plugged, blocks)) if slot + 1 == mem.num_regions() => blocks.dirty_log(plugged)?,
-                    _ => self
-                        .vm
-                        .get_dirty_log(slot as u32, region.len() as usize)
-                        .map_err(|e| format!("KVM refused to report dirty pages: {e}"))?,
+                    Some(blocks) if slot + 1 == mem.num_regions() => blocks.dirty_log(self.manual_dirty_log)?,
+                    _ => crate::migration::take_dirty_log(
+                        &self.vm,
+                        slot as u32,
+                        region.len() as usize,
+                        self.manual_dirty_log,
+                    )?,
                 };
                 logs.push(log);
             }
@@ -241,8 +320,7 @@ impl RunningVm {
             Vec::new()
         };
         // Unplugged blocks are written as zeroes: their mapping is the sink, not guest memory.
-        let unplugged: Vec<(u64, u64)> =
-            self.devices.memory_hotplug.as_ref().map(|(control, _)| control.unplugged_ranges()).unwrap_or_default();
+        let unplugged = self.unplugged_ranges();
         let pages = match (diff, self.restored) {
             (true, _) => snapshot::Pages::Dirty(&logs),
             // A restored VM's absent pages are the old memory file's, not zeroes.
@@ -250,16 +328,7 @@ impl RunningVm {
             (false, false) => snapshot::Pages::AllResident,
         };
         let written = snapshot::write_memory(mem, mem_path, pages, &unplugged)?;
-        let state = snapshot::Snapshot {
-            config: config.clone(),
-            regions: mem.iter().map(|r| (r.start_addr().raw_value(), r.len())).collect(),
-            vm: snapshot::save_vm(&self.vm)?,
-            vcpus,
-            devices,
-            mmds_data: config.mmds.map(|_| net::mmds::with_store(|s| s.data().clone())),
-        };
-        state.write(state_path)?;
-        Ok(SnapshotWritten { memory_pages: written.pages, memory_bytes: written.bytes })
+        Ok((state, SnapshotWritten { memory_pages: written.pages, memory_bytes: written.bytes }))
     }
 }
 
@@ -275,7 +344,7 @@ fn create_vm(kvm: &Kvm) -> Result<Arc<VmFd>, Error> {
 /// has an irqchip, every memory-slot change waits for an SRCU grace period (5-10 ms measured
 /// on this host, about half the launch), while before it the same call takes 0.1 ms.
 fn add_memory_and_irqchip(vm: &VmFd, mem: &GuestMemory, config: &VmConfig) -> Result<(), Error> {
-    register_memory(vm, mem, config)?;
+    register_memory(vm, mem, config, config.track_dirty_pages)?;
     vm.create_irq_chip().map_err(kvm_err("create the in-kernel irqchip"))?;
     let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
     vm.create_pit2(pit).map_err(kvm_err("create the in-kernel PIT"))?;
@@ -339,20 +408,9 @@ pub fn restore(
     latch: &Arc<ExitLatch>,
     how: Restore,
 ) -> Result<(RunningVm, VmConfig), Error> {
-    let config = saved.config;
     let restore_err = |e: String| Error::Device(format!("the snapshot cannot be restored: {e}"));
-    // The file is untrusted: its regions must be the ones its memory size lays out (no
-    // overlaps, no wrap), and the memory file a regular file (not a FIFO to hang on).
-    if !config.passthrough.is_empty() {
-        return Err(restore_err("it names assigned PCI devices, which snapshots cannot hold".into()));
-    }
-    if saved.regions != config.memory_regions() {
-        return Err(restore_err(format!(
-            "its memory regions do not match its {} MiB of memory; take the snapshot again",
-            config.memory_mib
-        )));
-    }
-    let vm = create_vm(kvm)?;
+    check_restorable(&saved).map_err(restore_err)?;
+    // The memory file must be a regular file (not a FIFO to hang on), as long as the regions.
     let file = sandbox::files::open_regular(mem_file, "mem_file_path").map_err(restore_err)?;
     let total: u64 = saved.regions.iter().map(|r| r.1).sum();
     let file_len = file.metadata().map_err(host_err("memory file"))?.len();
@@ -361,8 +419,43 @@ pub fn restore(
             "the memory file holds {file_len} bytes where the guest has {total}; give the snapshot's own memory file"
         )));
     }
-    let mem = crate::memory::restore(&saved.regions, &file, &config.memory)
+    let mem = crate::memory::restore(&saved.regions, &file, &saved.config.memory)
         .map_err(|e| Error::Memory { mib: total >> 20, reason: e.to_string() })?;
+    let (mut vm, config) = restore_with_memory(kvm, saved, mem, launched, latch, how)?;
+    vm.restored = true;
+    tracing::info!("the VM's memory is mapped from {}", mem_file.display());
+    Ok((vm, config))
+}
+
+/// The checks of an untrusted snapshot before anything is built for it: its regions must be
+/// the ones its memory size lays out (no overlaps, no wrap), and it has no assigned devices.
+pub fn check_restorable(saved: &snapshot::Snapshot) -> Result<(), String> {
+    if !saved.config.passthrough.is_empty() {
+        return Err("it names assigned PCI devices, which snapshots cannot hold".into());
+    }
+    if saved.regions != saved.config.memory_regions() {
+        return Err(format!(
+            "its memory regions do not match its {} MiB of memory; take the snapshot again",
+            saved.config.memory_mib
+        ));
+    }
+    Ok(())
+}
+
+/// Rebuilds the VM of `saved` around `mem`, which already holds its memory (mapped from a
+/// memory file, or received from a migration), and starts its vCPUs, paused unless `how` says
+/// to resume. [`check_restorable`] must have accepted `saved`.
+pub fn restore_with_memory(
+    kvm: &Kvm,
+    saved: snapshot::Snapshot,
+    mem: GuestMemory,
+    launched: Instant,
+    latch: &Arc<ExitLatch>,
+    how: Restore,
+) -> Result<(RunningVm, VmConfig), Error> {
+    let config = saved.config;
+    let restore_err = |e: String| Error::Device(format!("the snapshot cannot be restored: {e}"));
+    let vm = create_vm(kvm)?;
     add_memory_and_irqchip(&vm, &mem, &config)?;
     snapshot::restore_vm(&vm, &saved.vm, how.clock_realtime).map_err(restore_err)?;
     let (mut pio, mut mmio, legacy) = create_devices(&vm, &config, launched, latch, Some(&saved.devices))?;
@@ -396,14 +489,8 @@ pub fn restore(
              its TSC sees its time jump by as much (this host's KVM cannot offset a guest's TSC)"
         );
     }
-    tracing::info!(
-        "restored a VM with {} vCPU(s) and {} MiB from {}",
-        config.cpus,
-        config.memory_mib,
-        mem_file.display()
-    );
-    let mut vm = launch(kvm, vm, vcpus, VcpuParts { pio, mmio, mem, devices, legacy }, latch, !how.resume)?;
-    vm.restored = true;
+    tracing::info!("restored a VM with {} vCPU(s) and {} MiB", config.cpus, config.memory_mib);
+    let vm = launch(kvm, vm, vcpus, VcpuParts { pio, mmio, mem, devices, legacy }, latch, !how.resume)?;
     Ok((vm, config))
 }
 
@@ -471,7 +558,7 @@ fn launch(
     }
     let vcpus: Vec<SharedVcpu> = vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect();
     let threads = spawn_vcpus(&vcpus, &shared)?;
-    Ok(RunningVm { vm, shared, vcpus, threads, devices, legacy, paused, restored: false })
+    Ok(RunningVm { vm, shared, vcpus, threads, devices, legacy, paused, restored: false, manual_dirty_log: false })
 }
 
 fn spawn_vcpus(vcpus: &[SharedVcpu], shared: &Arc<VcpuShared>) -> Result<Vec<sandbox::Thread<()>>, Error> {
@@ -494,8 +581,8 @@ fn open(path: &std::path::Path, what: &'static str) -> Result<File, Error> {
 
 /// Hands guest RAM to KVM, one slot per region, logging dirty pages when asked. Hotpluggable
 /// memory gets its slots block by block as the guest plugs them (see `hotplug`).
-fn register_memory(vm: &VmFd, mem: &GuestMemory, config: &VmConfig) -> Result<(), Error> {
-    let flags = if config.track_dirty_pages { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+fn register_memory(vm: &VmFd, mem: &GuestMemory, config: &VmConfig, log_dirty: bool) -> Result<(), Error> {
+    let flags = if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
     let hotplug_start = config.hotplug_region().map(|(start, _)| start);
     for (slot, region) in mem.iter().enumerate() {
         if Some(region.start_addr().raw_value()) == hotplug_start {

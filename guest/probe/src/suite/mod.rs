@@ -1,6 +1,7 @@
 //! The tests the probe offers, by name.
 
 mod cpuid;
+mod dirty;
 mod dma_engine;
 mod fault;
 mod hostile;
@@ -23,6 +24,7 @@ pub fn run(name: &str, cmdline: Cmdline, info: &StartInfo) {
         "smp" => smp::run(cmdline),
         "serial" => serial::run(cmdline),
         "memfill" => memfill::run(cmdline, info),
+        "dirty" => dirty::run(cmdline, info),
         "fault" => fault::run(),
         "cpuid" => cpuid::run(cmdline),
         "hostile" => hostile::run(cmdline),

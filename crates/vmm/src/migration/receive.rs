@@ -1,0 +1,212 @@
+//! The destination side: a thread waits for the source, checks its stream as untrusted input
+//! (sizes bounded, the configuration checked as a snapshot's is, every page inside the memory
+//! that configuration lays out), fills fresh guest memory, and hands memory and state to the
+//! controller, which builds and resumes the VM. The source hears `Ack` only once it runs.
+
+use std::io::Read;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use arch::GuestMemory;
+
+use super::stream::{self, Kind};
+use super::transport::{Listener, Stream, Url};
+use super::{Phase, Shared, Status, Step};
+use crate::config::{HostLimits, VmConfig};
+use crate::exit::ExitLatch;
+use crate::snapshot::Snapshot;
+
+/// The controller's handle on an incoming migration.
+pub struct Incoming {
+    shared: Arc<Shared>,
+    _thread: sandbox::Thread<()>,
+}
+
+impl Incoming {
+    /// Listens on `receiver_url` and waits there for a VM; errors are sentences for a 400.
+    pub fn start(receiver_url: &str, limits: HostLimits, latch: &Arc<ExitLatch>) -> Result<Incoming, String> {
+        let url = Url::parse("receiver_url", receiver_url)?;
+        let listener = Listener::bind(&url)?;
+        let shared = Shared::new("destination", &url, latch.clone());
+        tracing::info!("migration: waiting for a VM on {url}");
+        let thread = {
+            let shared = shared.clone();
+            sandbox::spawn(sandbox::ThreadKind::Migration, "migration", move || {
+                let result = receive(&shared, listener, &limits);
+                shared.finish(result);
+            })
+            .map_err(|e| format!("The migration thread cannot start: {e}."))?
+        };
+        Ok(Incoming { shared, _thread: thread })
+    }
+
+    pub fn status(&self) -> Status {
+        self.shared.status().clone()
+    }
+
+    /// Stops waiting, or receiving, before the VM is built here.
+    pub fn cancel(&self) -> Result<(), String> {
+        match self.shared.status().phase {
+            Phase::Listening | Phase::Precopy => {
+                self.shared.cancel();
+                Ok(())
+            }
+            _ => Err("The migration is past the point where it can be cancelled.".into()),
+        }
+    }
+
+    /// The VM that arrived, for the controller to build; it answers with [`Self::built`].
+    pub fn take_arrived(&self) -> Option<(Snapshot, GuestMemory)> {
+        self.shared.poll(|step| match std::mem::replace(step, Step::Working) {
+            Step::Arrived(vm) => Some(*vm),
+            other => {
+                *step = other;
+                None
+            }
+        })
+    }
+
+    pub fn built(&self, result: Result<(), String>) {
+        self.shared.hand_over(Step::Built(result));
+    }
+}
+
+fn receive(shared: &Shared, listener: Listener, limits: &HostLimits) -> Result<(), String> {
+    let mut connection = listener.accept(&shared.cancelled)?;
+    shared.connected(connection.as_ref());
+    // A Unix socket's path goes with the listener.
+    drop(listener);
+    shared.status().phase = Phase::Precopy;
+    let arrived = receive_vm(&mut connection, Some(shared), limits);
+    let result = match arrived {
+        Ok(vm) => {
+            shared.status().phase = Phase::Switchover;
+            shared.hand_to_controller(Step::Arrived(Box::new(vm)));
+            shared.wait_for(|step| match std::mem::replace(step, Step::Working) {
+                Step::Built(result) => Some(result),
+                other => {
+                    *step = other;
+                    None
+                }
+            })
+        }
+        Err(e) => Err(e),
+    };
+    answer(&mut connection, &result);
+    result
+}
+
+/// Tells the source how it went (it may be gone already).
+fn answer(connection: &mut Box<dyn Stream>, result: &Result<(), String>) {
+    let _ = match result {
+        Ok(()) => stream::write_frame(connection, Kind::Ack, &[]),
+        Err(e) => {
+            let mut sentence = e.clone();
+            sentence.truncate(4000);
+            stream::write_frame(connection, Kind::Error, sentence.as_bytes())
+        }
+    };
+}
+
+/// Reads a whole migration stream into fresh guest memory: the VM's state and its memory.
+pub(crate) fn receive_vm(
+    r: &mut impl Read,
+    shared: Option<&Shared>,
+    limits: &HostLimits,
+) -> Result<(Snapshot, GuestMemory), String> {
+    let mut buf = Vec::new();
+    let next = |r: &mut dyn Read, buf: &mut Vec<u8>| stream::read_frame(&mut { r }, buf);
+    if next(r, &mut buf)? != Kind::Hello {
+        return Err("the stream does not begin with a hello".into());
+    }
+    stream::Hello::check(&buf)?;
+    if next(r, &mut buf)? != Kind::Config {
+        return Err("the stream has no configuration after its hello".into());
+    }
+    let config: VmConfig =
+        serde_json::from_slice(&buf).map_err(|e| format!("the migrated configuration is not one ({e})"))?;
+    config.validate_machine(limits).map_err(|e| format!("the migrated configuration is refused: {e}"))?;
+    if !config.passthrough.is_empty() {
+        return Err("the migrated configuration names assigned PCI devices, which cannot migrate".into());
+    }
+    let regions = config.memory_regions();
+    let ram = arch::memory::ram_regions(config.memory_bytes()).len();
+    let mem = crate::memory::create(&regions, ram, &config.memory)
+        .map_err(|e| format!("guest memory cannot be made here: {e}"))?;
+    let mut received = 0u64;
+    let mut state = None;
+    loop {
+        if shared.is_some_and(|s| s.cancelled.load(Ordering::Relaxed)) {
+            return Err("the migration was cancelled".into());
+        }
+        match next(r, &mut buf)? {
+            Kind::Pages => {
+                let (gpa, data) = stream::pages(&buf)?;
+                if !mem.check_range(GuestAddress(gpa), data.len()) {
+                    return Err(format!("the stream has pages at {gpa:#x} outside the VM's memory"));
+                }
+                mem.write_slice(data, GuestAddress(gpa))
+                    .map_err(|e| format!("guest memory at {gpa:#x} cannot be written ({e})"))?;
+                received += 16 + data.len() as u64;
+                if let Some(s) = shared {
+                    s.status().bytes = received;
+                }
+            }
+            Kind::State if state.is_none() => {
+                let saved = Snapshot::parse(&buf, "the migrated state")?;
+                let same = serde_json::to_value(&saved.config).ok() == serde_json::to_value(&config).ok();
+                if !same {
+                    return Err("the migrated state's configuration differs from the stream's".into());
+                }
+                crate::vm::check_restorable(&saved)?;
+                state = Some(saved);
+            }
+            Kind::End => break,
+            other => return Err(format!("the stream has a {other:?} frame out of place")),
+        }
+    }
+    let state = state.ok_or("the stream ended without the VM's state")?;
+    // The bitmap counts the devices' writes from here on, not the stream's.
+    for region in mem.iter() {
+        let bitmap: &AtomicBitmap = std::ops::Deref::deref(region).bitmap();
+        bitmap.reset();
+    }
+    Ok((state, mem))
+}
+
+/// The destination's parser for the fuzzer: a stream against a host of 64 MiB.
+#[doc(hidden)]
+pub fn fuzz_stream(data: &[u8]) {
+    let limits = HostLimits { kvm_max_vcpus: 2, ram_mib: 64, free_huge_pages: 0 };
+    let _ = receive_vm(&mut { data }, None, &limits);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A whole stream from a 64 MiB probe: hello, configuration, one page, state, end (the fuzz
+    /// target's seed).
+    const STREAM: &[u8] = include_bytes!("../../../../fuzz/corpus/migration_stream/seed-stream");
+    const LIMITS: HostLimits = HostLimits { kvm_max_vcpus: 2, ram_mib: 1024, free_huge_pages: 0 };
+
+    #[test]
+    fn a_whole_stream_fills_fresh_memory_and_a_cut_or_foreign_one_is_refused() {
+        let (state, mem) = receive_vm(&mut { STREAM }, None, &LIMITS).unwrap();
+        assert_eq!(state.config.memory_mib, 64);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x100fff)).unwrap(), 0x90);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x101000)).unwrap(), 0, "pages not sent are zero");
+        let cut = receive_vm(&mut &STREAM[..STREAM.len() - 9], None, &LIMITS).unwrap_err();
+        assert!(cut.contains("the stream ended"), "{cut}");
+        let small = HostLimits { ram_mib: 32, ..LIMITS };
+        let e = receive_vm(&mut { STREAM }, None, &small).unwrap_err();
+        assert!(e.starts_with("the migrated configuration is refused"), "{e}");
+        let mut twice = STREAM[..STREAM.len() - 8].to_vec();
+        twice.extend_from_slice(&STREAM[..8]);
+        let e = receive_vm(&mut twice.as_slice(), None, &LIMITS).unwrap_err();
+        assert!(e.contains("out of place") || e.contains("ended"), "{e}");
+    }
+}

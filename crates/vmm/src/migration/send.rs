@@ -1,0 +1,444 @@
+//! The source side: a thread copies guest memory while the guest runs, round after round, and
+//! asks the controller to pause and capture the VM when what is left fits the downtime target.
+
+use std::io::{BufWriter, Write};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use api::models;
+use kvm_ioctls::Kvm;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use arch::GuestMemory;
+
+use super::stream::{self, Kind, PAGE};
+use super::transport::{self, Stream, Url};
+use super::{DirtyPages, Phase, Shared, Status, Step};
+use crate::config::VmConfig;
+use crate::exit::ExitLatch;
+use crate::vm::RunningVm;
+
+/// `PUT /ferrovisor/migration/send`, checked.
+#[derive(Clone, Debug)]
+pub struct SendOptions {
+    pub url: Url,
+    pub downtime_ms: u64,
+    pub timeout: Option<Duration>,
+    /// On timeout, switch over at once rather than give up.
+    pub switch_on_timeout: bool,
+    pub max_rounds: u32,
+}
+
+impl SendOptions {
+    pub const DEFAULT_DOWNTIME_MS: u64 = 300;
+    pub const DEFAULT_MAX_ROUNDS: u32 = 30;
+
+    /// The request's options; the error names the field and the fix.
+    pub fn from_request(m: &models::MigrationSend) -> Result<SendOptions, String> {
+        let url = Url::parse("destination_url", &m.destination_url)?;
+        let downtime_ms = m.downtime_ms.unwrap_or(Self::DEFAULT_DOWNTIME_MS);
+        if !(1..=60_000).contains(&downtime_ms) {
+            return Err(format!("downtime_ms {downtime_ms} is not from 1 to 60000; give a target in that range."));
+        }
+        let max_rounds = m.max_rounds.unwrap_or(Self::DEFAULT_MAX_ROUNDS);
+        if !(1..=1000).contains(&max_rounds) {
+            return Err(format!("max_rounds {max_rounds} is not from 1 to 1000; give a count in that range."));
+        }
+        if m.timeout_s == Some(0) {
+            return Err("timeout_s is 0; give a number of seconds, or leave it out for no limit.".into());
+        }
+        let switch_on_timeout = match m.timeout_action.as_deref() {
+            None | Some("cancel") => false,
+            Some("switch") => true,
+            Some(other) => return Err(format!("timeout_action {other:?} is neither \"cancel\" nor \"switch\".")),
+        };
+        Ok(SendOptions {
+            url,
+            downtime_ms,
+            timeout: m.timeout_s.map(Duration::from_secs),
+            switch_on_timeout,
+            max_rounds,
+        })
+    }
+}
+
+/// The controller's handle on an outgoing migration.
+pub struct Outgoing {
+    shared: Arc<Shared>,
+    url: Url,
+    _thread: sandbox::Thread<()>,
+}
+
+/// What a poll of an outgoing migration found.
+pub enum Outcome {
+    /// Still copying (or nothing to do).
+    Running,
+    /// The VM runs on the destination: this VMM stops.
+    Moved(String),
+    /// The migration ended without moving the VM, which runs on here.
+    Failed,
+}
+
+/// What the thread copies from.
+struct Source {
+    mem: GuestMemory,
+    /// Memory mapped from a snapshot's file: a page not resident still holds data.
+    restored: bool,
+    hotplug: Option<Arc<virtio::mem::MemControl>>,
+    config: Vec<u8>,
+}
+
+impl Source {
+    fn unplugged(&self) -> Vec<(u64, u64)> {
+        self.hotplug.as_ref().map(|c| c.unplugged_ranges()).unwrap_or_default()
+    }
+}
+
+impl Outgoing {
+    /// Connects to the destination and starts copying; errors are sentences for a 400.
+    pub fn start(
+        vm: &mut RunningVm,
+        config: &VmConfig,
+        options: SendOptions,
+        latch: &Arc<ExitLatch>,
+    ) -> Result<Outgoing, String> {
+        vm.check_movable().map_err(|e| format!("The VM cannot migrate: {e}."))?;
+        let dirty = vm.track_dirty_pages(config).map_err(|e| format!("The migration cannot start: {e}."))?;
+        let source = Source {
+            mem: vm.memory().clone(),
+            restored: vm.is_restored(),
+            hotplug: vm.memory_hotplug().cloned(),
+            config: serde_json::to_vec(config).map_err(|e| format!("The configuration cannot be encoded: {e}."))?,
+        };
+        let shared = Shared::new("source", &options.url, latch.clone());
+        let url = options.url.clone();
+        tracing::info!("migration to {url}: started");
+        // The thread connects (the main thread's filter has no sockets) and says how it went.
+        let (connected, wait_connected) = std::sync::mpsc::sync_channel(1);
+        shared.status().phase = Phase::Connecting;
+        let thread = {
+            let shared = shared.clone();
+            sandbox::spawn(sandbox::ThreadKind::Migration, "migration", move || {
+                let connection = match transport::connect(&options.url) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = connected.send(Err(e.clone()));
+                        return shared.finish(Err(e));
+                    }
+                };
+                shared.connected(connection.as_ref());
+                let _ = connected.send(Ok(()));
+                let result = run(&shared, connection, &options, &source, &dirty);
+                shared.finish(result);
+            })
+            .map_err(|e| format!("The migration thread cannot start: {e}."))?
+        };
+        match wait_connected.recv() {
+            Ok(Ok(())) => Ok(Outgoing { shared, url, _thread: thread }),
+            Ok(Err(e)) => Err(format!("The migration cannot start: {e}.")),
+            Err(_) => Err("The migration thread ended before it connected.".into()),
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        self.shared.status().clone()
+    }
+
+    /// Stops a migration before its switch-over; the VM runs on here.
+    pub fn cancel(&self) -> Result<(), String> {
+        match self.shared.status().phase {
+            Phase::Connecting | Phase::Listening | Phase::Precopy => {
+                self.shared.cancel();
+                Ok(())
+            }
+            Phase::Switchover => Err("The migration is switching over; it can no longer be cancelled.".into()),
+            _ => Err("The migration has ended already.".into()),
+        }
+    }
+
+    /// Serves the thread: pauses and captures the VM when the switch-over is due, and waits for
+    /// the destination's word; otherwise reports how the thread ended, if it did.
+    pub fn poll(&self, vm: &mut RunningVm, kvm: &Kvm, config: &VmConfig) -> Outcome {
+        enum Due {
+            Switchover,
+            Ended(Result<(), String>),
+        }
+        let due = self.shared.poll(|step| match std::mem::replace(step, Step::Working) {
+            Step::SwitchoverDue => Some(Due::Switchover),
+            Step::Finished(result) => {
+                *step = Step::Closed;
+                Some(Due::Ended(result))
+            }
+            other => {
+                *step = other;
+                None
+            }
+        });
+        match due {
+            None => Outcome::Running,
+            Some(Due::Ended(result)) => self.ended(result, None, vm),
+            Some(Due::Switchover) => {
+                let paused_at = Instant::now();
+                let was_paused = vm.is_paused();
+                self.shared.status().phase = Phase::Switchover;
+                let state = vm
+                    .pause()
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| vm.capture_state(kvm, config))
+                    .and_then(|s| serde_json::to_vec(&s).map_err(|e| format!("the state cannot be encoded: {e}")))
+                    .map(|body| crate::snapshot::signed(&body));
+                self.shared.hand_over(Step::Captured(state));
+                let result = self.shared.wait_for(|step| match std::mem::replace(step, Step::Closed) {
+                    Step::Finished(result) => Some(result),
+                    other => {
+                        *step = other;
+                        None
+                    }
+                });
+                let downtime = paused_at.elapsed().as_secs_f64() * 1000.0;
+                self.shared.status().downtime_ms = Some(downtime);
+                if result.is_err() {
+                    vm.resume_devices();
+                    if !was_paused {
+                        vm.resume();
+                    }
+                }
+                self.ended(result, Some(downtime), vm)
+            }
+        }
+    }
+
+    fn ended(&self, result: Result<(), String>, downtime_ms: Option<f64>, vm: &RunningVm) -> Outcome {
+        let status = self.status();
+        match result {
+            Ok(()) => {
+                tracing::info!(
+                    "migration to {}: the VM runs there; {} rounds, {} MiB sent, {:.1} ms paused, {:.0} ms in all",
+                    self.url,
+                    status.round,
+                    status.bytes >> 20,
+                    downtime_ms.unwrap_or(0.0),
+                    status.total_ms.unwrap_or(0.0)
+                );
+                Outcome::Moved(self.url.to_string())
+            }
+            Err(e) => {
+                let state = if vm.is_paused() { "stays paused" } else { "runs on" };
+                tracing::warn!("migration to {} failed: {e}; the VM {state} here", self.url);
+                Outcome::Failed
+            }
+        }
+    }
+}
+
+/// The stream with the page batch being built.
+struct Sender {
+    out: BufWriter<Box<dyn Stream>>,
+    batch: Vec<u8>,
+    batch_gpa: u64,
+    page: Vec<u8>,
+    bytes: u64,
+}
+
+impl Sender {
+    fn new(stream: Box<dyn Stream>) -> Sender {
+        Sender {
+            out: BufWriter::with_capacity(1 << 16, stream),
+            batch: Vec::with_capacity(stream::MAX_PAGES_BYTES),
+            batch_gpa: 0,
+            page: vec![0; PAGE],
+            bytes: 0,
+        }
+    }
+
+    fn frame(&mut self, kind: Kind, payload: &[u8]) -> Result<(), String> {
+        stream::write_frame(&mut self.out, kind, payload).map_err(lost)?;
+        self.bytes += 8 + payload.len() as u64;
+        Ok(())
+    }
+
+    /// Adds the page at `gpa`, unless it is all zeroes and `skip_zero`.
+    fn page(&mut self, mem: &GuestMemory, gpa: u64, skip_zero: bool) -> Result<(), String> {
+        mem.read_slice(&mut self.page, GuestAddress(gpa))
+            .map_err(|e| format!("guest memory at {gpa:#x} cannot be read ({e})"))?;
+        if skip_zero && self.page.iter().all(|&b| b == 0) {
+            return Ok(());
+        }
+        let contiguous = self.batch_gpa + self.batch.len() as u64 == gpa;
+        if !contiguous || self.batch.len() == stream::MAX_PAGES_BYTES {
+            self.flush_batch()?;
+            self.batch_gpa = gpa;
+        }
+        self.batch.extend_from_slice(&self.page);
+        Ok(())
+    }
+
+    fn flush_batch(&mut self) -> Result<(), String> {
+        if !self.batch.is_empty() {
+            stream::write_pages(&mut self.out, self.batch_gpa, &self.batch).map_err(lost)?;
+            self.bytes += 16 + self.batch.len() as u64;
+            self.batch.clear();
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), String> {
+        self.flush_batch()?;
+        self.out.flush().map_err(lost)
+    }
+}
+
+fn lost(e: std::io::Error) -> String {
+    format!("the destination stopped taking the stream ({e})")
+}
+
+fn in_ranges(ranges: &[(u64, u64)], gpa: u64) -> bool {
+    ranges.iter().any(|&(at, len)| gpa >= at && gpa - at < len)
+}
+
+/// Sends every page of guest memory that holds data: resident (or, for memory mapped from a
+/// snapshot, any) and not all zeroes, since the destination's memory starts zeroed.
+fn send_all(out: &mut Sender, source: &Source, shared: &Shared) -> Result<(), String> {
+    let unplugged = source.unplugged();
+    for region in source.mem.iter() {
+        let start = region.start_addr().0;
+        let pages = (region.len() as usize).div_ceil(PAGE);
+        let resident = match source.restored {
+            true => None,
+            false => residency(region),
+        };
+        for page in 0..pages {
+            if shared.cancelled.load(Ordering::Relaxed) {
+                return Err(cancelled());
+            }
+            let gpa = start + (page * PAGE) as u64;
+            let held = resident.as_ref().is_none_or(|r| r.get(page).is_some_and(|v| v & 1 != 0));
+            if held && !in_ranges(&unplugged, gpa) {
+                out.page(&source.mem, gpa, true)?;
+            }
+        }
+    }
+    out.flush()
+}
+
+/// One byte per page of `region`, bit 0 set when resident; None if mincore fails.
+fn residency(region: &vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>) -> Option<Vec<u8>> {
+    let len = region.len() as usize;
+    let mut vector = vec![0u8; len.div_ceil(PAGE)];
+    // SAFETY: the region's mapping is live (the GuestMemory holds it) and page-aligned, and the
+    // vector has one byte per page of it.
+    let rc = unsafe { libc::mincore(region.as_ptr().cast(), len, vector.as_mut_ptr()) };
+    (rc == 0).then_some(vector)
+}
+
+/// Pages set in `logs` (per region, as `DirtyPages::take` gives them), less unplugged memory.
+fn dirty_pages(mem: &GuestMemory, logs: &[Vec<u64>], unplugged: &[(u64, u64)]) -> Vec<u64> {
+    let mut pages = Vec::new();
+    for (region, log) in mem.iter().zip(logs) {
+        let start = region.start_addr().0;
+        let count = (region.len() as usize).div_ceil(PAGE);
+        for (w, &word) in log.iter().enumerate().filter(|(_, w)| **w != 0) {
+            for bit in (0..64).filter(|b| word >> b & 1 != 0) {
+                let page = w * 64 + bit;
+                let gpa = start + (page * PAGE) as u64;
+                if page < count && !in_ranges(unplugged, gpa) {
+                    pages.push(gpa);
+                }
+            }
+        }
+    }
+    pages
+}
+
+fn cancelled() -> String {
+    "the migration was cancelled".into()
+}
+
+/// The source's whole part; any error leaves the VM with the controller.
+fn run(
+    shared: &Shared,
+    connection: Box<dyn Stream>,
+    options: &SendOptions,
+    source: &Source,
+    dirty: &DirtyPages,
+) -> Result<(), String> {
+    let mut out = Sender::new(connection);
+    out.frame(Kind::Hello, &serde_json::to_vec(&stream::Hello::ours()).expect("strings and numbers encode"))?;
+    out.frame(Kind::Config, &source.config)?;
+    shared.status().phase = Phase::Precopy;
+    let deadline = options.timeout.map(|t| shared.started + t);
+    let copying = Instant::now();
+    send_all(&mut out, source, shared)?;
+    // Bytes per second over the last round; at least 1 MiB/s, so that a round of nothing does
+    // not make every estimate infinite.
+    let rate = |bytes: u64, took: Duration| (bytes as f64 / took.as_secs_f64().max(1e-6)).max(1048576.0);
+    let mut bandwidth = rate(out.bytes, copying.elapsed());
+    let mut round = 0u32;
+    let mut last = Instant::now();
+    let pending = loop {
+        if shared.cancelled.load(Ordering::Relaxed) {
+            return Err(cancelled());
+        }
+        let logs = dirty.take()?;
+        let pages = dirty_pages(&source.mem, &logs, &source.unplugged());
+        let left = (pages.len() * PAGE) as u64;
+        let expected_ms = left as f64 / bandwidth * 1000.0;
+        let timed_out = deadline.is_some_and(|d| Instant::now() >= d);
+        {
+            let mut status = shared.status();
+            status.round = round;
+            status.bytes = out.bytes;
+            status.bytes_left = left;
+            status.bandwidth_mib_s = bandwidth / 1048576.0;
+            status.dirty_rate_mib_s = left as f64 / 1048576.0 / last.elapsed().as_secs_f64().max(1e-6);
+            status.expected_downtime_ms = expected_ms;
+        }
+        last = Instant::now();
+        if timed_out && !options.switch_on_timeout {
+            return Err(format!(
+                "it did not converge within timeout_s {} ({} MiB still dirty after {round} rounds)",
+                options.timeout.map_or(0, |t| t.as_secs()),
+                left >> 20
+            ));
+        }
+        if expected_ms <= options.downtime_ms as f64 || round >= options.max_rounds || timed_out {
+            break pages;
+        }
+        let (sent_before, started) = (out.bytes, Instant::now());
+        for &gpa in &pages {
+            out.page(&source.mem, gpa, false)?;
+        }
+        out.flush()?;
+        bandwidth = rate(out.bytes - sent_before, started.elapsed());
+        round += 1;
+    };
+    // The switch-over: the controller pauses the VM and quiesces its devices.
+    shared.hand_to_controller(Step::SwitchoverDue);
+    let state = shared.wait_for(|step| match std::mem::replace(step, Step::Working) {
+        Step::Captured(state) => Some(state),
+        other => {
+            *step = other;
+            None
+        }
+    })?;
+    let mut last_pages = dirty_pages(&source.mem, &dirty.take()?, &source.unplugged());
+    last_pages.extend(pending);
+    last_pages.sort_unstable();
+    last_pages.dedup();
+    for &gpa in &last_pages {
+        out.page(&source.mem, gpa, false)?;
+    }
+    out.frame(Kind::State, &state)?;
+    out.frame(Kind::End, &[])?;
+    out.flush()?;
+    shared.status().bytes = out.bytes;
+    let mut reply = Vec::new();
+    let mut stream = out.out.into_inner().map_err(|e| lost(e.into_error()))?;
+    match stream::read_frame(&mut stream, &mut reply) {
+        Ok(Kind::Ack) => Ok(()),
+        Ok(Kind::Error) => Err(format!("the destination refused the VM: {}", String::from_utf8_lossy(&reply))),
+        Ok(other) => Err(format!("the destination answered with a {other:?} frame")),
+        Err(e) => Err(format!("the destination never said the VM runs there: {e}")),
+    }
+}

@@ -1,0 +1,165 @@
+//! Where a migration goes: `unix:PATH` or `tcp:HOST:PORT`.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// How long a peer may stay silent once connected before the migration fails.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Url {
+    Unix(PathBuf),
+    Tcp(String),
+}
+
+impl Url {
+    /// Parses `field`'s value; the error names the field and the forms it takes.
+    pub fn parse(field: &str, text: &str) -> Result<Url, String> {
+        let bad = || format!("{field} {text:?} is not unix:PATH or tcp:HOST:PORT; give one of those.");
+        match text.split_once(':') {
+            Some(("unix", path)) if !path.is_empty() => Ok(Url::Unix(path.into())),
+            Some(("tcp", address)) => {
+                let (host, port) = address.rsplit_once(':').ok_or_else(bad)?;
+                if host.is_empty() || port.parse::<u16>().is_err() {
+                    return Err(bad());
+                }
+                Ok(Url::Tcp(address.into()))
+            }
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl std::fmt::Display for Url {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Url::Unix(path) => write!(f, "unix:{}", path.display()),
+            Url::Tcp(address) => write!(f, "tcp:{address}"),
+        }
+    }
+}
+
+/// A connected stream of either kind.
+pub trait Stream: Read + Write + AsRawFd + Send {}
+impl Stream for UnixStream {}
+impl Stream for TcpStream {}
+
+/// A handle that can cut `stream` off from another thread (a cancel), even mid-write.
+pub fn cutter(stream: &dyn Stream) -> Option<OwnedFd> {
+    // SAFETY: dup of an fd the stream owns; the copy is owned by the OwnedFd.
+    let fd = unsafe { libc::dup(stream.as_raw_fd()) };
+    // SAFETY: a fresh fd from dup, owned from here on.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Shuts a stream down through its [`cutter`]: the other thread's reads and writes fail.
+pub fn cut(fd: &OwnedFd) {
+    // SAFETY: shutdown on an fd this process owns changes only that socket.
+    unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
+}
+
+/// Connects the source to `url`.
+pub fn connect(url: &Url) -> Result<Box<dyn Stream>, String> {
+    let failed = |e: std::io::Error| format!("the destination {url} cannot be reached ({e})");
+    match url {
+        Url::Unix(path) => {
+            let s = UnixStream::connect(path).map_err(failed)?;
+            s.set_read_timeout(Some(PEER_TIMEOUT)).map_err(failed)?;
+            s.set_write_timeout(Some(PEER_TIMEOUT)).map_err(failed)?;
+            Ok(Box::new(s))
+        }
+        Url::Tcp(address) => {
+            let addr = address
+                .to_socket_addrs()
+                .map_err(failed)?
+                .next()
+                .ok_or_else(|| format!("the destination {url} names no address"))?;
+            let s = TcpStream::connect_timeout(&addr, PEER_TIMEOUT).map_err(failed)?;
+            s.set_nodelay(true).map_err(failed)?;
+            s.set_read_timeout(Some(PEER_TIMEOUT)).map_err(failed)?;
+            s.set_write_timeout(Some(PEER_TIMEOUT)).map_err(failed)?;
+            Ok(Box::new(s))
+        }
+    }
+}
+
+/// The destination's listening socket.
+pub enum Listener {
+    Unix(UnixListener, PathBuf),
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    /// Listens on `url`; a Unix socket path must not exist yet.
+    pub fn bind(url: &Url) -> Result<Listener, String> {
+        let failed = |e: std::io::Error| format!("receiver_url {url} cannot be listened on ({e}); name a free one");
+        let listener = match url {
+            Url::Unix(path) => Listener::Unix(UnixListener::bind(path).map_err(failed)?, path.clone()),
+            Url::Tcp(address) => Listener::Tcp(TcpListener::bind(address.as_str()).map_err(failed)?),
+        };
+        match &listener {
+            Listener::Unix(l, _) => l.set_nonblocking(true),
+            Listener::Tcp(l) => l.set_nonblocking(true),
+        }
+        .map_err(failed)?;
+        Ok(listener)
+    }
+
+    /// Waits for the source, checking `cancelled` every 100 ms.
+    pub fn accept(&self, cancelled: &AtomicBool) -> Result<Box<dyn Stream>, String> {
+        loop {
+            if cancelled.load(Ordering::Relaxed) {
+                return Err("the migration was cancelled before the source connected".into());
+            }
+            let accepted: std::io::Result<Box<dyn Stream>> = match self {
+                Listener::Unix(l, _) => l.accept().and_then(|(s, _)| {
+                    s.set_nonblocking(false)?;
+                    s.set_read_timeout(Some(PEER_TIMEOUT))?;
+                    s.set_write_timeout(Some(PEER_TIMEOUT))?;
+                    Ok(Box::new(s) as Box<dyn Stream>)
+                }),
+                Listener::Tcp(l) => l.accept().and_then(|(s, _)| {
+                    s.set_nonblocking(false)?;
+                    s.set_nodelay(true)?;
+                    s.set_read_timeout(Some(PEER_TIMEOUT))?;
+                    s.set_write_timeout(Some(PEER_TIMEOUT))?;
+                    Ok(Box::new(s) as Box<dyn Stream>)
+                }),
+            };
+            match accepted {
+                Ok(stream) => return Ok(stream),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(100)),
+                Err(e) => return Err(format!("no source could connect ({e})")),
+            }
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_unix_paths_or_tcp_addresses_and_mistakes_name_the_field() {
+        assert_eq!(Url::parse("f", "unix:/run/m.sock"), Ok(Url::Unix("/run/m.sock".into())));
+        assert_eq!(Url::parse("f", "tcp:127.0.0.1:4444"), Ok(Url::Tcp("127.0.0.1:4444".into())));
+        assert_eq!(Url::parse("f", "tcp:[::1]:4444"), Ok(Url::Tcp("[::1]:4444".into())));
+        for bad in ["", "unix:", "tcp:host", "tcp::80", "tcp:h:99999", "http://x", "/path"] {
+            let e = Url::parse("destination_url", bad).unwrap_err();
+            assert!(e.starts_with("destination_url") && e.contains("unix:PATH"), "{bad}: {e}");
+        }
+    }
+}

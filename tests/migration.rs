@@ -1,0 +1,213 @@
+//! Live migration between two Ferrovisor processes on this host: the probe's `dirty` test keeps
+//! writing memory while its VM moves, and checks every page on the destination. Also what must
+//! not lose the VM: a destination that goes away, a cancel, and a hostile stream.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{Running, api_call, api_vmm, probe_command, scratch_dir};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn status(socket: &Path) -> serde_json::Value {
+    serde_json::from_str(&api_call(socket, "GET", "/ferrovisor/migration", "", 200)).unwrap()
+}
+
+/// Waits until the migration of the VMM at `socket` is in `phase`; its status.
+fn wait_phase(socket: &Path, phase: &str) -> serde_json::Value {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let s = status(socket);
+        if s["phase"] == phase {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "never {phase}: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A probe writing 32 MiB over and over for `secs` seconds, with an API socket.
+fn dirtying_source(dir: &Path, name: &str, secs: u32) -> (Running, std::path::PathBuf) {
+    let socket = dir.join(name);
+    let mut cmd = probe_command(1, &format!("probe.test=dirty probe.dirty.mib=32 probe.dirty.secs={secs}"));
+    cmd.arg("--api-sock").arg(&socket);
+    let mut vm = Running::start(cmd);
+    assert!(vm.wait_for_output("PROBE start", TIMEOUT), "{}", vm.stderr());
+    (vm, socket)
+}
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The probe moves over a Unix socket (switching over as soon as the rest fits the default
+/// 300 ms) and, while it writes 32 MiB over and over, over TCP (with a 10 ms target it cannot
+/// meet, so after three rounds):
+/// every page checks out on the destination, the source exits 0 once the destination runs the
+/// VM, and both report the move.
+#[test]
+fn a_dirtying_probe_moves_and_every_page_arrives_over_unix_and_tcp() {
+    let dir = scratch_dir("migration-moves");
+    let port = free_tcp_port();
+    let unix = format!("unix:{}", dir.join("m.sock").display());
+    let tcp = format!("tcp:127.0.0.1:{port}");
+    // The first moves while the probe still measures its TSC against the CMOS clock (port I/O,
+    // which this host's emulated ring 0 completes), the second while it dirties memory.
+    for (i, (url, options, rounds, after)) in [
+        (unix, "", None, Duration::from_millis(300)),
+        (tcp, r#", "downtime_ms": 10, "max_rounds": 3"#, Some(3), Duration::from_millis(2500)),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (mut destination, to) = api_vmm(&dir, &format!("dst{i}.sock"), &[]);
+        api_call(&to, "PUT", "/ferrovisor/migration/receive", &format!(r#"{{"receiver_url": "{url}"}}"#), 204);
+        assert_eq!(status(&to)["phase"], "listening");
+        let (source, from) = dirtying_source(&dir, &format!("src{i}.sock"), 5);
+        std::thread::sleep(after);
+        let send = format!(r#"{{"destination_url": "{url}"{options}}}"#);
+        api_call(&from, "PUT", "/ferrovisor/migration/send", &send, 204);
+        let out = source.finish(TIMEOUT);
+        assert!(out.status.success(), "{}", out.describe());
+        assert!(out.stderr.contains(&format!("the VM moved to {url} and runs there")), "{}", out.describe());
+        if let Some(rounds) = rounds {
+            assert!(out.stderr.contains(&format!("the VM runs there; {rounds} rounds")), "{}", out.describe());
+        }
+        let s = wait_phase(&to, "completed");
+        assert!(destination.wait_for_output("PROBE dirty ok", TIMEOUT), "{}\n{}", destination.stdout(), out.stdout);
+        let line = destination.stdout().lines().find(|l| l.starts_with("PROBE dirty ok")).unwrap().to_string();
+        eprintln!("{url}: {line}; destination {s}");
+        let out = destination.finish(TIMEOUT);
+        assert!(out.status.success(), "{}", out.describe());
+        assert!(out.stderr.contains("migration: the VM runs here"), "{}", out.describe());
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A destination that reads a little and hangs up, and one that never reads until the
+/// migration is cancelled: each time the source says why, the VM runs on there, and the probe
+/// finishes with every page intact. A destination that is not there is a 400.
+#[test]
+fn a_destination_that_goes_away_or_a_cancel_leaves_the_vm_running_on_the_source() {
+    let dir = scratch_dir("migration-fails");
+    let (source, from) = dirtying_source(&dir, "src.sock", 6);
+    let nobody = format!(r#"{{"destination_url": "unix:{}"}}"#, dir.join("nobody.sock").display());
+    let answer = common::http(&from, "PUT", "/ferrovisor/migration/send", &nobody);
+    assert_eq!(answer.0, 400, "{}", answer.1);
+    assert!(answer.1.contains("cannot be reached"), "{}", answer.1);
+
+    let fake = dir.join("fake.sock");
+    let listener = UnixListener::bind(&fake).unwrap();
+    let send = format!(r#"{{"destination_url": "unix:{}"}}"#, fake.display());
+    api_call(&from, "PUT", "/ferrovisor/migration/send", &send, 204);
+    let (mut connection, _) = listener.accept().unwrap();
+    let mut some = vec![0u8; 1 << 16];
+    connection.read_exact(&mut some).unwrap();
+    drop(connection);
+    let s = wait_phase(&from, "failed");
+    assert!(s["error"].as_str().unwrap().contains("the destination stopped taking the stream"), "{s}");
+
+    api_call(&from, "PUT", "/ferrovisor/migration/send", &send, 204);
+    let (silent, _) = listener.accept().unwrap();
+    let again = common::http(&from, "PUT", "/ferrovisor/migration/send", &send);
+    assert_eq!(again.0, 400, "one migration at a time: {}", again.1);
+    api_call(&from, "PUT", "/ferrovisor/migration/cancel", "", 204);
+    wait_phase(&from, "cancelled");
+    drop(silent);
+
+    let out = source.finish(TIMEOUT);
+    assert!(out.status.success(), "{}", out.describe());
+    assert!(out.stdout.contains("PROBE dirty ok"), "the VM ran on: {}", out.describe());
+    assert!(out.stderr.contains("failed: the destination stopped taking the stream"), "{}", out.describe());
+    assert!(out.stderr.contains("failed: the migration was cancelled; the VM runs on here"), "{}", out.describe());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![kind, 0, 0, 0];
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Sends `stream` to a destination waiting at `url_path` and returns its answer frame.
+fn answer_to(url_path: &Path, stream: &[u8]) -> (u8, String) {
+    let mut connection = UnixStream::connect(url_path).unwrap();
+    connection.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let _ = connection.write_all(stream);
+    let mut header = [0u8; 8];
+    connection.read_exact(&mut header).unwrap();
+    let mut body = vec![0u8; u32::from_le_bytes(header[4..].try_into().unwrap()) as usize];
+    connection.read_exact(&mut body).unwrap();
+    (header[0], String::from_utf8(body).unwrap())
+}
+
+/// A destination treats the stream as untrusted: another stream version, a configuration it
+/// would refuse, pages outside the memory that configuration lays out, and an oversized frame
+/// are each answered with a sentence, and the VMM waits for the next migration.
+#[test]
+fn the_destination_refuses_a_hostile_stream_and_says_why() {
+    let dir = scratch_dir("migration-hostile");
+    // A real configuration, as a snapshot's state file holds it.
+    let (probe, socket) = {
+        let socket = dir.join("probe.sock");
+        let mut cmd = probe_command(1, "probe.idle=on");
+        cmd.arg("--api-sock").arg(&socket);
+        let mut vm = Running::start(cmd);
+        assert!(vm.wait_for_output("PROBE start", TIMEOUT), "{}", vm.stderr());
+        (vm, socket)
+    };
+    api_call(&socket, "PATCH", "/vm", r#"{"state": "Paused"}"#, 204);
+    let (state, mem) = (dir.join("state"), dir.join("mem"));
+    let create = serde_json::json!({"snapshot_path": state, "mem_file_path": mem});
+    api_call(&socket, "PUT", "/snapshot/create", &create.to_string(), 204);
+    api_call(&socket, "PUT", "/ferrovisor/stop", "", 204);
+    probe.finish(TIMEOUT);
+    let text = std::fs::read_to_string(&state).unwrap();
+    let body: serde_json::Value = serde_json::from_str(text.split_once('\n').unwrap().1).unwrap();
+    let config = body["config"].clone();
+
+    let hello = |version: u32| {
+        let h = serde_json::json!({"magic": "ferrovisor-migration", "version": version, "vmm_version": "9.9.9"});
+        frame(1, h.to_string().as_bytes())
+    };
+    let mut outside = hello(1);
+    outside.extend(frame(2, config.to_string().as_bytes()));
+    let mut pages = (64u64 << 30).to_le_bytes().to_vec();
+    pages.extend_from_slice(&[0xaa; 4096]);
+    outside.extend(frame(3, &pages));
+    let mut too_big = hello(1);
+    too_big.extend_from_slice(&[2, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f]);
+    let mut refused = config.clone();
+    refused["memory_mib"] = serde_json::json!(0);
+    let mut bad_config = hello(1);
+    bad_config.extend(frame(2, refused.to_string().as_bytes()));
+
+    let (destination, to) = api_vmm(&dir, "dst.sock", &[]);
+    let receiver = dir.join("m.sock");
+    let receive = format!(r#"{{"receiver_url": "unix:{}"}}"#, receiver.display());
+    for (stream, why) in [
+        (hello(99), "reads only version 1"),
+        (bad_config, "the migrated configuration is refused"),
+        (outside, "outside the VM's memory"),
+        (too_big, "larger than the"),
+    ] {
+        api_call(&to, "PUT", "/ferrovisor/migration/receive", &receive, 204);
+        let (kind, sentence) = answer_to(&receiver, &stream);
+        assert_eq!(kind, 7, "an Error frame: {sentence}");
+        assert!(sentence.contains(why), "{why}: {sentence}");
+        let s = wait_phase(&to, "failed");
+        assert!(s["error"].as_str().unwrap().contains(why), "{s}");
+    }
+    let bad = common::http(&to, "PUT", "/ferrovisor/migration/receive", r#"{"receiver_url": "http://x"}"#);
+    assert!(bad.0 == 400 && bad.1.contains("receiver_url"), "{}", bad.1);
+    api_call(&to, "GET", "/", "", 200);
+    api_call(&to, "PUT", "/ferrovisor/stop", "", 204);
+    let out = destination.finish(TIMEOUT);
+    assert!(out.status.success(), "{}", out.describe());
+    let _ = std::fs::remove_dir_all(dir);
+}
