@@ -630,3 +630,45 @@ fn linux_gets_its_address_from_the_user_mode_network() {
     assert!(out.stdout.contains("gw=10.0.2.2"), "{log}");
     assert_ended_after_init(&out);
 }
+
+/// Linux with a read-write virtio-blk root moves to another VMM early in its boot, while its
+/// emulated ring 0 sets itself up: on the destination it finds its disk, mounts the root and
+/// goes on, without booting again.
+#[test]
+fn linux_migrated_during_boot_mounts_its_root_on_the_destination() {
+    const MOUNTED: &str = "EXT4-fs (vda): mounted filesystem";
+    let guest = linux_guest();
+    let dir = common::scratch_dir("linux-migrate");
+    let out = boot_reaching(MOUNTED, || {
+        let root = dir.join("rootfs.ext4");
+        std::fs::copy(guest.join("rootfs.ext4"), &root).unwrap();
+        let cmdline = format!("console=ttyS0 reboot=k panic=-1 {LINUX_HOST_CMDLINE} root=/dev/vda rw");
+        let (destination, to) = api_vmm(&dir, "destination.sock", &[]);
+        let receiver = format!(r#"{{"receiver_url": "unix:{}"}}"#, dir.join("migrate.sock").display());
+        api(&to, "PUT", "/ferrovisor/migration/receive", &receiver, 204);
+        let from = dir.join("source.sock");
+        let mut cmd = ferrovisor();
+        cmd.arg("run")
+            .args(["--kernel", guest.join("vmlinux").to_str().unwrap()])
+            .args(["--memory", "256", "--cmdline", &cmdline])
+            .args(["--disk", &format!("path={}", root.display())])
+            .arg("--api-sock")
+            .arg(&from);
+        let mut source = Running::start(cmd);
+        assert!(source.wait_for_output("Linux version", BOOT_TIMEOUT), "{}", source.stderr());
+        std::thread::sleep(Duration::from_secs(2));
+        let send = format!(r#"{{"destination_url": "unix:{}"}}"#, dir.join("migrate.sock").display());
+        api(&from, "PUT", "/ferrovisor/migration/send", &send, 204);
+        let source = source.finish(BOOT_TIMEOUT);
+        assert!(source.status.success(), "{}", source.describe());
+        assert!(source.stderr.contains("the VM runs there"), "{}", source.describe());
+        assert!(!source.stdout.contains(MOUNTED), "the move came before the mount: {}", source.describe());
+        destination.finish(BOOT_TIMEOUT)
+    });
+    let log = out.describe();
+    assert!(!out.stdout.contains("Linux version"), "the guest does not boot again: {log}");
+    assert!(out.stderr.contains("migration: the VM runs here"), "{log}");
+    assert!(out.stdout.contains("virtio_blk virtio0: [vda]"), "{log}");
+    assert_ended_after(&out, MOUNTED);
+    let _ = std::fs::remove_dir_all(dir);
+}

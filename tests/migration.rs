@@ -48,7 +48,7 @@ fn free_tcp_port() -> u16 {
 /// 300 ms) and, while it writes 32 MiB over and over, over TCP (with a 10 ms target it cannot
 /// meet, so after three rounds):
 /// every page checks out on the destination, the source exits 0 once the destination runs the
-/// VM, and both report the move.
+/// VM, and both report the move. The first goes through `ferrovisor ctl SOCKET migrate URL`.
 #[test]
 fn a_dirtying_probe_moves_and_every_page_arrives_over_unix_and_tcp() {
     let dir = scratch_dir("migration-moves");
@@ -69,8 +69,15 @@ fn a_dirtying_probe_moves_and_every_page_arrives_over_unix_and_tcp() {
         assert_eq!(status(&to)["phase"], "listening");
         let (source, from) = dirtying_source(&dir, &format!("src{i}.sock"), 5);
         std::thread::sleep(after);
-        let send = format!(r#"{{"destination_url": "{url}"{options}}}"#);
-        api_call(&from, "PUT", "/ferrovisor/migration/send", &send, 204);
+        if i == 0 {
+            // `ferrovisor ctl SOCKET migrate URL` follows the move until the source exits.
+            let ctl = common::run(&["ctl", from.to_str().unwrap(), "migrate", &url], TIMEOUT);
+            assert!(ctl.status.success(), "{}", ctl.describe());
+            assert!(ctl.stdout.contains("once the VM runs on the destination"), "{}", ctl.describe());
+        } else {
+            let send = format!(r#"{{"destination_url": "{url}"{options}}}"#);
+            api_call(&from, "PUT", "/ferrovisor/migration/send", &send, 204);
+        }
         let out = source.finish(TIMEOUT);
         assert!(out.status.success(), "{}", out.describe());
         assert!(out.stderr.contains(&format!("the VM moved to {url} and runs there")), "{}", out.describe());

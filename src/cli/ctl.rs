@@ -29,9 +29,30 @@ pub enum CtlAction {
     },
     /// The memory statistics.
     Stats,
+    /// Move the running VM to a VMM waiting at URL (unix:PATH or tcp:HOST:PORT), following the
+    /// migration until the VM runs there.
+    Migrate {
+        url: String,
+        /// The pause the guest may see at the switch-over (default 300).
+        #[arg(long)]
+        downtime_ms: Option<u64>,
+        /// Give up after this many seconds.
+        #[arg(long)]
+        timeout_s: Option<u64>,
+    },
+    /// Wait at URL (unix:PATH or tcp:HOST:PORT) for a VM migrating here (a VMM with nothing
+    /// configured), following until it runs here.
+    Receive { url: String },
 }
 
 pub fn ctl(socket: &Path, action: CtlAction) -> ExitCode {
+    match &action {
+        CtlAction::Migrate { url, downtime_ms, timeout_s } => {
+            return super::migrate::send(socket, url, *downtime_ms, *timeout_s);
+        }
+        CtlAction::Receive { url } => return super::migrate::receive(socket, url),
+        _ => {}
+    }
     let state = |s: &str| format!(r#"{{"state": "{s}"}}"#);
     let steps: Vec<(&str, String, Option<String>)> = match &action {
         CtlAction::Info => vec![("GET", "/".into(), None)],
@@ -56,6 +77,7 @@ pub fn ctl(socket: &Path, action: CtlAction) -> ExitCode {
             vec![("GET", format!("/ferrovisor/metrics?format={format}"), None)]
         }
         CtlAction::Stats => vec![("GET", "/ferrovisor/stats".into(), None)],
+        CtlAction::Migrate { .. } | CtlAction::Receive { .. } => unreachable!("followed above"),
     };
     for (method, path, body) in steps {
         match api::client::request(socket, method, &path, body.as_deref()) {

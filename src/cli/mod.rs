@@ -5,6 +5,7 @@ pub mod ctl;
 pub mod device_server;
 pub mod firewall;
 pub mod ksm;
+pub mod migrate;
 pub mod network;
 pub mod run;
 pub mod serve;

@@ -382,6 +382,10 @@ impl Controller {
 
     /// Builds and resumes a VM that migrated here.
     fn adopt(&mut self, mut saved: crate::snapshot::Snapshot, mem: arch::GuestMemory) -> Result<(), String> {
+        saved
+            .config
+            .validate_machine(&self.host_limits())
+            .map_err(|e| format!("the migrated configuration is refused: {e}"))?;
         // The guest's serial output goes to this process's stdout.
         saved.config.serial = crate::config::SerialConfig::Stdio;
         if let Some(m) = saved.config.mmds {

@@ -199,6 +199,16 @@ impl VmConfig {
     /// The checks that hold for a VM restored from a snapshot too, whose kernel was loaded long
     /// ago: a snapshot's configuration is as untrusted as a command line.
     pub fn validate_machine(&self, limits: &HostLimits) -> Result<(), ConfigError> {
+        self.validate_shape(limits)?;
+        for disk in &self.disks {
+            disk::check(disk)?;
+        }
+        self.check_paths().map_err(ConfigError::Path)
+    }
+
+    /// [`Self::validate_machine`] without a look at any file it names: sizes, counts and
+    /// limits, for a thread that may not open files.
+    pub fn validate_shape(&self, limits: &HostLimits) -> Result<(), ConfigError> {
         let min = MIN_MEMORY >> 20;
         if self.memory_mib < min {
             return Err(ConfigError::MemoryTooSmall { given: self.memory_mib, min });
@@ -229,10 +239,6 @@ impl VmConfig {
         if self.cpus == 0 || self.cpus > limits.max_cpus() {
             return Err(ConfigError::Cpus { given: self.cpus, max: limits.max_cpus() });
         }
-        for disk in &self.disks {
-            disk::check(disk)?;
-        }
-        self.check_paths().map_err(ConfigError::Path)?;
         for (i, nic) in self.nets.iter().enumerate() {
             nic.check_queues(i).map_err(ConfigError::Queues)?;
         }

@@ -128,7 +128,8 @@ pub(crate) fn receive_vm(
     }
     let config: VmConfig =
         serde_json::from_slice(&buf).map_err(|e| format!("the migrated configuration is not one ({e})"))?;
-    config.validate_machine(limits).map_err(|e| format!("the migrated configuration is refused: {e}"))?;
+    // The files it names are checked when the VM is built, on a thread that may open them.
+    config.validate_shape(limits).map_err(|e| format!("the migrated configuration is refused: {e}"))?;
     if !config.passthrough.is_empty() {
         return Err("the migrated configuration names assigned PCI devices, which cannot migrate".into());
     }
