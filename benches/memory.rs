@@ -14,14 +14,13 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{api_vmm, http, median, ok, overhead_kib, wait_socket};
+use support::{Qmp, api_vmm, http, median, ok, overhead_kib};
 
 fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_ferrovisor"))
@@ -90,41 +89,6 @@ fn ferrovisor_snapshot(dir: &Path, mib: u64) -> SnapshotFigures {
     ok(&socket, "PUT", "/ferrovisor/stop", "");
     let _ = second.wait();
     SnapshotFigures { write_ms, size_mib: size as f64 / (1 << 20) as f64, restore_ms }
-}
-
-/// A QMP session: greeting read, capabilities negotiated.
-struct Qmp(BufReader<UnixStream>);
-
-impl Qmp {
-    fn connect(path: &Path) -> Qmp {
-        wait_socket(path);
-        let mut q = Qmp(BufReader::new(UnixStream::connect(path).unwrap()));
-        q.line();
-        q.command(r#"{"execute": "qmp_capabilities"}"#);
-        q
-    }
-    fn line(&mut self) -> String {
-        let mut l = String::new();
-        self.0.read_line(&mut l).unwrap();
-        l
-    }
-    /// Sends a command and returns its answer, skipping events.
-    fn command(&mut self, json: &str) -> String {
-        self.0.get_mut().write_all(json.as_bytes()).unwrap();
-        loop {
-            let l = self.line();
-            if l.contains("\"return\"") || l.contains("\"error\"") {
-                return l;
-            }
-        }
-    }
-    fn wait_until(&mut self, json: &str, needle: &str) {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while !self.command(json).contains(needle) {
-            assert!(Instant::now() < deadline, "QEMU never reached {needle}");
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
 }
 
 fn qemu(mib: u64, qmp: &Path, extra: &[&str]) -> Child {

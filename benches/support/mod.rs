@@ -2,7 +2,7 @@
 
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -180,4 +180,39 @@ pub fn tap_and_scratch(name: &str, bench: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("ferrovisor-{bench}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// A QMP session: greeting read, capabilities negotiated.
+pub struct Qmp(BufReader<UnixStream>);
+
+impl Qmp {
+    pub fn connect(path: &Path) -> Qmp {
+        wait_socket(path);
+        let mut q = Qmp(BufReader::new(UnixStream::connect(path).unwrap()));
+        q.line();
+        q.command(r#"{"execute": "qmp_capabilities"}"#);
+        q
+    }
+    pub fn line(&mut self) -> String {
+        let mut l = String::new();
+        self.0.read_line(&mut l).unwrap();
+        l
+    }
+    /// Sends a command and returns its answer, skipping events.
+    pub fn command(&mut self, json: &str) -> String {
+        self.0.get_mut().write_all(json.as_bytes()).unwrap();
+        loop {
+            let l = self.line();
+            if l.contains("\"return\"") || l.contains("\"error\"") {
+                return l;
+            }
+        }
+    }
+    pub fn wait_until(&mut self, json: &str, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !self.command(json).contains(needle) {
+            assert!(Instant::now() < deadline, "QEMU never reached {needle}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
 }

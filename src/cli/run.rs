@@ -14,8 +14,12 @@ use crate::logging;
 #[derive(clap::Args)]
 pub struct RunArgs {
     /// Kernel image: an ELF vmlinux (PVH or 64-bit entry) or a bzImage.
-    #[arg(long)]
-    kernel: PathBuf,
+    #[arg(long, required_unless_present = "incoming")]
+    kernel: Option<PathBuf>,
+    /// Wait at URL (unix:PATH or tcp:HOST:PORT) for a VM migrating here, as QEMU's -incoming;
+    /// its configuration comes with it, so no other VM option is given.
+    #[arg(long, value_name = "URL", conflicts_with = "kernel")]
+    incoming: Option<String>,
     /// An initramfs to load beside the kernel.
     #[arg(long)]
     initrd: Option<PathBuf>,
@@ -80,8 +84,11 @@ pub struct RunArgs {
 }
 
 pub fn run(args: RunArgs, id: String, launched: Instant, logger: logging::Logger) -> ExitCode {
+    if let Some(url) = &args.incoming {
+        return incoming(url, args.api_sock.as_deref(), launched, logger);
+    }
     let config = VmConfig {
-        kernel: args.kernel,
+        kernel: args.kernel.unwrap_or_default(),
         initrd: args.initrd,
         cmdline: args.cmdline,
         cpus: args.cpus,
@@ -123,6 +130,25 @@ pub fn run(args: RunArgs, id: String, launched: Instant, logger: logging::Logger
     if let Err(e) = controller.boot(config, format) {
         tracing::error!("{e}");
         return ExitCode::from(EXIT_FAILURE);
+    }
+    let (server, calls) = server.unzip();
+    let exit = controller.run(calls);
+    drop(server);
+    finish(exit)
+}
+
+/// `run --incoming URL`: no VM until one migrates here; it then runs as if started here.
+fn incoming(url: &str, api_sock: Option<&std::path::Path>, launched: Instant, logger: logging::Logger) -> ExitCode {
+    let (mut controller, latch) = match controller(launched, logger) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let server = match api_sock.map(|p| api_server(p, &latch)).transpose() {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    if let Err(e) = controller.receive_at_start(url) {
+        return usage(e);
     }
     let (server, calls) = server.unzip();
     let exit = controller.run(calls);

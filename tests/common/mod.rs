@@ -884,3 +884,13 @@ pub fn send_flows_to_probe(
         assert!(per_queue[0] > 0 && per_queue[1] > 0, "both receive queues get flows: {line}");
     }
 }
+
+/// The host's TSC rate in kHz, near enough for a probe's timings (`probe.tsc.khz=`): from
+/// /proc/cpuinfo, 2 GHz where it says nothing.
+pub fn host_tsc_khz() -> u64 {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("cpu MHz")?.split(':').nth(1)?.trim().parse::<f64>().ok())
+        .map_or(2_000_000, |mhz| (mhz * 1000.0) as u64)
+}

@@ -115,6 +115,8 @@ const VMM: &[i64] = &[
     libc::SYS_unlink,
     libc::SYS_unlinkat,
     libc::SYS_mincore,
+    // A migration write-protects guest memory through a userfaultfd.
+    libc::SYS_userfaultfd,
     // Stopping the API server: its listening socket is shut down.
     libc::SYS_shutdown,
 ];
@@ -138,8 +140,11 @@ const VMM_IOCTLS: &[Ioctl] = &[
     ioctls::KVM_SET_USER_MEMORY_REGION,
     ioctls::KVM_ENABLE_CAP,
     ioctls::KVM_CLEAR_DIRTY_LOG,
-    // ...and has each paused vCPU reload its MMU context once the log is on.
-    ioctls::KVM_SET_SREGS,
+    // ...and write-protects guest memory to see every write (`migration::written`).
+    ioctls::UFFDIO_API,
+    ioctls::UFFDIO_REGISTER,
+    ioctls::UFFDIO_WRITEPROTECT,
+    ioctls::PAGEMAP_SCAN,
     ioctls::KVM_GET_MSR_INDEX_LIST,
     ioctls::KVM_CHECK_EXTENSION,
     ioctls::KVM_SET_GSI_ROUTING,
@@ -277,7 +282,9 @@ fn allowed(kind: ThreadKind) -> (Vec<i64>, Vec<Ioctl>) {
         // Each plugged block of hotpluggable memory is a KVM memory slot.
         ThreadKind::Mem => &[ioctls::KVM_SET_USER_MEMORY_REGION],
         // The source reads and clears KVM's dirty log round after round.
-        ThreadKind::Migration => &[ioctls::KVM_GET_DIRTY_LOG, ioctls::KVM_CLEAR_DIRTY_LOG, ioctls::FIONBIO],
+        ThreadKind::Migration => {
+            &[ioctls::KVM_GET_DIRTY_LOG, ioctls::KVM_CLEAR_DIRTY_LOG, ioctls::PAGEMAP_SCAN, ioctls::FIONBIO]
+        }
         _ => &[],
     };
     let mut syscalls: Vec<i64> = BASE.iter().chain(groups.iter().flat_map(|g| g.iter())).copied().collect();

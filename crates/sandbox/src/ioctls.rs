@@ -22,6 +22,10 @@ const fn iow<T>(ty: u32, nr: u32) -> u64 {
 const fn iowr<T>(ty: u32, nr: u32) -> u64 {
     ioctl_expr(_IOC_READ | _IOC_WRITE, ty, nr, size_of::<T>() as u32) as u64
 }
+/// For structures the bindings lack: their size given.
+const fn iowr_sized(ty: u32, nr: u32, size: u32) -> u64 {
+    ioctl_expr(_IOC_READ | _IOC_WRITE, ty, nr, size) as u64
+}
 
 /// An ioctl request a filter allows, by name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,6 +58,13 @@ ioctls! {
     KVM_GET_DIRTY_LOG = iow::<kvm_dirty_log>(KVMIO, 0x42);
     KVM_CLEAR_DIRTY_LOG = iowr::<kvm_clear_dirty_log>(KVMIO, 0xc0);
     KVM_ENABLE_CAP = iow::<kvm_enable_cap>(KVMIO, 0xa3);
+    // A migration's write tracking: userfaultfd's asynchronous write protection of guest
+    // memory, and the pagemap scan that reports and protects again (uffdio_api 24 bytes,
+    // uffdio_register 32, uffdio_writeprotect 24, pm_scan_arg 96).
+    UFFDIO_API = iowr_sized(0xaa, 0x3f, 24);
+    UFFDIO_REGISTER = iowr_sized(0xaa, 0x00, 32);
+    UFFDIO_WRITEPROTECT = iowr_sized(0xaa, 0x06, 24);
+    PAGEMAP_SCAN = iowr_sized(b'f' as u32, 16, 96);
     KVM_SET_USER_MEMORY_REGION = iow::<kvm_userspace_memory_region>(KVMIO, 0x46);
     KVM_CHECK_EXTENSION = io(KVMIO, 0x03);
     KVM_GET_MSR_INDEX_LIST = iowr::<kvm_msr_list>(KVMIO, 0x02);

@@ -38,6 +38,8 @@ pub struct Controller {
     id: String,
     transport: VirtioTransport,
     migration: Option<Migration>,
+    /// Started to receive a VM (`run --incoming`): a migration that brings none ends the VMM.
+    incoming_only: bool,
 }
 
 /// A migration of this VMM's VM, out or in.
@@ -88,6 +90,7 @@ impl Controller {
             id: DEFAULT_ID.into(),
             transport: VirtioTransport::Mmio,
             migration: None,
+            incoming_only: false,
         }
     }
 
@@ -364,6 +367,12 @@ impl Controller {
                 }
             }
             Some(Migration::In(incoming)) => {
+                if self.vm.is_none()
+                    && self.incoming_only
+                    && let Some(Err(e)) = incoming.take_finished()
+                {
+                    self.latch.set(VmExit::NotReceived(e));
+                }
                 if let Some((saved, mem)) = incoming.take_arrived() {
                     let incoming = self.migration.take();
                     let result = self.adopt(saved, mem);
@@ -377,6 +386,16 @@ impl Controller {
                 }
             }
             None => {}
+        }
+    }
+
+    /// `run --incoming URL`: waits on `url` for a VM, and ends the VMM if none arrives.
+    pub fn receive_at_start(&mut self, url: &str) -> Result<(), String> {
+        self.incoming_only = true;
+        let response = self.migrate_in(&models::MigrationReceive { receiver_url: url.into() });
+        match response.status {
+            s if s < 300 => Ok(()),
+            _ => Err(response.fault_message().unwrap_or(response.body).replace("receiver_url", "--incoming")),
         }
     }
 

@@ -22,6 +22,8 @@ pub enum VmExit {
     Requested,
     /// The VM moved to another VMM (the destination's URL) and runs there now.
     Migrated(String),
+    /// A VMM started to receive a VM (`run --incoming`) got none.
+    NotReceived(String),
     /// The guest did something the VM cannot go on from.
     Fault(GuestFault),
     /// KVM failed a vCPU.
@@ -35,7 +37,7 @@ impl VmExit {
     pub fn exit_code(&self) -> i32 {
         match self {
             VmExit::Reset | VmExit::PowerOff | VmExit::Signal(_) | VmExit::Requested | VmExit::Migrated(_) => 0,
-            VmExit::Fault(_) | VmExit::VcpuError { .. } | VmExit::Sandbox(_) => 1,
+            VmExit::Fault(_) | VmExit::VcpuError { .. } | VmExit::Sandbox(_) | VmExit::NotReceived(_) => 1,
         }
     }
 }
@@ -48,6 +50,7 @@ impl std::fmt::Display for VmExit {
             VmExit::Signal(sig) => write!(f, "stopped the VM on signal {sig} ({})", signal_name(*sig)),
             VmExit::Requested => write!(f, "stopped the VM as the API asked"),
             VmExit::Migrated(to) => write!(f, "the VM moved to {to} and runs there; it stopped here"),
+            VmExit::NotReceived(why) => write!(f, "no VM arrived: {why}"),
             VmExit::Fault(fault) => write!(f, "{fault}"),
             VmExit::VcpuError { vcpu, message } => write!(f, "vCPU {vcpu} failed: {message}"),
             VmExit::Sandbox(message) => write!(f, "the VM stopped: {message}"),

@@ -233,29 +233,14 @@ impl RunningVm {
         }
     }
 
-    /// Turns KVM's dirty log on for all guest memory, whatever the configuration said, and
-    /// returns what reads it (with the devices' writes) round after round.
+    /// Turns KVM's dirty log on for all guest memory, whatever the configuration said, and the
+    /// host's write tracking where it has it (`migration::written`), and returns what reads
+    /// them (with the devices' writes) round after round.
     pub fn track_dirty_pages(&mut self, config: &VmConfig) -> Result<crate::migration::DirtyPages, String> {
         if !self.manual_dirty_log {
             self.manual_dirty_log = crate::migration::enable_manual_protect(&self.vm);
         }
-        // With the vCPUs stopped, so that none writes through a translation made before the
-        // log was on: each reloads its MMU context (KVM_SET_SREGS resets it) before it runs
-        // again. Without that, nested KVM here (kvm_pvm) missed writes of its ring-0 emulation
-        // in 2 of 6 tries; with it, in none of 12.
-        vcpu::pause_all(&self.shared, &self.threads)?;
-        let logging =
-            register_memory(&self.vm, &self.shared.mem, config, true).map_err(|e| e.to_string()).and_then(|()| {
-                self.vcpus.iter().try_for_each(|vcpu| {
-                    let vcpu = vcpu.lock().unwrap_or_else(|p| p.into_inner());
-                    let sregs = vcpu.get_sregs().map_err(|e| format!("KVM refused a vCPU's registers: {e}"))?;
-                    vcpu.set_sregs(&sregs).map_err(|e| format!("KVM refused a vCPU's registers: {e}"))
-                })
-            });
-        if !self.paused {
-            vcpu::resume_all(&self.shared);
-        }
-        logging?;
+        register_memory(&self.vm, &self.shared.mem, config, true).map_err(|e| e.to_string())?;
         let hotplug = self.devices.memory_hotplug.as_ref().map(|(_, blocks)| blocks.clone());
         if let Some(blocks) = &hotplug {
             blocks.log_dirty_pages()?;

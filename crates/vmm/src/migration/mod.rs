@@ -33,6 +33,7 @@ pub mod receive;
 pub mod send;
 pub mod stream;
 pub mod transport;
+pub mod written;
 
 pub use transport::Url;
 
@@ -236,6 +237,8 @@ pub struct DirtyPages {
     mem: GuestMemory,
     hotplug: Option<Arc<crate::hotplug::PluggableMemory>>,
     manual: bool,
+    /// The host's view of the same writes and of KVM's own, where the kernel offers it.
+    written: Option<written::WriteTracker>,
 }
 
 impl DirtyPages {
@@ -245,7 +248,8 @@ impl DirtyPages {
         hotplug: Option<Arc<crate::hotplug::PluggableMemory>>,
         manual: bool,
     ) -> DirtyPages {
-        DirtyPages { vm, mem, hotplug, manual }
+        let written = written::WriteTracker::start(&mem);
+        DirtyPages { vm, mem, hotplug, manual, written }
     }
 
     /// Per region, one bit per page (u64 words), read and cleared.
@@ -263,6 +267,9 @@ impl DirtyPages {
                 *word |= device;
             }
             logs.push(log);
+        }
+        if let Some(tracker) = &self.written {
+            tracker.take(&mut logs)?;
         }
         Ok(logs)
     }

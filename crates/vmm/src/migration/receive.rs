@@ -69,6 +69,17 @@ impl Incoming {
         })
     }
 
+    /// How the thread ended, once it has (taken once).
+    pub fn take_finished(&self) -> Option<Result<(), String>> {
+        self.shared.poll(|step| match std::mem::replace(step, Step::Closed) {
+            Step::Finished(result) => Some(result),
+            other => {
+                *step = other;
+                None
+            }
+        })
+    }
+
     pub fn built(&self, result: Result<(), String>) {
         self.shared.hand_over(Step::Built(result));
     }

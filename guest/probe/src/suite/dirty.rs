@@ -1,7 +1,8 @@
 //! `dirty`: keeps memory changing for a migration to chase. It writes a pattern over `mib` MiB
 //! from 16 MiB up (default 32), page after page and pass after pass, for `secs` seconds
 //! (default 10), at `rate_mib` MiB/s (default 0: as fast as it can). A table below the pages
-//! keeps each page's generation. A page holds its index, its generation and a checksum, and the
+//! keeps each page's generation. Every page is written once first, then the paced writes
+//! begin. A page holds its index, its generation and a checksum, and the
 //! rest of it follows from those. At the end every page is checked against the table: a page
 //! that went back a generation, or holds anything else, is a FAIL naming it. The longest gap
 //! between two writes, by the TSC, is the pause the guest saw:
@@ -48,9 +49,20 @@ fn test(cmdline: Cmdline, info: &StartInfo) -> Result<(), &'static str> {
     }
     let khz = crate::tsc::khz(cmdline).ok_or("the TSC rate is unknown (no CMOS clock)")?;
     let generation_of = |page: u64| (table + page * 4) as *mut u32;
-    for page in 0..pages {
+    // Every page holds generation 1 before the paced writes begin, so that each is checked
+    // whatever the rate.
+    let write = |page: u64, generation: u64| {
+        let base = first + page * PAGE;
+        for at in 0..WORDS {
+            // SAFETY: the page lies in [first, first + pages * PAGE), RAM above the probe's image
+            // (checked above), identity-mapped.
+            unsafe { core::ptr::write_volatile((base + at * 8) as *mut u64, word(page, generation, at)) };
+        }
         // SAFETY: the table lies in RAM above the probe's image (checked above), identity-mapped.
-        unsafe { core::ptr::write_volatile(generation_of(page), 0) };
+        unsafe { core::ptr::write_volatile(generation_of(page), generation as u32) };
+    };
+    for page in 0..pages {
+        write(page, 1);
     }
     let cycles_per_page = if rate_mib == 0 { 0 } else { khz * 1000 / (rate_mib * 256) };
     let start = hw::rdtsc();
@@ -60,18 +72,12 @@ fn test(cmdline: Cmdline, info: &StartInfo) -> Result<(), &'static str> {
         let now = hw::rdtsc();
         max_gap = max_gap.max(now.saturating_sub(last));
         last = now;
-        if now >= end && writes >= pages {
+        if now >= end {
             break;
         }
-        // SAFETY: as above; the page lies in [first, first + pages * PAGE).
-        let generation = unsafe { core::ptr::read_volatile(generation_of(page)) } as u64 + 1;
-        let base = first + page * PAGE;
-        for at in 0..WORDS {
-            // SAFETY: as above.
-            unsafe { core::ptr::write_volatile((base + at * 8) as *mut u64, word(page, generation, at)) };
-        }
         // SAFETY: as above.
-        unsafe { core::ptr::write_volatile(generation_of(page), generation as u32) };
+        let generation = unsafe { core::ptr::read_volatile(generation_of(page)) } as u64 + 1;
+        write(page, generation);
         writes += 1;
         page = (page + 1) % pages;
         if cycles_per_page != 0 {
