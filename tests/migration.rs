@@ -141,6 +141,16 @@ fn a_destination_that_goes_away_or_a_cancel_leaves_the_vm_running_on_the_source(
     api_call(&from, "PUT", "/ferrovisor/migration/cancel", "", 204);
     wait_phase(&from, "cancelled");
     drop(silent);
+    // Three tries, none of which moved the VM, in the metrics.
+    let metrics: serde_json::Value =
+        serde_json::from_str(&api_call(&from, "GET", "/ferrovisor/metrics", "", 200)).unwrap();
+    let m = &metrics["migration"];
+    assert_eq!(
+        (m["started"].as_u64(), m["completed"].as_u64(), m["failed"].as_u64()),
+        (Some(3), Some(0), Some(3)),
+        "{m}"
+    );
+    assert!(m["bytes_sent"].as_u64().unwrap() > 0, "{m}");
 
     let out = source.finish(TIMEOUT);
     assert!(out.status.success(), "{}", out.describe());

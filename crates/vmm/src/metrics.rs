@@ -47,6 +47,20 @@ pub fn json() -> Value {
         all.insert(kind, totals);
     }
     all.insert("vmm".into(), json!({ "rss_bytes": vmm_rss_bytes() }));
+    {
+        use crate::migration::counters::*;
+        all.insert(
+            "migration".into(),
+            json!({
+                "started": STARTED.load(Ordering::Relaxed),
+                "completed": COMPLETED.load(Ordering::Relaxed),
+                "failed": FAILED.load(Ordering::Relaxed),
+                "bytes_sent": BYTES_SENT.load(Ordering::Relaxed),
+                "bytes_received": BYTES_RECEIVED.load(Ordering::Relaxed),
+                "last_downtime_us": LAST_DOWNTIME_US.load(Ordering::Relaxed),
+            }),
+        );
+    }
     // Firecracker's per-method request counts, keyed by route.
     for (method, key) in [("GET", "get_api_requests"), ("PUT", "put_api_requests"), ("PATCH", "patch_api_requests")] {
         let routes: Map<String, Value> = api::http::request_counts()

@@ -71,6 +71,18 @@ pub struct Status {
     pub error: Option<String>,
 }
 
+/// Counters for the metrics (`migration` in `GET /ferrovisor/metrics`).
+pub mod counters {
+    use std::sync::atomic::AtomicU64;
+    pub static STARTED: AtomicU64 = AtomicU64::new(0);
+    pub static COMPLETED: AtomicU64 = AtomicU64::new(0);
+    pub static FAILED: AtomicU64 = AtomicU64::new(0);
+    pub static BYTES_SENT: AtomicU64 = AtomicU64::new(0);
+    pub static BYTES_RECEIVED: AtomicU64 = AtomicU64::new(0);
+    /// The last switch-over's pause on this source.
+    pub static LAST_DOWNTIME_US: AtomicU64 = AtomicU64::new(0);
+}
+
 /// A migration thread's shared parts.
 pub(crate) struct Shared {
     pub status: Mutex<Status>,
@@ -102,6 +114,7 @@ pub(crate) enum Step {
 
 impl Shared {
     fn new(role: &'static str, url: &Url, latch: Arc<ExitLatch>) -> Arc<Shared> {
+        counters::STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let status = Status { role, url: url.to_string(), ..Default::default() };
         Arc::new(Shared {
             status: Mutex::new(status),
@@ -169,7 +182,14 @@ impl Shared {
         let cancelled = self.cancelled.load(std::sync::atomic::Ordering::Relaxed);
         let result = result.map_err(|e| if cancelled { "the migration was cancelled".into() } else { e });
         {
+            use std::sync::atomic::Ordering::Relaxed;
             let mut status = self.status();
+            let bytes = if status.role == "source" { &counters::BYTES_SENT } else { &counters::BYTES_RECEIVED };
+            bytes.fetch_add(status.bytes, Relaxed);
+            match result {
+                Ok(()) => counters::COMPLETED.fetch_add(1, Relaxed),
+                Err(_) => counters::FAILED.fetch_add(1, Relaxed),
+            };
             status.total_ms = Some(self.started.elapsed().as_secs_f64() * 1000.0);
             match &result {
                 Ok(()) => status.phase = Phase::Completed,

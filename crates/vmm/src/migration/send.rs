@@ -198,6 +198,7 @@ impl Outgoing {
                 });
                 let downtime = paused_at.elapsed().as_secs_f64() * 1000.0;
                 self.shared.status().downtime_ms = Some(downtime);
+                super::counters::LAST_DOWNTIME_US.store((downtime * 1000.0) as u64, Ordering::Relaxed);
                 if result.is_err() {
                     vm.resume_devices();
                     if !was_paused {
@@ -233,7 +234,8 @@ impl Outgoing {
 }
 
 /// The stream with the page batch being built.
-struct Sender {
+struct Sender<'a> {
+    shared: &'a Shared,
     out: BufWriter<Box<dyn Stream>>,
     batch: Vec<u8>,
     batch_gpa: u64,
@@ -241,9 +243,10 @@ struct Sender {
     bytes: u64,
 }
 
-impl Sender {
-    fn new(stream: Box<dyn Stream>) -> Sender {
+impl<'a> Sender<'a> {
+    fn new(stream: Box<dyn Stream>, shared: &'a Shared) -> Sender<'a> {
         Sender {
+            shared,
             out: BufWriter::with_capacity(1 << 16, stream),
             batch: Vec::with_capacity(stream::MAX_PAGES_BYTES),
             batch_gpa: 0,
@@ -252,7 +255,9 @@ impl Sender {
         }
     }
 
+    /// A frame of `kind`, after the pages batched so far: the order is the destination's.
     fn frame(&mut self, kind: Kind, payload: &[u8]) -> Result<(), String> {
+        self.flush_batch()?;
         stream::write_frame(&mut self.out, kind, payload).map_err(lost)?;
         self.bytes += 8 + payload.len() as u64;
         Ok(())
@@ -279,6 +284,7 @@ impl Sender {
             stream::write_pages(&mut self.out, self.batch_gpa, &self.batch).map_err(lost)?;
             self.bytes += 16 + self.batch.len() as u64;
             self.batch.clear();
+            self.shared.status().bytes = self.bytes;
         }
         Ok(())
     }
@@ -363,7 +369,7 @@ fn run(
     source: &Source,
     dirty: &DirtyPages,
 ) -> Result<(), String> {
-    let mut out = Sender::new(connection);
+    let mut out = Sender::new(connection, shared);
     out.frame(Kind::Hello, &serde_json::to_vec(&stream::Hello::ours()).expect("strings and numbers encode"))?;
     out.frame(Kind::Config, &source.config)?;
     shared.status().phase = Phase::Precopy;

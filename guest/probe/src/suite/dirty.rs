@@ -2,9 +2,10 @@
 //! from 16 MiB up (default 32), page after page and pass after pass, for `secs` seconds
 //! (default 10), at `rate_mib` MiB/s (default 0: as fast as it can). A table below the pages
 //! keeps each page's generation. Every page is written once first, then the paced writes
-//! begin. A page holds its index, its generation and a checksum, and the
-//! rest of it follows from those. At the end every page is checked against the table: a page
-//! that went back a generation, or holds anything else, is a FAIL naming it. The longest gap
+//! begin. A page holds its index, its generation and a checksum, and the rest of it follows
+//! from those. Each rewrite first checks the page's generation and checksum, and at the end
+//! every page is checked whole: a page that went back a generation, or holds anything else, is
+//! a FAIL naming it. The longest gap
 //! between two writes, by the TSC, is the pause the guest saw:
 //!
 //!     PROBE dirty ok pages=N generations=G writes=W max_gap_us=U
@@ -76,8 +77,17 @@ fn test(cmdline: Cmdline, info: &StartInfo) -> Result<(), &'static str> {
             break;
         }
         // SAFETY: as above.
-        let generation = unsafe { core::ptr::read_volatile(generation_of(page)) } as u64 + 1;
-        write(page, generation);
+        let held = unsafe { core::ptr::read_volatile(generation_of(page)) } as u64;
+        // Each rewrite first checks what the page holds, so that a page lost in a move is
+        // caught before the rewrite hides it.
+        let base = first + page * PAGE;
+        // SAFETY: as above.
+        let found = unsafe { [core::ptr::read_volatile((base + 8) as *const u64), core::ptr::read_volatile((base + 16) as *const u64)] };
+        if found != [held, checksum(page, held)] {
+            report::fail(TEST, format_args!("page {page} at {base:#x} holds generation {} where the table says {held}", found[0]));
+            return Ok(());
+        }
+        write(page, held + 1);
         writes += 1;
         page = (page + 1) % pages;
         if cycles_per_page != 0 {
