@@ -115,9 +115,9 @@ fn answer(connection: &mut Box<dyn Stream>, result: &Result<(), String>) {
     let _ = match result {
         Ok(()) => stream::write_frame(connection, Kind::Ack, &[]),
         Err(e) => {
-            let mut sentence = e.clone();
-            sentence.truncate(4000);
-            stream::write_frame(connection, Kind::Error, sentence.as_bytes())
+            // Within the frame's bound, cut at a character boundary.
+            let end = (0..=e.len().min(4000)).rev().find(|&i| e.is_char_boundary(i)).unwrap_or(0);
+            stream::write_frame(connection, Kind::Error, &e.as_bytes()[..end])
         }
     };
 }
