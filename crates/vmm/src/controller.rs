@@ -15,6 +15,7 @@ use kvm_ioctls::Kvm;
 use crate::config::VmConfig;
 use crate::exit::{ExitLatch, VmExit, Wake};
 use crate::metrics::MetricsSink;
+use crate::migration::control::{Event, Migrations, build};
 use crate::resources::{self as res, Resources, Running, after_start, before_start};
 use crate::{HostLimits, VirtioTransport};
 use virtio::balloon::BalloonControl;
@@ -37,15 +38,7 @@ pub struct Controller {
     /// The instance id (`--id`), shown by `GET /`.
     id: String,
     transport: VirtioTransport,
-    migration: Option<Migration>,
-    /// Started to receive a VM (`run --incoming`): a migration that brings none ends the VMM.
-    incoming_only: bool,
-}
-
-/// A migration of this VMM's VM, out or in.
-enum Migration {
-    Out(crate::migration::send::Outgoing),
-    In(crate::migration::receive::Incoming),
+    migrations: Migrations,
 }
 
 /// 204 for done, 400 with the sentence otherwise.
@@ -64,19 +57,6 @@ fn answer(result: Result<impl serde::Serialize, String>) -> Response {
     }
 }
 
-impl Migration {
-    fn ended(&self) -> bool {
-        let status = match self {
-            Migration::Out(out) => out.status(),
-            Migration::In(incoming) => incoming.status(),
-        };
-        matches!(
-            status.phase,
-            crate::migration::Phase::Completed | crate::migration::Phase::Failed | crate::migration::Phase::Cancelled
-        )
-    }
-}
-
 impl Controller {
     pub fn new(kvm: Kvm, launched: Instant, latch: Arc<ExitLatch>) -> Controller {
         Controller {
@@ -89,8 +69,7 @@ impl Controller {
             logger: None,
             id: DEFAULT_ID.into(),
             transport: VirtioTransport::Mmio,
-            migration: None,
-            incoming_only: false,
+            migrations: Migrations::default(),
         }
     }
 
@@ -304,118 +283,54 @@ impl Controller {
                 self.latch.set(VmExit::Requested);
                 Response::no_content()
             }
-            Request::MigrationSend(m) => self.migrate_out(&m),
-            Request::MigrationReceive(m) => self.migrate_in(&m),
-            Request::MigrationCancel => match &self.migration {
-                Some(Migration::Out(out)) => done(out.cancel()),
-                Some(Migration::In(incoming)) => done(incoming.cancel()),
-                None => Response::error(400, "No migration is under way."),
+            Request::MigrationSend(m) => match &mut self.vm {
+                Some((vm, config)) => done(self.migrations.send(vm, config, &m, &self.latch)),
+                None => Response::error(400, before_start("PUT /ferrovisor/migration/send")),
             },
-            Request::GetMigration => match &self.migration {
-                Some(Migration::Out(out)) => Response::json(&out.status()),
-                Some(Migration::In(incoming)) => Response::json(&incoming.status()),
-                None => Response::error(400, "No migration has started; PUT /ferrovisor/migration/send or receive."),
-            },
+            Request::MigrationReceive(m) => done(self.receive(&m.receiver_url, false)),
+            Request::MigrationCancel => done(self.migrations.cancel()),
+            Request::GetMigration => answer(self.migrations.status()),
         }
     }
 
-    /// `PUT /ferrovisor/migration/send`: the running VM starts moving.
-    fn migrate_out(&mut self, m: &models::MigrationSend) -> Response {
-        if self.migration.as_ref().is_some_and(|m| !m.ended()) {
-            return Response::error(400, "A migration is under way already; wait for it or cancel it.");
-        }
-        let Some((vm, config)) = &mut self.vm else {
-            return Response::error(400, before_start("PUT /ferrovisor/migration/send"));
-        };
-        let outgoing = crate::migration::send::SendOptions::from_request(m)
-            .and_then(|options| crate::migration::send::Outgoing::start(vm, config, options, &self.latch));
-        match outgoing {
-            Ok(out) => {
-                self.migration = Some(Migration::Out(out));
-                Response::no_content()
-            }
-            Err(e) => Response::error(400, e),
-        }
-    }
-
-    /// `PUT /ferrovisor/migration/receive`: this VMM, with nothing configured, waits for a VM.
-    fn migrate_in(&mut self, m: &models::MigrationReceive) -> Response {
-        if self.vm.is_some() || self.migration.as_ref().is_some_and(|m| !m.ended()) || self.resources.boot.is_some() {
-            return Response::error(
-                400,
-                "PUT /ferrovisor/migration/receive takes the VM from the source; send it to a VMM with nothing configured.",
+    /// A VMM with nothing configured waits on `url` for a VM (`only`: `run --incoming`, which
+    /// ends if none arrives).
+    fn receive(&mut self, url: &str, only: bool) -> Result<(), String> {
+        if self.vm.is_some() || self.resources.boot.is_some() {
+            return Err(
+                "PUT /ferrovisor/migration/receive takes the VM from the source; send it to a VMM with nothing configured."
+                    .into(),
             );
         }
-        match crate::migration::receive::Incoming::start(&m.receiver_url, self.host_limits(), &self.latch) {
-            Ok(incoming) => {
-                self.migration = Some(Migration::In(incoming));
-                Response::no_content()
-            }
-            Err(e) => Response::error(400, e),
-        }
+        self.migrations.receive(url, self.host_limits(), &self.latch, only)
+    }
+
+    /// `run --incoming URL`: waits on `url` for a VM, and ends the VMM if none arrives.
+    pub fn receive_at_start(&mut self, url: &str) -> Result<(), String> {
+        self.receive(url, true).map_err(|e| e.replace("receiver_url", "--incoming"))
     }
 
     /// Does what a migration thread asked for: capture the VM on the source, build it here on
     /// the destination.
     fn serve_migration(&mut self) {
-        match &self.migration {
-            Some(Migration::Out(out)) => {
-                if let Some((vm, config)) = &mut self.vm
-                    && let crate::migration::send::Outcome::Moved(to) = out.poll(vm, &self.kvm, config)
-                {
-                    self.latch.set(VmExit::Migrated(to));
+        let vm = self.vm.as_mut().map(|(vm, config)| (vm, &*config));
+        match self.migrations.poll(vm, &self.kvm) {
+            Event::Nothing => {}
+            Event::Moved(to) => self.latch.set(VmExit::Migrated(to)),
+            Event::NotReceived(why) => self.latch.set(VmExit::NotReceived(why)),
+            Event::Arrived(arrived) => {
+                let limits = self.host_limits();
+                let result = build(&self.kvm, *arrived, &limits, self.launched, &self.latch).and_then(|running| {
+                    tracing::info!("migration: the VM runs here");
+                    self.vm = Some(running);
+                    self.sandbox()
+                });
+                if let Err(e) = &result {
+                    tracing::warn!("migration: the VM that arrived cannot run here: {e}");
                 }
+                self.migrations.built(result);
             }
-            Some(Migration::In(incoming)) => {
-                if self.vm.is_none()
-                    && self.incoming_only
-                    && let Some(Err(e)) = incoming.take_finished()
-                {
-                    self.latch.set(VmExit::NotReceived(e));
-                }
-                if let Some((saved, mem)) = incoming.take_arrived() {
-                    let incoming = self.migration.take();
-                    let result = self.adopt(saved, mem);
-                    if let Err(e) = &result {
-                        tracing::warn!("migration: the VM that arrived cannot run here: {e}");
-                    }
-                    if let Some(Migration::In(incoming)) = &incoming {
-                        incoming.built(result);
-                    }
-                    self.migration = incoming;
-                }
-            }
-            None => {}
         }
-    }
-
-    /// `run --incoming URL`: waits on `url` for a VM, and ends the VMM if none arrives.
-    pub fn receive_at_start(&mut self, url: &str) -> Result<(), String> {
-        self.incoming_only = true;
-        let response = self.migrate_in(&models::MigrationReceive { receiver_url: url.into() });
-        match response.status {
-            s if s < 300 => Ok(()),
-            _ => Err(response.fault_message().unwrap_or(response.body).replace("receiver_url", "--incoming")),
-        }
-    }
-
-    /// Builds and resumes a VM that migrated here.
-    fn adopt(&mut self, mut saved: crate::snapshot::Snapshot, mem: arch::GuestMemory) -> Result<(), String> {
-        saved
-            .config
-            .validate_machine(&self.host_limits())
-            .map_err(|e| format!("the migrated configuration is refused: {e}"))?;
-        // The guest's serial output goes to this process's stdout.
-        saved.config.serial = crate::config::SerialConfig::Stdio;
-        if let Some(m) = saved.config.mmds {
-            res::mmds::restore(m, saved.mmds_data.take())?;
-        }
-        let how = crate::vm::Restore { resume: true, clock_realtime: false };
-        let (vm, config) = crate::vm::restore_with_memory(&self.kvm, saved, mem, self.launched, &self.latch, how)
-            .map_err(|e| e.to_string())?;
-        tracing::info!("migration: the VM runs here");
-        self.vm = Some((vm, config));
-        self.sandbox()
     }
 
     /// Runs `change` on the resources if the VM has not started; answers 204 or 400.

@@ -29,6 +29,7 @@ use arch::GuestMemory;
 use crate::exit::ExitLatch;
 use crate::snapshot::Snapshot;
 
+pub mod control;
 pub mod receive;
 pub mod send;
 pub mod stream;

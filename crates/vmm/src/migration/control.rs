@@ -1,0 +1,143 @@
+//! The controller's side of migrations: which one is under way, the API's requests about it,
+//! and what its thread asks of the VM (captured on the source, built on the destination).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use api::models;
+use kvm_ioctls::Kvm;
+
+use arch::GuestMemory;
+
+use super::receive::Incoming;
+use super::send::{Outcome, Outgoing, SendOptions};
+use super::{Phase, Status};
+use crate::config::{HostLimits, SerialConfig, VmConfig};
+use crate::exit::ExitLatch;
+use crate::snapshot::Snapshot;
+use crate::vm::RunningVm;
+
+enum Migration {
+    Out(Outgoing),
+    In(Incoming),
+}
+
+/// The migration under way, or the last one.
+#[derive(Default)]
+pub struct Migrations {
+    current: Option<Migration>,
+    /// Started to receive a VM (`run --incoming`): a migration that brings none ends the VMM.
+    incoming_only: bool,
+}
+
+/// What a migration thread needs of the controller.
+pub enum Event {
+    Nothing,
+    /// The VM runs on the destination: this VMM stops.
+    Moved(String),
+    /// `run --incoming` got no VM: this VMM stops.
+    NotReceived(String),
+    /// A VM arrived: the controller builds it ([`build`]) and answers [`Migrations::built`].
+    Arrived(Box<(Snapshot, GuestMemory)>),
+}
+
+impl Migrations {
+    fn status_of(&self) -> Option<Status> {
+        match self.current.as_ref()? {
+            Migration::Out(out) => Some(out.status()),
+            Migration::In(incoming) => Some(incoming.status()),
+        }
+    }
+
+    fn under_way(&self) -> bool {
+        self.status_of().is_some_and(|s| !matches!(s.phase, Phase::Completed | Phase::Failed | Phase::Cancelled))
+    }
+
+    /// `GET /ferrovisor/migration`.
+    pub fn status(&self) -> Result<Status, String> {
+        self.status_of().ok_or_else(|| "No migration has started; PUT /ferrovisor/migration/send or receive.".into())
+    }
+
+    /// `PUT /ferrovisor/migration/cancel`.
+    pub fn cancel(&self) -> Result<(), String> {
+        match &self.current {
+            Some(Migration::Out(out)) => out.cancel(),
+            Some(Migration::In(incoming)) => incoming.cancel(),
+            None => Err("No migration is under way.".into()),
+        }
+    }
+
+    /// `PUT /ferrovisor/migration/send`: the running VM starts moving.
+    pub fn send(
+        &mut self,
+        vm: &mut RunningVm,
+        config: &VmConfig,
+        m: &models::MigrationSend,
+        latch: &Arc<ExitLatch>,
+    ) -> Result<(), String> {
+        if self.under_way() {
+            return Err("A migration is under way already; wait for it or cancel it.".into());
+        }
+        let options = SendOptions::from_request(m)?;
+        self.current = Some(Migration::Out(Outgoing::start(vm, config, options, latch)?));
+        Ok(())
+    }
+
+    /// `PUT /ferrovisor/migration/receive` (or `run --incoming` when `only`): a VMM with no VM
+    /// waits on `url` for one.
+    pub fn receive(&mut self, url: &str, limits: HostLimits, latch: &Arc<ExitLatch>, only: bool) -> Result<(), String> {
+        if self.under_way() {
+            return Err("A migration is under way already; wait for it or cancel it.".into());
+        }
+        self.current = Some(Migration::In(Incoming::start(url, limits, latch)?));
+        self.incoming_only = only;
+        Ok(())
+    }
+
+    /// What the migration thread asks for now, if anything; on the source `vm` is the running
+    /// VM, which is captured here when the switch-over is due.
+    pub fn poll(&mut self, vm: Option<(&mut RunningVm, &VmConfig)>, kvm: &Kvm) -> Event {
+        match (&self.current, vm) {
+            (Some(Migration::Out(out)), Some((vm, config))) => match out.poll(vm, kvm, config) {
+                Outcome::Moved(to) => Event::Moved(to),
+                Outcome::Running | Outcome::Failed => Event::Nothing,
+            },
+            (Some(Migration::In(incoming)), None) => {
+                if let Some(arrived) = incoming.take_arrived() {
+                    return Event::Arrived(Box::new(arrived));
+                }
+                match incoming.take_finished() {
+                    Some(Err(e)) if self.incoming_only => Event::NotReceived(e),
+                    _ => Event::Nothing,
+                }
+            }
+            _ => Event::Nothing,
+        }
+    }
+
+    /// Tells the destination's thread whether the VM that arrived runs.
+    pub fn built(&self, result: Result<(), String>) {
+        if let Some(Migration::In(incoming)) = &self.current {
+            incoming.built(result);
+        }
+    }
+}
+
+/// Builds and resumes a VM that migrated here: its configuration checked whole (the files it
+/// names too, which the migration thread may not open), its serial output on this process's
+/// stdout.
+pub fn build(
+    kvm: &Kvm,
+    (mut saved, mem): (Snapshot, GuestMemory),
+    limits: &HostLimits,
+    launched: Instant,
+    latch: &Arc<ExitLatch>,
+) -> Result<(RunningVm, VmConfig), String> {
+    saved.config.validate_machine(limits).map_err(|e| format!("the migrated configuration is refused: {e}"))?;
+    saved.config.serial = SerialConfig::Stdio;
+    if let Some(m) = saved.config.mmds {
+        crate::resources::mmds::restore(m, saved.mmds_data.take())?;
+    }
+    let how = crate::vm::Restore { resume: true, clock_realtime: false };
+    crate::vm::restore_with_memory(kvm, saved, mem, launched, latch, how).map_err(|e| e.to_string())
+}
