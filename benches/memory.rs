@@ -92,18 +92,7 @@ fn ferrovisor_snapshot(dir: &Path, mib: u64) -> SnapshotFigures {
 }
 
 fn qemu(mib: u64, qmp: &Path, extra: &[&str]) -> Child {
-    let _ = std::fs::remove_file(qmp);
-    Command::new("qemu-system-x86_64")
-        .args(["-M", "microvm,rtc=on", "-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", &mib.to_string()])
-        .args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio"])
-        .args(["-kernel", probe().to_str().unwrap(), "-append", &fill_cmdline(mib)])
-        .args(["-qmp", &format!("unix:{},server=on,wait=off", qmp.display())])
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu-system-x86_64 runs")
+    support::qemu_with_qmp(&probe(), &fill_cmdline(mib), mib, qmp, extra)
 }
 
 fn qemu_snapshot(dir: &Path, mib: u64) -> SnapshotFigures {

@@ -130,18 +130,7 @@ fn ferrovisor(dir: &Path, rate_mib: u64) -> Figures {
 }
 
 fn qemu(qmp: &Path, extra: &[&str], rate_mib: u64) -> Child {
-    let _ = std::fs::remove_file(qmp);
-    Command::new("qemu-system-x86_64")
-        .args(["-M", "microvm,rtc=on", "-enable-kvm", "-cpu", "host,-arch-capabilities"])
-        .args(["-m", &GUEST_MIB.to_string(), "-nodefaults", "-no-user-config", "-display", "none"])
-        .args(["-serial", "stdio", "-kernel", probe().to_str().unwrap(), "-append", &cmdline(rate_mib)])
-        .args(["-qmp", &format!("unix:{},server=on,wait=off", qmp.display())])
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu-system-x86_64 runs")
+    support::qemu_with_qmp(&probe(), &cmdline(rate_mib), GUEST_MIB, qmp, extra)
 }
 
 fn qemu_run(dir: &Path, rate_mib: u64) -> Figures {

@@ -216,3 +216,20 @@ impl Qmp {
         }
     }
 }
+
+/// QEMU microvm booting `kernel` with `cmdline` and `mib` MiB, its serial on a piped stdout and
+/// its QMP socket at `qmp` (replaced), plus `extra` arguments.
+pub fn qemu_with_qmp(kernel: &Path, cmdline: &str, mib: u64, qmp: &Path, extra: &[&str]) -> Child {
+    let _ = std::fs::remove_file(qmp);
+    Command::new("qemu-system-x86_64")
+        .args(["-M", "microvm,rtc=on", "-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", &mib.to_string()])
+        .args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio"])
+        .args(["-kernel", kernel.to_str().unwrap(), "-append", cmdline])
+        .args(["-qmp", &format!("unix:{},server=on,wait=off", qmp.display())])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-system-x86_64 runs")
+}

@@ -30,6 +30,11 @@ pub const FIRST_BLOCK_SLOT: u32 = 256;
 
 const PAGE: u64 = 4096;
 
+/// Whether `gpa` lies in one of `ranges` (guest address, length), as unplugged memory is given.
+pub fn in_ranges(ranges: &[(u64, u64)], gpa: u64) -> bool {
+    ranges.iter().any(|&(at, len)| gpa >= at && gpa - at < len)
+}
+
 /// How a plugged block is backed again once the host has taken its pages.
 enum Backing {
     /// The guest-memory memfd, at this offset of the region's start.

@@ -339,7 +339,7 @@ pub fn write_memory(mem: &GuestMemory, path: &Path, pages: Pages, unplugged: &[(
         let start = region.start_addr().raw_value();
         for (page, data) in bytes.chunks(PAGE).enumerate() {
             let gpa = start + (page * PAGE) as u64;
-            let dropped = unplugged.iter().any(|&(at, len)| gpa >= at && gpa - at < len);
+            let dropped = crate::hotplug::in_ranges(unplugged, gpa);
             let data = if dropped { &ZERO_PAGE[..data.len()] } else { data };
             let take = match &pages {
                 Pages::All => data.iter().any(|&b| b != 0),
@@ -385,7 +385,7 @@ pub fn write_memory(mem: &GuestMemory, path: &Path, pages: Pages, unplugged: &[(
 static ZERO_PAGE: [u8; PAGE] = [0; PAGE];
 
 /// One byte per page, bit 0 set when the page is resident; None if mincore fails.
-fn residency(host: *mut u8, len: usize) -> Option<Vec<u8>> {
+pub(crate) fn residency(host: *mut u8, len: usize) -> Option<Vec<u8>> {
     let mut vector = vec![0u8; len.div_ceil(PAGE)];
     // SAFETY: [host, host + len) is a live mapping of this process (page-aligned: vm-memory
     // maps whole regions) and the vector has one byte per page of it.

@@ -283,26 +283,11 @@ impl RunningVm {
     ) -> Result<(snapshot::Snapshot, SnapshotWritten), String> {
         let config = &state.config;
         let mem = &self.shared.mem;
-        let hotplug = self.devices.memory_hotplug.as_ref().map(|(_, blocks)| blocks);
+        let hotplug = self.devices.memory_hotplug.as_ref().map(|(_, blocks)| &**blocks);
         // Reading KVM's dirty log also clears it: every snapshot starts the next diff.
-        let logs = if config.track_dirty_pages {
-            let mut logs = Vec::new();
-            for (slot, region) in mem.iter().enumerate() {
-                let log = match &hotplug {
-                    // The hotpluggable region is always the last, and its slots are its blocks'.
-                    Some(blocks) if slot + 1 == mem.num_regions() => blocks.dirty_log(self.manual_dirty_log)?,
-                    _ => crate::migration::take_dirty_log(
-                        &self.vm,
-                        slot as u32,
-                        region.len() as usize,
-                        self.manual_dirty_log,
-                    )?,
-                };
-                logs.push(log);
-            }
-            logs
-        } else {
-            Vec::new()
+        let logs = match config.track_dirty_pages {
+            true => crate::migration::kvm_dirty_logs(&self.vm, mem, hotplug, self.manual_dirty_log)?,
+            false => Vec::new(),
         };
         // Unplugged blocks are written as zeroes: their mapping is the sink, not guest memory.
         let unplugged = self.unplugged_ranges();

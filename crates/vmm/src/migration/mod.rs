@@ -251,6 +251,24 @@ pub(crate) fn take_dirty_log(vm: &VmFd, slot: u32, len: usize, manual: bool) -> 
     Ok(log)
 }
 
+/// KVM's dirty log of every region of `mem` (one bit per page, per region), read and cleared:
+/// one slot per region, but the hotpluggable region, always the last, is its blocks' slots.
+pub(crate) fn kvm_dirty_logs(
+    vm: &VmFd,
+    mem: &GuestMemory,
+    hotplug: Option<&crate::hotplug::PluggableMemory>,
+    manual: bool,
+) -> Result<Vec<Vec<u64>>, String> {
+    let regions = mem.num_regions();
+    mem.iter()
+        .enumerate()
+        .map(|(slot, region)| match hotplug {
+            Some(blocks) if slot + 1 == regions => blocks.dirty_log(manual),
+            _ => take_dirty_log(vm, slot as u32, region.len() as usize, manual),
+        })
+        .collect()
+}
+
 /// Reads which pages were written since the last read: KVM's dirty log (which the source turned
 /// on for every slot) and the devices' writes in the guest memory bitmap.
 pub struct DirtyPages {
@@ -275,19 +293,12 @@ impl DirtyPages {
 
     /// Per region, one bit per page (u64 words), read and cleared.
     pub fn take(&self) -> Result<Vec<Vec<u64>>, String> {
-        let mut logs = Vec::new();
-        let regions = self.mem.num_regions();
-        for (slot, region) in self.mem.iter().enumerate() {
-            let mut log = match &self.hotplug {
-                // The hotpluggable region is the last; its slots are its blocks'.
-                Some(blocks) if slot + 1 == regions => blocks.dirty_log(self.manual)?,
-                _ => take_dirty_log(&self.vm, slot as u32, region.len() as usize, self.manual)?,
-            };
+        let mut logs = kvm_dirty_logs(&self.vm, &self.mem, self.hotplug.as_deref(), self.manual)?;
+        for (log, region) in logs.iter_mut().zip(self.mem.iter()) {
             let bitmap: &AtomicBitmap = std::ops::Deref::deref(region).bitmap();
             for (word, device) in log.iter_mut().zip(bitmap.get_and_reset()) {
                 *word |= device;
             }
-            logs.push(log);
         }
         if let Some(tracker) = &self.written {
             tracker.take(&mut logs)?;

@@ -239,7 +239,6 @@ struct Sender<'a> {
     out: BufWriter<Box<dyn Stream>>,
     batch: Vec<u8>,
     batch_gpa: u64,
-    page: Vec<u8>,
     bytes: u64,
 }
 
@@ -250,7 +249,6 @@ impl<'a> Sender<'a> {
             out: BufWriter::with_capacity(1 << 16, stream),
             batch: Vec::with_capacity(stream::MAX_PAGES_BYTES),
             batch_gpa: 0,
-            page: vec![0; PAGE],
             bytes: 0,
         }
     }
@@ -265,17 +263,19 @@ impl<'a> Sender<'a> {
 
     /// Adds the page at `gpa`, unless it is all zeroes and `skip_zero`.
     fn page(&mut self, mem: &GuestMemory, gpa: u64, skip_zero: bool) -> Result<(), String> {
-        mem.read_slice(&mut self.page, GuestAddress(gpa))
-            .map_err(|e| format!("guest memory at {gpa:#x} cannot be read ({e})"))?;
-        if skip_zero && self.page.iter().all(|&b| b == 0) {
-            return Ok(());
-        }
         let contiguous = self.batch_gpa + self.batch.len() as u64 == gpa;
         if !contiguous || self.batch.len() == stream::MAX_PAGES_BYTES {
             self.flush_batch()?;
             self.batch_gpa = gpa;
         }
-        self.batch.extend_from_slice(&self.page);
+        // Read straight into the batch; a zero page is taken back out.
+        let at = self.batch.len();
+        self.batch.resize(at + PAGE, 0);
+        mem.read_slice(&mut self.batch[at..], GuestAddress(gpa))
+            .map_err(|e| format!("guest memory at {gpa:#x} cannot be read ({e})"))?;
+        if skip_zero && self.batch[at..].iter().all(|&b| b == 0) {
+            self.batch.truncate(at);
+        }
         Ok(())
     }
 
@@ -299,10 +299,6 @@ fn lost(e: std::io::Error) -> String {
     format!("the destination stopped taking the stream ({e})")
 }
 
-fn in_ranges(ranges: &[(u64, u64)], gpa: u64) -> bool {
-    ranges.iter().any(|&(at, len)| gpa >= at && gpa - at < len)
-}
-
 /// Sends every page of guest memory that holds data: resident (or, for memory mapped from a
 /// snapshot, any) and not all zeroes, since the destination's memory starts zeroed.
 fn send_all(out: &mut Sender, source: &Source, shared: &Shared) -> Result<(), String> {
@@ -312,7 +308,7 @@ fn send_all(out: &mut Sender, source: &Source, shared: &Shared) -> Result<(), St
         let pages = (region.len() as usize).div_ceil(PAGE);
         let resident = match source.restored {
             true => None,
-            false => residency(region),
+            false => crate::snapshot::residency(region.as_ptr(), region.len() as usize),
         };
         for page in 0..pages {
             if shared.cancelled.load(Ordering::Relaxed) {
@@ -320,22 +316,12 @@ fn send_all(out: &mut Sender, source: &Source, shared: &Shared) -> Result<(), St
             }
             let gpa = start + (page * PAGE) as u64;
             let held = resident.as_ref().is_none_or(|r| r.get(page).is_some_and(|v| v & 1 != 0));
-            if held && !in_ranges(&unplugged, gpa) {
+            if held && !crate::hotplug::in_ranges(&unplugged, gpa) {
                 out.page(&source.mem, gpa, true)?;
             }
         }
     }
     out.flush()
-}
-
-/// One byte per page of `region`, bit 0 set when resident; None if mincore fails.
-fn residency(region: &vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>) -> Option<Vec<u8>> {
-    let len = region.len() as usize;
-    let mut vector = vec![0u8; len.div_ceil(PAGE)];
-    // SAFETY: the region's mapping is live (the GuestMemory holds it) and page-aligned, and the
-    // vector has one byte per page of it.
-    let rc = unsafe { libc::mincore(region.as_ptr().cast(), len, vector.as_mut_ptr()) };
-    (rc == 0).then_some(vector)
 }
 
 /// Pages set in `logs` (per region, as `DirtyPages::take` gives them), less unplugged memory.
@@ -348,7 +334,7 @@ fn dirty_pages(mem: &GuestMemory, logs: &[Vec<u64>], unplugged: &[(u64, u64)]) -
             for bit in (0..64).filter(|b| word >> b & 1 != 0) {
                 let page = w * 64 + bit;
                 let gpa = start + (page * PAGE) as u64;
-                if page < count && !in_ranges(unplugged, gpa) {
+                if page < count && !crate::hotplug::in_ranges(unplugged, gpa) {
                     pages.push(gpa);
                 }
             }
