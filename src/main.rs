@@ -76,6 +76,10 @@ enum Command {
     /// Serve the test DMA engine, a small PCI device, over vfio-user on the Unix socket PATH,
     /// for VMs started with --device vfio-user=PATH. Runs until killed.
     DeviceServer(cli::device_server::DeviceServerArgs),
+    /// Serve a disk as a vhost-user-blk back-end on the Unix socket --socket, for Ferrovisor
+    /// (--disk vhost_user=PATH), QEMU or another front-end; one front-end at a time. Runs until
+    /// killed.
+    VhostUserBlk(cli::vhost_user::BlkArgs),
     /// Managed networks (nat, routed, isolated, bridge) that VMs join with --net network=NAME.
     Network {
         #[command(subcommand)]
@@ -152,6 +156,7 @@ fn main() -> ExitCode {
         Some(Command::Network { action }) => cli::network::network(action, &policy),
         Some(Command::Switch(args)) => cli::switch::switch(args, &policy),
         Some(Command::DeviceServer(args)) => cli::device_server::device_server(args, &policy),
+        Some(Command::VhostUserBlk(args)) => cli::vhost_user::blk(args, &policy),
         Some(Command::Ctl { socket, action }) => cli::ctl::ctl(&socket, action),
         Some(Command::Stats { socket }) => cli::ctl::ctl(&socket, CtlAction::Stats),
         Some(Command::SnapshotMerge(args)) => cli::snapshot::merge(args),

@@ -11,6 +11,7 @@ pub mod run;
 pub mod serve;
 pub mod snapshot;
 pub mod switch;
+pub mod vhost_user;
 
 use std::path::Path;
 use std::process::ExitCode;

@@ -39,7 +39,8 @@ pub struct RunArgs {
     /// Where COM1 goes: stdio, file:PATH or none.
     #[arg(long, default_value = "stdio")]
     serial: SerialConfig,
-    /// A virtio-blk disk: path=IMAGE[,readonly=on][,id=NAME]; repeat for more disks.
+    /// A virtio-blk disk: path=IMAGE[,readonly=on][,id=NAME], or one a vhost-user back-end
+    /// serves: vhost_user=SOCKET[,num_queues=N][,queue_size=N]; repeat for more disks.
     #[arg(long = "disk")]
     disks: Vec<DiskConfig>,
     /// A virtio-rng device fed by the host's getrandom.
@@ -50,7 +51,8 @@ pub struct RunArgs {
     console: Option<ConsoleConfig>,
     /// A virtio-net interface: tap=NAME (created if absent), switch=PATH[,vlan=N],
     /// network=NAME[,isolated=on] or user[,hostfwd=tcp:127.0.0.1:HPORT-:GPORT]; [,mac=02:..];
-    /// on a TAP [,queues=N] queue pairs (default: one per vCPU).
+    /// on a TAP [,queues=N] queue pairs (default: one per vCPU); or vhost_user=SOCKET[,queue_size=N]
+    /// (a vhost-user back-end serves it).
     #[arg(long = "net")]
     nets: Vec<NetConfig>,
     /// A virtio-balloon: size=MiB (the target)[,deflate_on_oom=on][,stats=on][,free_page_reporting=on].
@@ -63,6 +65,10 @@ pub struct RunArgs {
     /// must be a multiple of 2 MiB.
     #[arg(long)]
     pmem: Vec<vmm::config::PmemConfig>,
+    /// A directory shared through virtio-fs, served by a vhost-user back-end such as virtiofsd:
+    /// tag=TAG,socket=PATH[,num_queues=N][,queue_size=N]; repeatable. The guest mounts TAG.
+    #[arg(long)]
+    fs: Vec<vmm::config::FsConfig>,
     /// An assigned PCI device: vfio=/sys/bus/pci/devices/DDDD:BB:DD.F (kernel VFIO) or
     /// vfio-user=SOCKET (a device served by another process), with an optional id=; repeatable.
     #[arg(long = "device")]
@@ -102,6 +108,7 @@ pub fn run(args: RunArgs, id: String, launched: Instant, logger: logging::Logger
         balloon: args.balloon,
         vsock: args.vsock,
         pmem: args.pmem,
+        fs: args.fs,
         memory_hotplug: args.memory_hotplug,
         passthrough: args.devices,
         transport: args.virtio_transport,

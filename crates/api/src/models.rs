@@ -130,6 +130,25 @@ pub struct NetworkInterface {
     pub rx_rate_limiter: Option<RateLimiter>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tx_rate_limiter: Option<RateLimiter>,
+    /// Ferrovisor's extra: a vhost-user back-end's socket serves the interface (host_dev_name
+    /// is then left empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vhost_user_socket: Option<String>,
+}
+
+/// `PUT /ferrovisor/fs/{tag}`: a directory shared with the guest through virtio-fs, served by
+/// a vhost-user back-end such as virtiofsd.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsDevice {
+    /// What the guest mounts (`mount -t virtiofs TAG`), 1 to 36 bytes.
+    pub tag: String,
+    /// Where the back-end listens.
+    pub socket: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_queues: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_size: Option<u16>,
 }
 
 /// `PATCH /network-interfaces/{iface_id}`: the rate limiters of a running VM's interface; a
@@ -626,6 +645,9 @@ pub struct VmConfigFile {
     /// Ferrovisor's extra: assigned PCI devices.
     #[serde(rename = "ferrovisor-devices", default, skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<PassthroughDevice>,
+    /// Ferrovisor's extra: virtio-fs shares.
+    #[serde(rename = "ferrovisor-fs", default, skip_serializing_if = "Vec::is_empty")]
+    pub fs: Vec<FsDevice>,
     /// Ferrovisor's extra: firewall rules by interface ID.
     #[serde(rename = "ferrovisor-firewall", default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub firewall: std::collections::BTreeMap<String, net::firewall::RuleSetSpec>,

@@ -34,6 +34,7 @@ pub enum Request {
     GetFirewall(String),
     /// Ferrovisor's: an assigned PCI device, before boot.
     PutDevice(PassthroughDevice),
+    PutFs(FsDevice),
     GetMmds,
     PutMmds(serde_json::Value),
     PatchMmds(serde_json::Value),
@@ -112,6 +113,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/ferrovisor/firewall/{iface_id}"),
     ("GET", "/ferrovisor/firewall/{iface_id}"),
     ("PUT", "/ferrovisor/devices/{id}"),
+    ("PUT", "/ferrovisor/fs/{tag}"),
     ("PUT", "/ferrovisor/migration/receive"),
     ("PUT", "/ferrovisor/migration/send"),
     ("PUT", "/ferrovisor/migration/cancel"),
@@ -229,6 +231,11 @@ pub fn parse(method: &str, target: &str, body: &[u8]) -> Result<Request, Respons
             let device: PassthroughDevice = body_of(&what, body)?;
             same_id(&what, "id", segments[2], &device.id)?;
             Request::PutDevice(device)
+        }
+        ("PUT", "/ferrovisor/fs/{tag}") => {
+            let fs: FsDevice = body_of(&what, body)?;
+            same_id(&what, "tag", segments[2], &fs.tag)?;
+            Request::PutFs(fs)
         }
         ("GET", "/ferrovisor/metrics") => match query {
             "" | "format=json" => Request::GetMetrics { prometheus: false },

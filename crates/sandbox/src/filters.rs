@@ -233,7 +233,12 @@ const LEASE_FILES: &[i64] = &[
 fn launched(kind: ThreadKind) -> bool {
     !matches!(
         kind,
-        ThreadKind::Vmm | ThreadKind::Launcher | ThreadKind::Switch | ThreadKind::Dhcp | ThreadKind::DeviceServer
+        ThreadKind::Vmm
+            | ThreadKind::Launcher
+            | ThreadKind::Switch
+            | ThreadKind::Dhcp
+            | ThreadKind::DeviceServer
+            | ThreadKind::VhostUserBackend
     )
 }
 
@@ -271,6 +276,12 @@ fn allowed(kind: ThreadKind) -> (Vec<i64>, Vec<Ioctl>) {
         // Accepting VMMs one after another, mapping the guest memory they share.
         ThreadKind::DeviceServer => &[EVENTS, SOCKETS, &[libc::SYS_unlink, libc::SYS_statx, libc::SYS_newfstatat]],
         ThreadKind::Migration => &[EVENTS, SOCKETS, MIGRATION],
+        ThreadKind::VhostUser => &[EVENTS, SOCKETS],
+        // The back-end library starts its threads itself (under this filter), listens on a
+        // path it replaces, and maps each memory table the front-end sends.
+        ThreadKind::VhostUserBackend => {
+            &[EVENTS, SOCKETS, BLOCK, LAUNCHER, &[libc::SYS_bind, libc::SYS_listen, libc::SYS_unlink]]
+        }
     };
     let ioctls: &'static [Ioctl] = match kind {
         ThreadKind::Vmm => VMM_IOCTLS,

@@ -62,10 +62,14 @@ pub enum ThreadKind {
     DeviceServer,
     /// Live migration: sends a running VM's memory and state, or receives them.
     Migration,
+    /// A vhost-user device's monitor: the back-end's interrupts, its hang-up, reconnection.
+    VhostUser,
+    /// `ferrovisor vhost-user-blk`: a device served to another VMM, in its own process.
+    VhostUserBackend,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 18] = [
+    pub const ALL: [ThreadKind; 20] = [
         ThreadKind::Vmm,
         ThreadKind::Api,
         ThreadKind::Vcpu,
@@ -84,6 +88,8 @@ impl ThreadKind {
         ThreadKind::Dhcp,
         ThreadKind::DeviceServer,
         ThreadKind::Migration,
+        ThreadKind::VhostUser,
+        ThreadKind::VhostUserBackend,
     ];
 
     /// The filter's name in a filter file (Firecracker's files name `vmm`, `api` and `vcpu`).
@@ -107,6 +113,8 @@ impl ThreadKind {
             ThreadKind::Dhcp => "dhcp",
             ThreadKind::DeviceServer => "device-server",
             ThreadKind::Migration => "migration",
+            ThreadKind::VhostUser => "vhost-user",
+            ThreadKind::VhostUserBackend => "vhost-user-backend",
         }
     }
 }

@@ -146,6 +146,28 @@ impl Block {
     pub fn capacity_sectors(&self) -> u64 {
         self.capacity
     }
+
+    fn backend(&self) -> std::io::Result<BlockBackend> {
+        Ok(BlockBackend {
+            file: self.file.try_clone()?,
+            capacity: self.capacity,
+            readonly: self.readonly,
+            id: self.id,
+            bounce: Vec::new(),
+            metrics: self.metrics.clone(),
+            limiter: RateLimiter::for_limit(self.rate_limit)?,
+            direct: self.cache == CacheMode::None,
+            engine: self.engine,
+            ring: None,
+            finished: Vec::new(),
+        })
+    }
+
+    /// The disk's request handling on its own, for a host other than the device's worker (a
+    /// vhost-user back-end): the same parsing, checks and I/O engines.
+    pub fn server(&self) -> std::io::Result<Box<dyn Backend>> {
+        Ok(Box::new(self.backend()?))
+    }
 }
 
 /// struct virtio_blk_config, little-endian, up to write_zeroes_may_unmap.
@@ -191,20 +213,7 @@ impl VirtioDevice for Block {
         read_config_bytes(&self.config, offset, data);
     }
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        let file = self.file.try_clone().map_err(ActivateError::Worker)?;
-        let backend = BlockBackend {
-            file,
-            capacity: self.capacity,
-            readonly: self.readonly,
-            id: self.id,
-            bounce: Vec::new(),
-            metrics: self.metrics.clone(),
-            limiter: RateLimiter::for_limit(self.rate_limit).map_err(ActivateError::Worker)?,
-            direct: self.cache == CacheMode::None,
-            engine: self.engine,
-            ring: None,
-            finished: Vec::new(),
-        };
+        let backend = self.backend().map_err(ActivateError::Worker)?;
         self.worker = Some(
             Worker::spawn_polling(sandbox::ThreadKind::Block, backend, activation, self.poll)
                 .map_err(ActivateError::Worker)?,

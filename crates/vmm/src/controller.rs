@@ -211,6 +211,7 @@ impl Controller {
             Request::PatchMmds(patch) => done(res::mmds::patch_data(&patch)),
             Request::PutMmdsConfig(m) => self.pre_boot("PUT /mmds/config", |r| res::mmds::put_config(r, m)),
             Request::PutPmem(p) => self.pre_boot("PUT /pmem", |r| res::pmem::put(r, p)),
+            Request::PutFs(f) => self.pre_boot("PUT /ferrovisor/fs", |r| res::fs::put(r, f)),
             Request::PatchPmem(p) => self.on_vm("PATCH /pmem", |vm, _| res::pmem::patch(vm, p)),
             Request::PutDevice(d) => self.pre_boot("PUT /ferrovisor/devices", |r| res::devices::put(r, d)),
             Request::PutFirewall(iface, rules) => {

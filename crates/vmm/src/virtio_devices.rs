@@ -96,14 +96,20 @@ pub fn attach_all(
     let mut attached = AttachedDevices::default();
     let mut devices: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
     for (i, disk) in config.disks.iter().enumerate() {
+        let name = format!("virtio-blk{i}");
+        if let Some(options) = &disk.vhost_user {
+            let device = vhost_user_device(&name, vhost_user::Kind::Block, options)?;
+            devices.push((name, Box::new(device)));
+            continue;
+        }
         let block = Block::open_cached(&disk.path, disk.readonly, &disk.id, disk.cache)
             .map_err(|e| Error::Device(e.to_string()))?
             .with_engine(disk.io_engine)
             .with_rate_limit(disk.rate_limit)
             .with_polling(disk.poll_us.unwrap_or(crate::config::DEFAULT_POLL_US));
-        devices.push((format!("virtio-blk{i}"), Box::new(block)));
+        devices.push((name, Box::new(block)));
     }
-    if config.nets.iter().any(|n| !matches!(n.attachment, NetAttachment::User { .. } | NetAttachment::Switch { .. })) {
+    if config.nets.iter().any(|n| matches!(n.attachment, NetAttachment::Tap(_) | NetAttachment::Network { .. })) {
         // vhost-net would move the TAP's datapath into the kernel; the user-space one serves.
         match std::path::Path::new("/dev/vhost-net").exists() {
             true => {
@@ -146,6 +152,13 @@ pub fn attach_all(
                 })?;
                 tracing::info!("virtio-net{i}: user network, guest 10.0.2.15, router 10.0.2.2 (the host's loopback)");
                 vec![virtio::net::NetHost::Switch(port)]
+            }
+            NetAttachment::VhostUser(options) => {
+                // The back-end moves the frames: no host port, no firewall in the VMM.
+                let name = format!("virtio-net{i}");
+                let device = vhost_user_device(&name, vhost_user::Kind::Net { mac }, options)?;
+                devices.push((name, Box::new(device)));
+                continue;
             }
             NetAttachment::Switch { path, vlan } => {
                 let port = net::switch::SwitchPort::connect(path, *vlan).map_err(|e| {
@@ -200,6 +213,11 @@ pub fn attach_all(
         tracing::info!("virtio-pmem{i}: {} at {gpa:#x} ({} MiB)", p.path.display(), mapping.len >> 20);
         let pmem = virtio::pmem::Pmem::new(Arc::new(mapping), gpa).with_rate_limit(p.rate_limit);
         devices.push((format!("virtio-pmem{i}"), Box::new(pmem)));
+    }
+    for (i, fs) in config.fs.iter().enumerate() {
+        let name = format!("virtio-fs{i}");
+        let device = vhost_user_device(&name, vhost_user::Kind::Fs { tag: fs.tag.clone() }, &fs.vhost_user)?;
+        devices.push((name, Box::new(device)));
     }
     if let (Some(hotplug), Some((addr, size))) = (config.memory_hotplug, config.hotplug_region()) {
         let region = virtio::mem::MemRegion { addr, size, block_size: hotplug.block_mib << 20 };
@@ -293,6 +311,23 @@ pub fn attach_all(
     attached.nets = updaters.by_ref().take(config.nets.len()).collect();
     attached.pmem = config.pmem.iter().enumerate().map(|(i, p)| p.api_id(i)).zip(updaters).collect();
     Ok(attached)
+}
+
+/// Connects a device that the vhost-user back-end of `options` serves.
+fn vhost_user_device(
+    name: &str,
+    kind: vhost_user::Kind,
+    options: &crate::config::VhostUserOptions,
+) -> Result<vhost_user::VhostUserDevice, Error> {
+    let what = kind.name();
+    vhost_user::VhostUserDevice::connect(
+        name,
+        kind,
+        options.socket.clone(),
+        usize::from(options.num_queues),
+        options.queue_size,
+    )
+    .map_err(|e| Error::Device(format!("{name} ({what} at {}): {e}", options.socket.display())))
 }
 
 /// The firewall of interface `nic` (MAC `mac`): its rules, or none; anti-spoofing and storm

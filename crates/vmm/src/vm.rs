@@ -333,10 +333,8 @@ pub fn start(
     let mem_size = config.memory_bytes();
     let ram = memory::ram_regions(mem_size).len();
     let mut memory_options = config.memory;
-    if config.passthrough.iter().any(|d| matches!(d.backend, crate::config::PassthroughBackend::VfioUser(_))) {
-        // A vfio-user server reaches guest memory by mapping its file.
-        memory_options.shared = true;
-    }
+    // vhost-user back-ends and vfio-user servers reach guest memory by mapping its file.
+    memory_options.shared |= config.needs_shared_memory();
     let mem = crate::memory::create(&config.memory_regions(), ram, &memory_options)
         .map_err(|e| Error::Memory { mib: mem_size >> 20, reason: e.to_string() })?;
     add_memory_and_irqchip(&vm, &mem, config)?;

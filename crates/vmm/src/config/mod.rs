@@ -4,6 +4,7 @@
 mod cpu;
 mod devices;
 mod disk;
+mod fs;
 mod memory;
 mod nic;
 pub mod paths;
@@ -13,7 +14,8 @@ pub use devices::{
     ConsoleConfig, PassthroughBackend, PassthroughConfig, PmemConfig, SerialConfig, VirtioTransport, VsockConfig,
     parse_balloon,
 };
-pub use disk::{DEFAULT_POLL_US, DiskConfig, MAX_POLL_US};
+pub use disk::{DEFAULT_POLL_US, DiskConfig, MAX_POLL_US, VhostUserOptions};
+pub use fs::FsConfig;
 pub use memory::{HotplugField, HugePages, MemoryHotplugConfig, MemoryOptions, MemorySpec};
 pub use nic::{MAX_QUEUE_PAIRS, NetAttachment, NetConfig, parse_unicast_mac};
 
@@ -64,6 +66,9 @@ pub struct VmConfig {
     /// virtio-pmem devices.
     #[serde(default)]
     pub pmem: Vec<PmemConfig>,
+    /// virtio-fs shares, served by vhost-user back-ends.
+    #[serde(default)]
+    pub fs: Vec<FsConfig>,
     /// Hotpluggable memory (virtio-mem).
     #[serde(default)]
     pub memory_hotplug: Option<MemoryHotplugConfig>,
@@ -203,6 +208,14 @@ impl VmConfig {
         for disk in &self.disks {
             disk::check(disk)?;
         }
+        for fs in &self.fs {
+            check_socket(&fs.vhost_user.socket, "--fs socket")?;
+        }
+        for nic in &self.nets {
+            if let NetAttachment::VhostUser(options) = &nic.attachment {
+                check_socket(&options.socket, "--net vhost_user")?;
+            }
+        }
         self.check_paths().map_err(ConfigError::Path)
     }
 
@@ -242,6 +255,9 @@ impl VmConfig {
         for (i, nic) in self.nets.iter().enumerate() {
             nic.check_queues(i).map_err(ConfigError::Queues)?;
         }
+        for fs in &self.fs {
+            FsConfig::check_tag(&fs.tag).map_err(ConfigError::Path)?;
+        }
         if let Some(balloon) = self.balloon.filter(|b| u64::from(b.target_mib) > self.memory_mib) {
             return Err(ConfigError::BalloonTooLarge { target: balloon.target_mib, memory: self.memory_mib });
         }
@@ -252,6 +268,7 @@ impl VmConfig {
             + usize::from(self.balloon.is_some())
             + usize::from(self.vsock.is_some())
             + self.pmem.len()
+            + self.fs.len()
             + usize::from(self.memory_hotplug.is_some());
         if devices > arch::layout::VIRTIO_MAX_DEVICES as usize {
             return Err(ConfigError::TooManyDevices { count: devices, max: arch::layout::VIRTIO_MAX_DEVICES });
@@ -267,6 +284,28 @@ impl VmConfig {
         self.memory_mib << 20
     }
 
+    /// Whether another process serves a device (vhost-user, vfio-user): it reaches guest
+    /// memory by mapping its file, so the memory must be a shared memfd.
+    pub fn needs_shared_memory(&self) -> bool {
+        self.disks.iter().any(|d| d.vhost_user.is_some())
+            || !self.fs.is_empty()
+            || self.nets.iter().any(|n| matches!(n.attachment, NetAttachment::VhostUser(_)))
+            || self.passthrough.iter().any(|d| matches!(d.backend, PassthroughBackend::VfioUser(_)))
+    }
+
+    /// The devices other processes serve, by what the user named them, for a refusal.
+    pub fn vhost_user_devices(&self) -> Vec<String> {
+        let disks = self.disks.iter().filter(|d| d.vhost_user.is_some()).map(|d| format!("disk {}", d.id));
+        let fs = self.fs.iter().map(|f| format!("file system {}", f.tag));
+        let nets = self
+            .nets
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| matches!(n.attachment, NetAttachment::VhostUser(_)))
+            .map(|(i, n)| format!("interface {}", n.api_id(i)));
+        disks.chain(fs).chain(nets).collect()
+    }
+
     /// The hotpluggable memory region (guest address, length), above RAM.
     pub fn hotplug_region(&self) -> Option<(u64, u64)> {
         self.memory_hotplug.map(|h| (arch::memory::hotplug_start(self.memory_bytes()), h.total_mib << 20))
@@ -277,6 +316,22 @@ impl VmConfig {
         let mut regions = arch::memory::ram_regions(self.memory_bytes());
         regions.extend(self.hotplug_region());
         regions
+    }
+}
+
+/// Whether a vhost-user back-end listens at `path` (named by `what` in the error).
+fn check_socket(path: &Path, what: &str) -> Result<(), ConfigError> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::metadata(path) {
+        Ok(m) if m.file_type().is_socket() => Ok(()),
+        Ok(_) => Err(ConfigError::Path(format!(
+            "{what}={} is not a socket; give the path where the vhost-user back-end listens.",
+            path.display()
+        ))),
+        Err(e) => Err(ConfigError::Path(format!(
+            "{what}={} cannot be reached ({e}); start the vhost-user back-end first.",
+            path.display()
+        ))),
     }
 }
 

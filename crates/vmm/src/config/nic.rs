@@ -18,6 +18,8 @@ pub enum NetAttachment {
     Network { name: String, isolated: bool },
     /// User-mode networking through host sockets, with TCP ports forwarded into the guest.
     User { forwards: Vec<net::usernet::HostForward> },
+    /// A vhost-user back-end serves the interface's queues.
+    VhostUser(super::VhostUserOptions),
 }
 
 /// A virtio-net interface: `--net tap=NAME[,mac=..]` or `--net switch=PATH[,vlan=N][,mac=..]`.
@@ -200,11 +202,18 @@ impl FromStr for NetConfig {
         }
         let (mut tap, mut switch, mut network, mut vlan, mut isolated, mut mac) = (None, None, None, None, None, None);
         let mut port = PortOptions::default();
+        let (mut vhost_user, mut queue_size) = (None, None);
         for (key, value) in key_values("--net", s)? {
             if let Some(()) = port_option(key, value, &mut port)? {
                 continue;
             }
             match key {
+                "vhost_user" if !value.is_empty() => vhost_user = Some(PathBuf::from(value)),
+                "queue_size" => {
+                    let mut options = None;
+                    super::VhostUserOptions::parse_key(&mut options, "--net", key, value)?;
+                    queue_size = options.map(|o| o.queue_size);
+                }
                 "tap" if !value.is_empty() && value.len() < 16 => tap = Some(value.to_string()),
                 "tap" => return Err(format!("--net tap= takes an interface name of 1 to 15 bytes, not '{value}'")),
                 "switch" if !value.is_empty() => switch = Some(PathBuf::from(value)),
@@ -218,7 +227,7 @@ impl FromStr for NetConfig {
                 _ => {
                     return Err(format!(
                         "--net has no option '{key}'; use tap=, switch=, vlan=, network=, isolated=, mac=, firewall=, \
-                         ip=, ip6=, poll_us= and queues="
+                         ip=, ip6=, poll_us=, queues=, or vhost_user= with queue_size="
                     ));
                 }
             }
@@ -229,15 +238,35 @@ impl FromStr for NetConfig {
         if isolated.is_some() && network.is_none() {
             return Err("--net isolated= goes with network=".into());
         }
-        let attachment = match (tap, switch, network) {
-            (Some(tap), None, None) => NetAttachment::Tap(tap),
-            (None, Some(path), None) => NetAttachment::Switch { path, vlan: vlan.unwrap_or(0) },
-            (None, None, Some(name)) => {
-                net::network::check_name(&name).map_err(|e| format!("--net network=: {e}"))?;
-                NetAttachment::Network { name, isolated: isolated.unwrap_or(false) }
+        if queue_size.is_some() && vhost_user.is_none() {
+            return Err("--net queue_size= goes with vhost_user=".into());
+        }
+        let attachment = match (tap, switch, network, vhost_user) {
+            (None, None, None, Some(socket)) => {
+                if port.firewall.is_some() || port.ip.is_some() || port.ip6.is_some() || port.queues.is_some() {
+                    return Err("--net vhost_user= takes no firewall=, ip=, ip6= or queues=: its frames never pass \
+                                through the VMM; give those to the back-end"
+                        .into());
+                }
+                let mut options = super::VhostUserOptions::new(socket);
+                options.queue_size = queue_size.unwrap_or(options.queue_size);
+                NetAttachment::VhostUser(options)
             }
-            (None, None, None) => return Err("--net needs tap=NAME, switch=PATH or network=NAME".into()),
-            _ => return Err("--net takes one of tap=, switch= and network=".into()),
+            (tap, switch, network, Some(_)) if tap.is_some() || switch.is_some() || network.is_some() => {
+                return Err("--net takes one of tap=, switch=, network= and vhost_user=".into());
+            }
+            (tap, switch, network, _) => match (tap, switch, network) {
+                (Some(tap), None, None) => NetAttachment::Tap(tap),
+                (None, Some(path), None) => NetAttachment::Switch { path, vlan: vlan.unwrap_or(0) },
+                (None, None, Some(name)) => {
+                    net::network::check_name(&name).map_err(|e| format!("--net network=: {e}"))?;
+                    NetAttachment::Network { name, isolated: isolated.unwrap_or(false) }
+                }
+                (None, None, None) => {
+                    return Err("--net needs tap=NAME, switch=PATH, network=NAME or vhost_user=SOCKET".into());
+                }
+                _ => return Err("--net takes one of tap=, switch=, network= and vhost_user=".into()),
+            },
         };
         Ok(NetConfig {
             attachment,

@@ -25,6 +25,7 @@ pub fn requests(file: VmConfigFile) -> Result<Vec<Request>, String> {
     requests.extend(file.network_interfaces.into_iter().map(Request::PutNetworkInterface));
     requests.extend(file.firewall.into_iter().map(|(iface, rules)| Request::PutFirewall(iface, rules)));
     requests.extend(file.devices.into_iter().map(Request::PutDevice));
+    requests.extend(file.fs.into_iter().map(Request::PutFs));
     requests.extend(file.mmds_config.map(Request::PutMmdsConfig));
     requests.extend(file.vsock.map(Request::PutVsock));
     requests.extend(file.balloon.map(Request::PutBalloon));
@@ -56,6 +57,7 @@ pub fn export(r: &Resources, running: Option<&VmConfig>) -> VmConfigFile {
         memory: Some(r.memory.clone()),
         firewall: r.firewalls.clone(),
         devices: r.devices.clone(),
+        fs: r.fs.clone(),
         ..Default::default()
     }
 }
@@ -82,6 +84,7 @@ fn config_file_of(c: &VmConfig) -> VmConfigFile {
         memory_hotplug: c.memory_hotplug.as_ref().map(super::memory_hotplug::hotplug_of),
         memory: Some(super::memory::options_of(&c.memory)),
         firewall: c.nets.iter().enumerate().filter_map(|(i, n)| Some((n.api_id(i), n.firewall.clone()?))).collect(),
+        fs: c.fs.iter().map(super::fs::fs_device_of).collect(),
         ..Default::default()
     }
 }

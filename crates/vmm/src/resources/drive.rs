@@ -5,20 +5,28 @@ use std::path::{Path, PathBuf};
 use api::models;
 
 use super::{Resources, Running, must_exist, put_by_id, rate_limit};
-use crate::config::DiskConfig;
+use crate::config::{DiskConfig, VhostUserOptions};
 use crate::virtio_devices::DeviceChange;
 
 pub fn put(r: &mut Resources, d: models::Drive) -> Result<(), String> {
-    let Some(path) = &d.path_on_host else {
-        return Err(format!("drive {}: path_on_host is missing; give the disk image's path.", d.drive_id));
-    };
-    must_exist(&format!("drive {}", d.drive_id), "path_on_host", path)?;
-    sandbox::files::check_drive(Path::new(path), &format!("drive {}: path_on_host", d.drive_id))?;
+    match (&d.path_on_host, &d.socket) {
+        (Some(_), Some(_)) => {
+            return Err(format!("drive {}: give path_on_host or socket (vhost-user), not both.", d.drive_id));
+        }
+        (None, None) => {
+            return Err(format!(
+                "drive {}: path_on_host is missing; give the disk image's path (or a vhost-user socket).",
+                d.drive_id
+            ));
+        }
+        (Some(path), None) => {
+            must_exist(&format!("drive {}", d.drive_id), "path_on_host", path)?;
+            sandbox::files::check_drive(Path::new(path), &format!("drive {}: path_on_host", d.drive_id))?;
+        }
+        (None, Some(socket)) => must_exist(&format!("drive {}", d.drive_id), "socket", socket)?,
+    }
     if d.drive_id.is_empty() || d.drive_id.len() > 20 {
         return Err("drive_id must be 1 to 20 bytes (it is the disk's serial); shorten it.".into());
-    }
-    if d.socket.is_some() {
-        return Err(format!("drive {}: vhost-user (socket) is not supported; give path_on_host.", d.drive_id));
     }
     if d.io_engine.as_deref().is_some_and(|e| e != "Sync" && e != "Async") {
         return Err(format!("drive {}: io_engine is Sync or Async.", d.drive_id));
@@ -46,6 +54,7 @@ pub fn disk_config(d: &models::Drive) -> Result<DiskConfig, String> {
             Some("Async") => virtio::blk::IoEngine::Async,
             _ => virtio::blk::IoEngine::Sync,
         },
+        vhost_user: d.socket.as_ref().map(|s| VhostUserOptions::new(PathBuf::from(s))),
     })
 }
 
@@ -54,13 +63,13 @@ pub fn drive_of(d: &DiskConfig) -> models::Drive {
     models::Drive {
         drive_id: d.id.clone(),
         is_root_device: false,
-        path_on_host: Some(d.path.display().to_string()),
+        path_on_host: d.vhost_user.is_none().then(|| d.path.display().to_string()),
         is_read_only: d.readonly,
         partuuid: None,
         cache_type: None,
         io_engine: (d.io_engine == virtio::blk::IoEngine::Async).then(|| "Async".into()),
         rate_limiter: None,
-        socket: None,
+        socket: d.vhost_user.as_ref().map(|v| v.socket.display().to_string()),
     }
 }
 
@@ -77,6 +86,9 @@ pub fn patch(running: &mut Running, r: &mut Resources, d: models::PartialDrive) 
         disk.rate_limit = limit;
     }
     let Some(path) = d.path_on_host.filter(|p| Path::new(p) != disk.path) else { return Ok(()) };
+    if disk.vhost_user.is_some() {
+        return Err(format!("drive {}: a vhost-user drive has no path_on_host to change.", d.drive_id));
+    }
     sandbox::files::check_drive(Path::new(&path), &format!("drive {}: path_on_host", d.drive_id))?;
     vm.update_disk(&d.drive_id, DeviceChange::Backing(Path::new(&path))).map_err(|e| {
         format!("drive {}: the new path_on_host cannot be used ({e}); give a readable disk image.", d.drive_id)

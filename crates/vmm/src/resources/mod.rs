@@ -11,6 +11,7 @@ pub mod devices;
 pub mod drive;
 pub mod entropy;
 pub mod firewall;
+pub mod fs;
 pub mod machine;
 pub mod memory;
 pub mod memory_hotplug;
@@ -49,6 +50,8 @@ pub struct Resources {
     pub memory: models::MemoryOptions,
     /// Assigned PCI devices (`PUT /ferrovisor/devices/{id}`).
     pub devices: Vec<models::PassthroughDevice>,
+    /// virtio-fs shares (`PUT /ferrovisor/fs/{tag}`).
+    pub fs: Vec<models::FsDevice>,
     /// Firewall rules per interface (`PUT /ferrovisor/firewall/{iface_id}`).
     pub firewalls: BTreeMap<String, ::net::firewall::RuleSetSpec>,
 }
@@ -81,6 +84,7 @@ impl Resources {
             nets: self.nets.iter().map(|n| net::net_config(n, self)).collect::<Result<Vec<_>, String>>()?,
             balloon: self.balloon.as_ref().map(balloon::options),
             pmem: pmem.iter().map(|p| pmem::pmem_config(p)).collect::<Result<Vec<_>, String>>()?,
+            fs: self.fs.iter().map(fs::fs_config).collect::<Result<Vec<_>, String>>()?,
             memory_hotplug: self.memory_hotplug.as_ref().map(|h| memory_hotplug::config(h, 0)).transpose()?,
             passthrough: self.devices.iter().map(devices::config).collect::<Result<Vec<_>, String>>()?,
             vsock: self.vsock.as_ref().map(vsock::config),

@@ -6,8 +6,27 @@ use super::{Resources, Running, put_by_id, rate_limit};
 use crate::config::{NetAttachment, NetConfig, parse_unicast_mac};
 
 pub fn put(r: &mut Resources, n: models::NetworkInterface) -> Result<(), String> {
-    if n.host_dev_name.is_empty() || n.host_dev_name.len() > 15 {
-        return Err(format!("network interface {}: host_dev_name must be 1 to 15 bytes.", n.iface_id));
+    match &n.vhost_user_socket {
+        Some(socket) => {
+            if !n.host_dev_name.is_empty() {
+                return Err(format!(
+                    "network interface {}: give host_dev_name or vhost_user_socket, not both.",
+                    n.iface_id
+                ));
+            }
+            super::must_exist(&format!("network interface {}", n.iface_id), "vhost_user_socket", socket)?;
+            if r.firewalls.contains_key(&n.iface_id) {
+                return Err(format!(
+                    "network interface {}: a vhost-user interface's frames never pass through the VMM, so it \
+                     takes no firewall; give the rules to the back-end.",
+                    n.iface_id
+                ));
+            }
+        }
+        None if n.host_dev_name.is_empty() || n.host_dev_name.len() > 15 => {
+            return Err(format!("network interface {}: host_dev_name must be 1 to 15 bytes.", n.iface_id));
+        }
+        None => {}
     }
     if let Some(mac) = &n.guest_mac {
         parse_unicast_mac(mac).map_err(|e| format!("network interface {}: guest_mac {e}.", n.iface_id))?;
@@ -28,8 +47,12 @@ pub fn net_config(n: &models::NetworkInterface, r: &Resources) -> Result<NetConf
         Some(m) if m.network_interfaces.contains(&n.iface_id) => Some(super::mmds::address(m)?),
         _ => None,
     };
+    let attachment = match &n.vhost_user_socket {
+        Some(socket) => NetAttachment::VhostUser(crate::config::VhostUserOptions::new(socket.into())),
+        None => NetAttachment::Tap(n.host_dev_name.clone()),
+    };
     Ok(NetConfig {
-        attachment: NetAttachment::Tap(n.host_dev_name.clone()),
+        attachment,
         mac,
         mmds,
         rx_rate_limit: rate_limit("rx_rate_limiter", &n.rx_rate_limiter)?,
@@ -44,14 +67,19 @@ pub fn net_config(n: &models::NetworkInterface, r: &Resources) -> Result<NetConf
     })
 }
 
-/// A command-line VM's interface `index` in the API's terms, when it is on a TAP (the API
-/// has no words for the others).
+/// A command-line VM's interface `index` in the API's terms, when it is on a TAP or a
+/// vhost-user back-end (the API has no words for the others).
 pub fn interface_of(index: usize, n: &NetConfig) -> Option<models::NetworkInterface> {
-    let NetAttachment::Tap(tap) = &n.attachment else { return None };
+    let (host_dev_name, vhost_user_socket) = match &n.attachment {
+        NetAttachment::Tap(tap) => (tap.clone(), None),
+        NetAttachment::VhostUser(options) => (String::new(), Some(options.socket.display().to_string())),
+        _ => return None,
+    };
     Some(models::NetworkInterface {
         iface_id: n.api_id(index),
         mtu: n.mtu.map(u32::from),
-        host_dev_name: tap.clone(),
+        host_dev_name,
+        vhost_user_socket,
         guest_mac: n.mac.map(|m| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")),
         rx_rate_limiter: None,
         tx_rate_limiter: None,

@@ -1,0 +1,47 @@
+//! `ferrovisor vhost-user-blk`: one of Ferrovisor's devices as a vhost-user back-end, in a
+//! process of its own under its own filter, for Ferrovisor, QEMU or any other front-end.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use super::EXIT_FAILURE;
+
+#[derive(clap::Args)]
+pub struct BlkArgs {
+    /// Where to listen for the front-end (the VMM).
+    #[arg(long)]
+    socket: PathBuf,
+    /// The disk: path=IMAGE[,readonly=on][,id=NAME][,cache=none][,io_engine=async], as `run --disk`.
+    #[arg(long)]
+    disk: vmm::config::DiskConfig,
+}
+
+pub fn blk(args: BlkArgs, policy: &sandbox::Policy) -> ExitCode {
+    let disk = args.disk;
+    if disk.vhost_user.is_some() {
+        return fail("--disk here takes path=IMAGE: this process is the vhost-user back-end".into());
+    }
+    let block = match virtio::blk::Block::open_cached(&disk.path, disk.readonly, &disk.id, disk.cache) {
+        Ok(block) => block.with_engine(disk.io_engine),
+        Err(e) => return fail(format!("--disk: {e}")),
+    };
+    let backend = match vhost_user::backend::blk::BlkBackend::new(block) {
+        Ok(backend) => backend.shared(),
+        Err(e) => return fail(format!("the disk cannot be served ({e})")),
+    };
+    // The filter goes on before the first front-end's message: everything after handles
+    // what a front-end (and through it a guest) controls.
+    let confine = sandbox::init(policy).and_then(|()| sandbox::apply(sandbox::ThreadKind::VhostUserBackend));
+    if let Err(e) = confine {
+        return fail(e.to_string());
+    }
+    match vhost_user::backend::serve("vhost-user-blk", &args.socket, backend) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+fn fail(message: String) -> ExitCode {
+    eprintln!("error: {message}.");
+    ExitCode::from(EXIT_FAILURE)
+}
