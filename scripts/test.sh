@@ -8,6 +8,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # QEMU checks the probe; dnsmasq and ping are the far side of the Linux guest's network.
 missing=()
 command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
+# vhost-user back-ends the front-ends are tested with: virtiofsd and qemu-storage-daemon.
+[ -x /usr/lib/qemu/virtiofsd ] || missing+=(qemu-system-common)
+command -v qemu-storage-daemon >/dev/null || missing+=(qemu-system-common)
 command -v dnsmasq >/dev/null || missing+=(dnsmasq-base)
 command -v ping >/dev/null || missing+=(iputils-ping)
 command -v ip >/dev/null || missing+=(iproute2)

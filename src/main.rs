@@ -80,6 +80,10 @@ enum Command {
     /// (--disk vhost_user=PATH), QEMU or another front-end; one front-end at a time. Runs until
     /// killed.
     VhostUserBlk(cli::vhost_user::BlkArgs),
+    /// Serve a network port (a TAP or a switch port, with the firewall) as a vhost-user-net
+    /// back-end on the Unix socket --socket, for Ferrovisor (--net vhost_user=PATH), QEMU or
+    /// another front-end; one front-end at a time. Runs until killed.
+    VhostUserNet(cli::vhost_user::NetArgs),
     /// Managed networks (nat, routed, isolated, bridge) that VMs join with --net network=NAME.
     Network {
         #[command(subcommand)]
@@ -157,6 +161,7 @@ fn main() -> ExitCode {
         Some(Command::Switch(args)) => cli::switch::switch(args, &policy),
         Some(Command::DeviceServer(args)) => cli::device_server::device_server(args, &policy),
         Some(Command::VhostUserBlk(args)) => cli::vhost_user::blk(args, &policy),
+        Some(Command::VhostUserNet(args)) => cli::vhost_user::net(args, &policy),
         Some(Command::Ctl { socket, action }) => cli::ctl::ctl(&socket, action),
         Some(Command::Stats { socket }) => cli::ctl::ctl(&socket, CtlAction::Stats),
         Some(Command::SnapshotMerge(args)) => cli::snapshot::merge(args),

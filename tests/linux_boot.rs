@@ -118,6 +118,49 @@ fn linux_mounts_its_root_from_virtio_pmem() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Linux mounts its root from a directory that virtiofsd (Debian's, over vhost-user) shares as
+/// virtio-fs, and starts init from it: the directory holds the guest's initramfs, unpacked.
+#[test]
+fn linux_mounts_its_root_from_virtio_fs_served_by_virtiofsd() {
+    let guest = linux_guest();
+    let dir = common::scratch_dir("linux-virtiofs");
+    let root = dir.join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    let cpio = std::fs::File::open(guest.join("initramfs.cpio")).unwrap();
+    let unpacked = std::process::Command::new("cpio").arg("-idm").current_dir(&root).stdin(cpio).output().unwrap();
+    assert!(unpacked.status.success(), "cpio: {}", String::from_utf8_lossy(&unpacked.stderr));
+    let socket = dir.join("fs.sock");
+    let mut virtiofsd = std::process::Command::new("/usr/lib/qemu/virtiofsd")
+        .arg(format!("--socket-path={}", socket.display()))
+        .args(["-o", &format!("source={}", root.display()), "-o", "cache=none"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("virtiofsd runs (qemu-system-common installs it)");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(std::time::Instant::now() < deadline, "virtiofsd never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The host's ext4 root flags would make virtiofs refuse the mount.
+    let host: Vec<&str> = LINUX_HOST_CMDLINE.split_whitespace().filter(|p| !p.starts_with("rootflags=")).collect();
+    let cmdline = format!("console=ttyS0 reboot=k panic=-1 {} rootfstype=virtiofs root=rootfs rw", host.join(" "));
+    let mut cmd = ferrovisor();
+    cmd.arg("run")
+        .args(["--kernel", guest.join("vmlinux").to_str().unwrap()])
+        .args(["--memory", "256", "--cmdline", &cmdline])
+        .args(["--fs", &format!("tag=rootfs,socket={}", socket.display())]);
+    let out = Running::start(cmd).finish(BOOT_TIMEOUT);
+    let _ = virtiofsd.kill();
+    let _ = virtiofsd.wait();
+    let log = out.describe();
+    assert!(out.stderr.contains("virtio-fs0: the driver started the device"), "{log}");
+    assert!(out.stdout.contains("VFS: Mounted root (virtiofs filesystem)"), "{log}");
+    // The kernel read /sbin/init through FUSE to start it.
+    assert_started_init(&out, "Run /sbin/init as init process");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// Linux's virtio-mem driver plugs the 64 MiB requested at boot and, once PATCH asks for
 /// 128, logs the 64 it holds and the new request, and plugs the rest: the host sees every
 /// block plugged, and the kernel counts the new pages (its zone lists are rebuilt). Told that

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Running, ferrovisor, probe_command, probe_result, qemu_probe_command, scratch_dir};
+use common::{Running, ferrovisor, pattern, probe_command, probe_result, qemu_probe_command, scratch_dir};
 
 /// A back-end process listening on `socket`, killed when dropped.
 struct BackEnd {
@@ -201,4 +201,41 @@ fn vhost_user_options_are_checked_before_boot() {
     let out = finish(probe_with("probe.test=virtio-blk", &["--net", "vhost_user=/x,ip=10.0.0.2"]));
     assert_eq!(out.status.code(), Some(2), "{}", out.describe());
     assert!(out.stderr.contains("its frames never pass through the VMM"), "{}", out.stderr);
+}
+
+/// `ferrovisor vhost-user-net` on a new test TAP.
+fn ferrovisor_net(dir: &Path, tap: &str) -> BackEnd {
+    let socket = dir.join("net.sock");
+    let mut cmd = ferrovisor();
+    cmd.args(["vhost-user-net", "--socket"]).arg(&socket).args(["--tap", tap]);
+    BackEnd::spawn(cmd, socket, dir.join("net-backend.log"))
+}
+
+/// The probe's frame exchange through `vm`, whose interface the back-end puts on `tap`.
+fn exchange_frames(vm: Running, tap: &common::TestTap) -> common::Outcome {
+    let far_side = common::PacketSocket::bind(&tap.name);
+    let mut vm = vm;
+    assert!(vm.wait_for_output(common::NET_EXCHANGE_READY, Duration::from_secs(60)), "{}", vm.stdout());
+    for frame in common::host_frames() {
+        far_side.send(&frame);
+    }
+    let received: Vec<Vec<u8>> =
+        (0..4).map(|_| far_side.recv_ethertype(pattern::ETHERTYPE_PROBE).expect("a frame from the guest")).collect();
+    let out = vm.finish(Duration::from_secs(60));
+    common::assert_net_exchange(&out, &received);
+    out
+}
+
+#[test]
+fn frames_cross_ferrovisors_net_back_end_both_ways() {
+    let dir = scratch_dir("vhost-user-net");
+    let tap = common::TestTap::new("fvvu");
+    let mut backend = ferrovisor_net(&dir, &tap.name);
+    let vm = Running::start(probe_with(
+        common::NET_EXCHANGE_TESTS,
+        &["--net", &format!("vhost_user={},mac=52:54:00:12:34:56", backend.socket.display())],
+    ));
+    let out = exchange_frames(vm, &tap);
+    assert!(out.status.success(), "{}", out.describe());
+    assert!(backend.alive(), "{}", backend.log());
 }

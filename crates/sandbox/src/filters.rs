@@ -290,6 +290,8 @@ fn allowed(kind: ThreadKind) -> (Vec<i64>, Vec<Ioctl>) {
         // The driver's control queue attaches and detaches a multi-queue TAP's queues.
         ThreadKind::Net => &[ioctls::FIONBIO, ioctls::TUNSETQUEUE],
         ThreadKind::Vsock | ThreadKind::Usernet | ThreadKind::Switch | ThreadKind::Api => &[ioctls::FIONBIO],
+        // A network back-end sets its TAP's offloads to what the driver acknowledged.
+        ThreadKind::VhostUserBackend => &[ioctls::FIONBIO, ioctls::TUNSETOFFLOAD],
         // Each plugged block of hotpluggable memory is a KVM memory slot.
         ThreadKind::Mem => &[ioctls::KVM_SET_USER_MEMORY_REGION],
         // The source reads and clears KVM's dirty log round after round.

@@ -173,6 +173,29 @@ impl Net {
         self
     }
 
+    /// The first queue pair's frame handling on its own, for a host other than the device's
+    /// worker (a vhost-user back-end): queue 0 receives, queue 1 transmits, and the host side
+    /// (`host_fd`) is read when it is ready. `acked` are the driver's features.
+    pub fn server(&self, acked: u64) -> std::io::Result<Box<dyn Backend>> {
+        let host = self.hosts.first().ok_or_else(|| std::io::Error::other("the interface has no host side"))?;
+        if let NetHost::Tap(tap) = host {
+            let offload = if acked & bit(VIRTIO_NET_F_GUEST_CSUM) != 0 { TUN_F_CSUM } else { 0 };
+            tap.set_offload(offload).map_err(|e| std::io::Error::other(format!("TAP offload: {e}")))?;
+        }
+        Ok(Box::new(NetBackend {
+            rx_limiter: RateLimiter::for_limit(self.rx_limit)?,
+            tx_limiter: RateLimiter::for_limit(self.tx_limit)?,
+            mmds: self.mmds.map(MmdsStack::new),
+            firewall: self.firewall.clone(),
+            ..NetBackend::new(host.try_clone()?, acked & bit(VIRTIO_NET_F_MRG_RXBUF) != 0, self.metrics.clone())
+        }))
+    }
+
+    /// The host side's fd (a TAP's or a switch port's), to wait on beside the queues.
+    pub fn host_fd(&self) -> Option<RawFd> {
+        self.hosts.first().map(NetHost::raw_fd)
+    }
+
     /// Limits what the guest receives and sends (Firecracker's rx/tx `rate_limiter`).
     pub fn with_rate_limits(mut self, rx: Option<RateLimit>, tx: Option<RateLimit>) -> Net {
         self.rx_limit = rx;

@@ -25,4 +25,5 @@ pub use config::{
 };
 pub use error::Error;
 pub use exit::VmExit;
+pub use virtio_devices::backend_net;
 pub use vm::{RunningVm, start};

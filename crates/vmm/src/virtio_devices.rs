@@ -313,6 +313,32 @@ pub fn attach_all(
     Ok(attached)
 }
 
+/// The virtio-net device of interface `nic` (a TAP or a switch port, one queue pair) with its
+/// firewall, for `ferrovisor vhost-user-net`, which serves it to another process's driver.
+pub fn backend_net(nic: &crate::config::NetConfig) -> Result<virtio::net::Net, Error> {
+    let mac = nic.mac.unwrap_or_else(|| default_mac(None, 0));
+    let host = match &nic.attachment {
+        NetAttachment::Tap(name) => {
+            let mut taps = net::Tap::open_queues(name, virtio::net::VNET_HDR_LEN as i32, 1)
+                .map_err(|e| Error::Device(e.to_string()))?;
+            virtio::net::NetHost::Tap(taps.remove(0))
+        }
+        NetAttachment::Switch { path, vlan } => {
+            let port = net::switch::SwitchPort::connect(path, *vlan).map_err(|e| {
+                Error::Device(format!("cannot plug into the switch at {} ({e}); is it running?", path.display()))
+            })?;
+            virtio::net::NetHost::Switch(port)
+        }
+        _ => {
+            return Err(Error::Device(
+                "a vhost-user-net back-end serves a TAP (--tap) or a switch port (--switch)".into(),
+            ));
+        }
+    };
+    let firewall = port_firewall(nic, mac).map_err(Error::Device)?;
+    Ok(virtio::net::Net::with_queue_pairs(vec![host], mac).with_firewall(Some(firewall)))
+}
+
 /// Connects a device that the vhost-user back-end of `options` serves.
 fn vhost_user_device(
     name: &str,
