@@ -239,3 +239,23 @@ fn frames_cross_ferrovisors_net_back_end_both_ways() {
     assert!(out.status.success(), "{}", out.describe());
     assert!(backend.alive(), "{}", backend.log());
 }
+#[test]
+fn qemu_moves_frames_through_ferrovisors_net_back_end() {
+    let dir = scratch_dir("vhost-user-net-qemu");
+    let tap = common::TestTap::new("fvvq");
+    let backend = ferrovisor_net(&dir, &tap.name);
+    let chardev = format!("socket,id=net,path={}", backend.socket.display());
+    let extra = [
+        "-object",
+        "memory-backend-memfd,id=mem,size=128M,share=on",
+        "-machine",
+        "memory-backend=mem",
+        "-chardev",
+        &chardev,
+        "-netdev",
+        "vhost-user,id=n0,chardev=net",
+        "-device",
+        "virtio-net-device,netdev=n0,mac=52:54:00:12:34:56",
+    ];
+    exchange_frames(Running::start(qemu_probe_command(1, common::NET_EXCHANGE_TESTS, &extra)), &tap);
+}

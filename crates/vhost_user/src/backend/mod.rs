@@ -4,23 +4,30 @@
 pub mod blk;
 mod memory;
 pub mod net;
+mod relay;
 
 use std::os::fd::RawFd;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::path::Path;
 
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
-/// Serves `backend` at `socket`, one front-end after another, until a serve fails. The
+/// Serves `backend` at `socket`, one front-end after another, until the socket fails. The
 /// back-end's `host_fds` (a TAP) are waited on too, edge-triggered, as events from
-/// `first_host_event` on.
+/// `first_host_event` on. Each front-end talks to the request handler through the relay.
 pub fn serve<T>(name: &str, socket: &Path, backend: T, host_fds: &[RawFd], first_host_event: u16) -> Result<(), String>
 where
     T: VhostUserBackend<Bitmap = ()> + Clone + 'static,
     T::Vring: Clone + Send + Sync,
 {
-    loop {
+    let _ = std::fs::remove_file(socket);
+    let public = UnixListener::bind(socket).map_err(|e| format!("cannot listen at {} ({e})", socket.display()))?;
+    for connection in 0u64.. {
+        tracing::info!("{name}: waiting for a front-end at {}", socket.display());
+        let (front, _) = public.accept().map_err(|e| format!("cannot accept a front-end ({e})"))?;
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let mut daemon = VhostUserDaemon::new(name.into(), backend.clone(), mem)
             .map_err(|e| format!("the {name} back-end cannot start ({e})"))?;
@@ -32,10 +39,29 @@ where
                 .register_listener(fd, EventSet::IN | EventSet::EDGE_TRIGGERED, event)
                 .map_err(|e| format!("the {name} back-end cannot wait on its host side ({e})"))?;
         }
-        tracing::info!("{name}: waiting for a front-end at {}", socket.display());
-        match daemon.serve(socket) {
-            Ok(()) => tracing::info!("{name}: the front-end went; waiting for the next"),
+        // The handler takes its side of the relay from a listener of its own, which only this
+        // process can reach (an abstract socket).
+        let inner = format!("ferrovisor-{name}-{}-{connection}", std::process::id());
+        let address = SocketAddr::from_abstract_name(inner.as_bytes()).map_err(|e| e.to_string())?;
+        let listener = UnixListener::bind_addr(&address).map_err(|e| format!("cannot start the relay ({e})"))?;
+        let back = UnixStream::connect_addr(&address).map_err(|e| format!("cannot start the relay ({e})"))?;
+        daemon
+            .start(&mut vhost::vhost_user::Listener::from(listener))
+            .map_err(|e| format!("the {name} back-end cannot start ({e})"))?;
+        let relay = std::thread::Builder::new()
+            .name(format!("{name}-relay"))
+            .spawn(move || relay::run(front, back))
+            .map_err(|e| format!("cannot start the relay ({e})"))?;
+        match daemon.wait() {
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => tracing::info!("{name}: the front-end went; waiting for the next"),
             Err(e) => tracing::warn!("{name}: the front-end's connection ended ({e}); waiting for the next"),
         }
+        // Dropping the daemon stops its workers.
+        drop(daemon);
+        let _ = relay.join();
     }
+    Ok(())
 }
