@@ -67,7 +67,8 @@ fn every_documented_body_is_accepted_with_all_its_fields() {
     let doc = document();
     for (path, item) in doc["paths"].as_object().expect("paths") {
         for (method, operation) in item.as_object().expect("path item") {
-            let target = path.replace("{drive_id}", "x").replace("{iface_id}", "x").replace("{id}", "x");
+            let target =
+                path.replace("{drive_id}", "x").replace("{iface_id}", "x").replace("{id}", "x").replace("{tag}", "x");
             let body = match operation.pointer("/requestBody/content/application~1json/schema") {
                 Some(schema) => sample(&doc, schema).to_string(),
                 None => String::new(),

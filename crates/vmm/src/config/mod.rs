@@ -373,6 +373,7 @@ mod tests {
             balloon: None,
             vsock: None,
             pmem: Vec::new(),
+            fs: Vec::new(),
             passthrough: Vec::new(),
             memory_hotplug: None,
             transport: VirtioTransport::Mmio,
@@ -447,6 +448,7 @@ mod tests {
             poll_us: None,
             cache: Default::default(),
             io_engine: Default::default(),
+            vhost_user: None,
         };
         let c = VmConfig { disks: vec![disk(odd.clone(), false)], ..config(elf.clone()) };
         assert_eq!(c.validate(&LIMITS), Err(ConfigError::DiskSize { path: odd.clone(), size: 1000 }));

@@ -312,8 +312,14 @@ mod tests {
         assert_eq!("tap=fv0".parse::<NetConfig>().unwrap().mac, None);
         assert_eq!(
             "mac=02:00:00:00:00:01".parse::<NetConfig>().unwrap_err(),
-            "--net needs tap=NAME, switch=PATH or network=NAME"
+            "--net needs tap=NAME, switch=PATH, network=NAME or vhost_user=SOCKET"
         );
+        let v: NetConfig = "vhost_user=/run/net.sock,queue_size=512".parse().unwrap();
+        assert!(matches!(&v.attachment, NetAttachment::VhostUser(o) if o.queue_size == 512));
+        assert!("vhost_user=/s,firewall=@x".parse::<NetConfig>().is_err());
+        assert!("vhost_user=/s,ip=10.0.0.2".parse::<NetConfig>().unwrap_err().contains("never pass through the VMM"));
+        assert!("tap=a,vhost_user=/s".parse::<NetConfig>().unwrap_err().contains("one of tap="));
+        assert!("tap=a,queue_size=64".parse::<NetConfig>().unwrap_err().contains("goes with vhost_user="));
         let n: NetConfig = "network=lab,isolated=on".parse().unwrap();
         assert_eq!(n.attachment, NetAttachment::Network { name: "lab".into(), isolated: true });
         assert!("tap=x,isolated=on".parse::<NetConfig>().unwrap_err().contains("isolated= goes with network="));
@@ -323,7 +329,7 @@ mod tests {
         assert!(matches!("user".parse::<NetConfig>().unwrap().attachment, NetAttachment::User { .. }));
         let sw: NetConfig = "switch=/tmp/sw.sock,vlan=7".parse().unwrap();
         assert_eq!(sw.attachment, NetAttachment::Switch { path: "/tmp/sw.sock".into(), vlan: 7 });
-        assert!("tap=a,switch=/x".parse::<NetConfig>().unwrap_err().contains("one of tap=, switch= and network="));
+        assert!("tap=a,switch=/x".parse::<NetConfig>().unwrap_err().contains("one of tap=, switch=, network= and"));
         assert!("tap=a,vlan=3".parse::<NetConfig>().unwrap_err().contains("goes with switch="));
         assert!("switch=/x,vlan=5000".parse::<NetConfig>().unwrap_err().contains("0 to 4094"));
         assert!("tap=fv0,mac=01:00:00:00:00:01".parse::<NetConfig>().unwrap_err().contains("multicast"));
