@@ -111,6 +111,61 @@ fn a_dirtying_probe_moves_and_every_page_arrives_over_unix_and_tcp() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A VMM upgrade in place: this build hands a running, dirtying probe with shared memory and a
+/// TAP to another process of this build over a Unix socket (`ctl migrate --local`): guest
+/// memory's file and the TAP's queue go over the socket, no page is copied, every page checks
+/// out on the destination, which takes the TAP over, and the source exits 0.
+#[test]
+fn a_local_migration_hands_memory_and_the_tap_to_the_next_vmm() {
+    let dir = scratch_dir("migration-local");
+    let tap = common::TestTap::new("fvlm");
+    let url = format!("unix:{}", dir.join("local.sock").display());
+    let to = dir.join("dst.sock");
+    let mut cmd = common::ferrovisor();
+    cmd.args(["run", "--incoming", &url, "--api-sock"]).arg(&to);
+    let mut destination = Running::start(cmd);
+    common::wait_for_socket(&to);
+    let from = dir.join("src.sock");
+    let khz = common::host_tsc_khz();
+    let tests = format!("probe.test=dirty probe.dirty.mib=32 probe.dirty.secs=4 probe.tsc.khz={khz}");
+    let mut cmd = common::probe_command_with_memory(1, &tests, "size=128,shared=on");
+    cmd.args(["--net", &format!("tap={}", tap.name)]).arg("--api-sock").arg(&from);
+    let mut source = Running::start(cmd);
+    assert!(source.wait_for_output("PROBE start", TIMEOUT), "{}", source.stderr());
+    std::thread::sleep(Duration::from_millis(1500));
+    let ctl = common::run(&["ctl", from.to_str().unwrap(), "migrate", &url, "--local"], TIMEOUT);
+    assert!(ctl.status.success(), "{}", ctl.describe());
+    let out = source.finish(TIMEOUT);
+    assert!(out.status.success(), "{}", out.describe());
+    assert!(out.stderr.contains("the VM runs there; 0 rounds, 0 MiB sent"), "no page is copied: {}", out.describe());
+    let s = wait_phase(&to, "completed");
+    assert!(destination.wait_for_output("PROBE dirty ok", TIMEOUT), "{}\n{}", destination.stdout(), out.stdout);
+    let line = destination.stdout().lines().find(|l| l.starts_with("PROBE dirty ok")).unwrap().to_string();
+    eprintln!("local: {line}; destination {s}");
+    let out = destination.finish(TIMEOUT);
+    assert!(out.status.success(), "{}", out.describe());
+    assert!(out.stderr.contains(&format!("TAP {}: 1 queue(s) handed over", tap.name)), "{}", out.describe());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A local migration needs shared memory and a Unix socket: both refusals name the fix.
+#[test]
+fn a_local_migration_of_private_memory_or_over_tcp_is_refused() {
+    let dir = scratch_dir("migration-local-refused");
+    let (source, from) = dirtying_source(&dir, "src.sock", 2);
+    let private = format!(r#"{{"destination_url": "unix:{}", "local": true}}"#, dir.join("x.sock").display());
+    let answer = common::http(&from, "PUT", "/ferrovisor/migration/send", &private);
+    assert_eq!(answer.0, 400, "{}", answer.1);
+    assert!(answer.1.contains("--memory shared=on"), "{}", answer.1);
+    let tcp = r#"{"destination_url": "tcp:127.0.0.1:1", "local": true}"#;
+    let answer = common::http(&from, "PUT", "/ferrovisor/migration/send", tcp);
+    assert_eq!(answer.0, 400, "{}", answer.1);
+    assert!(answer.1.contains("local needs a unix: destination_url"), "{}", answer.1);
+    let out = source.finish(TIMEOUT);
+    assert!(out.stdout.contains("PROBE dirty ok"), "the VM ran on: {}", out.describe());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// A destination that reads a little and hangs up, and one that never reads until the
 /// migration is cancelled: each time the source says why, the VM runs on there, and the probe
 /// finishes with every page intact. A destination that is not there is a 400.

@@ -39,6 +39,10 @@ pub enum CtlAction {
         /// Give up after this many seconds.
         #[arg(long)]
         timeout_s: Option<u64>,
+        /// Same host (a unix: URL): hand guest memory and the TAPs over instead of copying,
+        /// as for an upgrade of the VMM in place; the VM needs --memory shared=on.
+        #[arg(long)]
+        local: bool,
     },
     /// Wait at URL (unix:PATH or tcp:HOST:PORT) for a VM migrating here (a VMM with nothing
     /// configured), following until it runs here.
@@ -47,8 +51,15 @@ pub enum CtlAction {
 
 pub fn ctl(socket: &Path, action: CtlAction) -> ExitCode {
     match &action {
-        CtlAction::Migrate { url, downtime_ms, timeout_s } => {
-            return super::migrate::send(socket, url, *downtime_ms, *timeout_s);
+        CtlAction::Migrate { url, downtime_ms, timeout_s, local } => {
+            let mut body = serde_json::json!({ "destination_url": url, "local": local });
+            if let Some(ms) = downtime_ms {
+                body["downtime_ms"] = (*ms).into();
+            }
+            if let Some(s) = timeout_s {
+                body["timeout_s"] = (*s).into();
+            }
+            return super::migrate::send(socket, &body);
         }
         CtlAction::Receive { url } => return super::migrate::receive(socket, url),
         _ => {}

@@ -33,16 +33,9 @@ fn progress(s: &serde_json::Value) -> String {
     )
 }
 
-/// Sends the VM at `socket` to `url` and follows the migration until the VM runs there (the
+/// Sends the VM at `socket` where `body` (`PUT /ferrovisor/migration/send`'s) says and follows the migration until the VM runs there (the
 /// source VMM then exits) or the migration fails.
-pub fn send(socket: &Path, url: &str, downtime_ms: Option<u64>, timeout_s: Option<u64>) -> ExitCode {
-    let mut body = serde_json::json!({ "destination_url": url });
-    if let Some(ms) = downtime_ms {
-        body["downtime_ms"] = ms.into();
-    }
-    if let Some(s) = timeout_s {
-        body["timeout_s"] = s.into();
-    }
+pub fn send(socket: &Path, body: &serde_json::Value) -> ExitCode {
     if let Err(e) = call(socket, "PUT", "/ferrovisor/migration/send", Some(&body.to_string())) {
         return failure(e);
     }
@@ -67,8 +60,12 @@ fn follow(socket: &Path, source: bool) -> ExitCode {
             Ok(body) => serde_json::from_str::<serde_json::Value>(&body).unwrap_or_default(),
             // The source's VMM exits once the VM runs on the destination (a failure leaves it
             // running), sometimes before a poll saw the switch-over.
-            Err(_)
-                if source && last.as_ref().is_some_and(|s| s["phase"] == "switchover" || s["phase"] == "precopy") =>
+            // A local migration can be over before the first poll: the VMM says it is
+            // shutting down.
+            Err(e)
+                if source
+                    && (last.as_ref().is_some_and(|s| s["phase"] == "switchover" || s["phase"] == "precopy")
+                        || (last.is_none() && e.contains("shutting down"))) =>
             {
                 let newline = if terminal { "\n" } else { "" };
                 println!("{newline}the source VMM has exited, as it does once the VM runs on the destination");

@@ -495,6 +495,10 @@ pub struct MigrationSend {
     pub timeout_action: Option<String>,
     /// The most rounds of dirty pages before the switch-over (default 30).
     pub max_rounds: Option<u32>,
+    /// Same host, over a Unix socket: hand over guest memory's file and the TAPs' fds rather
+    /// than copy pages (Cloud Hypervisor's `local`); needs shared guest memory.
+    #[serde(default)]
+    pub local: bool,
 }
 
 /// `PUT /snapshot/load`.

@@ -50,6 +50,35 @@ pub struct Tap {
     name: String,
 }
 
+/// Every TAP queue this process opened, by TAP name (copies of the fds).
+static OPENED: std::sync::Mutex<Vec<(String, File)>> = std::sync::Mutex::new(Vec::new());
+/// TAP queues another process handed over, by name, until a device opens them.
+static INHERITED: std::sync::Mutex<Vec<(String, Vec<File>)>> = std::sync::Mutex::new(Vec::new());
+
+/// The TAP queues this process holds, by name: what a local migration hands to the next VMM.
+pub fn opened() -> Vec<(String, Vec<std::os::fd::RawFd>)> {
+    let opened = OPENED.lock().unwrap_or_else(|p| p.into_inner());
+    let mut by_name: Vec<(String, Vec<std::os::fd::RawFd>)> = Vec::new();
+    for (name, file) in opened.iter() {
+        match by_name.iter_mut().find(|(n, _)| n == name) {
+            Some((_, fds)) => fds.push(file.as_raw_fd()),
+            None => by_name.push((name.clone(), vec![file.as_raw_fd()])),
+        }
+    }
+    by_name
+}
+
+/// Queues of TAP `name` that another process handed over: the next open of `name` takes them.
+pub fn inherit(name: &str, files: Vec<File>) {
+    INHERITED.lock().unwrap_or_else(|p| p.into_inner()).push((name.into(), files));
+}
+
+fn take_inherited(name: &str) -> Option<Vec<File>> {
+    let mut inherited = INHERITED.lock().unwrap_or_else(|p| p.into_inner());
+    let index = inherited.iter().position(|(n, _)| n == name)?;
+    Some(inherited.remove(index).1)
+}
+
 fn name_bytes(name: &str) -> Result<[u8; libc::IFNAMSIZ], TapError> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('\0') {
         return Err(TapError::Name(name.into()));
@@ -67,8 +96,33 @@ impl Tap {
     }
 
     /// Up to `queues` queues of TAP `name` (IFF_MULTI_QUEUE), each its own fd, all attached.
-    /// A TAP that exists without multi-queue support gives one queue, and says so.
+    /// A TAP that exists without multi-queue support gives one queue, and says so. Queues that
+    /// another process handed over ([`inherit`]) are taken first, as they are.
     pub fn open_queues(name: &str, vnet_hdr_len: i32, queues: usize) -> Result<Vec<Tap>, TapError> {
+        if let Some(files) = take_inherited(name) {
+            tracing::info!("TAP {name}: {} queue(s) handed over by the VMM before this one", files.len());
+            let taps: Vec<Tap> = files.into_iter().map(|file| Tap { file, name: name.into() }).collect();
+            for tap in &taps {
+                tap.remember();
+            }
+            return Ok(taps);
+        }
+        let taps = Self::open_new_queues(name, vnet_hdr_len, queues)?;
+        for tap in &taps {
+            tap.remember();
+        }
+        Ok(taps)
+    }
+
+    /// Keeps a copy of this queue's fd, to hand over in a local migration ([`opened`]).
+    fn remember(&self) {
+        match self.file.try_clone() {
+            Ok(copy) => OPENED.lock().unwrap_or_else(|p| p.into_inner()).push((self.name.clone(), copy)),
+            Err(e) => tracing::warn!("TAP {}: its fd cannot be kept for a local migration ({e})", self.name),
+        }
+    }
+
+    fn open_new_queues(name: &str, vnet_hdr_len: i32, queues: usize) -> Result<Vec<Tap>, TapError> {
         let refused =
             |e: &TapError| matches!(e, TapError::Attach { source, .. } if source.raw_os_error() == Some(libc::EINVAL));
         if queues <= 1 {

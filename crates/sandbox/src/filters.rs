@@ -76,8 +76,8 @@ const SOCKETS: &[i64] = &[
 ];
 
 /// Live migration: the destination listens and accepts (a Unix socket path is unlinked when it
-/// goes) and makes guest memory (a memfd when it is shared); the source reads which pages are
-/// resident.
+/// goes) and makes guest memory (a memfd when it is shared), or checks the size of the memory
+/// file a local migration hands over; the source reads which pages are resident.
 const MIGRATION: &[i64] = &[
     libc::SYS_bind,
     libc::SYS_listen,
@@ -85,6 +85,8 @@ const MIGRATION: &[i64] = &[
     libc::SYS_memfd_create,
     libc::SYS_ftruncate,
     libc::SYS_mincore,
+    libc::SYS_fstat,
+    libc::SYS_statx,
 ];
 
 /// An assigned device: messages to its vfio-user server on the connected socket, or reads and

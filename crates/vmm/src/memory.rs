@@ -128,6 +128,21 @@ pub fn create(regions: &[(u64, u64)], ram: usize, options: &MemoryOptions) -> Re
 /// Guest RAM mapped from a snapshot's memory file: private, so the guest's writes stay in
 /// this process, and loaded lazily, page by page, as the guest touches it.
 pub fn restore(regions: &[(u64, u64)], file: &File, options: &MemoryOptions) -> Result<GuestMemory, MemoryError> {
+    map_file(regions, file, options, libc::MAP_PRIVATE)
+}
+
+/// Guest memory another VMM on this host handed over (a local migration): its memfd mapped
+/// shared at the offsets [`create`] lays regions out at, so that both map the same pages.
+pub fn adopt(regions: &[(u64, u64)], file: &File, options: &MemoryOptions) -> Result<GuestMemory, MemoryError> {
+    map_file(regions, file, options, libc::MAP_SHARED)
+}
+
+fn map_file(
+    regions: &[(u64, u64)],
+    file: &File,
+    options: &MemoryOptions,
+    sharing: libc::c_int,
+) -> Result<GuestMemory, MemoryError> {
     let mut mapped = Vec::new();
     let mut file_offset = 0u64;
     for &(start, len) in regions {
@@ -136,7 +151,7 @@ pub fn restore(regions: &[(u64, u64)], file: &File, options: &MemoryOptions) -> 
         let region: MmapRegion<AtomicBitmap> = MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
             .with_file_offset(FileOffset::new(file, file_offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE)
+            .with_mmap_flags(libc::MAP_NORESERVE | sharing)
             .build()
             .map_err(|e| map_error(size, options, std::io::Error::other(e.to_string())))?;
         file_offset += len;

@@ -91,7 +91,8 @@ fn receive(shared: &Shared, listener: Listener, limits: &HostLimits) -> Result<(
     // A Unix socket's path goes with the listener.
     drop(listener);
     shared.status().phase = Phase::Precopy;
-    let arrived = receive_vm(&mut connection, Some(shared), limits);
+    let unix = connection.unix_fd();
+    let arrived = receive_vm(&mut stream::Frames::new(&mut connection, unix), Some(shared), limits);
     let result = match arrived {
         Ok(vm) => {
             shared.status().phase = Phase::Switchover;
@@ -122,19 +123,19 @@ fn answer(connection: &mut Box<dyn Stream>, result: &Result<(), String>) {
     };
 }
 
-/// Reads a whole migration stream into fresh guest memory: the VM's state and its memory.
-pub(crate) fn receive_vm(
-    r: &mut impl Read,
+/// Reads a whole migration stream into fresh guest memory (or, from a local migration, the
+/// memory the source handed over): the VM's state and its memory.
+pub(crate) fn receive_vm<R: Read>(
+    frames: &mut stream::Frames<R>,
     shared: Option<&Shared>,
     limits: &HostLimits,
 ) -> Result<(Snapshot, GuestMemory), String> {
     let mut buf = Vec::new();
-    let next = |r: &mut dyn Read, buf: &mut Vec<u8>| stream::read_frame(&mut { r }, buf);
-    if next(r, &mut buf)? != Kind::Hello {
+    if frames.next(&mut buf)? != Kind::Hello {
         return Err("the stream does not begin with a hello".into());
     }
     stream::Hello::check(&buf)?;
-    if next(r, &mut buf)? != Kind::Config {
+    if frames.next(&mut buf)? != Kind::Config {
         return Err("the stream has no configuration after its hello".into());
     }
     let config: VmConfig =
@@ -146,17 +147,25 @@ pub(crate) fn receive_vm(
     }
     let regions = config.memory_regions();
     let ram = arch::memory::ram_regions(config.memory_bytes()).len();
-    let mem = crate::memory::create(&regions, ram, &config.memory)
-        .map_err(|e| format!("guest memory cannot be made here: {e}"))?;
+    let fresh = || {
+        crate::memory::create(&regions, ram, &config.memory)
+            .map_err(|e| format!("guest memory cannot be made here: {e}"))
+    };
+    // Made at the first page, so that a local migration's memory is never made twice.
+    let mut mem: Option<GuestMemory> = None;
     let mut received = 0u64;
     let mut state = None;
     loop {
         if shared.is_some_and(|s| s.cancelled.load(Ordering::Relaxed)) {
             return Err("the migration was cancelled".into());
         }
-        match next(r, &mut buf)? {
+        match frames.next(&mut buf)? {
             Kind::Pages => {
                 let (gpa, data) = stream::pages(&buf)?;
+                let mem = match &mut mem {
+                    Some(mem) => mem,
+                    None => mem.insert(fresh()?),
+                };
                 if !mem.check_range(GuestAddress(gpa), data.len()) {
                     return Err(format!("the stream has pages at {gpa:#x} outside the VM's memory"));
                 }
@@ -167,6 +176,7 @@ pub(crate) fn receive_vm(
                     s.status().bytes = received;
                 }
             }
+            Kind::Memory if mem.is_none() => mem = Some(adopt(&buf, frames.take_fds(), &config)?),
             Kind::State if state.is_none() => {
                 let saved = Snapshot::parse(&buf, "the migrated state")?;
                 let same = serde_json::to_value(&saved.config).ok() == serde_json::to_value(&config).ok();
@@ -181,6 +191,10 @@ pub(crate) fn receive_vm(
         }
     }
     let state = state.ok_or("the stream ended without the VM's state")?;
+    let mem = match mem {
+        Some(mem) => mem,
+        None => fresh()?,
+    };
     // The bitmap counts the devices' writes from here on, not the stream's.
     for region in mem.iter() {
         let bitmap: &AtomicBitmap = std::ops::Deref::deref(region).bitmap();
@@ -189,11 +203,51 @@ pub(crate) fn receive_vm(
     Ok((state, mem))
 }
 
+/// A local migration's handover: guest memory's file, mapped shared as the source laid it out,
+/// and the TAPs' queues, kept for the devices that open those TAPs.
+fn adopt(payload: &[u8], fds: Vec<std::os::fd::OwnedFd>, config: &VmConfig) -> Result<GuestMemory, String> {
+    let handover: stream::Handover =
+        serde_json::from_slice(payload).map_err(|e| format!("the local handover is not one ({e})"))?;
+    let mut fds = fds.into_iter();
+    let file = std::fs::File::from(
+        fds.next()
+            .ok_or("the local handover carries no memory file; a local migration goes over a unix: URL on one host")?,
+    );
+    let total: u64 = config.memory_regions().iter().map(|r| r.1).sum();
+    let meta = file.metadata().map_err(|e| format!("the handed-over memory file cannot be read ({e})"))?;
+    if !meta.is_file() || meta.len() < total {
+        return Err(format!(
+            "the handed-over memory file holds {} bytes where the guest has {total}; it is not the VM's memory",
+            meta.len()
+        ));
+    }
+    let taps: Vec<&str> = config
+        .nets
+        .iter()
+        .filter_map(|n| match &n.attachment {
+            crate::config::NetAttachment::Tap(name) => Some(name.as_str()),
+            _ => None,
+        })
+        .collect();
+    for (name, queues) in handover.taps {
+        if !taps.contains(&name.as_str()) {
+            return Err(format!("the local handover names TAP {name}, which the VM does not use"));
+        }
+        let files: Vec<std::fs::File> = fds.by_ref().take(queues).map(std::fs::File::from).collect();
+        if files.len() != queues || queues == 0 {
+            return Err(format!("the local handover is missing queues of TAP {name}"));
+        }
+        net::tap::inherit(&name, files);
+    }
+    crate::memory::adopt(&config.memory_regions(), &file, &config.memory)
+        .map_err(|e| format!("the handed-over memory cannot be mapped: {e}"))
+}
+
 /// The destination's parser for the fuzzer: a stream against a host of 64 MiB.
 #[doc(hidden)]
 pub fn fuzz_stream(data: &[u8]) {
     let limits = HostLimits { kvm_max_vcpus: 2, ram_mib: 64, free_huge_pages: 0 };
-    let _ = receive_vm(&mut { data }, None, &limits);
+    let _ = receive_vm(&mut stream::Frames::new(data, None), None, &limits);
 }
 
 #[cfg(test)]
@@ -207,18 +261,19 @@ mod tests {
 
     #[test]
     fn a_whole_stream_fills_fresh_memory_and_a_cut_or_foreign_one_is_refused() {
-        let (state, mem) = receive_vm(&mut { STREAM }, None, &LIMITS).unwrap();
+        let frames = |bytes: &'static [u8]| stream::Frames::new(bytes, None);
+        let (state, mem) = receive_vm(&mut frames(STREAM), None, &LIMITS).unwrap();
         assert_eq!(state.config.memory_mib, 64);
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x100fff)).unwrap(), 0x90);
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x101000)).unwrap(), 0, "pages not sent are zero");
-        let cut = receive_vm(&mut &STREAM[..STREAM.len() - 9], None, &LIMITS).unwrap_err();
+        let cut = receive_vm(&mut frames(&STREAM[..STREAM.len() - 9]), None, &LIMITS).unwrap_err();
         assert!(cut.contains("the stream ended"), "{cut}");
         let small = HostLimits { ram_mib: 32, ..LIMITS };
-        let e = receive_vm(&mut { STREAM }, None, &small).unwrap_err();
+        let e = receive_vm(&mut frames(STREAM), None, &small).unwrap_err();
         assert!(e.starts_with("the migrated configuration is refused"), "{e}");
         let mut twice = STREAM[..STREAM.len() - 8].to_vec();
         twice.extend_from_slice(&STREAM[..8]);
-        let e = receive_vm(&mut twice.as_slice(), None, &LIMITS).unwrap_err();
+        let e = receive_vm(&mut stream::Frames::new(twice.as_slice(), None), None, &LIMITS).unwrap_err();
         assert!(e.contains("out of place") || e.contains("ended"), "{e}");
     }
 }

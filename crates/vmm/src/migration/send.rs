@@ -28,6 +28,8 @@ pub struct SendOptions {
     /// On timeout, switch over at once rather than give up.
     pub switch_on_timeout: bool,
     pub max_rounds: u32,
+    /// Same host: hand over guest memory's file and the TAPs rather than copy pages.
+    pub local: bool,
 }
 
 impl SendOptions {
@@ -53,12 +55,16 @@ impl SendOptions {
             Some("switch") => true,
             Some(other) => return Err(format!("timeout_action {other:?} is neither \"cancel\" nor \"switch\".")),
         };
+        if m.local && !matches!(url, Url::Unix(_)) {
+            return Err("local needs a unix: destination_url: the memory's file goes over the socket.".into());
+        }
         Ok(SendOptions {
             url,
             downtime_ms,
             timeout: m.timeout_s.map(Duration::from_secs),
             switch_on_timeout,
             max_rounds,
+            local: m.local,
         })
     }
 }
@@ -104,7 +110,16 @@ impl Outgoing {
         latch: &Arc<ExitLatch>,
     ) -> Result<Outgoing, String> {
         vm.check_movable().map_err(|e| format!("The VM cannot migrate: {e}."))?;
-        let dirty = vm.track_dirty_pages(config).map_err(|e| format!("The migration cannot start: {e}."))?;
+        if options.local && vm.memory().iter().any(|r| r.file_offset().is_none()) {
+            return Err("A local migration hands guest memory over, so it must be shared: start the VM with \
+                        --memory shared=on (or \"ferrovisor-memory\": {\"shared\": true})."
+                .into());
+        }
+        // A local migration copies no pages: nothing to track.
+        let dirty = match options.local {
+            true => None,
+            false => Some(vm.track_dirty_pages(config).map_err(|e| format!("The migration cannot start: {e}."))?),
+        };
         let source = Source {
             mem: vm.memory().clone(),
             restored: vm.is_restored(),
@@ -129,7 +144,10 @@ impl Outgoing {
                 };
                 shared.connected(connection.as_ref());
                 let _ = connected.send(Ok(()));
-                let result = run(&shared, connection, &options, &source, &dirty);
+                let result = match &dirty {
+                    Some(dirty) => run(&shared, connection, &options, &source, dirty),
+                    None => run_local(&shared, connection, &source),
+                };
                 shared.finish(result);
             })
             .map_err(|e| format!("The migration thread cannot start: {e}."))?
@@ -347,6 +365,55 @@ fn cancelled() -> String {
     "the migration was cancelled".into()
 }
 
+/// A local migration's source: it pauses at once, then hands over guest memory's file and the
+/// TAPs' queues with the state; no page is copied.
+fn run_local(shared: &Shared, connection: Box<dyn Stream>, source: &Source) -> Result<(), String> {
+    let socket = connection.unix_fd().ok_or("a local migration needs a unix: destination")?;
+    let mut out = Sender::new(connection, shared);
+    out.frame(Kind::Hello, &serde_json::to_vec(&stream::Hello::ours()).expect("strings and numbers encode"))?;
+    out.frame(Kind::Config, &source.config)?;
+    out.flush()?;
+    let state = switch_over(shared)?;
+    let memory = source.mem.iter().next().and_then(|r| r.file_offset()).ok_or("guest memory has no file")?;
+    let mut fds = vec![std::os::fd::AsRawFd::as_raw_fd(memory.file())];
+    let mut taps = Vec::new();
+    for (name, queues) in net::tap::opened() {
+        taps.push((name, queues.len()));
+        fds.extend(queues);
+    }
+    let handover = serde_json::to_vec(&stream::Handover { taps }).expect("names and counts encode");
+    stream::write_frame_with_fds(socket, Kind::Memory, &handover, &fds).map_err(lost)?;
+    finish(out, &state)
+}
+
+/// Hands the switch-over to the controller, which pauses the VM and captures its state.
+fn switch_over(shared: &Shared) -> Result<Vec<u8>, String> {
+    shared.hand_to_controller(Step::SwitchoverDue);
+    shared.wait_for(|step| match std::mem::replace(step, Step::Working) {
+        Step::Captured(state) => Some(state),
+        other => {
+            *step = other;
+            None
+        }
+    })
+}
+
+/// Sends the state and the end, and waits for the destination's word.
+fn finish(mut out: Sender, state: &[u8]) -> Result<(), String> {
+    out.frame(Kind::State, state)?;
+    out.frame(Kind::End, &[])?;
+    out.flush()?;
+    out.shared.status().bytes = out.bytes;
+    let mut reply = Vec::new();
+    let mut stream = out.out.into_inner().map_err(|e| lost(e.into_error()))?;
+    match stream::read_frame(&mut stream, &mut reply) {
+        Ok(Kind::Ack) => Ok(()),
+        Ok(Kind::Error) => Err(format!("the destination refused the VM: {}", String::from_utf8_lossy(&reply))),
+        Ok(other) => Err(format!("the destination answered with a {other:?} frame")),
+        Err(e) => Err(format!("the destination never said the VM runs there: {e}")),
+    }
+}
+
 /// The source's whole part; any error leaves the VM with the controller.
 fn run(
     shared: &Shared,
@@ -406,14 +473,7 @@ fn run(
         round += 1;
     };
     // The switch-over: the controller pauses the VM and quiesces its devices.
-    shared.hand_to_controller(Step::SwitchoverDue);
-    let state = shared.wait_for(|step| match std::mem::replace(step, Step::Working) {
-        Step::Captured(state) => Some(state),
-        other => {
-            *step = other;
-            None
-        }
-    })?;
+    let state = switch_over(shared)?;
     let mut last_pages = dirty_pages(&source.mem, &dirty.take()?, &source.unplugged());
     last_pages.extend(pending);
     last_pages.sort_unstable();
@@ -421,16 +481,5 @@ fn run(
     for &gpa in &last_pages {
         out.page(&source.mem, gpa, false)?;
     }
-    out.frame(Kind::State, &state)?;
-    out.frame(Kind::End, &[])?;
-    out.flush()?;
-    shared.status().bytes = out.bytes;
-    let mut reply = Vec::new();
-    let mut stream = out.out.into_inner().map_err(|e| lost(e.into_error()))?;
-    match stream::read_frame(&mut stream, &mut reply) {
-        Ok(Kind::Ack) => Ok(()),
-        Ok(Kind::Error) => Err(format!("the destination refused the VM: {}", String::from_utf8_lossy(&reply))),
-        Ok(other) => Err(format!("the destination answered with a {other:?} frame")),
-        Err(e) => Err(format!("the destination never said the VM runs there: {e}")),
-    }
+    finish(out, &state)
 }

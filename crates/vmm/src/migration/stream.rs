@@ -28,6 +28,9 @@ pub enum Kind {
     Ack = 6,
     /// A sentence.
     Error = 7,
+    /// A local migration's handover ([`Handover`]); guest memory's file and the TAPs' queues
+    /// come with it as file descriptors over the Unix socket.
+    Memory = 8,
 }
 
 impl Kind {
@@ -40,6 +43,7 @@ impl Kind {
             5 => Kind::End,
             6 => Kind::Ack,
             7 => Kind::Error,
+            8 => Kind::Memory,
             _ => return None,
         })
     }
@@ -48,6 +52,7 @@ impl Kind {
     fn max_len(self) -> usize {
         match self {
             Kind::Hello | Kind::Error => 4096,
+            Kind::Memory => 64 << 10,
             Kind::Config => 1 << 20,
             Kind::Pages => 8 + MAX_PAGES_BYTES,
             Kind::State => crate::snapshot::MAX_STATE_FILE as usize,
@@ -89,13 +94,45 @@ impl Hello {
     }
 }
 
-pub fn write_frame(w: &mut impl Write, kind: Kind, payload: &[u8]) -> std::io::Result<()> {
-    debug_assert!(payload.len() <= kind.max_len());
+/// What a local migration hands over with its `Memory` frame: the file descriptors are guest
+/// memory's file, then each TAP's queues in this order.
+#[derive(Serialize, Deserialize)]
+pub struct Handover {
+    /// Each TAP's name and how many of its queues follow.
+    pub taps: Vec<(String, usize)>,
+}
+
+/// The most descriptors a stream may pass (guest memory and 16 queues of 16 TAPs).
+pub const MAX_FDS: usize = 1 + 16 * 16;
+
+fn header(kind: Kind, len: usize) -> [u8; 8] {
     let mut header = [0u8; 8];
     header[0] = kind as u8;
-    header[4..].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-    w.write_all(&header)?;
+    header[4..].copy_from_slice(&(len as u32).to_le_bytes());
+    header
+}
+
+pub fn write_frame(w: &mut impl Write, kind: Kind, payload: &[u8]) -> std::io::Result<()> {
+    debug_assert!(payload.len() <= kind.max_len());
+    w.write_all(&header(kind, payload.len()))?;
     w.write_all(payload)
+}
+
+/// A frame with `fds` passed alongside over the Unix socket `socket` (the caller flushed
+/// whatever was buffered before it).
+pub fn write_frame_with_fds(
+    socket: std::os::fd::RawFd,
+    kind: Kind,
+    payload: &[u8],
+    fds: &[std::os::fd::RawFd],
+) -> std::io::Result<()> {
+    use std::os::fd::FromRawFd;
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let whole = [&header(kind, payload.len())[..], payload].concat();
+    // SAFETY: a second handle on the caller's open socket, never closed (ManuallyDrop).
+    let mut sock = std::mem::ManuallyDrop::new(unsafe { std::os::unix::net::UnixStream::from_raw_fd(socket) });
+    let sent = sock.send_with_fds(&[&whole[..]], fds).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+    sock.write_all(&whole[sent..])
 }
 
 /// A `Pages` frame for the pages at `gpa`.
@@ -112,6 +149,66 @@ pub fn write_pages(w: &mut impl Write, gpa: u64, pages: &[u8]) -> std::io::Resul
 pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Kind, String> {
     let mut header = [0u8; 8];
     r.read_exact(&mut header).map_err(|e| format!("the stream ended or failed ({e})"))?;
+    read_payload(r, header, buf)
+}
+
+/// A stream's frames with the file descriptors that came alongside them over a Unix socket
+/// (`unix`), which a plain read would drop; at most [`MAX_FDS`] are kept.
+pub struct Frames<R> {
+    r: R,
+    unix: Option<std::os::fd::RawFd>,
+    fds: Vec<std::os::fd::OwnedFd>,
+}
+
+impl<R: Read> Frames<R> {
+    pub fn new(r: R, unix: Option<std::os::fd::RawFd>) -> Frames<R> {
+        Frames { r, unix, fds: Vec::new() }
+    }
+
+    pub fn next(&mut self, buf: &mut Vec<u8>) -> Result<Kind, String> {
+        let mut header = [0u8; 8];
+        match self.unix {
+            Some(socket) => self.receive_header(socket, &mut header)?,
+            None => self.r.read_exact(&mut header).map_err(|e| format!("the stream ended or failed ({e})"))?,
+        }
+        read_payload(&mut self.r, header, buf)
+    }
+
+    /// The descriptors received so far, taken.
+    pub fn take_fds(&mut self) -> Vec<std::os::fd::OwnedFd> {
+        std::mem::take(&mut self.fds)
+    }
+
+    fn receive_header(&mut self, socket: std::os::fd::RawFd, header: &mut [u8; 8]) -> Result<(), String> {
+        use std::os::fd::FromRawFd;
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+        // SAFETY: a second handle on the caller's open socket, never closed (ManuallyDrop).
+        let sock = std::mem::ManuallyDrop::new(unsafe { std::os::unix::net::UnixStream::from_raw_fd(socket) });
+        let mut got = 0;
+        while got < header.len() {
+            let mut raw = [-1; 16];
+            let rest = &mut header[got..];
+            let mut iov = [libc::iovec { iov_base: rest.as_mut_ptr().cast(), iov_len: rest.len() }];
+            // SAFETY: the iovec points at the unread part of `header`, which outlives the call.
+            let (n, count) = unsafe { sock.recv_with_fds(&mut iov, &mut raw) }
+                .map_err(|e| format!("the stream ended or failed ({e})"))?;
+            for &fd in &raw[..count] {
+                // SAFETY: recvmsg gave this process the descriptor; it is owned once, here.
+                let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+                if self.fds.len() < MAX_FDS {
+                    self.fds.push(owned);
+                }
+            }
+            if n == 0 {
+                return Err("the stream ended".into());
+            }
+            got += n;
+        }
+        Ok(())
+    }
+}
+
+fn read_payload(r: &mut impl Read, header: [u8; 8], buf: &mut Vec<u8>) -> Result<Kind, String> {
     let kind = Kind::from_byte(header[0]).ok_or(format!("the stream holds an unknown frame kind {}", header[0]))?;
     if header[1..4] != [0, 0, 0] {
         return Err("the stream holds a damaged frame header".into());

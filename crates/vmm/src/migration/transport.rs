@@ -45,8 +45,17 @@ impl std::fmt::Display for Url {
 }
 
 /// A connected stream of either kind.
-pub trait Stream: Read + Write + AsRawFd + Send {}
-impl Stream for UnixStream {}
+pub trait Stream: Read + Write + AsRawFd + Send {
+    /// The socket, when it can carry file descriptors (a Unix socket).
+    fn unix_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+}
+impl Stream for UnixStream {
+    fn unix_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(self.as_raw_fd())
+    }
+}
 impl Stream for TcpStream {}
 
 /// A handle that can cut `stream` off from another thread (a cancel), even mid-write.
