@@ -129,7 +129,8 @@ fn a_local_migration_hands_memory_and_the_tap_to_the_next_vmm() {
     let khz = common::host_tsc_khz();
     let tests = format!("probe.test=dirty probe.dirty.mib=32 probe.dirty.secs=4 probe.tsc.khz={khz}");
     let mut cmd = common::probe_command_with_memory(1, &tests, "size=128,shared=on");
-    cmd.args(["--net", &format!("tap={}", tap.name)]).arg("--api-sock").arg(&from);
+    cmd.args(["--net", &format!("tap={},mac=02:00:00:00:0a:01", tap.name)]).arg("--api-sock").arg(&from);
+    let far_side = common::PacketSocket::bind(&tap.name);
     let mut source = Running::start(cmd);
     assert!(source.wait_for_output("PROBE start", TIMEOUT), "{}", source.stderr());
     std::thread::sleep(Duration::from_millis(1500));
@@ -138,6 +139,11 @@ fn a_local_migration_hands_memory_and_the_tap_to_the_next_vmm() {
     let out = source.finish(TIMEOUT);
     assert!(out.status.success(), "{}", out.describe());
     assert!(out.stderr.contains("the VM runs there; 0 rounds, 0 MiB sent"), "no page is copied: {}", out.describe());
+    // The destination announces the guest on the TAP it took over: RARP from the guest's MAC.
+    far_side.set_timeout(Duration::from_secs(5));
+    let rarp = far_side.recv_ethertype(0x8035).expect("a RARP announcement on the TAP");
+    assert_eq!(&rarp[6..12], &[2, 0, 0, 0, 0x0a, 1], "from the guest's MAC");
+    assert_eq!(&rarp[20..22], &[0, 3], "a reverse request");
     let s = wait_phase(&to, "completed");
     assert!(destination.wait_for_output("PROBE dirty ok", TIMEOUT), "{}\n{}", destination.stdout(), out.stdout);
     let line = destination.stdout().lines().find(|l| l.starts_with("PROBE dirty ok")).unwrap().to_string();

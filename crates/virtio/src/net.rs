@@ -94,6 +94,40 @@ impl NetHost {
     }
 }
 
+/// Tells the network where the guest is after it moved here, as QEMU's self-announce does:
+/// RARP frames from the guest's MAC on the interface's new port, so that bridges and switches
+/// learn the port at once rather than when the guest next sends.
+pub struct Announcer {
+    host: NetHost,
+    mac: [u8; 6],
+}
+
+impl Announcer {
+    /// The RARP request QEMU announces with, padded to the 60-byte minimum, behind a virtio-net
+    /// header.
+    fn frame(mac: [u8; 6]) -> Vec<u8> {
+        let mut frame = vec![0u8; VNET_HDR_LEN + 60];
+        let eth = &mut frame[VNET_HDR_LEN..];
+        eth[0..6].fill(0xff);
+        eth[6..12].copy_from_slice(&mac);
+        eth[12..14].copy_from_slice(&0x8035u16.to_be_bytes());
+        // Ethernet hardware, IPv4 protocol, 6- and 4-byte addresses, reverse request.
+        eth[14..22].copy_from_slice(&[0, 1, 0x08, 0x00, 6, 4, 0, 3]);
+        eth[22..28].copy_from_slice(&mac);
+        eth[32..38].copy_from_slice(&mac);
+        frame
+    }
+
+    /// Sends one announcement.
+    pub fn announce(&mut self) -> std::io::Result<()> {
+        self.host.send(&Self::frame(self.mac)).map(|_| ())
+    }
+
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+}
+
 pub struct Net {
     /// The host side of each queue pair: one, or a multi-queue TAP's queues.
     hosts: Vec<NetHost>,
@@ -189,6 +223,12 @@ impl Net {
             firewall: self.firewall.clone(),
             ..NetBackend::new(host.try_clone()?, acked & bit(VIRTIO_NET_F_MRG_RXBUF) != 0, self.metrics.clone())
         }))
+    }
+
+    /// What announces the guest on this interface's port after a migration.
+    pub fn announcer(&self) -> std::io::Result<Announcer> {
+        let host = self.hosts.first().ok_or_else(|| std::io::Error::other("the interface has no host side"))?;
+        Ok(Announcer { host: host.try_clone()?, mac: self.mac })
     }
 
     /// The host side's fd (a TAP's or a switch port's), to wait on beside the queues.

@@ -47,6 +47,8 @@ pub struct AttachedDevices {
     pub passthrough: crate::passthrough::AttachedPassthrough,
     /// Each network interface's ID and firewall, in configuration order.
     pub firewalls: Vec<(String, Arc<net::firewall::Firewall>)>,
+    /// What announces each interface's guest on its port after a migration.
+    pub announcers: Vec<virtio::net::Announcer>,
     /// The kernel's copy of managed-network ports' firewalls, by interface ID and TAP; they go
     /// with the VMM.
     pub port_rules: Vec<(String, String, Mutex<net::port_rules::PortRules>)>,
@@ -179,6 +181,10 @@ pub fn attach_all(
             .with_mmds(nic.mmds)
             .with_mtu(nic.mtu)
             .with_polling(nic.poll_us.unwrap_or(crate::config::DEFAULT_POLL_US));
+        match net.announcer() {
+            Ok(announcer) => attached.announcers.push(announcer),
+            Err(e) => tracing::warn!("virtio-net{i}: the guest cannot be announced after a migration ({e})"),
+        }
         devices.push((format!("virtio-net{i}"), Box::new(net)));
     }
     let ram_end = vm_memory::GuestMemoryBackend::last_addr(mem).raw_value() + 1;

@@ -122,6 +122,31 @@ impl RunningVm {
         update(change)
     }
 
+    /// Announces the guest's MACs on their new ports after a migration: RARP frames now and
+    /// twice more over the next 300 ms (as QEMU's self-announce), from a thread of their own.
+    pub fn announce_moved(&mut self) {
+        let mut announcers = std::mem::take(&mut self.devices.announcers);
+        if announcers.is_empty() {
+            return;
+        }
+        let spawned = sandbox::spawn(sandbox::ThreadKind::Net, "announce", move || {
+            for (round, wait) in [0u64, 100, 200].into_iter().enumerate() {
+                std::thread::sleep(std::time::Duration::from_millis(wait));
+                for a in &mut announcers {
+                    if let Err(e) = a.announce() {
+                        tracing::warn!("the guest's MAC {:02x?} could not be announced ({e})", a.mac());
+                    }
+                }
+                if round == 0 {
+                    tracing::info!("announced the guest's {} interface(s) on their new ports (RARP)", announcers.len());
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!("the guest's interfaces cannot be announced ({e})");
+        }
+    }
+
     /// Changes pmem device `id` while the guest runs (its rate limit).
     pub fn update_pmem(&self, id: &str, change: crate::virtio_devices::DeviceChange) -> Result<(), String> {
         let (_, update) =

@@ -139,5 +139,8 @@ pub fn build(
         crate::resources::mmds::restore(m, saved.mmds_data.take())?;
     }
     let how = crate::vm::Restore { resume: true, clock_realtime: false };
-    crate::vm::restore_with_memory(kvm, saved, mem, launched, latch, how).map_err(|e| e.to_string())
+    let (mut vm, config) =
+        crate::vm::restore_with_memory(kvm, saved, mem, launched, latch, how).map_err(|e| e.to_string())?;
+    vm.announce_moved();
+    Ok((vm, config))
 }
