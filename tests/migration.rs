@@ -172,6 +172,85 @@ fn a_local_migration_of_private_memory_or_over_tcp_is_refused() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// PEM files made with openssl: a CA, and a certificate it signs for `name` (an IP address
+/// SAN of 127.0.0.1, for `usage` serverAuth or clientAuth). Returns (cert, key).
+fn certificate(dir: &Path, ca: &str, name: &str, usage: &str) -> (String, String) {
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl").args(args).current_dir(dir).output().expect("openssl runs");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+    if !dir.join(format!("{ca}.pem")).exists() {
+        let (key, pem, subject) = (format!("{ca}.key"), format!("{ca}.pem"), format!("/CN={ca}"));
+        let mut args = vec!["req", "-x509"];
+        args.extend(ec);
+        args.extend(["-keyout", &key, "-out", &pem, "-days", "2", "-subj", &subject]);
+        args.extend(["-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign"]);
+        openssl(&args);
+    }
+    let ext = dir.join(format!("{name}.ext"));
+    std::fs::write(&ext, format!("subjectAltName=IP:127.0.0.1\nextendedKeyUsage={usage}\n")).unwrap();
+    let (key, csr, pem, subject) =
+        (format!("{name}.key"), format!("{name}.csr"), format!("{name}.pem"), format!("/CN={name}"));
+    let mut args = vec!["req"];
+    args.extend(ec);
+    args.extend(["-keyout", &key, "-out", &csr, "-subj", &subject]);
+    openssl(&args);
+    let (ca_pem, ca_key) = (format!("{ca}.pem"), format!("{ca}.key"));
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &csr,
+        "-CA",
+        &ca_pem,
+        "-CAkey",
+        &ca_key,
+        "-CAcreateserial",
+        "-out",
+        &pem,
+        "-days",
+        "2",
+        "-extfile",
+        ext.to_str().unwrap(),
+    ]);
+    (dir.join(pem).display().to_string(), dir.join(key).display().to_string())
+}
+
+/// Over `tls:`, both sides check the other's certificate against their CA: a source whose
+/// certificate another CA signed is refused (the send is a 400 naming the handshake, the VM
+/// runs on, and the destination waits on), and one the CA signed moves the dirtying probe,
+/// every page intact.
+#[test]
+fn tls_moves_the_vm_between_trusted_peers_and_refuses_a_stranger() {
+    let dir = scratch_dir("migration-tls");
+    let (dst_cert, dst_key) = certificate(&dir, "ca", "dst", "serverAuth");
+    let (src_cert, src_key) = certificate(&dir, "ca", "src", "clientAuth");
+    let (evil_cert, evil_key) = certificate(&dir, "evil-ca", "evil", "clientAuth");
+    let (ca, evil_ca) = (dir.join("ca.pem").display().to_string(), dir.join("evil-ca.pem").display().to_string());
+    let url = format!("tls:127.0.0.1:{}", free_tcp_port());
+    let (mut destination, to) = api_vmm(&dir, "dst.sock", &[]);
+    let receive = serde_json::json!({"receiver_url": url, "tls_cert": dst_cert, "tls_key": dst_key, "tls_ca": ca});
+    api_call(&to, "PUT", "/ferrovisor/migration/receive", &receive.to_string(), 204);
+    let (source, from) = dirtying_source(&dir, "src.sock", 4);
+    let stranger =
+        serde_json::json!({"destination_url": url, "tls_cert": evil_cert, "tls_key": evil_key, "tls_ca": evil_ca});
+    let answer = common::http(&from, "PUT", "/ferrovisor/migration/send", &stranger.to_string());
+    assert_eq!(answer.0, 400, "{}", answer.1);
+    assert!(answer.1.contains("TLS handshake failed"), "{}", answer.1);
+    assert_eq!(status(&to)["phase"], "listening", "the destination waits on");
+    let trusted = serde_json::json!({"destination_url": url, "tls_cert": src_cert, "tls_key": src_key, "tls_ca": ca});
+    api_call(&from, "PUT", "/ferrovisor/migration/send", &trusted.to_string(), 204);
+    let out = source.finish(TIMEOUT);
+    assert!(out.status.success(), "{}", out.describe());
+    assert!(out.stderr.contains(&format!("the VM moved to {url} and runs there")), "{}", out.describe());
+    wait_phase(&to, "completed");
+    assert!(destination.wait_for_output("PROBE dirty ok", TIMEOUT), "{}\n{}", destination.stdout(), out.stdout);
+    let out = destination.finish(TIMEOUT);
+    assert!(out.stderr.contains("a source was refused"), "{}", out.describe());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// A destination that reads a little and hangs up, and one that never reads until the
 /// migration is cancelled: each time the source says why, the VM runs on there, and the probe
 /// finishes with every page intact. A destination that is not there is a 400.

@@ -110,7 +110,18 @@ fn qemu_storage_daemon_serves_a_disk_the_probe_writes() {
     let dir = scratch_dir("vhost-user-qsd");
     let image = blank_image(&dir);
     let qsd = BackEnd::qemu_storage_daemon(&dir, &image);
-    let out = finish(probe_with(BLK_PATTERN, &["--disk", &qsd.disk_arg()]));
+    let api = dir.join("api.sock");
+    let mut vm = Running::start(probe_with(
+        &format!("{BLK_PATTERN} probe.idle=on"),
+        &["--disk", &qsd.disk_arg(), "--api-sock", api.to_str().unwrap()],
+    ));
+    assert!(vm.wait_for_output("PROBE done", Duration::from_secs(60)), "{}", vm.stdout());
+    // Its state is the back-end's: snapshots and migrations are refused with a sentence.
+    let send = r#"{"destination_url": "unix:/tmp/nowhere.sock"}"#;
+    let (code, body) = common::http(&api, "PUT", "/ferrovisor/migration/send", send);
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("served by other processes (vhost-user)"), "{body}");
+    let out = vm.finish_after_signal(libc::SIGTERM, Duration::from_secs(10));
     // libvhost-user answers GET_ID with its own name.
     assert_pattern_written(&out, &image, "vhost_user_blk");
     assert!(out.stderr.contains("vhost-user-blk at"), "{}", out.describe());

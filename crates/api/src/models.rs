@@ -480,6 +480,14 @@ pub struct MemBackend {
 #[serde(deny_unknown_fields)]
 pub struct MigrationReceive {
     pub receiver_url: String,
+    /// For a `tls:` URL: this VMM's certificate and key, and the CA the source's certificate
+    /// must chain to (PEM files).
+    #[serde(default)]
+    pub tls_cert: Option<String>,
+    #[serde(default)]
+    pub tls_key: Option<String>,
+    #[serde(default)]
+    pub tls_ca: Option<String>,
 }
 
 /// `PUT /ferrovisor/migration/send`: move the running VM to `destination_url`.
@@ -499,6 +507,14 @@ pub struct MigrationSend {
     /// than copy pages (Cloud Hypervisor's `local`); needs shared guest memory.
     #[serde(default)]
     pub local: bool,
+    /// For a `tls:` URL: this VMM's certificate and key, and the CA the destination's
+    /// certificate must chain to (PEM files).
+    #[serde(default)]
+    pub tls_cert: Option<String>,
+    #[serde(default)]
+    pub tls_key: Option<String>,
+    #[serde(default)]
+    pub tls_ca: Option<String>,
 }
 
 /// `PUT /snapshot/load`.

@@ -288,7 +288,7 @@ impl Controller {
                 Some((vm, config)) => done(self.migrations.send(vm, config, &m, &self.latch)),
                 None => Response::error(400, before_start("PUT /ferrovisor/migration/send")),
             },
-            Request::MigrationReceive(m) => done(self.receive(&m.receiver_url, false)),
+            Request::MigrationReceive(m) => done(self.receive(&m, false)),
             Request::MigrationCancel => done(self.migrations.cancel()),
             Request::GetMigration => answer(self.migrations.status()),
         }
@@ -296,19 +296,20 @@ impl Controller {
 
     /// A VMM with nothing configured waits on `url` for a VM (`only`: `run --incoming`, which
     /// ends if none arrives).
-    fn receive(&mut self, url: &str, only: bool) -> Result<(), String> {
+    fn receive(&mut self, m: &api::models::MigrationReceive, only: bool) -> Result<(), String> {
         if self.vm.is_some() || self.resources.boot.is_some() {
             return Err(
                 "PUT /ferrovisor/migration/receive takes the VM from the source; send it to a VMM with nothing configured."
                     .into(),
             );
         }
-        self.migrations.receive(url, self.host_limits(), &self.latch, only)
+        self.migrations.receive(m, self.host_limits(), &self.latch, only)
     }
 
     /// `run --incoming URL`: waits on `url` for a VM, and ends the VMM if none arrives.
     pub fn receive_at_start(&mut self, url: &str) -> Result<(), String> {
-        self.receive(url, true).map_err(|e| e.replace("receiver_url", "--incoming"))
+        let m = api::models::MigrationReceive { receiver_url: url.into(), tls_cert: None, tls_key: None, tls_ca: None };
+        self.receive(&m, true).map_err(|e| e.replace("receiver_url", "--incoming"))
     }
 
     /// Does what a migration thread asked for: capture the VM on the source, build it here on

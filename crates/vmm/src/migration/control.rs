@@ -85,11 +85,17 @@ impl Migrations {
 
     /// `PUT /ferrovisor/migration/receive` (or `run --incoming` when `only`): a VMM with no VM
     /// waits on `url` for one.
-    pub fn receive(&mut self, url: &str, limits: HostLimits, latch: &Arc<ExitLatch>, only: bool) -> Result<(), String> {
+    pub fn receive(
+        &mut self,
+        m: &models::MigrationReceive,
+        limits: HostLimits,
+        latch: &Arc<ExitLatch>,
+        only: bool,
+    ) -> Result<(), String> {
         if self.under_way() {
             return Err("A migration is under way already; wait for it or cancel it.".into());
         }
-        self.current = Some(Migration::In(Incoming::start(url, limits, latch)?));
+        self.current = Some(Migration::In(Incoming::start(m, limits, latch)?));
         self.incoming_only = only;
         Ok(())
     }

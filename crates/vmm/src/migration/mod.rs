@@ -33,6 +33,7 @@ pub mod control;
 pub mod receive;
 pub mod send;
 pub mod stream;
+pub mod tls;
 pub mod transport;
 pub mod written;
 

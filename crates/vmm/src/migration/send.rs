@@ -30,6 +30,8 @@ pub struct SendOptions {
     pub max_rounds: u32,
     /// Same host: hand over guest memory's file and the TAPs rather than copy pages.
     pub local: bool,
+    /// The source's side of TLS, for a `tls:` URL.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl SendOptions {
@@ -58,6 +60,15 @@ impl SendOptions {
         if m.local && !matches!(url, Url::Unix(_)) {
             return Err("local needs a unix: destination_url: the memory's file goes over the socket.".into());
         }
+        let tls = super::tls::TlsFiles::from_fields(&m.tls_cert, &m.tls_key, &m.tls_ca)?;
+        let tls = match (&url, tls) {
+            (Url::Tls(_), Some(files)) => Some(files.client()?),
+            (Url::Tls(_), None) => {
+                return Err("a tls: destination_url needs tls_cert, tls_key and tls_ca; give the PEM files.".into());
+            }
+            (_, Some(_)) => return Err("tls_cert, tls_key and tls_ca go with a tls: destination_url.".into()),
+            (_, None) => None,
+        };
         Ok(SendOptions {
             url,
             downtime_ms,
@@ -65,6 +76,7 @@ impl SendOptions {
             switch_on_timeout,
             max_rounds,
             local: m.local,
+            tls,
         })
     }
 }
@@ -110,6 +122,13 @@ impl Outgoing {
         latch: &Arc<ExitLatch>,
     ) -> Result<Outgoing, String> {
         vm.check_movable().map_err(|e| format!("The VM cannot migrate: {e}."))?;
+        let served = config.vhost_user_devices();
+        if !served.is_empty() {
+            return Err(format!(
+                "The VM cannot migrate: its {} are served by other processes (vhost-user), whose state it cannot move.",
+                served.join(", ")
+            ));
+        }
         if options.local && vm.memory().iter().any(|r| r.file_offset().is_none()) {
             return Err("A local migration hands guest memory over, so it must be shared: start the VM with \
                         --memory shared=on (or \"ferrovisor-memory\": {\"shared\": true})."
@@ -135,7 +154,7 @@ impl Outgoing {
         let thread = {
             let shared = shared.clone();
             sandbox::spawn(sandbox::ThreadKind::Migration, "migration", move || {
-                let connection = match transport::connect(&options.url) {
+                let connection = match transport::connect(&options.url, options.tls.as_ref()) {
                     Ok(c) => c,
                     Err(e) => {
                         let _ = connected.send(Err(e.clone()));

@@ -1,10 +1,12 @@
-//! Where a migration goes: `unix:PATH` or `tcp:HOST:PORT`.
+//! Where a migration goes: `unix:PATH`, `tcp:HOST:PORT` or `tls:HOST:PORT` (TCP with TLS, both
+//! sides' certificates checked).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -15,22 +17,31 @@ pub const PEER_TIMEOUT: Duration = Duration::from_secs(30);
 pub enum Url {
     Unix(PathBuf),
     Tcp(String),
+    Tls(String),
 }
 
 impl Url {
     /// Parses `field`'s value; the error names the field and the forms it takes.
     pub fn parse(field: &str, text: &str) -> Result<Url, String> {
-        let bad = || format!("{field} {text:?} is not unix:PATH or tcp:HOST:PORT; give one of those.");
+        let bad = || format!("{field} {text:?} is not unix:PATH, tcp:HOST:PORT or tls:HOST:PORT; give one of those.");
         match text.split_once(':') {
             Some(("unix", path)) if !path.is_empty() => Ok(Url::Unix(path.into())),
-            Some(("tcp", address)) => {
+            Some((scheme @ ("tcp" | "tls"), address)) => {
                 let (host, port) = address.rsplit_once(':').ok_or_else(bad)?;
                 if host.is_empty() || port.parse::<u16>().is_err() {
                     return Err(bad());
                 }
-                Ok(Url::Tcp(address.into()))
+                Ok(if scheme == "tcp" { Url::Tcp(address.into()) } else { Url::Tls(address.into()) })
             }
             _ => Err(bad()),
+        }
+    }
+
+    /// The host part of a TCP or TLS address (what the destination's certificate must name).
+    pub fn host(&self) -> Option<&str> {
+        match self {
+            Url::Unix(_) => None,
+            Url::Tcp(address) | Url::Tls(address) => address.rsplit_once(':').map(|(host, _)| host),
         }
     }
 }
@@ -40,6 +51,7 @@ impl std::fmt::Display for Url {
         match self {
             Url::Unix(path) => write!(f, "unix:{}", path.display()),
             Url::Tcp(address) => write!(f, "tcp:{address}"),
+            Url::Tls(address) => write!(f, "tls:{address}"),
         }
     }
 }
@@ -72,8 +84,8 @@ pub fn cut(fd: &OwnedFd) {
     unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
 }
 
-/// Connects the source to `url`.
-pub fn connect(url: &Url) -> Result<Box<dyn Stream>, String> {
+/// Connects the source to `url`; a `tls:` one with `tls` (the source's side of TLS).
+pub fn connect(url: &Url, tls: Option<&Arc<rustls::ClientConfig>>) -> Result<Box<dyn Stream>, String> {
     let failed = |e: std::io::Error| format!("the destination {url} cannot be reached ({e})");
     match url {
         Url::Unix(path) => {
@@ -82,7 +94,7 @@ pub fn connect(url: &Url) -> Result<Box<dyn Stream>, String> {
             s.set_write_timeout(Some(PEER_TIMEOUT)).map_err(failed)?;
             Ok(Box::new(s))
         }
-        Url::Tcp(address) => {
+        Url::Tcp(address) | Url::Tls(address) => {
             let addr = address
                 .to_socket_addrs()
                 .map_err(failed)?
@@ -92,7 +104,16 @@ pub fn connect(url: &Url) -> Result<Box<dyn Stream>, String> {
             s.set_nodelay(true).map_err(failed)?;
             s.set_read_timeout(Some(PEER_TIMEOUT)).map_err(failed)?;
             s.set_write_timeout(Some(PEER_TIMEOUT)).map_err(failed)?;
-            Ok(Box::new(s))
+            match (url, tls) {
+                (Url::Tls(_), Some(config)) => {
+                    let host = url.host().unwrap_or_default();
+                    let stream = super::tls::connect(config.clone(), host, s)
+                        .map_err(|e| format!("the destination {url} was refused: {e}"))?;
+                    Ok(Box::new(stream))
+                }
+                (Url::Tls(_), None) => Err(format!("{url} needs tls_cert, tls_key and tls_ca")),
+                _ => Ok(Box::new(s)),
+            }
         }
     }
 }
@@ -101,25 +122,32 @@ pub fn connect(url: &Url) -> Result<Box<dyn Stream>, String> {
 pub enum Listener {
     Unix(UnixListener, PathBuf),
     Tcp(TcpListener),
+    Tls(TcpListener, Arc<rustls::ServerConfig>),
 }
 
 impl Listener {
-    /// Listens on `url`; a Unix socket path must not exist yet.
-    pub fn bind(url: &Url) -> Result<Listener, String> {
+    /// Listens on `url`; a Unix socket path must not exist yet. A `tls:` one needs `tls`.
+    pub fn bind(url: &Url, tls: Option<Arc<rustls::ServerConfig>>) -> Result<Listener, String> {
         let failed = |e: std::io::Error| format!("receiver_url {url} cannot be listened on ({e}); name a free one");
-        let listener = match url {
-            Url::Unix(path) => Listener::Unix(UnixListener::bind(path).map_err(failed)?, path.clone()),
-            Url::Tcp(address) => Listener::Tcp(TcpListener::bind(address.as_str()).map_err(failed)?),
+        let listener = match (url, tls) {
+            (Url::Unix(path), _) => Listener::Unix(UnixListener::bind(path).map_err(failed)?, path.clone()),
+            (Url::Tcp(address), _) => Listener::Tcp(TcpListener::bind(address.as_str()).map_err(failed)?),
+            (Url::Tls(address), Some(config)) => {
+                Listener::Tls(TcpListener::bind(address.as_str()).map_err(failed)?, config)
+            }
+            (Url::Tls(_), None) => return Err(format!("receiver_url {url} needs tls_cert, tls_key and tls_ca.")),
         };
         match &listener {
             Listener::Unix(l, _) => l.set_nonblocking(true),
-            Listener::Tcp(l) => l.set_nonblocking(true),
+            Listener::Tcp(l) | Listener::Tls(l, _) => l.set_nonblocking(true),
         }
         .map_err(failed)?;
         Ok(listener)
     }
 
-    /// Waits for the source, checking `cancelled` every 100 ms.
+    /// Waits for the source, checking `cancelled` every 100 ms. A TLS peer must show a
+    /// certificate the CA signed: one that does not is refused (and logged), and the
+    /// destination waits on for the source it trusts.
     pub fn accept(&self, cancelled: &AtomicBool) -> Result<Box<dyn Stream>, String> {
         loop {
             if cancelled.load(Ordering::Relaxed) {
@@ -133,12 +161,19 @@ impl Listener {
                     Ok(Box::new(s) as Box<dyn Stream>)
                 }),
                 Listener::Tcp(l) => l.accept().and_then(|(s, _)| {
-                    s.set_nonblocking(false)?;
-                    s.set_nodelay(true)?;
-                    s.set_read_timeout(Some(PEER_TIMEOUT))?;
-                    s.set_write_timeout(Some(PEER_TIMEOUT))?;
+                    tcp_options(&s)?;
                     Ok(Box::new(s) as Box<dyn Stream>)
                 }),
+                Listener::Tls(l, config) => match l.accept().and_then(|(s, _)| tcp_options(&s).map(|()| s)) {
+                    Ok(s) => match super::tls::accept(config.clone(), s) {
+                        Ok(stream) => Ok(Box::new(stream) as Box<dyn Stream>),
+                        Err(e) => {
+                            tracing::warn!("migration: a source was refused ({e}); still waiting");
+                            continue;
+                        }
+                    },
+                    Err(e) => Err(e),
+                },
             };
             match accepted {
                 Ok(stream) => return Ok(stream),
@@ -147,6 +182,14 @@ impl Listener {
             }
         }
     }
+}
+
+/// An accepted TCP stream as the migration wants it: blocking, no delay, bounded silences.
+fn tcp_options(s: &TcpStream) -> std::io::Result<()> {
+    s.set_nonblocking(false)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(PEER_TIMEOUT))?;
+    s.set_write_timeout(Some(PEER_TIMEOUT))
 }
 
 impl Drop for Listener {
