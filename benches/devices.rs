@@ -29,6 +29,7 @@ const BLK_TESTS: &str = "probe.test=virtio-blk probe.virtio-blk.mode=throughput 
                          probe.virtio-blk.ops=8192 probe.virtio-blk.depth=";
 const NET_TESTS: &str = "probe.test=virtio-net probe.virtio-net.mode=throughput probe.virtio-net.frames=50000";
 const TAP: &str = "fvbench0";
+const BACKEND_TAP: &str = "fvbench1";
 
 fn probe() -> &'static str {
     env!("FERROVISOR_PROBE_ELF")
@@ -230,9 +231,16 @@ fn vhost_user_runs(dir: &Path, image: &Path, khz: &str, have_tap: bool, runs: us
         qsd_socket.display()
     ));
     let _qsd = BackEnd::start(qsd, &qsd_socket);
-    let _net = have_tap.then(|| {
+    // The back-end holds its TAP for as long as it runs: a TAP of its own, so that the
+    // built-in devices' runs can open theirs.
+    let backend_tap = have_tap
+        && Command::new("ip").args(["tuntap", "add", BACKEND_TAP, "mode", "tap"]).status().is_ok_and(|s| s.success());
+    if backend_tap {
+        let _ = Command::new("ip").args(["link", "set", BACKEND_TAP, "up"]).status();
+    }
+    let _net = backend_tap.then(|| {
         let mut cmd = Command::new(ferrovisor_bin);
-        cmd.args(["vhost-user-net", "--socket"]).arg(&net_socket).args(["--tap", TAP]);
+        cmd.args(["vhost-user-net", "--socket"]).arg(&net_socket).args(["--tap", BACKEND_TAP]);
         BackEnd::start(cmd, &net_socket)
     });
     let vu = |socket: &Path| vec!["--disk".to_string(), format!("vhost_user={}", socket.display())];
@@ -313,7 +321,7 @@ fn vhost_user_runs(dir: &Path, image: &Path, khz: &str, have_tap: bool, runs: us
                 _ => eprintln!("run {run_index}: {} failed:\n{out}", s.name),
             }
         }
-        if !have_tap {
+        if !backend_tap {
             continue;
         }
         for s in &mut net {
@@ -334,7 +342,8 @@ fn vhost_user_runs(dir: &Path, image: &Path, khz: &str, have_tap: bool, runs: us
         let ratio = median(s.samples.clone()) / median(own.samples.clone());
         println!("{:<34} {:>14.0} {:>10.1} {:>21.2}x", s.name, median(s.samples.clone()), median(s.seq.clone()), ratio);
     }
-    if have_tap {
+    if backend_tap {
+        let _ = Command::new("ip").args(["link", "del", BACKEND_TAP]).status();
         println!("{:<34} {:>14} {:>33}", "network", "tx pps 60B", "vs. its VMM's own");
         for (i, s) in net.iter().enumerate() {
             let own = if i < 2 { &net[0] } else { &net[2] };
