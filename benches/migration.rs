@@ -244,8 +244,7 @@ fn main() {
     }
     println!("local migration (guest memory's memfd handed over), idle probe writing {DIRTY_MIB} MiB at 1 MiB/s:");
     for guest_mib in [1024u64, 8192] {
-        let runs: Vec<Figures> =
-            (0..runs()).map(|_| ferrovisor(&dir, 1, Move { guest_mib, local: true })).collect();
+        let runs: Vec<Figures> = (0..runs()).map(|_| ferrovisor(&dir, 1, Move { guest_mib, local: true })).collect();
         row(&format!("{} GiB", guest_mib >> 10), &medians(&runs));
     }
     let _ = std::fs::remove_dir_all(dir);

@@ -251,6 +251,40 @@ fn tls_moves_the_vm_between_trusted_peers_and_refuses_a_stranger() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A probe writing as fast as it can, with a downtime target it can never meet: round after
+/// round dirties more than half of what it sent, so auto-converge holds the vCPUs back in
+/// growing steps; the move still completes after `max_rounds` with every page intact.
+#[test]
+fn auto_converge_holds_a_fast_writer_back_and_the_move_completes() {
+    let dir = scratch_dir("migration-converge");
+    let url = format!("unix:{}", dir.join("m.sock").display());
+    let (mut destination, to) = api_vmm(&dir, "dst.sock", &[]);
+    api_call(&to, "PUT", "/ferrovisor/migration/receive", &format!(r#"{{"receiver_url": "{url}"}}"#), 204);
+    let (mut source, from) = dirtying_source(&dir, "src.sock", 6);
+    std::thread::sleep(Duration::from_millis(1500));
+    let send = format!(r#"{{"destination_url": "{url}", "downtime_ms": 1, "max_rounds": 12}}"#);
+    api_call(&from, "PUT", "/ferrovisor/migration/send", &send, 204);
+    // The status until the source exits (a poll that finds it gone ends the loop).
+    let mut held = 0;
+    while matches!(source.child.try_wait(), Ok(None)) {
+        let poll = std::panic::catch_unwind(|| common::http(&from, "GET", "/ferrovisor/migration", "").1);
+        let Ok(body) = poll else { break };
+        let s: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        held = held.max(s["throttle_percent"].as_u64().unwrap_or(0));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = source.finish(TIMEOUT);
+    assert!(out.status.success(), "{}", out.describe());
+    assert!(out.stderr.contains("vCPUs held back 20%"), "{}", out.describe());
+    assert!(out.stderr.contains("the VM runs there;"), "{}", out.describe());
+    eprintln!("throttle seen in the status: {held}%");
+    assert!(held >= 20, "the status showed the throttle");
+    wait_phase(&to, "completed");
+    assert!(destination.wait_for_output("PROBE dirty ok", TIMEOUT), "{}\n{}", destination.stdout(), out.stdout);
+    let _ = destination.finish(TIMEOUT);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// A destination that reads a little and hangs up, and one that never reads until the
 /// migration is cancelled: each time the source says why, the VM runs on there, and the probe
 /// finishes with every page intact. A destination that is not there is a 400.
@@ -386,7 +420,11 @@ fn the_destination_refuses_a_hostile_stream_and_says_why() {
     // `run --incoming`: a bad URL is a usage error, and a stream that brings no VM ends it.
     let out = common::run(&["run", "--incoming", "http://x"], TIMEOUT);
     assert_eq!(out.status.code(), Some(2), "{}", out.describe());
-    assert!(out.stderr.contains("--incoming \"http://x\" is not unix:PATH or tcp:HOST:PORT"), "{}", out.describe());
+    assert!(
+        out.stderr.contains("--incoming \"http://x\" is not unix:PATH, tcp:HOST:PORT or tls:HOST:PORT"),
+        "{}",
+        out.describe()
+    );
     let mut cmd = common::ferrovisor();
     cmd.args(["run", "--incoming", &format!("unix:{}", receiver.display())]);
     let waiting = Running::start(cmd);

@@ -28,38 +28,60 @@ pub struct VcpuShared {
     /// Size of each vCPU's kvm_run mapping (KVM_GET_VCPU_MMAP_SIZE).
     pub run_mmap_size: usize,
     pub pause: PauseGate,
+    /// The running vCPU threads, which a throttle kicks (each is listed while it runs).
+    pub running: Mutex<Vec<libc::pthread_t>>,
 }
 
-/// Where vCPU threads park while the VM is paused.
+/// Where vCPU threads park while the VM is paused, or throttled for a moment (a migration's
+/// auto-converge); the two do not undo each other.
 #[derive(Default)]
 pub struct PauseGate {
-    /// (pause requested, threads parked)
-    state: Mutex<(bool, usize)>,
+    state: Mutex<GateState>,
     changed: Condvar,
 }
 
+#[derive(Default)]
+struct GateState {
+    paused: bool,
+    throttled: bool,
+    parked: usize,
+}
+
+impl GateState {
+    fn closed(&self) -> bool {
+        self.paused || self.throttled
+    }
+}
+
 impl PauseGate {
-    /// Parks the calling vCPU thread while a pause is requested; returns at once otherwise.
+    /// Parks the calling vCPU thread while a pause (or throttle) is requested; returns at once
+    /// otherwise.
     fn park_if_requested(&self, stop: &AtomicBool) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if !state.0 {
+        if !state.closed() {
             return;
         }
-        state.1 += 1;
+        state.parked += 1;
         self.changed.notify_all();
-        while state.0 && !stop.load(Ordering::SeqCst) {
+        while state.closed() && !stop.load(Ordering::SeqCst) {
             state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
         }
-        state.1 -= 1;
+        state.parked -= 1;
         self.changed.notify_all();
     }
 
     fn requested(&self) -> bool {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).0
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).closed()
     }
 
     pub fn request(&self, paused: bool) {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).0 = paused;
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).paused = paused;
+        self.changed.notify_all();
+    }
+
+    /// Holds the vCPUs back (a throttle's off-time) or lets them go.
+    pub fn throttle(&self, on: bool) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).throttled = on;
         self.changed.notify_all();
     }
 
@@ -67,8 +89,8 @@ impl PauseGate {
     fn wait_parked(&self, count: usize, timeout: Duration) -> bool {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let (state, _) =
-            self.changed.wait_timeout_while(state, timeout, |s| s.1 < count).unwrap_or_else(|p| p.into_inner());
-        state.1 >= count
+            self.changed.wait_timeout_while(state, timeout, |s| s.parked < count).unwrap_or_else(|p| p.into_inner());
+        state.parked >= count
     }
 }
 
@@ -133,6 +155,9 @@ pub fn spawn(index: u32, vcpu: SharedVcpu, shared: Arc<VcpuShared>) -> std::io::
         let run = vcpu.lock().unwrap_or_else(|p| p.into_inner()).get_kvm_run() as *mut kvm_run;
         // The kvm_run mapping lives as long as the VcpuFd, which outlives this thread.
         KVM_RUN.with(|r| r.set(run));
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        shared.running.lock().unwrap_or_else(|p| p.into_inner()).push(me);
         loop {
             shared.pause.park_if_requested(&shared.stop);
             if shared.stop.load(Ordering::SeqCst) {
@@ -144,8 +169,20 @@ pub fn spawn(index: u32, vcpu: SharedVcpu, shared: Arc<VcpuShared>) -> std::io::
                 break;
             }
         }
+        // Off the list before the thread ends: nothing kicks a thread that is gone.
+        shared.running.lock().unwrap_or_else(|p| p.into_inner()).retain(|t| *t != me);
         KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
     })
+}
+
+/// Kicks every running vCPU thread out of KVM_RUN (from any thread).
+pub fn kick_running(shared: &VcpuShared) {
+    let running = shared.running.lock().unwrap_or_else(|p| p.into_inner());
+    for &thread in running.iter() {
+        // SAFETY: the thread is listed only while it runs (it leaves the list, under this lock,
+        // before it ends), so the pthread_t names a live thread.
+        unsafe { libc::pthread_kill(thread, kick_signal()) };
+    }
 }
 
 /// Stops every vCPU thread: sets the stop flag and kicks each thread until it has exited.

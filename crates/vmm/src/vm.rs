@@ -286,6 +286,11 @@ impl RunningVm {
 
     /// Whether guest memory is mapped from a snapshot's file (a page not resident still holds
     /// data).
+    /// What a migration's auto-converge holds back.
+    pub fn vcpus(&self) -> Arc<VcpuShared> {
+        self.shared.clone()
+    }
+
     pub fn is_restored(&self) -> bool {
         self.restored
     }
@@ -545,6 +550,7 @@ fn launch(
         stop: AtomicBool::new(false),
         run_mmap_size,
         pause: Default::default(),
+        running: Default::default(),
     });
     if paused {
         shared.pause.request(true);

@@ -33,6 +33,7 @@ pub mod control;
 pub mod receive;
 pub mod send;
 pub mod stream;
+pub mod throttle;
 pub mod tls;
 pub mod transport;
 pub mod written;
@@ -67,6 +68,8 @@ pub struct Status {
     pub dirty_rate_mib_s: f64,
     pub bandwidth_mib_s: f64,
     pub expected_downtime_ms: f64,
+    /// The share of time auto-converge holds the vCPUs back, in percent.
+    pub throttle_percent: u32,
     /// From the pause to the destination's word that the VM runs there.
     pub downtime_ms: Option<f64>,
     pub total_ms: Option<f64>,

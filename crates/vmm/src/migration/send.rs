@@ -105,6 +105,7 @@ struct Source {
     restored: bool,
     hotplug: Option<Arc<virtio::mem::MemControl>>,
     config: Vec<u8>,
+    vcpus: Arc<crate::vcpu::VcpuShared>,
 }
 
 impl Source {
@@ -143,6 +144,7 @@ impl Outgoing {
             mem: vm.memory().clone(),
             restored: vm.is_restored(),
             hotplug: vm.memory_hotplug().cloned(),
+            vcpus: vm.vcpus(),
             config: serde_json::to_vec(config).map_err(|e| format!("The configuration cannot be encoded: {e}."))?,
         };
         let shared = Shared::new("source", &options.url, latch.clone());
@@ -454,6 +456,10 @@ fn run(
     let mut bandwidth = rate(out.bytes, copying.elapsed());
     let mut round = 0u32;
     let mut last = Instant::now();
+    // Auto-converge: two rounds in a row that dirtied more than half of what they sent hold
+    // the vCPUs back one step more.
+    let mut throttle = super::throttle::Throttle::new(source.vcpus.clone());
+    let (mut sent_in_round, mut strikes) = (out.bytes, 0);
     let pending = loop {
         if shared.cancelled.load(Ordering::Relaxed) {
             return Err(cancelled());
@@ -483,14 +489,30 @@ fn run(
         if expected_ms <= options.downtime_ms as f64 || round >= options.max_rounds || timed_out {
             break pages;
         }
+        strikes = if left > sent_in_round / 2 { strikes + 1 } else { 0 };
+        if strikes >= 2 && throttle.percent() < super::throttle::MAX {
+            strikes = 0;
+            match throttle.step_up() {
+                Ok(percent) => {
+                    shared.status().throttle_percent = percent;
+                    tracing::info!(
+                        "migration: the guest dirties memory faster than it moves; vCPUs held back {percent}%"
+                    );
+                }
+                Err(e) => tracing::warn!("migration: the vCPUs cannot be throttled ({e})"),
+            }
+        }
         let (sent_before, started) = (out.bytes, Instant::now());
         for &gpa in &pages {
             out.page(&source.mem, gpa, false)?;
         }
         out.flush()?;
-        bandwidth = rate(out.bytes - sent_before, started.elapsed());
+        sent_in_round = out.bytes - sent_before;
+        bandwidth = rate(sent_in_round, started.elapsed());
         round += 1;
     };
+    // The switch-over pauses the VM outright.
+    drop(throttle);
     // The switch-over: the controller pauses the VM and quiesces its devices.
     let state = switch_over(shared)?;
     let mut last_pages = dirty_pages(&source.mem, &dirty.take()?, &source.unplugged());

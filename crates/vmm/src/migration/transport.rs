@@ -209,6 +209,8 @@ mod tests {
         assert_eq!(Url::parse("f", "unix:/run/m.sock"), Ok(Url::Unix("/run/m.sock".into())));
         assert_eq!(Url::parse("f", "tcp:127.0.0.1:4444"), Ok(Url::Tcp("127.0.0.1:4444".into())));
         assert_eq!(Url::parse("f", "tcp:[::1]:4444"), Ok(Url::Tcp("[::1]:4444".into())));
+        let tls = Url::parse("f", "tls:dst.example:4444").unwrap();
+        assert_eq!((tls.host(), tls.to_string().as_str()), (Some("dst.example"), "tls:dst.example:4444"));
         for bad in ["", "unix:", "tcp:host", "tcp::80", "tcp:h:99999", "http://x", "/path"] {
             let e = Url::parse("destination_url", bad).unwrap_err();
             assert!(e.starts_with("destination_url") && e.contains("unix:PATH"), "{bad}: {e}");
