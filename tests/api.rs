@@ -992,7 +992,8 @@ fn pmem_rate_limiter_changes_on_a_running_vm() {
     assert!(m.contains("x"), "{m}");
     let limit = r#"{"id": "data", "rate_limiter": {"ops": {"size": 1, "refill_time": 200}}}"#;
     expect(s, "PATCH", "/pmem/data", limit, 204);
-    assert!(vm.wait_for_output("PROBE virtio-pmem ok", TIMEOUT), "{}", vm.stdout());
+    // The whole line: the VM stops right after.
+    assert!(vm.wait_for_output("flush=ok flushes=5\n", TIMEOUT), "{}", vm.stdout());
     let metrics: serde_json::Value = serde_json::from_str(&expect(s, "GET", "/ferrovisor/metrics", "", 200)).unwrap();
     let device = &metrics["devices"]["virtio-pmem0"];
     assert!(device["rate_limited"].as_u64().unwrap() >= 3, "{metrics}");

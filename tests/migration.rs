@@ -285,6 +285,34 @@ fn auto_converge_holds_a_fast_writer_back_and_the_move_completes() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Post-copy over a Unix socket and over TCP: after one pass the VM switches over without the
+/// pages the probe dirtied since, runs on the destination, and fetches each on first touch
+/// while the source pushes the rest; every page checks out and both sides say post-copy ended.
+#[test]
+fn post_copy_runs_the_vm_on_the_destination_before_its_last_pages_arrive() {
+    let dir = scratch_dir("migration-postcopy");
+    for (i, url) in [format!("unix:{}", dir.join("m.sock").display()), format!("tcp:127.0.0.1:{}", free_tcp_port())]
+        .into_iter()
+        .enumerate()
+    {
+        let (mut destination, to) = api_vmm(&dir, &format!("dst{i}.sock"), &[]);
+        api_call(&to, "PUT", "/ferrovisor/migration/receive", &format!(r#"{{"receiver_url": "{url}"}}"#), 204);
+        let (source, from) = dirtying_source(&dir, &format!("src{i}.sock"), 8);
+        std::thread::sleep(Duration::from_millis(1500));
+        let send = format!(r#"{{"destination_url": "{url}", "postcopy": true, "max_rounds": 1}}"#);
+        api_call(&from, "PUT", "/ferrovisor/migration/send", &send, 204);
+        let out = source.finish(TIMEOUT);
+        assert!(out.status.success(), "{}", out.describe());
+        assert!(out.stderr.contains("post-copy of"), "{}", out.describe());
+        assert!(destination.wait_for_output("PROBE dirty ok", TIMEOUT), "{}\n{}", destination.stdout(), out.stdout);
+        let line = destination.stdout().lines().find(|l| l.starts_with("PROBE dirty ok")).unwrap().to_string();
+        eprintln!("{url}: {line}");
+        let out = destination.finish(TIMEOUT);
+        assert!(out.stderr.contains("post-copy done, every page is here"), "{}", out.describe());
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// A destination that reads a little and hangs up, and one that never reads until the
 /// migration is cancelled: each time the source says why, the VM runs on there, and the probe
 /// finishes with every page intact. A destination that is not there is a 400.

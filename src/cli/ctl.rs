@@ -43,6 +43,10 @@ pub enum CtlAction {
         /// as for an upgrade of the VMM in place; the VM needs --memory shared=on.
         #[arg(long)]
         local: bool,
+        /// Switch over after the first pass (or --max-rounds) without the last pages: the
+        /// destination runs the VM and fetches them on first touch.
+        #[arg(long)]
+        postcopy: bool,
     },
     /// Wait at URL (unix:PATH or tcp:HOST:PORT) for a VM migrating here (a VMM with nothing
     /// configured), following until it runs here.
@@ -51,8 +55,11 @@ pub enum CtlAction {
 
 pub fn ctl(socket: &Path, action: CtlAction) -> ExitCode {
     match &action {
-        CtlAction::Migrate { url, downtime_ms, timeout_s, local } => {
-            let mut body = serde_json::json!({ "destination_url": url, "local": local });
+        CtlAction::Migrate { url, downtime_ms, timeout_s, local, postcopy } => {
+            let mut body = serde_json::json!({ "destination_url": url, "local": local, "postcopy": postcopy });
+            if *postcopy {
+                body["max_rounds"] = 1.into();
+            }
             if let Some(ms) = downtime_ms {
                 body["downtime_ms"] = (*ms).into();
             }

@@ -64,7 +64,9 @@ fn follow(socket: &Path, source: bool) -> ExitCode {
             // shutting down.
             Err(e)
                 if source
-                    && (last.as_ref().is_some_and(|s| s["phase"] == "switchover" || s["phase"] == "precopy")
+                    && (last
+                        .as_ref()
+                        .is_some_and(|s| ["switchover", "precopy", "postcopy"].iter().any(|p| s["phase"] == *p))
                         || (last.is_none() && e.contains("shutting down"))) =>
             {
                 let newline = if terminal { "\n" } else { "" };

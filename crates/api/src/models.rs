@@ -507,6 +507,10 @@ pub struct MigrationSend {
     /// than copy pages (Cloud Hypervisor's `local`); needs shared guest memory.
     #[serde(default)]
     pub local: bool,
+    /// Switch over once `max_rounds` are done (or the target is met) without the last pages:
+    /// the destination runs the VM and fetches them as it touches them.
+    #[serde(default)]
+    pub postcopy: bool,
     /// For a `tls:` URL: this VMM's certificate and key, and the CA the destination's
     /// certificate must chain to (PEM files).
     #[serde(default)]

@@ -50,8 +50,9 @@ pub struct Tap {
     name: String,
 }
 
-/// Every TAP queue this process opened, by TAP name (copies of the fds).
-static OPENED: std::sync::Mutex<Vec<(String, File)>> = std::sync::Mutex::new(Vec::new());
+/// Every TAP queue a device of this process holds open, by TAP name (the queue leaves the list
+/// when it is dropped, so that the list never keeps a TAP attached).
+static OPENED: std::sync::Mutex<Vec<(String, RawFd)>> = std::sync::Mutex::new(Vec::new());
 /// TAP queues another process handed over, by name, until a device opens them.
 static INHERITED: std::sync::Mutex<Vec<(String, Vec<File>)>> = std::sync::Mutex::new(Vec::new());
 
@@ -59,10 +60,10 @@ static INHERITED: std::sync::Mutex<Vec<(String, Vec<File>)>> = std::sync::Mutex:
 pub fn opened() -> Vec<(String, Vec<std::os::fd::RawFd>)> {
     let opened = OPENED.lock().unwrap_or_else(|p| p.into_inner());
     let mut by_name: Vec<(String, Vec<std::os::fd::RawFd>)> = Vec::new();
-    for (name, file) in opened.iter() {
+    for (name, fd) in opened.iter() {
         match by_name.iter_mut().find(|(n, _)| n == name) {
-            Some((_, fds)) => fds.push(file.as_raw_fd()),
-            None => by_name.push((name.clone(), vec![file.as_raw_fd()])),
+            Some((_, fds)) => fds.push(*fd),
+            None => by_name.push((name.clone(), vec![*fd])),
         }
     }
     by_name
@@ -114,12 +115,9 @@ impl Tap {
         Ok(taps)
     }
 
-    /// Keeps a copy of this queue's fd, to hand over in a local migration ([`opened`]).
+    /// Lists this queue, to hand over in a local migration ([`opened`]), until it is dropped.
     fn remember(&self) {
-        match self.file.try_clone() {
-            Ok(copy) => OPENED.lock().unwrap_or_else(|p| p.into_inner()).push((self.name.clone(), copy)),
-            Err(e) => tracing::warn!("TAP {}: its fd cannot be kept for a local migration ({e})", self.name),
-        }
+        OPENED.lock().unwrap_or_else(|p| p.into_inner()).push((self.name.clone(), self.file.as_raw_fd()));
     }
 
     fn open_new_queues(name: &str, vnet_hdr_len: i32, queues: usize) -> Result<Vec<Tap>, TapError> {
@@ -227,6 +225,14 @@ impl Tap {
 
     pub fn try_clone(&self) -> io::Result<Tap> {
         Ok(Tap { file: self.file.try_clone()?, name: self.name.clone() })
+    }
+}
+
+impl Drop for Tap {
+    /// Off the list of open queues before the fd closes (a clone was never on it).
+    fn drop(&mut self) {
+        let fd = self.file.as_raw_fd();
+        OPENED.lock().unwrap_or_else(|p| p.into_inner()).retain(|(_, open)| *open != fd);
     }
 }
 

@@ -87,6 +87,8 @@ const MIGRATION: &[i64] = &[
     libc::SYS_mincore,
     libc::SYS_fstat,
     libc::SYS_statx,
+    // A post-copy destination catches the guest's first touch of a missing page.
+    libc::SYS_userfaultfd,
 ];
 
 /// An assigned device: messages to its vfio-user server on the connected socket, or reads and
@@ -296,10 +298,18 @@ fn allowed(kind: ThreadKind) -> (Vec<i64>, Vec<Ioctl>) {
         ThreadKind::VhostUserBackend => &[ioctls::FIONBIO, ioctls::TUNSETOFFLOAD],
         // Each plugged block of hotpluggable memory is a KVM memory slot.
         ThreadKind::Mem => &[ioctls::KVM_SET_USER_MEMORY_REGION],
-        // The source reads and clears KVM's dirty log round after round.
-        ThreadKind::Migration => {
-            &[ioctls::KVM_GET_DIRTY_LOG, ioctls::KVM_CLEAR_DIRTY_LOG, ioctls::PAGEMAP_SCAN, ioctls::FIONBIO]
-        }
+        // The source reads and clears KVM's dirty log round after round; a post-copy destination
+        // catches missing pages with userfaultfd and fills them.
+        ThreadKind::Migration => &[
+            ioctls::KVM_GET_DIRTY_LOG,
+            ioctls::KVM_CLEAR_DIRTY_LOG,
+            ioctls::PAGEMAP_SCAN,
+            ioctls::FIONBIO,
+            ioctls::UFFDIO_API,
+            ioctls::UFFDIO_REGISTER,
+            ioctls::UFFDIO_COPY,
+            ioctls::UFFDIO_ZEROPAGE,
+        ],
         _ => &[],
     };
     let mut syscalls: Vec<i64> = BASE.iter().chain(groups.iter().flat_map(|g| g.iter())).copied().collect();

@@ -64,6 +64,8 @@ ioctls! {
     UFFDIO_API = iowr_sized(0xaa, 0x3f, 24);
     UFFDIO_REGISTER = iowr_sized(0xaa, 0x00, 32);
     UFFDIO_WRITEPROTECT = iowr_sized(0xaa, 0x06, 24);
+    UFFDIO_COPY = iowr_sized(0xaa, 0x03, 40);
+    UFFDIO_ZEROPAGE = iowr_sized(0xaa, 0x04, 32);
     PAGEMAP_SCAN = iowr_sized(b'f' as u32, 16, 96);
     KVM_SET_USER_MEMORY_REGION = iow::<kvm_userspace_memory_region>(KVMIO, 0x46);
     KVM_CHECK_EXTENSION = io(KVMIO, 0x03);

@@ -24,6 +24,8 @@ pub enum VmExit {
     Migrated(String),
     /// A VMM started to receive a VM (`run --incoming`) got none.
     NotReceived(String),
+    /// A post-copy migration broke after the VM ran here: pages it never got are missing.
+    Lost(String),
     /// The guest did something the VM cannot go on from.
     Fault(GuestFault),
     /// KVM failed a vCPU.
@@ -37,7 +39,11 @@ impl VmExit {
     pub fn exit_code(&self) -> i32 {
         match self {
             VmExit::Reset | VmExit::PowerOff | VmExit::Signal(_) | VmExit::Requested | VmExit::Migrated(_) => 0,
-            VmExit::Fault(_) | VmExit::VcpuError { .. } | VmExit::Sandbox(_) | VmExit::NotReceived(_) => 1,
+            VmExit::Fault(_)
+            | VmExit::VcpuError { .. }
+            | VmExit::Sandbox(_)
+            | VmExit::NotReceived(_)
+            | VmExit::Lost(_) => 1,
         }
     }
 }
@@ -51,6 +57,7 @@ impl std::fmt::Display for VmExit {
             VmExit::Requested => write!(f, "stopped the VM as the API asked"),
             VmExit::Migrated(to) => write!(f, "the VM moved to {to} and runs there; it stopped here"),
             VmExit::NotReceived(why) => write!(f, "no VM arrived: {why}"),
+            VmExit::Lost(why) => write!(f, "the VM is lost: its post-copy migration broke ({why})"),
             VmExit::Fault(fault) => write!(f, "{fault}"),
             VmExit::VcpuError { vcpu, message } => write!(f, "vCPU {vcpu} failed: {message}"),
             VmExit::Sandbox(message) => write!(f, "the VM stopped: {message}"),

@@ -30,6 +30,7 @@ use crate::exit::ExitLatch;
 use crate::snapshot::Snapshot;
 
 pub mod control;
+pub mod postcopy;
 pub mod receive;
 pub mod send;
 pub mod stream;
@@ -48,6 +49,8 @@ pub enum Phase {
     Connecting,
     Precopy,
     Switchover,
+    /// The VM runs on the destination, which still fetches pages from the source.
+    Postcopy,
     Completed,
     Failed,
     Cancelled,

@@ -48,6 +48,9 @@ impl Incoming {
             let shared = shared.clone();
             sandbox::spawn(sandbox::ThreadKind::Migration, "migration", move || {
                 let result = receive(&shared, listener, &limits);
+                if let Err(e) = &result {
+                    tracing::warn!("migration: no VM runs here from this stream: {e}");
+                }
                 shared.finish(result);
             })
             .map_err(|e| format!("The migration thread cannot start: {e}."))?
@@ -97,7 +100,7 @@ impl Incoming {
     }
 }
 
-fn receive(shared: &Shared, listener: Listener, limits: &HostLimits) -> Result<(), String> {
+fn receive(shared: &Arc<Shared>, listener: Listener, limits: &HostLimits) -> Result<(), String> {
     let mut connection = listener.accept(&shared.cancelled)?;
     shared.connected(connection.as_ref());
     // A Unix socket's path goes with the listener.
@@ -105,21 +108,64 @@ fn receive(shared: &Shared, listener: Listener, limits: &HostLimits) -> Result<(
     shared.status().phase = Phase::Precopy;
     let unix = connection.unix_fd();
     let arrived = receive_vm(&mut stream::Frames::new(&mut connection, unix), Some(shared), limits);
-    let result = match arrived {
-        Ok(vm) => {
-            shared.status().phase = Phase::Switchover;
-            shared.hand_to_controller(Step::Arrived(Box::new(vm)));
-            shared.wait_for(|step| match std::mem::replace(step, Step::Working) {
+    let (state, mem, owed) = match arrived {
+        Ok(vm) => vm,
+        Err(e) => {
+            answer(&mut connection, &Err(e.clone()));
+            return Err(e);
+        }
+    };
+    // Post-copy: missing pages are caught from here on, the VM's build included.
+    let missing = match owed.map(|owed| super::postcopy::Missing::start(&mem, owed)).transpose() {
+        Ok(missing) => missing,
+        Err(e) => {
+            answer(&mut connection, &Err(e.clone()));
+            return Err(e);
+        }
+    };
+    shared.status().phase = Phase::Switchover;
+    shared.hand_to_controller(Step::Arrived(Box::new((state, mem))));
+    let built = || {
+        shared.wait_for(|step| match std::mem::replace(step, Step::Working) {
+            Step::Built(result) => Some(result),
+            other => {
+                *step = other;
+                None
+            }
+        })
+    };
+    let Some(missing) = missing else {
+        let result = built();
+        answer(&mut connection, &result);
+        return result;
+    };
+    // The build's word reaches the page server through a channel: it serves faults meanwhile.
+    let (tell, hear) = std::sync::mpsc::sync_channel(1);
+    let waiter = {
+        let shared = shared.clone();
+        sandbox::spawn(sandbox::ThreadKind::Migration, "migration", move || {
+            let result = shared.wait_for(|step| match std::mem::replace(step, Step::Working) {
                 Step::Built(result) => Some(result),
                 other => {
                     *step = other;
                     None
                 }
-            })
-        }
-        Err(e) => Err(e),
+            });
+            if result.is_ok() {
+                shared.status().phase = Phase::Postcopy;
+            }
+            let _ = tell.send(result);
+        })
+        .map_err(|e| format!("the post-copy thread cannot start ({e}); the VM is lost"))?
     };
-    answer(&mut connection, &result);
+    let result = super::postcopy::serve_destination(connection, missing, hear);
+    let _ = waiter.join();
+    // A VM that ran here without all of its memory cannot go on.
+    if let Err(e) = &result
+        && shared.status().phase == Phase::Postcopy
+    {
+        shared.latch.set(crate::exit::VmExit::Lost(e.clone()));
+    }
     result
 }
 
@@ -141,7 +187,7 @@ pub(crate) fn receive_vm<R: Read>(
     frames: &mut stream::Frames<R>,
     shared: Option<&Shared>,
     limits: &HostLimits,
-) -> Result<(Snapshot, GuestMemory), String> {
+) -> Result<(Snapshot, GuestMemory, Option<Vec<u8>>), String> {
     let mut buf = Vec::new();
     if frames.next(&mut buf)? != Kind::Hello {
         return Err("the stream does not begin with a hello".into());
@@ -167,6 +213,8 @@ pub(crate) fn receive_vm<R: Read>(
     let mut mem: Option<GuestMemory> = None;
     let mut received = 0u64;
     let mut state = None;
+    // Post-copy: the pages the source still owes, as a bitmap.
+    let mut owed = None;
     loop {
         if shared.is_some_and(|s| s.cancelled.load(Ordering::Relaxed)) {
             return Err("the migration was cancelled".into());
@@ -198,7 +246,19 @@ pub(crate) fn receive_vm<R: Read>(
                 crate::vm::check_restorable(&saved)?;
                 state = Some(saved);
             }
-            Kind::End => break,
+            Kind::Dirty if owed.is_none() && state.is_none() => {
+                let mem = match &mut mem {
+                    Some(mem) => mem,
+                    None => mem.insert(fresh()?),
+                };
+                let expected = super::postcopy::PageIndex::new(mem).bitmap_len();
+                if buf.len() != expected {
+                    return Err(format!("the post-copy page list has {} bytes where {expected} were due", buf.len()));
+                }
+                owed = Some(buf.clone());
+            }
+            Kind::End if owed.is_none() => break,
+            Kind::Postcopy if owed.is_some() && state.is_some() => break,
             other => return Err(format!("the stream has a {other:?} frame out of place")),
         }
     }
@@ -212,7 +272,7 @@ pub(crate) fn receive_vm<R: Read>(
         let bitmap: &AtomicBitmap = std::ops::Deref::deref(region).bitmap();
         bitmap.reset();
     }
-    Ok((state, mem))
+    Ok((state, mem, owed))
 }
 
 /// A local migration's handover: guest memory's file, mapped shared as the source laid it out,
@@ -274,7 +334,8 @@ mod tests {
     #[test]
     fn a_whole_stream_fills_fresh_memory_and_a_cut_or_foreign_one_is_refused() {
         let frames = |bytes: &'static [u8]| stream::Frames::new(bytes, None);
-        let (state, mem) = receive_vm(&mut frames(STREAM), None, &LIMITS).unwrap();
+        let (state, mem, owed) = receive_vm(&mut frames(STREAM), None, &LIMITS).unwrap();
+        assert!(owed.is_none(), "a pre-copy stream owes nothing");
         assert_eq!(state.config.memory_mib, 64);
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x100fff)).unwrap(), 0x90);
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x101000)).unwrap(), 0, "pages not sent are zero");

@@ -32,6 +32,8 @@ pub struct SendOptions {
     pub local: bool,
     /// The source's side of TLS, for a `tls:` URL.
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Switch over without the last pages; the destination fetches them.
+    pub postcopy: bool,
 }
 
 impl SendOptions {
@@ -60,6 +62,11 @@ impl SendOptions {
         if m.local && !matches!(url, Url::Unix(_)) {
             return Err("local needs a unix: destination_url: the memory's file goes over the socket.".into());
         }
+        if m.postcopy && (m.local || matches!(url, Url::Tls(_))) {
+            return Err("postcopy goes over unix: or tcp: without local; a local move copies nothing, and TLS \
+                        post-copy is not supported yet."
+                .into());
+        }
         let tls = super::tls::TlsFiles::from_fields(&m.tls_cert, &m.tls_key, &m.tls_ca)?;
         let tls = match (&url, tls) {
             (Url::Tls(_), Some(files)) => Some(files.client()?),
@@ -77,6 +84,7 @@ impl SendOptions {
             max_rounds,
             local: m.local,
             tls,
+            postcopy: m.postcopy,
         })
     }
 }
@@ -134,6 +142,9 @@ impl Outgoing {
             return Err("A local migration hands guest memory over, so it must be shared: start the VM with \
                         --memory shared=on (or \"ferrovisor-memory\": {\"shared\": true})."
                 .into());
+        }
+        if options.postcopy && vm_hugepages(config) {
+            return Err("Post-copy moves 4 KiB pages one by one: it needs guest memory without hugepages=on.".into());
         }
         // A local migration copies no pages: nothing to track.
         let dirty = match options.local {
@@ -238,7 +249,12 @@ impl Outgoing {
                 let downtime = paused_at.elapsed().as_secs_f64() * 1000.0;
                 self.shared.status().downtime_ms = Some(downtime);
                 super::counters::LAST_DOWNTIME_US.store((downtime * 1000.0) as u64, Ordering::Relaxed);
-                if result.is_err() {
+                // Once a post-copy told the destination to run the VM, it may run there: this
+                // copy stays paused rather than run twice.
+                let committed = self.shared.status().phase == Phase::Postcopy;
+                if result.is_err() && committed {
+                    tracing::error!("migration: post-copy broke after the switch-over; the VM stays paused here");
+                } else if result.is_err() {
                     vm.resume_devices();
                     if !was_paused {
                         vm.resume();
@@ -270,6 +286,10 @@ impl Outgoing {
             }
         }
     }
+}
+
+fn vm_hugepages(config: &VmConfig) -> bool {
+    config.memory.hugepages == crate::config::HugePages::On
 }
 
 /// The stream with the page batch being built.
@@ -519,8 +539,65 @@ fn run(
     last_pages.extend(pending);
     last_pages.sort_unstable();
     last_pages.dedup();
+    if options.postcopy {
+        return postcopy(out, shared, source, &state, last_pages);
+    }
     for &gpa in &last_pages {
         out.page(&source.mem, gpa, false)?;
     }
     finish(out, &state)
+}
+
+/// The post-copy switch-over: the state goes with the list of pages still owed, the VM runs on
+/// the destination once it says so, and the owed pages follow, those it asks for first. From
+/// that word on the VM lives on the destination: an error here loses it.
+fn postcopy(mut out: Sender, shared: &Shared, source: &Source, state: &[u8], owed: Vec<u64>) -> Result<(), String> {
+    let index = super::postcopy::PageIndex::new(&source.mem);
+    out.frame(Kind::Dirty, &super::postcopy::bitmap_of(&index, &owed))?;
+    out.frame(Kind::State, state)?;
+    // From the next frame on the destination may run the VM: this copy must not run again.
+    shared.status().phase = Phase::Postcopy;
+    out.frame(Kind::Postcopy, &[])?;
+    out.flush()?;
+    let mut reader = reader_of(out.out.get_ref().as_ref())?;
+    let mut reply = Vec::new();
+    // The destination may ask for pages while it builds the VM, before it says it runs.
+    loop {
+        match stream::read_frame(&mut reader, &mut reply) {
+            Ok(Kind::Ack) => break,
+            Ok(Kind::Request) => {
+                let gpa = u64::from_le_bytes(reply.get(..8).and_then(|b| b.try_into().ok()).ok_or("a bad request")?);
+                out.page(&source.mem, gpa & !(PAGE as u64 - 1), false)?;
+                out.flush()?;
+            }
+            Ok(Kind::Error) => {
+                shared.status().phase = Phase::Switchover;
+                return Err(format!("the destination refused the VM: {}", String::from_utf8_lossy(&reply)));
+            }
+            Ok(other) => return Err(format!("the destination answered with a {other:?} frame")),
+            Err(e) => return Err(format!("the destination never said the VM runs there: {e}")),
+        }
+    }
+    tracing::info!("migration: the VM runs on the destination; post-copy of {} pages", owed.len());
+    let mut send = |page: Option<u64>| match page {
+        Some(gpa) => out.page(&source.mem, gpa, false),
+        None => out.flush(),
+    };
+    super::postcopy::serve_source(&mut send, reader.as_mut(), owed)
+        .map_err(|e| format!("{e}; the VM, which ran on the destination, is lost"))?;
+    out.frame(Kind::End, &[])?;
+    out.flush()?;
+    match stream::read_frame(&mut reader, &mut reply) {
+        Ok(Kind::Ack) => Ok(()),
+        other => Err(format!("the destination did not confirm the last page ({other:?}); the VM may be lost")),
+    }
+}
+
+/// A second handle on the stream for reading, beside the writer (unix: and tcp: only).
+fn reader_of(stream: &dyn Stream) -> Result<Box<dyn Stream>, String> {
+    let fd = transport::cutter(stream).ok_or("the stream cannot be read beside its writes")?;
+    Ok(match stream.unix_fd() {
+        Some(_) => Box::new(std::os::unix::net::UnixStream::from(fd)),
+        None => Box::new(std::net::TcpStream::from(fd)),
+    })
 }

@@ -31,6 +31,13 @@ pub enum Kind {
     /// A local migration's handover ([`Handover`]); guest memory's file and the TAPs' queues
     /// come with it as file descriptors over the Unix socket.
     Memory = 8,
+    /// Post-copy: a bitmap of the pages the source still owes (over the memory regions in
+    /// order), sent with the state; the destination runs the VM without them.
+    Dirty = 9,
+    /// Post-copy: the state is sent, the VM may run; owed pages follow until `End`.
+    Postcopy = 10,
+    /// Post-copy, from the destination: the guest touched the page at this address (u64).
+    Request = 11,
 }
 
 impl Kind {
@@ -44,6 +51,9 @@ impl Kind {
             6 => Kind::Ack,
             7 => Kind::Error,
             8 => Kind::Memory,
+            9 => Kind::Dirty,
+            10 => Kind::Postcopy,
+            11 => Kind::Request,
             _ => return None,
         })
     }
@@ -53,10 +63,13 @@ impl Kind {
         match self {
             Kind::Hello | Kind::Error => 4096,
             Kind::Memory => 64 << 10,
+            // A bit per page: 2 TiB of guest memory.
+            Kind::Dirty => 64 << 20,
+            Kind::Request => 8,
             Kind::Config => 1 << 20,
             Kind::Pages => 8 + MAX_PAGES_BYTES,
             Kind::State => crate::snapshot::MAX_STATE_FILE as usize,
-            Kind::End | Kind::Ack => 0,
+            Kind::End | Kind::Ack | Kind::Postcopy => 0,
         }
     }
 }
@@ -256,7 +269,7 @@ mod tests {
         let huge = [Kind::Hello as u8, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f];
         assert!(read_frame(&mut huge.as_slice(), &mut buf).unwrap_err().contains("larger than"));
         assert!(buf.capacity() < 1 << 20, "nothing was allocated for it");
-        assert!(read_frame(&mut [9u8, 0, 0, 0, 0, 0, 0, 0].as_slice(), &mut buf).unwrap_err().contains("unknown"));
+        assert!(read_frame(&mut [99u8, 0, 0, 0, 0, 0, 0, 0].as_slice(), &mut buf).unwrap_err().contains("unknown"));
         assert!(pages(&[0u8; 8 + 100]).is_err());
         assert!(pages(&[1u8; 8 + 4096]).is_err(), "misaligned");
     }

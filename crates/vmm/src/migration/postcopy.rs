@@ -1,0 +1,395 @@
+//! Post-copy: the destination runs the VM before all of its memory has arrived. Pages the
+//! source still owed are marked missing and registered with userfaultfd; the first touch of one
+//! (by a vCPU through KVM, or by a device) asks the source for it, while the source pushes the
+//! rest in the background. Missing pages the source never held (all zero) are filled with
+//! zeroes at once. If either side dies before the last page, the VM is lost.
+
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::mpsc::{Receiver, TryRecvError};
+
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use arch::GuestMemory;
+
+use super::stream::{self, Kind, PAGE};
+use super::transport::Stream;
+
+// userfaultfd (include/uapi/linux/userfaultfd.h).
+const UFFD_API: u64 = 0xaa;
+const UFFD_FEATURE_MISSING_SHMEM: u64 = 1 << 5;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+vmm_sys_util::ioctl_iowr_nr!(UFFDIO_API, 0xaa, 0x3f, UffdioApi);
+vmm_sys_util::ioctl_iowr_nr!(UFFDIO_REGISTER, 0xaa, 0x00, UffdioRegister);
+vmm_sys_util::ioctl_iowr_nr!(UFFDIO_COPY, 0xaa, 0x03, UffdioCopy);
+vmm_sys_util::ioctl_iowr_nr!(UFFDIO_ZEROPAGE, 0xaa, 0x04, UffdioZeropage);
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioRegister {
+    range: UffdioRange,
+    mode: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioZeropage {
+    range: UffdioRange,
+    mode: u64,
+    zeropage: i64,
+}
+
+/// Pages by index over the guest memory regions in order (a page's bit in the `Dirty` frame).
+pub struct PageIndex {
+    /// Each region's guest address, host address and page count.
+    regions: Vec<(u64, u64, u64)>,
+}
+
+impl PageIndex {
+    pub fn new(mem: &GuestMemory) -> PageIndex {
+        PageIndex {
+            regions: mem.iter().map(|r| (r.start_addr().0, r.as_ptr() as u64, r.len() / PAGE as u64)).collect(),
+        }
+    }
+
+    pub fn pages(&self) -> u64 {
+        self.regions.iter().map(|r| r.2).sum()
+    }
+
+    /// The bytes of a bitmap of every page.
+    pub fn bitmap_len(&self) -> usize {
+        self.pages().div_ceil(8) as usize
+    }
+
+    pub fn index_of_gpa(&self, gpa: u64) -> Option<u64> {
+        let mut base = 0;
+        for &(start, _, pages) in &self.regions {
+            if gpa >= start && gpa < start + pages * PAGE as u64 {
+                return Some(base + (gpa - start) / PAGE as u64);
+            }
+            base += pages;
+        }
+        None
+    }
+
+    pub fn gpa_of_index(&self, mut index: u64) -> Option<u64> {
+        for &(start, _, pages) in &self.regions {
+            if index < pages {
+                return Some(start + index * PAGE as u64);
+            }
+            index -= pages;
+        }
+        None
+    }
+
+    /// The page index and page-aligned host address of host address `addr`.
+    fn of_host(&self, addr: u64) -> Option<(u64, u64)> {
+        let mut base = 0;
+        for &(_, host, pages) in &self.regions {
+            if addr >= host && addr < host + pages * PAGE as u64 {
+                let page = (addr - host) / PAGE as u64;
+                return Some((base + page, host + page * PAGE as u64));
+            }
+            base += pages;
+        }
+        None
+    }
+
+    fn host_of_index(&self, mut index: u64) -> Option<u64> {
+        for &(_, host, pages) in &self.regions {
+            if index < pages {
+                return Some(host + index * PAGE as u64);
+            }
+            index -= pages;
+        }
+        None
+    }
+}
+
+fn bit(bitmap: &[u8], index: u64) -> bool {
+    bitmap.get((index / 8) as usize).is_some_and(|b| b >> (index % 8) & 1 != 0)
+}
+
+fn clear(bitmap: &mut [u8], index: u64) {
+    if let Some(b) = bitmap.get_mut((index / 8) as usize) {
+        *b &= !(1 << (index % 8));
+    }
+}
+
+/// The bitmap of `gpas` (the pages the source still owes).
+pub fn bitmap_of(index: &PageIndex, gpas: &[u64]) -> Vec<u8> {
+    let mut bitmap = vec![0u8; index.bitmap_len()];
+    for i in gpas.iter().filter_map(|&gpa| index.index_of_gpa(gpa)) {
+        bitmap[(i / 8) as usize] |= 1 << (i % 8);
+    }
+    bitmap
+}
+
+/// The destination's missing memory: what it still needs, registered with userfaultfd.
+pub struct Missing {
+    index: PageIndex,
+    needed: Vec<u8>,
+    uffd: OwnedFd,
+}
+
+impl Missing {
+    /// Drops the pages of `needed` (stale copies from earlier rounds) and registers all of
+    /// `mem` for missing-page faults.
+    pub fn start(mem: &GuestMemory, needed: Vec<u8>) -> Result<Missing, String> {
+        let index = PageIndex::new(mem);
+        if needed.len() != index.bitmap_len() {
+            return Err(format!(
+                "the post-copy page list has {} bytes where the VM's memory needs {}",
+                needed.len(),
+                index.bitmap_len()
+            ));
+        }
+        for (i, region) in mem.iter().enumerate() {
+            let shared = region.file_offset().is_some();
+            let first = index.regions[..i].iter().map(|r| r.2).sum::<u64>();
+            for page in 0..index.regions[i].2 {
+                if bit(&needed, first + page) {
+                    let addr = (region.as_ptr() as u64 + page * PAGE as u64) as *mut libc::c_void;
+                    // A stale copy goes; the page is missing until it arrives.
+                    let advice = if shared { libc::MADV_REMOVE } else { libc::MADV_DONTNEED };
+                    // SAFETY: a page of guest memory this process mapped; its content is dropped.
+                    if unsafe { libc::madvise(addr, PAGE, advice) } != 0 {
+                        return Err(format!("a stale page cannot be dropped ({})", std::io::Error::last_os_error()));
+                    }
+                }
+            }
+        }
+        // SAFETY: the userfaultfd system call with flags only; it returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        if fd < 0 {
+            return Err(format!("userfaultfd is unavailable ({})", std::io::Error::last_os_error()));
+        }
+        // SAFETY: a new fd from userfaultfd, owned from here on.
+        let uffd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let mut api = UffdioApi { api: UFFD_API, features: UFFD_FEATURE_MISSING_SHMEM, ioctls: 0 };
+        // SAFETY: UFFDIO_API reads and writes a uffdio_api, which `api` is laid out as.
+        if unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(&uffd, UFFDIO_API(), &mut api) } < 0 {
+            return Err(format!("userfaultfd refused its API ({})", std::io::Error::last_os_error()));
+        }
+        for &(_, host, pages) in &index.regions {
+            let mut register = UffdioRegister {
+                range: UffdioRange { start: host, len: pages * PAGE as u64 },
+                mode: UFFDIO_REGISTER_MODE_MISSING,
+                ioctls: 0,
+            };
+            // SAFETY: UFFDIO_REGISTER reads and writes a uffdio_register for guest memory this
+            // process mapped.
+            if unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(&uffd, UFFDIO_REGISTER(), &mut register) } < 0 {
+                return Err(format!("guest memory cannot be registered ({})", std::io::Error::last_os_error()));
+            }
+        }
+        Ok(Missing { index, needed, uffd })
+    }
+
+    /// Pages still owed.
+    pub fn left(&self) -> u64 {
+        self.needed.iter().map(|b| u64::from(b.count_ones())).sum()
+    }
+
+    /// Puts a page that arrived in place (and wakes whoever waits for it), if it is still owed.
+    fn fill(&mut self, gpa: u64, data: &[u8]) -> Result<(), String> {
+        let Some(index) = self.index.index_of_gpa(gpa) else {
+            return Err(format!("the source sent a page at {gpa:#x} outside the VM's memory"));
+        };
+        if !bit(&self.needed, index) {
+            return Ok(());
+        }
+        let host = self.index.host_of_index(index).ok_or("a page outside the VM's memory")?;
+        let mut copy = UffdioCopy { dst: host, src: data.as_ptr() as u64, len: PAGE as u64, mode: 0, copy: 0 };
+        // SAFETY: UFFDIO_COPY copies one page from `data` (PAGE bytes, live for the call) into
+        // a registered page of guest memory.
+        let rc = unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(&self.uffd, UFFDIO_COPY(), &mut copy) };
+        if rc < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST) {
+            return Err(format!("a page cannot be put in place ({})", std::io::Error::last_os_error()));
+        }
+        clear(&mut self.needed, index);
+        Ok(())
+    }
+
+    /// A page nobody owes (never written on the source): zeroes, at once.
+    fn zero(&self, host: u64) -> Result<(), String> {
+        let mut zero = UffdioZeropage { range: UffdioRange { start: host, len: PAGE as u64 }, mode: 0, zeropage: 0 };
+        // SAFETY: UFFDIO_ZEROPAGE maps a zero page at a registered page of guest memory.
+        let rc = unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(&self.uffd, UFFDIO_ZEROPAGE(), &mut zero) };
+        if rc < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST) {
+            return Err(format!("a zero page cannot be put in place ({})", std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    /// The faults waiting: each either asks the source (`ask`) or gets zeroes.
+    fn serve_faults(&self, ask: &mut dyn FnMut(u64) -> Result<(), String>) -> Result<(), String> {
+        let mut msg = [0u8; 32];
+        loop {
+            // SAFETY: reading uffd_msg records into a buffer of one record's size.
+            let n = unsafe { libc::read(self.uffd.as_raw_fd(), msg.as_mut_ptr().cast(), msg.len()) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                return match e.kind() {
+                    std::io::ErrorKind::WouldBlock => Ok(()),
+                    _ => Err(format!("the page faults cannot be read ({e})")),
+                };
+            }
+            if n as usize != msg.len() || msg[0] != UFFD_EVENT_PAGEFAULT {
+                continue;
+            }
+            let addr = u64::from_le_bytes(msg[16..24].try_into().expect("eight bytes"));
+            let Some((index, host)) = self.index.of_host(addr) else { continue };
+            match bit(&self.needed, index) {
+                true => ask(self.index.gpa_of_index(index).ok_or("a fault outside the VM's memory")?)?,
+                false => self.zero(host)?,
+            }
+        }
+    }
+}
+
+/// The destination after the VM's state: serves page faults and puts in place what the source
+/// sends until its `End`; tells the source the VM runs (or not) when `built` says so. Ends when
+/// every page is here.
+pub fn serve_destination(
+    mut connection: Box<dyn Stream>,
+    mut missing: Missing,
+    built: Receiver<Result<(), String>>,
+) -> Result<(), String> {
+    let socket = connection.as_raw_fd();
+    let mut asked = std::collections::HashSet::new();
+    let mut answered = false;
+    let mut buf = Vec::new();
+    tracing::info!("migration: post-copy, {} pages to come", missing.left());
+    loop {
+        if !answered {
+            match built.try_recv() {
+                Ok(result) => {
+                    answered = true;
+                    let frame = match &result {
+                        Ok(()) => stream::write_frame(&mut connection, Kind::Ack, &[]),
+                        Err(e) => stream::write_frame(&mut connection, Kind::Error, &e.as_bytes()[..e.len().min(4000)]),
+                    };
+                    frame.map_err(|e| format!("the source is gone ({e}); the VM is lost"))?;
+                    result?;
+                }
+                Err(TryRecvError::Empty) => {}
+                Err(TryRecvError::Disconnected) => return Err("the VM was never built".into()),
+            }
+        }
+        let mut polled = [
+            libc::pollfd { fd: missing.uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: socket, events: libc::POLLIN, revents: 0 },
+        ];
+        // SAFETY: poll reads and writes the two entries of the array it is given.
+        if unsafe { libc::poll(polled.as_mut_ptr(), 2, 10) } < 0 {
+            continue;
+        }
+        if polled[0].revents != 0 {
+            missing.serve_faults(&mut |gpa| {
+                if asked.insert(gpa) {
+                    stream::write_frame(&mut connection, Kind::Request, &gpa.to_le_bytes())
+                        .map_err(|e| format!("the source is gone ({e}); the VM is lost"))?;
+                }
+                Ok(())
+            })?;
+        }
+        if polled[1].revents != 0 {
+            match stream::read_frame(&mut connection, &mut buf) {
+                Ok(Kind::Pages) => {
+                    let (gpa, data) = stream::pages(&buf)?;
+                    for (i, page) in data.chunks_exact(PAGE).enumerate() {
+                        missing.fill(gpa + (i * PAGE) as u64, page)?;
+                    }
+                }
+                Ok(Kind::End) if missing.left() == 0 && answered => {
+                    stream::write_frame(&mut connection, Kind::Ack, &[]).map_err(|e| e.to_string())?;
+                    tracing::info!("migration: post-copy done, every page is here");
+                    return Ok(());
+                }
+                Ok(Kind::End) => {
+                    return Err(format!("the source ended with {} pages owed; the VM is lost", missing.left()));
+                }
+                Ok(other) => return Err(format!("the source sent a {other:?} frame in post-copy")),
+                Err(e) => return Err(format!("{e}; the VM is lost")),
+            }
+        }
+    }
+}
+
+/// The source after the destination runs the VM: answers its requests first and pushes the
+/// other owed pages (`owed`, in address order) meanwhile, then ends and waits for its word.
+/// `send` sends a page (Some) or flushes (None).
+pub fn serve_source(
+    send: &mut dyn FnMut(Option<u64>) -> Result<(), String>,
+    reader: &mut dyn Stream,
+    owed: Vec<u64>,
+) -> Result<(), String> {
+    let socket = reader.as_raw_fd();
+    let mut owed = owed.into_iter().peekable();
+    let mut buf = Vec::new();
+    loop {
+        let mut polled = [libc::pollfd { fd: socket, events: libc::POLLIN, revents: 0 }];
+        // SAFETY: poll reads and writes the one entry it is given.
+        let ready = unsafe { libc::poll(polled.as_mut_ptr(), 1, 0) } > 0 && polled[0].revents != 0;
+        if ready {
+            match stream::read_frame(&mut ReadOnly(reader), &mut buf)? {
+                Kind::Request => {
+                    let gpa = u64::from_le_bytes(buf.get(..8).and_then(|b| b.try_into().ok()).ok_or("a bad request")?);
+                    send(Some(gpa & !(PAGE as u64 - 1)))?;
+                    send(None)?;
+                }
+                Kind::Error => return Err(format!("the destination failed: {}", String::from_utf8_lossy(&buf))),
+                other => return Err(format!("the destination sent a {other:?} frame in post-copy")),
+            }
+            continue;
+        }
+        // A few pages at a time, so that a request waits little.
+        let mut sent = 0;
+        while sent < 64 {
+            let Some(gpa) = owed.next() else { break };
+            send(Some(gpa))?;
+            sent += 1;
+        }
+        send(None)?;
+        if sent == 0 && owed.peek().is_none() {
+            return Ok(());
+        }
+    }
+}
+
+/// A stream read through `Read` alone.
+struct ReadOnly<'a>(&'a mut dyn Stream);
+
+impl Read for ReadOnly<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
