@@ -87,6 +87,16 @@ fn probe_with(tests: &str, extra: &[&str]) -> Command {
     cmd
 }
 
+/// QEMU booting the probe with `devices` on the back-end's socket (chardev `vu`), its guest
+/// memory a shared memfd that the back-end can map.
+fn qemu_on_back_end(tests: &str, backend: &BackEnd, devices: &[&str]) -> Command {
+    let chardev = format!("socket,id=vu,path={}", backend.socket.display());
+    let mut extra = vec!["-object", "memory-backend-memfd,id=mem,size=128M,share=on", "-machine", "memory-backend=mem"];
+    extra.extend(["-chardev", &chardev]);
+    extra.extend(devices);
+    qemu_probe_command(1, tests, &extra)
+}
+
 fn blank_image(dir: &Path) -> PathBuf {
     common::write_file(dir, "disk.img", &vec![0u8; 1 << 20])
 }
@@ -149,19 +159,7 @@ fn qemu_boots_the_probe_on_ferrovisors_block_back_end() {
     let dir = scratch_dir("vhost-user-qemu");
     let image = blank_image(&dir);
     let backend = BackEnd::ferrovisor_blk(&dir, &image);
-    let chardev = format!("socket,id=blk,path={}", backend.socket.display());
-    // vhost-user needs guest memory the back-end can map: a shared memfd.
-    let extra = [
-        "-object",
-        "memory-backend-memfd,id=mem,size=128M,share=on",
-        "-machine",
-        "memory-backend=mem",
-        "-chardev",
-        &chardev,
-        "-device",
-        "vhost-user-blk,chardev=blk",
-    ];
-    let out = finish(qemu_probe_command(1, BLK_PATTERN, &extra));
+    let out = finish(qemu_on_back_end(BLK_PATTERN, &backend, &["-device", "vhost-user-blk,chardev=vu"]));
     assert_pattern_written(&out, &image, "probe-disk");
 }
 
@@ -255,18 +253,7 @@ fn qemu_moves_frames_through_ferrovisors_net_back_end() {
     let dir = scratch_dir("vhost-user-net-qemu");
     let tap = common::TestTap::new("fvvq");
     let backend = ferrovisor_net(&dir, &tap.name);
-    let chardev = format!("socket,id=net,path={}", backend.socket.display());
-    let extra = [
-        "-object",
-        "memory-backend-memfd,id=mem,size=128M,share=on",
-        "-machine",
-        "memory-backend=mem",
-        "-chardev",
-        &chardev,
-        "-netdev",
-        "vhost-user,id=n0,chardev=net",
-        "-device",
-        "virtio-net-device,netdev=n0,mac=52:54:00:12:34:56",
-    ];
-    exchange_frames(Running::start(qemu_probe_command(1, common::NET_EXCHANGE_TESTS, &extra)), &tap);
+    let devices =
+        ["-netdev", "vhost-user,id=n0,chardev=vu", "-device", "virtio-net-device,netdev=n0,mac=52:54:00:12:34:56"];
+    exchange_frames(Running::start(qemu_on_back_end(common::NET_EXCHANGE_TESTS, &backend, &devices)), &tap);
 }

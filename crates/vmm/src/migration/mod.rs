@@ -37,6 +37,7 @@ pub mod stream;
 pub mod throttle;
 pub mod tls;
 pub mod transport;
+mod uffd;
 pub mod written;
 
 pub use transport::Url;

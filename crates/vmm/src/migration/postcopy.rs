@@ -5,7 +5,7 @@
 //! zeroes at once. If either side dies before the last page, the VM is lost.
 
 use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::mpsc::{Receiver, TryRecvError};
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -14,39 +14,14 @@ use arch::GuestMemory;
 
 use super::stream::{self, Kind, PAGE};
 use super::transport::Stream;
+use super::uffd::{self, UffdioRange};
 
-// userfaultfd (include/uapi/linux/userfaultfd.h).
-const UFFD_API: u64 = 0xaa;
+// userfaultfd's missing-page mode (include/uapi/linux/userfaultfd.h).
 const UFFD_FEATURE_MISSING_SHMEM: u64 = 1 << 5;
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
-vmm_sys_util::ioctl_iowr_nr!(UFFDIO_API, 0xaa, 0x3f, UffdioApi);
-vmm_sys_util::ioctl_iowr_nr!(UFFDIO_REGISTER, 0xaa, 0x00, UffdioRegister);
 vmm_sys_util::ioctl_iowr_nr!(UFFDIO_COPY, 0xaa, 0x03, UffdioCopy);
 vmm_sys_util::ioctl_iowr_nr!(UFFDIO_ZEROPAGE, 0xaa, 0x04, UffdioZeropage);
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioRegister {
-    range: UffdioRange,
-    mode: u64,
-    ioctls: u64,
-}
 
 #[repr(C)]
 #[derive(Default)]
@@ -186,29 +161,9 @@ impl Missing {
                 }
             }
         }
-        // SAFETY: the userfaultfd system call with flags only; it returns a new fd or -1.
-        let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-        if fd < 0 {
-            return Err(format!("userfaultfd is unavailable ({})", std::io::Error::last_os_error()));
-        }
-        // SAFETY: a new fd from userfaultfd, owned from here on.
-        let uffd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        let mut api = UffdioApi { api: UFFD_API, features: UFFD_FEATURE_MISSING_SHMEM, ioctls: 0 };
-        // SAFETY: UFFDIO_API reads and writes a uffdio_api, which `api` is laid out as.
-        if unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(&uffd, UFFDIO_API(), &mut api) } < 0 {
-            return Err(format!("userfaultfd refused its API ({})", std::io::Error::last_os_error()));
-        }
+        let uffd = uffd::open(UFFD_FEATURE_MISSING_SHMEM)?;
         for &(_, host, pages) in &index.regions {
-            let mut register = UffdioRegister {
-                range: UffdioRange { start: host, len: pages * PAGE as u64 },
-                mode: UFFDIO_REGISTER_MODE_MISSING,
-                ioctls: 0,
-            };
-            // SAFETY: UFFDIO_REGISTER reads and writes a uffdio_register for guest memory this
-            // process mapped.
-            if unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(&uffd, UFFDIO_REGISTER(), &mut register) } < 0 {
-                return Err(format!("guest memory cannot be registered ({})", std::io::Error::last_os_error()));
-            }
+            uffd::register(&uffd, host, pages * PAGE as u64, UFFDIO_REGISTER_MODE_MISSING)?;
         }
         Ok(Missing { index, needed, uffd })
     }
@@ -227,12 +182,13 @@ impl Missing {
             return Ok(());
         }
         let host = self.index.host_of_index(index).ok_or("a page outside the VM's memory")?;
+        // UFFDIO_COPY reads one page from `data` (PAGE bytes, live for the call); a page that
+        // is there already (EEXIST) is fine.
         let mut copy = UffdioCopy { dst: host, src: data.as_ptr() as u64, len: PAGE as u64, mode: 0, copy: 0 };
-        // SAFETY: UFFDIO_COPY copies one page from `data` (PAGE bytes, live for the call) into
-        // a registered page of guest memory.
-        let rc = unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(&self.uffd, UFFDIO_COPY(), &mut copy) };
-        if rc < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST) {
-            return Err(format!("a page cannot be put in place ({})", std::io::Error::last_os_error()));
+        if let Err(e) = uffd::ioctl_raw(&self.uffd, UFFDIO_COPY(), &mut copy)
+            && e.raw_os_error() != Some(libc::EEXIST)
+        {
+            return Err(format!("a page cannot be put in place ({e})"));
         }
         clear(&mut self.needed, index);
         Ok(())
@@ -241,10 +197,10 @@ impl Missing {
     /// A page nobody owes (never written on the source): zeroes, at once.
     fn zero(&self, host: u64) -> Result<(), String> {
         let mut zero = UffdioZeropage { range: UffdioRange { start: host, len: PAGE as u64 }, mode: 0, zeropage: 0 };
-        // SAFETY: UFFDIO_ZEROPAGE maps a zero page at a registered page of guest memory.
-        let rc = unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(&self.uffd, UFFDIO_ZEROPAGE(), &mut zero) };
-        if rc < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST) {
-            return Err(format!("a zero page cannot be put in place ({})", std::io::Error::last_os_error()));
+        if let Err(e) = uffd::ioctl_raw(&self.uffd, UFFDIO_ZEROPAGE(), &mut zero)
+            && e.raw_os_error() != Some(libc::EEXIST)
+        {
+            return Err(format!("a zero page cannot be put in place ({e})"));
         }
         Ok(())
     }

@@ -10,23 +10,22 @@
 //! the migration relies on KVM's log and the device bitmap.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use arch::GuestMemory;
 
+use super::uffd::{self, UffdioRange, ioctl};
+
 const PAGE: u64 = 4096;
 
-// userfaultfd (include/uapi/linux/userfaultfd.h).
-const UFFD_API: u64 = 0xaa;
+// userfaultfd write protection (include/uapi/linux/userfaultfd.h).
 const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
 const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
 const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
-vmm_sys_util::ioctl_iowr_nr!(UFFDIO_API, 0xaa, 0x3f, UffdioApi);
-vmm_sys_util::ioctl_iowr_nr!(UFFDIO_REGISTER, 0xaa, 0x00, UffdioRegister);
 vmm_sys_util::ioctl_iowr_nr!(UFFDIO_WRITEPROTECT, 0xaa, 0x06, UffdioWriteprotect);
 
 // PAGEMAP_SCAN (include/uapi/linux/fs.h).
@@ -34,29 +33,6 @@ const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
 const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
 const PAGE_IS_WRITTEN: u64 = 1 << 1;
 vmm_sys_util::ioctl_iowr_nr!(PAGEMAP_SCAN, b'f' as u32, 16, PmScanArg);
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioRegister {
-    range: UffdioRange,
-    mode: u64,
-    ioctls: u64,
-}
 
 #[repr(C)]
 #[derive(Default)]
@@ -113,24 +89,10 @@ impl WriteTracker {
 
     fn try_start(mem: &GuestMemory) -> Result<WriteTracker, String> {
         let ranges: Vec<(u64, u64)> = mem.iter().map(|r| (r.as_ptr() as u64, r.len())).collect();
-        // SAFETY: the userfaultfd system call with flags only; it returns a new fd or -1.
-        let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-        if fd < 0 {
-            return Err(format!("userfaultfd: {}", std::io::Error::last_os_error()));
-        }
-        // SAFETY: a fresh fd, owned from here on.
-        let uffd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        let mut api = UffdioApi {
-            api: UFFD_API,
-            features: UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
-            ioctls: 0,
-        };
-        ioctl(&uffd, UFFDIO_API(), &mut api, "UFFDIO_API")?;
+        let uffd = uffd::open(UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_WP_HUGETLBFS_SHMEM)?;
         let pagemap = File::open("/proc/self/pagemap").map_err(|e| format!("/proc/self/pagemap: {e}"))?;
         for &(start, len) in &ranges {
-            let mut register =
-                UffdioRegister { range: UffdioRange { start, len }, mode: UFFDIO_REGISTER_MODE_WP, ioctls: 0 };
-            ioctl(&uffd, UFFDIO_REGISTER(), &mut register, "UFFDIO_REGISTER")?;
+            uffd::register(&uffd, start, len, UFFDIO_REGISTER_MODE_WP)?;
             let mut protect =
                 UffdioWriteprotect { range: UffdioRange { start, len }, mode: UFFDIO_WRITEPROTECT_MODE_WP };
             ioctl(&uffd, UFFDIO_WRITEPROTECT(), &mut protect, "UFFDIO_WRITEPROTECT")?;
@@ -183,15 +145,6 @@ impl WriteTracker {
         }
         Ok(())
     }
-}
-
-fn ioctl<T>(fd: &OwnedFd, request: std::os::raw::c_ulong, arg: &mut T, what: &str) -> Result<(), String> {
-    // SAFETY: `arg` is the structure `request` takes, alive for the call.
-    let rc = unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(fd, request, arg) };
-    if rc < 0 {
-        return Err(format!("{what}: {}", std::io::Error::last_os_error()));
-    }
-    Ok(())
 }
 
 impl AsRawFd for WriteTracker {
