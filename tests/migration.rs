@@ -313,6 +313,99 @@ fn post_copy_runs_the_vm_on_the_destination_before_its_last_pages_arrive() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A probe on the switch echoes UDP while the test, on another port of the switch, sends a
+/// datagram every 5 ms; the VM moves to a VMM that plugs in a new port. The destination's
+/// announcement teaches the switch the new port: the echoes resume, and the longest silence
+/// is the outage the peer saw.
+#[test]
+fn a_udp_flow_through_the_switch_resumes_after_the_move() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = scratch_dir("migration-switch");
+    let switch = dir.join("switch.sock");
+    let mut switch_process = Running::start({
+        let mut cmd = common::ferrovisor();
+        cmd.arg("switch").arg(&switch);
+        cmd
+    });
+    let deadline = Instant::now() + TIMEOUT;
+    while !switch.exists() {
+        assert!(Instant::now() < deadline, "the switch never listened");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let url = format!("unix:{}", dir.join("m.sock").display());
+    let (destination, to) = api_vmm(&dir, "dst.sock", &[]);
+    api_call(&to, "PUT", "/ferrovisor/migration/receive", &format!(r#"{{"receiver_url": "{url}"}}"#), 204);
+    let from = dir.join("src.sock");
+    let tests = format!(
+        "probe.test=virtio-net probe.virtio-net.mode=ip probe.virtio-net.ip=10.9.0.2 probe.virtio-net.gw=10.9.0.2 \
+         probe.virtio-net.checks= probe.virtio-net.listen=7777 probe.virtio-net.serve=40000000000 probe.tsc.khz={}",
+        common::host_tsc_khz()
+    );
+    let mut cmd = probe_command(1, &tests);
+    cmd.args(["--net", &format!("switch={},mac=02:00:00:00:0a:02", switch.display())]).arg("--api-sock").arg(&from);
+    let mut source = Running::start(cmd);
+    assert!(source.wait_for_output("PROBE start", TIMEOUT), "{}", source.stderr());
+    let peer = net::switch::SwitchPort::connect(&switch, 0).unwrap();
+    let listener = peer.try_clone().unwrap();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let echoes = std::thread::spawn({
+        let stop = stop.clone();
+        move || {
+            let mut times = Vec::new();
+            let mut buf = [0u8; 2048];
+            // SAFETY: a receive timeout on the test's own socket.
+            let timeout = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
+            unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&listener),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&raw const timeout).cast(),
+                    size_of::<libc::timeval>() as u32,
+                )
+            };
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(n) = listener.recv_frame(&mut buf)
+                    && n > 42
+                    && buf[12..14] == [0x08, 0x00]
+                    && buf[23] == 17
+                {
+                    times.push(Instant::now());
+                }
+            }
+            times
+        }
+    });
+    let send_until = |until: Instant| {
+        let mut port = 40000u16;
+        while Instant::now() < until {
+            let _ = peer.send_frame(&common::udp_frame_to_probe([2, 0, 0, 0, 0x0a, 2], port, 1));
+            port = port.wrapping_add(1).max(40000);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    send_until(Instant::now() + Duration::from_secs(2));
+    let moved_at = Instant::now();
+    api_call(&from, "PUT", "/ferrovisor/migration/send", &format!(r#"{{"destination_url": "{url}"}}"#), 204);
+    send_until(Instant::now() + Duration::from_secs(4));
+    stop.store(true, Ordering::Relaxed);
+    let times = echoes.join().unwrap();
+    let out = source.finish(TIMEOUT);
+    assert!(out.status.success(), "{}", out.describe());
+    wait_phase(&to, "completed");
+    let before = times.iter().filter(|t| **t < moved_at).count();
+    let after: Vec<&Instant> = times.iter().filter(|t| **t > moved_at + Duration::from_secs(2)).collect();
+    let outage = times.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
+    eprintln!("echoes: {before} before the move, {} in the last 2 s; longest silence {outage:?}", after.len());
+    assert!(before >= 50, "the flow ran before the move ({before} echoes)");
+    assert!(after.len() >= 50, "the flow resumed after the move ({} echoes in its last 2 s)", after.len());
+    api_call(&to, "PUT", "/ferrovisor/stop", "", 204);
+    let out = destination.finish(TIMEOUT);
+    assert!(out.stderr.contains("announced the guest's 1 interface(s)"), "{}", out.describe());
+    switch_process.child.kill().ok();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// A destination that reads a little and hangs up, and one that never reads until the
 /// migration is cancelled: each time the source says why, the VM runs on there, and the probe
 /// finishes with every page intact. A destination that is not there is a 400.
