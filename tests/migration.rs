@@ -406,6 +406,48 @@ fn a_udp_flow_through_the_switch_resumes_after_the_move() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A VM on a TAP moves within one host by copy when the destination names another TAP for its
+/// interface (`network_overrides`, as `/snapshot/load` takes them): the guest is announced on
+/// the new TAP; an override naming an interface the VM lacks fails the build with a sentence.
+#[test]
+fn the_destination_puts_an_arriving_interface_on_another_tap() {
+    let dir = scratch_dir("migration-override");
+    let (old_tap, new_tap) = (common::TestTap::new("fvmo"), common::TestTap::new("fvmn"));
+    let far_side = common::PacketSocket::bind(&new_tap.name);
+    far_side.set_timeout(Duration::from_secs(10));
+    for (i, iface) in ["nope", "net0"].into_iter().enumerate() {
+        let url = format!("unix:{}", dir.join(format!("m{i}.sock")).display());
+        let (mut destination, to) = api_vmm(&dir, &format!("dst{i}.sock"), &[]);
+        let receive = serde_json::json!({"receiver_url": url,
+            "network_overrides": [{"iface_id": iface, "host_dev_name": new_tap.name}]});
+        api_call(&to, "PUT", "/ferrovisor/migration/receive", &receive.to_string(), 204);
+        let from = dir.join(format!("src{i}.sock"));
+        let tests =
+            format!("probe.test=dirty probe.dirty.mib=8 probe.dirty.secs=3 probe.tsc.khz={}", common::host_tsc_khz());
+        let mut cmd = probe_command(1, &tests);
+        cmd.args(["--net", &format!("tap={},mac=02:00:00:00:0a:03", old_tap.name)]).arg("--api-sock").arg(&from);
+        let mut source = Running::start(cmd);
+        assert!(source.wait_for_output("PROBE start", TIMEOUT), "{}", source.stderr());
+        api_call(&from, "PUT", "/ferrovisor/migration/send", &format!(r#"{{"destination_url": "{url}"}}"#), 204);
+        if iface == "nope" {
+            let s = wait_phase(&from, "failed");
+            assert!(
+                s["error"].as_str().unwrap().contains("network_overrides: the migrated VM has no interface nope"),
+                "{s}"
+            );
+            assert!(source.finish(TIMEOUT).stdout.contains("PROBE dirty ok"), "the VM ran on");
+            let _ = destination.child.kill();
+            continue;
+        }
+        assert!(source.finish(TIMEOUT).status.success());
+        assert!(destination.wait_for_output("PROBE dirty ok", TIMEOUT), "{}", destination.stdout());
+        let rarp = far_side.recv_ethertype(0x8035).expect("the guest announced on the new TAP");
+        assert_eq!(&rarp[6..12], &[2, 0, 0, 0, 0x0a, 3]);
+        let _ = destination.finish(TIMEOUT);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// A destination that reads a little and hangs up, and one that never reads until the
 /// migration is cancelled: each time the source says why, the VM runs on there, and the probe
 /// finishes with every page intact. A destination that is not there is a 400.

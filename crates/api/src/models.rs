@@ -474,9 +474,9 @@ pub struct MemBackend {
     pub backend_path: String,
 }
 
-/// `PUT /ferrovisor/migration/receive`: wait for a VM on `receiver_url` (`unix:PATH` or
-/// `tcp:HOST:PORT`).
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+/// `PUT /ferrovisor/migration/receive`: wait for a VM on `receiver_url` (`unix:PATH`,
+/// `tcp:HOST:PORT` or `tls:HOST:PORT`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MigrationReceive {
     pub receiver_url: String,
@@ -488,6 +488,23 @@ pub struct MigrationReceive {
     pub tls_key: Option<String>,
     #[serde(default)]
     pub tls_ca: Option<String>,
+    /// Other TAPs for the arriving VM's interfaces, as `/snapshot/load` takes them.
+    #[serde(default)]
+    pub network_overrides: Vec<NetworkOverride>,
+    /// Another socket for the arriving VM's vsock device.
+    #[serde(default)]
+    pub vsock_override: Option<VsockOverride>,
+    /// Other images for the arriving VM's drives (the same disk's content, seen from here).
+    #[serde(default)]
+    pub drive_overrides: Vec<DriveOverride>,
+}
+
+/// A drive of a VM arriving from a migration, on another path here.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveOverride {
+    pub drive_id: String,
+    pub path_on_host: String,
 }
 
 /// `PUT /ferrovisor/migration/send`: move the running VM to `destination_url`.

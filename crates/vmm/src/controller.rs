@@ -308,7 +308,7 @@ impl Controller {
 
     /// `run --incoming URL`: waits on `url` for a VM, and ends the VMM if none arrives.
     pub fn receive_at_start(&mut self, url: &str) -> Result<(), String> {
-        let m = api::models::MigrationReceive { receiver_url: url.into(), tls_cert: None, tls_key: None, tls_ca: None };
+        let m = api::models::MigrationReceive { receiver_url: url.into(), ..Default::default() };
         self.receive(&m, true).map_err(|e| e.replace("receiver_url", "--incoming"))
     }
 
@@ -322,7 +322,9 @@ impl Controller {
             Event::NotReceived(why) => self.latch.set(VmExit::NotReceived(why)),
             Event::Arrived(arrived) => {
                 let limits = self.host_limits();
-                let result = build(&self.kvm, *arrived, &limits, self.launched, &self.latch).and_then(|running| {
+                let overrides = self.migrations.overrides().cloned();
+                let built = build(&self.kvm, *arrived, overrides.as_ref(), &limits, self.launched, &self.latch);
+                let result = built.and_then(|running| {
                     tracing::info!("migration: the VM runs here");
                     self.vm = Some(running);
                     self.sandbox()

@@ -26,6 +26,8 @@ enum Migration {
 #[derive(Default)]
 pub struct Migrations {
     current: Option<Migration>,
+    /// What the receive request said of the arriving VM's host ends (TAPs, disks, vsock).
+    overrides: Option<models::MigrationReceive>,
     /// Started to receive a VM (`run --incoming`): a migration that brings none ends the VMM.
     incoming_only: bool,
 }
@@ -42,6 +44,11 @@ pub enum Event {
 }
 
 impl Migrations {
+    /// The receive request of the migration under way here, for the VM it brings.
+    pub fn overrides(&self) -> Option<&models::MigrationReceive> {
+        self.overrides.as_ref()
+    }
+
     fn status_of(&self) -> Option<Status> {
         match self.current.as_ref()? {
             Migration::Out(out) => Some(out.status()),
@@ -96,6 +103,7 @@ impl Migrations {
             return Err("A migration is under way already; wait for it or cancel it.".into());
         }
         self.current = Some(Migration::In(Incoming::start(m, limits, latch)?));
+        self.overrides = Some(m.clone());
         self.incoming_only = only;
         Ok(())
     }
@@ -135,10 +143,26 @@ impl Migrations {
 pub fn build(
     kvm: &Kvm,
     (mut saved, mem): (Snapshot, GuestMemory),
+    overrides: Option<&models::MigrationReceive>,
     limits: &HostLimits,
     launched: Instant,
     latch: &Arc<ExitLatch>,
 ) -> Result<(RunningVm, VmConfig), String> {
+    if let Some(o) = overrides {
+        let config = &mut saved.config;
+        let what = "migrated VM";
+        crate::resources::snapshot::apply_overrides(config, &o.network_overrides, o.vsock_override.as_ref(), what)?;
+        for d in &o.drive_overrides {
+            let Some(disk) = config.disks.iter_mut().find(|disk| disk.id == d.drive_id && disk.vhost_user.is_none())
+            else {
+                return Err(format!(
+                    "drive_overrides: the migrated VM has no drive {} on an image; leave it out.",
+                    d.drive_id
+                ));
+            };
+            disk.path = d.path_on_host.clone().into();
+        }
+    }
     saved.config.validate_machine(limits).map_err(|e| format!("the migrated configuration is refused: {e}"))?;
     saved.config.serial = SerialConfig::Stdio;
     if let Some(m) = saved.config.mmds {

@@ -73,7 +73,7 @@ pub fn load(host: Host, r: &Resources, params: &models::SnapshotLoad) -> Result<
         super::mmds::restore(m, saved.mmds_data.take())?;
     }
     saved.config.track_dirty_pages |= params.enable_diff_snapshots || params.track_dirty_pages;
-    apply_overrides(&mut saved.config, params)?;
+    apply_overrides(&mut saved.config, &params.network_overrides, params.vsock_override.as_ref(), "snapshot")?;
     let restore = crate::vm::Restore { resume: params.resume_vm, clock_realtime: params.clock_realtime };
     let running = crate::vm::restore(host.kvm, saved, Path::new(&mem_path), host.launched, host.latch, restore)
         .map_err(|e| format!("The snapshot cannot be loaded: {e}"))?;
@@ -101,14 +101,20 @@ fn memory_file(params: &models::SnapshotLoad) -> Result<String, String> {
     }
 }
 
-/// `network_overrides` and `vsock_override`: other host ends for the snapshot's devices. The
-/// error names the override and the fix.
-fn apply_overrides(config: &mut VmConfig, params: &models::SnapshotLoad) -> Result<(), String> {
-    for o in &params.network_overrides {
+/// `network_overrides` and `vsock_override`: other host ends for the devices of a VM that
+/// comes from elsewhere (`what`: a snapshot, a migrated VM). The error names the override and
+/// the fix.
+pub(crate) fn apply_overrides(
+    config: &mut VmConfig,
+    network: &[models::NetworkOverride],
+    vsock_override: Option<&models::VsockOverride>,
+    what: &str,
+) -> Result<(), String> {
+    for o in network {
         let ids: Vec<String> = config.nets.iter().enumerate().map(|(i, n)| n.api_id(i)).collect();
         let Some(index) = ids.iter().position(|id| *id == o.iface_id) else {
             return Err(format!(
-                "network_overrides: the snapshot has no interface {}; name one of [{}].",
+                "network_overrides: the {what} has no interface {}; name one of [{}].",
                 o.iface_id,
                 ids.join(", ")
             ));
@@ -123,9 +129,9 @@ fn apply_overrides(config: &mut VmConfig, params: &models::SnapshotLoad) -> Resu
             }
         }
     }
-    if let Some(v) = &params.vsock_override {
+    if let Some(v) = vsock_override {
         let Some(vsock) = &mut config.vsock else {
-            return Err("vsock_override: the snapshot has no vsock device; leave it out.".into());
+            return Err(format!("vsock_override: the {what} has no vsock device; leave it out."));
         };
         if v.uds_path.is_empty() {
             return Err("vsock_override uds_path is empty; give a socket path.".into());
