@@ -125,17 +125,8 @@ fn receive(shared: &Arc<Shared>, listener: Listener, limits: &HostLimits) -> Res
     };
     shared.status().phase = Phase::Switchover;
     shared.hand_to_controller(Step::Arrived(Box::new((state, mem))));
-    let built = || {
-        shared.wait_for(|step| match std::mem::replace(step, Step::Working) {
-            Step::Built(result) => Some(result),
-            other => {
-                *step = other;
-                None
-            }
-        })
-    };
     let Some(missing) = missing else {
-        let result = built();
+        let result = wait_built(shared);
         answer(&mut connection, &result);
         return result;
     };
@@ -144,13 +135,7 @@ fn receive(shared: &Arc<Shared>, listener: Listener, limits: &HostLimits) -> Res
     let waiter = {
         let shared = shared.clone();
         sandbox::spawn(sandbox::ThreadKind::Migration, "migration", move || {
-            let result = shared.wait_for(|step| match std::mem::replace(step, Step::Working) {
-                Step::Built(result) => Some(result),
-                other => {
-                    *step = other;
-                    None
-                }
-            });
+            let result = wait_built(&shared);
             if result.is_ok() {
                 shared.status().phase = Phase::Postcopy;
             }
@@ -167,6 +152,17 @@ fn receive(shared: &Arc<Shared>, listener: Listener, limits: &HostLimits) -> Res
         shared.latch.set(crate::exit::VmExit::Lost(e.clone()));
     }
     result
+}
+
+/// Waits for the controller's word on the VM that arrived.
+fn wait_built(shared: &Shared) -> Result<(), String> {
+    shared.wait_for(|step| match std::mem::replace(step, Step::Working) {
+        Step::Built(result) => Some(result),
+        other => {
+            *step = other;
+            None
+        }
+    })
 }
 
 /// Tells the source how it went (it may be gone already).
