@@ -33,14 +33,9 @@ impl Incoming {
         latch: &Arc<ExitLatch>,
     ) -> Result<Incoming, String> {
         let url = Url::parse("receiver_url", &m.receiver_url)?;
-        let tls = match (&url, super::tls::TlsFiles::from_fields(&m.tls_cert, &m.tls_key, &m.tls_ca)?) {
-            (Url::Tls(_), Some(files)) => Some(files.server()?),
-            (Url::Tls(_), None) => {
-                return Err("a tls: receiver_url needs tls_cert, tls_key and tls_ca; give the PEM files.".into());
-            }
-            (_, Some(_)) => return Err("tls_cert, tls_key and tls_ca go with a tls: receiver_url.".into()),
-            (_, None) => None,
-        };
+        let tls = super::tls::TlsFiles::for_url(&url, "receiver_url", &m.tls_cert, &m.tls_key, &m.tls_ca)?
+            .map(|files| files.server())
+            .transpose()?;
         let listener = Listener::bind(&url, tls)?;
         let shared = Shared::new("destination", &url, latch.clone());
         tracing::info!("migration: waiting for a VM on {url}");

@@ -67,15 +67,9 @@ impl SendOptions {
                         post-copy is not supported yet."
                 .into());
         }
-        let tls = super::tls::TlsFiles::from_fields(&m.tls_cert, &m.tls_key, &m.tls_ca)?;
-        let tls = match (&url, tls) {
-            (Url::Tls(_), Some(files)) => Some(files.client()?),
-            (Url::Tls(_), None) => {
-                return Err("a tls: destination_url needs tls_cert, tls_key and tls_ca; give the PEM files.".into());
-            }
-            (_, Some(_)) => return Err("tls_cert, tls_key and tls_ca go with a tls: destination_url.".into()),
-            (_, None) => None,
-        };
+        let tls = super::tls::TlsFiles::for_url(&url, "destination_url", &m.tls_cert, &m.tls_key, &m.tls_ca)?
+            .map(|files| files.client())
+            .transpose()?;
         Ok(SendOptions {
             url,
             downtime_ms,

@@ -23,17 +23,25 @@ pub struct TlsFiles {
 }
 
 impl TlsFiles {
-    /// The three fields of a request, all or none; the error names what is missing.
-    pub fn from_fields(
+    /// A request's three fields for `url` (named `field` in errors): all of them with a
+    /// `tls:` URL, none with another; the error names what is wrong.
+    pub fn for_url(
+        url: &super::transport::Url,
+        field: &str,
         cert: &Option<String>,
         key: &Option<String>,
         ca: &Option<String>,
     ) -> Result<Option<TlsFiles>, String> {
+        let tls = matches!(url, super::transport::Url::Tls(_));
         match (cert, key, ca) {
+            (None, None, None) if tls => {
+                Err(format!("a tls: {field} needs tls_cert, tls_key and tls_ca; give the PEM files."))
+            }
             (None, None, None) => Ok(None),
-            (Some(cert), Some(key), Some(ca)) => {
+            (Some(cert), Some(key), Some(ca)) if tls => {
                 Ok(Some(TlsFiles { cert: cert.into(), key: key.into(), ca: ca.into() }))
             }
+            (Some(_), Some(_), Some(_)) => Err(format!("tls_cert, tls_key and tls_ca go with a tls: {field}.")),
             _ => Err("tls_cert, tls_key and tls_ca go together; give all three PEM files.".into()),
         }
     }
@@ -168,3 +176,21 @@ impl<C> AsRawFd for TlsStream<C> {
 
 impl super::transport::Stream for TlsStream<ClientConnection> {}
 impl super::transport::Stream for TlsStream<ServerConnection> {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migration::transport::Url;
+
+    #[test]
+    fn the_three_files_go_together_and_only_with_a_tls_url() {
+        let (tls, tcp) = (Url::Tls("h:1".into()), Url::Tcp("h:1".into()));
+        let some = |s: &str| Some(s.to_string());
+        let files = TlsFiles::for_url(&tls, "f", &some("c"), &some("k"), &some("a")).unwrap().unwrap();
+        assert_eq!(files.ca, PathBuf::from("a"));
+        assert_eq!(TlsFiles::for_url(&tcp, "f", &None, &None, &None), Ok(None));
+        assert!(TlsFiles::for_url(&tls, "f", &None, &None, &None).unwrap_err().contains("a tls: f needs"));
+        assert!(TlsFiles::for_url(&tcp, "f", &some("c"), &some("k"), &some("a")).unwrap_err().contains("go with"));
+        assert!(TlsFiles::for_url(&tls, "f", &some("c"), &None, &None).unwrap_err().contains("go together"));
+    }
+}
