@@ -41,21 +41,44 @@ struct UffdioZeropage {
     zeropage: i64,
 }
 
+/// One guest memory region: where it is for the guest and for this process, its pages, and
+/// the index of its first page.
+#[derive(Clone, Copy)]
+struct Span {
+    gpa: u64,
+    host: u64,
+    pages: u64,
+    first: u64,
+}
+
+impl Span {
+    fn len(&self) -> u64 {
+        self.pages * PAGE as u64
+    }
+}
+
 /// Pages by index over the guest memory regions in order (a page's bit in the `Dirty` frame).
 pub struct PageIndex {
-    /// Each region's guest address, host address and page count.
-    regions: Vec<(u64, u64, u64)>,
+    spans: Vec<Span>,
 }
 
 impl PageIndex {
     pub fn new(mem: &GuestMemory) -> PageIndex {
-        PageIndex {
-            regions: mem.iter().map(|r| (r.start_addr().0, r.as_ptr() as u64, r.len() / PAGE as u64)).collect(),
-        }
+        let mut first = 0;
+        let spans = mem
+            .iter()
+            .map(|r| {
+                let pages = r.len() / PAGE as u64;
+                let span = Span { gpa: r.start_addr().0, host: r.as_ptr() as u64, pages, first };
+                first += pages;
+                span
+            })
+            .collect();
+        PageIndex { spans }
     }
 
     pub fn pages(&self) -> u64 {
-        self.regions.iter().map(|r| r.2).sum()
+        self.spans.last().map_or(0, |s| s.first + s.pages)
     }
 
     /// The bytes of a bitmap of every page.
@@ -63,48 +86,30 @@ impl PageIndex {
         self.pages().div_ceil(8) as usize
     }
 
-    pub fn index_of_gpa(&self, gpa: u64) -> Option<u64> {
-        let mut base = 0;
-        for &(start, _, pages) in &self.regions {
-            if gpa >= start && gpa < start + pages * PAGE as u64 {
-                return Some(base + (gpa - start) / PAGE as u64);
-            }
-            base += pages;
-        }
-        None
+    /// The region holding page `index`, and the page's offset in it.
+    fn page(&self, index: u64) -> Option<(Span, u64)> {
+        let span = *self.spans.iter().find(|s| (s.first..s.first + s.pages).contains(&index))?;
+        Some((span, (index - span.first) * PAGE as u64))
     }
 
-    pub fn gpa_of_index(&self, mut index: u64) -> Option<u64> {
-        for &(start, _, pages) in &self.regions {
-            if index < pages {
-                return Some(start + index * PAGE as u64);
-            }
-            index -= pages;
-        }
-        None
+    pub fn index_of_gpa(&self, gpa: u64) -> Option<u64> {
+        let span = self.spans.iter().find(|s| (s.gpa..s.gpa + s.len()).contains(&gpa))?;
+        Some(span.first + (gpa - span.gpa) / PAGE as u64)
+    }
+
+    pub fn gpa_of_index(&self, index: u64) -> Option<u64> {
+        self.page(index).map(|(span, offset)| span.gpa + offset)
+    }
+
+    fn host_of_index(&self, index: u64) -> Option<u64> {
+        self.page(index).map(|(span, offset)| span.host + offset)
     }
 
     /// The page index and page-aligned host address of host address `addr`.
     fn of_host(&self, addr: u64) -> Option<(u64, u64)> {
-        let mut base = 0;
-        for &(_, host, pages) in &self.regions {
-            if addr >= host && addr < host + pages * PAGE as u64 {
-                let page = (addr - host) / PAGE as u64;
-                return Some((base + page, host + page * PAGE as u64));
-            }
-            base += pages;
-        }
-        None
-    }
-
-    fn host_of_index(&self, mut index: u64) -> Option<u64> {
-        for &(_, host, pages) in &self.regions {
-            if index < pages {
-                return Some(host + index * PAGE as u64);
-            }
-            index -= pages;
-        }
-        None
+        let span = self.spans.iter().find(|s| (s.host..s.host + s.len()).contains(&addr))?;
+        let page = (addr - span.host) / PAGE as u64;
+        Some((span.first + page, span.host + page * PAGE as u64))
     }
 }
 
@@ -146,12 +151,11 @@ impl Missing {
                 index.bitmap_len()
             ));
         }
-        for (i, region) in mem.iter().enumerate() {
+        for (region, span) in mem.iter().zip(&index.spans) {
             let shared = region.file_offset().is_some();
-            let first = index.regions[..i].iter().map(|r| r.2).sum::<u64>();
-            for page in 0..index.regions[i].2 {
-                if bit(&needed, first + page) {
-                    let addr = (region.as_ptr() as u64 + page * PAGE as u64) as *mut libc::c_void;
+            for page in 0..span.pages {
+                if bit(&needed, span.first + page) {
+                    let addr = (span.host + page * PAGE as u64) as *mut libc::c_void;
                     // A stale copy goes; the page is missing until it arrives.
                     let advice = if shared { libc::MADV_REMOVE } else { libc::MADV_DONTNEED };
                     // SAFETY: a page of guest memory this process mapped; its content is dropped.
@@ -162,8 +166,8 @@ impl Missing {
             }
         }
         let uffd = uffd::open(UFFD_FEATURE_MISSING_SHMEM)?;
-        for &(_, host, pages) in &index.regions {
-            uffd::register(&uffd, host, pages * PAGE as u64, UFFDIO_REGISTER_MODE_MISSING)?;
+        for span in &index.spans {
+            uffd::register(&uffd, span.host, span.len(), UFFDIO_REGISTER_MODE_MISSING)?;
         }
         Ok(Missing { index, needed, uffd })
     }
@@ -318,8 +322,7 @@ pub fn serve_source(
         if ready {
             match stream::read_frame(&mut ReadOnly(reader), &mut buf)? {
                 Kind::Request => {
-                    let gpa = u64::from_le_bytes(buf.get(..8).and_then(|b| b.try_into().ok()).ok_or("a bad request")?);
-                    send(Some(gpa & !(PAGE as u64 - 1)))?;
+                    send(Some(stream::requested_page(&buf)?))?;
                     send(None)?;
                 }
                 Kind::Error => return Err(format!("the destination failed: {}", String::from_utf8_lossy(&buf))),
@@ -347,5 +350,27 @@ struct ReadOnly<'a>(&'a mut dyn Stream);
 impl Read for ReadOnly<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         self.0.read(buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestAddress;
+
+    #[test]
+    fn pages_are_numbered_across_regions_in_order() {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x3000), (GuestAddress(0x10_0000), 0x2000)]).unwrap();
+        let index = PageIndex::new(&mem);
+        assert_eq!((index.pages(), index.bitmap_len()), (5, 1));
+        assert_eq!(index.index_of_gpa(0x10_1000), Some(4));
+        assert_eq!(index.index_of_gpa(0x3000), None);
+        assert_eq!(index.gpa_of_index(3), Some(0x10_0000));
+        assert_eq!(index.gpa_of_index(5), None);
+        let host = mem.iter().nth(1).unwrap().as_ptr() as u64;
+        assert_eq!(index.host_of_index(4), Some(host + 0x1000));
+        assert_eq!(index.of_host(host + 0x1234), Some((4, host + 0x1000)));
+        let bitmap = bitmap_of(&index, &[0x1000, 0x10_1000, 0x20_0000]);
+        assert_eq!(bitmap, vec![0b1_0010]);
     }
 }

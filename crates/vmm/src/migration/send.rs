@@ -560,8 +560,7 @@ fn postcopy(mut out: Sender, shared: &Shared, source: &Source, state: &[u8], owe
         match stream::read_frame(&mut reader, &mut reply) {
             Ok(Kind::Ack) => break,
             Ok(Kind::Request) => {
-                let gpa = u64::from_le_bytes(reply.get(..8).and_then(|b| b.try_into().ok()).ok_or("a bad request")?);
-                out.page(&source.mem, gpa & !(PAGE as u64 - 1), false)?;
+                out.page(&source.mem, stream::requested_page(&reply)?, false)?;
                 out.flush()?;
             }
             Ok(Kind::Error) => {

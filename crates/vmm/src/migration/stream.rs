@@ -236,6 +236,16 @@ fn read_payload(r: &mut impl Read, header: [u8; 8], buf: &mut Vec<u8>) -> Result
     Ok(kind)
 }
 
+/// The page a `Request` payload asks for (its address, aligned down).
+pub fn requested_page(payload: &[u8]) -> Result<u64, String> {
+    let gpa = payload
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+        .ok_or("a Request frame has no address")?;
+    Ok(gpa & !(PAGE as u64 - 1))
+}
+
 /// Splits a `Pages` payload into its guest address and whole pages.
 pub fn pages(payload: &[u8]) -> Result<(u64, &[u8]), String> {
     let (gpa, data) = payload.split_at_checked(8).ok_or("a Pages frame has no address")?;
