@@ -200,7 +200,8 @@ pub(crate) fn receive_vm<R: Read>(
         crate::memory::create(&regions, ram, &config.memory)
             .map_err(|e| format!("guest memory cannot be made here: {e}"))
     };
-    // Made at the first page, so that a local migration's memory is never made twice.
+    // Made when the first frame needs it, so that a local migration's memory is never made
+    // twice.
     let mut mem: Option<GuestMemory> = None;
     let mut received = 0u64;
     let mut state = None;
@@ -213,10 +214,7 @@ pub(crate) fn receive_vm<R: Read>(
         match frames.next(&mut buf)? {
             Kind::Pages => {
                 let (gpa, data) = stream::pages(&buf)?;
-                let mem = match &mut mem {
-                    Some(mem) => mem,
-                    None => mem.insert(fresh()?),
-                };
+                let mem = made(&mut mem, fresh)?;
                 if !mem.check_range(GuestAddress(gpa), data.len()) {
                     return Err(format!("the stream has pages at {gpa:#x} outside the VM's memory"));
                 }
@@ -238,10 +236,7 @@ pub(crate) fn receive_vm<R: Read>(
                 state = Some(saved);
             }
             Kind::Dirty if owed.is_none() && state.is_none() => {
-                let mem = match &mut mem {
-                    Some(mem) => mem,
-                    None => mem.insert(fresh()?),
-                };
+                let mem = made(&mut mem, fresh)?;
                 let expected = super::postcopy::PageIndex::new(mem).bitmap_len();
                 if buf.len() != expected {
                     return Err(format!("the post-copy page list has {} bytes where {expected} were due", buf.len()));
@@ -264,6 +259,17 @@ pub(crate) fn receive_vm<R: Read>(
         bitmap.reset();
     }
     Ok((state, mem, owed))
+}
+
+/// `mem`, made by `make` if it is not yet.
+fn made(
+    mem: &mut Option<GuestMemory>,
+    make: impl FnOnce() -> Result<GuestMemory, String>,
+) -> Result<&mut GuestMemory, String> {
+    match mem {
+        Some(mem) => Ok(mem),
+        None => Ok(mem.insert(make()?)),
+    }
 }
 
 /// A local migration's handover: guest memory's file, mapped shared as the source laid it out,
