@@ -124,19 +124,14 @@ pub fn attach_all(
         let mac = nic.mac.unwrap_or_else(|| default_mac(config.id.as_deref(), i));
         let id = nic.api_id(i);
         let pairs = usize::from(nic.queue_pairs(config.cpus));
-        let open_queues = |name: &str| {
-            let taps = net::Tap::open_queues(name, virtio::net::VNET_HDR_LEN as i32, pairs)
-                .map_err(|e| Error::Device(e.to_string()))?;
-            Ok::<_, Error>(taps.into_iter().map(virtio::net::NetHost::Tap).collect::<Vec<_>>())
-        };
         let hosts = match &nic.attachment {
-            NetAttachment::Tap(name) => open_queues(name)?,
+            NetAttachment::Tap(name) => tap_hosts(name, pairs)?,
             NetAttachment::Network { name, isolated } => {
                 let network = net::network::load(name).map_err(Error::Device)?;
                 // Unique per VMM and interface; the kernel removes it when the VMM exits,
                 // however it exits, since the VMM does not make it persistent.
                 let tap_name = format!("fv{}n{i}", std::process::id());
-                let taps = open_queues(&tap_name)?;
+                let taps = tap_hosts(&tap_name, pairs)?;
                 // The kernel's rules go on before the port joins the bridge, so that nothing
                 // reaches the VM unfiltered in between.
                 let kernel = kernel_rules(nic, mac, &tap_name).map_err(|e| {
@@ -162,16 +157,7 @@ pub fn attach_all(
                 devices.push((name, Box::new(device)));
                 continue;
             }
-            NetAttachment::Switch { path, vlan } => {
-                let port = net::switch::SwitchPort::connect(path, *vlan).map_err(|e| {
-                    Error::Device(format!(
-                        "cannot plug into the switch at {} ({e}); is `ferrovisor switch {}` running?",
-                        path.display(),
-                        path.display()
-                    ))
-                })?;
-                vec![virtio::net::NetHost::Switch(port)]
-            }
+            NetAttachment::Switch { path, vlan } => vec![switch_host(path, *vlan)?],
         };
         let firewall = port_firewall(nic, mac).map_err(|e| Error::Device(format!("virtio-net{i}: {e}")))?;
         attached.firewalls.push((id, firewall.clone()));
@@ -323,18 +309,9 @@ pub fn attach_all(
 /// firewall, for `ferrovisor vhost-user-net`, which serves it to another process's driver.
 pub fn backend_net(nic: &crate::config::NetConfig) -> Result<virtio::net::Net, Error> {
     let mac = nic.mac.unwrap_or_else(|| default_mac(None, 0));
-    let host = match &nic.attachment {
-        NetAttachment::Tap(name) => {
-            let mut taps = net::Tap::open_queues(name, virtio::net::VNET_HDR_LEN as i32, 1)
-                .map_err(|e| Error::Device(e.to_string()))?;
-            virtio::net::NetHost::Tap(taps.remove(0))
-        }
-        NetAttachment::Switch { path, vlan } => {
-            let port = net::switch::SwitchPort::connect(path, *vlan).map_err(|e| {
-                Error::Device(format!("cannot plug into the switch at {} ({e}); is it running?", path.display()))
-            })?;
-            virtio::net::NetHost::Switch(port)
-        }
+    let hosts = match &nic.attachment {
+        NetAttachment::Tap(name) => tap_hosts(name, 1)?,
+        NetAttachment::Switch { path, vlan } => vec![switch_host(path, *vlan)?],
         _ => {
             return Err(Error::Device(
                 "a vhost-user-net back-end serves a TAP (--tap) or a switch port (--switch)".into(),
@@ -342,7 +319,26 @@ pub fn backend_net(nic: &crate::config::NetConfig) -> Result<virtio::net::Net, E
         }
     };
     let firewall = port_firewall(nic, mac).map_err(Error::Device)?;
-    Ok(virtio::net::Net::with_queue_pairs(vec![host], mac).with_firewall(Some(firewall)))
+    Ok(virtio::net::Net::with_queue_pairs(hosts, mac).with_firewall(Some(firewall)))
+}
+
+/// Up to `pairs` queues of TAP `name` as an interface's host side.
+fn tap_hosts(name: &str, pairs: usize) -> Result<Vec<virtio::net::NetHost>, Error> {
+    let taps = net::Tap::open_queues(name, virtio::net::VNET_HDR_LEN as i32, pairs)
+        .map_err(|e| Error::Device(e.to_string()))?;
+    Ok(taps.into_iter().map(virtio::net::NetHost::Tap).collect())
+}
+
+/// A port on the switch at `path`, in `vlan`, as an interface's host side.
+fn switch_host(path: &std::path::Path, vlan: u16) -> Result<virtio::net::NetHost, Error> {
+    let port = net::switch::SwitchPort::connect(path, vlan).map_err(|e| {
+        Error::Device(format!(
+            "cannot plug into the switch at {} ({e}); is `ferrovisor switch {}` running?",
+            path.display(),
+            path.display()
+        ))
+    })?;
+    Ok(virtio::net::NetHost::Switch(port))
 }
 
 /// Connects a device that the vhost-user back-end of `options` serves.
