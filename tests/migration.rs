@@ -353,17 +353,7 @@ fn a_udp_flow_through_the_switch_resumes_after_the_move() {
         move || {
             let mut times = Vec::new();
             let mut buf = [0u8; 2048];
-            // SAFETY: a receive timeout on the test's own socket.
-            let timeout = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
-            unsafe {
-                libc::setsockopt(
-                    std::os::fd::AsRawFd::as_raw_fd(&listener),
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVTIMEO,
-                    (&raw const timeout).cast(),
-                    size_of::<libc::timeval>() as u32,
-                )
-            };
+            common::set_receive_timeout(&listener, Duration::from_millis(100));
             while !stop.load(Ordering::Relaxed) {
                 if let Ok(n) = listener.recv_frame(&mut buf)
                     && n > 42

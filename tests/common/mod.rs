@@ -337,6 +337,21 @@ impl Drop for TestTap {
     }
 }
 
+/// Sets how long a receive on socket `fd` waits (SO_RCVTIMEO).
+pub fn set_receive_timeout(fd: &impl std::os::fd::AsRawFd, timeout: Duration) {
+    let tv = libc::timeval { tv_sec: timeout.as_secs() as i64, tv_usec: i64::from(timeout.subsec_micros()) };
+    // SAFETY: SO_RCVTIMEO takes a timeval, which `tv` is, alive for the call.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const tv).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    };
+}
+
 /// A raw packet socket on one interface: the far side of a TAP.
 pub struct PacketSocket {
     fd: std::os::fd::OwnedFd,
@@ -379,17 +394,7 @@ impl PacketSocket {
 
     /// Sets how long a receive waits.
     pub fn set_timeout(&self, timeout: Duration) {
-        let tv = libc::timeval { tv_sec: timeout.as_secs() as i64, tv_usec: i64::from(timeout.subsec_micros()) };
-        // SAFETY: SO_RCVTIMEO takes a timeval.
-        unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&self.fd),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&raw const tv).cast(),
-                std::mem::size_of::<libc::timeval>() as u32,
-            )
-        };
+        set_receive_timeout(&self.fd, timeout);
     }
 
     /// The next frame with `ethertype`, skipping others; None after the receive timeout.

@@ -137,7 +137,7 @@ impl Outgoing {
                         --memory shared=on (or \"ferrovisor-memory\": {\"shared\": true})."
                 .into());
         }
-        if options.postcopy && vm_hugepages(config) {
+        if options.postcopy && config.memory.hugepages == crate::config::HugePages::On {
             return Err("Post-copy moves 4 KiB pages one by one: it needs guest memory without hugepages=on.".into());
         }
         // A local migration copies no pages: nothing to track.
@@ -280,10 +280,6 @@ impl Outgoing {
             }
         }
     }
-}
-
-fn vm_hugepages(config: &VmConfig) -> bool {
-    config.memory.hugepages == crate::config::HugePages::On
 }
 
 /// The stream with the page batch being built.
