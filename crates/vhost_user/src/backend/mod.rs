@@ -65,3 +65,22 @@ where
     }
     Ok(())
 }
+
+/// The relay's reading of a front-end's messages, for the fuzzer: `data` is all a front-end
+/// says; what reaches the request handler's side is read and dropped.
+#[doc(hidden)]
+pub fn fuzz_relay(data: &[u8]) {
+    use std::io::{Read, Write};
+    let (Ok((mut frontend, front)), Ok((back, mut handler))) = (UnixStream::pair(), UnixStream::pair()) else {
+        return;
+    };
+    let _ = frontend.set_nonblocking(true);
+    let _ = frontend.write_all(&data[..data.len().min(64 << 10)]);
+    let _ = frontend.shutdown(std::net::Shutdown::Write);
+    let drain = std::thread::spawn(move || {
+        let mut sink = [0u8; 4096];
+        while matches!(handler.read(&mut sink), Ok(n) if n > 0) {}
+    });
+    relay::run(front, back);
+    let _ = drain.join();
+}
