@@ -531,27 +531,30 @@ fn the_destination_refuses_a_hostile_stream_and_says_why() {
     let body: serde_json::Value = serde_json::from_str(text.split_once('\n').unwrap().1).unwrap();
     let config = body["config"].clone();
 
+    // The version this build's stream carries (vmm::migration::stream::VERSION).
+    const STREAM_VERSION: u32 = 2;
     let hello = |version: u32| {
         let h = serde_json::json!({"magic": "ferrovisor-migration", "version": version, "vmm_version": "9.9.9"});
         frame(1, h.to_string().as_bytes())
     };
-    let mut outside = hello(1);
+    let mut outside = hello(STREAM_VERSION);
     outside.extend(frame(2, config.to_string().as_bytes()));
     let mut pages = (64u64 << 30).to_le_bytes().to_vec();
     pages.extend_from_slice(&[0xaa; 4096]);
     outside.extend(frame(3, &pages));
-    let mut too_big = hello(1);
+    let mut too_big = hello(STREAM_VERSION);
     too_big.extend_from_slice(&[2, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f]);
     let mut refused = config.clone();
     refused["memory_mib"] = serde_json::json!(0);
-    let mut bad_config = hello(1);
+    let mut bad_config = hello(STREAM_VERSION);
     bad_config.extend(frame(2, refused.to_string().as_bytes()));
 
     let (destination, to) = api_vmm(&dir, "dst.sock", &[]);
     let receiver = dir.join("m.sock");
     let receive = format!(r#"{{"receiver_url": "unix:{}"}}"#, receiver.display());
+    let unknown_version = format!("reads only version {STREAM_VERSION}");
     for (stream, why) in [
-        (hello(99), "reads only version 1"),
+        (hello(99), unknown_version.as_str()),
         (bad_config, "the migrated configuration is refused"),
         (outside, "outside the VM's memory"),
         (too_big, "larger than the"),

@@ -323,7 +323,8 @@ impl Controller {
             Event::Arrived(arrived) => {
                 let limits = self.host_limits();
                 let overrides = self.migrations.overrides().cloned();
-                let built = build(&self.kvm, *arrived, overrides.as_ref(), &limits, self.launched, &self.latch);
+                let shell = self.migrations.take_shell();
+                let built = build(&self.kvm, *arrived, shell, overrides.as_ref(), &limits, self.launched, &self.latch);
                 let result = built.and_then(|running| {
                     tracing::info!("migration: the VM runs here");
                     self.vm = Some(running);

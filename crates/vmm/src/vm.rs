@@ -419,7 +419,7 @@ pub fn restore(
     }
     let mem = crate::memory::restore(&saved.regions, &file, &saved.config.memory)
         .map_err(|e| Error::Memory { mib: total >> 20, reason: e.to_string() })?;
-    let (mut vm, config) = restore_with_memory(kvm, saved, mem, launched, latch, how)?;
+    let (mut vm, config) = restore_with_memory(kvm, saved, mem, None, launched, latch, how)?;
     vm.restored = true;
     tracing::info!("the VM's memory is mapped from {}", mem_file.display());
     Ok((vm, config))
@@ -440,21 +440,53 @@ pub fn check_restorable(saved: &snapshot::Snapshot) -> Result<(), String> {
     Ok(())
 }
 
+/// What of a VM its configuration and memory alone decide: the VM with its memory and
+/// irqchip, and its vCPUs. A migration's destination makes it while pages still arrive, so that
+/// the pause is only the state's restore.
+pub struct Shell {
+    vm: Arc<VmFd>,
+    vcpus: Vec<VcpuFd>,
+    /// The memory KVM maps: kept mapped as long as the VM may run.
+    mem: GuestMemory,
+}
+
+impl Shell {
+    pub fn new(kvm: &Kvm, config: &VmConfig, mem: &GuestMemory) -> Result<Shell, Error> {
+        let vm = create_vm(kvm)?;
+        add_memory_and_irqchip(&vm, mem, config)?;
+        let vcpus = create_vcpus(kvm, &vm, config)?;
+        Ok(Shell { vm, vcpus, mem: mem.clone() })
+    }
+
+    /// Whether this shell maps `mem` (the same mappings, not a copy).
+    fn maps(&self, mem: &GuestMemory) -> bool {
+        let hosts = |m: &GuestMemory| m.iter().map(|r| (r.start_addr(), r.as_ptr(), r.len())).collect::<Vec<_>>();
+        hosts(&self.mem) == hosts(mem)
+    }
+}
+
 /// Rebuilds the VM of `saved` around `mem`, which already holds its memory (mapped from a
-/// memory file, or received from a migration), and starts its vCPUs, paused unless `how` says
-/// to resume. [`check_restorable`] must have accepted `saved`.
+/// memory file, or received from a migration), in `shell` if one was made for that memory,
+/// and starts its vCPUs, paused unless `how` says to resume. [`check_restorable`] must have
+/// accepted `saved`.
 pub fn restore_with_memory(
     kvm: &Kvm,
     saved: snapshot::Snapshot,
     mem: GuestMemory,
+    shell: Option<Shell>,
     launched: Instant,
     latch: &Arc<ExitLatch>,
     how: Restore,
 ) -> Result<(RunningVm, VmConfig), Error> {
     let config = saved.config;
     let restore_err = |e: String| Error::Device(format!("the snapshot cannot be restored: {e}"));
-    let vm = create_vm(kvm)?;
-    add_memory_and_irqchip(&vm, &mem, &config)?;
+    if saved.vcpus.len() != config.cpus as usize {
+        return Err(restore_err("its vCPU count differs from its configuration".into()));
+    }
+    let Shell { vm, vcpus, .. } = match shell {
+        Some(shell) if shell.maps(&mem) && shell.vcpus.len() == config.cpus as usize => shell,
+        _ => Shell::new(kvm, &config, &mem)?,
+    };
     snapshot::restore_vm(&vm, &saved.vm, how.clock_realtime).map_err(restore_err)?;
     let (mut pio, mut mmio, legacy) = create_devices(&vm, &config, launched, latch, Some(&saved.devices))?;
     let mut cmdline = boot::cmdline(&config.cmdline)?;
@@ -472,10 +504,6 @@ pub fn restore_with_memory(
         root.lock().unwrap_or_else(|p| p.into_inner()).set_address(saved.devices.pci_address);
     }
     devices.sync_hotplug()?;
-    if saved.vcpus.len() != config.cpus as usize {
-        return Err(restore_err("its vCPU count differs from its configuration".into()));
-    }
-    let vcpus = create_vcpus(kvm, &vm, &config)?;
     for (vcpu, state) in vcpus.iter().zip(&saved.vcpus) {
         snapshot::restore_vcpu(vcpu, state).map_err(restore_err)?;
     }

@@ -15,7 +15,7 @@ use super::{Phase, Status};
 use crate::config::{HostLimits, SerialConfig, VmConfig};
 use crate::exit::ExitLatch;
 use crate::snapshot::Snapshot;
-use crate::vm::RunningVm;
+use crate::vm::{RunningVm, Shell};
 
 enum Migration {
     Out(Outgoing),
@@ -30,6 +30,8 @@ pub struct Migrations {
     overrides: Option<models::MigrationReceive>,
     /// Started to receive a VM (`run --incoming`): a migration that brings none ends the VMM.
     incoming_only: bool,
+    /// The arriving VM's shell, made while its pages arrive.
+    shell: Option<Shell>,
 }
 
 /// What a migration thread needs of the controller.
@@ -117,16 +119,32 @@ impl Migrations {
                 Outcome::Running | Outcome::Failed => Event::Nothing,
             },
             (Some(Migration::In(incoming)), None) => {
+                if let Some((config, mem)) = incoming.take_shell_due() {
+                    self.shell = Shell::new(kvm, &config, &mem)
+                        .inspect_err(|e| tracing::debug!("migration: the VM cannot be built ahead of its state ({e})"))
+                        .ok();
+                    incoming.shell_made();
+                }
                 if let Some(arrived) = incoming.take_arrived() {
                     return Event::Arrived(Box::new(arrived));
                 }
-                match incoming.take_finished() {
+                let finished = incoming.take_finished();
+                if finished.is_some() {
+                    // A shell no VM came for lets its memory go.
+                    self.shell = None;
+                }
+                match finished {
                     Some(Err(e)) if self.incoming_only => Event::NotReceived(e),
                     _ => Event::Nothing,
                 }
             }
             _ => Event::Nothing,
         }
+    }
+
+    /// The shell made for the VM that arrived, if any.
+    pub fn take_shell(&mut self) -> Option<Shell> {
+        self.shell.take()
     }
 
     /// Tells the destination's thread whether the VM that arrived runs.
@@ -137,12 +155,13 @@ impl Migrations {
     }
 }
 
-/// Builds and resumes a VM that migrated here: its configuration checked whole (the files it
-/// names too, which the migration thread may not open), its serial output on this process's
-/// stdout.
+/// Builds and resumes a VM that migrated here (in `shell` where one was made): its
+/// configuration checked whole (the files it names too, which the migration thread may not
+/// open), its serial output on this process's stdout.
 pub fn build(
     kvm: &Kvm,
     (mut saved, mem): (Snapshot, GuestMemory),
+    shell: Option<Shell>,
     overrides: Option<&models::MigrationReceive>,
     limits: &HostLimits,
     launched: Instant,
@@ -170,7 +189,7 @@ pub fn build(
     }
     let how = crate::vm::Restore { resume: true, clock_realtime: false };
     let (mut vm, config) =
-        crate::vm::restore_with_memory(kvm, saved, mem, launched, latch, how).map_err(|e| e.to_string())?;
+        crate::vm::restore_with_memory(kvm, saved, mem, shell, launched, latch, how).map_err(|e| e.to_string())?;
     vm.announce_moved();
     Ok((vm, config))
 }

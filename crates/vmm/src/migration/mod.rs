@@ -26,6 +26,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use arch::GuestMemory;
 
+use crate::config::VmConfig;
 use crate::exit::ExitLatch;
 use crate::snapshot::Snapshot;
 
@@ -100,8 +101,21 @@ pub(crate) struct Shared {
     cutter: Mutex<Option<std::os::fd::OwnedFd>>,
     handoff: Mutex<Step>,
     changed: Condvar,
+    /// Destination: the VM's shell, which the controller makes while the rest arrives.
+    shell: Mutex<ShellStep>,
+    shell_made: Condvar,
     latch: Arc<ExitLatch>,
     pub started: Instant,
+}
+
+/// The destination's VM shell ([`crate::vm::Shell`]) between its thread and the controller.
+pub(crate) enum ShellStep {
+    /// No memory yet.
+    Waiting,
+    /// The configuration, and the memory the pages arrive in: the controller makes the shell.
+    Due(Box<(VmConfig, GuestMemory)>),
+    /// The controller tried (a failed attempt is made again, and reported, at the build).
+    Made,
 }
 
 /// Where the VM stands between a migration thread and the controller.
@@ -131,6 +145,8 @@ impl Shared {
             cutter: Mutex::new(None),
             handoff: Mutex::new(Step::Working),
             changed: Condvar::new(),
+            shell: Mutex::new(ShellStep::Waiting),
+            shell_made: Condvar::new(),
             latch,
             started: Instant::now(),
         })
@@ -161,6 +177,22 @@ impl Shared {
     fn hand_to_controller(&self, step: Step) {
         *self.step() = step;
         self.latch.poke();
+    }
+
+    fn shell(&self) -> std::sync::MutexGuard<'_, ShellStep> {
+        self.shell.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Destination: the memory the pages go to is made; the controller may build around it.
+    fn memory_made(&self, config: &VmConfig, mem: &GuestMemory) {
+        *self.shell() = ShellStep::Due(Box::new((config.clone(), mem.clone())));
+        self.latch.poke();
+    }
+
+    /// Destination: waits at most `limit` for the controller to make the shell.
+    fn wait_shell(&self, limit: std::time::Duration) {
+        let shell = self.shell();
+        let _ = self.shell_made.wait_timeout_while(shell, limit, |s| !matches!(s, ShellStep::Made));
     }
 
     /// Either side: moves to `step` and wakes whoever waits.

@@ -3,7 +3,8 @@
 //! that configuration lays out), fills fresh guest memory, and hands memory and state to the
 //! controller, which builds and resumes the VM. The source hears `Ack` only once it runs.
 
-use std::io::Read;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -14,7 +15,7 @@ use arch::GuestMemory;
 
 use super::stream::{self, Kind};
 use super::transport::{Listener, Stream, Url};
-use super::{Phase, Shared, Status, Step};
+use super::{Phase, Shared, ShellStep, Status, Step};
 use crate::config::{HostLimits, VmConfig};
 use crate::exit::ExitLatch;
 use crate::snapshot::Snapshot;
@@ -90,6 +91,24 @@ impl Incoming {
         })
     }
 
+    /// The configuration and memory of the VM on its way, once, as soon as its memory is made;
+    /// the controller answers [`Self::shell_made`].
+    pub fn take_shell_due(&self) -> Option<(VmConfig, GuestMemory)> {
+        let mut shell = self.shared.shell();
+        match std::mem::replace(&mut *shell, ShellStep::Waiting) {
+            ShellStep::Due(due) => Some(*due),
+            other => {
+                *shell = other;
+                None
+            }
+        }
+    }
+
+    pub fn shell_made(&self) {
+        *self.shared.shell() = ShellStep::Made;
+        self.shared.shell_made.notify_all();
+    }
+
     pub fn built(&self, result: Result<(), String>) {
         self.shared.hand_over(Step::Built(result));
     }
@@ -102,7 +121,10 @@ fn receive(shared: &Arc<Shared>, listener: Listener, limits: &HostLimits) -> Res
     drop(listener);
     shared.status().phase = Phase::Precopy;
     let unix = connection.unix_fd();
-    let arrived = receive_vm(&mut stream::Frames::new(&mut connection, unix), Some(shared), limits);
+    // A local migration's source hears from here that the VM's shell is made.
+    let mut replies = unix.and_then(|_| super::transport::cutter(connection.as_ref())).map(UnixStream::from);
+    let here = Destination { shared, replies: replies.as_mut().map(|r| r as &mut dyn Write) };
+    let arrived = receive_vm(&mut stream::Frames::new(&mut connection, unix), Some(here), limits);
     let (state, mem, owed) = match arrived {
         Ok(vm) => vm,
         Err(e) => {
@@ -172,13 +194,25 @@ fn answer(connection: &mut Box<dyn Stream>, result: &Result<(), String>) {
     };
 }
 
+/// How long a local migration's source may wait for the destination's shell, whose making
+/// takes milliseconds.
+const SHELL_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The destination's side of a stream beyond its frames (none for the fuzzer).
+pub(crate) struct Destination<'a> {
+    shared: &'a Shared,
+    /// Unix streams only: where a local migration's `Ready` goes.
+    replies: Option<&'a mut dyn Write>,
+}
+
 /// Reads a whole migration stream into fresh guest memory (or, from a local migration, the
 /// memory the source handed over): the VM's state and its memory.
 pub(crate) fn receive_vm<R: Read>(
     frames: &mut stream::Frames<R>,
-    shared: Option<&Shared>,
+    mut here: Option<Destination>,
     limits: &HostLimits,
 ) -> Result<(Snapshot, GuestMemory, Option<Vec<u8>>), String> {
+    let shared = here.as_ref().map(|h| h.shared);
     let mut buf = Vec::new();
     if frames.next(&mut buf)? != Kind::Hello {
         return Err("the stream does not begin with a hello".into());
@@ -203,11 +237,16 @@ pub(crate) fn receive_vm<R: Read>(
     // Made when the first frame needs it, so that a local migration's memory is never made
     // twice.
     let mut mem: Option<GuestMemory> = None;
+    let mut shell_offered = false;
     let mut received = 0u64;
     let mut state = None;
     // Post-copy: the pages the source still owes, as a bitmap.
     let mut owed = None;
     loop {
+        if let (Some(s), Some(mem), false) = (shared, &mem, shell_offered) {
+            s.memory_made(&config, mem);
+            shell_offered = true;
+        }
         if shared.is_some_and(|s| s.cancelled.load(Ordering::Relaxed)) {
             return Err("the migration was cancelled".into());
         }
@@ -225,7 +264,17 @@ pub(crate) fn receive_vm<R: Read>(
                     s.status().bytes = received;
                 }
             }
-            Kind::Memory if mem.is_none() => mem = Some(adopt(&buf, frames.take_fds(), &config)?),
+            Kind::Memory if mem.is_none() => {
+                let adopted = mem.insert(adopt(&buf, frames.take_fds(), &config)?);
+                // The source pauses the guest once the shell is made, or after a bounded wait.
+                if let Some(Destination { shared, replies: Some(replies) }) = &mut here {
+                    shared.memory_made(&config, adopted);
+                    shell_offered = true;
+                    shared.wait_shell(SHELL_WAIT);
+                    stream::write_frame(replies, Kind::Ready, &[])
+                        .map_err(|e| format!("the source stopped listening ({e})"))?;
+                }
+            }
             Kind::State if state.is_none() => {
                 let saved = Snapshot::parse(&buf, "the migrated state")?;
                 let same = serde_json::to_value(&saved.config).ok() == serde_json::to_value(&config).ok();

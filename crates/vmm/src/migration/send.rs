@@ -396,15 +396,15 @@ fn cancelled() -> String {
     "the migration was cancelled".into()
 }
 
-/// A local migration's source: it pauses at once, then hands over guest memory's file and the
-/// TAPs' queues with the state; no page is copied.
+/// A local migration's source: it hands over guest memory's file and the TAPs' queues, which
+/// the destination builds the VM around while the guest runs on here, then pauses and sends
+/// the state; no page is copied.
 fn run_local(shared: &Shared, connection: Box<dyn Stream>, source: &Source) -> Result<(), String> {
     let socket = connection.unix_fd().ok_or("a local migration needs a unix: destination")?;
     let mut out = Sender::new(connection, shared);
     out.frame(Kind::Hello, &serde_json::to_vec(&stream::Hello::ours()).expect("strings and numbers encode"))?;
     out.frame(Kind::Config, &source.config)?;
     out.flush()?;
-    let state = switch_over(shared)?;
     let memory = source.mem.iter().next().and_then(|r| r.file_offset()).ok_or("guest memory has no file")?;
     let mut fds = vec![std::os::fd::AsRawFd::as_raw_fd(memory.file())];
     let mut taps = Vec::new();
@@ -414,6 +414,14 @@ fn run_local(shared: &Shared, connection: Box<dyn Stream>, source: &Source) -> R
     }
     let handover = serde_json::to_vec(&stream::Handover { taps }).expect("names and counts encode");
     stream::write_frame_with_fds(socket, Kind::Memory, &handover, &fds).map_err(lost)?;
+    let mut reply = Vec::new();
+    match stream::read_frame(&mut reader_of(out.out.get_ref().as_ref())?, &mut reply) {
+        Ok(Kind::Ready) => {}
+        Ok(Kind::Error) => return Err(format!("the destination refused the VM: {}", String::from_utf8_lossy(&reply))),
+        Ok(other) => return Err(format!("the destination answered the handover with a {other:?} frame")),
+        Err(e) => return Err(format!("the destination never took the handover: {e}")),
+    }
+    let state = switch_over(shared)?;
     finish(out, &state)
 }
 
@@ -470,6 +478,7 @@ fn run(
     // the vCPUs back one step more.
     let mut throttle = super::throttle::Throttle::new(source.vcpus.clone());
     let (mut sent_in_round, mut strikes) = (out.bytes, 0);
+    let mut left_before = out.bytes;
     let pending = loop {
         if shared.cancelled.load(Ordering::Relaxed) {
             return Err(cancelled());
@@ -496,9 +505,13 @@ fn run(
                 left >> 20
             ));
         }
-        if expected_ms <= options.downtime_ms as f64 || round >= options.max_rounds || timed_out {
+        if round >= options.max_rounds
+            || timed_out
+            || within_target(expected_ms, left, left_before, options.downtime_ms)
+        {
             break pages;
         }
+        left_before = left;
         strikes = if left > sent_in_round / 2 { strikes + 1 } else { 0 };
         if strikes >= 2 && throttle.percent() < super::throttle::MAX {
             strikes = 0;
@@ -536,6 +549,13 @@ fn run(
         out.page(&source.mem, gpa, false)?;
     }
     finish(out, &state)
+}
+
+/// Whether the pause that `left` bytes would take (`expected_ms`) is short enough to switch
+/// over now. Within the target, rounds go on while each at least halves what is left of the
+/// one before (`left_before`): a short round then buys a shorter pause, down to a millisecond.
+fn within_target(expected_ms: f64, left: u64, left_before: u64, target_ms: u64) -> bool {
+    expected_ms <= target_ms as f64 && (expected_ms <= 1.0 || left.saturating_mul(2) > left_before)
 }
 
 /// The post-copy switch-over: the state goes with the list of pages still owed, the VM runs on
@@ -589,4 +609,18 @@ fn reader_of(stream: &dyn Stream) -> Result<Box<dyn Stream>, String> {
         Some(_) => Box::new(std::os::unix::net::UnixStream::from(fd)),
         None => Box::new(std::net::TcpStream::from(fd)),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::within_target;
+
+    #[test]
+    fn rounds_go_on_within_the_target_while_each_halves_what_is_left() {
+        const MIB: u64 = 1 << 20;
+        assert!(!within_target(400.0, 10 * MIB, 1000 * MIB, 300), "over the target");
+        assert!(!within_target(40.0, 100 * MIB, 1000 * MIB, 300), "a round cuts what is left by more than half");
+        assert!(within_target(40.0, 100 * MIB, 150 * MIB, 300), "a round no longer pays");
+        assert!(within_target(0.8, MIB, 100 * MIB, 300), "a pause under a millisecond");
+    }
 }

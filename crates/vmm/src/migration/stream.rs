@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever the stream changes; a destination refuses a version it does not know.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 const MAGIC: &str = "ferrovisor-migration";
 pub const PAGE: usize = 4096;
 /// The most page data in one `Pages` frame.
@@ -38,6 +38,9 @@ pub enum Kind {
     Postcopy = 10,
     /// Post-copy, from the destination: the guest touched the page at this address (u64).
     Request = 11,
+    /// Local migration, from the destination: the VM is built around the memory handed over
+    /// but its state; the source may pause the guest.
+    Ready = 12,
 }
 
 impl Kind {
@@ -54,6 +57,7 @@ impl Kind {
             9 => Kind::Dirty,
             10 => Kind::Postcopy,
             11 => Kind::Request,
+            12 => Kind::Ready,
             _ => return None,
         })
     }
@@ -69,7 +73,7 @@ impl Kind {
             Kind::Config => 1 << 20,
             Kind::Pages => 8 + MAX_PAGES_BYTES,
             Kind::State => crate::snapshot::MAX_STATE_FILE as usize,
-            Kind::End | Kind::Ack | Kind::Postcopy => 0,
+            Kind::End | Kind::Ack | Kind::Postcopy | Kind::Ready => 0,
         }
     }
 }

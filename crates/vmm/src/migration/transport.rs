@@ -145,7 +145,7 @@ impl Listener {
         Ok(listener)
     }
 
-    /// Waits for the source, checking `cancelled` every 100 ms. A TLS peer must show a
+    /// Waits for the source, checking `cancelled` at least every 100 ms. A TLS peer must show a
     /// certificate the CA signed: one that does not is refused (and logged), and the
     /// destination waits on for the source it trusts.
     pub fn accept(&self, cancelled: &AtomicBool) -> Result<Box<dyn Stream>, String> {
@@ -177,10 +177,23 @@ impl Listener {
             };
             match accepted {
                 Ok(stream) => return Ok(stream),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(100)),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self.wait_readable(Duration::from_millis(100)),
                 Err(e) => return Err(format!("no source could connect ({e})")),
             }
         }
+    }
+
+    /// Waits at most `limit` for a source to knock: a local migration's source pauses the VM
+    /// once it has connected, so a late accept is downtime.
+    fn wait_readable(&self, limit: Duration) {
+        let fd = match self {
+            Listener::Unix(l, _) => l.as_raw_fd(),
+            Listener::Tcp(l) | Listener::Tls(l, _) => l.as_raw_fd(),
+        };
+        let mut waiting = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one pollfd, valid for the call; the listener outlives it. An interrupted or
+        // failed poll only makes the caller try accept again.
+        unsafe { libc::poll(&mut waiting, 1, limit.as_millis() as libc::c_int) };
     }
 }
 
