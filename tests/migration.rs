@@ -52,7 +52,7 @@ fn free_tcp_port() -> u16 {
 
 /// The probe moves over a Unix socket (switching over as soon as the rest fits the default
 /// 300 ms) and, while it writes 32 MiB over and over, over TCP (with a 10 ms target it cannot
-/// meet, so after three rounds):
+/// meet, so after three rounds) and over four TCP connections at once:
 /// every page checks out on the destination, the source exits 0 once the destination runs the
 /// VM, and both report the move. The first goes through `ferrovisor ctl SOCKET migrate URL`.
 #[test]
@@ -61,16 +61,18 @@ fn a_dirtying_probe_moves_and_every_page_arrives_over_unix_and_tcp() {
     let port = free_tcp_port();
     let unix = format!("unix:{}", dir.join("m.sock").display());
     let tcp = format!("tcp:127.0.0.1:{port}");
-    // The first moves as the probe starts writing, the second after seconds of it.
+    let parallel = format!("tcp:127.0.0.1:{}", free_tcp_port());
+    // The first moves as the probe starts writing, the others after seconds of it.
     for (i, (url, options, rounds, after)) in [
         (unix, "", None, Duration::from_millis(300)),
         (tcp, r#", "downtime_ms": 10, "max_rounds": 3"#, Some(3), Duration::from_millis(2500)),
+        (parallel, r#", "connections": 4"#, None, Duration::from_millis(2500)),
     ]
     .into_iter()
     .enumerate()
     {
         // The second destination waits through `ferrovisor run --incoming URL`.
-        let (mut destination, to) = if i == 0 {
+        let (mut destination, to) = if i != 1 {
             let (destination, to) = api_vmm(&dir, &format!("dst{i}.sock"), &[]);
             api_call(&to, "PUT", "/ferrovisor/migration/receive", &format!(r#"{{"receiver_url": "{url}"}}"#), 204);
             (destination, to)
@@ -107,6 +109,9 @@ fn a_dirtying_probe_moves_and_every_page_arrives_over_unix_and_tcp() {
         let out = destination.finish(TIMEOUT);
         assert!(out.status.success(), "{}", out.describe());
         assert!(out.stderr.contains("migration: the VM runs here"), "{}", out.describe());
+        if options.contains("connections") {
+            assert!(out.stderr.contains("pages arrive over 4 connections"), "{}", out.describe());
+        }
     }
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -47,6 +47,9 @@ pub enum CtlAction {
         /// destination runs the VM and fetches them on first touch.
         #[arg(long)]
         postcopy: bool,
+        /// Copy pages over this many connections at once (1 to 16).
+        #[arg(long)]
+        connections: Option<u32>,
     },
     /// Wait at URL (unix:PATH or tcp:HOST:PORT) for a VM migrating here (a VMM with nothing
     /// configured), following until it runs here.
@@ -55,7 +58,7 @@ pub enum CtlAction {
 
 pub fn ctl(socket: &Path, action: CtlAction) -> ExitCode {
     match &action {
-        CtlAction::Migrate { url, downtime_ms, timeout_s, local, postcopy } => {
+        CtlAction::Migrate { url, downtime_ms, timeout_s, local, postcopy, connections } => {
             let mut body = serde_json::json!({ "destination_url": url, "local": local, "postcopy": postcopy });
             if *postcopy {
                 body["max_rounds"] = 1.into();
@@ -65,6 +68,9 @@ pub fn ctl(socket: &Path, action: CtlAction) -> ExitCode {
             }
             if let Some(s) = timeout_s {
                 body["timeout_s"] = (*s).into();
+            }
+            if let Some(n) = connections {
+                body["connections"] = (*n).into();
             }
             return super::migrate::send(socket, &body);
         }

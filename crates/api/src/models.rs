@@ -528,6 +528,10 @@ pub struct MigrationSend {
     /// the destination runs the VM and fetches them as it touches them.
     #[serde(default)]
     pub postcopy: bool,
+    /// Pages go over this many connections at once (1 to 16, default 1; Cloud Hypervisor's
+    /// `connections`).
+    #[serde(default)]
+    pub connections: Option<u32>,
     /// For a `tls:` URL: this VMM's certificate and key, and the CA the destination's
     /// certificate must chain to (PEM files).
     #[serde(default)]

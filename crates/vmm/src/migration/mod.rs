@@ -9,7 +9,8 @@
 //! leaves the VM running on the source.
 //!
 //! - `stream`: the versioned frames and their bounded parser;
-//! - `transport`: `unix:` and `tcp:` URLs;
+//! - `transport`: `unix:`, `tcp:` and `tls:` URLs;
+//! - `lanes`: extra connections that carry pages beside the main stream (`connections`);
 //! - `send`: the source's thread; `receive`: the destination's.
 //!
 //! Each side's thread hands the VM to the controller (which owns it) through a [`Handoff`]: the
@@ -31,6 +32,7 @@ use crate::exit::ExitLatch;
 use crate::snapshot::Snapshot;
 
 pub mod control;
+mod lanes;
 pub mod postcopy;
 pub mod receive;
 pub mod send;
@@ -97,8 +99,8 @@ pub mod counters {
 pub(crate) struct Shared {
     pub status: Mutex<Status>,
     pub cancelled: AtomicBool,
-    /// Cuts the connection off on a cancel, so that a thread blocked on a silent peer returns.
-    cutter: Mutex<Option<std::os::fd::OwnedFd>>,
+    /// Cut the connections off on a cancel, so that a thread blocked on a silent peer returns.
+    cutters: Mutex<Vec<std::os::fd::OwnedFd>>,
     handoff: Mutex<Step>,
     changed: Condvar,
     /// Destination: the VM's shell, which the controller makes while the rest arrives.
@@ -142,7 +144,7 @@ impl Shared {
         Arc::new(Shared {
             status: Mutex::new(status),
             cancelled: AtomicBool::new(false),
-            cutter: Mutex::new(None),
+            cutters: Mutex::new(Vec::new()),
             handoff: Mutex::new(Step::Working),
             changed: Condvar::new(),
             shell: Mutex::new(ShellStep::Waiting),
@@ -154,13 +156,14 @@ impl Shared {
 
     /// Keeps a way to cut `connection` off for [`Self::cancel`].
     fn connected(&self, connection: &dyn transport::Stream) {
-        *self.cutter.lock().unwrap_or_else(|p| p.into_inner()) = transport::cutter(connection);
+        let mut cutters = self.cutters.lock().unwrap_or_else(|p| p.into_inner());
+        cutters.extend(transport::cutter(connection));
     }
 
-    /// Asks the thread to stop, and cuts its connection so that it stops at once.
+    /// Asks the threads to stop, and cuts their connections so that they stop at once.
     fn cancel(&self) {
         self.cancelled.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(fd) = self.cutter.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        for fd in self.cutters.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             transport::cut(fd);
         }
     }

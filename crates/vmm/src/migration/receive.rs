@@ -115,16 +115,16 @@ impl Incoming {
 }
 
 fn receive(shared: &Arc<Shared>, listener: Listener, limits: &HostLimits) -> Result<(), String> {
-    let mut connection = listener.accept(&shared.cancelled)?;
+    let mut connection = listener.accept(&shared.cancelled, None)?;
     shared.connected(connection.as_ref());
-    // A Unix socket's path goes with the listener.
-    drop(listener);
     shared.status().phase = Phase::Precopy;
     let unix = connection.unix_fd();
     // A local migration's source hears from here that the VM's shell is made.
     let mut replies = unix.and_then(|_| super::transport::cutter(connection.as_ref())).map(UnixStream::from);
-    let here = Destination { shared, replies: replies.as_mut().map(|r| r as &mut dyn Write) };
+    let here = Destination { shared, replies: replies.as_mut().map(|r| r as &mut dyn Write), listener: &listener };
     let arrived = receive_vm(&mut stream::Frames::new(&mut connection, unix), Some(here), limits);
+    // A Unix socket's path goes with the listener.
+    drop(listener);
     let (state, mem, owed) = match arrived {
         Ok(vm) => vm,
         Err(e) => {
@@ -203,6 +203,8 @@ pub(crate) struct Destination<'a> {
     shared: &'a Shared,
     /// Unix streams only: where a local migration's `Ready` goes.
     replies: Option<&'a mut dyn Write>,
+    /// Where the stream's other connections arrive.
+    listener: &'a Listener,
 }
 
 /// Reads a whole migration stream into fresh guest memory (or, from a local migration, the
@@ -217,7 +219,7 @@ pub(crate) fn receive_vm<R: Read>(
     if frames.next(&mut buf)? != Kind::Hello {
         return Err("the stream does not begin with a hello".into());
     }
-    stream::Hello::check(&buf)?;
+    let connections = stream::Hello::check(&buf)?.connections;
     if frames.next(&mut buf)? != Kind::Config {
         return Err("the stream has no configuration after its hello".into());
     }
@@ -242,6 +244,15 @@ pub(crate) fn receive_vm<R: Read>(
     let mut state = None;
     // Post-copy: the pages the source still owes, as a bitmap.
     let mut owed = None;
+    // The stream's other connections, read into the same memory by threads of their own.
+    let lanes = match (&here, connections) {
+        (_, 1) => None,
+        (Some(h), _) => {
+            let mem = made(&mut mem, fresh)?;
+            Some(super::lanes::LaneReaders::accept(h.listener, connections, mem, h.shared)?)
+        }
+        (None, _) => return Err("the stream comes over more connections than this reader takes".into()),
+    };
     loop {
         if let (Some(s), Some(mem), false) = (shared, &mem, shell_offered) {
             s.memory_made(&config, mem);
@@ -267,7 +278,7 @@ pub(crate) fn receive_vm<R: Read>(
             Kind::Memory if mem.is_none() => {
                 let adopted = mem.insert(adopt(&buf, frames.take_fds(), &config)?);
                 // The source pauses the guest once the shell is made, or after a bounded wait.
-                if let Some(Destination { shared, replies: Some(replies) }) = &mut here {
+                if let Some(Destination { shared, replies: Some(replies), .. }) = &mut here {
                     shared.memory_made(&config, adopted);
                     shell_offered = true;
                     shared.wait_shell(SHELL_WAIT);
@@ -284,7 +295,7 @@ pub(crate) fn receive_vm<R: Read>(
                 crate::vm::check_restorable(&saved)?;
                 state = Some(saved);
             }
-            Kind::Dirty if owed.is_none() && state.is_none() => {
+            Kind::Dirty if owed.is_none() && state.is_none() && lanes.is_none() => {
                 let mem = made(&mut mem, fresh)?;
                 let expected = super::postcopy::PageIndex::new(mem).bitmap_len();
                 if buf.len() != expected {
@@ -295,6 +306,12 @@ pub(crate) fn receive_vm<R: Read>(
             Kind::End if owed.is_none() => break,
             Kind::Postcopy if owed.is_some() && state.is_some() => break,
             other => return Err(format!("the stream has a {other:?} frame out of place")),
+        }
+    }
+    if let Some(lanes) = lanes {
+        received += lanes.join()?;
+        if let Some(s) = shared {
+            s.status().bytes = received;
         }
     }
     let state = state.ok_or("the stream ended without the VM's state")?;

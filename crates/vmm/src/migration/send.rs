@@ -12,6 +12,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use arch::GuestMemory;
 
+use super::lanes::{Lanes, MAX_CONNECTIONS};
 use super::stream::{self, Kind, PAGE};
 use super::transport::{self, Stream, Url};
 use super::{DirtyPages, Phase, Shared, Status, Step};
@@ -34,6 +35,8 @@ pub struct SendOptions {
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Switch over without the last pages; the destination fetches them.
     pub postcopy: bool,
+    /// Pages go over this many connections at once.
+    pub connections: u32,
 }
 
 impl SendOptions {
@@ -67,6 +70,15 @@ impl SendOptions {
                         post-copy is not supported yet."
                 .into());
         }
+        let connections = m.connections.unwrap_or(1);
+        if !(1..=MAX_CONNECTIONS).contains(&connections) {
+            return Err(format!(
+                "connections {connections} is not from 1 to {MAX_CONNECTIONS}; give a count in that range."
+            ));
+        }
+        if connections > 1 && (m.local || m.postcopy) {
+            return Err("connections above 1 carry copied pages: leave it out with local or postcopy.".into());
+        }
         let tls = super::tls::TlsFiles::for_url(&url, "destination_url", &m.tls_cert, &m.tls_key, &m.tls_ca)?
             .map(|files| files.client())
             .transpose()?;
@@ -79,6 +91,7 @@ impl SendOptions {
             local: m.local,
             tls,
             postcopy: m.postcopy,
+            connections,
         })
     }
 }
@@ -283,16 +296,17 @@ impl Outgoing {
 }
 
 /// The stream with the page batch being built.
-struct Sender<'a> {
-    shared: &'a Shared,
+pub(super) struct Sender<'a> {
+    /// Where the bytes sent are reported (the main stream's sender only).
+    shared: Option<&'a Shared>,
     out: BufWriter<Box<dyn Stream>>,
     batch: Vec<u8>,
     batch_gpa: u64,
-    bytes: u64,
+    pub(super) bytes: u64,
 }
 
 impl<'a> Sender<'a> {
-    fn new(stream: Box<dyn Stream>, shared: &'a Shared) -> Sender<'a> {
+    pub(super) fn new(stream: Box<dyn Stream>, shared: Option<&'a Shared>) -> Sender<'a> {
         Sender {
             shared,
             out: BufWriter::with_capacity(1 << 16, stream),
@@ -303,7 +317,7 @@ impl<'a> Sender<'a> {
     }
 
     /// A frame of `kind`, after the pages batched so far: the order is the destination's.
-    fn frame(&mut self, kind: Kind, payload: &[u8]) -> Result<(), String> {
+    pub(super) fn frame(&mut self, kind: Kind, payload: &[u8]) -> Result<(), String> {
         self.flush_batch()?;
         stream::write_frame(&mut self.out, kind, payload).map_err(lost)?;
         self.bytes += 8 + payload.len() as u64;
@@ -311,7 +325,7 @@ impl<'a> Sender<'a> {
     }
 
     /// Adds the page at `gpa`, unless it is all zeroes and `skip_zero`.
-    fn page(&mut self, mem: &GuestMemory, gpa: u64, skip_zero: bool) -> Result<(), String> {
+    pub(super) fn page(&mut self, mem: &GuestMemory, gpa: u64, skip_zero: bool) -> Result<(), String> {
         let contiguous = self.batch_gpa + self.batch.len() as u64 == gpa;
         if !contiguous || self.batch.len() == stream::MAX_PAGES_BYTES {
             self.flush_batch()?;
@@ -333,12 +347,14 @@ impl<'a> Sender<'a> {
             stream::write_pages(&mut self.out, self.batch_gpa, &self.batch).map_err(lost)?;
             self.bytes += 16 + self.batch.len() as u64;
             self.batch.clear();
-            self.shared.status().bytes = self.bytes;
+            if let Some(shared) = self.shared {
+                shared.status().bytes = self.bytes;
+            }
         }
         Ok(())
     }
 
-    fn flush(&mut self) -> Result<(), String> {
+    pub(super) fn flush(&mut self) -> Result<(), String> {
         self.flush_batch()?;
         self.out.flush().map_err(lost)
     }
@@ -349,9 +365,12 @@ fn lost(e: std::io::Error) -> String {
 }
 
 /// Sends every page of guest memory that holds data: resident (or, for memory mapped from a
-/// snapshot, any) and not all zeroes, since the destination's memory starts zeroed.
-fn send_all(out: &mut Sender, source: &Source, shared: &Shared) -> Result<(), String> {
+/// snapshot, any) and not all zeroes, since the destination's memory starts zeroed. It goes
+/// 64 MiB at a time, which bounds the list of pages.
+fn send_all(out: &mut Sender, lanes: &mut Lanes, source: &Source, shared: &Shared) -> Result<(), String> {
+    const STEP: usize = (64 << 20) / PAGE;
     let unplugged = source.unplugged();
+    let mut held_pages = Vec::with_capacity(STEP);
     for region in source.mem.iter() {
         let start = region.start_addr().0;
         let pages = (region.len() as usize).div_ceil(PAGE);
@@ -359,18 +378,22 @@ fn send_all(out: &mut Sender, source: &Source, shared: &Shared) -> Result<(), St
             true => None,
             false => crate::snapshot::residency(region.as_ptr(), region.len() as usize),
         };
-        for page in 0..pages {
+        for first in (0..pages).step_by(STEP) {
             if shared.cancelled.load(Ordering::Relaxed) {
                 return Err(cancelled());
             }
-            let gpa = start + (page * PAGE) as u64;
-            let held = resident.as_ref().is_none_or(|r| r.get(page).is_some_and(|v| v & 1 != 0));
-            if held && !crate::hotplug::in_ranges(&unplugged, gpa) {
-                out.page(&source.mem, gpa, true)?;
+            held_pages.clear();
+            for page in first..pages.min(first + STEP) {
+                let gpa = start + (page * PAGE) as u64;
+                let held = resident.as_ref().is_none_or(|r| r.get(page).is_some_and(|v| v & 1 != 0));
+                if held && !crate::hotplug::in_ranges(&unplugged, gpa) {
+                    held_pages.push(gpa);
+                }
             }
+            out.bytes += lanes.send(out, &held_pages, true)?;
         }
     }
-    out.flush()
+    Ok(())
 }
 
 /// Pages set in `logs` (per region, as `DirtyPages::take` gives them), less unplugged memory.
@@ -401,10 +424,12 @@ fn cancelled() -> String {
 /// the state; no page is copied.
 fn run_local(shared: &Shared, connection: Box<dyn Stream>, source: &Source) -> Result<(), String> {
     let socket = connection.unix_fd().ok_or("a local migration needs a unix: destination")?;
-    let mut out = Sender::new(connection, shared);
-    out.frame(Kind::Hello, &serde_json::to_vec(&stream::Hello::ours()).expect("strings and numbers encode"))?;
+    let mut out = Sender::new(connection, Some(shared));
+    out.frame(Kind::Hello, &stream::Hello::frame(1))?;
     out.frame(Kind::Config, &source.config)?;
     out.flush()?;
+    // The handover is a local migration's pre-copy.
+    shared.status().phase = Phase::Precopy;
     let memory = source.mem.iter().next().and_then(|r| r.file_offset()).ok_or("guest memory has no file")?;
     let mut fds = vec![std::os::fd::AsRawFd::as_raw_fd(memory.file())];
     let mut taps = Vec::new();
@@ -442,7 +467,9 @@ fn finish(mut out: Sender, state: &[u8]) -> Result<(), String> {
     out.frame(Kind::State, state)?;
     out.frame(Kind::End, &[])?;
     out.flush()?;
-    out.shared.status().bytes = out.bytes;
+    if let Some(shared) = out.shared {
+        shared.status().bytes = out.bytes;
+    }
     let mut reply = Vec::new();
     let mut stream = out.out.into_inner().map_err(|e| lost(e.into_error()))?;
     match stream::read_frame(&mut stream, &mut reply) {
@@ -461,13 +488,16 @@ fn run(
     source: &Source,
     dirty: &DirtyPages,
 ) -> Result<(), String> {
-    let mut out = Sender::new(connection, shared);
-    out.frame(Kind::Hello, &serde_json::to_vec(&stream::Hello::ours()).expect("strings and numbers encode"))?;
+    let mut out = Sender::new(connection, Some(shared));
+    out.frame(Kind::Hello, &stream::Hello::frame(options.connections))?;
     out.frame(Kind::Config, &source.config)?;
+    // The destination takes the other connections once it has read the configuration.
+    out.flush()?;
+    let mut lanes = Lanes::open(&options.url, options.tls.as_ref(), options.connections, &source.mem, shared)?;
     shared.status().phase = Phase::Precopy;
     let deadline = options.timeout.map(|t| shared.started + t);
     let copying = Instant::now();
-    send_all(&mut out, source, shared)?;
+    send_all(&mut out, &mut lanes, source, shared)?;
     // Bytes per second over the last round; at least 1 MiB/s, so that a round of nothing does
     // not make every estimate infinite.
     let rate = |bytes: u64, took: Duration| (bytes as f64 / took.as_secs_f64().max(1e-6)).max(1048576.0);
@@ -526,10 +556,7 @@ fn run(
             }
         }
         let (sent_before, started) = (out.bytes, Instant::now());
-        for &gpa in &pages {
-            out.page(&source.mem, gpa, false)?;
-        }
-        out.flush()?;
+        out.bytes += lanes.send(&mut out, &pages, false)?;
         sent_in_round = out.bytes - sent_before;
         bandwidth = rate(sent_in_round, started.elapsed());
         round += 1;
@@ -545,9 +572,10 @@ fn run(
     if options.postcopy {
         return postcopy(out, shared, source, &state, last_pages);
     }
-    for &gpa in &last_pages {
-        out.page(&source.mem, gpa, false)?;
-    }
+    out.bytes += lanes.send(&mut out, &last_pages, false)?;
+    // Every lane's end is on the wire before the main stream's: the destination reads the
+    // lanes to their ends before it builds the VM.
+    lanes.finish();
     finish(out, &state)
 }
 
@@ -613,7 +641,23 @@ fn reader_of(stream: &dyn Stream) -> Result<Box<dyn Stream>, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::within_target;
+    use super::{SendOptions, within_target};
+
+    #[test]
+    fn connections_are_counted_from_1_to_16_and_only_for_copies() {
+        let options = |body: &str| SendOptions::from_request(&serde_json::from_str(body).unwrap());
+        let url = r#""destination_url": "tcp:127.0.0.1:4444""#;
+        assert_eq!(options(&format!("{{{url}}}")).unwrap().connections, 1);
+        assert_eq!(options(&format!(r#"{{{url}, "connections": 16}}"#)).unwrap().connections, 16);
+        for (extra, why) in [
+            (r#""connections": 0"#, "connections 0 is not from 1 to 16"),
+            (r#""connections": 17"#, "connections 17 is not from 1 to 16"),
+            (r#""connections": 2, "postcopy": true"#, "leave it out with local or postcopy"),
+        ] {
+            let e = options(&format!("{{{url}, {extra}}}")).unwrap_err();
+            assert!(e.contains(why), "{extra}: {e}");
+        }
+    }
 
     #[test]
     fn rounds_go_on_within_the_target_while_each_halves_what_is_left() {

@@ -84,15 +84,28 @@ pub struct Hello {
     pub magic: String,
     pub version: u32,
     pub vmm_version: String,
+    /// How many connections the stream comes over: this one, then the lanes
+    /// ([`super::lanes`]), each of which begins with the same hello.
+    #[serde(default = "one")]
+    pub connections: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 impl Hello {
-    pub fn ours() -> Hello {
-        Hello { magic: MAGIC.into(), version: VERSION, vmm_version: env!("CARGO_PKG_VERSION").into() }
+    pub fn ours(connections: u32) -> Hello {
+        Hello { magic: MAGIC.into(), version: VERSION, vmm_version: env!("CARGO_PKG_VERSION").into(), connections }
+    }
+
+    /// The frame that opens each connection of a stream over `connections`.
+    pub fn frame(connections: u32) -> Vec<u8> {
+        serde_json::to_vec(&Hello::ours(connections)).expect("strings and numbers encode")
     }
 
     /// Checks a peer's hello; the error says what to do.
-    pub fn check(payload: &[u8]) -> Result<(), String> {
+    pub fn check(payload: &[u8]) -> Result<Hello, String> {
         let hello: Hello =
             serde_json::from_slice(payload).map_err(|_| "the peer does not speak Ferrovisor's migration stream")?;
         if hello.magic != MAGIC {
@@ -107,7 +120,14 @@ impl Hello {
                 env!("CARGO_PKG_VERSION")
             ));
         }
-        Ok(())
+        if !(1..=super::lanes::MAX_CONNECTIONS).contains(&hello.connections) {
+            return Err(format!(
+                "the stream asks for {} connections, where a migration uses 1 to {}",
+                hello.connections,
+                super::lanes::MAX_CONNECTIONS
+            ));
+        }
+        Ok(hello)
     }
 }
 
@@ -267,13 +287,13 @@ mod tests {
     #[test]
     fn frames_round_trip_and_oversized_or_unknown_ones_are_refused_unread() {
         let mut out = Vec::new();
-        write_frame(&mut out, Kind::Hello, &serde_json::to_vec(&Hello::ours()).unwrap()).unwrap();
+        write_frame(&mut out, Kind::Hello, &Hello::frame(3)).unwrap();
         write_pages(&mut out, 0x2000, &[7u8; 8192]).unwrap();
         write_frame(&mut out, Kind::End, &[]).unwrap();
         let mut r = out.as_slice();
         let mut buf = Vec::new();
         assert_eq!(read_frame(&mut r, &mut buf), Ok(Kind::Hello));
-        Hello::check(&buf).unwrap();
+        assert_eq!(Hello::check(&buf).unwrap().connections, 3);
         assert_eq!(read_frame(&mut r, &mut buf), Ok(Kind::Pages));
         let (gpa, data) = pages(&buf).unwrap();
         assert_eq!((gpa, data.len()), (0x2000, 8192));
@@ -290,9 +310,11 @@ mod tests {
 
     #[test]
     fn another_stream_version_is_refused_with_both_versions_named() {
-        let hello = Hello { version: VERSION + 1, ..Hello::ours() };
-        let e = Hello::check(&serde_json::to_vec(&hello).unwrap()).unwrap_err();
+        let hello = Hello { version: VERSION + 1, ..Hello::ours(1) };
+        let e = Hello::check(&serde_json::to_vec(&hello).unwrap()).err().unwrap();
         assert!(e.contains(&format!("version {}", VERSION + 1)) && e.contains("reads only version"), "{e}");
         assert!(Hello::check(b"{}").is_err());
+        let e = Hello::check(&Hello::frame(17)).err().unwrap();
+        assert!(e.contains("17 connections, where a migration uses 1 to 16"), "{e}");
     }
 }

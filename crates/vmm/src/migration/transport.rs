@@ -8,7 +8,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How long a peer may stay silent once connected before the migration fails.
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -148,10 +148,13 @@ impl Listener {
     /// Waits for the source, checking `cancelled` at least every 100 ms. A TLS peer must show a
     /// certificate the CA signed: one that does not is refused (and logged), and the
     /// destination waits on for the source it trusts.
-    pub fn accept(&self, cancelled: &AtomicBool) -> Result<Box<dyn Stream>, String> {
+    pub fn accept(&self, cancelled: &AtomicBool, deadline: Option<Instant>) -> Result<Box<dyn Stream>, String> {
         loop {
             if cancelled.load(Ordering::Relaxed) {
                 return Err("the migration was cancelled before the source connected".into());
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err("the source opened fewer connections than its stream said".into());
             }
             let accepted: std::io::Result<Box<dyn Stream>> = match self {
                 Listener::Unix(l, _) => l.accept().and_then(|(s, _)| {
