@@ -674,6 +674,63 @@ fn linux_gets_its_address_from_the_user_mode_network() {
     assert_ended_after_init(&out);
 }
 
+/// Linux with a static address on a TAP moves to another VMM, which puts the interface on
+/// another TAP, while it waits for a root device that never comes. On the destination its
+/// virtio-net driver, which negotiated
+/// VIRTIO_NET_F_GUEST_ANNOUNCE, is asked to announce itself: a gratuitous ARP for its address
+/// leaves on the TAP, and the driver acknowledges on the control queue. (The VMM's own RARP
+/// announcement, another ethertype, goes too.)
+#[test]
+fn linux_announces_its_address_itself_after_a_migration() {
+    const WAITING: &str = "Waiting for root device";
+    let guest = linux_guest();
+    let dir = common::scratch_dir("linux-announce");
+    let (tap, new_tap) = (common::TestTap::new("fvan"), common::TestTap::new("fvam"));
+    let mac = [0x02, 0xfc, 0, 0, 0x0a, 0x0f];
+    let cmdline = format!(
+        "console=ttyS0 reboot=k panic=-1 {LINUX_HOST_CMDLINE} ip=10.0.3.15::10.0.3.1:255.255.255.0::eth0:off \
+         root=/dev/vda rootwait"
+    );
+    let (destination, to) = api_vmm(&dir, "destination.sock", &[]);
+    let url = format!("unix:{}", dir.join("migrate.sock").display());
+    let receive = serde_json::json!({"receiver_url": url,
+        "network_overrides": [{"iface_id": "net0", "host_dev_name": new_tap.name}]});
+    api(&to, "PUT", "/ferrovisor/migration/receive", &receive.to_string(), 204);
+    let from = dir.join("source.sock");
+    let mut cmd = ferrovisor();
+    cmd.arg("run")
+        .args(["--kernel", guest.join("vmlinux").to_str().unwrap()])
+        .args(["--memory", "256", "--cmdline", &cmdline])
+        .args(["--net", &format!("tap={},mac=02:fc:00:00:0a:0f", tap.name)])
+        .arg("--api-sock")
+        .arg(&from);
+    let mut source = Running::start(cmd);
+    assert!(source.wait_for_output(WAITING, BOOT_TIMEOUT), "{}\n{}", source.stdout(), source.stderr());
+    assert!(source.stdout().contains("IP-Config: Complete"), "{}", source.stdout());
+    let far_side = common::PacketSocket::bind(&new_tap.name);
+    far_side.set_timeout(Duration::from_secs(60));
+    api(&from, "PUT", "/ferrovisor/migration/send", &format!(r#"{{"destination_url": "{url}"}}"#), 204);
+    let source = source.finish(BOOT_TIMEOUT);
+    assert!(source.status.success(), "{}", source.describe());
+    // A gratuitous ARP request from the guest: its MAC, and its address as sender and target.
+    let arp = far_side.recv_ethertype(0x0806).expect("a gratuitous ARP from the guest on the TAP");
+    assert_eq!(&arp[6..12], &mac, "from the guest's MAC");
+    assert_eq!(&arp[20..22], &[0, 1], "an ARP request");
+    assert_eq!(&arp[28..32], &[10, 0, 3, 15], "the guest's address as sender");
+    assert_eq!(&arp[38..42], &[10, 0, 3, 15], "and as target");
+    let acknowledged = (0..200).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        destination.stderr().contains("the driver announced the interface on its new port")
+    });
+    api(&to, "PUT", "/ferrovisor/stop", "", 204);
+    let out = destination.finish(BOOT_TIMEOUT);
+    let log = out.describe();
+    assert!(acknowledged, "the driver acknowledged on the control queue: {log}");
+    assert!(out.stderr.contains("asked the guest to announce 1 interface(s) itself"), "{log}");
+    assert!(!out.stdout.contains("Linux version"), "the guest does not boot again: {log}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// Linux with a read-write virtio-blk root moves to another VMM early in its boot, while its
 /// emulated ring 0 sets itself up: on the destination it finds its disk, mounts the root and
 /// goes on, without booting again.

@@ -657,7 +657,11 @@ impl NetLab {
     pub fn new(prefix: &str) -> NetLab {
         let host = NetNs::new(&format!("{prefix}h"));
         let outside = NetNs::new(&format!("{prefix}o"));
-        let (vh, vo) = (format!("vh{}", std::process::id() % 100_000), format!("vo{}", std::process::id() % 100_000));
+        // Unique on the host while the lab lives: tests of one process may each make a lab.
+        static LABS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let lab =
+            format!("{}x{}", std::process::id() % 100_000, LABS.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let (vh, vo) = (format!("vh{lab}"), format!("vo{lab}"));
         sh("ip", &["link", "add", &vh, "type", "veth", "peer", "name", &vo]);
         sh("ip", &["link", "set", &vh, "netns", &host.name]);
         sh("ip", &["link", "set", &vo, "netns", &outside.name]);

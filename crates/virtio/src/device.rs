@@ -136,6 +136,13 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
     /// Stops serving and drops the queues; the device can be activated again.
     fn reset(&mut self);
+
+    /// Asks the driver to announce the device on its network (after a migration); false
+    /// where the device or its driver has no such thing.
+    fn announce(&mut self) -> bool {
+        false
+    }
+
     /// Stops serving without forgetting: returns the queues (ring positions included) so that
     /// the device can be saved and then activated again with them. None when not active.
     fn quiesce(&mut self) -> Option<Vec<Queue>> {

@@ -14,7 +14,7 @@ use std::io::{Read, Write};
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 
 use net::firewall::Firewall;
 use net::mmds::MmdsStack;
@@ -149,6 +149,11 @@ pub struct Net {
     pairs: Option<Arc<QueuePairs>>,
     /// The pairs in use when the device was quiesced or snapshotted, for the next activation.
     restored_pairs: Option<usize>,
+    /// The configuration's status: link up, and an announcement asked of the driver until it
+    /// acknowledges it on the control queue (shared with the worker that serves that queue).
+    status: Arc<AtomicU16>,
+    /// The driver's features, once it started the device.
+    acked: u64,
 }
 
 impl Net {
@@ -161,9 +166,7 @@ impl Net {
     pub fn with_queue_pairs(hosts: Vec<NetHost>, mac: [u8; 6]) -> Net {
         assert!(!hosts.is_empty(), "an interface has a host side");
         let mut queue_sizes = vec![QUEUE_SIZE; 2 * hosts.len()];
-        if hosts.len() > 1 {
-            queue_sizes.push(CTRL_QUEUE_SIZE);
-        }
+        queue_sizes.push(CTRL_QUEUE_SIZE);
         Net {
             hosts,
             queue_sizes,
@@ -179,6 +182,8 @@ impl Net {
             idle: Vec::new(),
             pairs: None,
             restored_pairs: None,
+            status: Arc::new(AtomicU16::new(VIRTIO_NET_S_LINK_UP as u16)),
+            acked: 0,
         }
     }
 
@@ -249,13 +254,21 @@ impl VirtioDevice for Net {
         TYPE_NET
     }
     fn features(&self) -> u64 {
-        let mut base =
-            F_VERSION_1 | F_RING_INDIRECT_DESC | F_RING_EVENT_IDX | bit(VIRTIO_NET_F_MAC) | bit(VIRTIO_NET_F_MRG_RXBUF);
+        // The control queue takes the pair count and the driver's acknowledgement of an
+        // announcement (after a migration).
+        let mut base = F_VERSION_1
+            | F_RING_INDIRECT_DESC
+            | F_RING_EVENT_IDX
+            | bit(VIRTIO_NET_F_MAC)
+            | bit(VIRTIO_NET_F_MRG_RXBUF)
+            | bit(VIRTIO_NET_F_STATUS)
+            | bit(VIRTIO_NET_F_CTRL_VQ)
+            | bit(VIRTIO_NET_F_GUEST_ANNOUNCE);
         if self.mtu.is_some() {
             base |= bit(VIRTIO_NET_F_MTU);
         }
         if self.hosts.len() > 1 {
-            base |= bit(VIRTIO_NET_F_CTRL_VQ) | bit(VIRTIO_NET_F_MQ);
+            base |= bit(VIRTIO_NET_F_MQ);
         }
         match self.hosts[0] {
             // The TAP completes partial checksums both ways; the switch moves bare frames.
@@ -267,9 +280,10 @@ impl VirtioDevice for Net {
         &self.queue_sizes
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        // mac, then status (unused: no VIRTIO_NET_F_STATUS), max_virtqueue_pairs and mtu.
+        // mac, status, max_virtqueue_pairs and mtu.
         let mut config = [0u8; 12];
         config[..6].copy_from_slice(&self.mac);
+        config[6..8].copy_from_slice(&self.status.load(Ordering::SeqCst).to_le_bytes());
         config[8..10].copy_from_slice(&(self.hosts.len() as u16).to_le_bytes());
         config[10..12].copy_from_slice(&self.mtu.unwrap_or(0).to_le_bytes());
         read_config_bytes(&config, offset, data);
@@ -285,7 +299,8 @@ impl VirtioDevice for Net {
         }
         let offered = self.hosts.len();
         let multi_queue = offered > 1 && acked & bit(VIRTIO_NET_F_MQ) != 0;
-        let control = offered > 1 && acked & bit(VIRTIO_NET_F_CTRL_VQ) != 0;
+        let control = acked & bit(VIRTIO_NET_F_CTRL_VQ) != 0;
+        self.acked = acked;
         // The control queue follows the pairs the driver negotiated: 2N with MQ, else 2.
         let control_index = if multi_queue { 2 * offered } else { 2 };
         let serving = if multi_queue { offered } else { 1 };
@@ -320,6 +335,7 @@ impl VirtioDevice for Net {
                 tx_limiter: RateLimiter::for_limit(self.tx_limit).map_err(ActivateError::Worker)?,
                 mmds: self.mmds.map(MmdsStack::new),
                 firewall: self.firewall.clone(),
+                announcing: (acked & bit(VIRTIO_NET_F_GUEST_ANNOUNCE) != 0).then(|| self.status.clone()),
                 ..NetBackend::new(host, acked & bit(VIRTIO_NET_F_MRG_RXBUF) != 0, self.metrics.clone())
             };
             // The worker's queues are some of the device's: its interrupts name theirs.
@@ -361,6 +377,16 @@ impl VirtioDevice for Net {
         self.idle.clear();
         self.pairs = None;
         self.restored_pairs = None;
+        self.acked = 0;
+        self.status.store(VIRTIO_NET_S_LINK_UP as u16, Ordering::SeqCst);
+    }
+    fn announce(&mut self) -> bool {
+        let wanted = bit(VIRTIO_NET_F_GUEST_ANNOUNCE) | bit(VIRTIO_NET_F_CTRL_VQ);
+        if self.acked & wanted != wanted {
+            return false;
+        }
+        self.status.fetch_or(VIRTIO_NET_S_ANNOUNCE as u16, Ordering::SeqCst);
+        true
     }
     fn update_rate_limits(
         &mut self,
@@ -444,9 +470,25 @@ impl QueuePairs {
 
 /// Answers a control queue command (class, command, data) with VIRTIO_NET_OK or
 /// VIRTIO_NET_ERR. `offered` is the pair count when the driver negotiated multi-queue, and
-/// `use_pairs` puts a valid VQ_PAIRS_SET into effect.
-fn control_command(command: &[u8], offered: Option<usize>, use_pairs: impl FnOnce(usize) -> std::io::Result<()>) -> u8 {
+/// `use_pairs` puts a valid VQ_PAIRS_SET into effect. `announcing` is the configuration's
+/// status when the driver negotiated announcements: its acknowledgement clears the request.
+fn control_command(
+    command: &[u8],
+    offered: Option<usize>,
+    announcing: Option<&AtomicU16>,
+    use_pairs: impl FnOnce(usize) -> std::io::Result<()>,
+) -> u8 {
     let (mq, set) = (VIRTIO_NET_CTRL_MQ as u8, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET as u8);
+    let (announce, ack) = (VIRTIO_NET_CTRL_ANNOUNCE as u8, VIRTIO_NET_CTRL_ANNOUNCE_ACK as u8);
+    if let ([class, cmd, ..], Some(status)) = (command, announcing)
+        && (*class, *cmd) == (announce, ack)
+    {
+        let before = status.fetch_and(!(VIRTIO_NET_S_ANNOUNCE as u16), Ordering::SeqCst);
+        if before & VIRTIO_NET_S_ANNOUNCE as u16 != 0 {
+            crate::guest_event!("virtio-net: the driver announced the interface on its new port");
+        }
+        return VIRTIO_NET_OK as u8;
+    }
     match (command, offered) {
         ([class, cmd, lo, hi, ..], Some(offered)) if (*class, *cmd) == (mq, set) => {
             let n = usize::from(u16::from_le_bytes([*lo, *hi]));
@@ -498,6 +540,8 @@ struct NetBackend {
     mmds: Option<MmdsStack>,
     /// The port's firewall: frames it refuses never reach the host side or the guest.
     firewall: Option<Arc<Firewall>>,
+    /// The configuration's status, when the driver negotiated announcements.
+    announcing: Option<Arc<AtomicU16>>,
 }
 
 /// Copies `data` into the writable buffers of `chain`; returns the bytes written and the
@@ -540,6 +584,7 @@ impl NetBackend {
             tx_limiter: None,
             mmds: None,
             firewall: None,
+            announcing: None,
         }
     }
 
@@ -642,7 +687,7 @@ impl NetBackend {
     /// Answers the driver's control commands (only VQ_PAIRS_SET is offered).
     fn control(&mut self, queues: &mut [Queue], mem: &GuestMemory) -> bool {
         let Some(queue) = queues.get_mut(CTRL_QUEUE) else { return false };
-        let pairs = self.pairs.clone();
+        let (pairs, announcing) = (self.pairs.clone(), self.announcing.clone());
         serve_queue("virtio-net", queue, mem, |chain| {
             // class, command and a 16-bit argument; the status goes in the first writable byte.
             let (mut command, mut got, mut status_at) = ([0u8; 4], 0usize, None);
@@ -659,7 +704,7 @@ impl NetBackend {
                 }
             }
             let offered = pairs.as_ref().map(|p| p.taps.len());
-            let status = control_command(&command[..got], offered, |n| match &pairs {
+            let status = control_command(&command[..got], offered, announcing.as_deref(), |n| match &pairs {
                 Some(pairs) => pairs.set_active(n),
                 None => Ok(()),
             });
@@ -913,7 +958,7 @@ mod tests {
         let (ok, err) = (VIRTIO_NET_OK as u8, VIRTIO_NET_ERR as u8);
         let mut applied = Vec::new();
         let mut run = |command: &[u8], offered| {
-            control_command(command, offered, |n| {
+            control_command(command, offered, None, |n| {
                 applied.push(n);
                 Ok(())
             })
@@ -929,8 +974,30 @@ mod tests {
         assert_eq!(run(&[4, 0, 1, 0], None), err, "no multi-queue negotiated");
         assert_eq!(run(&[], Some(4)), err);
         assert_eq!(applied, [2, 4]);
-        let failing = control_command(&[4, 0, 2, 0], Some(2), |_| Err(std::io::Error::other("detached")));
+        let failing = control_command(&[4, 0, 2, 0], Some(2), None, |_| Err(std::io::Error::other("detached")));
         assert_eq!(failing, err, "a TAP that cannot follow is the driver's error too");
+    }
+
+    /// An announcement is asked of the driver only once it negotiated it; its acknowledgement
+    /// on the control queue clears the request, and without the feature the command is refused.
+    #[test]
+    fn the_driver_acknowledges_an_announcement_it_negotiated() {
+        let (vm_side, _outside) = SwitchPort::pair().unwrap();
+        let mut net = Net::new(NetHost::Switch(vm_side), [2, 0, 0, 0, 0, 1]);
+        let wanted = bit(VIRTIO_NET_F_GUEST_ANNOUNCE) | bit(VIRTIO_NET_F_CTRL_VQ) | bit(VIRTIO_NET_F_STATUS);
+        assert_eq!(net.features() & wanted, wanted);
+        assert!(!net.announce(), "no driver negotiated it yet");
+        net.acked = wanted;
+        assert!(net.announce());
+        let mut status = [0u8; 2];
+        net.read_config(6, &mut status);
+        assert_eq!(u16::from_le_bytes(status), (VIRTIO_NET_S_LINK_UP | VIRTIO_NET_S_ANNOUNCE) as u16);
+        let ack = [VIRTIO_NET_CTRL_ANNOUNCE as u8, VIRTIO_NET_CTRL_ANNOUNCE_ACK as u8];
+        let ok = VIRTIO_NET_OK as u8;
+        assert_eq!(control_command(&ack, None, Some(&net.status), |_| Ok(())), ok);
+        net.read_config(6, &mut status);
+        assert_eq!(u16::from_le_bytes(status), VIRTIO_NET_S_LINK_UP as u16, "the request is cleared");
+        assert_eq!(control_command(&ack, None, None, |_| Ok(())), VIRTIO_NET_ERR as u8);
     }
 
     /// A driver that starts the device without a ready receive queue: a frame waiting on the

@@ -261,7 +261,7 @@ impl PciTransport {
             || saved.msix_table.is_empty()
             || saved.msix_table.len() > vectors
             || saved.msix_pending.len() > vectors
-            || saved.queue_vectors.len() != self.interrupt.queue_vectors.len()
+            || saved.queue_vectors.len() > self.interrupt.queue_vectors.len()
         {
             return Err(format!("{}: the snapshot holds a different PCI function here", self.state.name));
         }

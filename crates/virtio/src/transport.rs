@@ -278,6 +278,18 @@ impl VirtioState {
         result
     }
 
+    /// Asks a running device's driver to announce it on its network (after a migration),
+    /// where both offer that: a configuration change tells the driver.
+    pub fn announce(&mut self) -> bool {
+        let running = self.active && self.status & STATUS_DRIVER_OK != 0;
+        if !running || !self.device.announce() {
+            return false;
+        }
+        self.config_generation = self.config_generation.wrapping_add(1);
+        self.interrupt.signal_config_change();
+        true
+    }
+
     /// Lets a device stopped by [`VirtioState::save`] serve again, from where it stood.
     pub fn resume(&mut self) {
         if let Some(queues) = self.quiesced.take() {
@@ -286,9 +298,11 @@ impl VirtioState {
     }
 
     /// Puts back a saved state on a fresh transport of the same device; an active device
-    /// starts serving from the saved ring positions.
+    /// starts serving from the saved ring positions. A device saved with fewer queues (before
+    /// virtio-net always had a control queue) keeps the others unready: its driver, whose
+    /// features came with the state, never asked for them.
     pub fn restore(&mut self, saved: &SavedTransport) -> Result<(), String> {
-        if saved.device_type != self.device.device_type() || saved.queues.len() != self.queues.len() {
+        if saved.device_type != self.device.device_type() || saved.queues.len() > self.queues.len() {
             return Err(format!(
                 "{}: the snapshot holds a different device here (type {}, {} queues)",
                 self.name,
@@ -314,10 +328,12 @@ impl VirtioState {
         self.queue_sel = saved.queue_sel;
         if self.status & STATUS_DRIVER_OK != 0 && self.status & STATUS_NEEDS_RESET == 0 {
             let mut queues = Vec::new();
-            for (q, s) in self.queues.iter().zip(&saved.queues) {
+            for (i, q) in self.queues.iter().enumerate() {
                 let mut copy = Queue::try_from(q.state()).map_err(|e| format!("{}: {e}", self.name))?;
-                copy.set_next_avail(s.next_avail);
-                copy.set_next_used(s.next_used);
+                if let Some(s) = saved.queues.get(i) {
+                    copy.set_next_avail(s.next_avail);
+                    copy.set_next_used(s.next_used);
+                }
                 queues.push(copy);
             }
             self.start_device(queues);

@@ -123,8 +123,18 @@ impl RunningVm {
     }
 
     /// Announces the guest's MACs on their new ports after a migration: RARP frames now and
-    /// twice more over the next 300 ms (as QEMU's self-announce), from a thread of their own.
+    /// twice more over the next 300 ms (as QEMU's self-announce), from a thread of their own,
+    /// and each driver that negotiated VIRTIO_NET_F_GUEST_ANNOUNCE is asked to announce its
+    /// addresses itself (gratuitous ARP, unsolicited neighbour advertisements).
     pub fn announce_moved(&mut self) {
+        let mmio =
+            self.devices.mmio.iter().filter(|t| t.lock().unwrap_or_else(|p| p.into_inner()).virtio_state().announce());
+        let pci =
+            self.devices.pci.iter().filter(|t| t.lock().unwrap_or_else(|p| p.into_inner()).virtio_state().announce());
+        let asked = mmio.count() + pci.count();
+        if asked > 0 {
+            tracing::info!("asked the guest to announce {asked} interface(s) itself (VIRTIO_NET_F_GUEST_ANNOUNCE)");
+        }
         let mut announcers = std::mem::take(&mut self.devices.announcers);
         if announcers.is_empty() {
             return;
