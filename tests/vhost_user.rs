@@ -154,12 +154,28 @@ fn ferrovisors_back_end_passes_the_block_and_hostile_suites_for_one_vmm_after_an
     assert_eq!(log.matches("the front-end went").count(), 2, "{log}");
 }
 
+/// QEMU runs the probe's block test on Ferrovisor's back-end twice: as `vhost-user-blk` on
+/// virtio-mmio (microvm), and as `vhost-user-blk-pci` on a PC machine, where SeaBIOS places the
+/// function's BARs and the probe finds it on PCI bus 0.
 #[test]
 fn qemu_boots_the_probe_on_ferrovisors_block_back_end() {
     let dir = scratch_dir("vhost-user-qemu");
     let image = blank_image(&dir);
     let backend = BackEnd::ferrovisor_blk(&dir, &image);
     let out = finish(qemu_on_back_end(BLK_PATTERN, &backend, &["-device", "vhost-user-blk,chardev=vu"]));
+    assert_pattern_written(&out, &image, "probe-disk");
+
+    let dir = scratch_dir("vhost-user-qemu-pci");
+    let image = blank_image(&dir);
+    let backend = BackEnd::ferrovisor_blk(&dir, &image);
+    let mut pc = Command::new("qemu-system-x86_64");
+    pc.args(["-M", "pc,memory-backend=mem", "-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "128"])
+        .args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot"])
+        .args(["-object", "memory-backend-memfd,id=mem,size=128M,share=on"])
+        .args(["-chardev", &format!("socket,id=vu,path={}", backend.socket.display())])
+        .args(["-device", "vhost-user-blk-pci,chardev=vu,disable-legacy=on"])
+        .args(["-kernel", common::probe_elf(), "-append", BLK_PATTERN]);
+    let out = finish(pc);
     assert_pattern_written(&out, &image, "probe-disk");
 }
 

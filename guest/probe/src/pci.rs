@@ -13,6 +13,7 @@ const VIRTIO_MODERN_BASE: u32 = 0x1040;
 const CAP_VENDOR: u32 = 0x09;
 const CFG_COMMON: u32 = 1;
 const CFG_NOTIFY: u32 = 2;
+const CFG_DEVICE: u32 = 4;
 const STATUS_CAP_LIST: u32 = 1 << 20;
 const F_VERSION_1: u32 = 1; // bit 32: bit 0 of the second feature word
 
@@ -73,6 +74,22 @@ pub fn write16(addr: u64, value: u16) {
     unsafe { core::ptr::write_volatile(addr as *mut u16, value) }
 }
 
+/// Where memory BAR `index` of the function in `slot` lies: None for an I/O BAR, an
+/// unprogrammed one, or one above the probe's identity-mapped 4 GiB.
+fn bar_address(slot: u8, index: u32) -> Option<u64> {
+    if index > 5 {
+        return None;
+    }
+    let at = 0x10 + 4 * index as u8;
+    let low = config_read(slot, at);
+    if low & 1 != 0 {
+        return None;
+    }
+    let high = if low & 0x6 == 0x4 && index < 5 { u64::from(config_read(slot, at + 4)) << 32 } else { 0 };
+    let addr = high | u64::from(low & !0xf);
+    (addr != 0 && addr < 1 << 32).then_some(addr)
+}
+
 /// A modern virtio-pci function, its structures located through its capabilities.
 pub struct VirtioPci {
     pub slot: u8,
@@ -81,6 +98,8 @@ pub struct VirtioPci {
     pub common: u64,
     notify: u64,
     notify_multiplier: u32,
+    /// The device-specific configuration, where the function has one.
+    pub device_cfg: Option<u64>,
     /// The capability list's MSI-X capability offset, if any.
     pub msix_cap: Option<u8>,
 }
@@ -92,10 +111,15 @@ impl VirtioPci {
             (0..SLOTS).find(|&s| config_read(s, 0) == (VIRTIO_MODERN_BASE + device_type) << 16 | VIRTIO_VENDOR)?;
         let low = config_read(slot, 0x10);
         let bar = if low & 0x6 == 0x4 { u64::from(config_read(slot, 0x14)) << 32 } else { 0 } | u64::from(low & !0xf);
-        if config_read(slot, 0x04) & STATUS_CAP_LIST == 0 {
+        let command = config_read(slot, 0x04);
+        if command & STATUS_CAP_LIST == 0 {
             return None;
         }
-        let mut dev = VirtioPci { slot, bar, common: 0, notify: 0, notify_multiplier: 0, msix_cap: None };
+        // Memory decoding and bus mastering (firmware may have left the second off; QEMU's
+        // devices then do no DMA).
+        config_write(slot, 0x04, (command & 0xffff) | 0x6);
+        let mut dev =
+            VirtioPci { slot, bar, common: 0, notify: 0, notify_multiplier: 0, device_cfg: None, msix_cap: None };
         let mut at = (config_read(slot, 0x34) & 0xfc) as u8;
         // At most 48 capabilities fit in the 192 bytes after the header: a loop ends there.
         for _ in 0..48 {
@@ -103,7 +127,8 @@ impl VirtioPci {
                 break;
             }
             let head = config_read(slot, at);
-            let where_ = |bar_field: u32, offset: u32| (bar_field & 0xff == 0).then_some(bar + u64::from(offset));
+            // A structure lies in whichever memory BAR the capability names (QEMU's in BAR 4).
+            let where_ = |bar_field: u32, offset: u32| Some(bar_address(slot, bar_field & 0xff)? + u64::from(offset));
             match head & 0xff {
                 CAP_VENDOR => {
                     let (kind, bar_field, offset) =
@@ -114,6 +139,7 @@ impl VirtioPci {
                             dev.notify = where_(bar_field, offset)?;
                             dev.notify_multiplier = config_read(slot, at + 16);
                         }
+                        CFG_DEVICE => dev.device_cfg = where_(bar_field, offset),
                         _ => {}
                     }
                 }
@@ -135,18 +161,30 @@ impl VirtioPci {
 
     /// Reset, ACKNOWLEDGE, DRIVER, VERSION_1 only, FEATURES_OK; false when refused.
     pub fn begin(&self) -> bool {
+        self.negotiate(0, 0).is_some()
+    }
+
+    /// Reset, ACKNOWLEDGE, DRIVER and feature negotiation: VERSION_1 and `required` must be
+    /// offered, `wanted` is taken where offered. The features taken, or None when refused.
+    pub fn negotiate(&self, required: u64, wanted: u64) -> Option<u64> {
         self.reset();
         write8(self.common + COMMON_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-        hw::mmio_write32(self.common + COMMON_DEVICE_FEATURE_SELECT, 1);
-        if hw::mmio_read32(self.common + COMMON_DEVICE_FEATURE) & F_VERSION_1 == 0 {
-            return false;
+        let mut offered = 0u64;
+        for word in 0..2u32 {
+            hw::mmio_write32(self.common + COMMON_DEVICE_FEATURE_SELECT, word);
+            offered |= u64::from(hw::mmio_read32(self.common + COMMON_DEVICE_FEATURE)) << (32 * word);
         }
-        hw::mmio_write32(self.common + COMMON_DRIVER_FEATURE_SELECT, 0);
-        hw::mmio_write32(self.common + COMMON_DRIVER_FEATURE, 0);
-        hw::mmio_write32(self.common + COMMON_DRIVER_FEATURE_SELECT, 1);
-        hw::mmio_write32(self.common + COMMON_DRIVER_FEATURE, F_VERSION_1);
+        let required = required | u64::from(F_VERSION_1) << 32;
+        if offered & required != required {
+            return None;
+        }
+        let taken = required | (wanted & offered);
+        for word in 0..2u32 {
+            hw::mmio_write32(self.common + COMMON_DRIVER_FEATURE_SELECT, word);
+            hw::mmio_write32(self.common + COMMON_DRIVER_FEATURE, (taken >> (32 * word)) as u32);
+        }
         write8(self.common + COMMON_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
-        self.status() & STATUS_FEATURES_OK != 0
+        (self.status() & STATUS_FEATURES_OK != 0).then_some(taken)
     }
 
     /// Sets up queue `index` with up to `want` entries; None when the device has no such queue.

@@ -53,9 +53,20 @@ fn run_device(test: &str, slot: &VirtioMmioSlot, cmdline: Cmdline, check: Device
     }
 }
 
+fn run_device_on(test: &str, check: impl FnOnce() -> Result<(), &'static str>) {
+    if let Err(reason) = check() {
+        report::fail(test, format_args!("{reason}"));
+    }
+}
+
 pub fn run(test: &str, id: u32, cmdline: Cmdline, info: &StartInfo) {
     let Some(slot) = mmio::find(cmdline, id) else {
-        return report::skip(test, format_args!("no {test} device among the virtio_mmio.device= entries"));
+        // A disk may be a PCI function instead (on a PC machine).
+        if let ("virtio-blk", Some(dev)) = (test, crate::pci::VirtioPci::find(id)) {
+            crate::virtio::reset_arena();
+            return run_device_on(test, || blk::test_pci(dev, cmdline));
+        }
+        return report::skip(test, format_args!("no {test} device among the virtio_mmio.device= entries or on PCI bus 0"));
     };
     crate::virtio::reset_arena();
     match test {

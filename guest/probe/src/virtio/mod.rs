@@ -3,6 +3,7 @@
 
 pub mod mmio;
 pub mod queue;
+pub mod transport;
 
 use core::sync::atomic::{AtomicUsize, Ordering};
 

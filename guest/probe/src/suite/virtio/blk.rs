@@ -20,6 +20,7 @@ use crate::pattern::{FNV_OFFSET, fill_sector, fnv1a};
 use crate::report;
 use crate::virtio::mmio::Device;
 use crate::virtio::queue::{Buffer, Virtqueue};
+use crate::virtio::transport::Transport;
 use crate::virtio::{alloc, bytes};
 
 const TEST: &str = "virtio-blk";
@@ -39,7 +40,7 @@ const S_OK: u8 = 0;
 const S_IOERR: u8 = 1;
 
 struct Disk<'a> {
-    dev: Device,
+    dev: Transport,
     q: Virtqueue,
     header: u64,
     status: u64,
@@ -217,7 +218,7 @@ pub fn counter(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static s
     let data = alloc(SECTOR, 4096).ok_or("out of probe memory")?;
     let header = alloc(16, 16).ok_or("out of probe memory")?;
     let status = alloc(1, 1).ok_or("out of probe memory")?;
-    let mut disk = Disk { dev, q, header, status, cmdline };
+    let mut disk = Disk { dev: Transport::Mmio(dev), q, header, status, cmdline };
     let every = cmdline.number(TEST, "every", 100_000_000);
     let ticks = cmdline.number(TEST, "ticks", 0);
     let mut n = 1u64;
@@ -240,11 +241,20 @@ pub fn counter(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static s
 
 pub fn test(slot: &VirtioMmioSlot, cmdline: Cmdline) -> Result<(), &'static str> {
     let dev = Device::begin(slot, 0, F_FLUSH | F_RO).map_err(|_| "the device could not be set up")?;
-    let q = dev.queue(0, 16).map_err(|_| "queue 0 could not be set up")?;
+    check(Transport::Mmio(dev), cmdline)
+}
+
+/// The same test of a disk that is a PCI function (one that QEMU, say, puts on its bus).
+pub fn test_pci(dev: crate::pci::VirtioPci, cmdline: Cmdline) -> Result<(), &'static str> {
+    check(Transport::pci(dev, 0, F_FLUSH | F_RO)?, cmdline)
+}
+
+fn check(mut dev: Transport, cmdline: Cmdline) -> Result<(), &'static str> {
+    let q = dev.queue(0, 16)?;
     dev.driver_ok();
     let capacity = dev.config_read64(0);
-    let readonly = dev.features & F_RO != 0;
-    let flush = dev.features & F_FLUSH != 0;
+    let readonly = dev.features() & F_RO != 0;
+    let flush = dev.features() & F_FLUSH != 0;
     let data = alloc(CHUNK as usize * SECTOR, 4096).ok_or("out of probe memory")?;
     let readback = alloc(CHUNK as usize * SECTOR, 4096).ok_or("out of probe memory")?;
     let header = alloc(16, 16).ok_or("out of probe memory")?;
