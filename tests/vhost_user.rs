@@ -149,9 +149,14 @@ fn ferrovisors_back_end_passes_the_block_and_hostile_suites_for_one_vmm_after_an
     let done = common::probe_lines(&out.stdout).into_iter().find(|l| l.starts_with("PROBE done")).unwrap_or_default();
     assert!(done.starts_with("PROBE done passed=16 failed=0"), "{}", out.describe());
     assert!(backend.alive(), "the back-end died: {}", backend.log());
+    // And the next, whose front-end is a virtio-pci function, on the emptied image.
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let out = finish(probe_with(BLK_PATTERN, &["--disk", &backend.disk_arg(), "--virtio-transport", "pci"]));
+    assert_pattern_written(&out, &image, "probe-disk");
+    assert!(out.stderr.contains("virtio-blk0 at PCI 00:01.0"), "{}", out.describe());
     let log = backend.log();
     assert!(log.contains("the driver corrupted a queue"), "the hostile driver's faults are logged: {log}");
-    assert_eq!(log.matches("the front-end went").count(), 2, "{log}");
+    assert_eq!(log.matches("the front-end went").count(), 3, "{log}");
 }
 
 /// QEMU runs the probe's block test on Ferrovisor's back-end twice: as `vhost-user-blk` on
