@@ -116,6 +116,53 @@ fn a_dirtying_probe_moves_and_every_page_arrives_over_unix_and_tcp() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A destination that reads the whole VM, state and end included, and then goes without a
+/// word: the source cannot know whether the VM runs there, so it keeps its copy paused rather
+/// than risk two running copies. One that refuses the VM after reading it all has the source
+/// run it on.
+#[test]
+fn a_source_that_never_hears_back_after_the_whole_vm_keeps_it_paused() {
+    for refuse in [false, true] {
+        let dir = scratch_dir(if refuse { "migration-refused" } else { "migration-silent" });
+        let receiver = dir.join("m.sock");
+        let listener = UnixListener::bind(&receiver).unwrap();
+        let destination = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            // Frames: a kind byte, three zeroes, a little-endian length, the payload; 5 ends.
+            loop {
+                let mut header = [0u8; 8];
+                s.read_exact(&mut header).unwrap();
+                let len = u32::from_le_bytes(header[4..8].try_into().unwrap()) as usize;
+                std::io::copy(&mut (&mut s).take(len as u64), &mut std::io::sink()).unwrap();
+                if header[0] == 5 {
+                    break;
+                }
+            }
+            if refuse {
+                let why = b"no room here";
+                s.write_all(&[7, 0, 0, 0]).unwrap();
+                s.write_all(&(why.len() as u32).to_le_bytes()).unwrap();
+                s.write_all(why).unwrap();
+            }
+        });
+        let (source, from) = dirtying_source(&dir, "src.sock", 30);
+        let send = format!(r#"{{"destination_url": "unix:{}"}}"#, receiver.display());
+        api_call(&from, "PUT", "/ferrovisor/migration/send", &send, 204);
+        destination.join().unwrap();
+        let s = wait_phase(&from, "failed");
+        let info: serde_json::Value = serde_json::from_str(&api_call(&from, "GET", "/", "", 200)).unwrap();
+        let expected = if refuse { "Running" } else { "Paused" };
+        assert_eq!(info["state"], expected, "{s}\n{}", source.stderr());
+        if !refuse {
+            assert!(source.stderr().contains("rather than risk running twice"), "{}", source.stderr());
+            assert!(s["error"].as_str().unwrap().contains("never said the VM runs there"), "{s}");
+        }
+        api_call(&from, "PUT", "/ferrovisor/stop", "", 204);
+        let _ = source.finish(TIMEOUT);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
 /// A VMM upgrade in place: this build hands a running, dirtying probe with shared memory and a
 /// TAP to another process of this build over a Unix socket (`ctl migrate --local`): guest
 /// memory's file and the TAP's queue go over the socket, no page is copied, every page checks

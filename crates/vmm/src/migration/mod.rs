@@ -99,6 +99,9 @@ pub mod counters {
 pub(crate) struct Shared {
     pub status: Mutex<Status>,
     pub cancelled: AtomicBool,
+    /// Source: the whole VM is on the wire (state and end), so that the destination may run it
+    /// whatever reaches this side now; only its explicit refusal lets the source resume.
+    pub handed_over: AtomicBool,
     /// Cut the connections off on a cancel, so that a thread blocked on a silent peer returns.
     cutters: Mutex<Vec<std::os::fd::OwnedFd>>,
     handoff: Mutex<Step>,
@@ -144,6 +147,7 @@ impl Shared {
         Arc::new(Shared {
             status: Mutex::new(status),
             cancelled: AtomicBool::new(false),
+            handed_over: AtomicBool::new(false),
             cutters: Mutex::new(Vec::new()),
             handoff: Mutex::new(Step::Working),
             changed: Condvar::new(),

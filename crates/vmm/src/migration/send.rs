@@ -256,11 +256,19 @@ impl Outgoing {
                 let downtime = paused_at.elapsed().as_secs_f64() * 1000.0;
                 self.shared.status().downtime_ms = Some(downtime);
                 super::counters::LAST_DOWNTIME_US.store((downtime * 1000.0) as u64, Ordering::Relaxed);
-                // Once a post-copy told the destination to run the VM, it may run there: this
-                // copy stays paused rather than run twice.
+                // Once a post-copy told the destination to run the VM, or the whole VM went
+                // without a word back, it may run there: this copy stays paused rather than run
+                // twice.
                 let committed = self.shared.status().phase == Phase::Postcopy;
+                let handed_over = self.shared.handed_over.load(Ordering::SeqCst);
                 if result.is_err() && committed {
                     tracing::error!("migration: post-copy broke after the switch-over; the VM stays paused here");
+                } else if result.is_err() && handed_over {
+                    tracing::error!(
+                        "migration: the destination has the whole VM but never said whether it runs it; the VM stays \
+                         paused here rather than risk running twice (resume it here only if the destination does not \
+                         run it)"
+                    );
                 } else if result.is_err() {
                     vm.resume_devices();
                     if !was_paused {
@@ -467,14 +475,22 @@ fn finish(mut out: Sender, state: &[u8]) -> Result<(), String> {
     out.frame(Kind::State, state)?;
     out.frame(Kind::End, &[])?;
     out.flush()?;
-    if let Some(shared) = out.shared {
+    let shared = out.shared;
+    if let Some(shared) = shared {
         shared.status().bytes = out.bytes;
+        shared.handed_over.store(true, Ordering::SeqCst);
     }
     let mut reply = Vec::new();
     let mut stream = out.out.into_inner().map_err(|e| lost(e.into_error()))?;
     match stream::read_frame(&mut stream, &mut reply) {
         Ok(Kind::Ack) => Ok(()),
-        Ok(Kind::Error) => Err(format!("the destination refused the VM: {}", String::from_utf8_lossy(&reply))),
+        Ok(Kind::Error) => {
+            // A refusal: the VM does not run there, and runs on here.
+            if let Some(shared) = shared {
+                shared.handed_over.store(false, Ordering::SeqCst);
+            }
+            Err(format!("the destination refused the VM: {}", String::from_utf8_lossy(&reply)))
+        }
         Ok(other) => Err(format!("the destination answered with a {other:?} frame")),
         Err(e) => Err(format!("the destination never said the VM runs there: {e}")),
     }
