@@ -62,11 +62,14 @@ fn run_device_on(test: &str, check: impl FnOnce() -> Result<(), &'static str>) {
 pub fn run(test: &str, id: u32, cmdline: Cmdline, info: &StartInfo) {
     let Some(slot) = mmio::find(cmdline, id) else {
         // A disk may be a PCI function instead (on a PC machine).
-        if let ("virtio-blk", Some(dev)) = (test, crate::pci::VirtioPci::find(id)) {
+        if test == "virtio-blk" {
+            let Some(dev) = crate::pci::VirtioPci::find(id) else {
+                return report::skip(test, format_args!("no {test} device among the virtio_mmio.device= entries or on PCI bus 0"));
+            };
             crate::virtio::reset_arena();
             return run_device_on(test, || blk::test_pci(dev, cmdline));
         }
-        return report::skip(test, format_args!("no {test} device among the virtio_mmio.device= entries or on PCI bus 0"));
+        return report::skip(test, format_args!("no {test} device among the virtio_mmio.device= entries"));
     };
     crate::virtio::reset_arena();
     match test {
