@@ -14,7 +14,7 @@
 //! no page copied) of idle 1 GiB and 8 GiB probes with shared memory.
 //!
 //! For Ferrovisor it also reports the source VMM's extra memory during the move: the most its
-//! own memory (resident memory less the guest's, `GET /ferrovisor/stats`) grew over what it was
+//! own memory (resident memory less the guest's, from its /proc files) grew over what it was
 //! before the send, sampled every 20 ms.
 
 mod support;
@@ -90,17 +90,6 @@ struct Figures {
     extra_mib: f64,
 }
 
-/// The VMM's own memory (resident less the guest's), in KiB; None once it has gone.
-fn vmm_overhead_kib(socket: &Path) -> Option<u64> {
-    use std::io::Write;
-    let mut s = std::os::unix::net::UnixStream::connect(socket).ok()?;
-    write!(s, "GET /ferrovisor/stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).ok()?;
-    let body = answer.split_once("\r\n\r\n")?.1;
-    serde_json::from_str::<serde_json::Value>(body).ok()?["vmm_overhead_kib"].as_u64()
-}
-
 /// `... the VM runs there; N rounds, X MiB sent, Y ms paused, Z ms in all` from the source's log.
 fn source_figures(log: &str) -> Figures {
     let line = log.lines().find(|l| l.contains("the VM runs there;")).unwrap_or_else(|| panic!("no move: {log}"));
@@ -150,19 +139,17 @@ fn ferrovisor(dir: &Path, rate_mib: u64, how: Move) -> Figures {
     wait_line(&guest, "PROBE start");
     std::thread::sleep(WARM_UP);
     let send = format!(r#"{{"destination_url": "unix:{}", "local": {}}}"#, receiver.display(), how.local);
-    let before = vmm_overhead_kib(&from).unwrap_or(0);
+    let pid = source.id();
+    let before = support::overhead_kib(pid);
     ok(&from, "PUT", "/ferrovisor/migration/send", &send);
-    let sampler = {
-        let from = from.clone();
-        std::thread::spawn(move || {
-            let mut most = before;
-            while let Some(kib) = vmm_overhead_kib(&from) {
-                most = most.max(kib);
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            most - before
-        })
-    };
+    let sampler = std::thread::spawn(move || {
+        let mut most = before;
+        while let Some(kib) = support::overhead_kib_while_alive(pid) {
+            most = most.max(kib);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        most - before
+    });
     let mut log = String::new();
     source.stderr.take().unwrap().read_to_string(&mut log).unwrap();
     assert!(source.wait().unwrap().success(), "{log}");

@@ -87,14 +87,19 @@ fn probe_with(tests: &str, extra: &[&str]) -> Command {
     cmd
 }
 
-/// QEMU booting the probe with `devices` on the back-end's socket (chardev `vu`), its guest
-/// memory a shared memfd that the back-end can map.
-fn qemu_on_back_end(tests: &str, backend: &BackEnd, devices: &[&str]) -> Command {
+/// QEMU's arguments for `devices` on the back-end's socket (chardev `vu`), its guest memory a
+/// shared memfd that the back-end can map.
+fn on_back_end(backend: &BackEnd, devices: &[&str]) -> Vec<String> {
     let chardev = format!("socket,id=vu,path={}", backend.socket.display());
     let mut extra = vec!["-object", "memory-backend-memfd,id=mem,size=128M,share=on", "-machine", "memory-backend=mem"];
     extra.extend(["-chardev", &chardev]);
     extra.extend(devices);
-    qemu_probe_command(1, tests, &extra)
+    extra.into_iter().map(String::from).collect()
+}
+
+/// QEMU's microvm booting the probe with `devices` on the back-end.
+fn qemu_on_back_end(tests: &str, backend: &BackEnd, devices: &[&str]) -> Command {
+    qemu_probe_command(1, tests, &on_back_end(backend, devices))
 }
 
 fn blank_image(dir: &Path) -> PathBuf {
@@ -173,14 +178,8 @@ fn qemu_boots_the_probe_on_ferrovisors_block_back_end() {
     let dir = scratch_dir("vhost-user-qemu-pci");
     let image = blank_image(&dir);
     let backend = BackEnd::ferrovisor_blk(&dir, &image);
-    let mut pc = Command::new("qemu-system-x86_64");
-    pc.args(["-M", "pc,memory-backend=mem", "-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "128"])
-        .args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot"])
-        .args(["-object", "memory-backend-memfd,id=mem,size=128M,share=on"])
-        .args(["-chardev", &format!("socket,id=vu,path={}", backend.socket.display())])
-        .args(["-device", "vhost-user-blk-pci,chardev=vu,disable-legacy=on"])
-        .args(["-kernel", common::probe_elf(), "-append", BLK_PATTERN]);
-    let out = finish(pc);
+    let pci = on_back_end(&backend, &["-device", "vhost-user-blk-pci,chardev=vu,disable-legacy=on"]);
+    let out = finish(common::qemu_pc_probe_command(BLK_PATTERN, &pci));
     assert_pattern_written(&out, &image, "probe-disk");
 }
 

@@ -21,11 +21,15 @@ fn kib(value: &str) -> u64 {
 /// 64 MiB or more). Panics when the process cannot be read, so that a crashed VMM never shows
 /// up as a VMM that costs nothing.
 pub fn overhead_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_else(|e| panic!("the VMM (pid {pid}) cannot be read ({e}); did it crash?"));
-    let rss = kib(status.lines().find_map(|l| l.strip_prefix("VmRSS:")).expect("VmRSS in /proc/PID/status"));
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
-        .unwrap_or_else(|e| panic!("the VMM (pid {pid}) cannot be read ({e}); did it crash?"));
+    overhead_kib_while_alive(pid).unwrap_or_else(|| panic!("the VMM (pid {pid}) cannot be read; did it crash?"))
+}
+
+/// [`overhead_kib`], or None once the process has exited (for sampling a VMM that will).
+pub fn overhead_kib_while_alive(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    // An exited process (a zombie) has no VmRSS.
+    let rss = kib(status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?);
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
     let (mut size, mut guest) = (0u64, 0u64);
     for line in smaps.lines() {
         if let Some(v) = line.strip_prefix("Size:") {
@@ -36,7 +40,7 @@ pub fn overhead_kib(pid: u32) -> u64 {
             guest += kib(v);
         }
     }
-    rss - guest
+    Some(rss - guest)
 }
 
 /// A VMM's memory from `/proc/PID/smaps`, guest RAM (mappings of 64 MiB or more) left out, in

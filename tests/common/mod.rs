@@ -277,25 +277,42 @@ pub fn probe_result<'a>(output: &'a str, test: &str) -> Option<&'a str> {
     })
 }
 
-/// A command that boots the probe under QEMU's microvm machine, with modern virtio-mmio and
-/// `extra` QEMU arguments (devices). QEMU does not announce its virtio-mmio slots to a PVH
-/// kernel, so all 24 (512 bytes each from 0xfeb00000, filled from the top) are named here.
-pub fn qemu_probe_command(cpus: u32, tests: &str, extra: &[&str]) -> Command {
+/// QEMU on `machine` with KVM, 128 MiB, no default devices and its serial port on stdout.
+fn qemu_command(machine: &str, cpus: u32) -> Command {
     let version = Command::new("qemu-system-x86_64").arg("--version").output();
     assert!(
         version.is_ok_and(|o| o.status.success()),
         "qemu-system-x86_64 is missing: apt-get install qemu-system-x86 (scripts/test.sh does)"
     );
-    let slots: Vec<String> =
-        (0..24u64).map(|n| format!("virtio_mmio.device=512@{:#x}:{}", 0xfeb0_0000 + n * 0x200, 12 + n)).collect();
     let mut cmd = Command::new("qemu-system-x86_64");
     // -arch-capabilities: QEMU 7.2 aborts when nested kvm_pvm refuses that MSR; harmless elsewhere.
-    cmd.args(["-M", "microvm,rtc=on", "-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "128"])
+    cmd.args(["-M", machine, "-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "128"])
         .args(["-smp", &cpus.to_string()])
-        .args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot"])
-        .args(["-global", "virtio-mmio.force-legacy=false"])
-        .args(extra)
-        .args(["-kernel", probe_elf(), "-append", &format!("{tests} {}", slots.join(" "))]);
+        .args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot"]);
+    cmd
+}
+
+/// A command that boots the probe under QEMU's microvm machine, with modern virtio-mmio and
+/// `extra` QEMU arguments (devices). QEMU does not announce its virtio-mmio slots to a PVH
+/// kernel, so all 24 (512 bytes each from 0xfeb00000, filled from the top) are named here.
+pub fn qemu_probe_command<S: AsRef<std::ffi::OsStr>>(cpus: u32, tests: &str, extra: &[S]) -> Command {
+    let slots: Vec<String> =
+        (0..24u64).map(|n| format!("virtio_mmio.device=512@{:#x}:{}", 0xfeb0_0000 + n * 0x200, 12 + n)).collect();
+    let mut cmd = qemu_command("microvm,rtc=on", cpus);
+    cmd.args(["-global", "virtio-mmio.force-legacy=false"]).args(extra).args([
+        "-kernel",
+        probe_elf(),
+        "-append",
+        &format!("{tests} {}", slots.join(" ")),
+    ]);
+    cmd
+}
+
+/// A command that boots the probe under QEMU's PC machine, whose firmware (SeaBIOS) places the
+/// PCI functions' BARs, with `extra` QEMU arguments (devices).
+pub fn qemu_pc_probe_command<S: AsRef<std::ffi::OsStr>>(tests: &str, extra: &[S]) -> Command {
+    let mut cmd = qemu_command("pc", 1);
+    cmd.args(extra).args(["-kernel", probe_elf(), "-append", tests]);
     cmd
 }
 

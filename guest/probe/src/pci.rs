@@ -93,7 +93,7 @@ fn bar_address(slot: u8, index: u32) -> Option<u64> {
 /// A modern virtio-pci function, its structures located through its capabilities.
 pub struct VirtioPci {
     pub slot: u8,
-    /// BAR 0 as the VMM placed it.
+    /// BAR 0 as the VMM placed it (0 when it is no memory BAR below 4 GiB).
     pub bar: u64,
     pub common: u64,
     notify: u64,
@@ -109,8 +109,7 @@ impl VirtioPci {
     pub fn find(device_type: u32) -> Option<VirtioPci> {
         let slot =
             (0..SLOTS).find(|&s| config_read(s, 0) == (VIRTIO_MODERN_BASE + device_type) << 16 | VIRTIO_VENDOR)?;
-        let low = config_read(slot, 0x10);
-        let bar = if low & 0x6 == 0x4 { u64::from(config_read(slot, 0x14)) << 32 } else { 0 } | u64::from(low & !0xf);
+        let bar = bar_address(slot, 0).unwrap_or(0);
         let command = config_read(slot, 0x04);
         if command & STATUS_CAP_LIST == 0 {
             return None;

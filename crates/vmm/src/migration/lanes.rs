@@ -8,8 +8,6 @@
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::time::Instant;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
-
 use arch::GuestMemory;
 
 use super::Shared;
@@ -172,15 +170,7 @@ fn read_lane<R: std::io::Read>(frames: &mut stream::Frames<R>, mem: &GuestMemory
     let mut received = 0u64;
     loop {
         match frames.next(&mut buf)? {
-            Kind::Pages => {
-                let (gpa, data) = stream::pages(&buf)?;
-                if !mem.check_range(GuestAddress(gpa), data.len()) {
-                    return Err(format!("a lane of the stream has pages at {gpa:#x} outside the VM's memory"));
-                }
-                mem.write_slice(data, GuestAddress(gpa))
-                    .map_err(|e| format!("guest memory at {gpa:#x} cannot be written ({e})"))?;
-                received += 16 + data.len() as u64;
-            }
+            Kind::Pages => received += super::receive::write_pages(mem, &buf)?,
             Kind::End => return Ok(received),
             other => return Err(format!("a lane of the stream has a {other:?} frame, where only pages go")),
         }

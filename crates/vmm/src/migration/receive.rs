@@ -263,14 +263,7 @@ pub(crate) fn receive_vm<R: Read>(
         }
         match frames.next(&mut buf)? {
             Kind::Pages => {
-                let (gpa, data) = stream::pages(&buf)?;
-                let mem = made(&mut mem, fresh)?;
-                if !mem.check_range(GuestAddress(gpa), data.len()) {
-                    return Err(format!("the stream has pages at {gpa:#x} outside the VM's memory"));
-                }
-                mem.write_slice(data, GuestAddress(gpa))
-                    .map_err(|e| format!("guest memory at {gpa:#x} cannot be written ({e})"))?;
-                received += 16 + data.len() as u64;
+                received += write_pages(made(&mut mem, fresh)?, &buf)?;
                 if let Some(s) = shared {
                     s.status().bytes = received;
                 }
@@ -325,6 +318,18 @@ pub(crate) fn receive_vm<R: Read>(
         bitmap.reset();
     }
     Ok((state, mem, owed))
+}
+
+/// Writes a `Pages` frame's pages into `mem`, which they must lie inside; the bytes the frame
+/// carried.
+pub(super) fn write_pages(mem: &GuestMemory, frame: &[u8]) -> Result<u64, String> {
+    let (gpa, data) = stream::pages(frame)?;
+    if !mem.check_range(GuestAddress(gpa), data.len()) {
+        return Err(format!("the stream has pages at {gpa:#x} outside the VM's memory"));
+    }
+    mem.write_slice(data, GuestAddress(gpa))
+        .map_err(|e| format!("guest memory at {gpa:#x} cannot be written ({e})"))?;
+    Ok(16 + data.len() as u64)
 }
 
 /// `mem`, made by `make` if it is not yet.
