@@ -36,10 +36,15 @@ impl BackEnd {
 
     /// `ferrovisor vhost-user-blk` serving `image` (serial probe-disk).
     fn ferrovisor_blk(dir: &Path, image: &Path) -> BackEnd {
+        BackEnd::ferrovisor_blk_with(dir, image, "")
+    }
+
+    /// The same with more `--disk` options (`,key=value...`).
+    fn ferrovisor_blk_with(dir: &Path, image: &Path, options: &str) -> BackEnd {
         let socket = dir.join("blk.sock");
         let mut cmd = ferrovisor();
         cmd.args(["vhost-user-blk", "--socket"]).arg(&socket);
-        cmd.arg("--disk").arg(format!("path={},id=probe-disk", image.display()));
+        cmd.arg("--disk").arg(format!("path={},id=probe-disk{options}", image.display()));
         BackEnd::spawn(cmd, socket, dir.join("backend.log"))
     }
 
@@ -162,6 +167,21 @@ fn ferrovisors_back_end_passes_the_block_and_hostile_suites_for_one_vmm_after_an
     let log = backend.log();
     assert!(log.contains("the driver corrupted a queue"), "the hostile driver's faults are logged: {log}");
     assert_eq!(log.matches("the front-end went").count(), 3, "{log}");
+}
+
+/// A back-end that polls its queue after work (`poll_us`, as the built-in device's worker)
+/// serves the pattern and stands a hostile driver, whose corrupted rings do not hold it.
+#[test]
+fn a_polling_back_end_passes_the_block_and_hostile_suites() {
+    let dir = scratch_dir("vhost-user-polling");
+    let image = blank_image(&dir);
+    let mut backend = BackEnd::ferrovisor_blk_with(&dir, &image, ",poll_us=1000");
+    let out = finish(probe_with(BLK_PATTERN, &["--disk", &backend.disk_arg()]));
+    assert_pattern_written(&out, &image, "probe-disk");
+    let out = finish(probe_with("probe.test=hostile", &["--disk", &backend.disk_arg()]));
+    let done = common::probe_lines(&out.stdout).into_iter().find(|l| l.starts_with("PROBE done")).unwrap_or_default();
+    assert!(done.starts_with("PROBE done passed=16 failed=0"), "{}", out.describe());
+    assert!(backend.alive(), "the back-end died: {}", backend.log());
 }
 
 /// QEMU runs the probe's block test on Ferrovisor's back-end twice: as `vhost-user-blk` on

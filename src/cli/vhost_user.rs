@@ -11,7 +11,8 @@ pub struct BlkArgs {
     /// Where to listen for the front-end (the VMM).
     #[arg(long)]
     socket: PathBuf,
-    /// The disk: path=IMAGE[,readonly=on][,id=NAME][,cache=none][,io_engine=async], as `run --disk`.
+    /// The disk: path=IMAGE[,readonly=on][,id=NAME][,cache=none][,io_engine=async][,poll_us=N], as
+    /// `run --disk`.
     #[arg(long)]
     disk: vmm::config::DiskConfig,
 }
@@ -22,7 +23,9 @@ pub fn blk(args: BlkArgs, policy: &sandbox::Policy) -> ExitCode {
         return fail("--disk here takes path=IMAGE: this process is the vhost-user back-end".into());
     }
     let block = match virtio::blk::Block::open_cached(&disk.path, disk.readonly, &disk.id, disk.cache) {
-        Ok(block) => block.with_engine(disk.io_engine),
+        Ok(block) => {
+            block.with_engine(disk.io_engine).with_polling(disk.poll_us.unwrap_or(vmm::config::DEFAULT_POLL_US))
+        }
         Err(e) => return fail(format!("--disk: {e}")),
     };
     let backend = match vhost_user::backend::blk::BlkBackend::new(block) {

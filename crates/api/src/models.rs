@@ -642,6 +642,13 @@ pub struct MemoryOptions {
     pub shared: bool,
     #[serde(default)]
     pub prefault: bool,
+    /// Pages a vCPU in KVM's dirty rings; 0 for its dirty bitmap.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dirty_ring: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// `GET /`.

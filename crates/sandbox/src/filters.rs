@@ -144,6 +144,8 @@ const VMM_IOCTLS: &[Ioctl] = &[
     ioctls::KVM_SET_USER_MEMORY_REGION,
     ioctls::KVM_ENABLE_CAP,
     ioctls::KVM_CLEAR_DIRTY_LOG,
+    // Reading the dirty rings frees their entries.
+    ioctls::KVM_RESET_DIRTY_RINGS,
     // ...and write-protects guest memory to see every write (`migration::written`).
     ioctls::UFFDIO_API,
     ioctls::UFFDIO_REGISTER,
@@ -176,6 +178,8 @@ const VCPU_IOCTLS: &[Ioctl] = &[
     ioctls::KVM_IRQFD,
     ioctls::KVM_IOEVENTFD,
     ioctls::KVM_KVMCLOCK_CTRL,
+    // KVM stops a vCPU whose dirty ring is full until the rings are read and reset.
+    ioctls::KVM_RESET_DIRTY_RINGS,
     ioctls::TUNSETOFFLOAD,
     // A multi-queue TAP's queues follow the pairs the driver uses.
     ioctls::TUNSETQUEUE,
@@ -286,6 +290,8 @@ fn allowed(kind: ThreadKind) -> (Vec<i64>, Vec<Ioctl>) {
         ThreadKind::VhostUserBackend => {
             &[EVENTS, SOCKETS, BLOCK, LAUNCHER, &[libc::SYS_bind, libc::SYS_listen, libc::SYS_unlink]]
         }
+        // Its one log line: the logger looks whether stderr takes a write first.
+        ThreadKind::DirtyLog => &[&[libc::SYS_poll]],
     };
     let ioctls: &'static [Ioctl] = match kind {
         ThreadKind::Vmm => VMM_IOCTLS,
@@ -298,11 +304,13 @@ fn allowed(kind: ThreadKind) -> (Vec<i64>, Vec<Ioctl>) {
         ThreadKind::VhostUserBackend => &[ioctls::FIONBIO, ioctls::TUNSETOFFLOAD],
         // Each plugged block of hotpluggable memory is a KVM memory slot.
         ThreadKind::Mem => &[ioctls::KVM_SET_USER_MEMORY_REGION],
+        ThreadKind::DirtyLog => &[ioctls::KVM_RESET_DIRTY_RINGS],
         // The source reads and clears KVM's dirty log round after round; a post-copy destination
         // catches missing pages with userfaultfd and fills them.
         ThreadKind::Migration => &[
             ioctls::KVM_GET_DIRTY_LOG,
             ioctls::KVM_CLEAR_DIRTY_LOG,
+            ioctls::KVM_RESET_DIRTY_RINGS,
             ioctls::PAGEMAP_SCAN,
             ioctls::FIONBIO,
             ioctls::UFFDIO_API,

@@ -57,6 +57,7 @@ ioctls! {
     KVM_SIGNAL_MSI = iow::<kvm_msi>(KVMIO, 0xa5);
     KVM_GET_DIRTY_LOG = iow::<kvm_dirty_log>(KVMIO, 0x42);
     KVM_CLEAR_DIRTY_LOG = iowr::<kvm_clear_dirty_log>(KVMIO, 0xc0);
+    KVM_RESET_DIRTY_RINGS = io(KVMIO, 0xc7);
     KVM_ENABLE_CAP = iow::<kvm_enable_cap>(KVMIO, 0xa3);
     // A migration's write tracking: userfaultfd's asynchronous write protection of guest
     // memory, and the pagemap scan that reports and protects again (uffdio_api 24 bytes,

@@ -66,10 +66,12 @@ pub enum ThreadKind {
     VhostUser,
     /// `ferrovisor vhost-user-blk`: a device served to another VMM, in its own process.
     VhostUserBackend,
+    /// Empties KVM's dirty rings while pages are logged, so that none fills.
+    DirtyLog,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 20] = [
+    pub const ALL: [ThreadKind; 21] = [
         ThreadKind::Vmm,
         ThreadKind::Api,
         ThreadKind::Vcpu,
@@ -90,6 +92,7 @@ impl ThreadKind {
         ThreadKind::Migration,
         ThreadKind::VhostUser,
         ThreadKind::VhostUserBackend,
+        ThreadKind::DirtyLog,
     ];
 
     /// The filter's name in a filter file (Firecracker's files name `vmm`, `api` and `vcpu`).
@@ -115,6 +118,7 @@ impl ThreadKind {
             ThreadKind::Migration => "migration",
             ThreadKind::VhostUser => "vhost-user",
             ThreadKind::VhostUserBackend => "vhost-user-backend",
+            ThreadKind::DirtyLog => "dirty-log",
         }
     }
 }

@@ -143,6 +143,11 @@ impl Block {
         self
     }
 
+    /// How long the worker polls after work.
+    pub fn polling(&self) -> std::time::Duration {
+        self.poll
+    }
+
     pub fn capacity_sectors(&self) -> u64 {
         self.capacity
     }

@@ -76,6 +76,74 @@ impl Polling {
     }
 }
 
+/// The worker's polling for a server that is woken by someone else's loop (a vhost-user
+/// back-end): after a kick's work it keeps serving the queue while chains come, for the same
+/// adaptive window, with the driver's notifications left off.
+pub struct QueuePoller {
+    polling: Polling,
+    asleep_since: Option<Instant>,
+}
+
+impl QueuePoller {
+    /// Polls for up to `max` after work (zero: never).
+    pub fn new(max: Duration) -> QueuePoller {
+        QueuePoller { polling: Polling { max, window: Duration::ZERO }, asleep_since: None }
+    }
+
+    pub fn polls(&self) -> bool {
+        !self.polling.max.is_zero()
+    }
+
+    /// Serves `queues[index]` after a kick, then polls it; `signal` interrupts the driver.
+    pub fn serve<B: Backend + ?Sized>(
+        &mut self,
+        backend: &mut B,
+        queues: &mut [Queue],
+        index: usize,
+        mem: &GuestMemory,
+        signal: &mut dyn FnMut(),
+    ) {
+        use virtio_queue::QueueT;
+        if let Some(since) = self.asleep_since.take()
+            && !self.polling.max.is_zero()
+        {
+            self.polling.after_sleep(since.elapsed());
+        }
+        if backend.process_queue(index, queues, mem) {
+            signal();
+        }
+        if !self.polling.window.is_zero() {
+            POLLING.with(|p| p.set(true));
+            let mut last_work = Instant::now();
+            loop {
+                let queue = &queues[index];
+                let pending = queue.ready()
+                    && queue
+                        .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+                        .is_ok_and(|idx| idx.0 != queue.next_avail());
+                // Only chains answered prolong the window: a ring the driver corrupted stays
+                // "pending" and must not hold the poller.
+                if pending && backend.process_queue(index, queues, mem) {
+                    signal();
+                    last_work = Instant::now();
+                } else if last_work.elapsed() >= self.polling.window {
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+            POLLING.with(|p| p.set(false));
+            // Notifications on again; a chain made available just before gets no kick.
+            if queues[index].ready()
+                && queues[index].enable_notification(mem).unwrap_or(false)
+                && backend.process_queue(index, queues, mem)
+            {
+                signal();
+            }
+        }
+        self.asleep_since = Some(Instant::now());
+    }
+}
+
 impl Worker {
     /// Starts `backend` on a thread named after `kind`, under its filter.
     pub fn spawn(kind: ThreadKind, backend: impl Backend, activation: Activation) -> std::io::Result<Worker> {

@@ -127,13 +127,14 @@ impl PluggableMemory {
 
     /// KVM's dirty log of the region (one bit per page, in u64 words), read and cleared from
     /// the plugged blocks' slots; unplugged blocks read as clean.
-    pub fn dirty_log(&self, manual: bool) -> Result<Vec<u64>, String> {
+    pub fn dirty_log(&self, kvm_log: &crate::dirty::KvmDirtyLog) -> Result<Vec<u64>, String> {
         let words_per_block = (self.region.block_size / PAGE / 64) as usize;
         let slotted = self.lock_slots();
         let mut log = vec![0u64; slotted.len() * words_per_block];
         for (block, _) in slotted.iter().enumerate().filter(|(_, on)| **on) {
             let slot = FIRST_BLOCK_SLOT + block as u32;
-            let words = crate::migration::take_dirty_log(&self.vm, slot, self.region.block_size as usize, manual)
+            let words = kvm_log
+                .take(slot, self.region.block_size as usize)
                 .map_err(|e| format!("hotplugged block {block}: {e}"))?;
             let at = block * words_per_block;
             for (to, from) in log[at..at + words_per_block].iter_mut().zip(words) {

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod controller;
+mod dirty;
 mod error;
 pub mod exit;
 pub mod fault;

@@ -7,7 +7,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use kvm_bindings::{
-    KVM_EXIT_IO_IN, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN, kvm_run,
+    KVM_EXIT_DIRTY_RING_FULL, KVM_EXIT_IO_IN, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN, kvm_run,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
@@ -23,6 +24,8 @@ pub struct VcpuShared {
     pub pio: Bus,
     pub mmio: Bus,
     pub mem: GuestMemory,
+    /// Emptied here when KVM stops a vCPU because its dirty ring is full.
+    pub kvm_log: Arc<crate::dirty::KvmDirtyLog>,
     pub latch: Arc<ExitLatch>,
     pub stop: AtomicBool,
     /// Size of each vCPU's kvm_run mapping (KVM_GET_VCPU_MMAP_SIZE).
@@ -227,7 +230,12 @@ fn count_exit(result: &Result<VcpuExit, kvm_ioctls::Error>) {
     EXITS[reason].fetch_add(1, Ordering::Relaxed);
 }
 
+/// Full-ring exits in a row that find the rings empty before the vCPU is taken to be stuck (the
+/// thread that empties the rings may have emptied them first, but not this often).
+const EMPTY_FULL_RINGS: u32 = 100;
+
 fn run_loop(index: u32, vcpu: &mut VcpuFd, shared: &VcpuShared) -> Option<VmExit> {
+    let mut empty_full_rings = 0;
     loop {
         if shared.stop.load(Ordering::SeqCst) {
             return None;
@@ -278,6 +286,21 @@ fn run_loop(index: u32, vcpu: &mut VcpuFd, shared: &VcpuShared) -> Option<VmExit
             ))),
             Ok(VcpuExit::Hlt) => Some(Stop::Fault("HLT with interrupts off (KVM_EXIT_HLT)".into())),
             Ok(VcpuExit::Intr) => None,
+            // A full ring that keeps holding nothing to read is one KVM overran and lost count
+            // of: the vCPU would stop for it again at once, forever.
+            Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => match shared.kvm_log.collect() {
+                Ok(0) if empty_full_rings + 1 >= EMPTY_FULL_RINGS => Some(Stop::Error(
+                    "KVM keeps stopping the vCPU for a full dirty ring that holds nothing to read (KVM overran \
+                     it); start the VM without dirty_ring"
+                        .into(),
+                )),
+                Ok(0) => {
+                    empty_full_rings += 1;
+                    continue;
+                }
+                Ok(_) => None,
+                Err(e) => Some(Stop::Error(e)),
+            },
             Ok(other) => Some(Stop::Fault(format!("an exit the VMM does not handle ({other:?})"))),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 vcpu.set_kvm_immediate_exit(0);
@@ -285,6 +308,7 @@ fn run_loop(index: u32, vcpu: &mut VcpuFd, shared: &VcpuShared) -> Option<VmExit
             }
             Err(e) => Some(Stop::Error(format!("KVM_RUN failed: {e}"))),
         };
+        empty_full_rings = 0;
         if let Some(pio) = pio {
             handle_pio(vcpu, &pio, shared, index);
             continue;

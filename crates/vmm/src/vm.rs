@@ -23,6 +23,7 @@ use devices::serial::{self, SerialDevice};
 use devices::{Bus, SharedDevice};
 
 use crate::config::{SerialConfig, VmConfig};
+use crate::dirty::KvmDirtyLog;
 pub use crate::error::Error;
 use crate::error::{host_err, kvm_err};
 use crate::exit::{ExitLatch, VmExit};
@@ -47,8 +48,8 @@ pub struct RunningVm {
     paused: bool,
     /// Memory mapped from a snapshot's file rather than anonymous.
     restored: bool,
-    /// KVM's manual dirty-log protection is on (a migration turned it on).
-    manual_dirty_log: bool,
+    /// KVM's record of the pages the vCPUs write.
+    kvm_log: Arc<KvmDirtyLog>,
 }
 
 /// The legacy devices whose state a snapshot keeps.
@@ -272,17 +273,14 @@ impl RunningVm {
     /// host's write tracking where it has it (`migration::written`), and returns what reads
     /// them (with the devices' writes) round after round.
     pub fn track_dirty_pages(&mut self, config: &VmConfig) -> Result<crate::migration::DirtyPages, String> {
-        if !self.manual_dirty_log {
-            self.manual_dirty_log = crate::migration::enable_manual_protect(&self.vm);
-        }
+        self.kvm_log.prepare(true)?;
         register_memory(&self.vm, &self.shared.mem, config, true).map_err(|e| e.to_string())?;
         let hotplug = self.devices.memory_hotplug.as_ref().map(|(_, blocks)| blocks.clone());
         if let Some(blocks) = &hotplug {
             blocks.log_dirty_pages()?;
         }
-        let dirty =
-            crate::migration::DirtyPages::new(self.vm.clone(), self.shared.mem.clone(), hotplug, self.manual_dirty_log);
-        // The log starts all set under manual protection: this read protects every page, and
+        let dirty = crate::migration::DirtyPages::new(self.kvm_log.clone(), self.shared.mem.clone(), hotplug);
+        // The bitmap starts all set under manual protection: this read protects every page, and
         // the copy that follows reads all of memory anyway.
         dirty.take()?;
         Ok(dirty)
@@ -324,9 +322,14 @@ impl RunningVm {
         let config = &state.config;
         let mem = &self.shared.mem;
         let hotplug = self.devices.memory_hotplug.as_ref().map(|(_, blocks)| &**blocks);
+        if diff && self.kvm_log.overran() {
+            return Err("KVM overran a vCPU's dirty ring, so the pages written since the last snapshot are not \
+                        all known; take a Full snapshot"
+                .into());
+        }
         // Reading KVM's dirty log also clears it: every snapshot starts the next diff.
         let logs = match config.track_dirty_pages {
-            true => crate::migration::kvm_dirty_logs(&self.vm, mem, hotplug, self.manual_dirty_log)?,
+            true => crate::dirty::take_all(&self.kvm_log, mem, hotplug)?,
             false => Vec::new(),
         };
         // Unplugged blocks are written as zeroes: their mapping is the sink, not guest memory.
@@ -342,12 +345,17 @@ impl RunningVm {
     }
 }
 
-/// A VM with no memory and no irqchip yet.
-fn create_vm(kvm: &Kvm) -> Result<Arc<VmFd>, Error> {
+/// A VM with no memory and no irqchip yet, and its dirty log (with rings where KVM has them,
+/// which must be chosen before the VM has vCPUs), ready if `config` logs from the start.
+fn create_vm(kvm: &Kvm, config: &VmConfig) -> Result<(Arc<VmFd>, Arc<KvmDirtyLog>), Error> {
     let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create a VM"))?);
     vm.set_tss_address(KVM_TSS_START as usize).map_err(kvm_err("set the TSS address"))?;
     vm.set_identity_map_address(KVM_IDENTITY_MAP_START).map_err(kvm_err("set the identity map address"))?;
-    Ok(vm)
+    let kvm_log = Arc::new(KvmDirtyLog::new(vm.clone(), config.memory.dirty_ring));
+    if config.track_dirty_pages {
+        kvm_log.prepare(false).map_err(Error::Device)?;
+    }
+    Ok((vm, kvm_log))
 }
 
 /// Registers guest RAM, then creates the irqchip and PIT. In this order on purpose: once a VM
@@ -369,7 +377,7 @@ pub fn start(
     launched: Instant,
     latch: &Arc<ExitLatch>,
 ) -> Result<RunningVm, Error> {
-    let vm = create_vm(kvm)?;
+    let (vm, kvm_log) = create_vm(kvm, config)?;
     let mem_size = config.memory_bytes();
     let ram = memory::ram_regions(mem_size).len();
     let mut memory_options = config.memory;
@@ -384,7 +392,7 @@ pub fn start(
     devices.sync_hotplug()?;
     let kernel = load_guest(&mem, config, format, mem_size, &cmdline)?;
 
-    let vcpus = create_vcpus(kvm, &vm, config)?;
+    let vcpus = create_vcpus(kvm, &vm, &kvm_log, config)?;
     arch_vcpu::configure_boot_vcpu(&vcpus[0], &mem, kernel.mode, kernel.entry)?;
     tracing::info!(
         "booting {} with {} vCPU(s) and {} MiB ({:?} entry at {:#x})",
@@ -394,7 +402,7 @@ pub fn start(
         kernel.mode,
         kernel.entry
     );
-    launch(kvm, vm, vcpus, VcpuParts { pio, mmio, mem, devices, legacy }, latch, false)
+    launch(kvm, vm, kvm_log, vcpus, VcpuParts { pio, mmio, mem, devices, legacy }, latch, false)
 }
 
 /// How a snapshot comes back.
@@ -455,6 +463,7 @@ pub fn check_restorable(saved: &snapshot::Snapshot) -> Result<(), String> {
 /// the pause is only the state's restore.
 pub struct Shell {
     vm: Arc<VmFd>,
+    kvm_log: Arc<KvmDirtyLog>,
     vcpus: Vec<VcpuFd>,
     /// The memory KVM maps: kept mapped as long as the VM may run.
     mem: GuestMemory,
@@ -462,10 +471,10 @@ pub struct Shell {
 
 impl Shell {
     pub fn new(kvm: &Kvm, config: &VmConfig, mem: &GuestMemory) -> Result<Shell, Error> {
-        let vm = create_vm(kvm)?;
+        let (vm, kvm_log) = create_vm(kvm, config)?;
         add_memory_and_irqchip(&vm, mem, config)?;
-        let vcpus = create_vcpus(kvm, &vm, config)?;
-        Ok(Shell { vm, vcpus, mem: mem.clone() })
+        let vcpus = create_vcpus(kvm, &vm, &kvm_log, config)?;
+        Ok(Shell { vm, kvm_log, vcpus, mem: mem.clone() })
     }
 
     /// Whether this shell maps `mem` (the same mappings, not a copy).
@@ -493,7 +502,7 @@ pub fn restore_with_memory(
     if saved.vcpus.len() != config.cpus as usize {
         return Err(restore_err("its vCPU count differs from its configuration".into()));
     }
-    let Shell { vm, vcpus, .. } = match shell {
+    let Shell { vm, kvm_log, vcpus, .. } = match shell {
         Some(shell) if shell.maps(&mem) && shell.vcpus.len() == config.cpus as usize => shell,
         _ => Shell::new(kvm, &config, &mem)?,
     };
@@ -526,7 +535,7 @@ pub fn restore_with_memory(
         );
     }
     tracing::info!("restored a VM with {} vCPU(s) and {} MiB", config.cpus, config.memory_mib);
-    let vm = launch(kvm, vm, vcpus, VcpuParts { pio, mmio, mem, devices, legacy }, latch, !how.resume)?;
+    let vm = launch(kvm, vm, kvm_log, vcpus, VcpuParts { pio, mmio, mem, devices, legacy }, latch, !how.resume)?;
     Ok((vm, config))
 }
 
@@ -539,7 +548,7 @@ struct VcpuParts {
     legacy: LegacyDevices,
 }
 
-fn create_vcpus(kvm: &Kvm, vm: &VmFd, config: &VmConfig) -> Result<Vec<VcpuFd>, Error> {
+fn create_vcpus(kvm: &Kvm, vm: &VmFd, kvm_log: &KvmDirtyLog, config: &VmConfig) -> Result<Vec<VcpuFd>, Error> {
     let mut supported_cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("report its CPUID"))?;
     if let Some(name) = &config.static_cpu_template
         && let Some(t) = arch::cpu_template::StaticTemplate::parse(name).map_err(Error::CpuTemplate)?
@@ -562,6 +571,7 @@ fn create_vcpus(kvm: &Kvm, vm: &VmFd, config: &VmConfig) -> Result<Vec<VcpuFd>, 
     let mut vcpus = Vec::new();
     for index in 0..config.cpus {
         let vcpu = vm.create_vcpu(u64::from(index)).map_err(kvm_err("create a vCPU"))?;
+        kvm_log.attach(&vcpu).map_err(Error::Device)?;
         arch_vcpu::configure_vcpu(&vcpu, index, config.cpus, &supported_cpuid, template.as_ref())?;
         vcpus.push(vcpu);
     }
@@ -572,6 +582,7 @@ fn create_vcpus(kvm: &Kvm, vm: &VmFd, config: &VmConfig) -> Result<Vec<VcpuFd>, 
 fn launch(
     kvm: &Kvm,
     vm: Arc<VmFd>,
+    kvm_log: Arc<KvmDirtyLog>,
     vcpus: Vec<VcpuFd>,
     parts: VcpuParts,
     latch: &Arc<ExitLatch>,
@@ -584,6 +595,7 @@ fn launch(
         pio,
         mmio,
         mem,
+        kvm_log: kvm_log.clone(),
         latch: latch.clone(),
         stop: AtomicBool::new(false),
         run_mmap_size,
@@ -595,7 +607,7 @@ fn launch(
     }
     let vcpus: Vec<SharedVcpu> = vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect();
     let threads = spawn_vcpus(&vcpus, &shared)?;
-    Ok(RunningVm { vm, shared, vcpus, threads, devices, legacy, paused, restored: false, manual_dirty_log: false })
+    Ok(RunningVm { vm, shared, vcpus, threads, devices, legacy, paused, restored: false, kvm_log })
 }
 
 fn spawn_vcpus(vcpus: &[SharedVcpu], shared: &Arc<VcpuShared>) -> Result<Vec<sandbox::Thread<()>>, Error> {

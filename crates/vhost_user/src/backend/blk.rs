@@ -12,7 +12,7 @@ use vmm_sys_util::event::{EventConsumer, EventFlag, EventNotifier, new_event_con
 use virtio::GuestMemory;
 use virtio::VirtioDevice;
 use virtio::blk::Block;
-use virtio::worker::Backend;
+use virtio::worker::{Backend, QueuePoller};
 
 type Vring = VringRwLock<GuestMemoryAtomic<GuestMemoryMmap<()>>>;
 
@@ -23,6 +23,8 @@ pub struct BlkBackend {
     /// Behind a lock only because the back-end trait wants Sync; one thread serves the queue.
     server: Mutex<Box<dyn Backend>>,
     mem: Option<GuestMemory>,
+    /// The disk's `poll_us`, as the built-in device's worker polls.
+    poller: QueuePoller,
 }
 
 impl BlkBackend {
@@ -30,7 +32,8 @@ impl BlkBackend {
         let mut config = vec![0u8; super::super::frontend::BLK_CONFIG_LEN];
         disk.read_config(0, &mut config);
         let server = disk.server()?;
-        Ok(BlkBackend { disk, config, server: Mutex::new(server), mem: None })
+        let poller = QueuePoller::new(disk.polling());
+        Ok(BlkBackend { disk, config, server: Mutex::new(server), mem: None, poller })
     }
 
     pub fn shared(self) -> Arc<Mutex<BlkBackend>> {
@@ -96,14 +99,25 @@ impl VhostUserBackendMut for BlkBackend {
         if device_event != 0 {
             return Ok(());
         }
-        let signal = {
-            let mut state = vring.get_mut();
-            let server = self.server.get_mut().unwrap_or_else(|p| p.into_inner());
-            server.process_queue(0, std::slice::from_mut(state.get_queue_mut()), mem)
-        };
-        if signal {
-            vring.signal_used_queue()?;
+        let server = self.server.get_mut().unwrap_or_else(|p| p.into_inner());
+        if !self.poller.polls() {
+            let signal = server.process_queue(0, std::slice::from_mut(vring.get_mut().get_queue_mut()), mem);
+            if signal {
+                vring.signal_used_queue()?;
+            }
+            return Ok(());
         }
+        let mut state = vring.get_mut();
+        // The queue stays borrowed while it is polled: interrupts go through a copy of the fd.
+        let call = state.get_call().as_ref().map(|call| call.try_clone()).transpose()?;
+        let mut signal = || {
+            if let Some(call) = &call
+                && let Err(e) = call.notify()
+            {
+                tracing::warn!("vhost-user-blk: the front-end cannot be interrupted ({e})");
+            }
+        };
+        self.poller.serve(&mut **server, std::slice::from_mut(state.get_queue_mut()), 0, mem, &mut signal);
         Ok(())
     }
 }

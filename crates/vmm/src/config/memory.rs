@@ -135,7 +135,8 @@ pub enum HugePages {
     Thp,
 }
 
-/// `--memory MiB` or `--memory size=MiB[,hugepages=off|on|thp][,mergeable=on][,shared=on][,prefault=on]`.
+/// `--memory MiB` or
+/// `--memory size=MiB[,hugepages=off|on|thp][,mergeable=on][,shared=on][,prefault=on][,dirty_ring=N]`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MemoryOptions {
     pub hugepages: HugePages,
@@ -145,6 +146,20 @@ pub struct MemoryOptions {
     pub shared: bool,
     /// Touched at start, so that the guest never waits for a page fault.
     pub prefault: bool,
+    /// KVM's dirty rings of this many pages a vCPU log the vCPUs' writes (0: its bitmap).
+    #[serde(default)]
+    pub dirty_ring: u32,
+}
+
+/// A dirty ring size for `option`: 0 (none) or a power of two from 256 to 65536 pages.
+pub fn parse_dirty_ring(option: &str, value: &str) -> Result<u32, String> {
+    match value.parse::<u32>() {
+        Ok(0) => Ok(0),
+        Ok(n) if n.is_power_of_two() && (256..=65536).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "{option} dirty_ring= takes 0 (KVM's dirty bitmap) or pages a vCPU as a power of two from 256 to 65536, not '{value}'"
+        )),
+    }
 }
 
 /// What `--memory` says: the size and the backing.
@@ -180,9 +195,10 @@ impl FromStr for MemorySpec {
                 "mergeable" => options.mergeable = on_off("--memory", key, value)?,
                 "shared" => options.shared = on_off("--memory", key, value)?,
                 "prefault" => options.prefault = on_off("--memory", key, value)?,
+                "dirty_ring" => options.dirty_ring = parse_dirty_ring("--memory", value)?,
                 _ => {
                     return Err(format!(
-                        "--memory has no option '{key}'; use size=, hugepages=, mergeable=, shared= and prefault="
+                        "--memory has no option '{key}'; use size=, hugepages=, mergeable=, shared=, prefault= and dirty_ring="
                     ));
                 }
             }
@@ -201,12 +217,23 @@ mod tests {
     #[test]
     fn memory_option_takes_a_size_or_a_list() {
         assert_eq!("256".parse(), Ok(MemorySpec { size_mib: 256, options: MemoryOptions::default() }));
-        let m: MemorySpec = "size=128,hugepages=thp,mergeable=on,shared=on,prefault=on".parse().unwrap();
+        let m: MemorySpec =
+            "size=128,hugepages=thp,mergeable=on,shared=on,prefault=on,dirty_ring=4096".parse().unwrap();
         assert_eq!(m.size_mib, 128);
         assert_eq!(
             m.options,
-            MemoryOptions { hugepages: HugePages::Thp, mergeable: true, shared: true, prefault: true }
+            MemoryOptions {
+                hugepages: HugePages::Thp,
+                mergeable: true,
+                shared: true,
+                prefault: true,
+                dirty_ring: 4096
+            }
         );
+        for wrong in ["100", "128", "131072", "x"] {
+            let e = format!("size=1,dirty_ring={wrong}").parse::<MemorySpec>().unwrap_err();
+            assert!(e.contains("dirty_ring= takes 0") && e.contains(wrong), "{e}");
+        }
         assert!("size=1,hugepages=1g".parse::<MemorySpec>().unwrap_err().contains("off, on or thp"));
         assert!("mergeable=on".parse::<MemorySpec>().unwrap_err().contains("needs a size"));
         assert!("size=1,balloon=on".parse::<MemorySpec>().unwrap_err().contains("no option 'balloon'"));

@@ -16,7 +16,7 @@ pub use devices::{
 };
 pub use disk::{DEFAULT_POLL_US, DiskConfig, MAX_POLL_US, VhostUserOptions};
 pub use fs::FsConfig;
-pub use memory::{HotplugField, HugePages, MemoryHotplugConfig, MemoryOptions, MemorySpec};
+pub use memory::{HotplugField, HugePages, MemoryHotplugConfig, MemoryOptions, MemorySpec, parse_dirty_ring};
 pub use nic::{MAX_QUEUE_PAIRS, NetAttachment, NetConfig, parse_unicast_mac};
 
 use std::fs::File;

@@ -20,10 +20,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
-use kvm_ioctls::VmFd;
 use serde::Serialize;
+use vm_memory::GuestMemoryBackend;
 use vm_memory::bitmap::AtomicBitmap;
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use arch::GuestMemory;
 
@@ -253,102 +252,51 @@ impl Shared {
     }
 }
 
-vmm_sys_util::ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, kvm_bindings::KVMIO, 0xc0, kvm_bindings::kvm_clear_dirty_log);
-
-/// Turns on KVM's manual dirty-log protection, as QEMU does, where KVM offers it: turning the
-/// log on then protects nothing at once (the log starts all set), and each read is followed by
-/// a KVM_CLEAR_DIRTY_LOG of exactly the pages read, which protects them again. False where KVM
-/// lacks it; reads then clear the log themselves.
-pub(crate) fn enable_manual_protect(vm: &VmFd) -> bool {
-    use kvm_bindings::{
-        KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
-    };
-    let wanted = u64::from(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET);
-    let offered = vm.check_extension_raw(u64::from(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2));
-    if offered < 0 || offered as u64 & wanted != wanted {
-        return false;
-    }
-    let cap = kvm_bindings::kvm_enable_cap {
-        cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
-        args: [wanted, 0, 0, 0],
-        ..Default::default()
-    };
-    vm.enable_cap(&cap).is_ok()
-}
-
-/// Reads memory slot `slot`'s dirty log (`len` bytes of memory, one bit per page) and, with
-/// manual protection, clears what it read so that those pages are logged again.
-pub(crate) fn take_dirty_log(vm: &VmFd, slot: u32, len: usize, manual: bool) -> Result<Vec<u64>, String> {
-    let log = vm.get_dirty_log(slot, len).map_err(|e| format!("KVM refused to report dirty pages: {e}"))?;
-    if manual {
-        let mut clear = kvm_bindings::kvm_clear_dirty_log {
-            slot,
-            num_pages: len.div_ceil(stream::PAGE) as u32,
-            first_page: 0,
-            ..Default::default()
-        };
-        clear.__bindgen_anon_1.dirty_bitmap = log.as_ptr() as *mut libc::c_void;
-        // SAFETY: the bitmap has a bit for each of the slot's pages and outlives the call, which
-        // only reads it.
-        let rc = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(vm, KVM_CLEAR_DIRTY_LOG(), &clear) };
-        if rc < 0 {
-            return Err(format!("KVM refused to clear dirty pages: {}", std::io::Error::last_os_error()));
-        }
-    }
-    Ok(log)
-}
-
-/// KVM's dirty log of every region of `mem` (one bit per page, per region), read and cleared:
-/// one slot per region, but the hotpluggable region, always the last, is its blocks' slots.
-pub(crate) fn kvm_dirty_logs(
-    vm: &VmFd,
-    mem: &GuestMemory,
-    hotplug: Option<&crate::hotplug::PluggableMemory>,
-    manual: bool,
-) -> Result<Vec<Vec<u64>>, String> {
-    let regions = mem.num_regions();
-    mem.iter()
-        .enumerate()
-        .map(|(slot, region)| match hotplug {
-            Some(blocks) if slot + 1 == regions => blocks.dirty_log(manual),
-            _ => take_dirty_log(vm, slot as u32, region.len() as usize, manual),
-        })
-        .collect()
-}
-
 /// Reads which pages were written since the last read: KVM's dirty log (which the source turned
 /// on for every slot) and the devices' writes in the guest memory bitmap.
 pub struct DirtyPages {
-    vm: Arc<VmFd>,
+    kvm_log: Arc<crate::dirty::KvmDirtyLog>,
     mem: GuestMemory,
     hotplug: Option<Arc<crate::hotplug::PluggableMemory>>,
-    manual: bool,
     /// The host's view of the same writes and of KVM's own, where the kernel offers it.
     written: Option<written::WriteTracker>,
 }
 
 impl DirtyPages {
     pub(crate) fn new(
-        vm: Arc<VmFd>,
+        kvm_log: Arc<crate::dirty::KvmDirtyLog>,
         mem: GuestMemory,
         hotplug: Option<Arc<crate::hotplug::PluggableMemory>>,
-        manual: bool,
     ) -> DirtyPages {
         let written = written::WriteTracker::start(&mem);
-        DirtyPages { vm, mem, hotplug, manual, written }
+        DirtyPages { kvm_log, mem, hotplug, written }
+    }
+
+    /// What tells the written pages, for the log.
+    pub fn sources(&self) -> String {
+        let kvm = if self.kvm_log.uses_rings() { "KVM's dirty rings" } else { "KVM's dirty bitmap" };
+        match self.written {
+            Some(_) => format!("{kvm}, the devices' bitmap and the host's page tables"),
+            None => format!("{kvm} and the devices' bitmap"),
+        }
     }
 
     /// Per region, one bit per page (u64 words), read and cleared.
     pub fn take(&self) -> Result<Vec<Vec<u64>>, String> {
-        let mut logs = kvm_dirty_logs(&self.vm, &self.mem, self.hotplug.as_deref(), self.manual)?;
+        let mut logs = crate::dirty::take_all(&self.kvm_log, &self.mem, self.hotplug.as_deref())?;
         for (log, region) in logs.iter_mut().zip(self.mem.iter()) {
             let bitmap: &AtomicBitmap = std::ops::Deref::deref(region).bitmap();
             for (word, device) in log.iter_mut().zip(bitmap.get_and_reset()) {
                 *word |= device;
             }
         }
-        if let Some(tracker) = &self.written {
-            tracker.take(&mut logs)?;
+        match &self.written {
+            Some(tracker) => tracker.take(&mut logs)?,
+            // The host's page tables would still see every write; KVM's log alone would not.
+            None if self.kvm_log.overran() => {
+                return Err("KVM overran a vCPU's dirty ring, so the pages written are no longer all known".into());
+            }
+            None => {}
         }
         Ok(logs)
     }

@@ -167,7 +167,10 @@ impl Outgoing {
         };
         let shared = Shared::new("source", &options.url, latch.clone());
         let url = options.url.clone();
-        tracing::info!("migration to {url}: started");
+        match &dirty {
+            Some(dirty) => tracing::info!("migration to {url}: started; {} tell the pages written", dirty.sources()),
+            None => tracing::info!("migration to {url}: started"),
+        }
         // The thread connects (the main thread's filter has no sockets) and says how it went.
         let (connected, wait_connected) = std::sync::mpsc::sync_channel(1);
         shared.status().phase = Phase::Connecting;

@@ -18,7 +18,8 @@ fn options(m: &models::MemoryOptions) -> Result<MemoryOptions, String> {
         Some("thp") => HugePages::Thp,
         Some(other) => return Err(format!("ferrovisor/memory hugepages is off, on or thp, not '{other}'.")),
     };
-    Ok(MemoryOptions { hugepages, mergeable: m.mergeable, shared: m.shared, prefault: m.prefault })
+    let dirty_ring = crate::config::parse_dirty_ring("ferrovisor/memory", &m.dirty_ring.to_string())?;
+    Ok(MemoryOptions { hugepages, mergeable: m.mergeable, shared: m.shared, prefault: m.prefault, dirty_ring })
 }
 
 /// The backing of guest RAM: these options, with machine-config's `huge_pages` as Firecracker
@@ -43,5 +44,6 @@ pub fn options_of(m: &MemoryOptions) -> models::MemoryOptions {
         mergeable: m.mergeable,
         shared: m.shared,
         prefault: m.prefault,
+        dirty_ring: m.dirty_ring,
     }
 }
