@@ -169,6 +169,33 @@ fn ferrovisors_back_end_passes_the_block_and_hostile_suites_for_one_vmm_after_an
     assert_eq!(log.matches("the front-end went").count(), 3, "{log}");
 }
 
+/// A back-end reaches memory the guest plugged with virtio-mem after it started: the memory
+/// table covers the whole hotpluggable region (unplugged blocks are holes in the shared memfd),
+/// so a plug needs no new table. The probe plugs 64 MiB, gives back all but 16, then writes its
+/// disk pattern from, and reads it back into, buffers in what stays plugged.
+#[test]
+fn a_back_end_reaches_memory_the_guest_plugged() {
+    const TIMEOUT: Duration = Duration::from_secs(120);
+    let dir = scratch_dir("vhost-user-plugged");
+    let image = blank_image(&dir);
+    let backend = BackEnd::ferrovisor_blk(&dir, &image);
+    let api = dir.join("api.sock");
+    let plugged_buffers = BLK_PATTERN
+        .replace("probe.test=virtio-blk", "probe.test=virtio-mem,virtio-blk probe.virtio-blk.buffers=0x100000000");
+    let mut cmd = probe_with(&plugged_buffers, &["--disk", &backend.disk_arg(), "--memory-hotplug", "total=128"]);
+    cmd.arg("--api-sock").arg(&api);
+    let mut vm = Running::start(cmd);
+    let size = |mib: u32| format!(r#"{{"requested_size_mib": {mib}}}"#);
+    assert!(vm.wait_for_output("PROBE virtio-mem ready", TIMEOUT), "{}", vm.stdout());
+    common::api_call(&api, "PATCH", "/hotplug/memory", &size(64), 204);
+    assert!(vm.wait_for_output("PROBE virtio-mem plugged mib=64", TIMEOUT), "{}", vm.stdout());
+    common::api_call(&api, "PATCH", "/hotplug/memory", &size(16), 204);
+    let out = vm.finish(TIMEOUT);
+    let mem = probe_result(&out.stdout, "virtio-mem").unwrap_or_else(|| panic!("{}", out.describe()));
+    assert!(mem.contains("plugged_mib=64 unplugged_mib=48") && mem.contains("start=0x100000000"), "{mem}");
+    assert_pattern_written(&out, &image, "probe-disk");
+}
+
 /// A back-end that polls its queue after work (`poll_us`, as the built-in device's worker)
 /// serves the pattern and stands a hostile driver, whose corrupted rings do not hold it.
 #[test]

@@ -2,7 +2,9 @@
 //! ID; check that a read past the end fails with IOERR. On a read-only device: check that
 //! writes are refused and report the checksum of what is there.
 //!
-//! Parameters: probe.virtio-blk.sectors (64), .start (0), .seed (1).
+//! Parameters: probe.virtio-blk.sectors (64), .start (0), .seed (1), .buffers (an address,
+//! 4 KiB-aligned below 8 GiB, for the data buffers instead of the probe's arena: memory the
+//! guest plugged with virtio-mem, say).
 //!
 //! With `probe.virtio-blk.mode=throughput` it measures instead: sequential 128 KiB reads over
 //! `.mib` (16) MiB, then `.ops` (4096) random 4 KiB reads, `.depth` (8) requests in flight,
@@ -255,8 +257,14 @@ fn check(mut dev: Transport, cmdline: Cmdline) -> Result<(), &'static str> {
     let capacity = dev.config_read64(0);
     let readonly = dev.features() & F_RO != 0;
     let flush = dev.features() & F_FLUSH != 0;
-    let data = alloc(CHUNK as usize * SECTOR, 4096).ok_or("out of probe memory")?;
-    let readback = alloc(CHUNK as usize * SECTOR, 4096).ok_or("out of probe memory")?;
+    let (data, readback) = match cmdline.number(TEST, "buffers", 0) {
+        0 => (
+            alloc(CHUNK as usize * SECTOR, 4096).ok_or("out of probe memory")?,
+            alloc(CHUNK as usize * SECTOR, 4096).ok_or("out of probe memory")?,
+        ),
+        at if at % 4096 == 0 && at + 2 * CHUNK * SECTOR as u64 <= 8 << 30 => (at, at + CHUNK * SECTOR as u64),
+        _ => return Err("probe.virtio-blk.buffers must be 4 KiB-aligned and below 8 GiB"),
+    };
     let header = alloc(16, 16).ok_or("out of probe memory")?;
     let status = alloc(1, 1).ok_or("out of probe memory")?;
     let mut disk = Disk { dev, q, header, status, cmdline };
