@@ -197,7 +197,8 @@ fn a_back_end_reaches_memory_the_guest_plugged() {
 }
 
 /// A back-end that polls its queue after work (`poll_us`, as the built-in device's worker)
-/// serves the pattern and stands a hostile driver, whose corrupted rings do not hold it.
+/// serves the pattern and reads at a depth of eight, and stands a hostile driver, whose
+/// corrupted rings do not hold it.
 #[test]
 fn a_polling_back_end_passes_the_block_and_hostile_suites() {
     let dir = scratch_dir("vhost-user-polling");
@@ -205,6 +206,11 @@ fn a_polling_back_end_passes_the_block_and_hostile_suites() {
     let mut backend = BackEnd::ferrovisor_blk_with(&dir, &image, ",poll_us=1000");
     let out = finish(probe_with(BLK_PATTERN, &["--disk", &backend.disk_arg()]));
     assert_pattern_written(&out, &image, "probe-disk");
+    // Eight reads in flight: the next comes while the back-end still looks.
+    let reads =
+        "probe.test=virtio-blk probe.virtio-blk.mode=throughput probe.virtio-blk.mib=1 probe.virtio-blk.ops=512";
+    let out = finish(probe_with(reads, &["--disk", &backend.disk_arg()]));
+    assert!(probe_result(&out.stdout, "virtio-blk").is_some_and(|r| r.contains(" ok ")), "{}", out.describe());
     let out = finish(probe_with("probe.test=hostile", &["--disk", &backend.disk_arg()]));
     let done = common::probe_lines(&out.stdout).into_iter().find(|l| l.starts_with("PROBE done")).unwrap_or_default();
     assert!(done.starts_with("PROBE done passed=16 failed=0"), "{}", out.describe());
@@ -280,10 +286,14 @@ fn vhost_user_options_are_checked_before_boot() {
 }
 
 /// `ferrovisor vhost-user-net` on a new test TAP.
-fn ferrovisor_net(dir: &Path, tap: &str) -> BackEnd {
+/// `ferrovisor vhost-user-net` on `tap`, with `--port` options unless empty.
+fn ferrovisor_net(dir: &Path, tap: &str, port: &str) -> BackEnd {
     let socket = dir.join("net.sock");
     let mut cmd = ferrovisor();
     cmd.args(["vhost-user-net", "--socket"]).arg(&socket).args(["--tap", tap]);
+    if !port.is_empty() {
+        cmd.args(["--port", port]);
+    }
     BackEnd::spawn(cmd, socket, dir.join("net-backend.log"))
 }
 
@@ -304,22 +314,25 @@ fn exchange_frames(vm: Running, tap: &common::TestTap) -> common::Outcome {
 
 #[test]
 fn frames_cross_ferrovisors_net_back_end_both_ways() {
-    let dir = scratch_dir("vhost-user-net");
-    let tap = common::TestTap::new("fvvu");
-    let mut backend = ferrovisor_net(&dir, &tap.name);
-    let vm = Running::start(probe_with(
-        common::NET_EXCHANGE_TESTS,
-        &["--net", &format!("vhost_user={},mac=52:54:00:12:34:56", backend.socket.display())],
-    ));
-    let out = exchange_frames(vm, &tap);
-    assert!(out.status.success(), "{}", out.describe());
-    assert!(backend.alive(), "{}", backend.log());
+    // A back-end woken by each kick and frame, then one that polls after work.
+    for (i, port) in ["", "poll_us=1000"].into_iter().enumerate() {
+        let dir = scratch_dir(&format!("vhost-user-net-{i}"));
+        let tap = common::TestTap::new(&format!("fvvu{i}"));
+        let mut backend = ferrovisor_net(&dir, &tap.name, port);
+        let vm = Running::start(probe_with(
+            common::NET_EXCHANGE_TESTS,
+            &["--net", &format!("vhost_user={},mac=52:54:00:12:34:56", backend.socket.display())],
+        ));
+        let out = exchange_frames(vm, &tap);
+        assert!(out.status.success(), "{port}: {}", out.describe());
+        assert!(backend.alive(), "{port}: {}", backend.log());
+    }
 }
 #[test]
 fn qemu_moves_frames_through_ferrovisors_net_back_end() {
     let dir = scratch_dir("vhost-user-net-qemu");
     let tap = common::TestTap::new("fvvq");
-    let backend = ferrovisor_net(&dir, &tap.name);
+    let backend = ferrovisor_net(&dir, &tap.name, "");
     let devices =
         ["-netdev", "vhost-user,id=n0,chardev=vu", "-device", "virtio-net-device,netdev=n0,mac=52:54:00:12:34:56"];
     exchange_frames(Running::start(qemu_on_back_end(common::NET_EXCHANGE_TESTS, &backend, &devices)), &tap);

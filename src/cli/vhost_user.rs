@@ -56,7 +56,7 @@ pub struct NetArgs {
     #[arg(long)]
     switch: Option<PathBuf>,
     /// The port's firewall and addresses, as `run --net` takes them: firewall=FILE|@NAME,
-    /// mac=.., ip=.., ip6=.. (comma-separated).
+    /// mac=.., ip=.., ip6=.., poll_us=N (comma-separated).
     #[arg(long, default_value = "")]
     port: String,
 }

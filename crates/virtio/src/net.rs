@@ -196,6 +196,11 @@ impl Net {
     }
 
     /// Has the worker poll the queues and the host side for up to `poll_us` after work.
+    /// How long the worker polls after work.
+    pub fn polling(&self) -> std::time::Duration {
+        self.poll
+    }
+
     pub fn with_polling(mut self, poll_us: u32) -> Net {
         self.poll = std::time::Duration::from_micros(u64::from(poll_us));
         self

@@ -77,11 +77,22 @@ impl Polling {
 }
 
 /// The worker's polling for a server that is woken by someone else's loop (a vhost-user
-/// back-end): after a kick's work it keeps serving the queue while chains come, for the same
-/// adaptive window, with the driver's notifications left off.
+/// back-end): after a kick's work it keeps looking for more, for the same adaptive window, with
+/// the driver's notifications left off.
 pub struct QueuePoller {
     polling: Polling,
     asleep_since: Option<Instant>,
+}
+
+/// What a [`QueuePoller`] asks of the server it polls for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    /// Serve what the wake-up was for.
+    Woken,
+    /// Serve whatever is pending; answer whether anything was.
+    Look,
+    /// Turn the queues' notifications on again and serve what slipped in before.
+    Rearm,
 }
 
 impl QueuePoller {
@@ -94,37 +105,22 @@ impl QueuePoller {
         !self.polling.max.is_zero()
     }
 
-    /// Serves `queues[index]` after a kick, then polls it; `signal` interrupts the driver.
-    pub fn serve<B: Backend + ?Sized>(
-        &mut self,
-        backend: &mut B,
-        queues: &mut [Queue],
-        index: usize,
-        mem: &GuestMemory,
-        signal: &mut dyn FnMut(),
-    ) {
-        use virtio_queue::QueueT;
+    /// Has `serve` serve a wake-up, then look again and again while it finds work, until none
+    /// came for the window.
+    pub fn serve(&mut self, mut serve: impl FnMut(Pass) -> bool) {
         if let Some(since) = self.asleep_since.take()
-            && !self.polling.max.is_zero()
+            && self.polls()
         {
             self.polling.after_sleep(since.elapsed());
         }
-        if backend.process_queue(index, queues, mem) {
-            signal();
-        }
+        serve(Pass::Woken);
         if !self.polling.window.is_zero() {
             POLLING.with(|p| p.set(true));
             let mut last_work = Instant::now();
             loop {
-                let queue = &queues[index];
-                let pending = queue.ready()
-                    && queue
-                        .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
-                        .is_ok_and(|idx| idx.0 != queue.next_avail());
-                // Only chains answered prolong the window: a ring the driver corrupted stays
+                // Only work done prolongs the window: a ring the driver corrupted stays
                 // "pending" and must not hold the poller.
-                if pending && backend.process_queue(index, queues, mem) {
-                    signal();
+                if serve(Pass::Look) {
                     last_work = Instant::now();
                 } else if last_work.elapsed() >= self.polling.window {
                     break;
@@ -132,16 +128,23 @@ impl QueuePoller {
                 std::hint::spin_loop();
             }
             POLLING.with(|p| p.set(false));
-            // Notifications on again; a chain made available just before gets no kick.
-            if queues[index].ready()
-                && queues[index].enable_notification(mem).unwrap_or(false)
-                && backend.process_queue(index, queues, mem)
-            {
-                signal();
-            }
+            serve(Pass::Rearm);
         }
         self.asleep_since = Some(Instant::now());
     }
+}
+
+/// Whether the driver made chains available on `queue` that the device has not taken.
+pub fn pending(queue: &Queue, mem: &GuestMemory) -> bool {
+    use virtio_queue::QueueT;
+    queue.ready()
+        && queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire).is_ok_and(|idx| idx.0 != queue.next_avail())
+}
+
+/// Turns `queue`'s notifications on again; true if chains arrived while they were off.
+pub fn rearm(queue: &mut Queue, mem: &GuestMemory) -> bool {
+    use virtio_queue::QueueT;
+    queue.ready() && queue.enable_notification(mem).unwrap_or(false)
 }
 
 impl Worker {

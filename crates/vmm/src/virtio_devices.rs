@@ -319,7 +319,9 @@ pub fn backend_net(nic: &crate::config::NetConfig) -> Result<virtio::net::Net, E
         }
     };
     let firewall = port_firewall(nic, mac).map_err(Error::Device)?;
-    Ok(virtio::net::Net::with_queue_pairs(hosts, mac).with_firewall(Some(firewall)))
+    Ok(virtio::net::Net::with_queue_pairs(hosts, mac)
+        .with_firewall(Some(firewall))
+        .with_polling(nic.poll_us.unwrap_or(crate::config::DEFAULT_POLL_US)))
 }
 
 /// Up to `pairs` queues of TAP `name` as an interface's host side.

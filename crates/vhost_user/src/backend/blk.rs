@@ -12,7 +12,7 @@ use vmm_sys_util::event::{EventConsumer, EventFlag, EventNotifier, new_event_con
 use virtio::GuestMemory;
 use virtio::VirtioDevice;
 use virtio::blk::Block;
-use virtio::worker::{Backend, QueuePoller};
+use virtio::worker::{self, Backend, Pass, QueuePoller};
 
 type Vring = VringRwLock<GuestMemoryAtomic<GuestMemoryMmap<()>>>;
 
@@ -110,14 +110,18 @@ impl VhostUserBackendMut for BlkBackend {
         let mut state = vring.get_mut();
         // The queue stays borrowed while it is polled: interrupts go through a copy of the fd.
         let call = state.get_call().as_ref().map(|call| call.try_clone()).transpose()?;
-        let mut signal = || {
-            if let Some(call) = &call
-                && let Err(e) = call.notify()
-            {
-                tracing::warn!("vhost-user-blk: the front-end cannot be interrupted ({e})");
+        let queue = std::slice::from_mut(state.get_queue_mut());
+        self.poller.serve(|pass| {
+            let answered = match pass {
+                Pass::Woken => server.process_queue(0, queue, mem),
+                Pass::Look => worker::pending(&queue[0], mem) && server.process_queue(0, queue, mem),
+                Pass::Rearm => worker::rearm(&mut queue[0], mem) && server.process_queue(0, queue, mem),
+            };
+            if answered {
+                super::interrupt(call.as_ref());
             }
-        };
-        self.poller.serve(&mut **server, std::slice::from_mut(state.get_queue_mut()), 0, mem, &mut signal);
+            answered
+        });
         Ok(())
     }
 }

@@ -84,3 +84,13 @@ pub fn fuzz_relay(data: &[u8]) {
     relay::run(front, back);
     let _ = drain.join();
 }
+
+/// Interrupts the front-end through `call`, a copy of a queue's call eventfd (the queue itself
+/// stays borrowed while a back-end polls it).
+fn interrupt(call: Option<&vmm_sys_util::event::EventNotifier>) {
+    if let Some(call) = call
+        && let Err(e) = call.notify()
+    {
+        tracing::warn!("vhost-user: the front-end cannot be interrupted ({e})");
+    }
+}

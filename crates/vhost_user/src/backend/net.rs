@@ -14,7 +14,7 @@ use vmm_sys_util::event::{EventConsumer, EventFlag, EventNotifier, new_event_con
 use virtio::GuestMemory;
 use virtio::VirtioDevice;
 use virtio::net::Net;
-use virtio::worker::Backend;
+use virtio::worker::{self, Backend, Pass, QueuePoller};
 
 type Vring = VringRwLock<GuestMemoryAtomic<GuestMemoryMmap<()>>>;
 
@@ -32,11 +32,14 @@ pub struct NetBackend {
     /// Behind a lock only because the back-end trait wants Sync; one thread serves it.
     server: Mutex<Option<Box<dyn Backend>>>,
     mem: Option<GuestMemory>,
+    /// The port's `poll_us`, as the built-in device's worker polls.
+    poller: QueuePoller,
 }
 
 impl NetBackend {
     pub fn new(net: Net) -> NetBackend {
-        NetBackend { net, acked: 0, server: Mutex::new(None), mem: None }
+        let poller = QueuePoller::new(net.polling());
+        NetBackend { net, acked: 0, server: Mutex::new(None), mem: None, poller }
     }
 
     pub fn shared(self) -> Arc<Mutex<NetBackend>> {
@@ -58,26 +61,73 @@ impl NetBackend {
         let Some(server) = server.as_mut() else { return Ok(false) };
         let (Some(rx), Some(tx)) = (vrings.first(), vrings.get(1)) else { return Ok(false) };
         let (mut rx, mut tx) = (rx.get_mut(), tx.get_mut());
+        // Polled queues stay borrowed: interrupts then go through copies of the call fds.
+        let clone = |call: &Option<EventNotifier>| call.as_ref().map(|c| c.try_clone()).transpose();
+        let calls = match self.poller.polls() {
+            true => Some([clone(rx.get_call())?, clone(tx.get_call())?]),
+            false => None,
+        };
         // The device's handling wants the pair as one slice; the library keeps them apart.
         let placeholder = || Queue::new(2).map_err(|e| std::io::Error::other(e.to_string()));
         let mut pair = [
             std::mem::replace(rx.get_queue_mut(), placeholder()?),
             std::mem::replace(tx.get_queue_mut(), placeholder()?),
         ];
+        let host = self.net.host_fd().unwrap_or(-1);
         let mut signal = false;
-        if event == HOST_EVENT {
-            // Edge-triggered: read until nothing more is delivered (empty, or no buffers).
-            let fd = self.net.host_fd().unwrap_or(-1);
-            while server.process_fd(fd, &mut pair, mem) {
-                signal = true;
-            }
+        if let Some(calls) = calls {
+            self.poller.serve(|pass| {
+                let answered = match pass {
+                    Pass::Woken => serve_event(server, event, host, &mut pair, mem),
+                    Pass::Look => {
+                        let mut answered = false;
+                        for queue in 0..QUEUES {
+                            if worker::pending(&pair[queue], mem) {
+                                answered |= server.process_queue(queue, &mut pair, mem);
+                            }
+                        }
+                        while server.process_fd(host, &mut pair, mem) {
+                            answered = true;
+                        }
+                        answered
+                    }
+                    Pass::Rearm => {
+                        let mut answered = false;
+                        for queue in 0..QUEUES {
+                            if worker::rearm(&mut pair[queue], mem) {
+                                answered |= server.process_queue(queue, &mut pair, mem);
+                            }
+                        }
+                        answered
+                    }
+                };
+                if answered {
+                    calls.iter().for_each(|call| super::interrupt(call.as_ref()));
+                }
+                answered
+            });
         } else {
-            signal = server.process_queue(usize::from(event), &mut pair, mem);
+            signal = serve_event(server, event, host, &mut pair, mem);
         }
         let [rx_queue, tx_queue] = pair;
         *rx.get_queue_mut() = rx_queue;
         *tx.get_queue_mut() = tx_queue;
         Ok(signal)
+    }
+}
+
+/// Serves what woke the back-end: a queue's kick, or frames from the host side.
+fn serve_event(server: &mut Box<dyn Backend>, event: u16, host: RawFd, pair: &mut [Queue], mem: &GuestMemory) -> bool {
+    match event {
+        // Edge-triggered: read until nothing more is delivered (empty, or no buffers).
+        HOST_EVENT => {
+            let mut delivered = false;
+            while server.process_fd(host, pair, mem) {
+                delivered = true;
+            }
+            delivered
+        }
+        queue => server.process_queue(usize::from(queue), pair, mem),
     }
 }
 
