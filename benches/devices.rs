@@ -1,7 +1,8 @@
 //! Device benchmark: the probe's throughput modes under Ferrovisor and under QEMU microvm, in
 //! one invocation, on the same disk image and the same TAP, runs interleaved.
 //!
-//!     cargo bench --bench devices        (FERROVISOR_BENCH_RUNS=N, default 3; needs root for the TAP)
+//!     cargo bench --bench devices        (FERROVISOR_BENCH_RUNS=N, default 3; needs root for the TAP;
+//!                                         FERROVISOR_BENCH_ONLY=vhost-user for that part alone)
 //!
 //! Prints medians of virtio-blk sequential MB/s (queue depth 8) and 4 KiB random IOPS at depths
 //! 1, 8 and 32, virtio-net transmit packets/s (60- and 1500-byte frames), the VMM's CPU time
@@ -14,8 +15,9 @@
 //! Then vhost-user, in the same runs: 4 KiB random IOPS at depth 8 and sequential MB/s of a disk
 //! served by `ferrovisor vhost-user-blk` and by qemu-storage-daemon against the built-in
 //! virtio-blk (Ferrovisor's front-end; no polling anywhere), QEMU on Ferrovisor's back-end
-//! against QEMU's own virtio-blk, and transmit packets/s through `ferrovisor vhost-user-net`
-//! against the built-in virtio-net under both VMMs.
+//! against QEMU's own virtio-blk, the back-end polling (`poll_us=50`) against the built-in
+//! device polling as long, and transmit packets/s through `ferrovisor vhost-user-net` against
+//! the built-in virtio-net under both VMMs.
 
 #[allow(dead_code)]
 mod common;
@@ -222,6 +224,11 @@ fn vhost_user_runs(dir: &Path, image: &Path, khz: &str, have_tap: bool, runs: us
     let mut own = Command::new(ferrovisor_bin);
     own.args(["vhost-user-blk", "--socket"]).arg(&blk_socket).arg("--disk").arg(format!("path={}", image.display()));
     let _own = BackEnd::start(own, &blk_socket);
+    let polled_socket = dir.join("blk-polled.sock");
+    let mut polled = Command::new(ferrovisor_bin);
+    polled.args(["vhost-user-blk", "--socket"]).arg(&polled_socket);
+    polled.arg("--disk").arg(format!("path={},poll_us=50", image.display()));
+    let _polled = BackEnd::start(polled, &polled_socket);
     let qsd_image = dir.join("qsd.img");
     std::fs::copy(image, &qsd_image).unwrap();
     let mut qsd = Command::new("qemu-storage-daemon");
@@ -277,7 +284,15 @@ fn vhost_user_runs(dir: &Path, image: &Path, khz: &str, have_tap: bool, runs: us
                 vec!["-device".into(), "vhost-user-blk,chardev=c".into()],
             ),
         ),
+        setup(
+            "ferrovisor virtio-blk poll_us=50",
+            ferrovisor,
+            vec!["--disk".into(), format!("path={},poll_us=50", image.display())],
+        ),
+        setup("ferrovisor + vhost-user-blk poll_us=50", ferrovisor, vu(&polled_socket)),
     ];
+    // Each row against its VMM's own device, polling alike.
+    let blk_baseline = [0, 0, 0, 3, 3, 5, 5];
     let mut net = vec![
         setup("ferrovisor virtio-net", ferrovisor as VmmCommand, vec!["--net".into(), format!("tap={TAP}")]),
         setup(
@@ -338,7 +353,7 @@ fn vhost_user_runs(dir: &Path, image: &Path, khz: &str, have_tap: bool, runs: us
     println!("\nvhost-user through the probe, medians of {runs} runs");
     println!("{:<34} {:>14} {:>10} {:>22}", "disk", "4K IOPS d8", "MB/s", "IOPS vs. its VMM's own");
     for (i, s) in blk.iter().enumerate() {
-        let own = if i < 3 { &blk[0] } else { &blk[3] };
+        let own = &blk[blk_baseline[i]];
         let ratio = median(s.samples.clone()) / median(own.samples.clone());
         println!("{:<34} {:>14.0} {:>10.1} {:>21.2}x", s.name, median(s.samples.clone()), median(s.seq.clone()), ratio);
     }
@@ -358,6 +373,7 @@ fn main() {
         return;
     }
     let runs: usize = std::env::var("FERROVISOR_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let only_vhost_user = std::env::var("FERROVISOR_BENCH_ONLY").is_ok_and(|v| v == "vhost-user");
     let dir = std::env::temp_dir().join(format!("ferrovisor-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let image: PathBuf = dir.join("disk.img");
@@ -404,7 +420,9 @@ fn main() {
     let push = |rows: &mut Vec<Row>, index: usize, ours: bool, v: f64| {
         if ours { rows[index].ours.push(v) } else { rows[index].theirs.push(v) }
     };
-    for run_index in 0..runs {
+    // The main table's runs, unless only the vhost-user part is wanted.
+    let main_runs = if only_vhost_user { 0 } else { runs };
+    for run_index in 0..main_runs {
         for (row_index, depth) in [(1, 1), (2, 8), (3, 32)] {
             for (ours, cmd) in vmms {
                 let args = if ours { &blk_ours } else { &blk_qemu };
@@ -479,9 +497,11 @@ fn main() {
         }
     }
     vhost_user_runs(&dir, &image, &khz, have_tap, runs);
-    println!("\nvirtio devices through the probe, medians of {runs} runs");
-    println!("{:<16} {:>14} {:>14} {:>16}", "", "ferrovisor", "qemu-microvm", "ferrovisor edge");
-    for row in &rows {
+    if !only_vhost_user {
+        println!("\nvirtio devices through the probe, medians of {runs} runs");
+        println!("{:<16} {:>14} {:>14} {:>16}", "", "ferrovisor", "qemu-microvm", "ferrovisor edge");
+    }
+    for row in rows.iter().filter(|_| !only_vhost_user) {
         let (o, t) = (median(row.ours.clone()), median(row.theirs.clone()));
         let edge = if row.higher_is_better { o / t } else { t / o };
         println!("{:<16} {:>14.1} {:>14.1} {:>15.2}x", row.name, o, t, edge);
