@@ -2,6 +2,10 @@
 //!
 //!     cargo bench --bench migration          (FERROVISOR_BENCH_RUNS=N, default 3)
 //!
+//! FERROVISOR_BENCH_RATES=64,256 measures those rates only; FERROVISOR_BENCH_QEMU=off leaves
+//! QEMU's runs out (Ferrovisor's then follow each other); FERROVISOR_BENCH_LOCAL=off leaves the
+//! local migrations out. Each run's figures go to stderr as it ends.
+//!
 //! A 1 GiB probe runs `dirty` over 256 MiB: idle (1 MiB/s) and dirtying at 64, 256 and 1024
 //! MiB/s. It moves to a second VMM of the same kind over a Unix socket on this host, the two
 //! VMMs' runs interleaved, medians reported. For each: the total time, the downtime as the VMM
@@ -79,7 +83,7 @@ fn probe_gap_ms(line: &str) -> f64 {
     us / 1000.0
 }
 
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy, Debug, Default)]
 struct Figures {
     total_ms: f64,
     vmm_downtime_ms: f64,
@@ -236,17 +240,23 @@ fn main() {
     }
     let dir = std::env::temp_dir().join(format!("ferrovisor-bench-migration-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let with_qemu = qemu_available();
+    let with_qemu = qemu_available() && std::env::var("FERROVISOR_BENCH_QEMU").map_or(true, |v| v != "off");
+    let rates: Vec<u64> = match std::env::var("FERROVISOR_BENCH_RATES") {
+        Ok(list) => list.split(',').filter_map(|r| r.trim().parse().ok()).collect(),
+        Err(_) => vec![1, 64, 256, 1024],
+    };
     println!(
         "live migration of a {GUEST_MIB} MiB probe writing {DIRTY_MIB} MiB, over a Unix socket (medians of {}):",
         runs()
     );
-    for rate in [1u64, 64, 256, 1024] {
+    for rate in rates {
         let (mut fv, mut qm) = (Vec::new(), Vec::new());
-        for _ in 0..runs() {
+        for run in 0..runs() {
             fv.push(ferrovisor(&dir, rate, COPY));
+            eprintln!("{rate} MiB/s run {run}: Ferrovisor {:?}", fv[run]);
             if with_qemu {
                 qm.push(qemu_run(&dir, rate));
+                eprintln!("{rate} MiB/s run {run}: QEMU {:?}", qm[run]);
             }
         }
         let label = if rate == 1 { "idle (1 MiB/s)".to_string() } else { format!("{rate} MiB/s") };
@@ -264,7 +274,8 @@ fn main() {
         }
     }
     println!("local migration (guest memory's memfd handed over), idle probe writing {DIRTY_MIB} MiB at 1 MiB/s:");
-    for guest_mib in [1024u64, 8192] {
+    let local = std::env::var("FERROVISOR_BENCH_LOCAL").map_or(true, |v| v != "off");
+    for guest_mib in [1024u64, 8192].into_iter().filter(|_| local) {
         let runs: Vec<Figures> = (0..runs()).map(|_| ferrovisor(&dir, 1, Move { guest_mib, local: true })).collect();
         row(&format!("{} GiB", guest_mib >> 10), &medians(&runs));
     }
