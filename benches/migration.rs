@@ -4,7 +4,8 @@
 //!
 //! FERROVISOR_BENCH_RATES=64,256 measures those rates only; FERROVISOR_BENCH_QEMU=off leaves
 //! QEMU's runs out (Ferrovisor's then follow each other); FERROVISOR_BENCH_LOCAL=off leaves the
-//! local migrations out. Each run's figures go to stderr as it ends.
+//! local migrations out. Each run's figures go to stderr as it ends, and with
+//! FERROVISOR_BENCH_GAPS_US=N the probe's longest gaps over N µs with when they began.
 //!
 //! A 1 GiB probe runs `dirty` over 256 MiB: idle (1 MiB/s) and dirtying at 64, 256 and 1024
 //! MiB/s. It moves to a second VMM of the same kind over a Unix socket on this host, the two
@@ -47,8 +48,11 @@ fn probe() -> PathBuf {
 }
 
 fn cmdline(rate_mib: u64) -> String {
+    // FERROVISOR_BENCH_GAPS_US=N lists the probe's longest gaps over N µs, with when they began.
+    let gaps = std::env::var("FERROVISOR_BENCH_GAPS_US").map(|us| format!(" probe.dirty.gaps_over_us={us}"));
     format!(
-        "console=ttyS0 probe.test=dirty probe.dirty.mib={DIRTY_MIB} probe.dirty.secs={SECS} probe.dirty.rate_mib={rate_mib}"
+        "console=ttyS0 probe.test=dirty probe.dirty.mib={DIRTY_MIB} probe.dirty.secs={SECS} probe.dirty.rate_mib={rate_mib}{}",
+        gaps.unwrap_or_default()
     )
 }
 
@@ -71,6 +75,7 @@ fn wait_line(lines: &Receiver<String>, needle: &str) -> String {
         let left = deadline.saturating_duration_since(Instant::now());
         match lines.recv_timeout(left) {
             Ok(line) if line.contains(needle) => return line,
+            Ok(line) if line.starts_with("PROBE dirty gap") => eprintln!("  {line}"),
             Ok(_) => {}
             Err(_) => panic!("no '{needle}' from the guest"),
         }

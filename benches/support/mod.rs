@@ -18,7 +18,8 @@ fn kib(value: &str) -> u64 {
 }
 
 /// The VMM's own memory: its RSS less the resident part of the guest RAM mapping (mappings of
-/// 64 MiB or more). Panics when the process cannot be read, so that a crashed VMM never shows
+/// 64 MiB or more), both from one read of its smaps (VmRSS read apart from them counts guest
+/// pages a process that is exiting has already unmapped). Panics when the process cannot be read, so that a crashed VMM never shows
 /// up as a VMM that costs nothing.
 pub fn overhead_kib(pid: u32) -> u64 {
     overhead_kib_while_alive(pid).unwrap_or_else(|| panic!("the VMM (pid {pid}) cannot be read; did it crash?"))
@@ -26,21 +27,21 @@ pub fn overhead_kib(pid: u32) -> u64 {
 
 /// [`overhead_kib`], or None once the process has exited (for sampling a VMM that will).
 pub fn overhead_kib_while_alive(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    // An exited process (a zombie) has no VmRSS.
-    let rss = kib(status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?);
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
-    let (mut size, mut guest) = (0u64, 0u64);
+    let (mut size, mut rss, mut guest, mut mappings) = (0u64, 0u64, 0u64, 0);
     for line in smaps.lines() {
         if let Some(v) = line.strip_prefix("Size:") {
             size = kib(v);
-        } else if let Some(v) = line.strip_prefix("Rss:")
-            && size >= 64 * 1024
-        {
-            guest += kib(v);
+            mappings += 1;
+        } else if let Some(v) = line.strip_prefix("Rss:") {
+            rss += kib(v);
+            if size >= 64 * 1024 {
+                guest += kib(v);
+            }
         }
     }
-    Some(rss - guest)
+    // An exited process (a zombie) has no mappings.
+    (mappings > 0).then_some(rss - guest)
 }
 
 /// A VMM's memory from `/proc/PID/smaps`, guest RAM (mappings of 64 MiB or more) left out, in

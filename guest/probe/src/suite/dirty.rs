@@ -9,6 +9,9 @@
 //! waits between them, is the pause the guest saw:
 //!
 //!     PROBE dirty ok pages=N generations=G writes=W max_gap_us=U
+//!
+//! With `gaps_over_us` set, the eight longest gaps over it are listed first, each with when it
+//! began after the paced writes did: `PROBE dirty gap at_ms=T us=U`.
 
 use crate::cmdline::Cmdline;
 use crate::pvh::StartInfo;
@@ -18,6 +21,24 @@ const TEST: &str = "dirty";
 const START: u64 = 16 << 20;
 const PAGE: u64 = 4096;
 const WORDS: u64 = PAGE / 8;
+
+/// The longest gaps seen, by (start, length) in TSC cycles.
+struct Gaps {
+    over: u64,
+    longest: [(u64, u64); 8],
+}
+
+impl Gaps {
+    fn saw(&mut self, at: u64, gap: u64) {
+        if self.over == 0 || gap <= self.over {
+            return;
+        }
+        let shortest = (0..self.longest.len()).min_by_key(|&i| self.longest[i].1).unwrap_or(0);
+        if gap > self.longest[shortest].1 {
+            self.longest[shortest] = (at, gap);
+        }
+    }
+}
 
 fn checksum(index: u64, generation: u64) -> u64 {
     (index.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ generation).wrapping_mul(0x0000_0100_0000_01b3)
@@ -69,9 +90,11 @@ fn test(cmdline: Cmdline, info: &StartInfo) -> Result<(), &'static str> {
     let start = hw::rdtsc();
     let end = start + secs * khz * 1000;
     let (mut last, mut max_gap, mut writes, mut page) = (start, 0u64, 0u64, 0u64);
+    let mut gaps = Gaps { over: cmdline.number(TEST, "gaps_over_us", 0) * khz / 1000, longest: [(0, 0); 8] };
     loop {
         let now = hw::rdtsc();
         max_gap = max_gap.max(now.saturating_sub(last));
+        gaps.saw(last, now.saturating_sub(last));
         last = now;
         if now >= end {
             break;
@@ -96,6 +119,7 @@ fn test(cmdline: Cmdline, info: &StartInfo) -> Result<(), &'static str> {
             loop {
                 let now = hw::rdtsc();
                 max_gap = max_gap.max(now.saturating_sub(last));
+                gaps.saw(last, now.saturating_sub(last));
                 last = now;
                 if now >= start + writes * cycles_per_page {
                     break;
@@ -122,6 +146,11 @@ fn test(cmdline: Cmdline, info: &StartInfo) -> Result<(), &'static str> {
                 return Ok(());
             }
         }
+    }
+    let mut longest = gaps.longest;
+    longest.sort_unstable_by_key(|g| g.0);
+    for (at, gap) in longest.into_iter().filter(|g| g.1 > 0) {
+        crate::println!("PROBE dirty gap at_ms={} us={}", at.saturating_sub(start) / khz, gap * 1000 / khz);
     }
     report::ok(
         TEST,
