@@ -162,6 +162,9 @@ fn ferrovisor(dir: &Path, rate_mib: u64, how: Move) -> Figures {
     let mut log = String::new();
     source.stderr.take().unwrap().read_to_string(&mut log).unwrap();
     assert!(source.wait().unwrap().success(), "{log}");
+    if std::env::var("FERROVISOR_BENCH_GAPS_US").is_ok() {
+        log.lines().filter(|l| l.contains("DEBUG") || l.contains("migration")).for_each(|l| eprintln!("  source: {l}"));
+    }
     let mut figures = source_figures(&log);
     figures.extra_mib = sampler.join().unwrap_or(0) as f64 / 1024.0;
     let moved = lines(destination.stdout.take().unwrap());
