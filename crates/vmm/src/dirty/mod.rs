@@ -1,6 +1,7 @@
 //! KVM's record of the guest pages the vCPUs wrote, read and cleared slot by slot: from the
-//! vCPUs' dirty rings where KVM offers them (`ring`), otherwise from each slot's dirty bitmap,
-//! under KVM's manual protection where it has it. Diff snapshots and migrations read it alike.
+//! vCPUs' dirty rings when the VM asks for them (`dirty_ring`) and KVM offers them (`ring`),
+//! otherwise from each slot's dirty bitmap, under KVM's manual protection where it has it. Diff
+//! snapshots and migrations read it alike.
 
 mod ring;
 
