@@ -84,6 +84,9 @@ pub struct QueuePoller {
     asleep_since: Option<Instant>,
 }
 
+/// A [`QueuePoller`] gives its queues back after this many of its longest windows, busy or not.
+pub const POLL_TURNS: u32 = 16;
+
 /// What a [`QueuePoller`] asks of the server it polls for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pass {
@@ -106,7 +109,8 @@ impl QueuePoller {
     }
 
     /// Has `serve` serve a wake-up, then look again and again while it finds work, until none
-    /// came for the window.
+    /// came for the window, or for at most [`POLL_TURNS`] windows at the longest: the queues
+    /// stay borrowed meanwhile, and the front-end's requests (a stop, say) wait for them.
     pub fn serve(&mut self, mut serve: impl FnMut(Pass) -> bool) {
         if let Some(since) = self.asleep_since.take()
             && self.polls()
@@ -117,12 +121,16 @@ impl QueuePoller {
         if !self.polling.window.is_zero() {
             POLLING.with(|p| p.set(true));
             let mut last_work = Instant::now();
+            let give_back = last_work + self.polling.max * POLL_TURNS;
             loop {
                 // Only work done prolongs the window: a ring the driver corrupted stays
                 // "pending" and must not hold the poller.
                 if serve(Pass::Look) {
                     last_work = Instant::now();
                 } else if last_work.elapsed() >= self.polling.window {
+                    break;
+                }
+                if Instant::now() >= give_back {
                     break;
                 }
                 std::hint::spin_loop();
@@ -574,4 +582,50 @@ pub trait Batch {
 /// or the batch full, then completed together.
 pub fn serve_queue_batched(name: &str, queue: &mut Queue, mem: &GuestMemory, batch: &mut impl Batch) -> bool {
     serve_ring(name, queue, mem, &mut InBatches { name, mem, batch })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_queue_poller_looks_while_work_comes_and_gives_the_queues_back_in_time() {
+        let mut poller = QueuePoller::new(Duration::from_micros(200));
+        let mut passes = Vec::new();
+        // No sleep behind the first wake-up: no window yet.
+        poller.serve(|pass| {
+            passes.push(pass);
+            true
+        });
+        assert_eq!(passes, [Pass::Woken]);
+        // Woken again at once: the window opens; endless work still ends the polling.
+        passes.clear();
+        let started = Instant::now();
+        poller.serve(|pass| {
+            passes.push(pass);
+            true
+        });
+        assert!(started.elapsed() < Duration::from_millis(200), "{:?}", started.elapsed());
+        assert!(started.elapsed() >= Duration::from_micros(200) * POLL_TURNS);
+        assert_eq!((passes.first(), passes.last()), (Some(&Pass::Woken), Some(&Pass::Rearm)));
+        assert!(passes.len() > 3);
+        // Nothing to find: one window of looks, then the queues go back.
+        passes.clear();
+        poller.serve(|pass| {
+            passes.push(pass);
+            pass == Pass::Woken
+        });
+        assert_eq!((passes.first(), passes.last()), (Some(&Pass::Woken), Some(&Pass::Rearm)));
+        assert!(passes.contains(&Pass::Look));
+        // A device that does not poll only serves its wake-ups.
+        let mut never = QueuePoller::new(Duration::ZERO);
+        passes.clear();
+        for _ in 0..3 {
+            never.serve(|pass| {
+                passes.push(pass);
+                true
+            });
+        }
+        assert_eq!(passes, [Pass::Woken; 3]);
+    }
 }
