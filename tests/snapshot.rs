@@ -27,6 +27,8 @@ fn wait_for_ticks(vm: &mut Running, at_least: usize) -> Vec<u64> {
 fn counting_probe(dir: &Path, disk: &Path, dirty_ring: u32) -> (Running, PathBuf) {
     let (mut vm, socket) = api_vmm(dir, "first.sock");
     if dirty_ring > 0 {
+        // A ring size that is no power of two is refused.
+        expect(&socket, "PUT", "/ferrovisor/memory", r#"{"dirty_ring": 1000}"#, 400);
         expect(&socket, "PUT", "/ferrovisor/memory", &format!(r#"{{"dirty_ring": {dirty_ring}}}"#), 204);
     }
     let boot = serde_json::json!({

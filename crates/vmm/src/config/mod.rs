@@ -183,6 +183,8 @@ pub enum ConfigError {
     TooManyDevices { count: usize, max: u32 },
     #[error("{0}.")]
     Queues(String),
+    #[error("{0}.")]
+    DirtyRing(String),
     #[error("{0}")]
     Path(String),
 }
@@ -249,6 +251,7 @@ impl VmConfig {
                 return Err(ConfigError::HugePagesShort { needed, free: limits.free_huge_pages });
             }
         }
+        memory::parse_dirty_ring("--memory", &self.memory.dirty_ring.to_string()).map_err(ConfigError::DirtyRing)?;
         if self.cpus == 0 || self.cpus > limits.max_cpus() {
             return Err(ConfigError::Cpus { given: self.cpus, max: limits.max_cpus() });
         }
@@ -427,6 +430,10 @@ mod tests {
         assert!(c.validate(&HostLimits { kvm_max_vcpus: 2, ..LIMITS }).is_err());
         let c = VmConfig { cmdline: "x".repeat(2048), ..ok.clone() };
         assert_eq!(c.validate(&LIMITS), Err(ConfigError::CmdlineTooLong { len: 2048, max: 2047 }));
+        // A snapshot's or a migration's configuration is checked as a command line is.
+        let c = VmConfig { memory: MemoryOptions { dirty_ring: u32::MAX, ..Default::default() }, ..ok.clone() };
+        let e = c.validate(&LIMITS).unwrap_err().to_string();
+        assert!(e.starts_with("--memory dirty_ring= takes 0") && e.ends_with("not '4294967295'."), "{e}");
         let c = VmConfig { initrd: Some("/nonexistent/initrd".into()), ..ok };
         assert!(matches!(c.validate(&LIMITS), Err(ConfigError::InitrdMissing(_))));
 

@@ -66,7 +66,9 @@ impl Rings {
             .into_iter()
             .map(|cap| (cap, vm.check_extension_raw(u64::from(cap))))
             .find(|(_, bytes)| *bytes > 0)?;
-        let bytes = (entries.next_power_of_two() * entry).min(max_bytes as u32).max(PAGE as u32);
+        // A configuration from a snapshot or a migration stream may ask for anything.
+        let wanted = entries.checked_next_power_of_two().and_then(|e| e.checked_mul(entry)).unwrap_or(u32::MAX);
+        let bytes = wanted.min(max_bytes as u32).max(PAGE as u32);
         let enable = kvm_bindings::kvm_enable_cap { cap, args: [u64::from(bytes), 0, 0, 0], ..Default::default() };
         if let Err(e) = vm.enable_cap(&enable) {
             tracing::warn!("KVM offers dirty rings but refused one of {bytes} bytes ({e}); the dirty bitmap is used");

@@ -18,7 +18,8 @@ fn options(m: &models::MemoryOptions) -> Result<MemoryOptions, String> {
         Some("thp") => HugePages::Thp,
         Some(other) => return Err(format!("ferrovisor/memory hugepages is off, on or thp, not '{other}'.")),
     };
-    let dirty_ring = crate::config::parse_dirty_ring("ferrovisor/memory", &m.dirty_ring.to_string())?;
+    let dirty_ring =
+        crate::config::parse_dirty_ring("ferrovisor/memory", &m.dirty_ring.to_string()).map_err(|e| format!("{e}."))?;
     Ok(MemoryOptions { hugepages, mergeable: m.mergeable, shared: m.shared, prefault: m.prefault, dirty_ring })
 }
 
