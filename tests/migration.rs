@@ -343,16 +343,32 @@ fn auto_converge_holds_a_fast_writer_back_and_the_move_completes() {
 #[test]
 fn post_copy_runs_the_vm_on_the_destination_before_its_last_pages_arrive() {
     let dir = scratch_dir("migration-postcopy");
-    for (i, url) in [format!("unix:{}", dir.join("m.sock").display()), format!("tcp:127.0.0.1:{}", free_tcp_port())]
-        .into_iter()
-        .enumerate()
+    let (dst_cert, dst_key) = certificate(&dir, "ca", "dst", "serverAuth");
+    let (src_cert, src_key) = certificate(&dir, "ca", "src", "clientAuth");
+    let ca = dir.join("ca.pem");
+    let tls = |cert: &str, key: &str| serde_json::json!({"tls_cert": cert, "tls_key": key, "tls_ca": ca});
+    let plain = serde_json::json!({});
+    // A body: `fields` and, over TLS, the certificate's.
+    let body = |mut fields: serde_json::Value, tls: &serde_json::Value| {
+        fields.as_object_mut().unwrap().extend(tls.as_object().unwrap().clone());
+        fields.to_string()
+    };
+    for (i, (url, receive_tls, send_tls)) in [
+        (format!("unix:{}", dir.join("m.sock").display()), plain.clone(), plain.clone()),
+        (format!("tcp:127.0.0.1:{}", free_tcp_port()), plain.clone(), plain.clone()),
+        // Requests and pages share one TLS stream.
+        (format!("tls:127.0.0.1:{}", free_tcp_port()), tls(&dst_cert, &dst_key), tls(&src_cert, &src_key)),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let (mut destination, to) = api_vmm(&dir, &format!("dst{i}.sock"), &[]);
-        api_call(&to, "PUT", "/ferrovisor/migration/receive", &format!(r#"{{"receiver_url": "{url}"}}"#), 204);
+        let receive = body(serde_json::json!({"receiver_url": url}), &receive_tls);
+        api_call(&to, "PUT", "/ferrovisor/migration/receive", &receive, 204);
         let (source, from) = dirtying_source(&dir, &format!("src{i}.sock"), 8);
         std::thread::sleep(Duration::from_millis(1500));
-        let send = format!(r#"{{"destination_url": "{url}", "postcopy": true, "max_rounds": 1}}"#);
-        api_call(&from, "PUT", "/ferrovisor/migration/send", &send, 204);
+        let send = serde_json::json!({"destination_url": url, "postcopy": true, "max_rounds": 1});
+        api_call(&from, "PUT", "/ferrovisor/migration/send", &body(send, &send_tls), 204);
         let out = source.finish(TIMEOUT);
         assert!(out.status.success(), "{}", out.describe());
         assert!(out.stderr.contains("post-copy of"), "{}", out.describe());

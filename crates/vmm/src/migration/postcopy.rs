@@ -264,12 +264,15 @@ pub fn serve_destination(
                 Err(TryRecvError::Disconnected) => return Err("the VM was never built".into()),
             }
         }
+        // TLS may hold frames it already read: then the socket has nothing to say, and the
+        // faults are only looked at.
+        let buffered = connection.buffered_input();
         let mut polled = [
             libc::pollfd { fd: missing.uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: socket, events: libc::POLLIN, revents: 0 },
         ];
         // SAFETY: poll reads and writes the two entries of the array it is given.
-        if unsafe { libc::poll(polled.as_mut_ptr(), 2, 10) } < 0 {
+        if unsafe { libc::poll(polled.as_mut_ptr(), 2, if buffered { 0 } else { 10 }) } < 0 {
             continue;
         }
         if polled[0].revents != 0 {
@@ -281,7 +284,7 @@ pub fn serve_destination(
                 Ok(())
             })?;
         }
-        if polled[1].revents != 0 {
+        if buffered || polled[1].revents != 0 {
             match stream::read_frame(&mut connection, &mut buf) {
                 Ok(Kind::Pages) => {
                     let (gpa, data) = stream::pages(&buf)?;
@@ -304,26 +307,26 @@ pub fn serve_destination(
     }
 }
 
+/// The source's end of the stream in post-copy: pages go out and requests come in on the same
+/// stream (which may be TLS, and so cannot be read from another handle).
+pub trait SourceLink {
+    /// Sends the page at `gpa` (Some), or flushes what was sent (None).
+    fn send(&mut self, page: Option<u64>) -> Result<(), String>;
+    /// The stream, to read the destination's requests from.
+    fn stream(&mut self) -> &mut dyn Stream;
+}
+
 /// The source after the destination runs the VM: answers its requests first and pushes the
 /// other owed pages (`owed`, in address order) meanwhile, then ends and waits for its word.
-/// `send` sends a page (Some) or flushes (None).
-pub fn serve_source(
-    send: &mut dyn FnMut(Option<u64>) -> Result<(), String>,
-    reader: &mut dyn Stream,
-    owed: Vec<u64>,
-) -> Result<(), String> {
-    let socket = reader.as_raw_fd();
+pub fn serve_source(link: &mut dyn SourceLink, owed: Vec<u64>) -> Result<(), String> {
     let mut owed = owed.into_iter().peekable();
     let mut buf = Vec::new();
     loop {
-        let mut polled = [libc::pollfd { fd: socket, events: libc::POLLIN, revents: 0 }];
-        // SAFETY: poll reads and writes the one entry it is given.
-        let ready = unsafe { libc::poll(polled.as_mut_ptr(), 1, 0) } > 0 && polled[0].revents != 0;
-        if ready {
-            match stream::read_frame(&mut ReadOnly(reader), &mut buf)? {
+        if super::transport::readable(link.stream(), 0) {
+            match stream::read_frame(&mut ReadOnly(link.stream()), &mut buf)? {
                 Kind::Request => {
-                    send(Some(stream::requested_page(&buf)?))?;
-                    send(None)?;
+                    link.send(Some(stream::requested_page(&buf)?))?;
+                    link.send(None)?;
                 }
                 Kind::Error => return Err(format!("the destination failed: {}", String::from_utf8_lossy(&buf))),
                 other => return Err(format!("the destination sent a {other:?} frame in post-copy")),
@@ -334,10 +337,10 @@ pub fn serve_source(
         let mut sent = 0;
         while sent < 64 {
             let Some(gpa) = owed.next() else { break };
-            send(Some(gpa))?;
+            link.send(Some(gpa))?;
             sent += 1;
         }
-        send(None)?;
+        link.send(None)?;
         if sent == 0 && owed.peek().is_none() {
             return Ok(());
         }

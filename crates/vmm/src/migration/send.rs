@@ -65,10 +65,8 @@ impl SendOptions {
         if m.local && !matches!(url, Url::Unix(_)) {
             return Err("local needs a unix: destination_url: the memory's file goes over the socket.".into());
         }
-        if m.postcopy && (m.local || matches!(url, Url::Tls(_))) {
-            return Err("postcopy goes over unix: or tcp: without local; a local move copies nothing, and TLS \
-                        post-copy is not supported yet."
-                .into());
+        if m.postcopy && m.local {
+            return Err("postcopy copies pages and local copies none: leave one of the two out.".into());
         }
         let connections = m.connections.unwrap_or(1);
         if !(1..=MAX_CONNECTIONS).contains(&connections) {
@@ -451,7 +449,7 @@ fn run_local(shared: &Shared, connection: Box<dyn Stream>, source: &Source) -> R
     let handover = serde_json::to_vec(&stream::Handover { taps }).expect("names and counts encode");
     stream::write_frame_with_fds(socket, Kind::Memory, &handover, &fds).map_err(lost)?;
     let mut reply = Vec::new();
-    match stream::read_frame(&mut reader_of(out.out.get_ref().as_ref())?, &mut reply) {
+    match stream::read_frame(out.out.get_mut(), &mut reply) {
         Ok(Kind::Ready) => {}
         Ok(Kind::Error) => return Err(format!("the destination refused the VM: {}", String::from_utf8_lossy(&reply))),
         Ok(other) => return Err(format!("the destination answered the handover with a {other:?} frame")),
@@ -616,11 +614,10 @@ fn postcopy(mut out: Sender, shared: &Shared, source: &Source, state: &[u8], owe
     shared.status().phase = Phase::Postcopy;
     out.frame(Kind::Postcopy, &[])?;
     out.flush()?;
-    let mut reader = reader_of(out.out.get_ref().as_ref())?;
     let mut reply = Vec::new();
     // The destination may ask for pages while it builds the VM, before it says it runs.
     loop {
-        match stream::read_frame(&mut reader, &mut reply) {
+        match stream::read_frame(out.out.get_mut(), &mut reply) {
             Ok(Kind::Ack) => break,
             Ok(Kind::Request) => {
                 out.page(&source.mem, stream::requested_page(&reply)?, false)?;
@@ -635,27 +632,34 @@ fn postcopy(mut out: Sender, shared: &Shared, source: &Source, state: &[u8], owe
         }
     }
     tracing::info!("migration: the VM runs on the destination; post-copy of {} pages", owed.len());
-    let mut send = |page: Option<u64>| match page {
-        Some(gpa) => out.page(&source.mem, gpa, false),
-        None => out.flush(),
-    };
-    super::postcopy::serve_source(&mut send, reader.as_mut(), owed)
+    super::postcopy::serve_source(&mut PostcopyLink { out: &mut out, mem: &source.mem }, owed)
         .map_err(|e| format!("{e}; the VM, which ran on the destination, is lost"))?;
     out.frame(Kind::End, &[])?;
     out.flush()?;
-    match stream::read_frame(&mut reader, &mut reply) {
+    match stream::read_frame(out.out.get_mut(), &mut reply) {
         Ok(Kind::Ack) => Ok(()),
         other => Err(format!("the destination did not confirm the last page ({other:?}); the VM may be lost")),
     }
 }
 
-/// A second handle on the stream for reading, beside the writer (unix: and tcp: only).
-fn reader_of(stream: &dyn Stream) -> Result<Box<dyn Stream>, String> {
-    let fd = transport::cutter(stream).ok_or("the stream cannot be read beside its writes")?;
-    Ok(match stream.unix_fd() {
-        Some(_) => Box::new(std::os::unix::net::UnixStream::from(fd)),
-        None => Box::new(std::net::TcpStream::from(fd)),
-    })
+/// The source's stream in post-copy: pages out through the sender, requests read from the
+/// stream under it.
+struct PostcopyLink<'a, 'b> {
+    out: &'a mut Sender<'b>,
+    mem: &'a GuestMemory,
+}
+
+impl super::postcopy::SourceLink for PostcopyLink<'_, '_> {
+    fn send(&mut self, page: Option<u64>) -> Result<(), String> {
+        match page {
+            Some(gpa) => self.out.page(self.mem, gpa, false),
+            None => self.out.flush(),
+        }
+    }
+
+    fn stream(&mut self) -> &mut dyn Stream {
+        self.out.out.get_mut().as_mut()
+    }
 }
 
 #[cfg(test)]

@@ -174,8 +174,27 @@ impl<C> AsRawFd for TlsStream<C> {
     }
 }
 
-impl super::transport::Stream for TlsStream<ClientConnection> {}
-impl super::transport::Stream for TlsStream<ServerConnection> {}
+impl<C, S> TlsStream<C>
+where
+    C: std::ops::DerefMut<Target = rustls::ConnectionCommon<S>>,
+    S: rustls::SideData,
+{
+    fn plaintext_waits(&mut self) -> bool {
+        self.tls.conn.process_new_packets().is_ok_and(|state| state.plaintext_bytes_to_read() > 0)
+    }
+}
+
+impl super::transport::Stream for TlsStream<ClientConnection> {
+    fn buffered_input(&mut self) -> bool {
+        self.plaintext_waits()
+    }
+}
+
+impl super::transport::Stream for TlsStream<ServerConnection> {
+    fn buffered_input(&mut self) -> bool {
+        self.plaintext_waits()
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -62,6 +62,22 @@ pub trait Stream: Read + Write + AsRawFd + Send {
     fn unix_fd(&self) -> Option<std::os::fd::RawFd> {
         None
     }
+
+    /// Whether bytes already taken off the socket wait to be read (TLS keeps the records it
+    /// decrypted), which a poll of the socket does not see.
+    fn buffered_input(&mut self) -> bool {
+        false
+    }
+}
+
+/// Whether `stream` has something to read, waiting up to `timeout_ms` for the socket.
+pub fn readable(stream: &mut dyn Stream, timeout_ms: i32) -> bool {
+    if stream.buffered_input() {
+        return true;
+    }
+    let mut polled = [libc::pollfd { fd: stream.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+    // SAFETY: poll reads and writes the one entry it is given.
+    unsafe { libc::poll(polled.as_mut_ptr(), 1, timeout_ms) > 0 && polled[0].revents != 0 }
 }
 impl Stream for UnixStream {
     fn unix_fd(&self) -> Option<std::os::fd::RawFd> {
