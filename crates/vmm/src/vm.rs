@@ -345,8 +345,9 @@ impl RunningVm {
     }
 }
 
-/// A VM with no memory and no irqchip yet, and its dirty log (with rings where KVM has them,
-/// which must be chosen before the VM has vCPUs), ready if `config` logs from the start.
+/// A VM with no memory and no irqchip yet, and its dirty log (with rings if `config` asks and
+/// KVM has them, which must be chosen before the VM has vCPUs), ready if `config` logs from the
+/// start.
 fn create_vm(kvm: &Kvm, config: &VmConfig) -> Result<(Arc<VmFd>, Arc<KvmDirtyLog>), Error> {
     let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create a VM"))?);
     vm.set_tss_address(KVM_TSS_START as usize).map_err(kvm_err("set the TSS address"))?;
