@@ -49,6 +49,17 @@ struct VcpuRing {
 // SAFETY: the mapping is the process's, valid until drop, and used only under `Rings::state`.
 unsafe impl Send for VcpuRing {}
 
+impl VcpuRing {
+    /// Entry `at` (masked into the ring of `entries`) and its flags, which KVM updates
+    /// concurrently and which are only ever accessed atomically here.
+    fn entry(&self, at: u32, entries: u32) -> (*mut kvm_dirty_gfn, &AtomicU32) {
+        // SAFETY: the index is masked into the ring, which holds `entries` entries.
+        let gfn = unsafe { self.gfns.as_ptr().add((at & (entries - 1)) as usize) };
+        // SAFETY: `flags` is an aligned u32 in the live mapping, which outlives `self`.
+        (gfn, unsafe { AtomicU32::from_ptr(&raw mut (*gfn).flags) })
+    }
+}
+
 impl Drop for VcpuRing {
     fn drop(&mut self) {
         // SAFETY: the mapping was made with this address and length and is not used after this.
@@ -118,8 +129,7 @@ impl Rings {
         let mut unread = 0;
         for ring in &state.vcpus {
             for at in 0..self.entries {
-                // SAFETY: as in `State::collect`.
-                let flags = unsafe { AtomicU32::from_ptr(&raw mut (*ring.gfns.as_ptr().add(at as usize)).flags) };
+                let (_, flags) = ring.entry(at, self.entries);
                 unread += usize::from(flags.load(Ordering::Acquire) & GFN_DIRTY != 0);
             }
         }
@@ -149,11 +159,7 @@ impl State {
         for ring in &mut self.vcpus {
             let first = ring.next;
             loop {
-                // SAFETY: the index is masked into the ring, which holds `entries` entries.
-                let gfn = unsafe { ring.gfns.as_ptr().add((ring.next & (entries - 1)) as usize) };
-                // SAFETY: `flags` is an aligned u32 in the live mapping that KVM updates
-                // concurrently; it is only ever accessed atomically here.
-                let flags = unsafe { AtomicU32::from_ptr(&raw mut (*gfn).flags) };
+                let (gfn, flags) = ring.entry(ring.next, entries);
                 if flags.load(Ordering::Acquire) & GFN_DIRTY == 0 {
                     break;
                 }
